@@ -1,0 +1,45 @@
+"""nn.Module wrappers: CrossEntropyLoss with torch.nn.CrossEntropyLoss's constructor."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks
+from .functional import cross_entropy
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for torch.nn.CrossEntropyLoss, plus keyword-only z_loss, logit_scale, softcap and
+    backend (see nllfused.cross_entropy)."""
+
+    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None,
+                 ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, backend: str = "auto") -> None:
+        super().__init__()
+        # Validate at construction, as a user of torch's module would want to learn early.
+        self.reduction = _checks.resolve_reduction(size_average, reduce, reduction)
+        _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             z_loss=self.z_loss, logit_scale=self.logit_scale,
+                             softcap=self.softcap, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("logit_scale", 1.0),
+                              ("softcap", None)):
+            if getattr(self, name) != default:
+                extras.append(f"{name}={getattr(self, name)}")
+        extras.append(f"backend={self.backend!r}")
+        return ", ".join(extras)

@@ -1,0 +1,74 @@
+"""Build nllfused: the Python package, the Triton kernels and the C++/CUDA extension nllfused._C.
+
+The C++ part is always built. The CUDA part is built whenever torch has CUDA and nvcc is found
+(CUDA_HOME), GPU or not, so that machines without a GPU still compile it. NLLFUSED_NO_CUDA=1
+skips it. TORCH_CUDA_ARCH_LIST picks the architectures (default: sm_80 and sm_90).
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def cuda_wanted():
+    if os.environ.get("NLLFUSED_NO_CUDA", "0") == "1":
+        return False
+    home = cpp_extension.CUDA_HOME
+    return torch.version.cuda is not None and home is not None and os.path.exists(
+        os.path.join(home, "bin", "nvcc"))
+
+
+def nvidia_wheel_includes():
+    # torch's CUDA headers include cusparse.h etc., which pip's nvidia-* wheels ship in
+    # site-packages/nvidia/<cuXX>/include rather than in CUDA_HOME.
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def extension():
+    with_cuda = cuda_wanted()
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for torch >= 2.10)
+    macros = [("NLLFUSED_TORCH_VERSION", '"%s"' % torch.__version__)]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "nllfused._C", sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    macros += [("NLLFUSED_WITH_CUDA", None), ("NLLFUSED_CUDA_ARCHS", '"%s"' % archs)]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "nllfused._C", sources, define_macros=macros, include_dirs=nvidia_wheel_includes(),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="nllfused",
+    version="0.1.0",
+    description="Fused log-softmax + NLL (cross-entropy) kernels for PyTorch, exact torch semantics",
+    python_requires=">=3.10",
+    packages=["nllfused", "nllfused.backends", "nllfused.kernels", "nllfused.bench",
+              "nllfused.integrations"],
+    # One import name: kernels/ and bench/ install as nllfused.kernels and nllfused.bench.
+    package_dir={"nllfused": "nllfused", "nllfused.kernels": "kernels", "nllfused.bench": "bench"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"test": ["pytest", "hypothesis"], "bench": ["matplotlib"],
+                    "transformers": ["transformers"]},
+    entry_points={"console_scripts": ["nllfused-bench=nllfused.bench.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,43 @@
+"""Test setup: Triton's interpreter on machines without a GPU, the backends to test, the oracle."""
+import os
+
+import torch
+
+# Must happen before triton is first imported (nllfused imports it).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import nllfused  # noqa: E402
+from nllfused import backends  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_params():
+    """(device, backend) pairs for every backend that can run here; GPU ones carry `gpu`."""
+    params = []
+    for device in DEVICES:
+        for backend in backends.available(torch.device(device)):
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs every run (GUIDE §4), reproducible from the printed seed on failure.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield

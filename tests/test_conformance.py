@@ -1,0 +1,197 @@
+"""Every backend against float64 torch over the matrix of GUIDE §4: losses and gradients."""
+import pytest
+import torch
+
+import nllfused
+from conftest import backend_params
+from reference import assert_matches_oracle, reference
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def index_case(N=16, C=37, extra=(), ignore=-100, ignore_frac=0.2, dtype=torch.float32):
+    x = torch.randn(N, C, *extra, dtype=dtype) * 3
+    t = torch.randint(0, C, (N, *extra))
+    t[torch.rand(t.shape) < ignore_frac] = ignore
+    return x, t
+
+
+def prob_case(N=16, C=37, extra=(), dtype=torch.float32):
+    x = torch.randn(N, C, *extra, dtype=dtype) * 3
+    q = torch.softmax(torch.randn(N, C, *extra) * 2, dim=1).to(dtype)
+    return x, q
+
+
+def confident_case(dtype):
+    x, t = index_case(N=12, C=50, dtype=dtype, ignore_frac=0.0)
+    x[torch.arange(12), t] += 30  # p_y -> 1: the true-class gradient p_y - 1 must survive
+    return x, t
+
+
+def masked_case(dtype):
+    x, t = index_case(N=12, C=41, dtype=dtype, ignore_frac=0.1)
+    mask = torch.rand(x.shape) < 0.3
+    mask[torch.arange(12), t.clamp(min=0)] = False
+    x[mask] = float("-inf")
+    x[3, :20] = float("-inf")  # a row whose first block is entirely masked
+    x[3, 25] = 1.0
+    t[3] = 25
+    return x, t
+
+
+def extreme_case(dtype):
+    x, t = index_case(N=8, C=300, dtype=dtype)
+    x = x + 1e4  # a large common offset must cancel exactly
+    x[0] *= 1e4 / 3  # and a row of huge spread
+    return x, t
+
+
+def noncontig_transposed(dtype):
+    x, t = index_case(N=24, C=29, dtype=dtype)
+    return x.t().contiguous().t(), t  # column-major (N, C)
+
+
+def noncontig_sliced(dtype):
+    x, t = index_case(N=24, C=80, dtype=dtype)
+    return x[:, ::2], t.clamp(max=39)
+
+
+def kdim_permuted(dtype):
+    x, t = index_case(N=3, C=11, extra=(5, 4), dtype=dtype)
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), t  # channels-last
+
+
+# name -> (builder(dtype) -> (x, target), kwargs, dtypes)
+CASES = {
+    "basic": (lambda d: index_case(dtype=d), {}, (torch.float32, torch.float64) + LOW),
+    "C1": (lambda d: index_case(C=1, dtype=d), {}, (torch.float32,)),
+    "C2": (lambda d: index_case(C=2, dtype=d), {}, (torch.float32,)),
+    "C3": (lambda d: index_case(C=3, dtype=d), {}, (torch.float32, torch.bfloat16)),
+    "C4099": (lambda d: index_case(N=4, C=4099, dtype=d), {}, (torch.float32, torch.bfloat16)),
+    "C70000": (lambda d: index_case(N=2, C=70000, ignore_frac=0, dtype=d),
+               {"label_smoothing": 0.1}, (torch.float32,)),
+    "1d": (lambda d: (torch.randn(13, dtype=d), torch.tensor(4)), {}, (torch.float32,)),
+    "1d_prob": (lambda d: (torch.randn(13, dtype=d), torch.softmax(torch.randn(13), 0).to(d)),
+                {}, (torch.float32,)),
+    "kdim": (lambda d: index_case(N=3, C=7, extra=(5, 4), dtype=d), {}, (torch.float32,) + LOW),
+    "kdim_channels_last": (kdim_permuted, {"label_smoothing": 0.1}, (torch.float32,)),
+    "weight": (lambda d: index_case(dtype=d), {"weight": "rand"}, (torch.float32, torch.bfloat16)),
+    "ignore_neg1": (lambda d: index_case(ignore=-1, dtype=d), {"ignore_index": -1},
+                    (torch.float32,)),
+    "ignore_valid_class": (lambda d: index_case(C=9, ignore=4, dtype=d),
+                           {"ignore_index": 4, "weight": "rand"}, (torch.float32,)),
+    "smoothing": (lambda d: index_case(dtype=d), {"label_smoothing": 0.15},
+                  (torch.float32,) + LOW),
+    "smoothing_weight": (lambda d: index_case(dtype=d),
+                         {"label_smoothing": 0.3, "weight": "rand"}, (torch.float32,)),
+    "smoothing_1": (lambda d: index_case(dtype=d), {"label_smoothing": 1.0}, (torch.float32,)),
+    "prob": (lambda d: prob_case(dtype=d), {}, (torch.float32, torch.bfloat16)),
+    "prob_smoothing_weight": (lambda d: prob_case(dtype=d),
+                              {"label_smoothing": 0.2, "weight": "rand"}, (torch.float32,)),
+    "prob_kdim": (lambda d: prob_case(N=2, C=5, extra=(3, 4), dtype=d), {}, (torch.float32,)),
+    "confident": (confident_case, {}, (torch.float32,) + LOW),
+    "masked": (masked_case, {}, (torch.float32, torch.bfloat16)),
+    "masked_smoothing": (masked_case, {"label_smoothing": 0.1}, (torch.float32,)),
+    "extreme": (extreme_case, {}, (torch.float32, torch.float64)),
+    "all_ignored": (lambda d: index_case(ignore_frac=1.0, dtype=d), {}, (torch.float32,)),
+    "empty": (lambda d: index_case(N=0, dtype=d), {}, (torch.float32,)),
+    "empty_prob": (lambda d: prob_case(N=0, dtype=d), {}, (torch.float32,)),
+    "transposed": (noncontig_transposed, {}, (torch.float32, torch.bfloat16)),
+    "sliced": (noncontig_sliced, {"weight": "rand"}, (torch.float32,)),
+    "int32_target": (lambda d: (lambda x, t: (x, t.int()))(*index_case(dtype=d)), {},
+                     (torch.float32,)),
+    "uint8_target": (lambda d: (lambda x, t: (x, t.clamp(min=0).to(torch.uint8)))(
+        *index_case(dtype=d)), {}, (torch.float32,)),
+    "z_loss": (lambda d: index_case(dtype=d), {"z_loss": 1e-2, "weight": "rand"},
+               (torch.float32, torch.bfloat16)),
+    "z_loss_prob": (lambda d: prob_case(dtype=d), {"z_loss": 1e-2}, (torch.float32,)),
+    "logit_scale": (lambda d: index_case(dtype=d), {"logit_scale": 0.37, "label_smoothing": 0.1},
+                    (torch.float32,)),
+    "softcap": (lambda d: index_case(dtype=d), {"softcap": 5.0, "logit_scale": 2.0},
+                (torch.float32, torch.bfloat16)),
+    "softcap_prob_masked": (lambda d: (lambda x, q: (x.masked_fill(q < 0.01, float("-inf")), q))(
+        *prob_case(dtype=d)), {"softcap": 4.0}, (torch.float32,)),
+}
+
+
+def case_params():
+    for name, (_, _, dtypes) in CASES.items():
+        for dtype in dtypes:
+            yield pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("name,dtype", list(case_params()))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_matches_float64_torch(device, backend, name, dtype, reduction):
+    build, kwargs, _ = CASES[name]
+    x, target = build(dtype)
+    kwargs = dict(kwargs)
+    if kwargs.get("weight") == "rand":
+        kwargs["weight"] = torch.rand(x.shape[0 if x.dim() == 1 else 1]) + 0.1
+    out_shape = reference(x, target, reduction=reduction, **kwargs)[0].shape
+    grad = torch.randn(out_shape, dtype=torch.float64)
+
+    oracle, oracle_grad = reference(x, target, reduction=reduction, grad=grad, **kwargs)
+    torch_low = torch_low_grad = None
+    if dtype != torch.float64:
+        torch_low, torch_low_grad = reference(x, target, reduction=reduction, grad=grad,
+                                              dtype=dtype, **kwargs)
+
+    xd = x.to(device).requires_grad_()
+    dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    ours = nllfused.cross_entropy(xd, target.to(device), reduction=reduction, backend=backend,
+                                  **dkw)
+    expected_dtype = torch.promote_types(x.dtype, target.dtype) if target.is_floating_point() \
+        else x.dtype
+    assert ours.dtype == expected_dtype
+    assert ours.shape == oracle.shape
+    assert_matches_oracle(ours, oracle, dtype, torch_low, "loss")
+    ours.backward(grad.to(device, ours.dtype))
+    assert xd.grad.dtype == x.dtype and xd.grad.shape == x.shape
+    assert_matches_oracle(xd.grad, oracle_grad, dtype, torch_low_grad, "grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_prob_target_gradient(device, backend):
+    """Soft targets that require grad get d loss / d q, as torch gives them."""
+    x, q = prob_case(N=6, C=9)
+    w = torch.rand(9) + 0.1
+    q = q.requires_grad_()
+    q64 = q.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(x.double(), q64, weight=w.double(),
+                                      label_smoothing=0.1).backward()
+    qd = q.detach().to(device).requires_grad_()
+    nllfused.cross_entropy(x.to(device), qd, weight=w.to(device), label_smoothing=0.1,
+                           backend=backend).backward()
+    q32 = q.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(x, q32, weight=w, label_smoothing=0.1).backward()
+    assert_matches_oracle(qd.grad, q64.grad, torch.float32, q32.grad, what="target grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_module_matches_functional(device, backend):
+    x, t = index_case(N=10, C=12, ignore=3)
+    w = torch.rand(12).to(device)
+    module = nllfused.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=0.1,
+                                       backend=backend)
+    ref = torch.nn.CrossEntropyLoss(weight=w.cpu().double(), ignore_index=3, label_smoothing=0.1)
+    ref32 = torch.nn.CrossEntropyLoss(weight=w.cpu(), ignore_index=3, label_smoothing=0.1)
+    assert_matches_oracle(module(x.to(device), t.to(device)), ref(x.double(), t),
+                          torch.float32, ref32(x, t))
+    assert "backend" in repr(module)
+    state = module.state_dict()
+    assert torch.equal(state["weight"], w)
+
+
+@pytest.mark.parametrize("size_average,reduce", [(None, False), (False, None), (True, True),
+                                                 (False, True), (True, False)])
+def test_deprecated_reduction_arguments(size_average, reduce):
+    x, t = index_case()
+    with pytest.warns(UserWarning):
+        expected = torch.nn.functional.cross_entropy(x.double(), t, size_average=size_average,
+                                                     reduce=reduce)
+        expected32 = torch.nn.functional.cross_entropy(x, t, size_average=size_average,
+                                                       reduce=reduce)
+    ours = nllfused.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    assert_matches_oracle(ours, expected, torch.float32, expected32)
