@@ -39,11 +39,18 @@ def ce_fwd_kernel(
     T, stride_tn, stride_tc, stride_td,          # targets (N, D) indices or (N, C, D) probabilities
     W, WSUM,                                     # class weights (C,), their sum (1,)
     LOSS, LSE, AUX,                              # per-row outputs, contiguous (N * D,)
-    R, C, D, ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+    R, C, D, ignore_index,
+    smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
+    # Float arguments arrive as float32: each option comes as hi + lo so float64 keeps it whole.
+    zero = tl.zeros([], ACC)
+    label_smoothing = (zero + smoothing_hi) + smoothing_lo
+    z_loss = (zero + z_loss_hi) + z_loss_lo
+    logit_scale = (zero + scale_hi) + scale_lo
+    softcap = (zero + softcap_hi) + softcap_lo
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     n = rows // D
@@ -132,11 +139,18 @@ def ce_bwd_kernel(
     T, stride_tn, stride_tc, stride_td,          # targets
     W, WSUM, LSE, AUX,
     GX,                                          # gradient, contiguous (N, C, D)
-    R, C, D, ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+    R, C, D, ignore_index,
+    smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
+    # Float arguments arrive as float32: each option comes as hi + lo so float64 keeps it whole.
+    zero = tl.zeros([], ACC)
+    label_smoothing = (zero + smoothing_hi) + smoothing_lo
+    z_loss = (zero + z_loss_hi) + z_loss_lo
+    logit_scale = (zero + scale_hi) + scale_lo
+    softcap = (zero + softcap_hi) + softcap_lo
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     n = rows // D

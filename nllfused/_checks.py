@@ -42,7 +42,7 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> None:
     def number(name, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a Python number; got {type(value).__name__}")
-        if not math.isfinite(value):
+        if not -math.inf < value < math.inf:  # also false for NaN; traceable by dynamo
             raise ValueError(f"{name} must be finite; got {value}")
 
     number("label_smoothing", label_smoothing)

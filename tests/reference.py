@@ -27,7 +27,9 @@ def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label
         rows = F.cross_entropy(z, t, reduction="none", **kw)
         lse = torch.logsumexp(z, dim=0 if z.dim() == 1 else 1)
         counted = torch.ones_like(lse) if prob else (t != ignore_index).to(dtype)
-        rows = rows + z_loss * lse * lse * counted
+        # where, not a product with `counted`: ignored rows get no gradient even when the
+        # upstream one is infinite (an all-ignored 'mean'), as in torch's own losses.
+        rows = rows + torch.where(counted.bool(), z_loss * lse * lse, 0.0)
         if reduction == "none":
             loss = rows
         elif reduction == "sum":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 
 import torch
 
@@ -63,6 +64,16 @@ def _weight_args(logits, weight):
     return weight, weight.sum(dtype=torch.float64).reshape(1)
 
 
+def _options(*values):
+    """Each float option as a (hi, lo) pair of float32 values with hi + lo == value to ~48 bits:
+    Triton passes Python floats as float32, which would round them for float64 logits."""
+    pairs = []
+    for v in values:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+        pairs += [hi, v - hi]
+    return pairs
+
+
 def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, logit_scale,
            softcap, prob_target):
     N, C, D = logits.shape
@@ -81,7 +92,8 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, logit_
         ce_fwd_kernel[grid](
             logits, *logits.stride(), target, *_target_strides(target, prob_target),
             W, WSUM, loss, lse, aux,
-            R, C, D, ignore_index, label_smoothing, z_loss, logit_scale, softcap, **flags)
+            R, C, D, ignore_index, *_options(label_smoothing, z_loss, logit_scale, softcap),
+            **flags)
     return loss, lse, aux
 
 
@@ -104,7 +116,8 @@ def ce_bwd(grad_loss, logits, target, weight, lse, aux, ignore_index, label_smoo
         ce_bwd_kernel[grid](
             grad_loss, *grad_loss.stride(), logits, *logits.stride(),
             target, *_target_strides(target, prob_target), W, WSUM, lse, aux, grad,
-            R, C, D, ignore_index, label_smoothing, z_loss, logit_scale, softcap, **flags)
+            R, C, D, ignore_index, *_options(label_smoothing, z_loss, logit_scale, softcap),
+            **flags)
     return grad.to(logits.dtype)
 
 

@@ -1,0 +1,129 @@
+"""Triton kernels for vocabulary-parallel cross-entropy (installed as nllfused.kernels.vocab_parallel).
+
+Each rank of a tensor-parallel group holds the logits of a slice [vocab_start, vocab_start + C)
+of the vocabulary. nllfused/distributed.py combines per-row statistics of every slice into the
+full-vocabulary loss (GUIDE §1); these two kernels are the only passes over the logits:
+
+  vp_stats_kernel  reads each row of the slice once (online softmax) and writes, in float64,
+                   row 0: lse_r = logsumexp of the slice,
+                   row 1: z_y if the row's target falls in this slice, else 0,
+                   row 2 (HAS_SMOOTHING): A_r = sum_{c in slice} w_c (lse_r - z_c) >= 0;
+  vp_bwd_kernel    reads each row once more and writes the slice's gradient
+                   g * (p_c coef - tcoef [c = y] - eps_c w_c),  p_c = exp(z_c - lse),
+                   from the global lse and per-row coefficients formed by the caller.
+
+Rows are those of a 2-D (R, C) view with any strides; offsets are int64. Optional features are
+constexpr flags, as in kernels/cross_entropy.py, whose launch_config picks the tile shapes.
+"""
+import triton
+import triton.language as tl
+
+IGNORED_ROW = -2  # y_local marker of an ignored row in vp_bwd_kernel (-1: target elsewhere)
+
+
+@triton.jit
+def vp_stats_kernel(
+    X, stride_xr, stride_xc,                     # this rank's logits (R, C)
+    T, stride_t,                                 # global class ids (R,)
+    W, WSUM,                                     # slice weights (C,), their sum (1,)
+    OUT,                                         # (2 or 3, R) float64, contiguous
+    R, C, vocab_start, ignore_index,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    x_rows = X + rows * stride_xr
+
+    # Reference r = z at the slice's first class: the smoothing sum accumulates w (z - r), so a
+    # large common offset in the logits cancels exactly instead of swamping the float32 sum.
+    r = tl.load(x_rows, mask=row_ok, other=0.0).to(ACC)
+    r = tl.where(tl.abs(r) < float("inf"), r, 0.0)
+
+    m = tl.full([BLOCK_R], float("-inf"), ACC)   # running max
+    s = tl.zeros([BLOCK_R], ACC)                 # running sum of exp(z - m)
+    acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        z = tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=mask,
+                    other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        # While a row has seen only -inf, exp against 0 instead: exp(-inf - -inf) would be NaN.
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - ref) + tl.sum(tl.exp(z - ref[:, None]), 1)
+        m = m_new
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+                acc_wz += tl.where(mask, w * (z - r[:, None]), 0.0)
+            else:
+                acc_wz += tl.where(mask, z - r[:, None], 0.0)
+
+    log_s = tl.log(s)
+    tl.store(OUT + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
+
+    y = tl.load(T + rows * stride_t, mask=row_ok, other=0).to(tl.int64)
+    y_local = y - vocab_start
+    owned = row_ok & (y != ignore_index) & (y_local >= 0) & (y_local < C)
+    y_safe = tl.where(owned, y_local, 0)         # never read outside the row
+    z_y = tl.load(x_rows + y_safe * stride_xc, mask=owned, other=0.0).to(ACC)
+    tl.store(OUT + R + rows, tl.where(owned, z_y, 0.0).to(tl.float64), mask=row_ok)
+
+    if HAS_SMOOTHING:
+        w_sum = tl.load(WSUM).to(ACC)
+        smooth = w_sum * ((m - r) + log_s) - tl.sum(acc_wz, 1)   # sum_c w_c (lse_r - z_c)
+        # A slice entirely at -inf: every lse_r - z_c is +inf (the formula above gives NaN).
+        smooth = tl.where(m == float("-inf"), float("inf"), smooth)
+        tl.store(OUT + 2 * R + rows, smooth.to(tl.float64), mask=row_ok)
+
+
+@triton.jit
+def vp_bwd_kernel(
+    G,                                           # upstream gradient per row (R,), ACC
+    X, stride_xr, stride_xc,                     # this rank's logits (R, C)
+    LSE, COEF, TCOEF, YL,                        # per row: global lse (f64), p-coefficient,
+                                                 # true-class coefficient, local target id
+    W, EPSC,                                     # slice weights (C,); e / C_global (1,)
+    GX,                                          # gradient, contiguous (R, C)
+    R, C,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    x_rows = X + rows * stride_xr
+    gx_rows = GX + rows * C
+
+    g = tl.load(G + rows, mask=row_ok, other=0.0).to(ACC)
+    # p = exp(z - lse) with lse split into hi + lo, so that float32 keeps torch's accuracy.
+    lse64 = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    hi = lse64.to(ACC)
+    lo = (lse64 - hi.to(tl.float64)).to(ACC)
+    coef = tl.load(COEF + rows, mask=row_ok, other=0.0).to(ACC)
+    tcoef = tl.load(TCOEF + rows, mask=row_ok, other=0.0).to(ACC)
+    y_local = tl.load(YL + rows, mask=row_ok, other=-2).to(tl.int64)
+    kept = y_local != -2                         # IGNORED_ROW
+    if HAS_SMOOTHING:
+        eps_c = tl.load(EPSC).to(ACC)
+
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        z = tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=mask,
+                    other=0.0).to(ACC)
+        p = tl.exp((z - hi[:, None]) - lo[:, None])
+        # The true-class term p_y - coefficient is formed here in ACC, rounded once on store.
+        grad = p * coef[:, None] - tl.where(cols[None, :] == y_local[:, None], tcoef[:, None],
+                                            0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+                grad -= eps_c * w
+            else:
+                grad -= eps_c
+        grad = tl.where(kept[:, None], grad * g[:, None], 0.0)   # ignored rows: exactly 0
+        tl.store(gx_rows[:, None] + cols[None, :].to(tl.int64), grad.to(GX.dtype.element_ty),
+                 mask=mask)

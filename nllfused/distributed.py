@@ -1,0 +1,405 @@
+"""Vocabulary-parallel cross-entropy: the full-vocabulary loss from vocabulary-sharded logits.
+
+When the output layer is split by vocabulary across the ranks of a tensor-parallel group (as in
+Megatron-LM), each rank holds the logits of its slice of the classes only.
+vocab_parallel_cross_entropy returns, on every rank, exactly the loss nllfused.cross_entropy
+would give on the concatenated full-vocabulary logits, and each rank's backward gives the
+gradient for its own slice, without ever gathering the logits.
+
+How (GUIDE §1 with C = the global vocabulary size):
+  1. Each rank reduces its slice to per-row statistics in one pass over its logits (the fused
+     Triton kernel in kernels/vocab_parallel.py, or torch): lse_r (logsumexp of the slice), the
+     target logit z_y if the target falls in the slice (else 0), and with label smoothing
+     A_r = sum_{c in slice} w_c (lse_r - z_c); plus three numbers for the rank itself
+     (vocab_start, C_local, sum of the slice's weights).
+  2. ONE collective per forward pass: an all-gather (a functional collective, so torch.compile
+     can trace it) of that float64 buffer of 2N + 3 numbers (3N + 3 with smoothing). O(N), never
+     O(N C).
+  3. Every rank combines the same gathered numbers: lse = logsumexp_r lse_r, z_y = sum_r,
+     sum_c w_c (lse - z_c) = sum_r [A_r + W_r (lse - lse_r)] (every term >= 0: no cancellation),
+     C = sum_r C_r, sum_c w_c = sum_r W_r. Label smoothing is exact over the full vocabulary.
+  4. The backward pass needs no communication: each rank forms p_c = exp(z_c - lse) for its
+     slice from the saved global lse and writes g (p_c coef - (1-e) w_y [c=y] - (e/C) w_c).
+The 'mean' denominator (the summed weights of the counted targets) comes from the target and
+the full weight, identical on every rank: no extra collective.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from . import _checks
+from .backends import BACKENDS
+
+try:
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+except ImportError:  # a torch built without distributed support
+    dist = funcol = None
+
+_TRITON_ERROR = None
+try:
+    import triton
+    import triton.language as tl
+
+    from .backends import triton_backend
+    from .kernels.cross_entropy import launch_config
+    from .kernels.vocab_parallel import IGNORED_ROW, vp_bwd_kernel, vp_stats_kernel
+except Exception as exc:  # triton missing or broken: backend="triton" reports it when asked for
+    _TRITON_ERROR = exc
+    IGNORED_ROW = -2
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+_META = 3  # per-rank numbers ahead of the per-row statistics: vocab_start, C_local, sum of w
+
+
+# --------------------------------------------------------------------------------------------
+# Local statistics and the slice gradient: torch implementation
+# --------------------------------------------------------------------------------------------
+
+def _acc(dtype):
+    return _checks.accumulation_dtype(dtype)
+
+
+def _torch_stats(logits, target, weight, wsum, vocab_start: int, ignore_index: int,
+                 smoothing: bool):
+    """(2 or 3, R) float64: lse_r, z_y if owned else 0, [A_r]; the contract of vp_stats_kernel."""
+    acc = _acc(logits.dtype)
+    C = logits.shape[1]
+    z = logits.to(acc)
+    m = z.amax(1) if C else z.new_full((z.shape[0],), float("-inf"))
+    m_safe = torch.where(m.abs() < float("inf"), m, torch.zeros_like(m))
+    diff = m_safe.unsqueeze(1) - z                           # >= 0 (exact for close values)
+    log_s = torch.log(torch.exp(-diff).sum(1))
+    lse = m_safe.double() + log_s.double()                   # lse - m never through a rounded lse
+    y_local = target.long() - vocab_start
+    owned = (target != ignore_index) & (y_local >= 0) & (y_local < C)
+    z_y = z.gather(1, torch.where(owned, y_local, 0).unsqueeze(1)).squeeze(1)
+    rows = [lse, torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
+    if smoothing:
+        wd = diff if weight is None else weight * diff
+        # sum_c w_c (lse_r - z_c) = W_r log s + sum_c w_c (m - z_c), every term >= 0.
+        smooth = wsum.to(acc) * log_s + wd.sum(1)
+        smooth = torch.where(m == float("-inf"), torch.full_like(smooth, float("inf")), smooth)
+        rows.append(smooth.double())
+    return torch.stack(rows)
+
+
+def _torch_grad(g, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: bool):
+    """(R, C) gradient in the logits' dtype; the contract of vp_bwd_kernel."""
+    acc = _acc(logits.dtype)
+    z = logits.to(acc)
+    hi = lse.to(acc)
+    lo = (lse - hi.double()).to(acc)
+    grad = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1)) * coef.unsqueeze(1)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    grad = grad - torch.where(cols == y_local.unsqueeze(1), tcoef.unsqueeze(1),
+                              torch.zeros((), dtype=acc, device=logits.device))
+    if smoothing:
+        grad = grad - eps_c * (1.0 if weight is None else weight)
+    grad = torch.where((y_local != IGNORED_ROW).unsqueeze(1), grad * g.unsqueeze(1),
+                       torch.zeros((), dtype=acc, device=logits.device))
+    return grad.to(logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The same two jobs as custom ops around the Triton kernels (torch.compile sees their fakes)
+# --------------------------------------------------------------------------------------------
+
+def _launch_args(logits):
+    R, C = logits.shape
+    block_r, block_c, num_warps = launch_config(R, C, logits.element_size())
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    return (triton.cdiv(R, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc,
+                                            num_warps=num_warps)
+
+
+def _on_device(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("nllfused::vp_stats_triton", mutates_args=())
+def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                     wsum: torch.Tensor, vocab_start: int, ignore_index: int,
+                     smoothing: bool) -> torch.Tensor:
+    R, C = logits.shape
+    out = torch.empty((3 if smoothing else 2, R), dtype=torch.float64, device=logits.device)
+    if R == 0:
+        return out
+    grid, flags = _launch_args(logits)
+    with _on_device(logits):
+        vp_stats_kernel[grid](
+            logits, logits.stride(0), logits.stride(1), target, target.stride(0),
+            wsum if weight is None else weight, wsum, out, R, C, vocab_start, ignore_index,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, **flags)
+    return out
+
+
+@_vp_stats_triton.register_fake
+def _(logits, target, weight, wsum, vocab_start, ignore_index, smoothing):
+    return logits.new_empty((3 if smoothing else 2, logits.shape[0]), dtype=torch.float64)
+
+
+@torch.library.custom_op("nllfused::vp_bwd_triton", mutates_args=())
+def _vp_bwd_triton(g: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                   tcoef: torch.Tensor, y_local: torch.Tensor, weight: Optional[torch.Tensor],
+                   eps_c: torch.Tensor, smoothing: bool) -> torch.Tensor:
+    R, C = logits.shape
+    # The interpreter casts float32 to bfloat16 by truncation, where GPUs round to nearest even;
+    # under it, write float32 and let torch round (as nllfused/backends/triton_backend.py).
+    truncating = not logits.is_cuda and logits.dtype == torch.bfloat16
+    grad = torch.empty((R, C), dtype=torch.float32 if truncating else logits.dtype,
+                       device=logits.device)
+    if R == 0:
+        return grad.to(logits.dtype)
+    grid, flags = _launch_args(logits)
+    with _on_device(logits):
+        vp_bwd_kernel[grid](
+            g.contiguous(), logits, logits.stride(0), logits.stride(1), lse.contiguous(),
+            coef.contiguous(), tcoef.contiguous(), y_local.contiguous(),
+            eps_c if weight is None else weight, eps_c, grad, R, C,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, **flags)
+    return grad.to(logits.dtype)
+
+
+@_vp_bwd_triton.register_fake
+def _(g, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing):
+    return logits.new_empty(logits.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The collective, the combination, autograd
+# --------------------------------------------------------------------------------------------
+
+def _distributed_on() -> bool:
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _all_gather(buf: torch.Tensor, group, world: int) -> torch.Tensor:
+    """(world, len(buf)): every rank's buf, by one functional all-gather."""
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # torch < 2.12
+    out = gather(buf, 0, group)
+    if isinstance(out, funcol.AsyncCollectiveTensor):
+        out = out.wait()
+    return out.view(world, -1)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """(loss, aux) per row, as nllfused::ce_fwd defines them (csrc/ops.cpp), over the full
+    vocabulary. Saves the global lse; its backward reads only this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, vocab_start, ignore_index, e, z_loss, group, world,
+                use_triton):
+        acc = _acc(logits.dtype)
+        R, C_local = logits.shape
+        device = logits.device
+        smoothing = e > 0
+        w_slice = None if weight is None else weight[vocab_start:vocab_start + C_local]
+        if w_slice is None:
+            wsum = torch.full((1,), float(C_local), dtype=torch.float64, device=device)
+        else:
+            wsum = w_slice.sum(dtype=torch.float64).reshape(1)
+        stats_fn = _vp_stats_triton if use_triton else _torch_stats
+        stats = stats_fn(logits, target, w_slice, wsum, vocab_start, ignore_index, smoothing)
+        k = stats.shape[0]
+
+        # The one collective: [vocab_start, C_local, W_r | stats rows] from every rank.
+        meta = torch.cat([torch.full((2,), float(vocab_start), dtype=torch.float64,
+                                     device=device), wsum])
+        meta[1] = float(C_local)
+        buf = torch.cat([meta, stats.reshape(-1)])
+        gathered = _all_gather(buf, group, world) if group is not None else buf.unsqueeze(0)
+
+        starts, sizes, wsums = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+        rows = gathered[:, _META:].reshape(gathered.shape[0], k, R)  # (world, k, R)
+        lse_r = rows[:, 0]
+        lse = torch.logsumexp(lse_r, 0)                      # (R,) float64
+        z_y = rows[:, 1].sum(0)
+        C = sizes.sum()
+        w_total = wsums.sum()
+
+        # The slices must tile [0, C) (and match the weight): a NaN loss (GPU) or an error (CPU).
+        order = torch.argsort(starts)
+        ends = (starts + sizes)[order]
+        tiled = (starts[order][0] == 0) & (starts[order][1:] == ends[:-1]).all()
+        if weight is not None:
+            tiled = tiled & (C == weight.shape[0])
+        host_checks = device.type == "cpu" and not torch.compiler.is_compiling()
+        if host_checks and not bool(tiled):
+            raise ValueError(
+                "the vocabulary slices of the ranks do not tile [0, C)"
+                + ("" if weight is None else f" with C = weight.shape[0] = {weight.shape[0]}")
+                + ": (vocab_start, C_local) per rank = "
+                + str([(int(a), int(b)) for a, b in zip(starts.tolist(), sizes.tolist())]))
+        if host_checks:
+            _checks.check_target_range(target, int(C.item()), ignore_index)
+
+        y = target.long()
+        counted = y != ignore_index
+        valid = counted & (y >= 0) & (y < C) & tiled
+        y_safe = torch.where(valid, y, 0)
+        if weight is None:
+            w_y = torch.ones_like(lse)
+        else:
+            w_y = weight.to(torch.float64)[y_safe.clamp(max=weight.shape[0] - 1)]
+        loss = w_y * (lse - z_y)
+        eps_c = e / C
+        if smoothing:
+            smooth = (rows[:, 2] + wsums.unsqueeze(1) * (lse.unsqueeze(0) - lse_r)).sum(0)
+            loss = (1 - e) * loss + eps_c * smooth
+        if z_loss:
+            loss = loss + z_loss * lse * lse
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        loss = torch.where(counted, torch.where(valid, loss, nan), zero)
+        aux = torch.where(counted, torch.where(valid, w_y, nan), zero)
+
+        # For the backward: per-row coefficients, the local target id (or a marker).
+        coef = (1 - e) * w_y + eps_c * w_total + 2 * z_loss * lse
+        y_local = y - vocab_start
+        owned = (y_local >= 0) & (y_local < C_local)
+        y_local = torch.where(counted, torch.where(owned, y_local, -1), IGNORED_ROW)
+        ctx.save_for_backward(logits, w_slice, lse, coef.to(acc), ((1 - e) * w_y).to(acc),
+                              y_local, eps_c.to(acc).reshape(1), valid, counted)
+        ctx.options = (smoothing, use_triton)
+        ctx.mark_non_differentiable(aux)
+        return loss.to(acc), aux.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_aux):
+        logits, w_slice, lse, coef, tcoef, y_local, eps_c, valid, counted = ctx.saved_tensors
+        smoothing, use_triton = ctx.options
+        grad = None
+        if ctx.needs_input_grad[0]:
+            g = grad_loss.to(coef.dtype)
+            nan = torch.full((), float("nan"), dtype=g.dtype, device=g.device)
+            g = torch.where(counted, torch.where(valid, g, nan), torch.zeros_like(g))
+            grad_fn = _vp_bwd_triton if use_triton else _torch_grad
+            grad = grad_fn(g, logits, lse, coef, tcoef, y_local, w_slice, eps_c, smoothing)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------------
+
+def _resolve_backend(backend: str, device: torch.device) -> bool:
+    """True for the Triton kernels, False for the torch implementation; raises if unavailable.
+
+    auto: CUDA tensors -> triton when it imports, else torch; CPU tensors -> torch.
+    cpu / cuda: there are no C++/CUDA vocabulary-parallel kernels; these names run the torch
+    implementation (so that code passing one backend name everywhere keeps working).
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return device.type == "cuda" and _TRITON_ERROR is None
+    if backend == "triton":
+        reason = (f"triton could not be imported ({_TRITON_ERROR})" if _TRITON_ERROR is not None
+                  else triton_backend.unavailable_reason(device))
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' is not available: {reason}")
+        return True
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise RuntimeError(f"backend={backend!r} is not available: it runs {backend.upper()} "
+                           f"tensors, but the input is on {device}")
+    return False
+
+
+def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, group=None,
+                                 vocab_start: Optional[int] = None, ignore_index: int = -100,
+                                 reduction: str = "mean", label_smoothing: float = 0.0,
+                                 z_loss: float = 0.0, weight: Optional[torch.Tensor] = None,
+                                 backend: str = "auto") -> torch.Tensor:
+    """Cross-entropy over a vocabulary split across the ranks of `group`.
+
+    input         this rank's logits for its slice of the classes, shape (..., C_local): classes
+                  in the LAST dimension, as in Megatron-LM ((N, C_local) or (B, T, C_local)).
+    target        global class ids, shape input.shape[:-1], integer, identical on every rank.
+    group         the tensor-parallel process group (None: the default group; if
+                  torch.distributed is not initialized, a group of one: no communication).
+    vocab_start   the first global class id of this rank's slice; default rank * C_local
+                  (equal slices). Give it for uneven slices; the slices must tile [0, C).
+    weight        the FULL-vocabulary class weights, shape (C,), the same on every rank
+                  (each rank reads its slice and w[target]).
+    ignore_index, reduction, label_smoothing, z_loss: as nllfused.cross_entropy, with label
+                  smoothing exact over the full vocabulary (e / C with the global C).
+    backend       "auto" (triton for CUDA tensors, else torch), "torch", "triton" (CUDA
+                  tensors; CPU tensors under TRITON_INTERPRET=1); "cpu"/"cuda" run torch.
+
+    Returns the same value on every rank: nllfused.cross_entropy of the concatenated logits
+    (full.reshape(-1, C), target.reshape(-1)), with reduction='none' shaped like target. Every
+    rank must call backward on that loss (as with any replicated loss); each then gets the
+    gradient for its slice. One all-gather of O(rows) numbers per forward, none in backward.
+    """
+    reduction = _checks.resolve_reduction(None, None, reduction)
+    _checks.check_options(label_smoothing, z_loss, 1.0, None)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a Tensor; got {type(input).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a Tensor; got {type(target).__name__}")
+    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(
+            f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
+    if input.dim() == 0 or input.shape[-1] == 0:
+        raise ValueError(f"input must have shape (..., C_local) with C_local >= 1; got "
+                         f"{tuple(input.shape)}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold global class indices (an integer dtype); got "
+                        f"{target.dtype} (probability targets are not supported here)")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}: it must be {tuple(input.shape[:-1])} (the input's "
+                         f"shape without the last, class dimension)")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+
+    if group is None and _distributed_on():
+        group = dist.group.WORLD
+    if group is not None:
+        if not _distributed_on():
+            raise RuntimeError("a group was given but torch.distributed is not initialized")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    else:
+        rank, world = 0, 1
+
+    C_local = input.shape[-1]
+    if vocab_start is None:
+        vocab_start = rank * C_local
+    elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be a non-negative int; got {vocab_start!r}")
+
+    acc = _acc(input.dtype)
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
+        if weight.dim() != 1 or weight.shape[0] < vocab_start + C_local:
+            raise ValueError(
+                f"weight must be the full-vocabulary class weights, a 1-D tensor of C entries "
+                f"covering this rank's slice [{vocab_start}, {vocab_start + C_local}); got shape "
+                f"{tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point; got {weight.dtype}")
+        if weight.device != input.device:
+            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        weight = weight.detach().to(acc).contiguous()
+
+    use_triton = _resolve_backend(backend, input.device)
+    logits = input.reshape(-1, C_local)
+    flat_target = target.reshape(-1)
+    loss, aux = _VocabParallelCE.apply(logits, flat_target, weight, vocab_start, ignore_index,
+                                       float(label_smoothing), float(z_loss), group, world,
+                                       use_triton)
+    if reduction == "none":
+        out = loss.reshape(target.shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / aux.sum()
+    return out.to(input.dtype)

@@ -1,0 +1,545 @@
+"""nllfused.linear_cross_entropy: F.cross_entropy(F.linear(input, W, b), target) without the logits.
+
+For a language model the logits (tokens x vocabulary) are the largest tensor of the step, and
+torch's loss adds three more of their size. Here they never exist: the rows (tokens) are taken in
+chunks of n, each chunk's logits (n, C) come from one matrix product (cuBLAS / oneDNN through
+torch), go through the backend's per-row op -- the same nllfused::ce_fwd / ce_bwd pair that
+nllfused.cross_entropy uses, so every option means exactly what it means there -- and are dropped.
+No tensor of N*C elements is allocated, in the forward or the backward pass.
+
+Strategy (one fused op, nllfused::linear_ce_fwd, with its own autograd):
+  * reduction 'mean'/'sum' -- the upstream gradient is a scalar, so while a chunk's logits are at
+    hand the forward pass also forms their gradient (ce_bwd with the per-row weight 1/denominator
+    or 1) and folds it into grad_input (= g @ W), grad_weight (+= g.T @ x) and grad_bias
+    (+= g.sum(0)). Three matrix products in all, like unfused torch. The backward pass only scales
+    the stored gradients by the upstream scalar, in place: they are buffers no one else holds
+    (torch's own chunked linear_cross_entropy does the same). This happens only when grad mode
+    is on and something requires grad; a second backward (retain_graph=True) or a double
+    backward (create_graph=True) recomputes instead, so results stay right.
+    Under torch.compile the stored gradients are saved the ordinary way and scaled out of place
+    (one extra gradient-sized buffer in the backward), since the in-place hand-over is Python
+    state that a compiled graph does not replay.
+  * reduction 'none' -- the upstream gradient is a vector known only in backward: the backward
+    op (nllfused::linear_ce_bwd) recomputes each chunk's logits (four matrix products in all).
+Chunk size: see _chunk_rows (shapes and free memory); CHUNK_ROWS overrides it (tests use it).
+Precision: logits, their gradient and grad_input are in the parameters' dtype (as torch computes
+them); per-row losses, the reduction, grad_weight and grad_bias accumulate in float32 (float64
+for float64), rounded once to the parameters' dtype at the end.
+Autocast: as torch does for F.linear + F.cross_entropy, the matrix products run in the autocast
+dtype and the loss comes back in float32; gradients arrive in the parameters' own dtypes.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _checks, backends, functional, ops
+from .backends import torch_ref
+
+# Rows per chunk: None picks them from the shapes and free memory (_chunk_rows); an int forces
+# that many (tests set it small to cross many chunk boundaries).
+CHUNK_ROWS: Optional[int] = None
+
+# The chunk's working set (logits, their gradient and the backend's float32 rows) is kept below
+# min(cap, free memory / 8). CPU: small enough to stay near the caches' reach and far below the
+# logits (64 MiB is 1/4 of the fp32 logits at 2048 x 32000), large enough for efficient GEMMs.
+_CHUNK_BYTES_CAP = {"cpu": 64 << 20, "cuda": 1 << 30}
+_MIN_ROWS = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# API
+# ---------------------------------------------------------------------------------------------
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         ignore_index: Optional[int] = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                         logit_scale: float = 1.0, softcap: Optional[float] = None,
+                         backend: str = "auto") -> Tensor:
+    """F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) without the logits.
+
+    input (*, H) -- (H,), (N, H), (B, T, H), ... -- linear_weight (C, H), linear_bias (C,) or None,
+    target (*) class indices (ignore_index allowed); weight, ignore_index, reduction and
+    label_smoothing as in F.cross_entropy; z_loss, logit_scale, softcap and backend as in
+    nllfused.cross_entropy. ignore_index=None means -100, as in torch.nn.functional's
+    linear_cross_entropy, whose keyword arguments this accepts unchanged (its `options`, a
+    chunking hint for its own implementation, has no counterpart here).
+    Returns the loss (shape input.shape[:-1] for reduction='none', else a scalar) in the input's
+    dtype, float32 under autocast; differentiable in input, linear_weight and linear_bias.
+    """
+    reduction = _checks.resolve_reduction(None, None, reduction)
+    _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+    if ignore_index is None:
+        ignore_index = -100
+    input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
+    x, t, w = _check_arguments(input, linear_weight, target, linear_bias, weight, ignore_index)
+    if not isinstance(backend, str) or backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of "
+                         f"{', '.join(backends.BACKENDS)}")
+    if not torch.compiler.is_compiling() and (
+            x.device.type == "cpu" or functional._CHECK_TARGETS_ON_GPU):
+        _checks.check_target_range(t, linear_weight.shape[0], ignore_index)
+
+    grad = torch.is_grad_enabled()
+    loss = torch.ops.nllfused.linear_ce_fwd(
+        x, linear_weight, linear_bias, t, w, ignore_index, float(label_smoothing),
+        float(z_loss), float(logit_scale), float(softcap or 0.0), reduction, backend,
+        int(CHUNK_ROWS or 0),
+        grad and x.requires_grad, grad and linear_weight.requires_grad,
+        grad and linear_bias is not None and linear_bias.requires_grad,
+        not torch.compiler.is_compiling())[0]
+    if reduction == "none":
+        loss = loss.reshape(input.shape[:-1])
+    return loss.to(out_dtype)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """torch.nn.LinearCrossEntropyLoss, fused: holds the linear layer (self.linear, (C, H) weight,
+    optional bias) and the loss options; forward(input, target) returns
+    nllfused.linear_cross_entropy(input, self.linear.weight, target, self.linear.bias, ...).
+
+    The constructor is torch's (in_features, num_classes, *, bias, device, dtype, reduction,
+    weight, ignore_index, label_smoothing) plus nllfused's keyword-only z_loss, logit_scale,
+    softcap and backend. K-dimensional losses (out_features != ()) are not supported.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, backend: str = "auto") -> None:
+        super().__init__()
+        if tuple(out_features) != ():
+            raise NotImplementedError(
+                "nllfused.LinearCrossEntropyLoss supports out_features=() only (one class "
+                "dimension); K-dimensional losses are not implemented")
+        self.reduction = _checks.resolve_reduction(None, None, reduction)
+        _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape ({num_classes},); got {tuple(weight.shape)}")
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of "
+                             f"{', '.join(backends.BACKENDS)}")
+        self.num_classes = num_classes
+        self.out_features = ()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.backend = backend
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
+                                      dtype=dtype)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input, self.linear.weight, target, self.linear.bias, weight=self.weight,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            logit_scale=self.logit_scale, softcap=self.softcap, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
+                  f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
+                  f"ignore_index={self.ignore_index}"]
+        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("logit_scale", 1.0),
+                              ("softcap", None)):
+            if getattr(self, name) != default:
+                extras.append(f"{name}={getattr(self, name)}")
+        extras.append(f"backend={self.backend!r}")
+        return ", ".join(extras)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+def _autocast(input, linear_weight, linear_bias):
+    """Cast as torch's autocast would for F.linear; the loss then comes back in float32 (autocast
+    runs cross_entropy in float32). float64 tensors are left alone, as autocast leaves them."""
+    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, linear_weight, linear_bias, getattr(input, "dtype", None)
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    out_dtype = torch.float32 if input.is_floating_point() and input.dtype != torch.float64 \
+        else input.dtype
+    return cast(input), cast(linear_weight), cast(linear_bias), out_dtype
+
+
+def _check_arguments(input, linear_weight, target, linear_bias, weight, ignore_index):
+    """Validate; return the (M, H) input, the (M,) int64 targets and the canonical class weight."""
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor; got {type(t).__name__}")
+    if linear_bias is not None and not isinstance(linear_bias, Tensor):
+        raise TypeError(f"linear_bias must be a Tensor or None; got {type(linear_bias).__name__}")
+    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64; got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input is 0-dimensional: it must have shape (*, in_features), e.g. "
+                         "(N, H) or (B, T, H)")
+    if linear_weight.dim() != 2:
+        raise ValueError(
+            f"linear_weight must have shape (num_classes, in_features); got "
+            f"{tuple(linear_weight.shape)}")
+    C, H = linear_weight.shape
+    if input.shape[-1] != H:
+        raise ValueError(
+            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's in_features "
+            f"({H}): input {tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)}")
+    if C == 0:
+        raise ValueError("linear_weight has 0 rows: there must be at least one class")
+    if linear_bias is not None and tuple(linear_bias.shape) != (C,):
+        raise ValueError(f"linear_bias must have shape ({C},); got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"{name} is {t.dtype} but input is {input.dtype}: they must match (or run "
+                f"under torch.autocast), as in F.linear")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if target.is_floating_point():
+        raise TypeError(
+            f"target must hold class indices (an integer tensor); got {target.dtype}. "
+            f"Probability targets are not supported by linear_cross_entropy: use "
+            f"nllfused.cross_entropy(F.linear(input, linear_weight, linear_bias), target)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape "
+            f"{tuple(input.shape)}: class-index targets must have shape "
+            f"{tuple(input.shape[:-1])} (the input's shape without in_features)")
+    x = input.reshape(-1, H)
+    t = target.reshape(-1)
+    # The rest (target dtype and device, class weight shape/dtype/device, ignore_index) is
+    # cross_entropy's own check, run on a zero-stride stand-in for the (M, C) logits.
+    stand_in = input.new_zeros(()).expand(x.shape[0], C)
+    canonical = _checks.canonicalize(stand_in, t, weight, ignore_index)
+    return x, t.long(), canonical.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops: nllfused::linear_ce_fwd (autograd below) and nllfused::linear_ce_bwd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("nllfused::linear_ce_fwd", mutates_args=())
+def _linear_ce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+                   target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                   label_smoothing: float, z_loss: float, logit_scale: float, softcap: float,
+                   reduction: str, backend: str, chunk_rows: int, grad_input: bool,
+                   grad_weight: bool, grad_bias: bool, consume: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, lse, aux, g_input, g_weight, g_bias).
+
+    loss: (M,) per-row losses for reduction 'none', else the reduced scalar, in the accumulation
+    dtype. lse (M,) float64 and aux (M,) as ce_fwd defines them (csrc/ops.cpp). For 'mean'/'sum'
+    with a grad_* flag set, g_* hold d loss / d (input, weight, bias) for an upstream gradient of
+    1 (g_input in the input's dtype, g_weight and g_bias in the accumulation dtype); otherwise
+    they are empty. `consume` only tells the autograd formula how to hand them over.
+    """
+    with _no_autocast(input):
+        return _forward(input, linear_weight, linear_bias, target, weight,
+                        (ignore_index, label_smoothing, z_loss, logit_scale, softcap),
+                        reduction, backend, chunk_rows, grad_input, grad_weight, grad_bias)
+
+
+@_linear_ce_fwd.register_fake
+def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss,
+      logit_scale, softcap, reduction, backend, chunk_rows, grad_input, grad_weight, grad_bias,
+      consume):
+    M, C, acc = input.shape[0], linear_weight.shape[0], _checks.accumulation_dtype(input.dtype)
+    store = reduction != "none"
+    return (input.new_empty((M,) if reduction == "none" else (), dtype=acc),
+            input.new_empty((M,), dtype=torch.float64), input.new_empty((M,), dtype=acc),
+            input.new_empty(input.shape if store and grad_input else (0,)),
+            input.new_empty(linear_weight.shape if store and grad_weight else (0,), dtype=acc),
+            input.new_empty((C,) if store and grad_bias else (0,), dtype=acc))
+
+
+@torch.library.custom_op("nllfused::linear_ce_bwd", mutates_args=())
+def _linear_ce_bwd(grad_rows: Tensor, input: Tensor, linear_weight: Tensor,
+                   linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                   lse: Tensor, aux: Tensor, ignore_index: int, label_smoothing: float,
+                   z_loss: float, logit_scale: float, softcap: float, backend: str,
+                   chunk_rows: int, grad_input: bool, grad_weight: bool, grad_bias: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows[i] * loss_i in (input, weight, bias), in their dtypes, by
+    recomputing each chunk's logits; empty where not asked for. No autograd formula: a double
+    backward through it raises torch's 'no autograd formula' error instead of a wrong answer."""
+    with _no_autocast(input):
+        gi, gw, gb = _backward(grad_rows, input, linear_weight, linear_bias, target, weight, lse,
+                               aux, (ignore_index, label_smoothing, z_loss, logit_scale, softcap),
+                               backend, chunk_rows, grad_input, grad_weight, grad_bias)
+        return (gi, gw.to(linear_weight.dtype),
+                gb.to(linear_bias.dtype) if linear_bias is not None else gb)
+
+
+@_linear_ce_bwd.register_fake
+def _(grad_rows, input, linear_weight, linear_bias, target, weight, lse, aux, ignore_index,
+      label_smoothing, z_loss, logit_scale, softcap, backend, chunk_rows, grad_input,
+      grad_weight, grad_bias):
+    return (input.new_empty(input.shape if grad_input else (0,)),
+            linear_weight.new_empty(linear_weight.shape if grad_weight else (0,)),
+            input.new_empty(linear_bias.shape if grad_bias else (0,)))
+
+
+_FWD_INPUTS = 17  # number of nllfused::linear_ce_fwd arguments: backward returns one per input
+
+
+def _setup_context(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, weight, *options, reduction, backend, chunk_rows,
+     gi_flag, gw_flag, gb_flag, consume) = inputs
+    _, lse, aux, g_input, g_weight, g_bias = output
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs nobody differentiates
+    ctx.options, ctx.reduction, ctx.backend, ctx.chunk_rows = options, reduction, backend, \
+        chunk_rows
+    ctx.dtypes = (linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+    ctx.stored = reduction != "none" and (gi_flag or gw_flag or gb_flag)
+    ctx.consume = ctx.stored and consume
+    saved = [input, linear_weight, linear_bias, target, weight, lse, aux]
+    ctx.stash = None
+    if ctx.consume:
+        # Detached: the outputs' grad_fn is this node, and ctx -> output -> node would be a
+        # reference cycle that keeps the gradients alive until a garbage collection.
+        ctx.stash = [g.detach() for g in (g_input, g_weight, g_bias)]
+    elif ctx.stored:
+        saved += [g_input, g_weight, g_bias]
+    ctx.save_for_backward(*saved)
+
+
+def _linear_ce_fwd_backward(ctx, grad_loss, _lse, _aux, _gi, _gw, _gb):
+    none = [None] * _FWD_INPUTS
+    if grad_loss is None:
+        return tuple(none)
+    need = ctx.needs_input_grad[:3]
+    input, linear_weight, linear_bias, target, weight, lse, aux, *stored = ctx.saved_tensors
+    grads = None
+    if ctx.stored and not torch.is_grad_enabled():  # create_graph=True: recompute below
+        if ctx.stash is not None:
+            # First backward: scale in place and hand the buffers over; nobody else holds them.
+            stash, ctx.stash = ctx.stash, None
+            grads = [g.mul_(grad_loss) for g in stash]
+        elif not ctx.consume:
+            grads = [g * grad_loss for g in stored]
+    if grads is not None:
+        gi, gw, gb = grads
+        gw = gw.to(ctx.dtypes[0])
+        gb = gb.to(ctx.dtypes[1]) if ctx.dtypes[1] is not None else gb
+    else:
+        if ctx.reduction == "none":
+            rows = grad_loss
+        else:  # each row's share of a scalar loss: grad / denominator ('mean') or grad ('sum')
+            scale = grad_loss / aux.sum() if ctx.reduction == "mean" else grad_loss
+            rows = scale.expand(input.shape[0])
+        gi, gw, gb = torch.ops.nllfused.linear_ce_bwd(
+            rows, input, linear_weight, linear_bias, target, weight, lse, aux, *ctx.options,
+            ctx.backend, ctx.chunk_rows, need[0], need[1], need[2] and linear_bias is not None)
+    none[:3] = [gi if need[0] else None, gw if need[1] else None,
+                gb if need[2] and linear_bias is not None else None]
+    return tuple(none)
+
+
+_linear_ce_fwd.register_autograd(_linear_ce_fwd_backward, setup_context=_setup_context)
+
+
+def _no_autocast(t: Tensor):
+    """The op's products must run in the dtype they are given (linear_cross_entropy already did
+    autocast's casting) and its float32 accumulators must stay float32."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunks
+# ---------------------------------------------------------------------------------------------
+
+def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, requested: int) -> int:
+    """Rows per chunk.
+
+    Per chunk row the working set is C * (2 * itemsize + 12) bytes: the logits and their
+    gradient in the parameters' dtype plus about three float32 rows (the backend's working rows,
+    the float32 copies of a low-precision chunk for the weight-gradient product). The chunk is
+    the most rows whose working set fits min(_CHUNK_BYTES_CAP[device], free memory / 8), but at
+    least _MIN_ROWS (tiny chunks starve the GEMMs) and at most M; a multiple of 8 when larger.
+    """
+    if requested > 0:
+        return max(1, min(requested, M))
+    row_bytes = C * (2 * torch.empty((), dtype=dtype).element_size() + 12)
+    budget = min(_CHUNK_BYTES_CAP.get(device.type, 1 << 30), _free_memory(device) // 8)
+    rows = max(_MIN_ROWS, budget // row_bytes)
+    if rows > 8:
+        rows -= rows % 8
+    return max(1, min(rows, M))
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)  # a driver query, not a stream sync
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _row_weights(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int,
+                 acc: torch.dtype) -> Tensor:
+    """aux of ce_fwd for every row, from the targets alone (the 'mean' denominator is its sum,
+    needed before the first chunk): w[y] counted, 0 ignored, NaN out of range."""
+    counted = target != ignore_index
+    in_range = (target >= 0) & (target < C)
+    if weight is None:
+        w = torch.ones(target.shape, dtype=acc, device=target.device)
+    else:
+        w = weight[torch.where(counted & in_range, target, 0)]
+    nan = torch.full((), float("nan"), dtype=acc, device=target.device)
+    return torch.where(counted, torch.where(in_range, w, nan), torch.zeros((), dtype=acc,
+                                                                             device=target.device))
+
+
+class _Chunks:
+    """The per-chunk work shared by forward and backward: logits, the backend's ops, and the
+    accumulation of the three gradients."""
+
+    def __init__(self, input, linear_weight, linear_bias, target, weight, options, backend,
+                 chunk_rows, grad_input, grad_weight, grad_bias):
+        self.x, self.W, self.b, self.t, self.w = input, linear_weight, linear_bias, target, weight
+        self.options = options
+        # Resolved here, at run time, rather than in linear_cross_entropy: the availability
+        # probes are not traceable, and the op body is opaque to torch.compile.
+        self.backend = backends.resolve(backend, input.device)
+        M, C = input.shape[0], linear_weight.shape[0]
+        self.acc = _checks.accumulation_dtype(input.dtype)
+        self.rows = _chunk_rows(M, C, input.dtype, input.device, chunk_rows)
+        self._logits = input.new_empty((min(self.rows, M), C))  # reused by every chunk
+        self.gi = input.new_empty(input.shape if grad_input else (0,))
+        # Accumulators: float32 (float64 for float64) whatever the parameters' dtype.
+        self.gw = input.new_zeros(linear_weight.shape if grad_weight else (0,), dtype=self.acc)
+        self.gb = input.new_zeros((C,) if grad_bias else (0,), dtype=self.acc)
+        self.want = (grad_input, grad_weight, grad_bias)
+
+    def ranges(self):
+        M = self.x.shape[0]
+        return ((r, min(r + self.rows, M)) for r in range(0, M, self.rows))
+
+    def logits(self, r0, r1):
+        out = self._logits[: r1 - r0]
+        if self.b is None:
+            return torch.mm(self.x[r0:r1], self.W.t(), out=out)
+        return torch.addmm(self.b, self.x[r0:r1], self.W.t(), out=out)
+
+    def loss(self, logits, r0, r1):
+        """(loss, lse, aux) per row of the chunk, each (n, 1)."""
+        args = (logits.unsqueeze(-1), self.t[r0:r1].unsqueeze(-1), self.w, *self.options, False)
+        if self.backend == "torch":
+            return torch_ref.forward(*args)
+        return ops.forward_op(self.backend)(*args)
+
+    def grad_logits(self, grad_rows, logits, r0, r1, lse, aux):
+        """grad_rows[i] * d loss_i / d logits_i for the chunk, (n, C) in the logits' dtype."""
+        t = self.t[r0:r1]
+        ignore_index = self.options[0]
+        # Zero for ignored rows whatever the upstream value (an all-ignored 'mean' has 1/0), as
+        # torch gives them.
+        grad_rows = torch.where(t != ignore_index, grad_rows, 0).unsqueeze(-1).to(self.acc)
+        if self.backend == "torch":
+            return _torch_grad_logits(grad_rows[:, 0], logits, t, self.w, lse, *self.options)
+        return ops.backward_op(self.backend)(
+            grad_rows, logits.unsqueeze(-1), t.unsqueeze(-1), self.w, lse, aux, *self.options,
+            False).squeeze(-1)
+
+    def accumulate(self, g, r0, r1):
+        """Fold a chunk's logits gradient g (n, C) into the three gradients."""
+        if self.want[0]:
+            torch.mm(g, self.W, out=self.gi[r0:r1])
+        if self.want[1]:
+            x = self.x[r0:r1]
+            if g.dtype == self.acc:
+                self.gw.addmm_(g.t(), x)
+            else:
+                # Low precision: accumulate across chunks in float32. The CPU has no mixed-dtype
+                # GEMM (and its float32 GEMM is faster than its emulated bfloat16 one).
+                self.gw.addmm_(g.t().to(self.acc), x.to(self.acc))
+        if self.want[2]:
+            self.gb.add_(g.sum(0, dtype=self.acc))
+
+
+def _forward(input, linear_weight, linear_bias, target, weight, options, reduction, backend,
+             chunk_rows, grad_input, grad_weight, grad_bias):
+    M = input.shape[0]
+    store = reduction != "none" and (grad_input or grad_weight or grad_bias)
+    ch = _Chunks(input, linear_weight, linear_bias, target, weight, options, backend, chunk_rows,
+                 grad_input and store, grad_weight and store, grad_bias and store)
+    aux = _row_weights(target, weight, options[0], linear_weight.shape[0], ch.acc)
+    denominator = aux.sum()
+    loss = input.new_empty((M,), dtype=ch.acc)
+    lse = input.new_empty((M,), dtype=torch.float64)
+    if store:  # each row's share of the reduced loss, on the device (no host sync)
+        share = (1 / denominator if reduction == "mean" else torch.ones((), dtype=ch.acc,
+                                                                         device=input.device))
+    for r0, r1 in ch.ranges():
+        logits = ch.logits(r0, r1)
+        l, z, a = ch.loss(logits, r0, r1)
+        loss[r0:r1] = l[:, 0]
+        lse[r0:r1] = z[:, 0]
+        if store:
+            ch.accumulate(ch.grad_logits(share.expand(r1 - r0), logits, r0, r1, z, a), r0, r1)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / denominator
+    return loss, lse, aux, ch.gi, ch.gw, ch.gb
+
+
+def _backward(grad_rows, input, linear_weight, linear_bias, target, weight, lse, aux, options,
+              backend, chunk_rows, grad_input, grad_weight, grad_bias):
+    ch = _Chunks(input, linear_weight, linear_bias, target, weight, options, backend, chunk_rows,
+                 grad_input, grad_weight, grad_bias)
+    if grad_input or grad_weight or grad_bias:
+        for r0, r1 in ch.ranges():
+            logits = ch.logits(r0, r1)
+            g = ch.grad_logits(grad_rows[r0:r1], logits, r0, r1, lse[r0:r1].unsqueeze(-1),
+                               aux[r0:r1].unsqueeze(-1))
+            ch.accumulate(g, r0, r1)
+    return ch.gi, ch.gw, ch.gb
+
+
+def _torch_grad_logits(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing,
+                       z_loss, logit_scale, softcap):
+    """The "torch" backend's chunk gradient, GUIDE section 1 written out in torch ops.
+
+    (Its cross_entropy gets this from autograd, which is off inside a custom op.) grad_rows is
+    already zero on ignored rows; out-of-range targets never get here on the CPU (checked)."""
+    e, C = label_smoothing, logits.shape[1]
+    acc = grad_rows.dtype
+    z = torch_ref.transform(logits.to(acc), logit_scale, softcap)
+    p = torch.softmax(z, dim=-1)  # float32 before the one rounding, so p_y - 1 survives
+    safe = torch.where((target >= 0) & (target < C), target, 0).unsqueeze(-1)
+    w_y = 1.0 if weight is None else weight[safe[:, 0]]
+    w_sum = C if weight is None else weight.sum()
+    coef = (1 - e) * w_y + (e / C) * w_sum
+    if z_loss:
+        coef = coef + 2 * z_loss * lse[:, 0].to(acc)
+    g = p.mul_((grad_rows * coef).unsqueeze(-1))
+    if e:
+        smooth = (grad_rows * (e / C)).unsqueeze(-1)
+        g.sub_(smooth if weight is None else smooth * weight)
+    g.scatter_add_(1, safe, -(grad_rows * (1 - e) * w_y).unsqueeze(-1))
+    if softcap:  # d softcap(v) / dv = 1 - tanh^2 = 1 - (z / s)^2
+        g.mul_(1 - (z / softcap) ** 2)
+    if logit_scale != 1.0:
+        g.mul_(logit_scale)
+    return g.to(logits.dtype)

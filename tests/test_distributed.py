@@ -1,0 +1,334 @@
+"""nllfused.distributed.vocab_parallel_cross_entropy against float64 torch on the full vocabulary.
+
+Multi-process tests: gloo on the CPU at world sizes 2 and 4 (one launch per world size runs the
+whole matrix, to keep process start-up cheap), NCCL on the GPU (`gpu`). Each rank builds the
+same full-vocabulary problem from a shared seed, takes its slice (even, uneven, or out of rank
+order), and compares its loss and its slice of the gradient with the float64 oracle of
+tests/reference.py. A dispatch mode counts the collectives each forward and backward issues.
+"""
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nllfused
+from nllfused.distributed import vocab_parallel_cross_entropy
+from reference import assert_matches_oracle, reference
+
+REDUCTIONS = ("none", "mean", "sum")
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
+NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd")
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Records every collective op dispatched while active, with its input's element count,
+    whatever API issued it (torch.distributed, functional collectives, process-group methods)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if func.namespace in COLLECTIVE_NAMESPACES and not any(n in name for n in NOT_COLLECTIVES):
+            first = args[0] if args else None
+            if isinstance(first, (list, tuple)):
+                first = first[0] if first else None
+            self.calls.append((name, first.numel() if isinstance(first, torch.Tensor) else None))
+        return func(*args, **(kwargs or {}))
+
+
+# --------------------------------------------------------------------------------------------
+# The cases: the full problem, then each rank's slice of it
+# --------------------------------------------------------------------------------------------
+
+def even(world, per_rank):
+    return [per_rank] * world, False
+
+
+def uneven(world):
+    return ([3, 8], True) if world == 2 else ([1, 6, 2, 9], True)
+
+
+# name -> (slices(world) -> (sizes per rank, explicit vocab_start), leading shape, dtype,
+#          kwargs, builder tweak)
+def _plain(x, t, gen):
+    return x, t
+
+
+def _masked(x, t, gen):
+    C = x.shape[-1]
+    mask = torch.rand(x.shape, generator=gen) < 0.3
+    flat_t = t.reshape(-1, 1).clamp(min=0)
+    mask.view(-1, C).scatter_(1, flat_t, False)
+    x = x.masked_fill(mask, float("-inf"))
+    x.view(-1, C)[0, :-1] = float("-inf")  # row 0: every slice but the last entirely masked
+    t.view(-1)[0] = C - 1
+    return x, t
+
+
+def _extreme(x, t, gen):
+    x = x + 1e4
+    x.view(-1, x.shape[-1])[1] *= 1e4 / 3
+    return x, t
+
+
+def _confident(x, t, gen):
+    flat = x.view(-1, x.shape[-1])
+    flat[torch.arange(flat.shape[0]), t.view(-1).clamp(min=0)] += 30
+    return x, t
+
+
+def _all_ignored(x, t, gen):
+    return x, torch.full_like(t, -100)
+
+
+CASES = {
+    "even": (lambda w: even(w, 5), (6,), torch.float32, {}, _plain),
+    "even_f64": (lambda w: even(w, 4), (5,), torch.float64,
+                 {"label_smoothing": 0.1, "weight": True}, _plain),
+    "uneven_all_options": (uneven, (7,), torch.float32,
+                           {"label_smoothing": 0.2, "z_loss": 1e-2, "weight": True}, _plain),
+    "uneven_ignore_valid_class": (uneven, (8,), torch.float32,
+                                  {"ignore_index": 2, "label_smoothing": 0.1}, _plain),
+    "reversed_slices_3d": ("reversed", (2, 3), torch.float32, {"label_smoothing": 0.1}, _plain),
+    "masked": (uneven, (6,), torch.float32, {}, _masked),
+    "extreme": (uneven, (5,), torch.float32, {"label_smoothing": 0.1}, _extreme),
+    "confident_bf16": (lambda w: even(w, 6), (5,), torch.bfloat16, {}, _confident),
+    "smoothing_1": (lambda w: even(w, 3), (4,), torch.float32, {"label_smoothing": 1.0}, _plain),
+    "all_ignored": (lambda w: even(w, 3), (4,), torch.float32, {}, _all_ignored),
+    "empty": (lambda w: even(w, 3), (0,), torch.float32, {"label_smoothing": 0.1}, _plain),
+}
+
+
+def _slices(spec, world):
+    """[(vocab_start, C_local)] per rank, and whether vocab_start must be passed."""
+    if spec == "reversed":  # rank r holds the r-th slice from the END of the vocabulary
+        sizes = [2 + r for r in range(world)]
+        starts = [sum(sizes[r + 1:]) for r in range(world)]
+        return list(zip(starts, sizes)), True
+    sizes, explicit = spec(world)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return list(zip(starts, sizes)), explicit
+
+
+def _build(name, world, seed, device):
+    spec, lead, dtype, kwargs, tweak = CASES[name]
+    slices, explicit = _slices(spec, world)
+    C = sum(size for _, size in slices)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, C, generator=gen) * 3
+    t = torch.randint(0, C, lead, generator=gen)
+    t[torch.rand(lead, generator=gen) < 0.2] = kwargs.get("ignore_index", -100)
+    x, t = tweak(x, t, gen)
+    kwargs = dict(kwargs)
+    if kwargs.get("weight"):
+        kwargs["weight"] = torch.rand(C, generator=gen) + 0.1
+    return x.to(dtype), t, kwargs, slices, explicit, gen
+
+
+def _check_case(name, rank, world, seed, device, backend, failures):
+    x, t, kwargs, slices, explicit, gen = _build(name, world, seed, device)
+    start, size = slices[rank]
+    dtype = x.dtype
+    C = x.shape[-1]
+    for reduction in REDUCTIONS:
+        what = f"[rank {rank}/{world} {backend} {name} {reduction}]"
+        try:
+            out_shape = t.shape if reduction == "none" else ()
+            grad = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+            ref_kw = dict(kwargs, reduction=reduction)
+            # The oracle: torch on the full vocabulary, (rows, C) and rows.
+            oracle, oracle_grad = reference(x.reshape(-1, C), t.reshape(-1), grad=grad.reshape(-1)
+                                            if reduction == "none" else grad, **ref_kw)
+            low = low_grad = None
+            if dtype != torch.float64:
+                low, low_grad = reference(x.reshape(-1, C), t.reshape(-1), dtype=dtype,
+                                          grad=grad.reshape(-1) if reduction == "none" else grad,
+                                          **ref_kw)
+                low, low_grad = low.reshape(out_shape), low_grad.reshape(x.shape)[..., start:start
+                                                                                  + size]
+            oracle = oracle.reshape(out_shape)
+            oracle_grad = oracle_grad.reshape(x.shape)[..., start:start + size]
+
+            mine = x[..., start:start + size].to(device).requires_grad_()
+            dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                   for k, v in kwargs.items()}
+            loss = vocab_parallel_cross_entropy(
+                mine, t.to(device), reduction=reduction, backend=backend,
+                vocab_start=start if explicit else None, **dkw)
+            assert loss.dtype == dtype and loss.shape == oracle.shape, what + " dtype/shape"
+            assert_matches_oracle(loss, oracle, dtype, low, what + " loss")
+            loss.backward(grad.to(device, dtype))
+            assert mine.grad.dtype == dtype and mine.grad.shape == mine.shape
+            assert_matches_oracle(mine.grad, oracle_grad, dtype, low_grad, what + " grad")
+        except Exception:
+            failures.append(what + "\n" + traceback.format_exc())
+
+
+def _check_collectives(rank, world, device, backend, failures):
+    """One all-gather of O(rows) numbers per forward, nothing in backward."""
+    what = f"[rank {rank}/{world} {backend} collectives]"
+    N, size = 9, 4
+    for kwargs in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}):
+        for reduction in REDUCTIONS:
+            x = torch.randn(N, size, device=device, requires_grad=True)
+            t = torch.randint(0, size * world, (N,), device=device)
+            with CollectiveCounter() as fwd:
+                loss = vocab_parallel_cross_entropy(x, t, reduction=reduction, backend=backend,
+                                                    **kwargs)
+            with CollectiveCounter() as bwd:
+                loss.backward(torch.ones_like(loss))
+            ok = (len(fwd.calls) == 1 and "all_gather" in fwd.calls[0][0]
+                  and fwd.calls[0][1] <= 3 * N + 3 and not bwd.calls)
+            if not ok:
+                failures.append(f"{what} {kwargs} {reduction}: forward issued {fwd.calls}, "
+                                f"backward issued {bwd.calls}")
+
+
+def _check_bad_tiling(rank, world, device, failures):
+    """Overlapping slices are caught (CPU: ValueError on every rank, after the one collective)."""
+    x = torch.randn(4, 3, device=device)
+    t = torch.randint(0, 3 * world, (4,), device=device)
+    try:
+        vocab_parallel_cross_entropy(x, t, vocab_start=0, backend="torch")
+    except ValueError as exc:
+        if "tile" not in str(exc):
+            failures.append(f"[rank {rank} bad tiling] unexpected message: {exc}")
+    else:
+        failures.append(f"[rank {rank} bad tiling] no error for overlapping slices")
+
+
+def _check_compile(rank, world, device, failures):
+    """torch.compile(fullgraph) traces the functional collective: same loss and gradient."""
+    def step(x, t):
+        return vocab_parallel_cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3,
+                                            backend="torch")
+    try:
+        gen = torch.Generator().manual_seed(123)
+        x = torch.randn(5, 4, generator=gen).to(device)
+        t = torch.randint(0, 4 * world, (5,), generator=gen).to(device)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager = step(xe, t)
+        eager.backward()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(xc, t)
+        compiled.backward()
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(xc.grad, xe.grad)
+    except Exception:
+        failures.append(f"[rank {rank} compile]\n" + traceback.format_exc())
+
+
+def _worker(rank, world, init_file, seed, dist_backend, device, backends, compile_check):
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(dist_backend, init_method="file://" + init_file, rank=rank,
+                            world_size=world, timeout=timedelta(seconds=120))
+    failures = []
+    try:
+        for i, name in enumerate(CASES):
+            for backend in backends:
+                _check_case(name, rank, world, seed + i, device, backend, failures)
+        for backend in backends:
+            _check_collectives(rank, world, device, backend, failures)
+        if device == "cpu":
+            _check_bad_tiling(rank, world, device, failures)
+        if compile_check:
+            _check_compile(rank, world, device, failures)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if failures:
+        raise AssertionError(f"{len(failures)} failure(s):\n" + "\n".join(failures))
+
+
+def _launch(world, dist_backend, device, backends, compile_check=False, start_method="spawn"):
+    seed = torch.randint(0, 2 ** 30, ()).item()  # fresh each run (conftest seeds torch)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), seed, dist_backend,
+                                          device, backends, compile_check),
+                           nprocs=world, join=True, start_method=start_method)
+
+
+# --------------------------------------------------------------------------------------------
+# The tests
+# --------------------------------------------------------------------------------------------
+
+CPU_BACKENDS = ("torch", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("torch",)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_matches_full_vocabulary(world):
+    """Losses and each rank's gradient slice equal the full-vocabulary oracle; one collective."""
+    _launch(world, "gloo", "cpu", CPU_BACKENDS, compile_check=world == 2)
+
+
+@pytest.mark.gpu
+def test_nccl_matches_full_vocabulary():
+    """NCCL over every GPU (at most 4); world size 1 on a single-GPU machine."""
+    world = min(torch.cuda.device_count(), 4)
+    _launch(world, "nccl", "cuda", ("triton", "torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_without_process_group_equals_cross_entropy(backend, reduction):
+    """torch.distributed not initialized: a group of one, no communication."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    C = 11
+    x = torch.randn(2, 3, C) * 3
+    t = torch.randint(0, C, (2, 3))
+    t[0, 1] = -100
+    w = torch.rand(C) + 0.1
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-2, reduction=reduction)
+    grad = torch.randn(t.shape if reduction == "none" else ())
+    xa = x.clone().requires_grad_()
+    ours = vocab_parallel_cross_entropy(xa, t, backend=backend, **kw)
+    ours.backward(grad)
+    xb = x.reshape(-1, C).clone().requires_grad_()
+    theirs = nllfused.cross_entropy(xb, t.reshape(-1), backend="torch", **kw)
+    theirs.backward(grad.reshape(-1) if reduction == "none" else grad)
+    torch.testing.assert_close(ours, theirs.reshape(ours.shape), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad.reshape(x.shape), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_without_process_group():
+    def step(x, t):
+        return vocab_parallel_cross_entropy(x, t, label_smoothing=0.1, backend="torch")
+    x = torch.randn(4, 7)
+    t = torch.randint(0, 7, (4,))
+    torch.testing.assert_close(torch.compile(step, backend="aot_eager", fullgraph=True)(x, t),
+                               step(x, t))
+
+
+def test_argument_errors():
+    x = torch.randn(4, 5)
+    t = torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match="reduction"):
+        vocab_parallel_cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        vocab_parallel_cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(TypeError, match="class indices"):
+        vocab_parallel_cross_entropy(x, t.float())
+    with pytest.raises(ValueError, match="target shape"):
+        vocab_parallel_cross_entropy(x, t[:3])
+    with pytest.raises(ValueError, match="full-vocabulary"):
+        vocab_parallel_cross_entropy(x, t, weight=torch.ones(3))
+    with pytest.raises(ValueError, match="vocab_start"):
+        vocab_parallel_cross_entropy(x, t, vocab_start=-1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        vocab_parallel_cross_entropy(x, t, backend="fast")
+    with pytest.raises(IndexError, match="out of bounds"):
+        vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match="tile"):  # alone in the world, the slice must start at 0
+        vocab_parallel_cross_entropy(x, t, vocab_start=2, weight=torch.ones(7))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        vocab_parallel_cross_entropy(x, t, group=object())

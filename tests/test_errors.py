@@ -1,0 +1,124 @@
+"""Bad input: a Python exception that names the problem, never a crash or a silent number;
+and the library keeps working afterwards."""
+import os
+
+import pytest
+import torch
+
+import nllfused
+from conftest import backend_params
+
+X = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)  # noqa: E731
+T = lambda n, c=5: torch.randint(0, c, (n,))  # noqa: E731
+
+BAD = [
+    # (id, call kwargs builder, exception type, message fragment)
+    ("target_too_large", lambda: dict(input=X(4, 5), target=torch.tensor([0, 1, 2, 7])),
+     IndexError, "Target 7 is out of bounds"),
+    ("target_negative", lambda: dict(input=X(4, 5), target=torch.tensor([0, -3, 2, 1])),
+     IndexError, "Target -3 is out of bounds"),
+    ("target_shape", lambda: dict(input=X(4, 5), target=T(3)), ValueError,
+     "does not match input shape"),
+    ("target_kdim_shape", lambda: dict(input=X(2, 5, 3), target=torch.zeros(2, 4, dtype=torch.long)),
+     ValueError, "must have shape (2, 3)"),
+    ("float_index_target", lambda: dict(input=X(4, 5), target=torch.rand(4)), TypeError,
+     "class indices must be an integer tensor"),
+    ("prob_target_shape", lambda: dict(input=X(4, 5), target=torch.rand(4, 6)), ValueError,
+     "probability targets must have the input's shape"),
+    ("prob_target_ignore_index", lambda: dict(input=X(4, 5), target=torch.rand(4, 5),
+                                              ignore_index=1),
+     ValueError, "ignore_index is not supported"),
+    ("bool_target", lambda: dict(input=X(4, 5), target=torch.ones(4, dtype=torch.bool)),
+     TypeError, "target must hold class indices"),
+    ("weight_size", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(3)), ValueError,
+     "one entry per class (5)"),
+    ("weight_2d", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(5, 1)), ValueError,
+     "weight must be a 1-D tensor"),
+    ("weight_int", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(5, dtype=torch.long)),
+     TypeError, "weight must be floating point"),
+    ("smoothing_high", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=1.5), ValueError,
+     "label_smoothing must be in [0, 1]"),
+    ("smoothing_negative", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=-0.1),
+     ValueError, "label_smoothing must be in [0, 1]"),
+    ("smoothing_nan", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=float("nan")),
+     ValueError, "label_smoothing must be finite"),
+    ("reduction", lambda: dict(input=X(4, 5), target=T(4), reduction="avg"), ValueError,
+     "reduction must be one of"),
+    ("integer_logits", lambda: dict(input=torch.ones(4, 5, dtype=torch.long), target=T(4)),
+     TypeError, "input (the logits) must be float16, bfloat16, float32 or float64"),
+    ("zero_dim_input", lambda: dict(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError,
+     "input is 0-dimensional"),
+    ("zero_classes", lambda: dict(input=X(3, 0), target=T(3, 1)), ValueError, "0 classes"),
+    ("negative_z_loss", lambda: dict(input=X(4, 5), target=T(4), z_loss=-1.0), ValueError,
+     "z_loss must be >= 0"),
+    ("softcap_zero", lambda: dict(input=X(4, 5), target=T(4), softcap=0.0), ValueError,
+     "softcap must be a positive number"),
+    ("unknown_backend", lambda: dict(input=X(4, 5), target=T(4), backend="tpu"), ValueError,
+     "unknown backend 'tpu'"),
+    ("cuda_backend_cpu_tensor", lambda: dict(input=X(4, 5), target=T(4), backend="cuda"),
+     RuntimeError, "backend='cuda' is not available"),
+    ("not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), TypeError,
+     "input must be a Tensor"),
+    ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5), TypeError,
+     "ignore_index must be an int"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"] + (
+    ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else []))
+@pytest.mark.parametrize("case,exc,fragment", [pytest.param(b, e, f, id=i) for i, b, e, f in BAD])
+def test_bad_input_raises_clear_error(backend, case, exc, fragment):
+    kwargs = case()
+    kwargs.setdefault("backend", backend)
+    with pytest.raises(exc) as info:
+        nllfused.cross_entropy(**kwargs)
+    assert fragment in str(info.value)
+    # ... and the library keeps working.
+    x, t = X(3, 4), T(3, 4)
+    expected = torch.nn.functional.cross_entropy(x.double(), t).float()
+    torch.testing.assert_close(nllfused.cross_entropy(x, t), expected)
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="reduction"):
+        nllfused.CrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        nllfused.CrossEntropyLoss(label_smoothing=2.0)
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        nllfused.cross_entropy(X(3, 4), T(3, 4), backend="triton")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_out_of_range_target_without_host_check_gives_nan_not_a_number(device, backend):
+    """What a GPU call does with a bad target (no host check): the offending rows' losses are
+    NaN and so is the mean; no out-of-bounds read. Exercised here through the per-row op."""
+    from nllfused import _checks
+    from nllfused.functional import per_row_loss
+    x = X(4, 5).to(device)
+    t = torch.tensor([0, 9, 2, -7]).to(device)
+    canonical = _checks.canonicalize(x, t, None, -100)
+    if backend == "cpu":  # the C++ CPU kernel checks every target itself
+        with pytest.raises(IndexError, match="out of bounds"):
+            per_row_loss(canonical, -100, 0.0, 0.0, 1.0, None, backend)
+        return
+    loss, _, aux = per_row_loss(canonical, -100, 0.0, 0.0, 1.0, None, backend)
+    assert torch.isnan(loss[1]).all() and torch.isnan(loss[3]).all()
+    assert torch.isfinite(loss[0]).all() and torch.isfinite(loss[2]).all()
+    assert torch.isnan(aux.sum())
+
+
+@pytest.mark.gpu
+def test_opt_in_target_check_raises_on_gpu():
+    x = torch.randn(4, 5, device="cuda")
+    t = torch.tensor([0, 9, 2, 1], device="cuda")
+    assert torch.isnan(nllfused.cross_entropy(x, t))
+    nllfused.set_target_check(True)
+    try:
+        with pytest.raises(IndexError, match="Target 9"):
+            nllfused.cross_entropy(x, t)
+    finally:
+        nllfused.set_target_check(False)
