@@ -72,6 +72,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     if not canonical.prob_target and not torch.compiler.is_compiling() and (
             input.device.type == "cpu" or _CHECK_TARGETS_ON_GPU):
         _checks.check_target_range(target, canonical.num_classes, ignore_index)
+    if torch.is_autocast_enabled(input.device.type) and canonical.out_dtype in (
+            torch.float16, torch.bfloat16):
+        # Autocast runs torch's cross_entropy in float32 and returns float32. The kernels
+        # already accumulate in float32 from the low-precision logits, so only the result's
+        # dtype changes: no float32 copy of the logits is made.
+        canonical.out_dtype = torch.float32
     loss, _lse, aux = per_row_loss(canonical, ignore_index, label_smoothing, z_loss, logit_scale,
                                    softcap, backend)
     return reduce_rows(canonical, loss, aux, reduction)

@@ -6,9 +6,9 @@ before triton is first imported.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
+import threading
 
 import torch
 
@@ -20,6 +20,17 @@ try:
     from ..kernels.cross_entropy import ce_bwd_kernel, ce_fwd_kernel, launch_config
 except Exception as exc:  # triton missing or broken: the backend reports it when asked for
     _IMPORT_ERROR = exc
+
+
+# Triton's interpreter patches module-level state while a kernel runs, so concurrent
+# interpreted launches from several Python threads collide; GPU launches need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch_guard(tensor):
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return _INTERPRETER_LOCK
 
 
 def interpreter_enabled() -> bool:
@@ -88,7 +99,7 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, logit_
                    prob_target)
     W, WSUM = _weight_args(logits, weight)
     grid = (triton.cdiv(R, flags["BLOCK_R"]),)
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with _launch_guard(logits):
         ce_fwd_kernel[grid](
             logits, *logits.stride(), target, *_target_strides(target, prob_target),
             W, WSUM, loss, lse, aux,
@@ -112,7 +123,7 @@ def ce_bwd(grad_loss, logits, target, weight, lse, aux, ignore_index, label_smoo
                    prob_target)
     W, WSUM = _weight_args(logits, weight)
     grid = (triton.cdiv(R, flags["BLOCK_R"]),)
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with _launch_guard(logits):
         ce_bwd_kernel[grid](
             grad_loss, *grad_loss.stride(), logits, *logits.stride(),
             target, *_target_strides(target, prob_target), W, WSUM, lse, aux, grad,
