@@ -1,4 +1,4 @@
-"""Triton kernels for vocabulary-parallel cross-entropy (installed as nllfused.kernels.vocab_parallel).
+"""Triton kernels for vocabulary-parallel cross-entropy (nllfused.kernels.vocab_parallel).
 
 Each rank of a tensor-parallel group holds the logits of a slice [vocab_start, vocab_start + C)
 of the vocabulary. nllfused/distributed.py combines per-row statistics of every slice into the

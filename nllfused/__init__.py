@@ -5,6 +5,7 @@
     criterion = nllfused.CrossEntropyLoss(ignore_index=-100, z_loss=1e-4)
 """
 from . import ops  # noqa: F401  (registers the ops, their fake kernels and autograd)
+from . import distributed  # noqa: F401  (nllfused.distributed.vocab_parallel_cross_entropy)
 from .backends import available as available_backends
 from .functional import cross_entropy, set_target_check
 from .modules import CrossEntropyLoss

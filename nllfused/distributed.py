@@ -25,7 +25,6 @@ the full weight, identical on every rank: no extra collective.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -117,10 +116,6 @@ def _launch_args(logits):
                                             num_warps=num_warps)
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("nllfused::vp_stats_triton", mutates_args=())
 def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                      wsum: torch.Tensor, vocab_start: int, ignore_index: int,
@@ -130,7 +125,7 @@ def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
     if R == 0:
         return out
     grid, flags = _launch_args(logits)
-    with _on_device(logits):
+    with triton_backend._launch_guard(logits):  # device, or the interpreter's lock
         vp_stats_kernel[grid](
             logits, logits.stride(0), logits.stride(1), target, target.stride(0),
             wsum if weight is None else weight, wsum, out, R, C, vocab_start, ignore_index,
@@ -156,7 +151,7 @@ def _vp_bwd_triton(g: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, coe
     if R == 0:
         return grad.to(logits.dtype)
     grid, flags = _launch_args(logits)
-    with _on_device(logits):
+    with triton_backend._launch_guard(logits):  # device, or the interpreter's lock
         vp_bwd_kernel[grid](
             g.contiguous(), logits, logits.stride(0), logits.stride(1), lse.contiguous(),
             coef.contiguous(), tcoef.contiguous(), y_local.contiguous(),
@@ -208,10 +203,9 @@ class _VocabParallelCE(torch.autograd.Function):
         k = stats.shape[0]
 
         # The one collective: [vocab_start, C_local, W_r | stats rows] from every rank.
-        meta = torch.cat([torch.full((2,), float(vocab_start), dtype=torch.float64,
-                                     device=device), wsum])
-        meta[1] = float(C_local)
-        buf = torch.cat([meta, stats.reshape(-1)])
+        start_size = [torch.full((1,), float(v), dtype=torch.float64, device=device)
+                      for v in (vocab_start, C_local)]  # fills on the device: no host copy
+        buf = torch.cat([*start_size, wsum, stats.reshape(-1)])
         gathered = _all_gather(buf, group, world) if group is not None else buf.unsqueeze(0)
 
         starts, sizes, wsums = gathered[:, 0], gathered[:, 1], gathered[:, 2]
