@@ -1,0 +1,225 @@
+"""Benchmark cases: the presets' shapes and dtypes, and the inputs each case is run on.
+
+A case is one problem, the same for every provider:
+  kind "ce"      logits of `shape` (class dim at 1) and class-index targets -> F.cross_entropy
+  kind "linear"  hidden (N, H), classifier weight (C, H), targets -> F.cross_entropy(F.linear(...))
+Targets are class indices with about 10% set to ignore_index, reduction 'mean' (the LLM case).
+Inputs are generated from a per-case seed, so every provider, and the float64 reference, can get
+exactly the same values again without keeping a second copy in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+IGNORED_FRACTION = 0.1
+MODES = ("fwd", "fwd_bwd")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    kind: str  # "ce" or "linear"
+    shape: tuple  # ce: logits shape (N, C) or (N, C, d1, ...); linear: (N, H, C)
+    dtype: torch.dtype
+    modes: tuple = MODES
+
+    @property
+    def num_classes(self) -> int:
+        return self.shape[2] if self.kind == "linear" else self.shape[1]
+
+    @property
+    def logits_shape(self) -> tuple:
+        if self.kind == "linear":
+            return (self.shape[0], self.shape[2])
+        return self.shape
+
+    @property
+    def logits_numel(self) -> int:
+        n = 1
+        for s in self.logits_shape:
+            n *= s
+        return n
+
+    @property
+    def logits_bytes(self) -> int:
+        """P of GUIDE §2: the bytes of one pass over the logits."""
+        return self.logits_numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def name(self) -> str:
+        if self.kind == "linear":
+            n, h, c = self.shape
+            return f"N{n}·H{h}·C{c}"
+        if len(self.shape) == 2:
+            return f"N{self.shape[0]}·C{self.shape[1]}"
+        return "x".join(str(s) for s in self.shape)
+
+    @property
+    def short_dtype(self) -> str:
+        return SHORT_DTYPE.get(self.dtype, str(self.dtype).replace("torch.", ""))
+
+    def floor_bytes(self, mode: str) -> Optional[int]:
+        """GUIDE §2 floor for a fused kernel that saves lse and recomputes the gradient:
+        fwd reads the logits once (P); fwd+bwd adds one read and one write (3P). None for
+        kind "linear", which is bound by its matmuls, not by bytes."""
+        if self.kind != "ce":
+            return None
+        return self.logits_bytes * (1 if mode == "fwd" else 3)
+
+    def flops(self, mode: str) -> Optional[int]:
+        """Matmul flops of kind "linear": 2NHC forward, 4NHC more for the two backward GEMMs."""
+        if self.kind != "linear":
+            return None
+        n, h, c = self.shape
+        return 2 * n * h * c * (1 if mode == "fwd" else 3)
+
+    def seed(self) -> int:
+        # Stable across runs and processes (str hash is salted per process).
+        key = f"{self.kind}:{self.shape}:{self.dtype}"
+        return sum((i + 1) * ord(ch) for i, ch in enumerate(key)) % (2 ** 31)
+
+
+@dataclass
+class Inputs:
+    """The tensors of one case. `grad_inputs` are those the loss is differentiated against."""
+
+    target: torch.Tensor
+    logits: Optional[torch.Tensor] = None  # kind "ce"
+    hidden: Optional[torch.Tensor] = None  # kind "linear"
+    weight: Optional[torch.Tensor] = None  # kind "linear": (C, H)
+    grad_inputs: list = field(default_factory=list)
+
+    def args(self) -> tuple:
+        if self.logits is not None:
+            return (self.logits, self.target)
+        return (self.hidden, self.weight, self.target)
+
+
+def make_inputs(case: Case, device: torch.device, requires_grad: bool = True) -> Inputs:
+    """The case's inputs on `device`, the same values every call (seeded)."""
+    gen = torch.Generator(device=device).manual_seed(case.seed())
+    n = case.shape[0]
+    target_shape = (n,) + tuple(case.logits_shape[2:])
+    target = torch.randint(0, case.num_classes, target_shape, generator=gen, device=device)
+    ignored = torch.rand(target_shape, generator=gen, device=device) < IGNORED_FRACTION
+    target.masked_fill_(ignored, IGNORE_INDEX)
+    if case.kind == "ce":
+        # Logits with a spread like a trained model's (std 2), drawn directly in the dtype.
+        logits = torch.randn(case.shape, generator=gen, device=device, dtype=case.dtype)
+        logits.mul_(2.0)
+        logits.requires_grad_(requires_grad)
+        return Inputs(target=target, logits=logits, grad_inputs=[logits])
+    _, h, c = case.shape
+    hidden = torch.randn((n, h), generator=gen, device=device, dtype=case.dtype)
+    weight = torch.randn((c, h), generator=gen, device=device, dtype=case.dtype)
+    weight.mul_(2.0 / h ** 0.5)  # logits of std 2, as for kind "ce"
+    hidden.requires_grad_(requires_grad)
+    weight.requires_grad_(requires_grad)
+    return Inputs(target=target, hidden=hidden, weight=weight, grad_inputs=[hidden, weight])
+
+
+# ---- presets ----------------------------------------------------------------------------------
+# Each preset: (kind, shapes, default dtypes, default modes), possibly depending on the device.
+
+LLM_TOKENS = (4096, 16384)
+LLM_VOCABS = (32000, 50257, 128256, 151936, 256000)
+
+
+def _preset_table(device_type: str) -> dict:
+    gpu = device_type == "cuda"
+    bf16_fp32 = (torch.bfloat16, torch.float32)
+    return {
+        # Tests and smoke runs: seconds anywhere.
+        "smoke": [("ce", [(256, 1000), (2, 7, 16, 16)], (torch.float32,), MODES),
+                  ("linear", [(64, 32, 1000)], (torch.float32,), MODES)],
+        # Under a minute on a 2-core CPU with the default providers.
+        "quick": [("ce", [(1024, 8192), (256, 50257)], (torch.float32,), MODES),
+                  ("ce", [(1024, 8192)], (torch.bfloat16,), MODES)],
+        "llm": [("ce", [(n, c) for n in LLM_TOKENS for c in LLM_VOCABS], bf16_fp32, MODES)],
+        "vision": [("ce", [(16, 21, 512, 512), (8, 150, 512, 512), (65536, 1000)], bf16_fp32,
+                    MODES)],
+        # Issue 6: fused linear + CE. Bound by its GEMMs: time fwd+bwd and memory matter.
+        "linear": ([("linear", [(8192, 4096, 128256), (8192, 2304, 256000)], (torch.bfloat16,),
+                     ("fwd_bwd",))] if gpu else
+                   [("linear", [(2048, 1024, 32000)], (torch.float32,), ("fwd_bwd",))]),
+        # The C++ backend issue's figures (run with 2 threads).
+        "cpu": [("ce", [(4096, 32000), (1024, 128256)], (torch.float32, torch.bfloat16), MODES)],
+    }
+
+
+FULL = ("llm", "vision", "linear")
+PRESETS = ("quick", "llm", "vision", "linear", "cpu", "full", "smoke")
+PRESET_HELP = {
+    "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
+    "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
+    "vision": "segmentation (16,21,512,512), (8,150,512,512); classification (65536,1000)",
+    "linear": "fused linear + CE: (N,H,C) = (8192,4096,128256), (8192,2304,256000) bf16 on a "
+              "GPU; (2048,1024,32000) fp32 on the CPU",
+    "cpu": "(4096,32000), (1024,128256) x fp32, bf16 with 2 threads: the C++ backend's figures",
+    "full": "llm + vision + linear (+ cpu on the CPU)",
+    "smoke": "tiny shapes, seconds: for tests",
+}
+
+
+def default_preset(device: torch.device) -> str:
+    return "llm" if device.type == "cuda" else "quick"
+
+
+def expand_presets(names: list, device: torch.device) -> list:
+    out = []
+    for name in names:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        if name == "full":
+            parts = list(FULL) + (["cpu"] if device.type == "cpu" else [])
+        else:
+            parts = [name]
+        out += [p for p in parts if p not in out]
+    return out
+
+
+def build_cases(preset_names: list, device: torch.device, dtypes: Optional[list] = None,
+                modes: Optional[list] = None) -> list:
+    """The cases of the named presets, in order; `dtypes`/`modes` replace the presets' own."""
+    table = _preset_table(device.type)
+    cases = []
+    for preset in expand_presets(preset_names, device):
+        for kind, shapes, preset_dtypes, preset_modes in table[preset]:
+            for dtype in (dtypes or preset_dtypes):
+                for shape in shapes:
+                    case = Case(preset, kind, tuple(shape), dtype,
+                                tuple(modes) if modes else tuple(preset_modes))
+                    if case not in cases:
+                        cases.append(case)
+    return cases
+
+
+def parse_dtypes(text: Optional[str]) -> Optional[list]:
+    if not text:
+        return None
+    out = []
+    for name in text.split(","):
+        name = name.strip().lower()
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose from float32, bfloat16, float16")
+        if DTYPES[name] not in out:
+            out.append(DTYPES[name])
+    return out
+
+
+def parse_modes(text: Optional[str]) -> Optional[list]:
+    if not text:
+        return None
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    for m in out:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    return out

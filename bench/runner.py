@@ -1,0 +1,174 @@
+"""Runs the cases: for every case and provider, check against float64, then time and measure.
+
+A provider that fails its check is reported as "wrong" and not timed. Out-of-memory and other
+failures are reported per case ("oom", "error") and the run goes on.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from . import correctness, memory, timing
+from .cases import Case, make_inputs
+from .progress import Progress
+
+
+@dataclass
+class Row:
+    preset: str
+    case: str
+    kind: str
+    shape: str
+    dtype: str
+    mode: str
+    provider: str
+    status: str  # ok, wrong, error, oom, n/a
+    loss_err: Optional[float] = None
+    grad_err: Optional[float] = None
+    tolerance: Optional[float] = None
+    time_ms: Optional[float] = None
+    gbps: Optional[float] = None
+    pct_of_copy: Optional[float] = None
+    tflops: Optional[float] = None
+    peak_mem_bytes: Optional[int] = None
+    speedup_vs_torch: Optional[float] = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+COLUMNS = list(Row.__dataclass_fields__)
+
+
+def _free(device: torch.device) -> None:
+    # Between providers on a GPU: give back what the last one left, so that the next one's
+    # peak memory and out-of-memory failures are its own. (On the CPU, reference counting has
+    # freed it already, and a gc pass costs ~0.3 s with torch loaded.)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _call(fn, inputs, mode: str):
+    """The timed callable: the forward of a training step, or forward + backward."""
+    args = inputs.args()
+    if mode == "fwd":
+        return lambda: fn(*args)
+    return lambda: torch.autograd.grad(fn(*args), inputs.grad_inputs)
+
+
+def _failure(exc: BaseException) -> tuple:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom", "out of memory"
+    text = str(exc).strip().splitlines()
+    return "error", f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+class Runner:
+    def __init__(self, device: torch.device, providers: list, policy: timing.CpuPolicy,
+                 copy_gbps: float, progress: Optional[Progress] = None,
+                 time_budget_s: Optional[float] = None):
+        # torch first: its error sets the tolerance and its times the speedups.
+        self.providers = sorted(providers, key=lambda p: p.name != "torch")
+        self.device = device
+        self.policy = policy
+        self.copy_gbps = copy_gbps
+        self.progress = progress or Progress(0, enabled=False)
+        self.time_budget_s = time_budget_s
+        self.notes = []
+
+    def run(self, cases: list, after_case=None) -> list:
+        """Rows of every case; after_case(rows so far) is called as each case ends."""
+        start = time.perf_counter()
+        rows, skipped = [], []
+        for case in cases:
+            if self.time_budget_s is not None and time.perf_counter() - start > self.time_budget_s:
+                skipped.append(f"{case.preset}/{case.name}/{case.short_dtype}")
+                continue
+            rows += self.run_case(case)
+            if after_case is not None:
+                after_case(rows)
+        if skipped:
+            self.notes.append(f"time budget of {self.time_budget_s:.0f} s reached: "
+                              f"{len(skipped)} case(s) not run ({', '.join(skipped)})")
+        return rows
+
+    def run_case(self, case: Case) -> list:
+        rows = []
+        torch_error = None
+        for provider in self.providers:
+            self.progress.step(f"{case.preset} {case.name} {case.short_dtype} {provider.name}")
+            provider_rows = self._run_provider(case, provider, torch_error)
+            if provider.name == "torch" and provider_rows[0].loss_err is not None:
+                torch_error = max(provider_rows[0].loss_err, provider_rows[0].grad_err)
+            rows += provider_rows
+            self.progress.advance()
+            _free(self.device)
+        torch_ms = {r.mode: r.time_ms for r in rows if r.provider == "torch" and r.time_ms}
+        for r in rows:
+            if r.time_ms and r.mode in torch_ms:
+                r.speedup_vs_torch = torch_ms[r.mode] / r.time_ms
+        return rows
+
+    @staticmethod
+    def _row(case: Case, provider, mode: str, status: str, **fields) -> Row:
+        return Row(case.preset, case.name, case.kind, "x".join(map(str, case.shape)),
+                   case.short_dtype, mode, provider.name, status, **fields)
+
+    def _rows(self, case: Case, provider, status: str, **fields) -> list:
+        """One row per mode: the outcome of the check applies to all of them."""
+        return [self._row(case, provider, mode, status, **fields) for mode in case.modes]
+
+    def _run_provider(self, case: Case, provider, torch_error) -> list:
+        reason = provider.unsupported(case)
+        if reason is not None:
+            return self._rows(case, provider, "n/a", note=reason)
+        inputs = None
+        try:
+            fn = provider.function(case.kind)
+            inputs = make_inputs(case, self.device)
+            loss_err, grad_err = self._check(case, fn, inputs)
+        except Exception as exc:  # noqa: BLE001 (any failure is reported, the run goes on)
+            del inputs
+            status, note = _failure(exc)
+            return self._rows(case, provider, status, note=note)
+        tol = correctness.tolerance(case.dtype, None if provider.name == "torch" else torch_error)
+        checked = dict(loss_err=loss_err, grad_err=grad_err, tolerance=tol)
+        if not (loss_err <= tol and grad_err <= tol):  # also catches NaN
+            return self._rows(case, provider, "wrong", **checked,
+                              note=f"loss err {loss_err:.1e}, grad err {grad_err:.1e} > "
+                                   f"tol {tol:.0e}: not timed")
+        rows = []
+        for mode in case.modes:
+            row = self._row(case, provider, mode, "ok", **checked)
+            try:
+                self._measure(case, fn, inputs, mode, row)
+            except Exception as exc:  # noqa: BLE001
+                row.status, row.note = _failure(exc)
+                row.time_ms = None
+            rows.append(row)
+        return rows
+
+    def _check(self, case: Case, fn, inputs) -> tuple:
+        loss = fn(*inputs.args())
+        grads = torch.autograd.grad(loss, inputs.grad_inputs)
+        loss = loss.detach()
+        return correctness.errors(case, self.device, loss, list(grads))
+
+    def _measure(self, case: Case, fn, inputs, mode: str, row: Row) -> None:
+        call = _call(fn, inputs, mode)
+        row.time_ms = timing.median_ms(call, self.device, self.policy)
+        row.peak_mem_bytes = memory.peak_bytes_above_current(call, self.device)
+        seconds = row.time_ms * 1e-3
+        floor = case.floor_bytes(mode)
+        if floor is not None:
+            row.gbps = floor / seconds / 1e9
+            row.pct_of_copy = 100.0 * row.gbps / self.copy_gbps if self.copy_gbps else None
+        flops = case.flops(mode)
+        if flops is not None:
+            row.tflops = flops / seconds / 1e12

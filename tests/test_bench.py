@@ -1,0 +1,189 @@
+"""The benchmark CLI (bench/, installed as nllfused.bench): it runs, writes what it says, and a
+provider that disagrees with float64 torch is reported as wrong and never timed.
+
+Timings themselves are not asserted (GUIDE §4: benchmarks are not tests).
+"""
+import csv
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nllfused.bench import cases, cli, memory, providers, summary
+from nllfused.bench.progress import Progress
+from nllfused.bench.runner import COLUMNS
+
+# One thread: tiny ops on a loaded 2-core machine spend their time waiting for OpenMP workers.
+BASE = ["--device", "cpu", "--preset", "smoke", "--no-progress", "--threads", "1", "--no-plots"]
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "out"
+    rc = cli.main(BASE + ["--out", str(out), *extra])
+    data = json.loads((out / "results.json").read_text())
+    return rc, out, data
+
+
+def _ce_provider(name, scale=1.0, fail=False):
+    def build():
+        def loss(logits, target):
+            if fail:
+                raise RuntimeError("kernel exploded")
+            return F.cross_entropy(logits, target, ignore_index=cases.IGNORE_INDEX) * scale
+        return loss
+    return providers.Provider(name, "test provider", ce=build)
+
+
+def test_smoke_run_writes_csv_and_json(tmp_path, capsys):
+    rc, out, data = _run(tmp_path, "--providers", "torch")
+    assert rc == 0
+    with open(out / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == COLUMNS + ["device", "torch", "triton", "git_commit", "date"]
+    smoke = cases.build_cases(["smoke"], torch.device("cpu"))
+    assert len(rows) == sum(len(c.modes) for c in smoke)
+    assert {r["status"] for r in rows} == {"ok"}
+    assert all(float(r["time_ms"]) > 0 and int(r["peak_mem_bytes"]) >= 0 for r in rows)
+    ce_rows = [r for r in rows if r["kind"] == "ce"]
+    assert all(float(r["gbps"]) > 0 and float(r["pct_of_copy"]) > 0 for r in ce_rows)
+    assert all(float(r["tflops"]) > 0 for r in rows if r["kind"] == "linear")
+    assert all(float(r["speedup_vs_torch"]) == 1.0 for r in rows)
+    meta = data["meta"]
+    for key in ("device", "torch", "triton", "git_commit", "date", "copy_gbps",
+                "timing_method", "memory_method"):
+        assert key in meta
+    assert meta["copy_gbps"] > 0
+    printed = capsys.readouterr().out
+    assert "N256·C1000" in printed and "fwd_bwd" in printed and "copy bandwidth" in printed
+    table = summary.text(data)
+    assert "N256·C1000" in table and "torch" in table
+    assert summary.markdown(data).count("| N256·C1000 | fp32 |") == 2  # fwd and fwd_bwd
+
+
+def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
+    monkeypatch.setitem(providers.REGISTRY, "off-by-1pct", _ce_provider("off-by-1pct", 1.01))
+    rc, out, data = _run(tmp_path, "--providers", "torch,off-by-1pct")
+    assert rc == 0  # not an nllfused provider
+    rows = [r for r in data["results"] if r["kind"] == "ce"]
+    wrong = [r for r in rows if r["provider"] == "off-by-1pct"]
+    assert wrong and all(r["status"] == "wrong" for r in wrong)
+    assert all(r["time_ms"] is None and r["peak_mem_bytes"] is None for r in wrong)
+    assert all(r["loss_err"] > r["tolerance"] for r in wrong)
+    assert all(r["status"] == "ok" and r["time_ms"] for r in rows if r["provider"] == "torch")
+    # It has no linear implementation: not applicable there, not an error.
+    assert {r["status"] for r in data["results"]
+            if r["provider"] == "off-by-1pct" and r["kind"] == "linear"} == {"n/a"}
+
+
+def test_failing_nllfused_provider_sets_exit_status(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(providers.REGISTRY, "nllfused-broken",
+                        _ce_provider("nllfused-broken", fail=True))
+    rc, _, data = _run(tmp_path, "--providers", "torch,nllfused-broken", "--mode", "fwd")
+    assert rc == cli.EXIT_PROVIDER_FAILED
+    broken = [r for r in data["results"] if r["provider"] == "nllfused-broken"
+              and r["kind"] == "ce"]
+    assert broken and all(r["status"] == "error" and "kernel exploded" in r["note"]
+                          for r in broken)
+    assert {r["mode"] for r in data["results"]} == {"fwd"}
+    assert "kernel exploded" in capsys.readouterr().out
+
+
+def test_provider_selection_notes_and_exclusions():
+    cpu = torch.device("cpu")
+    chosen, notes = providers.select(cpu, None, {"ce"}, ["quick"])
+    names = [p.name for p in chosen]
+    assert names[0] == "torch" and "nllfused-torch" in names
+    # Never the Triton interpreter, no CUDA-only provider, no torch.compile in quick on a CPU.
+    assert not {"nllfused-triton", "nllfused-cuda", "liger", "quack", "torch-compile"} & set(names)
+    assert any(n.startswith("torch-compile: left out") for n in notes)
+    assert any(n.startswith("nllfused-triton: skipped") for n in notes)
+    chosen, _ = providers.select(cpu, ["torch-compile"], {"ce"}, ["quick"])
+    assert [p.name for p in chosen] == ["torch-compile"]
+    with pytest.raises(ValueError, match="unknown provider"):
+        providers.select(cpu, ["nope"], {"ce"}, ["quick"])
+
+
+def test_presets():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    llm = cases.build_cases(["llm"], gpu)
+    assert len(llm) == 20 and {c.short_dtype for c in llm} == {"bf16", "fp32"}
+    assert llm[0].dtype == torch.bfloat16  # bf16 first: a time budget drops fp32 first
+    assert {c.shape for c in cases.build_cases(["linear"], gpu)} == {
+        (8192, 4096, 128256), (8192, 2304, 256000)}
+    assert [c.shape for c in cases.build_cases(["linear"], cpu)] == [(2048, 1024, 32000)]
+    cpu_preset = cases.build_cases(["cpu"], cpu)
+    assert {(c.shape, c.short_dtype) for c in cpu_preset} == {
+        (s, d) for s in [(4096, 32000), (1024, 128256)] for d in ("fp32", "bf16")}
+    assert cases.expand_presets(["full"], gpu) == ["llm", "vision", "linear"]
+    only_bf16 = cases.build_cases(["quick"], cpu, cases.parse_dtypes("bfloat16"), ["fwd"])
+    assert {c.dtype for c in only_bf16} == {torch.bfloat16}
+    assert {c.modes for c in only_bf16} == {("fwd",)}
+    assert cases.default_preset(cpu) == "quick" and cases.default_preset(gpu) == "llm"
+    case = cases.Case("x", "ce", (16, 21, 512, 512), torch.bfloat16)
+    assert case.floor_bytes("fwd") == 16 * 21 * 512 * 512 * 2
+    assert case.floor_bytes("fwd_bwd") == 3 * case.floor_bytes("fwd")
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    assert cli.main(BASE + ["--out", str(tmp_path), "--preset", "nope"]) == 2
+    assert cli.main(BASE + ["--out", str(tmp_path), "--dtype", "int8"]) == 2
+    assert cli.main(BASE + ["--out", str(tmp_path), "--mode", "bwd"]) == 2
+
+
+def test_inputs_are_reproducible_with_ignored_targets():
+    case = cases.Case("x", "ce", (512, 50), torch.float32)
+    a = cases.make_inputs(case, torch.device("cpu"))
+    b = cases.make_inputs(case, torch.device("cpu"))
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.target, b.target)
+    ignored = (a.target == cases.IGNORE_INDEX).float().mean().item()
+    assert 0.03 < ignored < 0.2
+
+
+def test_cpu_peak_memory_tracks_live_bytes():
+    cpu = torch.device("cpu")
+
+    def one_then_another():
+        a = torch.ones(1 << 20)  # 4 MiB, freed before the next
+        del a
+        b = torch.ones(1 << 19)
+        return b
+
+    def both_alive():
+        return torch.ones(1 << 20), torch.ones(1 << 19)
+
+    assert 4 << 20 <= memory.peak_bytes_above_current(one_then_another, cpu) < 5 << 20
+    assert 6 << 20 <= memory.peak_bytes_above_current(both_alive, cpu) < 7 << 20
+
+
+def test_progress_without_terminal_prints_lines():
+    stream = io.StringIO()
+    bar = Progress(2, stream=stream)
+    bar.step("case a")
+    bar.advance()
+    bar.step("case b")
+    bar.advance()
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "0/2" in lines[0] and "1/2" in lines[1] and "done" in lines[2]
+
+
+def test_plots_from_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    from nllfused.bench import report
+
+    rows = []
+    for provider, ms in (("torch", 2.0), ("nllfused-cpu", 1.0)):
+        for case_name, c in (("N8·C100", 100), ("N8·C200", 200)):
+            rows.append({**dict.fromkeys(COLUMNS), "preset": "smoke", "case": case_name,
+                         "kind": "ce", "shape": f"8x{c}", "dtype": "fp32", "mode": "fwd_bwd",
+                         "provider": provider, "status": "ok", "time_ms": ms,
+                         "gbps": 8 * c * 4 * 3 / ms / 1e6, "peak_mem_bytes": 1000 * c})
+    meta = {"device": "test", "torch": torch.__version__, "git_commit": "abc",
+            "date": "today", "copy_gbps": 10.0}
+    paths, note = report.write_plots(str(tmp_path), rows, meta)
+    assert note is None
+    assert [p.split("/")[-1] for p in paths] == ["speed.png", "memory.png"]
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("speed.png", "memory.png"))
