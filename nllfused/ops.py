@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import backends
 from .backends import triton_backend
 
 try:
@@ -86,6 +87,7 @@ def _register():
 
 
 _register()
+backends._warm_up()  # answer the kernel-availability questions now, outside any compiled code
 
 
 def forward_op(backend: str):

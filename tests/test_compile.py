@@ -46,7 +46,8 @@ def test_compiled_step_matches_eager(device, backend, options):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "auto", id="cpu-auto")])
 def test_compiled_dynamic_shapes(device, backend):
     """A compiled loss sees several sequence lengths without recompiling per shape."""
     if backend == "triton" and device == "cpu":

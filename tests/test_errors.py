@@ -87,7 +87,8 @@ def test_module_rejects_bad_options_at_construction():
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from nllfused.backends import triton_backend
+    monkeypatch.setattr(triton_backend, "INTERPRETER", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         nllfused.cross_entropy(X(3, 4), T(3, 4), backend="triton")
 

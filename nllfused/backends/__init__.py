@@ -12,11 +12,23 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 
 
+_KERNELS = {}
+
+
 def _has_kernel(op: str, key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-    except RuntimeError:  # op not registered: the extension is not built
-        return False
+    # Asked once per (op, key) and remembered: the answer is fixed once the extension is
+    # loaded, and torch.compile cannot trace the dispatcher query itself.
+    if (op, key) not in _KERNELS:
+        try:
+            _KERNELS[op, key] = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+        except RuntimeError:  # op not registered: the extension is not built
+            _KERNELS[op, key] = False
+    return _KERNELS[op, key]
+
+
+def _warm_up():
+    for key in ("CPU", "CUDA"):
+        _has_kernel("nllfused::ce_fwd", key)
 
 
 def unavailable_reason(backend: str, device: torch.device):

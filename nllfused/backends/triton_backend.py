@@ -33,8 +33,13 @@ def _launch_guard(tensor):
     return _INTERPRETER_LOCK
 
 
+# Triton reads TRITON_INTERPRET when a kernel is defined (at import), so read it then too;
+# this also keeps the environment out of code that torch.compile traces.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRETER
 
 
 def unavailable_reason(device: torch.device):
