@@ -129,7 +129,7 @@ def ce_fwd_kernel(
         aux = tl.where(counted, tl.where(in_range, w_y, float("nan")), 0.0)
     tl.store(LOSS + rows, loss, mask=row_ok)
     tl.store(AUX + rows, aux, mask=row_ok)
-    tl.store(LSE + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
+    tl.store(LSE + rows, m.to(tl.float64) + tl.log(s.to(tl.float64)), mask=row_ok)
 
 
 @triton.jit
