@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 import nllfused  # noqa: E402
 from nllfused import backends  # noqa: E402
 
+if nllfused.ops.EXTENSION_ERROR is not None:
+    # Testing a source tree that was never built would silently skip every kernel backend.
+    raise RuntimeError(f"nllfused is not built ({nllfused.ops.EXTENSION_ERROR}); install it "
+                       f"first: pip install --no-build-isolation -e .")
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
