@@ -113,7 +113,6 @@ def canonicalize(input, target, weight, ignore_index) -> Canonical:
                 f"{tuple(index_shape)} (the input's shape without the class dimension)")
         out_dtype = input.dtype
 
-    acc = accumulation_dtype(input.dtype)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
@@ -125,7 +124,8 @@ def canonicalize(input, target, weight, ignore_index) -> Canonical:
             raise TypeError(f"weight must be floating point; got {weight.dtype}")
         if weight.device != input.device:
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-        weight = weight.detach().to(acc).contiguous()
+        # float32 for every backend (csrc/ops.cpp); weights beyond float32 precision are rare.
+        weight = weight.detach().to(torch.float32).contiguous()
 
     # Canonical 3-D views; flatten(2) is a view for contiguous and channels-last inputs.
     if input.dim() == 1:
