@@ -8,6 +8,7 @@ from . import ops  # noqa: F401  (registers the ops, their fake kernels and auto
 from . import distributed  # noqa: F401  (nllfused.distributed.vocab_parallel_cross_entropy)
 from .backends import available as available_backends
 from .functional import cross_entropy, set_target_check
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ def build_info() -> dict:
     return {"built": True, **ops._C.build_info()}
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "set_target_check", "available_backends",
-           "build_info"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
+           "set_target_check", "available_backends", "build_info"]

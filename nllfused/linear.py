@@ -4,8 +4,9 @@ For a language model the logits (tokens x vocabulary) are the largest tensor of 
 torch's loss adds three more of their size. Here they never exist: the rows (tokens) are taken in
 chunks of n, each chunk's logits (n, C) come from one matrix product (cuBLAS / oneDNN through
 torch), go through the backend's per-row op -- the same nllfused::ce_fwd / ce_bwd pair that
-nllfused.cross_entropy uses, so every option means exactly what it means there -- and are dropped.
-No tensor of N*C elements is allocated, in the forward or the backward pass.
+nllfused.cross_entropy uses, so every option means exactly what it means there (the "torch"
+backend: the same formulas in torch ops, _torch_chunk) -- and are dropped. No tensor of N*C
+elements is allocated, in the forward or the backward pass.
 
 Strategy (one fused op, nllfused::linear_ce_fwd, with its own autograd):
   * reduction 'mean'/'sum' -- the upstream gradient is a scalar, so while a chunk's logits are at
@@ -16,9 +17,10 @@ Strategy (one fused op, nllfused::linear_ce_fwd, with its own autograd):
     (torch's own chunked linear_cross_entropy does the same). This happens only when grad mode
     is on and something requires grad; a second backward (retain_graph=True) or a double
     backward (create_graph=True) recomputes instead, so results stay right.
-    Under torch.compile the stored gradients are saved the ordinary way and scaled out of place
-    (one extra gradient-sized buffer in the backward), since the in-place hand-over is Python
-    state that a compiled graph does not replay.
+    The stored gradients are the gradients themselves, held from the forward to the backward
+    pass. Under torch.compile they are saved the ordinary way and scaled out of place (one extra
+    gradient-sized buffer in the backward): the in-place hand-over is Python state that a
+    compiled graph does not replay.
   * reduction 'none' -- the upstream gradient is a vector known only in backward: the backward
     op (nllfused::linear_ce_bwd) recomputes each chunk's logits (four matrix products in all).
 Chunk size: see _chunk_rows (shapes and free memory); CHUNK_ROWS overrides it (tests use it).
@@ -31,7 +33,8 @@ dtype and the loss comes back in float32; gradients arrive in the parameters' ow
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -43,11 +46,13 @@ from .backends import torch_ref
 # that many (tests set it small to cross many chunk boundaries).
 CHUNK_ROWS: Optional[int] = None
 
-# The chunk's working set (logits, their gradient and the backend's float32 rows) is kept below
-# min(cap, free memory / 8). CPU: small enough to stay near the caches' reach and far below the
-# logits (64 MiB is 1/4 of the fp32 logits at 2048 x 32000), large enough for efficient GEMMs.
-_CHUNK_BYTES_CAP = {"cpu": 64 << 20, "cuda": 1 << 30}
-_MIN_ROWS = 16
+# The (n, C) buffers a chunk holds at once (_row_bytes) are kept below min(cap, free memory / 8).
+# CPU: 40 MiB is 1/6 of the float32 logits at 2048 x 32000 (320 rows with the "torch" backend,
+# 160 with the C++ one, which needs its logits and gradient at once); thinner chunks lose GEMM
+# speed on the CPU (measured: 128-row products ~1.5x slower than full-size ones, 256+ ~1.1x).
+# CUDA: 1 GiB, e.g. 512 rows of a 256K bfloat16 vocabulary, thick enough for cuBLAS.
+_CHUNK_BYTES_CAP = {"cpu": 40 << 20, "cuda": 1 << 30}
+_MIN_ROWS = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +224,12 @@ def _check_arguments(input, linear_weight, target, linear_bias, weight, ignore_i
             f"target shape {tuple(target.shape)} does not match input shape "
             f"{tuple(input.shape)}: class-index targets must have shape "
             f"{tuple(input.shape[:-1])} (the input's shape without in_features)")
-    x = input.reshape(-1, H)
-    t = target.reshape(-1)
+    M = math.prod(input.shape[:-1])
+    x = input.reshape(M, H)
+    t = target.reshape(M)
     # The rest (target dtype and device, class weight shape/dtype/device, ignore_index) is
     # cross_entropy's own check, run on a zero-stride stand-in for the (M, C) logits.
-    stand_in = input.new_zeros(()).expand(x.shape[0], C)
+    stand_in = input.new_zeros(()).expand(M, C)
     canonical = _checks.canonicalize(stand_in, t, weight, ignore_index)
     return x, t.long(), canonical.weight
 
@@ -232,25 +238,30 @@ def _check_arguments(input, linear_weight, target, linear_bias, weight, ignore_i
 # The ops: nllfused::linear_ce_fwd (autograd below) and nllfused::linear_ce_bwd
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("nllfused::linear_ce_fwd", mutates_args=())
-def _linear_ce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
-                   target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                   label_smoothing: float, z_loss: float, logit_scale: float, softcap: float,
-                   reduction: str, backend: str, chunk_rows: int, grad_input: bool,
-                   grad_weight: bool, grad_bias: bool, consume: bool
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _linear_ce_fwd_impl(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+                        target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                        label_smoothing: float, z_loss: float, logit_scale: float,
+                        softcap: float, reduction: str, backend: str, chunk_rows: int,
+                        grad_input: bool, grad_weight: bool, grad_bias: bool, consume: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, lse, aux, g_input, g_weight, g_bias).
 
     loss: (M,) per-row losses for reduction 'none', else the reduced scalar, in the accumulation
     dtype. lse (M,) float64 and aux (M,) as ce_fwd defines them (csrc/ops.cpp). For 'mean'/'sum'
     with a grad_* flag set, g_* hold d loss / d (input, weight, bias) for an upstream gradient of
     1 (g_input in the input's dtype, g_weight and g_bias in the accumulation dtype); otherwise
-    they are empty. `consume` only tells the autograd formula how to hand them over.
+    they are empty. `consume` only tells the autograd formula how to hand them over: True (in
+    place, eager only -- a traced graph cannot replay it) or False (saved, scaled out of place);
+    linear_cross_entropy passes False while torch.compile traces it.
     """
     with _no_autocast(input):
         return _forward(input, linear_weight, linear_bias, target, weight,
                         (ignore_index, label_smoothing, z_loss, logit_scale, softcap),
                         reduction, backend, chunk_rows, grad_input, grad_weight, grad_bias)
+
+
+_linear_ce_fwd = torch.library.custom_op("nllfused::linear_ce_fwd",
+                                         mutates_args=())(_linear_ce_fwd_impl)
 
 
 @_linear_ce_fwd.register_fake
@@ -266,13 +277,12 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smo
             input.new_empty((C,) if store and grad_bias else (0,), dtype=acc))
 
 
-@torch.library.custom_op("nllfused::linear_ce_bwd", mutates_args=())
-def _linear_ce_bwd(grad_rows: Tensor, input: Tensor, linear_weight: Tensor,
-                   linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
-                   lse: Tensor, aux: Tensor, ignore_index: int, label_smoothing: float,
-                   z_loss: float, logit_scale: float, softcap: float, backend: str,
-                   chunk_rows: int, grad_input: bool, grad_weight: bool, grad_bias: bool
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
+def _linear_ce_bwd_impl(grad_rows: Tensor, input: Tensor, linear_weight: Tensor,
+                        linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                        lse: Tensor, aux: Tensor, ignore_index: int, label_smoothing: float,
+                        z_loss: float, logit_scale: float, softcap: float, backend: str,
+                        chunk_rows: int, grad_input: bool, grad_weight: bool, grad_bias: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i in (input, weight, bias), in their dtypes, by
     recomputing each chunk's logits; empty where not asked for. No autograd formula: a double
     backward through it raises torch's 'no autograd formula' error instead of a wrong answer."""
@@ -280,8 +290,11 @@ def _linear_ce_bwd(grad_rows: Tensor, input: Tensor, linear_weight: Tensor,
         gi, gw, gb = _backward(grad_rows, input, linear_weight, linear_bias, target, weight, lse,
                                aux, (ignore_index, label_smoothing, z_loss, logit_scale, softcap),
                                backend, chunk_rows, grad_input, grad_weight, grad_bias)
-        return (gi, gw.to(linear_weight.dtype),
-                gb.to(linear_bias.dtype) if linear_bias is not None else gb)
+        return gi, gw.to(linear_weight.dtype), gb.to(_bias_like(linear_bias, input).dtype)
+
+
+_linear_ce_bwd = torch.library.custom_op("nllfused::linear_ce_bwd",
+                                         mutates_args=())(_linear_ce_bwd_impl)
 
 
 @_linear_ce_bwd.register_fake
@@ -290,7 +303,11 @@ def _(grad_rows, input, linear_weight, linear_bias, target, weight, lse, aux, ig
       grad_weight, grad_bias):
     return (input.new_empty(input.shape if grad_input else (0,)),
             linear_weight.new_empty(linear_weight.shape if grad_weight else (0,)),
-            input.new_empty(linear_bias.shape if grad_bias else (0,)))
+            _bias_like(linear_bias, input).new_empty(linear_bias.shape if grad_bias else (0,)))
+
+
+def _bias_like(linear_bias, input):
+    return input if linear_bias is None else linear_bias
 
 
 _FWD_INPUTS = 17  # number of nllfused::linear_ce_fwd arguments: backward returns one per input
@@ -362,23 +379,36 @@ def _no_autocast(t: Tensor):
 # Chunks
 # ---------------------------------------------------------------------------------------------
 
-def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, requested: int) -> int:
+def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, backend: str,
+                requested: int) -> int:
     """Rows per chunk.
 
-    Per chunk row the working set is C * (2 * itemsize + 12) bytes: the logits and their
-    gradient in the parameters' dtype plus about three float32 rows (the backend's working rows,
-    the float32 copies of a low-precision chunk for the weight-gradient product). The chunk is
-    the most rows whose working set fits min(_CHUNK_BYTES_CAP[device], free memory / 8), but at
-    least _MIN_ROWS (tiny chunks starve the GEMMs) and at most M; a multiple of 8 when larger.
+    A chunk of n rows holds n * row_bytes bytes of (n, C) buffers at once (_row_bytes). The
+    chunk is the most rows that fit min(_CHUNK_BYTES_CAP[device], free memory / 8), but at least
+    _MIN_ROWS (thin products run far below the GEMM's speed) and at most M; a multiple of 8.
     """
     if requested > 0:
         return max(1, min(requested, M))
-    row_bytes = C * (2 * torch.empty((), dtype=dtype).element_size() + 12)
+    row_bytes = _row_bytes(C, dtype, backend)
     budget = min(_CHUNK_BYTES_CAP.get(device.type, 1 << 30), _free_memory(device) // 8)
     rows = max(_MIN_ROWS, budget // row_bytes)
     if rows > 8:
         rows -= rows % 8
     return max(1, min(rows, M))
+
+
+def _row_bytes(C: int, dtype: torch.dtype, backend: str) -> int:
+    """Bytes of (n, C) buffers alive at once, per chunk row.
+
+    float32/float64 with the "torch" backend: one accumulation-dtype row (the logits become
+    their gradient in place). Fused ops: the logits and the gradient ce_bwd returns, each in the
+    parameters' dtype. Low precision adds float32 rows: the upcast the "torch" backend works in
+    and the float32 copy of the gradient that the weight-gradient product accumulates from."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    low = dtype in (torch.float16, torch.bfloat16)
+    if backend == "torch":
+        return C * ((2 * itemsize + 8) if low else itemsize)
+    return C * (2 * itemsize + (4 if low else 0))
 
 
 def _free_memory(device: torch.device) -> int:
@@ -423,13 +453,15 @@ class _Chunks:
         self.backend = backends.resolve(backend, input.device)
         M, C = input.shape[0], linear_weight.shape[0]
         self.acc = _checks.accumulation_dtype(input.dtype)
-        self.rows = _chunk_rows(M, C, input.dtype, input.device, chunk_rows)
+        self.rows = _chunk_rows(M, C, input.dtype, input.device, self.backend, chunk_rows)
         self._logits = input.new_empty((min(self.rows, M), C))  # reused by every chunk
         self.gi = input.new_empty(input.shape if grad_input else (0,))
-        # Accumulators: float32 (float64 for float64) whatever the parameters' dtype.
-        self.gw = input.new_zeros(linear_weight.shape if grad_weight else (0,), dtype=self.acc)
-        self.gb = input.new_zeros((C,) if grad_bias else (0,), dtype=self.acc)
+        # Accumulators: float32 (float64 for float64) whatever the parameters' dtype. The first
+        # chunk writes them (no zero-fill pass over a weight-sized buffer); see finish().
+        self.gw = input.new_empty(linear_weight.shape if grad_weight else (0,), dtype=self.acc)
+        self.gb = input.new_empty((C,) if grad_bias else (0,), dtype=self.acc)
         self.want = (grad_input, grad_weight, grad_bias)
+        self.first = True
 
     def ranges(self):
         M = self.x.shape[0]
@@ -441,40 +473,74 @@ class _Chunks:
             return torch.mm(self.x[r0:r1], self.W.t(), out=out)
         return torch.addmm(self.b, self.x[r0:r1], self.W.t(), out=out)
 
-    def loss(self, logits, r0, r1):
-        """(loss, lse, aux) per row of the chunk, each (n, 1)."""
-        args = (logits.unsqueeze(-1), self.t[r0:r1].unsqueeze(-1), self.w, *self.options, False)
-        if self.backend == "torch":
-            return torch_ref.forward(*args)
-        return ops.forward_op(self.backend)(*args)
-
-    def grad_logits(self, grad_rows, logits, r0, r1, lse, aux):
-        """grad_rows[i] * d loss_i / d logits_i for the chunk, (n, C) in the logits' dtype."""
+    def forward(self, logits, r0, r1, grad_rows=None):
+        """(loss (n,), lse (n,) float64, grad_logits (n, C) or None) for a chunk; the gradient,
+        of sum_i grad_rows[i] * loss_i, only if grad_rows is given."""
         t = self.t[r0:r1]
-        ignore_index = self.options[0]
-        # Zero for ignored rows whatever the upstream value (an all-ignored 'mean' has 1/0), as
-        # torch gives them.
-        grad_rows = torch.where(t != ignore_index, grad_rows, 0).unsqueeze(-1).to(self.acc)
+        if grad_rows is not None:
+            grad_rows = self._mask(grad_rows, t)
         if self.backend == "torch":
-            return _torch_grad_logits(grad_rows[:, 0], logits, t, self.w, lse, *self.options)
+            return _torch_chunk(logits, t, self.w, self.options, grad_rows)
+        args = (logits.unsqueeze(-1), t.unsqueeze(-1), self.w, *self.options, False)
+        loss, lse, aux = ops.forward_op(self.backend)(*args)
+        g = None
+        if grad_rows is not None:
+            g = ops.backward_op(self.backend)(grad_rows.unsqueeze(-1), *args[:3], lse, aux,
+                                              *args[3:]).squeeze(-1)
+        return loss[:, 0], lse[:, 0], g
+
+    def backward(self, logits, r0, r1, grad_rows, lse, aux):
+        """The chunk's grad_logits from the lse and aux saved by the forward pass."""
+        t = self.t[r0:r1]
+        grad_rows = self._mask(grad_rows, t)
+        if self.backend == "torch":
+            return _torch_chunk(logits, t, self.w, self.options, grad_rows)[2]
         return ops.backward_op(self.backend)(
-            grad_rows, logits.unsqueeze(-1), t.unsqueeze(-1), self.w, lse, aux, *self.options,
-            False).squeeze(-1)
+            grad_rows.unsqueeze(-1), logits.unsqueeze(-1), t.unsqueeze(-1), self.w,
+            lse.unsqueeze(-1), aux.unsqueeze(-1), *self.options, False).squeeze(-1)
+
+    def _mask(self, grad_rows, t):
+        # Ignored rows get zero gradient whatever the upstream value (an all-ignored 'mean' has
+        # 1/0 there), as torch gives them.
+        return torch.where(t != self.options[0], grad_rows.to(self.acc), 0)
 
     def accumulate(self, g, r0, r1):
         """Fold a chunk's logits gradient g (n, C) into the three gradients."""
         if self.want[0]:
             torch.mm(g, self.W, out=self.gi[r0:r1])
         if self.want[1]:
-            x = self.x[r0:r1]
-            if g.dtype == self.acc:
-                self.gw.addmm_(g.t(), x)
+            gt, x = g.t(), self.x[r0:r1]
+            if g.dtype != self.acc and g.is_cuda:
+                # Low precision on CUDA: tensor-core products with a float32 result (cuBLAS
+                # accumulates in float32), added to the float32 accumulator one block of
+                # classes at a time, so the float32 product is a bounded temporary.
+                block = max(1, (256 << 20) // (4 * max(1, x.shape[1])))
+                for c0 in range(0, gt.shape[0], block):
+                    part = torch.mm(gt[c0:c0 + block], x, out_dtype=self.acc)
+                    dst = self.gw[c0:c0 + block]
+                    dst.copy_(part) if self.first else dst.add_(part)
             else:
-                # Low precision: accumulate across chunks in float32. The CPU has no mixed-dtype
-                # GEMM (and its float32 GEMM is faster than its emulated bfloat16 one).
-                self.gw.addmm_(g.t().to(self.acc), x.to(self.acc))
+                if g.dtype != self.acc:
+                    # Low precision on the CPU: it has no mixed-dtype GEMM, and its float32
+                    # GEMM is faster than its emulated bfloat16 one.
+                    gt, x = gt.to(self.acc), x.to(self.acc)
+                if self.first:
+                    torch.mm(gt, x, out=self.gw)
+                else:
+                    self.gw.addmm_(gt, x)
         if self.want[2]:
-            self.gb.add_(g.sum(0, dtype=self.acc))
+            if self.first:
+                torch.sum(g, 0, dtype=self.acc, out=self.gb)
+            else:
+                self.gb.add_(g.sum(0, dtype=self.acc))
+        self.first = False
+
+    def finish(self):
+        """(g_input, g_weight, g_bias); zeros where no chunk ran (no rows)."""
+        if self.first:
+            self.gw.zero_()
+            self.gb.zero_()
+        return self.gi, self.gw, self.gb
 
 
 def _forward(input, linear_weight, linear_bias, target, weight, options, reduction, backend,
@@ -487,21 +553,21 @@ def _forward(input, linear_weight, linear_bias, target, weight, options, reducti
     denominator = aux.sum()
     loss = input.new_empty((M,), dtype=ch.acc)
     lse = input.new_empty((M,), dtype=torch.float64)
+    share = None
     if store:  # each row's share of the reduced loss, on the device (no host sync)
-        share = (1 / denominator if reduction == "mean" else torch.ones((), dtype=ch.acc,
-                                                                         device=input.device))
+        share = 1 / denominator if reduction == "mean" else torch.ones(
+            (), dtype=ch.acc, device=input.device)
     for r0, r1 in ch.ranges():
         logits = ch.logits(r0, r1)
-        l, z, a = ch.loss(logits, r0, r1)
-        loss[r0:r1] = l[:, 0]
-        lse[r0:r1] = z[:, 0]
-        if store:
-            ch.accumulate(ch.grad_logits(share.expand(r1 - r0), logits, r0, r1, z, a), r0, r1)
+        loss[r0:r1], lse[r0:r1], g = ch.forward(
+            logits, r0, r1, None if share is None else share.expand(r1 - r0))
+        if g is not None:
+            ch.accumulate(g, r0, r1)
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / denominator
-    return loss, lse, aux, ch.gi, ch.gw, ch.gb
+    return (loss, lse, aux, *ch.finish())
 
 
 def _backward(grad_rows, input, linear_weight, linear_bias, target, weight, lse, aux, options,
@@ -511,35 +577,64 @@ def _backward(grad_rows, input, linear_weight, linear_bias, target, weight, lse,
     if grad_input or grad_weight or grad_bias:
         for r0, r1 in ch.ranges():
             logits = ch.logits(r0, r1)
-            g = ch.grad_logits(grad_rows[r0:r1], logits, r0, r1, lse[r0:r1].unsqueeze(-1),
-                               aux[r0:r1].unsqueeze(-1))
+            g = ch.backward(logits, r0, r1, grad_rows[r0:r1], lse[r0:r1], aux[r0:r1])
             ch.accumulate(g, r0, r1)
-    return ch.gi, ch.gw, ch.gb
+    return ch.finish()
 
 
-def _torch_grad_logits(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing,
-                       z_loss, logit_scale, softcap):
-    """The "torch" backend's chunk gradient, GUIDE section 1 written out in torch ops.
+def _torch_chunk(logits, target, weight, options, grad_rows=None):
+    """The "torch" backend for one chunk: loss, lse and (if grad_rows) grad_logits at once.
 
-    (Its cross_entropy gets this from autograd, which is off inside a custom op.) grad_rows is
-    already zero on ignored rows; out-of-range targets never get here on the CPU (checked)."""
-    e, C = label_smoothing, logits.shape[1]
-    acc = grad_rows.dtype
+    The per-row formulas of torch_ref.forward (GUIDE section 1) from one shared pass structure:
+    d = z - max, exp(d), its sum; loss and gradient both read them, so a chunk costs a handful of
+    passes and one (n, C) buffer (two with softcap) rather than the reference's dozen passes and
+    four buffers (and autograd, which differentiates the reference, is off inside a custom op).
+    As the ops' contract asks, lse - z_y is formed as (max - z_y) + log(sum), never by
+    subtracting a rounded lse, and the gradient is formed in float32 before its one rounding.
+    grad_rows must already be zero on ignored rows. Out-of-range targets give NaN losses (the
+    CPU path rejects them before).
+    """
+    ignore_index, e, z_loss, logit_scale, softcap = options
+    C = logits.shape[1]
+    acc = _checks.accumulation_dtype(logits.dtype)
     z = torch_ref.transform(logits.to(acc), logit_scale, softcap)
-    p = torch.softmax(z, dim=-1)  # float32 before the one rounding, so p_y - 1 survives
-    safe = torch.where((target >= 0) & (target < C), target, 0).unsqueeze(-1)
-    w_y = 1.0 if weight is None else weight[safe[:, 0]]
+    m = z.amax(1, keepdim=True)
+    # d = z - m <= 0, then exp(d), then the gradient, all in one buffer: z itself (the chunk's
+    # own logits buffer, or a fresh copy), except with softcap, whose gradient needs z.
+    d = torch.sub(z, m) if softcap else z.sub_(m)
+    counted = target != ignore_index
+    in_range = (target >= 0) & (target < C)
+    safe = torch.where(in_range, target, 0).unsqueeze(1)
+    w_y = torch.ones_like(m[:, 0]) if weight is None else weight[safe[:, 0]]
     w_sum = C if weight is None else weight.sum()
+    nll = -d.gather(1, safe)[:, 0]  # m - z_y
+    smooth = None
+    if e:  # sum_c w_c (lse - z_c) = sum_c w_c (m - z_c) + sum(w) log(s)
+        smooth = -(d.sum(1) if weight is None else d @ weight)
+    s = d.exp_().sum(1)
+    log_s = s.log()
+    loss = w_y * (nll + log_s)
+    if e:
+        loss = (1 - e) * loss + (e / C) * (smooth + w_sum * log_s)
+    lse = m[:, 0] + log_s
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    nan = torch.full((), float("nan"), dtype=acc, device=logits.device)
+    loss = torch.where(counted, torch.where(in_range, loss, nan), 0)
+    lse64 = m[:, 0].double() + log_s.double()
+    if grad_rows is None:
+        return loss, lse64, None
+
     coef = (1 - e) * w_y + (e / C) * w_sum
     if z_loss:
-        coef = coef + 2 * z_loss * lse[:, 0].to(acc)
-    g = p.mul_((grad_rows * coef).unsqueeze(-1))
+        coef = coef + 2 * z_loss * lse
+    g = d.mul_((grad_rows * coef / s).unsqueeze(1))  # p * grad * coef
     if e:
-        smooth = (grad_rows * (e / C)).unsqueeze(-1)
-        g.sub_(smooth if weight is None else smooth * weight)
-    g.scatter_add_(1, safe, -(grad_rows * (1 - e) * w_y).unsqueeze(-1))
-    if softcap:  # d softcap(v) / dv = 1 - tanh^2 = 1 - (z / s)^2
-        g.mul_(1 - (z / softcap) ** 2)
+        smooth_grad = (grad_rows * (e / C)).unsqueeze(1)
+        g.sub_(smooth_grad if weight is None else smooth_grad * weight)
+    g.scatter_add_(1, safe, -(grad_rows * (1 - e) * w_y).unsqueeze(1))
+    if softcap:  # d softcap(v) / dv = 1 - tanh^2 = 1 - (z / s)^2; z is a fresh buffer here
+        g.mul_(z.div_(softcap).square_().neg_().add_(1))
     if logit_scale != 1.0:
         g.mul_(logit_scale)
-    return g.to(logits.dtype)
+    return loss, lse64, g.to(logits.dtype)

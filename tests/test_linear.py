@@ -1,0 +1,449 @@
+"""nllfused.linear_cross_entropy against float64 torch (F.linear + F.cross_entropy), all backends.
+
+Losses and the gradients of input, linear_weight and linear_bias are judged as the conformance
+tests judge cross_entropy (tests/reference.py): float64 oracle; float32 / bfloat16 no worse than
+twice torch's own error in that dtype. Chunks are forced small (CHUNK_ROWS) so every case crosses
+several chunk boundaries, the last chunk partial.
+"""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nllfused
+import nllfused.linear as L
+from conftest import backend_params
+from reference import assert_matches_oracle, reference
+
+linear_cross_entropy = L.linear_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(L, "CHUNK_ROWS", 8)
+
+
+def make(lead=(37,), H=16, C=29, bias=False, dtype=torch.float32, ignore=-100, ignore_frac=0.2,
+         spread=2.0, offset=0.0, confident=False):
+    """x (*lead, H), W (C, H), b (C,) or None, t (*lead); logits have std ~spread (+offset)."""
+    x = torch.randn(*lead, H, dtype=dtype)
+    W = (torch.randn(C, H) / H ** 0.5 * spread).to(dtype)
+    b = (torch.randn(C) + offset).to(dtype) if bias else None
+    t = torch.randint(0, C, lead)
+    if confident:  # the target is the largest logit by far: p_y -> 1, loss -> 0
+        t = F.linear(x.double(), W.double(), None if b is None else b.double()).argmax(-1)
+    t[torch.rand(lead) < ignore_frac] = ignore
+    return x, W, b, t
+
+
+def torch_pipeline(x, W, b, t, dtype, grad, reduction, ce_dtype=None, **kw):
+    """F.linear + F.cross_entropy (+ the extras, as tests/reference.py applies them) by torch in
+    `dtype` on the CPU: (loss, grad_x, grad_W, grad_b). In float64 this is the oracle.
+    ce_dtype=float32 runs the loss in float32 on the `dtype` logits, as torch.autocast does."""
+    xd, Wd = x.detach().to(dtype), W.detach().to(dtype)
+    bd = None if b is None else b.detach().to(dtype)
+    H = xd.shape[-1]
+    logits = F.linear(xd.reshape(-1, H), Wd, bd)
+    t2 = t.reshape(-1)
+    g = grad.reshape(-1) if reduction == "none" else grad
+    loss, g_logits = reference(logits, t2, reduction=reduction, dtype=ce_dtype or dtype, grad=g,
+                               **kw)
+    g_logits = g_logits.to(dtype)
+    if reduction == "none":
+        loss = loss.reshape(t.shape)
+    gx = (g_logits @ Wd).reshape(x.shape)
+    gW = g_logits.t() @ xd.reshape(-1, H)
+    gb = None if b is None else g_logits.sum(0)
+    return loss, gx, gW, gb
+
+
+def torch_low_precision(x, W, b, t, grad, reduction, oracle, **kw):
+    """torch's own results in x's dtype, to judge ours by: for float16/bfloat16 the less accurate
+    of torch's two ways -- everything in that dtype, or autocast's (products in that dtype, the
+    loss in float32). Both carry the rounding of the logits that every implementation makes;
+    which one lands closer to the oracle on a given draw is luck, so either alone would make a
+    flaky yardstick."""
+    dtype = x.dtype
+    if dtype == torch.float64:
+        return (None,) * 4
+    runs = [torch_pipeline(x, W, b, t, dtype, grad, reduction, **kw)]
+    if dtype in (torch.float16, torch.bfloat16):
+        runs.append(torch_pipeline(x, W, b, t, dtype, grad, reduction, torch.float32, **kw))
+
+    def error(r, i):
+        if r[i] is None or r[i].numel() == 0:
+            return -1.0
+        return (r[i].double() - oracle[i]).abs().nan_to_num().max().item()
+
+    return tuple(max(runs, key=lambda r: error(r, i))[i] for i in range(4))
+
+
+def check(x, W, b, t, reduction, device="cpu", backend="auto", **kw):
+    """Run ours and judge loss and all gradients against the oracle."""
+    dtype = x.dtype
+    out_shape = t.shape if reduction == "none" else ()
+    grad = torch.randn(out_shape, dtype=torch.float64)
+    oracle = torch_pipeline(x, W, b, t, torch.float64, grad, reduction, **kw)
+    low = torch_low_precision(x, W, b, t, grad, reduction, oracle, **kw)
+
+    params = [p.to(device).requires_grad_() for p in (x, W) + (() if b is None else (b,))]
+    dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ours = linear_cross_entropy(params[0], params[1], t.to(device),
+                                params[2] if b is not None else None, reduction=reduction,
+                                backend=backend, **dkw)
+    assert ours.dtype == dtype and ours.shape == out_shape
+    assert_matches_oracle(ours, oracle[0], dtype, low[0], "loss")
+    ours.backward(grad.to(device, ours.dtype))
+    for name, p, want, torch_low in zip(("grad input", "grad weight", "grad bias"), params,
+                                        oracle[1:], low[1:]):
+        assert p.grad.dtype == p.dtype and p.grad.shape == p.shape, name
+        assert_matches_oracle(p.grad, want, dtype, torch_low, name)
+
+
+LOW = (torch.bfloat16,)
+
+# name -> (make kwargs, loss kwargs, dtypes)
+CASES = {
+    "2d": ({}, {}, (torch.float32, torch.float64) + LOW),
+    "bias": ({"bias": True}, {}, (torch.float32,) + LOW),
+    "3d": ({"lead": (3, 7), "bias": True}, {}, (torch.float32,) + LOW),
+    "1d": ({"lead": (), "ignore_frac": 0.0}, {}, (torch.float32,)),
+    "empty": ({"lead": (0,)}, {}, (torch.float32,)),
+    "C1": ({"C": 1, "bias": True}, {}, (torch.float32,)),
+    "weight": ({"bias": True}, {"weight": "rand"}, (torch.float32,) + LOW),
+    "ignore_neg1": ({"ignore": -1}, {"ignore_index": -1}, (torch.float32,)),
+    "ignore_valid_class": ({"ignore": 4, "C": 9}, {"ignore_index": 4, "weight": "rand"},
+                           (torch.float32,)),
+    "all_ignored": ({"ignore_frac": 1.0, "bias": True}, {}, (torch.float32,)),
+    "smoothing": ({"bias": True}, {"label_smoothing": 0.2, "weight": "rand"},
+                  (torch.float32,) + LOW),
+    "z_loss": ({}, {"z_loss": 1e-2, "weight": "rand"}, (torch.float32,) + LOW),
+    "scale_softcap": ({"bias": True}, {"logit_scale": 1.7, "softcap": 3.0,
+                                       "label_smoothing": 0.1}, (torch.float32,) + LOW),
+    "logit_scale": ({}, {"logit_scale": 0.37, "z_loss": 1e-3}, (torch.float32,)),
+    "confident": ({"spread": 40.0, "confident": True}, {}, (torch.float32,) + LOW),
+    "offset_1e4": ({"bias": True, "offset": 1e4}, {"label_smoothing": 0.1}, (torch.float32,)),
+}
+
+
+def case_params():
+    for name, (_, _, dtypes) in CASES.items():
+        for dtype in dtypes:
+            yield pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("name,dtype", list(case_params()))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_matches_float64_torch(device, backend, name, dtype, reduction):
+    make_kw, kw, _ = CASES[name]
+    x, W, b, t = make(dtype=dtype, **make_kw)
+    kw = dict(kw)
+    if kw.get("weight") == "rand":
+        kw["weight"] = torch.rand(W.shape[0]) + 0.1
+    check(x, W, b, t, reduction, device, backend, **kw)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 36, 37, 1000])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_chunk_sizes(monkeypatch, chunk_rows, reduction):
+    """Automatic chunks, one row per chunk, N - 1, exactly N and more than N rows."""
+    monkeypatch.setattr(L, "CHUNK_ROWS", chunk_rows)
+    x, W, b, t = make(bias=True)
+    check(x, W, b, t, reduction, label_smoothing=0.1)
+
+
+def test_auto_chunk_rule():
+    """The rule of _chunk_rows: budget / row bytes, at least _MIN_ROWS, at most N, multiple of 8."""
+    cpu = torch.device("cpu")
+    for backend in ("torch", "cpu"):
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = L._chunk_rows(2048, 32000, dtype, cpu, backend, 0)
+            assert rows % 8 == 0 and L._MIN_ROWS <= rows < 2048
+            assert rows * L._row_bytes(32000, dtype, backend) <= L._CHUNK_BYTES_CAP["cpu"]
+            assert rows * 32000 * 4 < 2048 * 32000 * 4 / 5
+    assert L._chunk_rows(5, 32000, torch.float32, cpu, "torch", 0) == 5
+    assert L._chunk_rows(10 ** 6, 10 ** 8, torch.float32, cpu, "cpu", 0) == L._MIN_ROWS
+    assert L._chunk_rows(100, 10, torch.float32, cpu, "torch", 7) == 7
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_noncontiguous_and_int32_targets(device, backend):
+    x, W, b, t = make(lead=(24,), bias=True)
+    x = x.t().contiguous().t()  # column-major input
+    W = W.t().contiguous().t()
+    check(x, W, b, t.int(), "mean", device, backend)
+    x3, W3, b3, t3 = make(lead=(4, 9), H=12)
+    check(x3.transpose(0, 1), W3, b3, t3.t(), "none", device, backend)  # (9, 4, H) view
+
+
+def test_retain_graph_and_partial_requires_grad():
+    """A second backward recomputes (the first consumed the stored gradients); gradients flow
+    only where asked for."""
+    x, W, b, t = make(bias=True)
+    xr, Wr, br = (p.clone().requires_grad_() for p in (x, W, b))
+    loss = linear_cross_entropy(xr, Wr, t, br)
+    first = torch.autograd.grad(loss, (xr, Wr, br), retain_graph=True)
+    second = torch.autograd.grad(loss, (xr, Wr, br))
+    for a, c in zip(first, second):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    Wr2 = W.clone().requires_grad_()
+    linear_cross_entropy(x, Wr2, t, b).backward()
+    assert Wr2.grad is not None
+    with torch.no_grad():
+        assert not linear_cross_entropy(xr, Wr, t, br).requires_grad
+
+
+@pytest.mark.parametrize("reduction,passes", [("mean", 1), ("sum", 1), ("none", 2)])
+def test_logits_products_per_chunk(monkeypatch, reduction, passes):
+    """'mean'/'sum' form each chunk's logits once (the gradient is made in the forward pass);
+    'none' forms them again in backward."""
+    calls = []
+    logits = L._Chunks.logits
+    monkeypatch.setattr(L._Chunks, "logits", lambda self, r0, r1: calls.append(r0) or logits(
+        self, r0, r1))
+    x, W, b, t = make(bias=True)  # 37 rows: 5 chunks of 8
+    loss = linear_cross_entropy(x.requires_grad_(), W.requires_grad_(), t,
+                                b.requires_grad_(), reduction=reduction)
+    loss.backward(torch.ones_like(loss))
+    assert len(calls) == 5 * passes
+
+
+def test_double_backward_is_refused_not_wrong():
+    x, W, b, t = make()
+    xr = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xr, W.requires_grad_(), t)
+    (gx,) = torch.autograd.grad(loss, xr, create_graph=True)
+    torch.testing.assert_close(gx.double(), torch_pipeline(x, W, b, t, torch.float64,
+                                                           torch.tensor(1.0), "mean")[1],
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("consume", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(reduction, consume, dtype):
+    """torch.library.opcheck of both ops (schema, fake, autograd registration, AOT). The in-place
+    hand-over (consume=True) is eager-only by design: it is never traced."""
+    x, W, b, t = make(lead=(11,), H=6, C=7, bias=True, dtype=dtype)
+    w = torch.rand(7)
+    args = (x.requires_grad_(), W.requires_grad_(), b.requires_grad_(), t, w, -100, 0.1, 1e-3,
+            1.0, 0.0, reduction, "torch", 4, True, True, True, consume)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+        () if consume else ("test_aot_dispatch_dynamic",))
+    torch.library.opcheck(torch.ops.nllfused.linear_ce_fwd.default, args, test_utils=tests)
+    lse = torch.randn(11, dtype=torch.float64) + 3
+    bwd_args = (torch.randn(11), x.detach(), W.detach(), None, t, w, lse, torch.ones(11), -100,
+                0.1, 1e-3, 1.0, 0.0, "torch", 4, True, True, False)
+    torch.library.opcheck(torch.ops.nllfused.linear_ce_bwd.default, bwd_args)
+
+
+# --- torch.compile and autocast ---------------------------------------------------------------
+
+COMPILE_BACKENDS = [b for b in ("cpu", "torch") if b in nllfused.available_backends(
+    torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_compile_fullgraph(backend, reduction):
+    torch._dynamo.reset()
+    x, W, b, t = make(lead=(5, 7), bias=True)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+              weight=torch.rand(W.shape[0]) + 0.1, backend=backend)
+
+    def run(fn):
+        params = [p.clone().requires_grad_() for p in (x, W, b)]
+        loss = fn(params[0], params[1], t, params[2])
+        grad = torch.randn(loss.shape, generator=torch.Generator().manual_seed(0))
+        loss.backward(grad)
+        return [loss] + [p.grad for p in params]
+
+    eager = run(lambda *a: linear_cross_entropy(*a, **kw))
+    compiled = run(torch.compile(lambda *a: linear_cross_entropy(*a, **kw), fullgraph=True))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_compile_dynamic_shapes():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, W, t: linear_cross_entropy(x, W, t, backend="torch"),
+                       fullgraph=True, dynamic=True)
+    for n in (9, 17, 30):
+        x, W, b, t = make(lead=(n,))
+        expected = F.cross_entropy(F.linear(x.double(), W.double()), t)
+        torch.testing.assert_close(fn(x, W, t).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_cpu_bfloat16():
+    """Under autocast the products run in bfloat16 and the loss in float32, as torch's
+    F.linear + F.cross_entropy do; judged against float64 like any bfloat16 result."""
+    x, W, b, t = make(lead=(4, 9), bias=True)
+    oracle = torch_pipeline(x, W, b, t, torch.float64, torch.tensor(1.0), "mean")
+    params = [p.clone().requires_grad_() for p in (x, W, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = F.cross_entropy(F.linear(*params).flatten(0, 1), t.flatten())
+    theirs.backward()
+    torch_grads = [p.grad for p in params]
+
+    params = [p.clone().requires_grad_() for p in (x, W, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(params[0], params[1], t, params[2])
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert_matches_oracle(ours, oracle[0], torch.bfloat16, theirs, "loss")
+    ours.backward()
+    for p, want, torch_grad in zip(params, oracle[1:], torch_grads):
+        assert p.grad.dtype == torch.float32
+        assert_matches_oracle(p.grad, want, torch.bfloat16, torch_grad, "grad")
+
+
+# --- module and signature ---------------------------------------------------------------------
+
+def test_signature_follows_torch():
+    """Every argument of torch's F.linear_cross_entropy but its `options` is accepted here by
+    the same name; the issue's positional order is kept."""
+    ours = inspect.signature(linear_cross_entropy).parameters
+    assert list(ours)[:8] == ["input", "linear_weight", "target", "linear_bias", "weight",
+                              "ignore_index", "reduction", "label_smoothing"]
+    if hasattr(F, "linear_cross_entropy"):
+        theirs = set(inspect.signature(F.linear_cross_entropy).parameters) - {"options"}
+        assert theirs <= set(ours)
+
+
+def test_torch_style_call_and_ignore_index_none():
+    x, W, b, t = make(bias=True)
+    ours = linear_cross_entropy(x, W, t, linear_bias=b, weight=None, reduction="sum",
+                                ignore_index=None, label_smoothing=0.0)
+    expected = F.cross_entropy(F.linear(x.double(), W.double(), b.double()), t, reduction="sum")
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_module_matches_torch_module():
+    H, C = 16, 29
+    w = torch.rand(C) + 0.1
+    ours = L.LinearCrossEntropyLoss(H, C, bias=True, weight=w, ignore_index=3,
+                                    label_smoothing=0.1)
+    assert "backend" in repr(ours) and "num_classes=29" in repr(ours)
+    x, _, _, t = make(H=H, C=C, ignore=3)
+    xr = x.clone().requires_grad_()
+    loss = ours(xr, t)
+    logits = F.linear(x.double(), ours.linear.weight.double(), ours.linear.bias.double())
+    expected = F.cross_entropy(logits, t, weight=w.double(), ignore_index=3, label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert ours.linear.weight.grad is not None and ours.linear.bias.grad is not None
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # same constructor, same state_dict keys
+        theirs = torch.nn.LinearCrossEntropyLoss(H, C, bias=True, weight=w, ignore_index=3,
+                                                 label_smoothing=0.1)
+        assert set(theirs.state_dict()) == set(ours.state_dict())
+        theirs.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(theirs(x, t), loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+# --- memory: no (N, C) tensor, ever -----------------------------------------------------------
+
+class Allocations(TorchDispatchMode):
+    """Records the size (in elements of its dtype) of the storage behind every tensor any op
+    returns -- views count as their base, a zero-stride expand as the one element it holds --
+    including the ops inside nllfused::linear_ce_fwd / _bwd (run with this mode re-entered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.seen_inside = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                size = t.untyped_storage().nbytes() // t.element_size()
+                self.largest = max(self.largest, size)
+        return out
+
+
+def _run_inside(impl):
+    def rule(mode, func, types, args, kwargs):
+        mode.seen_inside = True
+        with mode:  # the mode is off while it handles an op: turn it back on for the op's body
+            return impl(*args, **kwargs)
+    return rule
+
+
+L._linear_ce_fwd.register_torch_dispatch(Allocations, _run_inside(L._linear_ce_fwd_impl))
+L._linear_ce_bwd.register_torch_dispatch(Allocations, _run_inside(L._linear_ce_bwd_impl))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("chunk_rows", [16, None])
+def test_never_allocates_the_logits(monkeypatch, device, backend, reduction, chunk_rows):
+    monkeypatch.setattr(L, "CHUNK_ROWS", chunk_rows)
+    # auto: 64 rows of C = 512
+    monkeypatch.setitem(L._CHUNK_BYTES_CAP, "cpu", 64 * L._row_bytes(512, torch.float32, backend))
+    N, H, C = 640, 32, 512
+    x, W, b, t = make(lead=(N,), H=H, C=C, bias=True)
+    params = [p.to(device).requires_grad_() for p in (x, W, b)]
+    with Allocations() as mode:
+        loss = linear_cross_entropy(params[0], params[1], t.to(device), params[2],
+                                    reduction=reduction, label_smoothing=0.1, backend=backend)
+        loss.backward(torch.ones_like(loss))
+    assert mode.seen_inside
+    rows = chunk_rows or 64
+    # Parameter-sized tensors (C x H, N x H) are unavoidable; nothing may approach N x C.
+    assert mode.largest <= max(rows * C, C * H, N * H), mode.largest
+    assert mode.largest * 4 <= N * C
+    # The same check catches the unfused computation.
+    with Allocations() as mode:
+        F.cross_entropy(F.linear(*params), t.to(device)).backward()
+    assert mode.largest >= N * C
+
+
+# --- bad inputs -------------------------------------------------------------------------------
+
+def _bad_cases():
+    x, W, b, t = make(lead=(6,), H=4, C=5, bias=True)
+    ok = dict(input=x, linear_weight=W, target=t, linear_bias=b)
+    return [
+        ("input_not_tensor", dict(ok, input=[1.0]), TypeError, "input must be a Tensor"),
+        ("input_int", dict(ok, input=x.long()), TypeError, "input must be float"),
+        ("input_0d", dict(ok, input=torch.tensor(1.0)), ValueError, "0-dimensional"),
+        ("weight_1d", dict(ok, linear_weight=W[0]), ValueError, "linear_weight must have shape"),
+        ("H_mismatch", dict(ok, linear_weight=W[:, :3]), ValueError, "in_features"),
+        ("bias_shape", dict(ok, linear_bias=b[:4]), ValueError, "linear_bias must have shape"),
+        ("dtype_mismatch", dict(ok, linear_weight=W.double()), TypeError, "must match"),
+        ("bias_dtype", dict(ok, linear_bias=b.half()), TypeError, "must match"),
+        ("target_shape", dict(ok, target=t[:5]), ValueError, "target shape"),
+        ("prob_target", dict(ok, target=torch.rand(6, 5)), TypeError, "class indices"),
+        ("float_index_target", dict(ok, target=t.float()), TypeError, "class indices"),
+        ("bool_target", dict(ok, target=t > 0), TypeError, "target must hold"),
+        ("class_weight_shape", dict(ok, weight=torch.ones(4)), ValueError, "one entry per class"),
+        ("out_of_range", dict(ok, target=t.clamp(min=0) + 5), IndexError, "out of bounds"),
+        ("reduction", dict(ok, reduction="avg"), ValueError, "reduction must be"),
+        ("smoothing", dict(ok, label_smoothing=1.5), ValueError, "label_smoothing"),
+        ("softcap", dict(ok, softcap=-1.0), ValueError, "softcap"),
+        ("z_loss", dict(ok, z_loss=-1.0), ValueError, "z_loss"),
+        ("ignore_index_type", dict(ok, ignore_index=1.5), TypeError, "ignore_index"),
+        ("backend_name", dict(ok, backend="nope"), ValueError, "unknown backend"),
+        ("backend_unavailable", dict(ok, backend="cuda"), RuntimeError, "not available"),
+        ("meta_weight", dict(ok, linear_weight=W.to("meta")), ValueError, "is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_inputs_raise_clear_errors(case):
+    _, kwargs, exc, message = case
+    with pytest.raises(exc, match=message):
+        linear_cross_entropy(**kwargs)
+
+
+def test_module_rejects_k_dimensional_and_bad_options():
+    with pytest.raises(NotImplementedError, match="out_features"):
+        L.LinearCrossEntropyLoss(4, 5, out_features=(2,))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        L.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        L.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
