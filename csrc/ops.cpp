@@ -18,7 +18,8 @@
 // ce_fwd -> (loss, lse, aux), each (N, D); loss and aux in the accumulation dtype
 //   (float64 for float64 logits, float32 otherwise), lse in float64:
 //   loss  per-row loss, GUIDE §1, z_loss*lse^2 included; 0 for ignored rows;
-//         NaN for an index target outside [0, C) that is not ignore_index (never read out of bounds).
+//         NaN for an index target outside [0, C) that is not ignore_index (never read out of bounds);
+//         the CPU kernel raises IndexError instead (torch's behaviour for CPU tensors).
 //   lse   logsumexp of the row's z, ALWAYS float64 (whatever the logits dtype): computed as
 //         double(m) + double(log(s)) from the running max m and rescaled sum s, so the backward can
 //         split it into hi = float(lse), lo = float(lse - hi) and form p = exp((z - hi) - lo) in
