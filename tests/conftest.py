@@ -42,7 +42,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh random inputs every run (GUIDE §4), reproducible from the printed seed on failure.
-    seed = int.from_bytes(os.urandom(4), "little")
+    # NLLFUSED_TEST_SEED=<seed> replays one.
+    seed = int(os.environ.get("NLLFUSED_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Put the seed in the failure report, so that NLLFUSED_TEST_SEED can replay it.
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("seed", f"NLLFUSED_TEST_SEED={value}"))
