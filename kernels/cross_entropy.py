@@ -21,6 +21,14 @@ def _tanh(u):
 
 
 @triton.jit
+def _log1p(x):
+    # log(1 + x) keeping the digits of a tiny x that 1 + x rounds away (u - 1 is exact: the
+    # quotient corrects log(u) for that rounding).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
 def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """z = softcap(logit_scale * x) in the accumulation dtype; masked lanes are -inf."""
@@ -64,8 +72,12 @@ def ce_fwd_kernel(
                      HAS_SCALE, HAS_SOFTCAP)
     r = tl.where(tl.abs(r) < float("inf"), r, 0.0)
 
+    # sum_c exp(z_c - m) = k + s: k counts the classes at the running max m (their terms are
+    # exactly 1), s sums the others. Kept apart, a confident row's tiny terms are not rounded
+    # away against the 1 (its loss is log(1 + s), which _log1p keeps to float32 precision).
     m = tl.full([BLOCK_R], float("-inf"), ACC)   # running max
-    s = tl.zeros([BLOCK_R], ACC)                 # running sum of exp(z - m)
+    k = tl.zeros([BLOCK_R], ACC)
+    s = tl.zeros([BLOCK_R], ACC)
     acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r), or of w q' (z - r)
     acc_wq = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w q' (probability targets)
     for start in range(0, C, BLOCK_C):
@@ -77,7 +89,13 @@ def ce_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, 1))
         # While a row has seen only -inf, exp against 0 instead: exp(-inf - -inf) would be NaN.
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - ref) + tl.sum(tl.exp(z - ref[:, None]), 1)
+        grew = m_new > m                         # the old max's terms become ordinary ones
+        s = tl.where(grew, (s + k) * tl.exp(m - ref), s)
+        k = tl.where(grew, 0.0, k)
+        # A +inf max is not counted: its exp(inf - inf) must make the row NaN, as in torch.
+        at_max = (z == ref[:, None]) & (ref < float("inf"))[:, None]
+        k += tl.sum(at_max.to(ACC), 1)
+        s += tl.sum(tl.where(at_max, 0.0, tl.exp(z - ref[:, None])), 1)
         m = m_new
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -97,7 +115,7 @@ def ce_fwd_kernel(
             else:
                 acc_wz += tl.where(mask, z - r[:, None], 0.0)
 
-    log_s = tl.log(s)
+    log_s = tl.where(k == 1.0, _log1p(s), tl.log(k + s))   # log sum_c exp(z_c - m)
     lse_r = (m - r) + log_s                      # lse - r, never through a rounded lse
     lse = lse_r + r
     if PROB_TARGET:
@@ -129,7 +147,9 @@ def ce_fwd_kernel(
         aux = tl.where(counted, tl.where(in_range, w_y, float("nan")), 0.0)
     tl.store(LOSS + rows, loss, mask=row_ok)
     tl.store(AUX + rows, aux, mask=row_ok)
-    tl.store(LSE + rows, m.to(tl.float64) + tl.log(s.to(tl.float64)), mask=row_ok)
+    s64 = s.to(tl.float64)
+    log_s64 = tl.where(k == 1.0, _log1p(s64), tl.log(k.to(tl.float64) + s64))
+    tl.store(LSE + rows, m.to(tl.float64) + log_s64, mask=row_ok)
 
 
 @triton.jit

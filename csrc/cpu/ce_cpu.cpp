@@ -7,9 +7,8 @@
 //   buffer when needed) and takes its max; a second sweep, from L1, adds exp(z - m) into an online
 //   softmax (running max m, sum d rescaled when m grows) together with the smoothing / soft-target
 //   sums. So the forward reads the logits from memory once with one exp per element, and the
-//   backward (p = exp(z - lse) with the saved lse) reads them once and writes the gradient once
-//   (rows with |lse| > 64 excepted, see row_grad). Nothing the size of the logits is allocated
-//   but the gradient itself.
+//   backward (p = exp(z - lse) with the saved float64 lse) reads them once and writes the
+//   gradient once. Nothing the size of the logits is allocated but the gradient itself.
 // - Rows whose classes are not unit-stride (D > 1 layouts, transposed inputs) go through the same
 //   per-row code on tiles of kTile neighbouring rows gathered into a buffer, so that the loads of
 //   one class for the tile's rows share cache lines; the backward scatters the tile back the same way.
@@ -91,6 +90,7 @@ struct ScalarVec {
   void store(void* p) const { *static_cast<T*>(p) = v; }
   ScalarVec exp_u20() const { return ScalarVec(std::exp(v)); }
   ScalarVec tanh() const { return ScalarVec(std::tanh(v)); }
+  ScalarVec eq(ScalarVec b) const { return ScalarVec(v == b.v ? T(1) : T(0)); }  // as Vectorized
   friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return ScalarVec(a.v + b.v); }
   friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return ScalarVec(a.v - b.v); }
   friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return ScalarVec(a.v * b.v); }
@@ -317,8 +317,6 @@ struct Ce {
   static constexpr int64_t kTileChunk = 256; // classes per tile chunk
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   static constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-  // Beyond this |lse| the backward recomputes the row's softmax normaliser (see row_grad).
-  static constexpr acc_t kRefineLse = std::is_same_v<acc_t, double> ? acc_t(1 << 20) : acc_t(64);
 
   // ---------------------------------- loads, stores, reductions ----------------------------------
   template <typename src_t>
@@ -432,6 +430,14 @@ struct Ce {
     acc_t s = 0;
     for (int64_t i = 0; i < W; ++i) s += t[i];
     return s;
+  }
+  // s + x into the pair (s, c), the rounding error of each addition collected in c (Neumaier).
+  // d of a confident row is 1 + tiny terms: plain adds of lanes, tail and chunks to that 1 drop
+  // each tiny term whole, a biased error of several ulps in log d where torch makes under one.
+  static inline void add_exact(acc_t& s, acc_t& c, acc_t x) {
+    const acc_t t = s + x;
+    c += std::abs(s) >= std::abs(x) ? (s - t) + x : (x - t) + s;
+    s = t;
   }
   static inline acc_t hmax(V v) {
     acc_t t[W];
@@ -572,21 +578,24 @@ struct Ce {
     return zb;
   }
 
-  // Online-softmax state of one row: max m, d = sum exp(z - m), and for the smoothing / soft
-  // target sums B = sum g (z - m) and G = sum g.
+  // Online-softmax state of one row: max m, d + dc = sum exp(z - m) (dc: add_exact's
+  // compensation), and for the smoothing / soft target sums B = sum g (z - m) and G = sum g.
   struct State {
-    acc_t m = -kInf, d = 0, B = 0, G = 0;
+    acc_t m = -kInf, d = 0, dc = 0, B = 0, G = 0;
   };
   // Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[].
   // It runs from L1 and leaves the memory idle, so it prefetches the next chunk [pf, pf + pf_len)
   // for the max sweep, one line per step.
-  template <int Gm>
+  // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
+  template <int Gm, bool AtMax>
   static void fold(State& s, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
                    const char* pf = nullptr, int64_t pf_len = 0) {
     const acc_t mn = nan_max(s.m, cm);
     if (mn != -kInf && !(mn == s.m)) {  // the max grew (or became NaN): rescale the sums so far
       if (s.m > -kInf) {
-        s.d *= std::exp(s.m - mn);
+        const acc_t f = std::exp(s.m - mn);
+        s.d *= f;
+        s.dc *= f;
         if constexpr (Gm != 0) s.B += (s.m - mn) * s.G;  // <= 0: B only ever gains terms <= 0
       }
       s.m = mn;
@@ -595,14 +604,25 @@ struct Ce {
     // NaN): the exp terms are 0, the g-sums take g*(-inf), i.e. -inf, or NaN for g = 0, as
     // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches d.
     const acc_t ref = s.m == -kInf ? acc_t(0) : s.m;
-    const V vm(ref);
-    V d0(acc_t(0)), d1(acc_t(0)), b0(acc_t(0)), b1(acc_t(0)), g0(acc_t(0)), g1(acc_t(0));
+    // In a chunk holding the max, the terms exp(0) = 1 of classes at the max are counted apart
+    // (k0, k1), not added to the lanes: in a lane holding a 1, the tiny terms of a confident row
+    // would round away.
+    const V vm(ref), zero(acc_t(0)), one(acc_t(1));
+    V d0(zero), d1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
     int64_t i = 0;
     for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
       if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
       const V a = V::loadu(z + i) - vm, b = V::loadu(z + i + W) - vm;
-      d0 = d0 + vexp(a);
-      d1 = d1 + vexp(b);
+      if constexpr (AtMax) {
+        const V at_max_a = a.eq(zero), at_max_b = b.eq(zero);  // 1 or 0
+        d0 = d0 + vexp(a) * (one - at_max_a);
+        d1 = d1 + vexp(b) * (one - at_max_b);
+        k0 = k0 + at_max_a;
+        k1 = k1 + at_max_b;
+      } else {
+        d0 = d0 + vexp(a);
+        d1 = d1 + vexp(b);
+      }
       if constexpr (Gm == 1) {
         b0 = b0 + a;
         b1 = b1 + b;
@@ -614,26 +634,38 @@ struct Ce {
         g1 = g1 + gb;
       }
     }
-    acc_t d = hsum(d0 + d1), B = hsum(b0 + b1), G = hsum(g0 + g1);
+    acc_t B = hsum(b0 + b1), G = hsum(g0 + g1);
+    alignas(64) acc_t lanes[2 * W];
+    d0.store(lanes);
+    d1.store(lanes + W);
+    for (int64_t l = 0; l < 2 * W; ++l) add_exact(s.d, s.dc, lanes[l]);
+    acc_t k = hsum(k0 + k1);  // a count: exact
     for (; i < n; ++i) {
       const acc_t a = z[i] - ref;
-      d += std::exp(a);
+      if (AtMax && a == 0) k += 1;
+      else add_exact(s.d, s.dc, std::exp(a));
       if constexpr (Gm == 1) B += a;
       if constexpr (Gm == 2) {
         B += g[i] * a;
         G += g[i];
       }
     }
-    s.d += d;
+    add_exact(s.d, s.dc, k);
     if constexpr (Gm == 1) G = static_cast<acc_t>(n);
     s.B += B;
     s.G += G;
   }
   static void fold_any(int gm, State& s, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
                        const char* pf = nullptr, int64_t pf_len = 0) {
-    if (gm == 0) fold<0>(s, z, n, cm, g, pf, pf_len);
-    else if (gm == 1) fold<1>(s, z, n, cm, g, pf, pf_len);
-    else fold<2>(s, z, n, cm, g, pf, pf_len);
+    if (cm == nan_max(s.m, cm)) {
+      if (gm == 0) fold<0, true>(s, z, n, cm, g, pf, pf_len);
+      else if (gm == 1) fold<1, true>(s, z, n, cm, g, pf, pf_len);
+      else fold<2, true>(s, z, n, cm, g, pf, pf_len);
+    } else {
+      if (gm == 0) fold<0, false>(s, z, n, cm, g, pf, pf_len);
+      else if (gm == 1) fold<1, false>(s, z, n, cm, g, pf, pf_len);
+      else fold<2, false>(s, z, n, cm, g, pf, pf_len);
+    }
   }
   // Which g-sums row needs: soft targets always; index targets only with smoothing (not ignored).
   static int gmode(const Args& A, int64_t y) {
@@ -645,14 +677,20 @@ struct Ce {
   // loss / lse / aux of row r from its folded state (GUIDE §1). x_row, xC: the row, for z_y.
   static void finish_row(const Args& A, int64_t r, const State& s, const scalar_t* x_row,
                          int64_t y, const Tf& t) {
-    const acc_t logd = std::log(s.d);
+    // d >= 1 (the max's own term) and d - 1 is exact near 1, so log1p keeps the tiny terms of a
+    // confident row that log(d) would round away.
+    const acc_t logd = std::log1p((s.d - 1) + s.dc);
     // A +inf logit: logsumexp is +inf, but torch's log_softmax (so the loss) is NaN.
     const bool pinf = s.m == kInf;
-    const acc_t lse = pinf ? kInf : s.m + logd;
-    const acc_t zl = static_cast<acc_t>(A.zl), e = static_cast<acc_t>(A.eps);
+    // lse in float64 (contract): m + log d keeps every digit of log d even where |m| is large,
+    // which is what lets the backward form z - lse without losing p (see row_grad).
+    const double lse = pinf ? std::numeric_limits<double>::infinity()
+                            : static_cast<double>(s.m) + static_cast<double>(logd);
+    const acc_t e = static_cast<acc_t>(A.eps);
+    const acc_t zterm = static_cast<acc_t>(A.zl * lse * lse);
     acc_t loss, aux;
     if (A.prob) {
-      loss = s.G * logd - s.B + zl * lse * lse;  // sum_c g_c (lse - z_c) + z lse^2
+      loss = s.G * logd - s.B + zterm;  // sum_c g_c (lse - z_c) + z lse^2
       aux = s.G;
     } else if (y < 0) {
       loss = 0;
@@ -661,17 +699,15 @@ struct Ce {
       acc_t dz;
       const acc_t zy = tf_scalar(static_cast<acc_t>(x_row[y * A.xC]), t, dz);
       const acc_t wy = A.w ? static_cast<const acc_t*>(A.w)[y] : acc_t(1);
-      // (m - z_y) + log d rather than lse - z_y: lse is rounded to the precision of its own size
-      // (1e-3 at |lse| ~ 1e4), m - z_y is exact for close values.
+      // (m - z_y) + log d rather than lse - z_y in acc_t: m - z_y is exact for close values.
       loss = (1 - e) * wy * ((s.m - zy) + logd);
       if (A.eps != 0) loss += e / static_cast<acc_t>(A.C) * (s.G * logd - s.B);
-      if (A.zl != 0) loss += zl * lse * lse;
+      if (A.zl != 0) loss += zterm;
       aux = wy;
     }
     if ((pinf || std::isnan(lse)) && !(y < 0 && !A.prob)) loss = kNaN;
     static_cast<acc_t*>(A.loss)[r] = loss;
-    // float64 by contract; this kernel's backward refines large |lse| itself (row_grad).
-    static_cast<double*>(A.lse)[r] = static_cast<double>(lse);
+    static_cast<double*>(A.lse)[r] = lse;
     static_cast<acc_t*>(A.aux)[r] = aux;
   }
 
@@ -767,14 +803,16 @@ struct Ce {
   }
 
   // ------------------------------------------- backward -------------------------------------------
-  // Row r's gradient is grad_c = dz_c (P exp(z_c - shift) - Q g_c) (p_c = exp(z_c - lse) with its
-  // 1/d folded into P), except at an index target y, which gets
+  // Row r's gradient is grad_c = dz_c (P p_c - Q g_c), p_c = exp((z_c - hi) - lo) with the float64
+  // lse split as hi = acc_t(lse), lo = acc_t(lse - hi): z_c - hi is exact for the classes that
+  // matter, so p_c keeps acc_t accuracy even for |lse| ~ 1e4, where a float32 lse alone would be
+  // off by 5e-4. The index target y gets
   //   gl dz_y ((1-e) w_y (p_y - 1) + e/C (sum(w) p_y - w_y) + 2 z lse p_y).
-  // There p_y - 1 is taken as -sum_{c != y} p_c, summed during the sweep: when p_y -> 1,
-  // exp(z_y - lse) - 1 would keep nothing but the rounding of lse, the sum keeps every digit.
+  // There p_y - 1 is taken as -sum_{c != y} p_c, summed during the sweep: when p_y -> 1, p_y
+  // rounded to acc_t leaves p_y - 1 only its last bits (or nothing), the sum keeps every digit.
   // That element is computed in acc_t and rounded once, after the sweep: gy = ya * sum + yb.
   struct RowGrad {
-    acc_t shift, P, Q, ps, ya, yb;
+    acc_t hi, lo, P, Q, ya, yb;
     int64_t y;  // -1: none (soft targets)
     int gm;     // g: 0 none, 1 ones, 2 g[] (weights, or w q' for soft targets)
     bool zero, nan;
@@ -783,67 +821,48 @@ struct Ce {
     RowGrad rg{};
     rg.y = -1;
     const acc_t gl = static_cast<const acc_t*>(A.gl)[n_ * A.gN + d_ * A.gD];
-    const acc_t lse = static_cast<acc_t>(static_cast<const double*>(A.lse_in)[n_ * A.lN + d_ * A.lD]);
+    const double lse_d = static_cast<const double*>(A.lse_in)[n_ * A.lN + d_ * A.lD];
     const acc_t e = static_cast<acc_t>(A.eps), zl = static_cast<acc_t>(A.zl);
     const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
     if (!A.prob && y < 0) {
       rg.zero = true;
       return rg;
     }
-    // lse = -inf (all classes -inf) or NaN: every p_c is NaN, as in torch.
-    rg.nan = !std::isfinite(lse);
-    // p_c = exp(z_c - lse) is only as good as lse, which float32 holds to half an ulp of its own
-    // size: 4e-6 relative at |lse| = 64, 5e-4 at 1e4. For such rows, rare in practice, read the
-    // row once more for its exact max and sum, and take p_c = exp(z_c - m) / d.
-    rg.ps = 1;
-    rg.shift = lse;
-    if (!rg.nan && std::abs(lse) > kRefineLse) {
-      const State st = row_softmax(xr, A.xC, A.C, t);
-      rg.shift = st.m;
-      rg.ps = 1 / st.d;
-    }
+    // lse = -inf (all classes -inf), +inf or NaN: every p_c is NaN, as in torch.
+    rg.nan = !std::isfinite(lse_d);
+    rg.hi = static_cast<acc_t>(lse_d);
+    rg.lo = rg.nan ? acc_t(0) : static_cast<acc_t>(lse_d - static_cast<double>(rg.hi));
+    const acc_t lse = rg.hi;  // for the z-loss terms
     if (A.prob) {
       const acc_t S = static_cast<const acc_t*>(A.aux_in)[n_ * A.aN + d_ * A.aD];
-      rg.P = gl * (S + 2 * zl * lse) * rg.ps;
+      rg.P = gl * (S + 2 * zl * lse);
       rg.Q = gl;
       rg.gm = 2;
     } else {
       const acc_t* w = static_cast<const acc_t*>(A.w);
       const acc_t wy = w ? w[y] : acc_t(1), eC = e / static_cast<acc_t>(A.C);
       const acc_t ws = static_cast<acc_t>(A.wsum);
-      rg.P = gl * ((1 - e) * wy + eC * ws + 2 * zl * lse) * rg.ps;
+      rg.P = gl * ((1 - e) * wy + eC * ws + 2 * zl * lse);
       rg.Q = gl * eC;
       rg.gm = gmode(A, y);
       acc_t dz;
       const acc_t zy = tf_scalar(static_cast<acc_t>(xr[y * A.xC]), t, dz);
-      const acc_t py = std::exp(zy - rg.shift) * rg.ps;
-      rg.ya = -gl * dz * (1 - e) * wy * rg.ps;
+      const acc_t py = std::exp((zy - rg.hi) - rg.lo);
+      rg.ya = -gl * dz * (1 - e) * wy;
       rg.yb = gl * dz * (eC * (ws * py - wy) + 2 * zl * lse * py);
       rg.y = y;
     }
     return rg;
   }
-  // (m, d) of a whole row, for row_grad's refinement.
-  static State row_softmax(const scalar_t* xr, int64_t xC, int64_t C, const Tf& t) {
-    alignas(64) acc_t zb[kTileChunk];
-    State s;
-    for (int64_t c0 = 0; c0 < C; c0 += kTileChunk) {
-      const int64_t n = std::min(kTileChunk, C - c0);
-      acc_t cm;
-      const acc_t* z = load_chunk(xr + c0 * xC, xC, n, zb, t, cm);
-      fold<0>(s, z, n, cm, nullptr);
-    }
-    return s;
-  }
 
-  // Gradient of n classes into out (may alias x); returns sum exp(z_c - shift) over them but `skip`.
+  // Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`.
   template <typename src_t, typename dst_t, int K, int Gm>
   static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
                           const acc_t* g, const Tf& t) {
-    const V vl(rg.shift), vP(rg.P), vQ(rg.Q);
+    const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q);
     auto body = [&](V xv, const acc_t* gp, V& p) {
       V dz;
-      p = vexp(tf_grad<K>(xv, t, dz) - vl);
+      p = vexp((tf_grad<K>(xv, t, dz) - vhi) - vlo);
       V r = vP * p;
       if constexpr (Gm == 1) r = r - vQ;
       if constexpr (Gm == 2) r = r - vQ * V::loadu(gp);
@@ -888,7 +907,7 @@ struct Ce {
     return sum;
   }
   // Classes [c0, c0 + n) of one row into out[0, n), with the instantiation for this row; returns
-  // the chunk's share of sum_{c != y} exp(z_c - shift). The target element is written later.
+  // the chunk's share of sum_{c != y} p_c. The target element is written later.
   template <typename src_t, typename dst_t>
   static acc_t grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, const RowGrad& rg,
                         const acc_t* g, const Tf& t) {

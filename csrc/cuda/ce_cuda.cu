@@ -17,7 +17,9 @@
 //    and the transposed (N, C) case (sN == 1) read and write coalesced.
 //
 // Forward: one pass over the row with an online softmax. Each thread keeps
-//   m = running max of z, d = sum exp(z - m),
+//   m = running max of z, k + d = sum exp(z - m): k counts the classes at the max (terms of
+//   exactly 1), d sums the others, so that a confident row's tiny terms are not rounded away
+//   against the 1; its log(1 + d) then goes through log1p,
 //   t = sum v_c (m - z_c), w = sum v_c          (only when label smoothing or prob targets)
 // where v_c is the class weight w_c (index targets) or w_c q'_c (probability targets).
 // t is kept relative to the running max (rescaled by w*(m_new - m_old) when the max grows),
@@ -83,9 +85,9 @@ NLLF_HD double acc_exp(double x) { return ::exp(x); }
 NLLF_HD float acc_expm1(float x) { return ::expm1f(x); }
 NLLF_HD double acc_expm1(double x) { return ::expm1(x); }
 
-// Once per row: an accurate log whatever the fast-math flags (logf becomes lg2.approx).
-NLLF_HD float acc_log(float x) { return static_cast<float>(::log(static_cast<double>(x))); }
-NLLF_HD double acc_log(double x) { return ::log(x); }
+// log sum_c exp(z_c - m) from the k + d of Stats, once per row, in double: accurate whatever
+// the fast-math flags (logf becomes lg2.approx), and log1p keeps a tiny d when k == 1.
+NLLF_HD double log_sum(double k, double d) { return k == 1.0 ? ::log1p(d) : ::log(k + d); }
 
 NLLF_HD float bits_to_float(uint32_t u) {
 #ifdef __CUDA_ARCH__
@@ -217,14 +219,15 @@ NLLF_HD acc_t class_v(const CEParams<acc_t>& p, int64_t qoff, int64_t c) {
 template <typename acc_t>
 struct Stats {
   acc_t m;  // running max of z (-inf: nothing finite seen yet)
-  acc_t d;  // sum exp(z - m)
+  acc_t k;  // how many classes have z == m (finite m): their exp(z - m) are exactly 1
+  acc_t d;  // sum exp(z - m) over the other classes
   acc_t t;  // sum v_c (m - z_c); a -inf z_c contributes v_c * inf
   acc_t w;  // sum v_c
 };
 
 template <typename acc_t>
 NLLF_HD Stats<acc_t> stats_init() {
-  return Stats<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+  return Stats<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 }
 
 // Fold K values into m and d (and rescale t to the new max). Padding slots must be -inf.
@@ -234,10 +237,19 @@ NLLF_HD void fold(Stats<acc_t>& s, const acc_t (&z)[K], bool need_t) {
 #pragma unroll
   for (int k = 0; k < K; ++k) cm = nan_max(cm, z[k]);
   if (cm == neg_inf<acc_t>()) return;  // all -inf so far: d stays 0, no exp(-inf - -inf)
+  if (!(cm == s.m)) {  // the max grew (or is NaN): the old max's terms become ordinary ones
+    s.d = (s.d + s.k) * acc_exp(s.m - cm);  // s.m == -inf gives exp(-inf) = 0, and d = k = 0
+    s.k = acc_t(0);
+  }
+  // A +inf max is not counted: exp(inf - inf) must make the row NaN, as in torch.
+  const bool count = cm != pos_inf<acc_t>();
   acc_t sum = 0;
 #pragma unroll
-  for (int k = 0; k < K; ++k) sum += acc_exp(z[k] - cm);
-  s.d = s.d * acc_exp(s.m - cm) + sum;  // s.m == -inf gives exp(-inf) = 0 and s.d == 0
+  for (int k = 0; k < K; ++k) {
+    if (count && z[k] == cm) s.k += acc_t(1);
+    else sum += acc_exp(z[k] - cm);
+  }
+  s.d += sum;
   // With s.m == -inf every value seen was -inf and already counted as v * inf in t.
   if (need_t && s.m != neg_inf<acc_t>()) s.t += s.w * (cm - s.m);
   s.m = cm;
@@ -251,14 +263,27 @@ NLLF_HD void add_t(Stats<acc_t>& s, acc_t z, acc_t v) {
   s.w += v;
 }
 
+// Add x's k + d into r (r.m >= x.m): at the common max x keeps its count, else its terms all
+// become ordinary ones.
+template <typename acc_t>
+NLLF_HD void merge_sum(Stats<acc_t>& r, const Stats<acc_t>& x) {
+  if (x.m == r.m) {
+    r.k += x.k;
+    r.d += x.d;
+  } else {
+    r.d += (x.d + x.k) * acc_exp(x.m - r.m);
+  }
+}
+
 template <typename acc_t>
 NLLF_HD Stats<acc_t> merge(const Stats<acc_t>& a, const Stats<acc_t>& b) {
   Stats<acc_t> r;
   r.m = nan_max(a.m, b.m);
-  if (r.m == neg_inf<acc_t>()) {
-    r.d = acc_t(0);
-  } else {
-    r.d = a.d * acc_exp(a.m - r.m) + b.d * acc_exp(b.m - r.m);
+  r.k = acc_t(0);
+  r.d = acc_t(0);
+  if (r.m != neg_inf<acc_t>()) {
+    merge_sum(r, a);
+    merge_sum(r, b);
   }
   r.t = a.t + b.t;
   if (a.m != neg_inf<acc_t>()) r.t += a.w * (r.m - a.m);
@@ -365,7 +390,8 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
 template <typename scalar_t, typename tgt_t, typename acc_t>
 NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* xrow, int64_t r, int64_t n,
                         int64_t d, const Stats<acc_t>& s) {
-  const acc_t logd = acc_log(s.d);
+  const double logd64 = log_sum(static_cast<double>(s.k), static_cast<double>(s.d));
+  const acc_t logd = static_cast<acc_t>(logd64);
   const acc_t lse = s.m + logd;
   const acc_t zterm = p.zloss != acc_t(0) ? p.zloss * lse * lse : acc_t(0);
   acc_t loss, aux;
@@ -391,7 +417,7 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* xrow, int64_t 
     }
   }
   p.loss[r] = loss;
-  p.lse[r] = static_cast<double>(s.m) + ::log(static_cast<double>(s.d));  // once per row
+  p.lse[r] = static_cast<double>(s.m) + logd64;
   p.aux[r] = aux;
 }
 
@@ -571,6 +597,7 @@ __device__ __forceinline__ Stats<acc_t> shfl_xor_stats(const Stats<acc_t>& s, in
                                                       bool need_t) {
   Stats<acc_t> o;
   o.m = __shfl_xor_sync(0xffffffffu, s.m, off);
+  o.k = __shfl_xor_sync(0xffffffffu, s.k, off);
   o.d = __shfl_xor_sync(0xffffffffu, s.d, off);
   if (need_t) {
     o.t = __shfl_xor_sync(0xffffffffu, s.t, off);
