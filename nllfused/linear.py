@@ -32,27 +32,27 @@ dtype and the loss comes back in float32; gradients arrive in the parameters' ow
 """
 from __future__ import annotations
 
-import os
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _checks, backends, functional, ops
-from .backends import torch_ref
 
 # Rows per chunk: None picks them from the shapes and free memory (_chunk_rows); an int forces
 # that many (tests set it small to cross many chunk boundaries).
 CHUNK_ROWS: Optional[int] = None
 
 # The (n, C) buffers a chunk holds at once (_row_bytes) are kept below min(cap, free memory / 8).
-# CPU: 40 MiB is 1/6 of the float32 logits at 2048 x 32000 (320 rows with the "torch" backend,
-# 160 with the C++ one, which needs its logits and gradient at once); thinner chunks lose GEMM
-# speed on the CPU (measured: 128-row products ~1.5x slower than full-size ones, 256+ ~1.1x).
-# CUDA: 1 GiB, e.g. 512 rows of a 256K bfloat16 vocabulary, thick enough for cuBLAS.
-_CHUNK_BYTES_CAP = {"cpu": 40 << 20, "cuda": 1 << 30}
+# CPU: 44 MiB is 1/6 of the float32 logits at 2048 x 32000 (360 rows with the "torch" backend,
+# 320 with the C++ one); thinner chunks lose GEMM speed on the CPU (measured on our 2-core
+# machines: 128-row products ~1.5x slower than full-size ones, 256 rows ~1.15x, 320+ ~1.05x).
+# CUDA: 1 GiB, e.g. ~650 rows of a 256K bfloat16 vocabulary, thick enough for cuBLAS.
+_CHUNK_BYTES_CAP = {"cpu": 44 << 20, "cuda": 1 << 30}
 _MIN_ROWS = 32
+_OPS_SLICES = 8  # the fused ops' ce_bwd runs on 1/8 of a chunk at a time (_Chunks._ops_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,15 +400,16 @@ def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, backen
 def _row_bytes(C: int, dtype: torch.dtype, backend: str) -> int:
     """Bytes of (n, C) buffers alive at once, per chunk row.
 
-    float32/float64 with the "torch" backend: one accumulation-dtype row (the logits become
-    their gradient in place). Fused ops: the logits and the gradient ce_bwd returns, each in the
-    parameters' dtype. Low precision adds float32 rows: the upcast the "torch" backend works in
-    and the float32 copy of the gradient that the weight-gradient product accumulates from."""
+    The logits buffer, which becomes the chunk's gradient in place: with the "torch" backend
+    directly; with the fused ops, whose ce_bwd returns a new tensor, one 1/_OPS_SLICES slice of
+    the chunk at a time, copied back. Low precision adds float32 rows: the upcast the "torch"
+    backend works in, and the float32 copy of the gradient that the CPU's weight-gradient
+    product accumulates from (counted on CUDA too, where that product is a bounded block)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     low = dtype in (torch.float16, torch.bfloat16)
     if backend == "torch":
-        return C * ((2 * itemsize + 8) if low else itemsize)
-    return C * (2 * itemsize + (4 if low else 0))
+        return C * (itemsize + (8 if low else 0))
+    return C * itemsize * (_OPS_SLICES + 1) // _OPS_SLICES + C * (4 if low else 0)
 
 
 def _free_memory(device: torch.device) -> int:
@@ -474,30 +475,43 @@ class _Chunks:
         return torch.addmm(self.b, self.x[r0:r1], self.W.t(), out=out)
 
     def forward(self, logits, r0, r1, grad_rows=None):
-        """(loss (n,), lse (n,) float64, grad_logits (n, C) or None) for a chunk; the gradient,
-        of sum_i grad_rows[i] * loss_i, only if grad_rows is given."""
+        """(loss (n,), lse (n,) float64, g) for a chunk. With grad_rows, g is the gradient of
+        sum_i grad_rows[i] * loss_i in the logits, written over them (g is `logits`)."""
         t = self.t[r0:r1]
-        if grad_rows is not None:
-            grad_rows = self._mask(grad_rows, t)
         if self.backend == "torch":
-            return _torch_chunk(logits, t, self.w, self.options, grad_rows)
-        args = (logits.unsqueeze(-1), t.unsqueeze(-1), self.w, *self.options, False)
-        loss, lse, aux = ops.forward_op(self.backend)(*args)
+            loss, lse, g = _torch_chunk(logits, t, self.w, self.options,
+                                        None if grad_rows is None else self._mask(grad_rows, t))
+            return loss, lse, None if g is None else _over(logits, g)
+        loss, lse, aux = ops.forward_op(self.backend)(
+            logits.unsqueeze(-1), t.unsqueeze(-1), self.w, *self.options, False)
         g = None
         if grad_rows is not None:
-            g = ops.backward_op(self.backend)(grad_rows.unsqueeze(-1), *args[:3], lse, aux,
-                                              *args[3:]).squeeze(-1)
+            g = self._ops_grad(logits, t, grad_rows, lse[:, 0], aux[:, 0])
         return loss[:, 0], lse[:, 0], g
 
     def backward(self, logits, r0, r1, grad_rows, lse, aux):
-        """The chunk's grad_logits from the lse and aux saved by the forward pass."""
+        """The chunk's gradient from the lse and aux saved by the forward pass, written over
+        the logits."""
         t = self.t[r0:r1]
-        grad_rows = self._mask(grad_rows, t)
         if self.backend == "torch":
-            return _torch_chunk(logits, t, self.w, self.options, grad_rows)[2]
-        return ops.backward_op(self.backend)(
-            grad_rows.unsqueeze(-1), logits.unsqueeze(-1), t.unsqueeze(-1), self.w,
-            lse.unsqueeze(-1), aux.unsqueeze(-1), *self.options, False).squeeze(-1)
+            return _over(logits, _torch_chunk(logits, t, self.w, self.options,
+                                              self._mask(grad_rows, t))[2])
+        return self._ops_grad(logits, t, grad_rows, lse, aux)
+
+    def _ops_grad(self, logits, t, grad_rows, lse, aux):
+        # ce_bwd returns a new tensor; run it on 1/_OPS_SLICES of the chunk at a time and copy
+        # each result over the logits it came from (no longer needed), so the chunk holds its
+        # logits plus a slice, not twice its logits.
+        grad_rows = self._mask(grad_rows, t)
+        step = -(-logits.shape[0] // _OPS_SLICES)
+        for s0 in range(0, logits.shape[0], step):
+            s1 = min(s0 + step, logits.shape[0])
+            g = ops.backward_op(self.backend)(
+                grad_rows[s0:s1].unsqueeze(-1), logits[s0:s1].unsqueeze(-1),
+                t[s0:s1].unsqueeze(-1), self.w, lse[s0:s1].unsqueeze(-1),
+                aux[s0:s1].unsqueeze(-1), *self.options, False)
+            logits[s0:s1].copy_(g.squeeze(-1))
+        return logits
 
     def _mask(self, grad_rows, t):
         # Ignored rows get zero gradient whatever the upstream value (an all-ignored 'mean' has
@@ -541,6 +555,11 @@ class _Chunks:
             self.gw.zero_()
             self.gb.zero_()
         return self.gi, self.gw, self.gb
+
+
+def _over(logits, g):
+    """g, in the chunk's logits buffer (it is that buffer already unless dtypes differ)."""
+    return g if g.data_ptr() == logits.data_ptr() else logits.copy_(g)
 
 
 def _forward(input, linear_weight, linear_bias, target, weight, options, reduction, backend,
@@ -589,6 +608,7 @@ def _torch_chunk(logits, target, weight, options, grad_rows=None):
     d = z - max, exp(d), its sum; loss and gradient both read them, so a chunk costs a handful of
     passes and one (n, C) buffer (two with softcap) rather than the reference's dozen passes and
     four buffers (and autograd, which differentiates the reference, is off inside a custom op).
+    It overwrites `logits`; the gradient comes back in the accumulation dtype.
     As the ops' contract asks, lse - z_y is formed as (max - z_y) + log(sum), never by
     subtracting a rounded lse, and the gradient is formed in float32 before its one rounding.
     grad_rows must already be zero on ignored rows. Out-of-range targets give NaN losses (the
@@ -597,10 +617,15 @@ def _torch_chunk(logits, target, weight, options, grad_rows=None):
     ignore_index, e, z_loss, logit_scale, softcap = options
     C = logits.shape[1]
     acc = _checks.accumulation_dtype(logits.dtype)
-    z = torch_ref.transform(logits.to(acc), logit_scale, softcap)
+    # z = softcap(logit_scale * x) (torch_ref.transform's steps), then d = z - m <= 0, then
+    # exp(d), then the gradient, all in one buffer -- the chunk's own logits, or their float32
+    # copy -- except with softcap, whose gradient needs z.
+    z = logits if logits.dtype == acc else logits.to(acc)
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if softcap:
+        z.div_(softcap).tanh_().mul_(softcap)
     m = z.amax(1, keepdim=True)
-    # d = z - m <= 0, then exp(d), then the gradient, all in one buffer: z itself (the chunk's
-    # own logits buffer, or a fresh copy), except with softcap, whose gradient needs z.
     d = torch.sub(z, m) if softcap else z.sub_(m)
     counted = target != ignore_index
     in_range = (target >= 0) & (target < C)
@@ -637,4 +662,4 @@ def _torch_chunk(logits, target, weight, options, grad_rows=None):
         g.mul_(z.div_(softcap).square_().neg_().add_(1))
     if logit_scale != 1.0:
         g.mul_(logit_scale)
-    return loss, lse64, g.to(logits.dtype)
+    return loss, lse64, g
