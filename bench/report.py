@@ -50,7 +50,7 @@ def table(rows: list) -> str:
         headers += ["GB/s", "%copy"]
     if has_linear:
         headers += ["TFLOP/s"]
-    headers += ["peak MB", "vs torch", "check"]
+    headers += ["peak MB"] + (["work MB"] if has_linear else []) + ["vs torch", "check"]
     lines = []
     previous = None
     for r in rows:
@@ -65,8 +65,11 @@ def table(rows: list) -> str:
         if has_linear:
             cells += [_fmt(r["tflops"], ".2f")]
         peak = r["peak_mem_bytes"]
-        cells += [_fmt(None if peak is None else peak / 1e6, ".1f"),
-                  _fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
+        cells += [_fmt(None if peak is None else peak / 1e6, ".1f")]
+        if has_linear:
+            work = r.get("work_mem_bytes")
+            cells += [_fmt(None if work is None else work / 1e6, ".1f")]
+        cells += [_fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
                   _check_cell(r)]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
@@ -95,7 +98,9 @@ def footer(meta: dict, notes: list, rows: list) -> str:
         "(GUIDE §2); %copy = that over the copy bandwidth.",
         f"time: {meta['timing_method']}.",
         f"peak MB: memory above the inputs, {meta['memory_method']}; fwd_bwd includes the "
-        "gradient it returns.",
+        "gradient it returns" + ("; work MB: peak MB less those gradients (the working memory "
+                                 "a fused kernel can save)." if any(
+                                     r["kind"] == "linear" for r in rows) else "."),
         f"check: worst relative error of loss and gradients against float64 torch; "
         f"{meta['inputs']}.",
     ]

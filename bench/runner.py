@@ -35,6 +35,7 @@ class Row:
     pct_of_copy: Optional[float] = None
     tflops: Optional[float] = None
     peak_mem_bytes: Optional[int] = None
+    work_mem_bytes: Optional[int] = None  # peak less the gradients a fwd_bwd call returns
     speedup_vs_torch: Optional[float] = None
     note: str = ""
 
@@ -81,6 +82,7 @@ class Runner:
         self.progress = progress or Progress(0, enabled=False)
         self.time_budget_s = time_budget_s
         self.notes = []
+        self._torch_calls = {}  # CPU: mode -> torch's call of the current case, for pairing
 
     def run(self, cases: list, after_case=None) -> list:
         """Rows of every case; after_case(rows so far) is called as each case ends."""
@@ -101,6 +103,7 @@ class Runner:
     def run_case(self, case: Case) -> list:
         rows = []
         torch_error = None
+        self._torch_calls = {}
         for provider in self.providers:
             self.progress.step(f"{case.preset} {case.name} {case.short_dtype} {provider.name}")
             provider_rows = self._run_provider(case, provider, torch_error)
@@ -109,9 +112,10 @@ class Runner:
             rows += provider_rows
             self.progress.advance()
             _free(self.device)
+        self._torch_calls = {}
         torch_ms = {r.mode: r.time_ms for r in rows if r.provider == "torch" and r.time_ms}
-        for r in rows:
-            if r.time_ms and r.mode in torch_ms:
+        for r in rows:  # GPU (and torch itself): against torch's own row
+            if r.time_ms and r.mode in torch_ms and r.speedup_vs_torch is None:
                 r.speedup_vs_torch = torch_ms[r.mode] / r.time_ms
         return rows
 
@@ -162,8 +166,19 @@ class Runner:
 
     def _measure(self, case: Case, fn, inputs, mode: str, row: Row) -> None:
         call = _call(fn, inputs, mode)
-        row.time_ms = timing.median_ms(call, self.device, self.policy)
+        torch_call = self._torch_calls.get(mode)
+        if self.device.type == "cpu" and row.provider == "torch":
+            self._torch_calls[mode] = call  # kept (with its inputs) for the other providers
+        if self.device.type == "cpu" and torch_call is not None:
+            row.time_ms, torch_ms = timing.paired_median_ms(call, torch_call, self.policy)
+            row.speedup_vs_torch = torch_ms / row.time_ms
+        else:
+            row.time_ms = timing.median_ms(call, self.device, self.policy)
         row.peak_mem_bytes = memory.peak_bytes_above_current(call, self.device)
+        if row.peak_mem_bytes is not None:
+            returned = 0 if mode == "fwd" else sum(
+                t.numel() * t.element_size() for t in inputs.grad_inputs)
+            row.work_mem_bytes = row.peak_mem_bytes - returned
         seconds = row.time_ms * 1e-3
         floor = case.floor_bytes(mode)
         if floor is not None:

@@ -34,7 +34,9 @@ def method(device: torch.device, policy: CpuPolicy) -> str:
                     "cache flushed between them, median of CUDA-event times")
         return "CUDA events: 10 warm-up calls, then 50 timed, median"
     return (f"time.perf_counter: {policy.warmup} warm-up call(s), then at least "
-            f"{policy.min_repeats} calls and {policy.min_seconds:g} s, median")
+            f"{policy.min_repeats} calls and {policy.min_seconds:g} s, median; vs torch: each "
+            f"provider timed in alternation with torch (paired medians), so the machine's "
+            f"drift cancels in the ratio")
 
 
 def _do_bench():
@@ -59,6 +61,26 @@ def median_ms(fn: Callable, device: torch.device, policy: CpuPolicy = CpuPolicy(
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def paired_median_ms(fn: Callable, ref: Callable, policy: CpuPolicy = CpuPolicy()) -> tuple:
+    """CPU: (median ms of fn, median ms of ref), their calls alternated.
+
+    A shared machine's speed drifts by tens of percent over a minute; timing a provider and
+    torch in turn, rather than one after the other, puts the same drift in both medians, so
+    their ratio holds."""
+    for _ in range(policy.warmup):
+        fn()
+        ref()
+    times, ref_times = [], []
+    start = time.perf_counter()
+    while len(times) < policy.max_repeats and (
+            len(times) < policy.min_repeats or time.perf_counter() - start < 2 * policy.min_seconds):
+        for f, out in ((fn, times), (ref, ref_times)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, statistics.median(ref_times) * 1e3
 
 
 def _cuda_median_ms(fn: Callable) -> float:
