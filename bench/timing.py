@@ -35,8 +35,8 @@ def method(device: torch.device, policy: CpuPolicy) -> str:
         return "CUDA events: 10 warm-up calls, then 50 timed, median"
     return (f"time.perf_counter: {policy.warmup} warm-up call(s), then at least "
             f"{policy.min_repeats} calls and {policy.min_seconds:g} s, median; vs torch: each "
-            f"provider timed in alternation with torch (paired medians), so the machine's "
-            f"drift cancels in the ratio")
+            f"provider timed in alternating blocks with torch (a warm-up and 2 timed calls "
+            f"each; paired medians), so the machine's drift cancels in the ratio")
 
 
 def _do_bench():
@@ -63,23 +63,25 @@ def median_ms(fn: Callable, device: torch.device, policy: CpuPolicy = CpuPolicy(
     return statistics.median(times) * 1e3
 
 
-def paired_median_ms(fn: Callable, ref: Callable, policy: CpuPolicy = CpuPolicy()) -> tuple:
-    """CPU: (median ms of fn, median ms of ref), their calls alternated.
+def paired_median_ms(fn: Callable, ref: Callable, policy: CpuPolicy = CpuPolicy(),
+                     block: int = 2) -> tuple:
+    """CPU: (median ms of fn, median ms of ref), timed in alternating blocks.
 
     A shared machine's speed drifts by tens of percent over a minute; timing a provider and
     torch in turn, rather than one after the other, puts the same drift in both medians, so
-    their ratio holds."""
-    for _ in range(policy.warmup):
-        fn()
-        ref()
+    their ratio holds. Each block starts with an untimed call: right after the other function
+    has freed its memory, the first call pays page faults that steady use does not."""
     times, ref_times = [], []
     start = time.perf_counter()
     while len(times) < policy.max_repeats and (
             len(times) < policy.min_repeats or time.perf_counter() - start < 2 * policy.min_seconds):
         for f, out in ((fn, times), (ref, ref_times)):
-            t0 = time.perf_counter()
-            f()
-            out.append(time.perf_counter() - t0)
+            for _ in range(max(1, policy.warmup)):
+                f()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                f()
+                out.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3, statistics.median(ref_times) * 1e3
 
 

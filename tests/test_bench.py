@@ -190,21 +190,22 @@ def test_plots_from_results(tmp_path):
 
 
 def test_cpu_pairs_each_provider_with_torch(monkeypatch):
-    # The two calls alternate, and each median is of its own call: a slow `ref` makes the
-    # ratio, a drift shared by both leaves it alone.
+    # The two calls alternate in blocks, and each median is of its own call: a slow `ref`
+    # makes the ratio, a drift shared by both leaves it alone.
     from nllfused.bench import timing
     order = []
     clock = {"t": 0.0}
 
     def fn():
         order.append("fn")
-        clock["t"] += 0.001 * (1 + len(order) / 100)  # drifts slower as calls go on
+        clock["t"] += 0.001 * (1 + len(order) / 1000)  # drifts slower as calls go on
 
     def ref():
         order.append("ref")
-        clock["t"] += 0.003 * (1 + len(order) / 100)
+        clock["t"] += 0.003 * (1 + len(order) / 1000)
 
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
-    ms, ref_ms = timing.paired_median_ms(fn, ref, timing.CpuPolicy(1, 5, 0.0, 5))
-    assert order == ["fn", "ref"] * 6  # one warm-up pair, five timed pairs
+    ms, ref_ms = timing.paired_median_ms(fn, ref, timing.CpuPolicy(1, 5, 0.0, 100), block=2)
+    # blocks of one warm-up and two timed calls, until at least five are timed
+    assert order == (["fn"] * 3 + ["ref"] * 3) * 3
     assert ref_ms / ms == pytest.approx(3.0, rel=0.02)
