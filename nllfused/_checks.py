@@ -62,7 +62,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def canonicalize(input, target, weight, ignore_index) -> Canonical:
+def check_logits_and_target(input, target) -> None:
+    """Both are tensors, and the logits have a floating dtype a kernel takes."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a Tensor; got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -70,6 +71,10 @@ def canonicalize(input, target, weight, ignore_index) -> Canonical:
     if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(
             f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
+
+
+def canonicalize(input, target, weight, ignore_index) -> Canonical:
+    check_logits_and_target(input, target)
     if input.dim() == 0:
         raise ValueError(
             "input is 0-dimensional: cross_entropy needs logits of shape (C,), (N, C) or "

@@ -332,13 +332,7 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
     """
     reduction = _checks.resolve_reduction(None, None, reduction)
     _checks.check_options(label_smoothing, z_loss, 1.0, None)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a Tensor; got {type(input).__name__}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a Tensor; got {type(target).__name__}")
-    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(
-            f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
+    _checks.check_logits_and_target(input, target)
     if input.dim() == 0 or input.shape[-1] == 0:
         raise ValueError(f"input must have shape (..., C_local) with C_local >= 1; got "
                          f"{tuple(input.shape)}")

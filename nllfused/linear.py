@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, backends, functional, ops
+from .modules import LossOptions
 
 # Rows per chunk: None picks them from the shapes and free memory (_chunk_rows); an int forces
 # that many (tests set it small to cross many chunk boundaries).
@@ -102,7 +103,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     return loss.to(out_dtype)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(LossOptions):
     """torch.nn.LinearCrossEntropyLoss, fused: holds the linear layer (self.linear, (C, H) weight,
     optional bias) and the loss options; forward(input, target) returns
     nllfused.linear_cross_entropy(input, self.linear.weight, target, self.linear.bias, ...).
@@ -122,22 +123,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             raise NotImplementedError(
                 "nllfused.LinearCrossEntropyLoss supports out_features=() only (one class "
                 "dimension); K-dimensional losses are not implemented")
-        self.reduction = _checks.resolve_reduction(None, None, reduction)
-        _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+        self._set_options(_checks.resolve_reduction(None, None, reduction), label_smoothing,
+                          z_loss, logit_scale, softcap, backend)
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},); got {tuple(weight.shape)}")
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of "
-                             f"{', '.join(backends.BACKENDS)}")
         self.num_classes = num_classes
         self.out_features = ()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.logit_scale = logit_scale
-        self.softcap = softcap
-        self.backend = backend
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
 
@@ -152,12 +145,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
                   f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
                   f"ignore_index={self.ignore_index}"]
-        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("logit_scale", 1.0),
-                              ("softcap", None)):
-            if getattr(self, name) != default:
-                extras.append(f"{name}={getattr(self, name)}")
-        extras.append(f"backend={self.backend!r}")
-        return ", ".join(extras)
+        return ", ".join(extras + self._options_repr())
 
 
 # ---------------------------------------------------------------------------------------------

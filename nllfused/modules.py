@@ -5,11 +5,37 @@ from typing import Optional
 
 import torch
 
-from . import _checks
+from . import _checks, backends
 from .functional import cross_entropy
 
 
-class CrossEntropyLoss(torch.nn.Module):
+class LossOptions(torch.nn.Module):
+    """What nllfused's loss modules share: their reduction and extra options, checked at
+    construction (a user of torch's modules learns of a bad option early), shown by repr."""
+
+    def _set_options(self, reduction: str, label_smoothing: float, z_loss: float,
+                     logit_scale: float, softcap: Optional[float], backend: str) -> None:
+        _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of "
+                             f"{', '.join(backends.BACKENDS)}")
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.backend = backend
+
+    def _options_repr(self) -> list:
+        extras = []
+        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("logit_scale", 1.0),
+                              ("softcap", None)):
+            if getattr(self, name) != default:
+                extras.append(f"{name}={getattr(self, name)}")
+        return extras + [f"backend={self.backend!r}"]
+
+
+class CrossEntropyLoss(LossOptions):
     """Drop-in for torch.nn.CrossEntropyLoss, plus keyword-only z_loss, logit_scale, softcap and
     backend (see nllfused.cross_entropy)."""
 
@@ -18,16 +44,10 @@ class CrossEntropyLoss(torch.nn.Module):
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, backend: str = "auto") -> None:
         super().__init__()
-        # Validate at construction, as a user of torch's module would want to learn early.
-        self.reduction = _checks.resolve_reduction(size_average, reduce, reduction)
-        _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+        self._set_options(_checks.resolve_reduction(size_average, reduce, reduction),
+                          label_smoothing, z_loss, logit_scale, softcap, backend)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.logit_scale = logit_scale
-        self.softcap = softcap
-        self.backend = backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -37,9 +57,4 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("logit_scale", 1.0),
-                              ("softcap", None)):
-            if getattr(self, name) != default:
-                extras.append(f"{name}={getattr(self, name)}")
-        extras.append(f"backend={self.backend!r}")
-        return ", ".join(extras)
+        return ", ".join(extras + self._options_repr())

@@ -84,6 +84,8 @@ def test_module_rejects_bad_options_at_construction():
         nllfused.CrossEntropyLoss(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         nllfused.CrossEntropyLoss(label_smoothing=2.0)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        nllfused.CrossEntropyLoss(backend="tpu")
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
