@@ -1,23 +1,56 @@
-"""Triton kernels for fused cross-entropy (installed as nllfused.kernels.cross_entropy).
+"""Triton kernels for fused cross-entropy, their launch configuration and their launchers
+(installed as nllfused.kernels.cross_entropy).
 
-Two kernels, one per job, following the contract of csrc/ops.cpp and the maths of GUIDE §1:
+The contract is csrc/ops.cpp's (nllfused::ce_fwd_triton / ce_bwd_triton), the maths docs/maths.md:
   ce_fwd_kernel  reads each row of logits once (online softmax) and writes per-row loss, lse, aux;
   ce_bwd_kernel  reads each row once more and writes its gradient, recomputing p from the lse.
+launch_config picks the tile shape; ce_fwd / ce_bwd at the end allocate the outputs and launch.
 
 A program handles a tile of BLOCK_R rows x BLOCK_C classes and loops over the classes, so one
 kernel serves the LM case (few long rows: BLOCK_R = 1) and the classification / segmentation case
 (many short rows, rows adjacent in memory when D > 1: BLOCK_R > 1). Rows are r = n * D + d of the
 (N, C, D) view; all offsets are int64. Optional features are constexpr flags, so a plain
 cross-entropy compiles none of their code.
+
+Online-softmax state, named as in the C++ and CUDA kernels: m the running max, k the number of
+classes exactly at m (their exp terms are exactly 1), s the sum of exp(z - m) over the others;
+lse = m + log(k + s), log1p(s) when k == 1.
 """
+import torch
 import triton
 import triton.language as tl
 
+from .launch import INTERPRETER, acc_dtype, guard, hi_lo, truncating_store  # noqa: F401
+
 
 @triton.jit
-def _tanh(u):
-    # tanh from exp: runs on every target and in the interpreter; saturates cleanly to +-1.
-    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+def _tanh(v, ACC: tl.constexpr):
+    """tanh(v) to a few ulps of ACC everywhere, including near 0 where 1 - 2/(1 + e^2v) would
+    carry an absolute (so, relative to a tiny tanh, huge) rounding error."""
+    a = tl.abs(v)
+    if ACC == tl.float64:
+        # tanh(a) = -e / (2 + e), e = expm1(-2a) by Kahan's exact-quotient trick (float64 exp and
+        # log are correctly rounded enough for it on every target).
+        u = tl.exp(-2.0 * a)
+        plain = (u == 1.0) | (u == 0.0)          # expm1 is -2a, or -1: no quotient needed
+        quotient = (u - 1.0) * (-2.0 * a) / tl.log(tl.where(plain, 0.5, u))
+        e = tl.where(u == 1.0, -2.0 * a, tl.where(u == 0.0, -1.0, quotient))
+        t = -e / (2.0 + e)
+    else:
+        # |v| < 0.5: the odd Taylor polynomial through v^17 (next term < 1e-9 relative);
+        # beyond: (e - 1) / (e + 1) with e = exp(2a) >= 2.7, where nothing cancels.
+        a2 = a * a
+        poly = -929569.0 / 638512875.0 + a2 * (6404582.0 / 10854718875.0)
+        poly = 21844.0 / 6081075.0 + a2 * poly
+        poly = -1382.0 / 155925.0 + a2 * poly
+        poly = 62.0 / 2835.0 + a2 * poly
+        poly = -17.0 / 315.0 + a2 * poly
+        poly = 2.0 / 15.0 + a2 * poly
+        poly = -1.0 / 3.0 + a2 * poly
+        small = a + a * a2 * poly
+        e = tl.exp(2.0 * tl.minimum(a, 10.0))      # tanh(10) is 1 in float32
+        t = tl.where(a < 0.5, small, (e - 1.0) / (e + 1.0))
+    return tl.where(v < 0, -t, t)
 
 
 @triton.jit
@@ -25,7 +58,8 @@ def _log1p(x):
     # log(1 + x) keeping the digits of a tiny x that 1 + x rounds away (u - 1 is exact: the
     # quotient corrects log(u) for that rounding).
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
@@ -36,9 +70,25 @@ def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
     if HAS_SCALE:
         z = z * logit_scale
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        z = softcap * _tanh(z / softcap, ACC)
         z = tl.where(mask, z, float("-inf"))  # softcap maps -inf to -softcap
     return z
+
+
+@triton.jit
+def _options(smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
+             ACC: tl.constexpr):
+    # Float arguments arrive as float32: each option comes as hi + lo so float64 keeps it whole.
+    zero = tl.zeros([], ACC)
+    return (zero + smoothing_hi) + smoothing_lo, (zero + scale_hi) + scale_lo, \
+        (zero + softcap_hi) + softcap_lo
+
+
+@triton.jit
+def _tile_rows(R, D, BLOCK_R: tl.constexpr):
+    """This program's rows r = n * D + d, whether each exists, and their (n, d)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    return rows, rows < R, rows // D, rows % D
 
 
 @triton.jit
@@ -48,21 +98,14 @@ def ce_fwd_kernel(
     W, WSUM,                                     # class weights (C,), their sum (1,)
     LOSS, LSE, AUX,                              # per-row outputs, contiguous (N * D,)
     R, C, D, ignore_index,
-    smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    # Float arguments arrive as float32: each option comes as hi + lo so float64 keeps it whole.
-    zero = tl.zeros([], ACC)
-    label_smoothing = (zero + smoothing_hi) + smoothing_lo
-    z_loss = (zero + z_loss_hi) + z_loss_lo
-    logit_scale = (zero + scale_hi) + scale_lo
-    softcap = (zero + softcap_hi) + softcap_lo
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    n = rows // D
-    d = rows % D
+    label_smoothing, logit_scale, softcap = _options(
+        smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
+    rows, row_ok, n, d = _tile_rows(R, D, BLOCK_R)
     x_rows = X + (n * stride_xn + d * stride_xd)[:, None]
     t_rows = T + (n * stride_tn + d * stride_td)
 
@@ -72,10 +115,9 @@ def ce_fwd_kernel(
                      HAS_SCALE, HAS_SOFTCAP)
     r = tl.where(tl.abs(r) < float("inf"), r, 0.0)
 
-    # sum_c exp(z_c - m) = k + s: k counts the classes at the running max m (their terms are
-    # exactly 1), s sums the others. Kept apart, a confident row's tiny terms are not rounded
+    # sum_c exp(z_c - m) = k + s, kept apart so that a confident row's tiny terms are not rounded
     # away against the 1 (its loss is log(1 + s), which _log1p keeps to float32 precision).
-    m = tl.full([BLOCK_R], float("-inf"), ACC)   # running max
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
     k = tl.zeros([BLOCK_R], ACC)
     s = tl.zeros([BLOCK_R], ACC)
     acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r), or of w q' (z - r)
@@ -117,12 +159,9 @@ def ce_fwd_kernel(
 
     log_s = tl.where(k == 1.0, _log1p(s), tl.log(k + s))   # log sum_c exp(z_c - m)
     lse_r = (m - r) + log_s                      # lse - r, never through a rounded lse
-    lse = lse_r + r
     if PROB_TARGET:
         sum_wq = tl.sum(acc_wq, 1)
         loss = sum_wq * lse_r - tl.sum(acc_wz, 1)
-        if HAS_Z_LOSS:
-            loss += z_loss * lse * lse
         aux = sum_wq
     else:
         y = tl.load(t_rows, mask=row_ok, other=0).to(tl.int64)
@@ -140,8 +179,6 @@ def ce_fwd_kernel(
             w_sum = tl.load(WSUM).to(ACC)
             smooth = w_sum * lse_r - tl.sum(acc_wz, 1)   # sum_c w_c (lse - z_c)
             loss = (1.0 - label_smoothing) * loss + (label_smoothing / C) * smooth
-        if HAS_Z_LOSS:
-            loss += z_loss * lse * lse
         # Out-of-range targets poison their row with NaN, the documented GPU behaviour.
         loss = tl.where(counted, tl.where(in_range, loss, float("nan")), 0.0)
         aux = tl.where(counted, tl.where(in_range, w_y, float("nan")), 0.0)
@@ -154,32 +191,28 @@ def ce_fwd_kernel(
 
 @triton.jit
 def ce_bwd_kernel(
-    G, stride_gn, stride_gd,                     # upstream gradient per row (N, D)
+    G, stride_gn, stride_gd,                     # upstream gradient of the loss (N, D)
+    GL, stride_gln, stride_gld,                  # upstream gradient of the lse (N, D), float64
     X, stride_xn, stride_xc, stride_xd,          # logits (N, C, D)
     T, stride_tn, stride_tc, stride_td,          # targets
     W, WSUM, LSE, AUX,
     GX,                                          # gradient, contiguous (N, C, D)
     R, C, D, ignore_index,
-    smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
 ):
-    # Float arguments arrive as float32: each option comes as hi + lo so float64 keeps it whole.
-    zero = tl.zeros([], ACC)
-    label_smoothing = (zero + smoothing_hi) + smoothing_lo
-    z_loss = (zero + z_loss_hi) + z_loss_lo
-    logit_scale = (zero + scale_hi) + scale_lo
-    softcap = (zero + softcap_hi) + softcap_lo
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    n = rows // D
-    d = rows % D
+    label_smoothing, logit_scale, softcap = _options(
+        smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
+    rows, row_ok, n, d = _tile_rows(R, D, BLOCK_R)
     x_rows = X + (n * stride_xn + d * stride_xd)[:, None]
     t_rows = T + (n * stride_tn + d * stride_td)
     gx_rows = GX + (n * C * D + d)[:, None]
 
     g = tl.load(G + n * stride_gn + d * stride_gd, mask=row_ok, other=0.0).to(ACC)
+    if HAS_GRAD_LSE:
+        g_lse = tl.load(GL + n * stride_gln + d * stride_gld, mask=row_ok, other=0.0).to(ACC)
     # p = exp(z - lse) with lse split into hi + lo, so that float32 keeps torch's accuracy.
     lse64 = tl.load(LSE + rows, mask=row_ok, other=0.0)
     hi = lse64.to(ACC)
@@ -199,8 +232,6 @@ def ce_bwd_kernel(
         if HAS_SMOOTHING:
             coef += (label_smoothing / C) * tl.load(WSUM).to(ACC)
         g = tl.where(counted, tl.where(in_range, g, float("nan")), 0.0)
-    if HAS_Z_LOSS:
-        coef += 2.0 * z_loss * (hi + lo)
 
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
@@ -211,7 +242,7 @@ def ce_bwd_kernel(
         if HAS_SCALE:
             z = z * logit_scale
         if HAS_SOFTCAP:
-            t = _tanh(z / softcap)
+            t = _tanh(z / softcap, ACC)
             z = softcap * t
         p = tl.exp((z - hi[:, None]) - lo[:, None])
         grad = p * coef[:, None]
@@ -235,12 +266,15 @@ def ce_bwd_kernel(
                 else:
                     grad -= label_smoothing / C
         grad = grad * g[:, None]
+        if not PROB_TARGET:
+            grad = tl.where(counted[:, None], grad, 0.0)   # ignored rows: exactly 0
+        if HAS_GRAD_LSE:
+            # d lse / d z_c = p_c; rows without an lse gradient get none (no 0 * NaN).
+            grad = tl.where((g_lse != 0.0)[:, None], grad + g_lse[:, None] * p, grad)
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)
         if HAS_SCALE:
             grad = grad * logit_scale
-        if not PROB_TARGET:
-            grad = tl.where(counted[:, None], grad, 0.0)   # ignored rows: exactly 0
         tl.store(gx_rows + cols[None, :].to(tl.int64) * D, grad.to(GX.dtype.element_ty),
                  mask=mask)
 
@@ -259,3 +293,67 @@ def launch_config(num_rows: int, num_classes: int, elem_size: int):
                                             triton.next_power_of_2(max(num_rows, 1)))
     num_warps = 4 if block_r * block_c <= 1024 else (8 if block_r * block_c <= 4096 else 16)
     return block_r, block_c, num_warps
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: the CPU and CUDA kernels of nllfused::ce_fwd_triton / ce_bwd_triton (nllfused/ops.py
+# registers them). Arguments as in csrc/ops.cpp.
+# ------------------------------------------------------------------------------------------------
+
+def _launch(logits, weight, label_smoothing, logit_scale, softcap, prob_target):
+    """(grid, per-call kernel arguments, constexpr flags) shared by both kernels."""
+    N, C, D = logits.shape
+    R = N * D
+    block_r, block_c, num_warps = launch_config(R, C, logits.element_size())
+    if weight is None:
+        # W is never read without HAS_WEIGHT; WSUM = C.
+        W = WSUM = torch.full((1,), float(C), dtype=torch.float64, device=logits.device)
+    else:
+        W, WSUM = weight, weight.sum(dtype=torch.float64).reshape(1)  # on the device: no sync
+    flags = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(logits.dtype),
+                 PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+                 HAS_SMOOTHING=label_smoothing > 0, HAS_SCALE=logit_scale != 1.0,
+                 HAS_SOFTCAP=softcap > 0, num_warps=num_warps)
+    options = hi_lo(label_smoothing, logit_scale, softcap)
+    return (triton.cdiv(R, block_r),), (W, WSUM), (R, C, D), options, flags
+
+
+def _target_strides(target, prob_target):
+    if prob_target:
+        return target.stride(0), target.stride(1), target.stride(2)
+    return target.stride(0), 0, target.stride(1)
+
+
+def ce_fwd(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+           prob_target):
+    N, _, D = logits.shape
+    loss = torch.empty((N, D), dtype=torch.float64 if logits.dtype == torch.float64
+                       else torch.float32, device=logits.device)
+    aux = torch.empty_like(loss)
+    lse = torch.empty((N, D), dtype=torch.float64, device=logits.device)
+    if N * D == 0:
+        return loss, lse, aux
+    grid, weights, sizes, options, flags = _launch(logits, weight, label_smoothing, logit_scale,
+                                                    softcap, prob_target)
+    with guard(logits):
+        ce_fwd_kernel[grid](logits, *logits.stride(), target, *_target_strides(target, prob_target),
+                            *weights, loss, lse, aux, *sizes, ignore_index, *options, **flags)
+    return loss, lse, aux
+
+
+def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index, label_smoothing,
+           logit_scale, softcap, prob_target):
+    N, C, D = logits.shape
+    grad = torch.empty((N, C, D), dtype=torch.float32 if truncating_store(logits)
+                       else logits.dtype, device=logits.device)
+    if N * D == 0:
+        return grad.to(logits.dtype)
+    grid, weights, sizes, options, flags = _launch(logits, weight, label_smoothing, logit_scale,
+                                                    softcap, prob_target)
+    gl = grad_loss if grad_lse is None else grad_lse   # never read without HAS_GRAD_LSE
+    with guard(logits):
+        ce_bwd_kernel[grid](grad_loss, *grad_loss.stride(), gl, *gl.stride(),
+                            logits, *logits.stride(), target, *_target_strides(target, prob_target),
+                            *weights, lse, aux, grad, *sizes, ignore_index, *options,
+                            HAS_GRAD_LSE=grad_lse is not None, **flags)
+    return grad.to(logits.dtype)

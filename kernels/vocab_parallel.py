@@ -2,21 +2,27 @@
 
 Each rank of a tensor-parallel group holds the logits of a slice [vocab_start, vocab_start + C)
 of the vocabulary. nllfused/distributed.py combines per-row statistics of every slice into the
-full-vocabulary loss (GUIDE §1); these two kernels are the only passes over the logits:
+full-vocabulary loss (docs/maths.md); these two kernels are the only passes over the logits:
 
   vp_stats_kernel  reads each row of the slice once (online softmax) and writes, in float64,
                    row 0: lse_r = logsumexp of the slice,
                    row 1: z_y if the row's target falls in this slice, else 0,
                    row 2 (HAS_SMOOTHING): A_r = sum_{c in slice} w_c (lse_r - z_c) >= 0;
   vp_bwd_kernel    reads each row once more and writes the slice's gradient
-                   g * (p_c coef - tcoef [c = y] - eps_c w_c),  p_c = exp(z_c - lse),
-                   from the global lse and per-row coefficients formed by the caller.
+                   g * (p_c coef - tcoef [c = y] - eps_c w_c) + g_lse p_c,  p_c = exp(z_c - lse),
+                   from the global lse and per-row coefficients formed by the caller
+                   (g_lse: the upstream gradient of the global lse, e.g. from z-loss).
 
 Rows are those of a 2-D (R, C) view with any strides; offsets are int64. Optional features are
 constexpr flags, as in kernels/cross_entropy.py, whose launch_config picks the tile shapes.
+The launchers vp_stats / vp_bwd at the end allocate the outputs and launch.
 """
+import torch
 import triton
 import triton.language as tl
+
+from .cross_entropy import launch_config
+from .launch import acc_dtype, guard, truncating_store
 
 IGNORED_ROW = -2  # y_local marker of an ignored row in vp_bwd_kernel (-1: target elsewhere)
 
@@ -82,6 +88,7 @@ def vp_stats_kernel(
 @triton.jit
 def vp_bwd_kernel(
     G,                                           # upstream gradient per row (R,), ACC
+    GL,                                          # upstream gradient of the lse (R,), float64
     X, stride_xr, stride_xc,                     # this rank's logits (R, C)
     LSE, COEF, TCOEF, YL,                        # per row: global lse (f64), p-coefficient,
                                                  # true-class coefficient, local target id
@@ -89,12 +96,14 @@ def vp_bwd_kernel(
     GX,                                          # gradient, contiguous (R, C)
     R, C,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     x_rows = X + rows * stride_xr
     gx_rows = GX + rows * C
+    if HAS_GRAD_LSE:
+        g_lse = tl.load(GL + rows, mask=row_ok, other=0.0).to(ACC)
 
     g = tl.load(G + rows, mask=row_ok, other=0.0).to(ACC)
     # p = exp(z - lse) with lse split into hi + lo, so that float32 keeps torch's accuracy.
@@ -125,5 +134,51 @@ def vp_bwd_kernel(
             else:
                 grad -= eps_c
         grad = tl.where(kept[:, None], grad * g[:, None], 0.0)   # ignored rows: exactly 0
+        if HAS_GRAD_LSE:
+            # d lse / d z_c = p_c; rows without an lse gradient get none (no 0 * NaN).
+            grad = tl.where((g_lse != 0.0)[:, None], grad + g_lse[:, None] * p, grad)
         tl.store(gx_rows[:, None] + cols[None, :].to(tl.int64), grad.to(GX.dtype.element_ty),
                  mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (nllfused/distributed.py binds them as custom ops). Per-row tensors contiguous (R,).
+# ------------------------------------------------------------------------------------------------
+
+def _launch(logits):
+    R, C = logits.shape
+    block_r, block_c, num_warps = launch_config(R, C, logits.element_size())
+    return (triton.cdiv(R, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c,
+                                            ACC=acc_dtype(logits.dtype), num_warps=num_warps)
+
+
+def vp_stats(logits, target, weight, wsum, vocab_start, ignore_index, smoothing):
+    R, C = logits.shape
+    out = torch.empty((3 if smoothing else 2, R), dtype=torch.float64, device=logits.device)
+    if R == 0:
+        return out
+    grid, flags = _launch(logits)
+    with guard(logits):
+        vp_stats_kernel[grid](
+            logits, logits.stride(0), logits.stride(1), target, target.stride(0),
+            wsum if weight is None else weight, wsum, out, R, C, vocab_start, ignore_index,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, **flags)
+    return out
+
+
+def vp_bwd(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing):
+    R, C = logits.shape
+    grad = torch.empty((R, C), dtype=torch.float32 if truncating_store(logits) else logits.dtype,
+                       device=logits.device)
+    if R == 0:
+        return grad.to(logits.dtype)
+    grid, flags = _launch(logits)
+    g = g.contiguous()
+    with guard(logits):
+        vp_bwd_kernel[grid](
+            g, g if g_lse is None else g_lse.contiguous(), logits, logits.stride(0),
+            logits.stride(1), lse.contiguous(), coef.contiguous(), tcoef.contiguous(),
+            y_local.contiguous(), eps_c if weight is None else weight, eps_c, grad, R, C,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing,
+            HAS_GRAD_LSE=g_lse is not None, **flags)
+    return grad.to(logits.dtype)

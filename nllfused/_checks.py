@@ -1,31 +1,50 @@
 """Argument checks and canonicalisation for the cross-entropy entry points.
 
 Everything a user can get wrong is caught here, before any kernel runs, with an exception that
-names the problem. The result is the canonical form every backend takes (see csrc/ops.cpp):
-logits (N, C, D), targets (N, D) or (N, C, D), weight (C,) in the accumulation dtype.
+names the problem (nllfused/errors.py: catchable as torch's RuntimeError and as ValueError or
+TypeError). The result is a `Call`: the canonical form every backend takes (csrc/ops.cpp), logits
+(N, C, D), targets (N, D) or (N, C, D), weight (C,) in the accumulation dtype, and the op options
+as one named record, `Options`, unpacked only where an op is called.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
+from .backends import torch_ref
+from .errors import ArgumentError, ArgumentTypeError
+
 REDUCTIONS = ("none", "mean", "sum")
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Options(NamedTuple):
+    """The options every op takes, in the schema's order (csrc/ops.cpp)."""
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    logit_scale: float = 1.0
+    softcap: float = 0.0  # 0: no softcap
+    prob_target: bool = False
 
 
 @dataclass
-class Canonical:
+class Call:
     """A cross-entropy call in the canonical form the ops take."""
 
     logits: torch.Tensor  # (N, C, D)
     target: torch.Tensor  # (N, D) integer or (N, C, D) floating
     weight: Optional[torch.Tensor]  # (C,) accumulation dtype, contiguous
-    prob_target: bool
+    options: Options
     out_shape: tuple  # shape of the reduction='none' result
     out_dtype: torch.dtype
-    num_classes: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
 
 
 def resolve_reduction(size_average, reduce, reduction: str) -> str:
@@ -33,104 +52,130 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(
-            f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
+        raise ArgumentError(f"{reduction!r} is not a valid value for reduction: it must be one "
+                            f"of {', '.join(map(repr, REDUCTIONS))}")
     return reduction
 
 
+def _number(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a Python number; got {type(value).__name__}")
+    if not -math.inf < value < math.inf:  # also false for NaN; traceable by dynamo
+        raise ArgumentError(f"{name} must be finite; got {value}")
+
+
 def check_options(label_smoothing, z_loss, logit_scale, softcap) -> None:
-    def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a Python number; got {type(value).__name__}")
-        if not -math.inf < value < math.inf:  # also false for NaN; traceable by dynamo
-            raise ValueError(f"{name} must be finite; got {value}")
-
-    number("label_smoothing", label_smoothing)
+    _number("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
-    number("z_loss", z_loss)
+        raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0 (in [0, 1]); got "
+                            f"{label_smoothing}")
+    _number("z_loss", z_loss)
     if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0; got {z_loss}")
-    number("logit_scale", logit_scale)
+        raise ArgumentError(f"z_loss must be >= 0; got {z_loss}")
+    _number("logit_scale", logit_scale)
     if softcap is not None:
-        number("softcap", softcap)
+        _number("softcap", softcap)
         if softcap <= 0:
-            raise ValueError(f"softcap must be a positive number or None; got {softcap}")
+            raise ArgumentError(f"softcap must be a positive number or None; got {softcap}")
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ArgumentTypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
 
 
 def check_logits_and_target(input, target) -> None:
-    """Both are tensors, and the logits have a floating dtype a kernel takes."""
+    """Both are tensors on one device, and the logits have a floating dtype a kernel takes."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a Tensor; got {type(input).__name__}")
+        raise ArgumentTypeError(f"input must be a Tensor; got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a Tensor; got {type(target).__name__}")
-    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(
+        raise ArgumentTypeError(f"target must be a Tensor; got {type(target).__name__}")
+    if input.dtype not in LOGIT_DTYPES:
+        raise ArgumentTypeError(
             f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
+    if target.device != input.device:
+        raise ArgumentError(f"Expected all tensors to be on the same device: target is on "
+                            f"{target.device} but input is on {input.device}")
+    if target.dtype == torch.bool or target.is_complex():
+        raise ArgumentTypeError(
+            f"target must hold class indices (an integer dtype) or class probabilities "
+            f"(a floating dtype): expected target dtype to be Long, Int or Byte for class "
+            f"indices, but got {target.dtype}")
 
 
-def canonicalize(input, target, weight, ignore_index) -> Canonical:
+def check_weight(weight, num_classes: int, input: torch.Tensor) -> Optional[torch.Tensor]:
+    """The class weights as the ops take them: (C,) contiguous, accumulation dtype, detached."""
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise ArgumentTypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ArgumentError(
+            f"weight tensor should be defined either for all {num_classes} classes or no classes: "
+            f"weight must be a 1-D tensor with one entry per class ({num_classes}); got shape "
+            f"{tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ArgumentTypeError(f"weight must be floating point (expected scalar type Float or "
+                                f"Double); got {weight.dtype}")
+    if weight.device != input.device:
+        raise ArgumentError(f"Expected all tensors to be on the same device: weight is on "
+                            f"{weight.device} but input is on {input.device}")
+    return weight.detach().to(torch_ref.acc_dtype(input.dtype)).contiguous()
+
+
+def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
+    """Whether the target holds probabilities; raises if its shape fits neither kind."""
+    prob_target = target.is_floating_point()
+    if prob_target and target.shape == input.shape:
+        return True
+    if not prob_target and target.shape == index_shape:
+        return False
+    if prob_target and target.shape == index_shape:
+        raise ArgumentTypeError(
+            f"expected target dtype to be Long or Byte, but got {target.dtype}: target has the "
+            f"shape of class indices {tuple(target.shape)} but a floating dtype; class indices "
+            f"must be an integer tensor (e.g. target.long()); probability targets must have the "
+            f"input's shape {tuple(input.shape)}")
+    if prob_target:
+        raise ArgumentError(
+            f"probability targets must have the input's shape {tuple(input.shape)}; got "
+            f"{tuple(target.shape)} (multi-target not supported)")
+    if target.shape == input.shape:
+        raise ArgumentTypeError(
+            f"Expected floating point type for target with class probabilities, got "
+            f"{target.dtype}: a target of the input's shape {tuple(target.shape)} holds class "
+            f"probabilities; class-index targets must have shape {tuple(index_shape)} (the "
+            f"input's shape without the class dimension)")
+    if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ArgumentError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0]}): class-index targets must have shape {tuple(index_shape)}")
+    raise ArgumentError(
+        f"Expected target size {list(index_shape)}, got {list(target.shape)}: class-index "
+        f"targets for input of shape {tuple(input.shape)} must have shape {tuple(index_shape)} "
+        f"(the input's shape without the class dimension {class_dim})")
+
+
+def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit_scale=1.0,
+                 softcap=None) -> Call:
     check_logits_and_target(input, target)
+    check_ignore_index(ignore_index)
     if input.dim() == 0:
-        raise ValueError(
+        raise ArgumentError(
             "input is 0-dimensional: cross_entropy needs logits of shape (C,), (N, C) or "
             "(N, C, d1, ..., dk) with the classes in dimension 1 (dimension 0 for a 1-D input)")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
-
     class_dim = 0 if input.dim() == 1 else 1
     C = input.shape[class_dim]
     if C == 0:
-        raise ValueError(f"input has 0 classes (shape {tuple(input.shape)})")
+        # torch: "Target 0 is out of bounds" (an IndexError) -- every class index is.
+        raise IndexError(f"input has 0 classes (shape {tuple(input.shape)}): every target is "
+                         f"out of bounds")
     index_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
-
-    if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(
-            f"target must hold class indices (an integer dtype) or class probabilities "
-            f"(a floating dtype); got {target.dtype}")
-    prob_target = target.is_floating_point()
-    if prob_target:
-        if target.shape != input.shape:
-            if target.shape == index_shape:
-                raise TypeError(
-                    f"target has the shape of class indices {tuple(target.shape)} but a floating "
-                    f"dtype ({target.dtype}): class indices must be an integer tensor (e.g. "
-                    f"target.long()); probability targets must have the input's shape "
-                    f"{tuple(input.shape)}")
-            raise ValueError(
-                f"probability targets must have the input's shape {tuple(input.shape)}; "
-                f"got {tuple(target.shape)}")
-        if ignore_index >= 0:
-            raise ValueError(
-                "ignore_index is not supported with probability (floating point) targets")
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-    else:
-        if target.shape != index_shape:
-            raise ValueError(
-                f"target shape {tuple(target.shape)} does not match input shape "
-                f"{tuple(input.shape)}: class-index targets must have shape "
-                f"{tuple(index_shape)} (the input's shape without the class dimension)")
-        out_dtype = input.dtype
-
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] != C:
-            raise ValueError(
-                f"weight must be a 1-D tensor with one entry per class ({C}); got shape "
-                f"{tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point; got {weight.dtype}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-        # float32 for every backend (csrc/ops.cpp); weights beyond float32 precision are rare.
-        weight = weight.detach().to(torch.float32).contiguous()
+    prob_target = _check_target_shape(input, target, class_dim, index_shape)
+    if prob_target and ignore_index >= 0:
+        raise ArgumentError(
+            "ignore_index is not supported for floating point target (probability targets)")
+    weight = check_weight(weight, C, input)
 
     # Canonical 3-D views; flatten(2) is a view for contiguous and channels-last inputs.
     if input.dim() == 1:
@@ -142,7 +187,10 @@ def canonicalize(input, target, weight, ignore_index) -> Canonical:
             target3 = target.unsqueeze(-1) if target.dim() == 2 else target.flatten(2)
         else:
             target3 = target.unsqueeze(-1) if target.dim() == 1 else target.flatten(1)
-    return Canonical(logits, target3, weight, prob_target, tuple(index_shape), out_dtype, C)
+    options = Options(ignore_index, float(label_smoothing), float(logit_scale),
+                      float(softcap or 0.0), prob_target)
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if prob_target else input.dtype
+    return Call(logits, target3, weight, options, tuple(index_shape), out_dtype)
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -153,8 +201,8 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
     """
     if target.numel() == 0:
         return
-    counted = target != ignore_index
-    bad = counted & ((target < 0) | (target >= num_classes))
+    counted, in_range = torch_ref.index_rule(target, num_classes, ignore_index)
+    bad = counted & ~in_range
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
         raise IndexError(

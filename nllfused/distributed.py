@@ -6,7 +6,7 @@ vocab_parallel_cross_entropy returns, on every rank, exactly the loss nllfused.c
 would give on the concatenated full-vocabulary logits, and each rank's backward gives the
 gradient for its own slice, without ever gathering the logits.
 
-How (GUIDE §1 with C = the global vocabulary size):
+How (docs/maths.md with C = the global vocabulary size):
   1. Each rank reduces its slice to per-row statistics in one pass over its logits (the fused
      Triton kernel in kernels/vocab_parallel.py, or torch): lse_r (logsumexp of the slice), the
      target logit z_y if the target falls in the slice (else 0), and with label smoothing
@@ -19,9 +19,11 @@ How (GUIDE §1 with C = the global vocabulary size):
      sum_c w_c (lse - z_c) = sum_r [A_r + W_r (lse - lse_r)] (every term >= 0: no cancellation),
      C = sum_r C_r, sum_c w_c = sum_r W_r. Label smoothing is exact over the full vocabulary.
   4. The backward pass needs no communication: each rank forms p_c = exp(z_c - lse) for its
-     slice from the saved global lse and writes g (p_c coef - (1-e) w_y [c=y] - (e/C) w_c).
+     slice from the saved global lse and writes g (p_c coef - (1-e) w_y [c=y] - (e/C) w_c),
+     plus g_lse p_c where the global lse has a gradient (z-loss).
 The 'mean' denominator (the summed weights of the counted targets) comes from the target and
-the full weight, identical on every rank: no extra collective.
+the full weight, identical on every rank: no extra collective. The z-loss term and the
+reduction are nllfused.cross_entropy's (backends.torch_ref.reduce).
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ from typing import Optional
 
 import torch
 
-from . import _checks
-from .backends import BACKENDS
+from . import _checks, backends
+from ._extension import TRITON_ERROR
+from .backends import torch_ref
+from .errors import ArgumentError, ArgumentTypeError
 
 try:
     import torch.distributed as dist
@@ -38,16 +42,10 @@ try:
 except ImportError:  # a torch built without distributed support
     dist = funcol = None
 
-_TRITON_ERROR = None
-try:
-    import triton
-    import triton.language as tl
-
-    from .backends import triton_backend
-    from .kernels.cross_entropy import launch_config
-    from .kernels.vocab_parallel import IGNORED_ROW, vp_bwd_kernel, vp_stats_kernel
-except Exception as exc:  # triton missing or broken: backend="triton" reports it when asked for
-    _TRITON_ERROR = exc
+if TRITON_ERROR is None:
+    from .kernels import vocab_parallel as vp_kernels
+    IGNORED_ROW = vp_kernels.IGNORED_ROW
+else:
     IGNORED_ROW = -2
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -59,14 +57,10 @@ _META = 3  # per-rank numbers ahead of the per-row statistics: vocab_start, C_lo
 # Local statistics and the slice gradient: torch implementation
 # --------------------------------------------------------------------------------------------
 
-def _acc(dtype):
-    return _checks.accumulation_dtype(dtype)
-
-
 def _torch_stats(logits, target, weight, wsum, vocab_start: int, ignore_index: int,
                  smoothing: bool):
     """(2 or 3, R) float64: lse_r, z_y if owned else 0, [A_r]; the contract of vp_stats_kernel."""
-    acc = _acc(logits.dtype)
+    acc = torch_ref.acc_dtype(logits.dtype)
     C = logits.shape[1]
     z = logits.to(acc)
     m = z.amax(1) if C else z.new_full((z.shape[0],), float("-inf"))
@@ -87,9 +81,9 @@ def _torch_stats(logits, target, weight, wsum, vocab_start: int, ignore_index: i
     return torch.stack(rows)
 
 
-def _torch_grad(g, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: bool):
+def _torch_grad(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: bool):
     """(R, C) gradient in the logits' dtype; the contract of vp_bwd_kernel."""
-    acc = _acc(logits.dtype)
+    acc = torch_ref.acc_dtype(logits.dtype)
     z = logits.to(acc)
     hi = lse.to(acc)
     lo = (lse - hi.double()).to(acc)
@@ -101,6 +95,10 @@ def _torch_grad(g, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: 
         grad = grad - eps_c * (1.0 if weight is None else weight)
     grad = torch.where((y_local != IGNORED_ROW).unsqueeze(1), grad * g.unsqueeze(1),
                        torch.zeros((), dtype=acc, device=logits.device))
+    if g_lse is not None:
+        p = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1))
+        g_lse = g_lse.to(acc).unsqueeze(1)
+        grad = torch.where(g_lse != 0, grad + g_lse * p, grad)
     return grad.to(logits.dtype)
 
 
@@ -108,29 +106,12 @@ def _torch_grad(g, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: 
 # The same two jobs as custom ops around the Triton kernels (torch.compile sees their fakes)
 # --------------------------------------------------------------------------------------------
 
-def _launch_args(logits):
-    R, C = logits.shape
-    block_r, block_c, num_warps = launch_config(R, C, logits.element_size())
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    return (triton.cdiv(R, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc,
-                                            num_warps=num_warps)
-
-
 @torch.library.custom_op("nllfused::vp_stats_triton", mutates_args=())
 def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                      wsum: torch.Tensor, vocab_start: int, ignore_index: int,
                      smoothing: bool) -> torch.Tensor:
-    R, C = logits.shape
-    out = torch.empty((3 if smoothing else 2, R), dtype=torch.float64, device=logits.device)
-    if R == 0:
-        return out
-    grid, flags = _launch_args(logits)
-    with triton_backend._launch_guard(logits):  # device, or the interpreter's lock
-        vp_stats_kernel[grid](
-            logits, logits.stride(0), logits.stride(1), target, target.stride(0),
-            wsum if weight is None else weight, wsum, out, R, C, vocab_start, ignore_index,
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, **flags)
-    return out
+    return vp_kernels.vp_stats(logits, target, weight, wsum, vocab_start, ignore_index,
+                               smoothing)
 
 
 @_vp_stats_triton.register_fake
@@ -139,29 +120,16 @@ def _(logits, target, weight, wsum, vocab_start, ignore_index, smoothing):
 
 
 @torch.library.custom_op("nllfused::vp_bwd_triton", mutates_args=())
-def _vp_bwd_triton(g: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                   tcoef: torch.Tensor, y_local: torch.Tensor, weight: Optional[torch.Tensor],
-                   eps_c: torch.Tensor, smoothing: bool) -> torch.Tensor:
-    R, C = logits.shape
-    # The interpreter casts float32 to bfloat16 by truncation, where GPUs round to nearest even;
-    # under it, write float32 and let torch round (as nllfused/backends/triton_backend.py).
-    truncating = not logits.is_cuda and logits.dtype == torch.bfloat16
-    grad = torch.empty((R, C), dtype=torch.float32 if truncating else logits.dtype,
-                       device=logits.device)
-    if R == 0:
-        return grad.to(logits.dtype)
-    grid, flags = _launch_args(logits)
-    with triton_backend._launch_guard(logits):  # device, or the interpreter's lock
-        vp_bwd_kernel[grid](
-            g.contiguous(), logits, logits.stride(0), logits.stride(1), lse.contiguous(),
-            coef.contiguous(), tcoef.contiguous(), y_local.contiguous(),
-            eps_c if weight is None else weight, eps_c, grad, R, C,
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, **flags)
-    return grad.to(logits.dtype)
+def _vp_bwd_triton(g: torch.Tensor, g_lse: Optional[torch.Tensor], logits: torch.Tensor,
+                   lse: torch.Tensor, coef: torch.Tensor, tcoef: torch.Tensor,
+                   y_local: torch.Tensor, weight: Optional[torch.Tensor], eps_c: torch.Tensor,
+                   smoothing: bool) -> torch.Tensor:
+    return vp_kernels.vp_bwd(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c,
+                             smoothing)
 
 
 @_vp_bwd_triton.register_fake
-def _(g, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing):
+def _(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing):
     return logits.new_empty(logits.shape)
 
 
@@ -183,13 +151,13 @@ def _all_gather(buf: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """(loss, aux) per row, as nllfused::ce_fwd defines them (csrc/ops.cpp), over the full
+    """(loss, lse, aux) per row, as nllfused::ce_fwd defines them (csrc/ops.cpp), over the full
     vocabulary. Saves the global lse; its backward reads only this rank's slice."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, vocab_start, ignore_index, e, z_loss, group, world,
+    def forward(ctx, logits, target, weight, vocab_start, ignore_index, e, group, world,
                 use_triton):
-        acc = _acc(logits.dtype)
+        acc = torch_ref.acc_dtype(logits.dtype)
         R, C_local = logits.shape
         device = logits.device
         smoothing = e > 0
@@ -224,7 +192,7 @@ class _VocabParallelCE(torch.autograd.Function):
             tiled = tiled & (C == weight.shape[0])
         host_checks = device.type == "cpu" and not torch.compiler.is_compiling()
         if host_checks and not bool(tiled):
-            raise ValueError(
+            raise ArgumentError(
                 "the vocabulary slices of the ranks do not tile [0, C)"
                 + ("" if weight is None else f" with C = weight.shape[0] = {weight.shape[0]}")
                 + ": (vocab_start, C_local) per rank = "
@@ -233,8 +201,8 @@ class _VocabParallelCE(torch.autograd.Function):
             _checks.check_target_range(target, int(C.item()), ignore_index)
 
         y = target.long()
-        counted = y != ignore_index
-        valid = counted & (y >= 0) & (y < C) & tiled
+        counted, in_range = torch_ref.index_rule(y, C, ignore_index)
+        valid = counted & in_range & tiled
         y_safe = torch.where(valid, y, 0)
         if weight is None:
             w_y = torch.ones_like(lse)
@@ -245,15 +213,13 @@ class _VocabParallelCE(torch.autograd.Function):
         if smoothing:
             smooth = (rows[:, 2] + wsums.unsqueeze(1) * (lse.unsqueeze(0) - lse_r)).sum(0)
             loss = (1 - e) * loss + eps_c * smooth
-        if z_loss:
-            loss = loss + z_loss * lse * lse
         nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
         loss = torch.where(counted, torch.where(valid, loss, nan), zero)
         aux = torch.where(counted, torch.where(valid, w_y, nan), zero)
 
         # For the backward: per-row coefficients, the local target id (or a marker).
-        coef = (1 - e) * w_y + eps_c * w_total + 2 * z_loss * lse
+        coef = (1 - e) * w_y + eps_c * w_total
         y_local = y - vocab_start
         owned = (y_local >= 0) & (y_local < C_local)
         y_local = torch.where(counted, torch.where(owned, y_local, -1), IGNORED_ROW)
@@ -261,20 +227,22 @@ class _VocabParallelCE(torch.autograd.Function):
                               y_local, eps_c.to(acc).reshape(1), valid, counted)
         ctx.options = (smoothing, use_triton)
         ctx.mark_non_differentiable(aux)
-        return loss.to(acc), aux.to(acc)
+        ctx.set_materialize_grads(False)
+        return loss.to(acc), lse, aux.to(acc)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_aux):
+    def backward(ctx, grad_loss, grad_lse, _grad_aux):
         logits, w_slice, lse, coef, tcoef, y_local, eps_c, valid, counted = ctx.saved_tensors
         smoothing, use_triton = ctx.options
         grad = None
-        if ctx.needs_input_grad[0]:
-            g = grad_loss.to(coef.dtype)
+        if ctx.needs_input_grad[0] and (grad_loss is not None or grad_lse is not None):
+            g = torch.zeros_like(coef) if grad_loss is None else grad_loss.to(coef.dtype)
             nan = torch.full((), float("nan"), dtype=g.dtype, device=g.device)
             g = torch.where(counted, torch.where(valid, g, nan), torch.zeros_like(g))
             grad_fn = _vp_bwd_triton if use_triton else _torch_grad
-            grad = grad_fn(g, logits, lse, coef, tcoef, y_local, w_slice, eps_c, smoothing)
-        return grad, None, None, None, None, None, None, None, None, None
+            grad = grad_fn(g, grad_lse, logits, lse, coef, tcoef, y_local, w_slice, eps_c,
+                           smoothing)
+        return grad, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,20 +256,12 @@ def _resolve_backend(backend: str, device: torch.device) -> bool:
     cpu / cuda: there are no C++/CUDA vocabulary-parallel kernels; these names run the torch
     implementation (so that code passing one backend name everywhere keeps working).
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return device.type == "cuda" and _TRITON_ERROR is None
-    if backend == "triton":
-        reason = (f"triton could not be imported ({_TRITON_ERROR})" if _TRITON_ERROR is not None
-                  else triton_backend.unavailable_reason(device))
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' is not available: {reason}")
-        return True
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise RuntimeError(f"backend={backend!r} is not available: it runs {backend.upper()} "
-                           f"tensors, but the input is on {device}")
-    return False
+    if backends.check_name(backend) == "auto":
+        return device.type == "cuda" and TRITON_ERROR is None
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    return backend == "triton"
 
 
 def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, group=None,
@@ -333,20 +293,17 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
     reduction = _checks.resolve_reduction(None, None, reduction)
     _checks.check_options(label_smoothing, z_loss, 1.0, None)
     _checks.check_logits_and_target(input, target)
+    _checks.check_ignore_index(ignore_index)
     if input.dim() == 0 or input.shape[-1] == 0:
-        raise ValueError(f"input must have shape (..., C_local) with C_local >= 1; got "
-                         f"{tuple(input.shape)}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold global class indices (an integer dtype); got "
-                        f"{target.dtype} (probability targets are not supported here)")
+        raise ArgumentError(f"input must have shape (..., C_local) with C_local >= 1; got "
+                            f"{tuple(input.shape)}")
+    if target.is_floating_point():
+        raise ArgumentTypeError(f"target must hold global class indices (an integer dtype); got "
+                                f"{target.dtype} (probability targets are not supported here)")
     if target.shape != input.shape[:-1]:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
-                         f"{tuple(input.shape)}: it must be {tuple(input.shape[:-1])} (the input's "
-                         f"shape without the last, class dimension)")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+        raise ArgumentError(f"target shape {tuple(target.shape)} does not match input shape "
+                            f"{tuple(input.shape)}: it must be {tuple(input.shape[:-1])} (the "
+                            f"input's shape without the last, class dimension)")
 
     if group is None and _distributed_on():
         group = dist.group.WORLD
@@ -361,33 +318,24 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
     if vocab_start is None:
         vocab_start = rank * C_local
     elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be a non-negative int; got {vocab_start!r}")
+        raise ArgumentError(f"vocab_start must be a non-negative int; got {vocab_start!r}")
 
-    acc = _acc(input.dtype)
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] < vocab_start + C_local:
-            raise ValueError(
-                f"weight must be the full-vocabulary class weights, a 1-D tensor of C entries "
-                f"covering this rank's slice [{vocab_start}, {vocab_start + C_local}); got shape "
-                f"{tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point; got {weight.dtype}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-        weight = weight.detach().to(acc).contiguous()
+    if isinstance(weight, torch.Tensor) and (weight.dim() != 1 or
+                                             weight.shape[0] < vocab_start + C_local):
+        raise ArgumentError(
+            f"weight must be the full-vocabulary class weights, a 1-D tensor of C entries "
+            f"covering this rank's slice [{vocab_start}, {vocab_start + C_local}); got shape "
+            f"{tuple(weight.shape)}")
+    if weight is not None:  # every rank reads its slice and w[target]
+        weight = _checks.check_weight(weight, len(weight) if isinstance(weight, torch.Tensor)
+                                      else 0, input)
 
     use_triton = _resolve_backend(backend, input.device)
     logits = input.reshape(-1, C_local)
     flat_target = target.reshape(-1)
-    loss, aux = _VocabParallelCE.apply(logits, flat_target, weight, vocab_start, ignore_index,
-                                       float(label_smoothing), float(z_loss), group, world,
-                                       use_triton)
-    if reduction == "none":
-        out = loss.reshape(target.shape)
-    elif reduction == "sum":
-        out = loss.sum()
-    else:
-        out = loss.sum() / aux.sum()
-    return out.to(input.dtype)
+    loss, lse, aux = _VocabParallelCE.apply(logits, flat_target, weight, vocab_start,
+                                            ignore_index, float(label_smoothing), group, world,
+                                            use_triton)
+    counted = flat_target != ignore_index if z_loss else None
+    out = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
+    return (out.reshape(target.shape) if reduction == "none" else out).to(input.dtype)

@@ -1,7 +1,8 @@
 """nllfused.cross_entropy: torch.nn.functional.cross_entropy's signature and results, fused.
 
-The data path: argument checks (_checks) -> backend choice (backends) -> per-row op
-(ops: ce_fwd*, whose autograd runs ce_bwd*) -> the reduction, a few O(rows) torch ops.
+The data path: argument checks (_checks) -> backend choice (backends) -> per-row op (ops: ce_fwd*,
+whose autograd runs ce_bwd*) -> the z-loss term and the reduction (backends.torch_ref.reduce, a
+few O(rows) torch ops).
 """
 from __future__ import annotations
 
@@ -27,29 +28,21 @@ def set_target_check(enabled: bool) -> None:
     _CHECK_TARGETS_ON_GPU = bool(enabled)
 
 
-def per_row_loss(canonical: _checks.Canonical, ignore_index: int, label_smoothing: float,
-                 z_loss: float, logit_scale: float, softcap: Optional[float], backend: str):
-    """(loss, lse, aux) per row of a canonical call, from the chosen backend (csrc/ops.cpp)."""
-    c = canonical
-    args = (c.logits, c.target, c.weight, ignore_index, float(label_smoothing), float(z_loss),
-            float(logit_scale), float(softcap or 0.0), c.prob_target)
-    if backend == "torch":
-        return torch_ref.forward(*args)
-    return ops.forward_op(backend)(*args)
+def target_check_wanted(device: torch.device) -> bool:
+    """Whether class indices on `device` are checked on the host (always on the CPU). Not under
+    torch.compile or torch.func transforms, which cannot branch on tensor values."""
+    return (device.type == "cpu" or _CHECK_TARGETS_ON_GPU) and not (
+        torch.compiler.is_compiling() or backends.transform_active())
 
 
-def reduce_rows(canonical: _checks.Canonical, loss, aux, reduction: str) -> torch.Tensor:
-    """Apply torch's reduction to per-row losses: 'mean' divides by the summed target weights
-    of the counted rows (index targets) or by the number of rows (probability targets)."""
-    if reduction == "none":
-        out = loss.reshape(canonical.out_shape)
-    elif reduction == "sum":
-        out = loss.sum()
-    elif canonical.prob_target:
-        out = loss.sum() / loss.numel()
-    else:
-        out = loss.sum() / aux.sum()
-    return out.to(canonical.out_dtype)
+def output_dtype(call: _checks.Call, device: torch.device) -> torch.dtype:
+    """The result's dtype: the input's (or promoted with soft targets), as torch; float32 under
+    autocast for 16-bit logits, as torch's autocast runs cross_entropy in float32. The kernels
+    accumulate in float32 from the 16-bit logits anyway: no float32 copy of the logits is made."""
+    if call.out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+            device.type):
+        return torch.float32
+    return call.out_dtype
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -61,23 +54,23 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
     Same arguments, results, shapes and dtypes as torch.nn.functional.cross_entropy, plus:
       z_loss       adds z_loss * lse^2 to each counted row's loss (PaLM's auxiliary loss);
-      logit_scale  multiplies the logits first;
+                   under 'mean' averaged over the counted rows, whatever the class weights;
+      logit_scale  multiplies the logits first (1/T for a temperature T);
       softcap      if given, s * tanh(x / s) is applied after logit_scale (Gemma 2);
       backend      "auto", "torch", "triton", "cpu" or "cuda" (see nllfused.backends).
     """
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
-    canonical = _checks.canonicalize(input, target, weight, ignore_index)
+    call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,
+                                logit_scale, softcap)
     backend = backends.resolve(backend, input.device)
-    if not canonical.prob_target and not torch.compiler.is_compiling() and (
-            input.device.type == "cpu" or _CHECK_TARGETS_ON_GPU):
-        _checks.check_target_range(target, canonical.num_classes, ignore_index)
-    if torch.is_autocast_enabled(input.device.type) and canonical.out_dtype in (
-            torch.float16, torch.bfloat16):
-        # Autocast runs torch's cross_entropy in float32 and returns float32. The kernels
-        # already accumulate in float32 from the low-precision logits, so only the result's
-        # dtype changes: no float32 copy of the logits is made.
-        canonical.out_dtype = torch.float32
-    loss, _lse, aux = per_row_loss(canonical, ignore_index, label_smoothing, z_loss, logit_scale,
-                                   softcap, backend)
-    return reduce_rows(canonical, loss, aux, reduction)
+    prob_target = call.options.prob_target
+    if not prob_target and target_check_wanted(input.device):
+        _checks.check_target_range(target, call.num_classes, ignore_index)
+    forward, _ = ops.for_backend(backend)
+    loss, lse, aux = forward(call.logits, call.target, call.weight, *call.options)
+    counted = None if prob_target or not z_loss else call.target != ignore_index
+    out = torch_ref.reduce(loss, lse, aux, reduction, prob_target, z_loss, counted)
+    if reduction == "none":
+        out = out.reshape(call.out_shape)
+    return out.to(output_dtype(call, input.device))

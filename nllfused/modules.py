@@ -16,15 +16,18 @@ class LossOptions(torch.nn.Module):
     def _set_options(self, reduction: str, label_smoothing: float, z_loss: float,
                      logit_scale: float, softcap: Optional[float], backend: str) -> None:
         _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of "
-                             f"{', '.join(backends.BACKENDS)}")
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.logit_scale = logit_scale
         self.softcap = softcap
-        self.backend = backend
+        self.backend = backends.check_name(backend)
+
+    def _options(self) -> dict:
+        """The keyword arguments of the functional form that every loss module passes."""
+        return dict(reduction=self.reduction, label_smoothing=self.label_smoothing,
+                    z_loss=self.z_loss, logit_scale=self.logit_scale, softcap=self.softcap,
+                    backend=self.backend)
 
     def _options_repr(self) -> list:
         extras = []
@@ -51,9 +54,7 @@ class CrossEntropyLoss(LossOptions):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             z_loss=self.z_loss, logit_scale=self.logit_scale,
-                             softcap=self.softcap, backend=self.backend)
+                             **self._options())
 
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]

@@ -1,42 +1,49 @@
 """The fused ops: nllfused::ce_fwd / ce_bwd (C++ and CUDA) and ce_fwd_triton / ce_bwd_triton.
 
-The schemas and the C++/CUDA kernels come from the extension nllfused._C (csrc/). This module
-registers, once for every op pair, what the extension-cpp pattern keeps in Python: the Triton
-kernels, the fake (meta) implementations that torch.compile traces with, and the autograd formula
-(the backward op of the same backend).
+The schemas and the C++/CUDA kernels come from the extension nllfused._C (csrc/ops.cpp holds the
+contract). This module registers, once for every op pair, what the extension-cpp pattern keeps in
+Python: the Triton kernels, the fake implementations that torch.compile traces with, and the
+autograd formula; `for_backend` maps a backend name to its forward and backward callables.
 """
 from __future__ import annotations
 
 import torch
 
-from . import backends
-from .backends import triton_backend
+from . import _extension
+from ._checks import Options
+from .backends import torch_ref
 
-try:
-    from . import _C  # noqa: F401  (loading it registers the schemas and C++/CUDA kernels)
-
-    EXTENSION_ERROR = None
-except ImportError as exc:  # a source tree that was never built
-    _C = None
-    EXTENSION_ERROR = exc
-
-FWD = {"cpu": "ce_fwd", "cuda": "ce_fwd", "triton": "ce_fwd_triton"}
-BWD = {"cpu": "ce_bwd", "cuda": "ce_bwd", "triton": "ce_bwd_triton"}
+_PAIRS = {"cpu": ("ce_fwd", "ce_bwd"), "cuda": ("ce_fwd", "ce_bwd"),
+          "triton": ("ce_fwd_triton", "ce_bwd_triton")}
 
 
-def _acc_dtype(logits):
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def for_backend(backend: str):
+    """(forward, backward) callables of a concrete backend, both taking csrc/ops.cpp's arguments;
+    the torch backend has no backward callable (autograd differentiates its forward)."""
+    if backend == "torch":
+        return torch_ref.forward, None
+    fwd, bwd = _PAIRS[backend]
+    return getattr(torch.ops.nllfused, fwd), getattr(torch.ops.nllfused, bwd)
 
 
-def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, logit_scale,
-              softcap, prob_target):
-    N, _, D = logits.shape
-    loss = logits.new_empty((N, D), dtype=_acc_dtype(logits))
+def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+              prob_target):
+    torch._check(logits.dim() == 3, lambda: f"logits must be (N, C, D), got {logits.shape}")
+    N, C, D = logits.shape
+    if prob_target:
+        torch._check(target.shape == logits.shape, lambda: "probability targets: (N, C, D)")
+    else:
+        torch._check(target.dim() == 2 and target.shape[0] == N and target.shape[1] == D,
+                     lambda: f"index targets must be (N, D), got {target.shape}")
+    if weight is not None:
+        torch._check(weight.shape == (C,), lambda: f"weight must be (C,), got {weight.shape}")
+    loss = logits.new_empty((N, D), dtype=torch_ref.acc_dtype(logits.dtype))
     return loss, logits.new_empty((N, D), dtype=torch.float64), torch.empty_like(loss)
 
 
-def _bwd_fake(grad_loss, logits, target, weight, lse, aux, ignore_index, label_smoothing, z_loss,
-              logit_scale, softcap, prob_target):
+def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index,
+              label_smoothing, logit_scale, softcap, prob_target):
+    torch._check(grad_loss.shape == lse.shape, lambda: "grad_loss must be (N, D)")
     return logits.new_empty(logits.shape)
 
 
@@ -44,55 +51,50 @@ def _setup_context(ctx, inputs, output):
     logits, target, weight, *options = inputs
     _, lse, aux = output
     ctx.save_for_backward(logits, target, weight, lse, aux)
-    ctx.options = options
-
-
-def _transformed_log_softmax(logits, lse, logit_scale, softcap):
-    from .backends.torch_ref import transform
-    z = transform(logits.to(_acc_dtype(logits)), logit_scale, softcap)
-    return z - lse.to(z.dtype).unsqueeze(1)
+    ctx.options = Options(*options)
+    ctx.set_materialize_grads(False)  # an unused loss or lse gets None, not a zero tensor
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_loss, grad_lse, grad_aux):
+    def backward(ctx, grad_loss, grad_lse, _grad_aux):
         logits, target, weight, lse, aux = ctx.saved_tensors
-        ignore_index, e, z_loss, logit_scale, softcap, prob_target = ctx.options
+        wants_logits, wants_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wants_target = wants_target and ctx.options.prob_target
+        if grad_loss is None and grad_lse is None:
+            return (None,) * 8
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must be differentiable itself (double backward,
+            # Hessian-vector products), so differentiate the torch formulas instead.
+            grad_logits, grad_target = torch_ref.vjp(grad_loss, grad_lse, logits, target, weight,
+                                                     ctx.options, wants_logits, wants_target)
+            return grad_logits, grad_target, *(None,) * 6
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(aux)
         grad_logits = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = bwd_op(grad_loss, logits, target, weight, lse, aux, *ctx.options)
-        if prob_target and ctx.needs_input_grad[1]:
-            # d loss / d q_c = -(1 - e) w_c log p_c: rare (soft targets that require grad),
-            # so plain torch; it reads the logits once more.
-            logp = _transformed_log_softmax(logits, lse, logit_scale, softcap)
-            if weight is not None:
-                logp = logp * weight.view(1, -1, 1)
-            grad_target = (-(1 - e) * logp * grad_loss.unsqueeze(1)).to(target.dtype)
-        return grad_logits, grad_target, None, None, None, None, None, None, None
+        if wants_logits:
+            grad_logits = bwd_op(grad_loss, grad_lse, logits, target, weight, lse, aux,
+                                 *ctx.options)
+        if wants_target:
+            # Rare (soft targets that require grad), so plain torch; it reads the logits again.
+            grad_target = torch_ref.soft_target_grad(grad_loss, logits, lse, weight,
+                                                     ctx.options).to(target.dtype)
+        return grad_logits, grad_target, *(None,) * 6
     return backward
 
 
 def _register():
-    if _C is None:
+    if _extension.C_ERROR is not None:
         return
-    ops = torch.ops.nllfused
-    torch.library.register_kernel("nllfused::ce_fwd_triton", ("cpu", "cuda"),
-                                  triton_backend.ce_fwd)
-    torch.library.register_kernel("nllfused::ce_bwd_triton", ("cpu", "cuda"),
-                                  triton_backend.ce_bwd)
-    for fwd, bwd in (("ce_fwd", "ce_bwd"), ("ce_fwd_triton", "ce_bwd_triton")):
-        torch.library.register_fake(f"nllfused::{fwd}")(_fwd_fake)
-        torch.library.register_fake(f"nllfused::{bwd}")(_bwd_fake)
-        torch.library.register_autograd(f"nllfused::{fwd}", _make_backward(getattr(ops, bwd)),
+    if _extension.TRITON_ERROR is None:
+        kernels = _extension.triton_kernels
+        torch.library.register_kernel("nllfused::ce_fwd_triton", ("cpu", "cuda"), kernels.ce_fwd)
+        torch.library.register_kernel("nllfused::ce_bwd_triton", ("cpu", "cuda"), kernels.ce_bwd)
+    for fwd, bwd in dict.fromkeys(_PAIRS.values()):  # cpu and cuda share one op pair
+        torch.library.register_fake(f"nllfused::{fwd}", _fwd_fake)
+        torch.library.register_fake(f"nllfused::{bwd}", _bwd_fake)
+        torch.library.register_autograd(f"nllfused::{fwd}",
+                                        _make_backward(getattr(torch.ops.nllfused, bwd)),
                                         setup_context=_setup_context)
 
 
 _register()
-backends._warm_up()  # answer the kernel-availability questions now, outside any compiled code
-
-
-def forward_op(backend: str):
-    return getattr(torch.ops.nllfused, FWD[backend])
-
-
-def backward_op(backend: str):
-    return getattr(torch.ops.nllfused, BWD[backend])

@@ -1,4 +1,5 @@
-"""Test setup: Triton's interpreter on machines without a GPU, the backends to test, the oracle."""
+"""pytest setup: Triton's interpreter on machines without a GPU, the `gpu` and `slow` marks, a
+fresh seed per test. What the test files share lives in helpers.py, not here."""
 import os
 
 import torch
@@ -10,38 +11,39 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import nllfused  # noqa: E402
-from nllfused import backends  # noqa: E402
 
-if nllfused.ops.EXTENSION_ERROR is not None:
+if not nllfused.build_info()["built"]:
     # Testing a source tree that was never built would silently skip every kernel backend.
-    raise RuntimeError(f"nllfused is not built ({nllfused.ops.EXTENSION_ERROR}); install it "
+    raise RuntimeError(f"nllfused is not built ({nllfused.build_info()['error']}); install it "
                        f"first: pip install --no-build-isolation -e .")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (or set NLLFUSED_SLOW=1)")
 
 
-def backend_params():
-    """(device, backend) pairs for every backend that can run here; GPU ones carry `gpu`."""
-    params = []
-    for device in DEVICES:
-        for backend in backends.available(torch.device(device)):
-            marks = [pytest.mark.gpu] if device == "cuda" else []
-            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
-    return params
+def _run_slow(config):
+    return config.getoption("--runslow") or os.environ.get("NLLFUSED_SLOW") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    # Skipped, not deselected: the count of tests collected is the same either way.
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if not _run_slow(config):
+        skips["slow"] = pytest.mark.skip(reason="slow: run with --runslow or NLLFUSED_SLOW=1")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for mark, skip in skips.items():
+            if mark in item.keywords:
+                item.add_marker(skip)
+                break
 
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs every run (GUIDE §4), reproducible from the printed seed on failure.
+    # Fresh random inputs every run, reproducible from the printed seed on failure:
     # NLLFUSED_TEST_SEED=<seed> replays one.
     seed = int(os.environ.get("NLLFUSED_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""The oracle of GUIDE §4: torch's own F.cross_entropy in float64 on the CPU, plus the extras.
+"""The oracle (docs/maths.md): torch's own F.cross_entropy in float64 on the CPU, plus the extras.
 
 `reference(..., dtype=torch.float64)` is the oracle; the same procedure run in a low-precision
 dtype measures torch's own error there, against which low-precision results are judged.
@@ -37,8 +37,10 @@ def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label
         elif prob:
             loss = rows.sum() / rows.numel()
         else:
-            w_t = counted if w is None else w[t.clamp(0, z.shape[0 if z.dim() == 1 else 1] - 1)] * counted
-            loss = rows.sum() / w_t.sum()
+            # The cross-entropy part over the summed target weights (torch's 'mean'), the
+            # z-loss part over the number of counted rows, whatever the weights (docs/maths.md).
+            ce = F.cross_entropy(z, t, reduction="mean", **kw)
+            loss = ce + torch.where(counted.bool(), z_loss * lse * lse, 0.0).sum() / counted.sum()
     grad_x = None
     if grad is not None:
         (grad_x,) = torch.autograd.grad(loss, xr, grad.cpu().to(dtype))

@@ -1,7 +1,7 @@
 """The benchmark CLI (bench/, installed as nllfused.bench): it runs, writes what it says, and a
 provider that disagrees with float64 torch is reported as wrong and never timed.
 
-Timings themselves are not asserted (GUIDE §4: benchmarks are not tests).
+Timings themselves are not asserted: benchmarks are not tests.
 """
 import csv
 import io

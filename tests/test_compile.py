@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nllfused
-from conftest import backend_params
+from helpers import backend_params
 
 
 class TinyLM(torch.nn.Module):
@@ -24,6 +24,8 @@ def run_step(model, h, target):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+# The plain call, then every option the compiled graph must carry: the ones that change the
+# kernels' flags (smoothing, z-loss, ignore_index) and the extras with the 'sum' reduction.
 @pytest.mark.parametrize("options", [
     dict(),
     dict(label_smoothing=0.1, z_loss=1e-3, ignore_index=5),
@@ -31,7 +33,7 @@ def run_step(model, h, target):
 ], ids=["plain", "smoothing-zloss", "sum-softcap"])
 def test_compiled_step_matches_eager(device, backend, options):
     if backend == "triton" and device == "cpu":
-        pytest.skip("Triton's interpreter cannot run under torch.compile's tracing (GUIDE §4); "
+        pytest.skip("Triton's interpreter cannot run under torch.compile's tracing; "
                     "the compiled triton path is tested on the GPU")
     torch._dynamo.reset()
     model = TinyLM(backend=backend, **options).to(device)
@@ -46,12 +48,13 @@ def test_compiled_step_matches_eager(device, backend, options):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# Each backend, and "auto" (whose choice must be traceable too).
 @pytest.mark.parametrize("device,backend",
                          backend_params() + [pytest.param("cpu", "auto", id="cpu-auto")])
 def test_compiled_dynamic_shapes(device, backend):
     """A compiled loss sees several sequence lengths without recompiling per shape."""
     if backend == "triton" and device == "cpu":
-        pytest.skip("interpreter cannot run under torch.compile (GUIDE §4)")
+        pytest.skip("Triton's interpreter cannot run under torch.compile's tracing")
     torch._dynamo.reset()
     fn = torch.compile(lambda x, t: nllfused.cross_entropy(x, t, backend=backend),
                        fullgraph=True, dynamic=True)

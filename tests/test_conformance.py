@@ -1,10 +1,11 @@
-"""Every backend against float64 torch over the matrix of GUIDE §4: losses and gradients."""
+"""Every backend against float64 torch (tests/reference.py), losses and gradients, over a
+matrix of shapes, options, targets, layouts and numerically hard inputs (docs/maths.md)."""
 import pytest
 import torch
 
 import nllfused
-from conftest import backend_params
-from reference import assert_matches_oracle, gradient_floor, reference
+from helpers import backend_params, case_params, check_cross_entropy, with_class_weight
+from reference import assert_matches_oracle
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -61,20 +62,26 @@ def kdim_permuted(dtype):
     return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), t  # channels-last
 
 
-# name -> (builder(dtype) -> (x, target), kwargs, dtypes)
+# name -> (builder(dtype) -> (x, target), kwargs, dtypes). Every case runs in float32; a case
+# adds float64 (another accumulation type) or float16/bfloat16 (16-bit loads and stores, judged
+# against torch's own error there) where those change what the kernels do.
 CASES = {
     "basic": (lambda d: index_case(dtype=d), {}, (torch.float32, torch.float64) + LOW),
+    # Class counts: degenerate (1-3), one past a 4096-wide tile, many tiles.
     "C1": (lambda d: index_case(C=1, dtype=d), {}, (torch.float32,)),
     "C2": (lambda d: index_case(C=2, dtype=d), {}, (torch.float32,)),
     "C3": (lambda d: index_case(C=3, dtype=d), {}, (torch.float32, torch.bfloat16)),
     "C4099": (lambda d: index_case(N=4, C=4099, dtype=d), {}, (torch.float32, torch.bfloat16)),
     "C70000": (lambda d: index_case(N=2, C=70000, ignore_frac=0, dtype=d),
                {"label_smoothing": 0.1}, (torch.float32,)),
+    # Shapes: no batch dimension, and extra dimensions after the classes (K-dim).
     "1d": (lambda d: (torch.randn(13, dtype=d), torch.tensor(4)), {}, (torch.float32,)),
     "1d_prob": (lambda d: (torch.randn(13, dtype=d), torch.softmax(torch.randn(13), 0).to(d)),
                 {}, (torch.float32,)),
     "kdim": (lambda d: index_case(N=3, C=7, extra=(5, 4), dtype=d), {}, (torch.float32,) + LOW),
     "kdim_channels_last": (kdim_permuted, {"label_smoothing": 0.1}, (torch.float32,)),
+    # Options, alone and together: class weights, ignore_index (also a valid class),
+    # label smoothing up to 1.
     "weight": (lambda d: index_case(dtype=d), {"weight": "rand"}, (torch.float32, torch.bfloat16)),
     "ignore_neg1": (lambda d: index_case(ignore=-1, dtype=d), {"ignore_index": -1},
                     (torch.float32,)),
@@ -85,23 +92,28 @@ CASES = {
     "smoothing_weight": (lambda d: index_case(dtype=d),
                          {"label_smoothing": 0.3, "weight": "rand"}, (torch.float32,)),
     "smoothing_1": (lambda d: index_case(dtype=d), {"label_smoothing": 1.0}, (torch.float32,)),
+    # Probability (soft) targets.
     "prob": (lambda d: prob_case(dtype=d), {}, (torch.float32, torch.bfloat16)),
     "prob_smoothing_weight": (lambda d: prob_case(dtype=d),
                               {"label_smoothing": 0.2, "weight": "rand"}, (torch.float32,)),
     "prob_kdim": (lambda d: prob_case(N=2, C=5, extra=(3, 4), dtype=d), {}, (torch.float32,)),
+    # Hard numerics: p_y -> 1, -inf logits, a huge offset and spread.
     "confident": (confident_case, {}, (torch.float32,) + LOW),
     "masked": (masked_case, {}, (torch.float32, torch.bfloat16)),
     "masked_smoothing": (masked_case, {"label_smoothing": 0.1}, (torch.float32,)),
     "extreme": (extreme_case, {}, (torch.float32, torch.float64)),
+    # Nothing to average: every target ignored (mean = nan), no rows at all.
     "all_ignored": (lambda d: index_case(ignore_frac=1.0, dtype=d), {}, (torch.float32,)),
     "empty": (lambda d: index_case(N=0, dtype=d), {}, (torch.float32,)),
     "empty_prob": (lambda d: prob_case(N=0, dtype=d), {}, (torch.float32,)),
+    # Non-contiguous logits; integer target dtypes other than int64.
     "transposed": (noncontig_transposed, {}, (torch.float32, torch.bfloat16)),
     "sliced": (noncontig_sliced, {"weight": "rand"}, (torch.float32,)),
     "int32_target": (lambda d: (lambda x, t: (x, t.int()))(*index_case(dtype=d)), {},
                      (torch.float32,)),
     "uint8_target": (lambda d: (lambda x, t: (x, t.clamp(min=0).to(torch.uint8)))(
         *index_case(dtype=d)), {}, (torch.float32,)),
+    # The extras beyond torch: z-loss, logit scale, softcap.
     "z_loss": (lambda d: index_case(dtype=d), {"z_loss": 1e-2, "weight": "rand"},
                (torch.float32, torch.bfloat16)),
     "z_loss_prob": (lambda d: prob_case(dtype=d), {"z_loss": 1e-2}, (torch.float32,)),
@@ -114,44 +126,14 @@ CASES = {
 }
 
 
-def case_params():
-    for name, (_, _, dtypes) in CASES.items():
-        for dtype in dtypes:
-            yield pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
-
-
 @pytest.mark.parametrize("device,backend", backend_params())
-@pytest.mark.parametrize("name,dtype", list(case_params()))
+@pytest.mark.parametrize("name,dtype", list(case_params(CASES)))
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_matches_float64_torch(device, backend, name, dtype, reduction):
     build, kwargs, _ = CASES[name]
     x, target = build(dtype)
-    kwargs = dict(kwargs)
-    if kwargs.get("weight") == "rand":
-        kwargs["weight"] = torch.rand(x.shape[0 if x.dim() == 1 else 1]) + 0.1
-    out_shape = reference(x, target, reduction=reduction, **kwargs)[0].shape
-    grad = torch.randn(out_shape, dtype=torch.float64)
-
-    oracle, oracle_grad = reference(x, target, reduction=reduction, grad=grad, **kwargs)
-    torch_low = torch_low_grad = None
-    if dtype != torch.float64:
-        torch_low, torch_low_grad = reference(x, target, reduction=reduction, grad=grad,
-                                              dtype=dtype, **kwargs)
-
-    xd = x.to(device).requires_grad_()
-    dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    ours = nllfused.cross_entropy(xd, target.to(device), reduction=reduction, backend=backend,
-                                  **dkw)
-    expected_dtype = torch.promote_types(x.dtype, target.dtype) if target.is_floating_point() \
-        else x.dtype
-    assert ours.dtype == expected_dtype
-    assert ours.shape == oracle.shape
-    assert_matches_oracle(ours, oracle, dtype, torch_low, "loss")
-    ours.backward(grad.to(device, ours.dtype))
-    assert xd.grad.dtype == x.dtype and xd.grad.shape == x.shape
-    floor = gradient_floor(target, reduction, grad, dtype, kwargs.get("weight"),
-                           kwargs.get("ignore_index", -100))
-    assert_matches_oracle(xd.grad, oracle_grad, dtype, torch_low_grad, "grad", floor)
+    kwargs = with_class_weight(kwargs, x.shape[0 if x.dim() == 1 else 1])
+    check_cross_entropy(x, target, device, backend, reduction=reduction, **kwargs)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -186,6 +168,8 @@ def test_module_matches_functional(device, backend):
     assert torch.equal(state["weight"], w)
 
 
+# Legacy pairs as torch maps them: reduce=False -> "none" whatever size_average says,
+# size_average=False -> "sum", both true -> "mean".
 @pytest.mark.parametrize("size_average,reduce", [(None, False), (False, None), (True, True),
                                                  (False, True), (True, False)])
 def test_deprecated_reduction_arguments(size_average, reduce):

@@ -4,7 +4,11 @@ tests/cuda_emulation/emu.cu includes csrc/cuda/ce_cuda.cu and simulates the kern
 of every G, tiles of every TY, butterfly and block reductions, grid-stride loops) with the real
 __host__ __device__ functions, so the CUDA backend's numerics and indexing are tested on
 machines without a GPU. Each case runs the emulated forward, then the emulated backward from
-the forward's own lse/aux, and compares with float64 torch (tests/reference.py).
+the forward's own lse/aux, and compares with float64 torch (tests/reference.py): the backward
+with grad_lse too, against the gradient of (loss_rows * grad_loss + lse_rows * grad_lse).sum().
+z-loss reaches the kernels that way (grad_lse = 2 z lse grad_loss on counted rows, as the Python
+layer does), so the cases with zl > 0 check it; cases with glse set use random grad_lse with
+zero rows.
 
 Skipped when torch has no CUDA build or nvcc is not found; the compile (nvcc, ~1-2 minutes on
 two cores) happens once per session, in a temporary directory.
@@ -116,7 +120,8 @@ class Case:
     tgt: str = "i64"        # i64 | i32 | u8 | prob16 | probbf | prob32 | prob64
     weight: bool = False
     e: float = 0.0          # label smoothing
-    zl: float = 0.0         # z-loss
+    zl: float = 0.0         # z-loss, through grad_lse = 2 zl lse grad_loss on counted rows
+    glse: bool = False      # random grad_lse, some rows 0 (an ignored row's gets through)
     a: float = 1.0          # logit scale
     s: float = 0.0          # softcap (0: none)
     ii: int = -100          # ignore_index
@@ -138,6 +143,8 @@ class Case:
                                    ("a", self.a, 1.0), ("cap", self.s, 0.0)):
             if val != default:
                 parts.append(f"{name}{val:g}")
+        if self.glse:
+            parts.append("glse")
         if self.ii != -100:
             parts.append(f"ii{self.ii}")
         if self.extreme:
@@ -190,7 +197,8 @@ def feature_cases():
         for k, (tgt, w, e, zl, a, s, ii) in enumerate(FEATURES):
             for j, (layout, D) in enumerate(layouts):
                 out.append(Case(N=6, C=cs[(j + k) % len(cs)], D=D, dtype=dt, layout=layout,
-                                tgt=tgt, weight=w, e=e, zl=zl, a=a, s=s, ii=ii))
+                                tgt=tgt, weight=w, e=e, zl=zl, a=a, s=s, ii=ii,
+                                glse=zl == 0.0 and j % 2 == 1))
     return out
 
 
@@ -203,7 +211,7 @@ def extreme_cases():
                 for j, (layout, D) in enumerate((("contig", 1), ("btv", 2))):
                     C = (5, 300, 2050)[(j + k) % 3]
                     out.append(Case(N=6, C=C, D=D, dtype=dt, layout=layout, tgt=tgt, weight=w,
-                                    zl=zl, extreme=extreme))
+                                    zl=zl, extreme=extreme, glse=zl == 0.0 and j == 1))
     return out
 
 
@@ -226,7 +234,7 @@ def forced_cases():
             out.append(Case(N=N, C=C, D=1, dtype=dt, layout="offset", weight=True, e=0.1,
                             zl=1e-3, force=force))
             out.append(Case(N=7, C=cs[(k + 2) % len(cs)], D=5, dtype=dt, layout="btv",
-                            tgt="prob32", weight=True, e=0.1, force=force))
+                            tgt="prob32", weight=True, e=0.1, force=force, glse=k % 2 == 0))
     return out
 
 
@@ -234,6 +242,7 @@ def large_cases():
     out = []
     for dt in (F32, BF16):
         out += [Case(N=2, C=70000, D=1, dtype=dt, layout="offset", weight=True, e=0.1, zl=1e-4),
+                Case(N=3, C=70000, D=1, dtype=dt, glse=True),
                 Case(N=2, C=70000, D=1, dtype=dt, tgt="prob32"),
                 Case(N=1, C=300000, D=1, dtype=dt),
                 Case(N=2, C=20000, D=2, dtype=dt, layout="cstride", e=0.1)]
@@ -277,8 +286,13 @@ def make_target(c: Case, x):
     if c.prob:
         pd = {"prob16": F16, "probbf": BF16, "prob32": F32, "prob64": F64}[c.tgt]
         if C % 2:  # class-major probabilities, transposed
-            return torch.softmax(torch.randn(N, D, C) * 2, 2).to(pd).transpose(1, 2)
-        return torch.softmax(torch.randn(N, C, D) * 2, 1).to(pd)
+            q = torch.softmax(torch.randn(N, D, C) * 2, 2).to(pd).transpose(1, 2)
+        else:
+            q = torch.softmax(torch.randn(N, C, D) * 2, 1).to(pd)
+        if c.extreme == "mask":  # odd rows: no mass on their -inf classes, so a finite loss
+            odd = (torch.arange(N) % 2 == 1).view(N, 1, 1)
+            q.masked_fill_((x == float("-inf")) & odd, 0.0)
+        return q
     it = {"i64": torch.int64, "i32": torch.int32, "u8": torch.uint8}[c.tgt]
     y = torch.randint(0, min(C, 255) if it == torch.uint8 else C, (N, D))
     flat = y.view(-1)
@@ -312,9 +326,24 @@ def rows_of(t):
     return t.permute(0, 2, 1).reshape(-1, t.shape[1])
 
 
-def oracle(c: Case, x, tgt, w, g, dtype):
+def lse_grad(c: Case, x, gs, dtype):
+    """grad_lse's part of the logits' gradient, computed in `dtype`: gs[r] p_c dz_c/dx_c on rows
+    where gs != 0, exactly 0 elsewhere (so no 0 * NaN on an all -inf row). (N*D, C)."""
+    xr = rows_of(x).detach().to(dtype).requires_grad_(True)
+    z = xr * c.a if c.a != 1.0 else xr
+    if c.s:
+        z = c.s * torch.tanh(z / c.s)
+    gs = gs.reshape(-1).to(dtype)
+    dlse_dz = torch.softmax(z.detach(), 1) * gs[:, None]
+    dlse_dz = torch.where((gs != 0)[:, None], dlse_dz, torch.zeros((), dtype=dtype))
+    (g,) = torch.autograd.grad((z * dlse_dz).sum(), xr)
+    return g
+
+
+def oracle(c: Case, x, tgt, w, g, gs, dtype):
     """(loss, lse, aux, grad, max z, |z| scale or None, gradient scale) as torch computes them
-    in `dtype`; grad is (N, C, D), the rest (N, D)."""
+    in `dtype`: grad = d/dx of (loss_rows * g + lse_rows * gs).sum(); grad is (N, C, D), the
+    rest (N, D)."""
     N, C, D = c.N, c.C, c.D
     xr = rows_of(x)
     if c.prob:
@@ -326,8 +355,8 @@ def oracle(c: Case, x, tgt, w, g, dtype):
         bad = ~ignored & ((y < 0) | (y >= C))
         t = torch.where(bad, torch.full_like(y, c.ii), y)
     loss, grad = reference(xr, t, weight=w, ignore_index=c.ii, reduction="none",
-                           label_smoothing=c.e, z_loss=c.zl, logit_scale=c.a,
-                           softcap=c.s or None, dtype=dtype, grad=g.reshape(-1))
+                           label_smoothing=c.e, logit_scale=c.a, softcap=c.s or None,
+                           dtype=dtype, grad=g.reshape(-1))
     x64 = xr.double() * c.a
     z = c.s * torch.tanh(x64 / c.s) if c.s else x64
     lse = torch.logsumexp(z, 1)
@@ -336,21 +365,40 @@ def oracle(c: Case, x, tgt, w, g, dtype):
         aux = (w64 * ((1 - c.e) * t.double() + c.e / C)).sum(1)
     else:
         aux = torch.where(ignored, 0.0, w64[t.clamp(0, C - 1)])
-    loss, aux, grad = loss.clone(), aux.clone(), grad.clone()
+    loss, aux = loss.clone(), aux.clone()
+    glse = lse_grad(c, x, gs, dtype)
+    # contract: an ignored row has no loss part (torch gives NaN on an all -inf one)
+    grad = torch.where(ignored[:, None], glse, grad + glse)
     loss[bad] = aux[bad] = float("nan")
     grad[bad] = float("nan")
-    grad[ignored] = 0.0  # contract: 0 on ignored rows (torch gives NaN on an all -inf one)
     # The scale of the row's gradient: grad_loss times the coefficient of p in it (the terms
-    # that cancel in p_y - 1 or against the smoothing term carry this absolute error).
+    # that cancel in p_y - 1 or against the smoothing term carry this absolute error), plus
+    # grad_lse's coefficient of p.
     coef = aux if c.prob else (1 - c.e) * w64[t.clamp(0, C - 1)] + c.e * w64.sum() / C
-    coef = torch.where(ignored | bad, 0.0, coef + 2 * c.zl * lse.abs())
-    gscale = g.reshape(-1).double().abs() * abs(c.a) * coef
+    coef = torch.where(ignored | bad, 0.0, coef)
+    gscale = abs(c.a) * (g.reshape(-1).double().abs() * coef + gs.reshape(-1).abs())
+    gscale = gscale.nan_to_num(0.0, 0.0, 0.0)
     zmax = z.amax(1)
     zscale = z.abs().nan_to_num(0.0, 0.0, 0.0).amax(1) if (c.a != 1.0 or c.s) else None
     unrows = lambda v: v.view(N, D)  # noqa: E731
     grad = grad.view(N, D, C).permute(0, 2, 1)
     return (unrows(loss), unrows(lse), unrows(aux), grad, unrows(zmax),
             None if zscale is None else unrows(zscale), unrows(gscale))
+
+
+def make_grad_lse(c: Case, tgt, lse, g):
+    """grad_lse of case c, (N, D) float64 with strides, or None."""
+    if c.glse:
+        gs = torch.randn(c.N, 2 * c.D, dtype=F64)[:, ::2]
+        flat = gs.reshape(-1)  # a copy: strided
+        flat[(c.C % 3)::3] = 0.0  # zero rows (C = 5, D = 2: the ignored all -inf row among them)
+        gs.copy_(flat.view(c.N, c.D))
+        return gs
+    if c.zl:
+        # z-loss as the Python layer adds it: z lse^2 on counted rows, so grad_lse = 2 z lse g
+        counted = torch.ones(c.N, c.D, dtype=torch.bool) if c.prob else tgt.long() != c.ii
+        return torch.where(counted, 2 * c.zl * lse * g.double(), 0.0)
+    return None
 
 
 def check_close(what, got, exp, rtol, floor):
@@ -377,13 +425,14 @@ def check_close(what, got, exp, rtol, floor):
 def run_case(emu, c: Case):
     x = make_logits(c)
     tgt = make_target(c, x)
-    w = torch.rand(c.C) + 0.5 if c.weight else None
     acc = F64 if c.dtype == F64 else F32
+    w = (torch.rand(c.C) + 0.5).to(acc) if c.weight else None  # weights in the accumulation dtype
     g = torch.randn(c.N, 2 * c.D, dtype=acc)[:, ::2]  # strided grad_loss
-    args = (c.ii, c.e, c.zl, c.a, c.s, c.prob, *c.force)
+    args = (c.ii, c.e, c.a, c.s, c.prob, *c.force)
 
     loss, lse, aux, cfg = emu.fwd(x, tgt, w, *args)
-    grad, bcfg = emu.bwd(g, x, tgt, w, lse, aux, *args)
+    gs = make_grad_lse(c, tgt, lse, g)
+    grad, bcfg = emu.bwd(g, gs, x, tgt, w, lse, aux, *args)
     where = f"fwd launch (tile, G, threads|TY, blocks) = {cfg.tolist()}, bwd {bcfg.tolist()}"
 
     assert loss.dtype == acc and aux.dtype == acc and lse.dtype == F64 and grad.dtype == c.dtype
@@ -397,7 +446,8 @@ def run_case(emu, c: Case):
     if blocks:
         assert cfg[3] <= blocks and bcfg[3] <= blocks, where
 
-    e_loss, e_lse, e_aux, e_grad, zmax, zscale, gscale = oracle(c, x, tgt, w, g, F64)
+    gs0 = torch.zeros(c.N, c.D, dtype=F64) if gs is None else gs
+    e_loss, e_lse, e_aux, e_grad, zmax, zscale, gscale = oracle(c, x, tgt, w, g, gs0, F64)
     rtol = RTOL[acc]
     # Floors relative to the row's scale: 1, or max |z| where z = softcap(a x) is itself rounded.
     # loss and lse carry log d, d = sum_c exp(z_c - max z) in [1, C] rounded up to C times (a
@@ -410,7 +460,7 @@ def run_case(emu, c: Case):
         # keeps to float32 accuracy whatever max z is (a float32 lse would not, at |z| ~ 1e4).
         check_close("lse - max z", lse - zmax, e_lse - zmax, rtol, rtol * row_scale)
         if c.dtype in LOW:
-            low_grad = oracle(c, x, tgt, w, g, c.dtype)[3]
+            low_grad = oracle(c, x, tgt, w, g, gs0, c.dtype)[3]
             assert_matches_oracle(grad, e_grad, c.dtype, torch_same_dtype=low_grad, what="grad")
         else:
             gmax = e_grad.abs().nan_to_num(0.0, 0.0, 0.0).amax(1, keepdim=True)
@@ -433,7 +483,8 @@ def test_sweep(emu, case):
 
 @pytest.mark.parametrize("case", params(feature_cases()))
 def test_features(emu, case):
-    """Target kinds and dtypes, weights, smoothing, z-loss, scale, softcap, ignore_index."""
+    """Target kinds and dtypes, weights, smoothing, z-loss, grad_lse, scale, softcap,
+    ignore_index."""
     run_case(emu, case)
 
 

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nllfused
+from helpers import backends_here, tensors_to
 from nllfused.distributed import vocab_parallel_cross_entropy
 from reference import assert_matches_oracle, reference
 
@@ -90,6 +91,8 @@ def _all_ignored(x, t, gen):
 
 
 CASES = {
+    # How the vocabulary is split (even, uneven with vocab_start given, out of rank order),
+    # the options spread over the splits.
     "even": (lambda w: even(w, 5), (6,), torch.float32, {}, _plain),
     "even_f64": (lambda w: even(w, 4), (5,), torch.float64,
                  {"label_smoothing": 0.1, "weight": True}, _plain),
@@ -98,11 +101,13 @@ CASES = {
     "uneven_ignore_valid_class": (uneven, (8,), torch.float32,
                                   {"ignore_index": 2, "label_smoothing": 0.1}, _plain),
     "reversed_slices_3d": ("reversed", (2, 3), torch.float32, {"label_smoothing": 0.1}, _plain),
+    # Hard numerics across slices: -inf (whole slices of a row), offset and spread, p_y -> 1.
     "masked": (uneven, (6,), torch.float32, {}, _masked),
     "extreme": (uneven, (5,), torch.float32, {"label_smoothing": 0.1}, _extreme),
     "confident_bf16": (lambda w: even(w, 6), (5,), torch.bfloat16, {}, _confident),
     "long_rows": (lambda w: even(w, 4100), (2,), torch.float32,  # > one block per slice
                   {"label_smoothing": 0.1, "weight": True}, _plain),
+    # Edges: smoothing 1, nothing counted, no rows.
     "smoothing_1": (lambda w: even(w, 3), (4,), torch.float32, {"label_smoothing": 1.0}, _plain),
     "all_ignored": (lambda w: even(w, 3), (4,), torch.float32, {}, _all_ignored),
     "empty": (lambda w: even(w, 3), (0,), torch.float32, {"label_smoothing": 0.1}, _plain),
@@ -166,11 +171,9 @@ def _check_case(name, rank, world, seed, device, backend, failures, group=None):
             oracle_grad = oracle_grad.reshape(x.shape)[..., start:start + size]
 
             mine = x[..., start:start + size].to(device).requires_grad_()
-            dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                   for k, v in kwargs.items()}
             loss = vocab_parallel_cross_entropy(
                 mine, t.to(device), reduction=reduction, backend=backend, group=group,
-                vocab_start=start if explicit else None, **dkw)
+                vocab_start=start if explicit else None, **tensors_to(kwargs, device))
             assert loss.dtype == dtype and loss.shape == oracle.shape, what + " dtype/shape"
             assert_matches_oracle(loss, oracle, dtype, low, what + " loss")
             loss.backward(grad.to(device, dtype))
@@ -277,10 +280,13 @@ def _launch(world, dist_backend, device, backends, compile_check=False, start_me
 # The tests
 # --------------------------------------------------------------------------------------------
 
-CPU_BACKENDS = ("torch", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("torch",)
+# Not "cpu": there are no C++ vocabulary-parallel kernels, the name runs the torch implementation.
+CPU_BACKENDS = backends_here("cpu", only=("torch", "triton"))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# Two ranks, and four (uneven slices of four sizes, and subgroups inside the world). Four
+# processes on a small machine take ~25 s: slow.
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gloo_matches_full_vocabulary(world):
     """Losses and each rank's gradient slice equal the full-vocabulary oracle; one collective."""
     _launch(world, "gloo", "cpu", CPU_BACKENDS, compile_check=world == 2)
@@ -290,15 +296,15 @@ def test_gloo_matches_full_vocabulary(world):
 def test_nccl_matches_full_vocabulary():
     """NCCL over every GPU (at most 4); world size 1 on a single-GPU machine."""
     world = min(torch.cuda.device_count(), 4)
-    _launch(world, "nccl", "cuda", ("triton", "torch"), compile_check=True)
+    # triton first: the compile check runs the first backend.
+    _launch(world, "nccl", "cuda", backends_here("cuda", only=("triton", "torch")),
+            compile_check=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("backend", backends_here("cpu"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_without_process_group_equals_cross_entropy(backend, reduction):
     """torch.distributed not initialized: a group of one, no communication."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
     C = 11
     x = torch.randn(2, 3, C) * 3
     t = torch.randint(0, C, (2, 3))

@@ -1,12 +1,10 @@
 """Bad input: a Python exception that names the problem, never a crash or a silent number;
 and the library keeps working afterwards."""
-import os
-
 import pytest
 import torch
 
 import nllfused
-from conftest import backend_params
+from helpers import backend_params, backends_here
 
 X = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)  # noqa: E731
 T = lambda n, c=5: torch.randint(0, c, (n,))  # noqa: E731
@@ -18,9 +16,9 @@ BAD = [
     ("target_negative", lambda: dict(input=X(4, 5), target=torch.tensor([0, -3, 2, 1])),
      IndexError, "Target -3 is out of bounds"),
     ("target_shape", lambda: dict(input=X(4, 5), target=T(3)), ValueError,
-     "does not match input shape"),
+     "Expected input batch_size (4) to match target batch_size (3)"),
     ("target_kdim_shape", lambda: dict(input=X(2, 5, 3), target=torch.zeros(2, 4, dtype=torch.long)),
-     ValueError, "must have shape (2, 3)"),
+     ValueError, "Expected target size [2, 3], got [2, 4]"),
     ("float_index_target", lambda: dict(input=X(4, 5), target=torch.rand(4)), TypeError,
      "class indices must be an integer tensor"),
     ("prob_target_shape", lambda: dict(input=X(4, 5), target=torch.rand(4, 6)), ValueError,
@@ -37,18 +35,18 @@ BAD = [
     ("weight_int", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(5, dtype=torch.long)),
      TypeError, "weight must be floating point"),
     ("smoothing_high", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=1.5), ValueError,
-     "label_smoothing must be in [0, 1]"),
+     "label_smoothing must be between 0.0 and 1.0"),
     ("smoothing_negative", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=-0.1),
-     ValueError, "label_smoothing must be in [0, 1]"),
+     ValueError, "label_smoothing must be between 0.0 and 1.0"),
     ("smoothing_nan", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=float("nan")),
      ValueError, "label_smoothing must be finite"),
     ("reduction", lambda: dict(input=X(4, 5), target=T(4), reduction="avg"), ValueError,
-     "reduction must be one of"),
+     "is not a valid value for reduction"),
     ("integer_logits", lambda: dict(input=torch.ones(4, 5, dtype=torch.long), target=T(4)),
      TypeError, "input (the logits) must be float16, bfloat16, float32 or float64"),
     ("zero_dim_input", lambda: dict(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError,
      "input is 0-dimensional"),
-    ("zero_classes", lambda: dict(input=X(3, 0), target=T(3, 1)), ValueError, "0 classes"),
+    ("zero_classes", lambda: dict(input=X(3, 0), target=T(3, 1)), IndexError, "0 classes"),
     ("negative_z_loss", lambda: dict(input=X(4, 5), target=T(4), z_loss=-1.0), ValueError,
      "z_loss must be >= 0"),
     ("softcap_zero", lambda: dict(input=X(4, 5), target=T(4), softcap=0.0), ValueError,
@@ -64,8 +62,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"] + (
-    ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else []))
+# The checks must come first on every path a CPU call can take: "auto" (the C++ kernels where
+# built) and each other backend that can run CPU tensors here.
+@pytest.mark.parametrize("backend", ["auto"] + backends_here("cpu", only=("torch", "triton")))
 @pytest.mark.parametrize("case,exc,fragment", [pytest.param(b, e, f, id=i) for i, b, e, f in BAD])
 def test_bad_input_raises_clear_error(backend, case, exc, fragment):
     kwargs = case()
@@ -89,8 +88,8 @@ def test_module_rejects_bad_options_at_construction():
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
-    from nllfused.backends import triton_backend
-    monkeypatch.setattr(triton_backend, "INTERPRETER", False)
+    from nllfused.kernels import cross_entropy as triton_kernels
+    monkeypatch.setattr(triton_kernels, "INTERPRETER", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         nllfused.cross_entropy(X(3, 4), T(3, 4), backend="triton")
 
@@ -99,16 +98,16 @@ def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
 def test_out_of_range_target_without_host_check_gives_nan_not_a_number(device, backend):
     """What a GPU call does with a bad target (no host check): the offending rows' losses are
     NaN and so is the mean; no out-of-bounds read. Exercised here through the per-row op."""
-    from nllfused import _checks
-    from nllfused.functional import per_row_loss
+    from nllfused import _checks, ops
     x = X(4, 5).to(device)
     t = torch.tensor([0, 9, 2, -7]).to(device)
-    canonical = _checks.canonicalize(x, t, None, -100)
+    call = _checks.canonicalize(x, t, None, -100)
+    forward, _ = ops.for_backend(backend)
     if backend == "cpu":  # the C++ CPU kernel checks every target itself
         with pytest.raises(IndexError, match="out of bounds"):
-            per_row_loss(canonical, -100, 0.0, 0.0, 1.0, None, backend)
+            forward(call.logits, call.target, call.weight, *call.options)
         return
-    loss, _, aux = per_row_loss(canonical, -100, 0.0, 0.0, 1.0, None, backend)
+    loss, _, aux = forward(call.logits, call.target, call.weight, *call.options)
     assert torch.isnan(loss[1]).all() and torch.isnan(loss[3]).all()
     assert torch.isfinite(loss[0]).all() and torch.isfinite(loss[2]).all()
     assert torch.isnan(aux.sum())

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import nllfused
 import nllfused.linear as L
-from conftest import backend_params
+from helpers import backend_params, backends_here, case_params, tensors_to, with_class_weight
 from reference import assert_matches_oracle, reference
 
 linear_cross_entropy = L.linear_cross_entropy
@@ -38,10 +37,10 @@ def make(lead=(37,), H=16, C=29, bias=False, dtype=torch.float32, ignore=-100, i
     return x, W, b, t
 
 
-def torch_pipeline(x, W, b, t, dtype, grad, reduction, ce_dtype=None, **kw):
-    """F.linear + F.cross_entropy (+ the extras, as tests/reference.py applies them) by torch in
-    `dtype` on the CPU: (loss, grad_x, grad_W, grad_b). In float64 this is the oracle.
-    ce_dtype=float32 runs the loss in float32 on the `dtype` logits, as torch.autocast does."""
+def torch_pipeline(x, W, b, t, dtype, grad, reduction, ce_dtype=None, z_loss=0.0, **kw):
+    """F.linear + F.cross_entropy (+ the extras) by torch in `dtype` on the CPU: (loss, grad_x,
+    grad_W, grad_b). In float64 this is the oracle. ce_dtype=float32 runs the loss in float32 on
+    the `dtype` logits, as torch.autocast does. z-loss: z_term's."""
     xd, Wd = x.detach().to(dtype), W.detach().to(dtype)
     bd = None if b is None else b.detach().to(dtype)
     H = xd.shape[-1]
@@ -50,6 +49,9 @@ def torch_pipeline(x, W, b, t, dtype, grad, reduction, ce_dtype=None, **kw):
     g = grad.reshape(-1) if reduction == "none" else grad
     loss, g_logits = reference(logits, t2, reduction=reduction, dtype=ce_dtype or dtype, grad=g,
                                **kw)
+    if z_loss:
+        z_val, z_grad = z_term(logits, t2, reduction, ce_dtype or dtype, g, z_loss, **kw)
+        loss, g_logits = loss + z_val, g_logits + z_grad
     g_logits = g_logits.to(dtype)
     if reduction == "none":
         loss = loss.reshape(t.shape)
@@ -57,6 +59,22 @@ def torch_pipeline(x, W, b, t, dtype, grad, reduction, ce_dtype=None, **kw):
     gW = g_logits.t() @ xd.reshape(-1, H)
     gb = None if b is None else g_logits.sum(0)
     return loss, gx, gW, gb
+
+
+def z_term(logits, t, reduction, dtype, grad, z_loss, ignore_index=-100, logit_scale=1.0,
+           softcap=None, **_):
+    """(value, grad_logits) of the z-loss term by torch in `dtype`: z_loss * lse^2 on each counted
+    row; under 'mean' divided by the number of counted rows whatever the class weights (the
+    convention of Liger-Kernel and flash-attention)."""
+    lg = logits.detach().to(dtype).requires_grad_()
+    z = lg * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    counted = t != ignore_index
+    rows = torch.where(counted, z_loss * torch.logsumexp(z, 1) ** 2, 0.0)
+    out = {"none": rows, "sum": rows.sum()}.get(reduction, rows.sum() / counted.sum())
+    (g,) = torch.autograd.grad(out, lg, grad.to(dtype))
+    return out.detach(), g
 
 
 def torch_low_precision(x, W, b, t, grad, reduction, oracle, **kw):
@@ -89,10 +107,9 @@ def check(x, W, b, t, reduction, device="cpu", backend="auto", **kw):
     low = torch_low_precision(x, W, b, t, grad, reduction, oracle, **kw)
 
     params = [p.to(device).requires_grad_() for p in (x, W) + (() if b is None else (b,))]
-    dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     ours = linear_cross_entropy(params[0], params[1], t.to(device),
                                 params[2] if b is not None else None, reduction=reduction,
-                                backend=backend, **dkw)
+                                backend=backend, **tensors_to(kw, device))
     assert ours.dtype == dtype and ours.shape == out_shape
     assert_matches_oracle(ours, oracle[0], dtype, low[0], "loss")
     ours.backward(grad.to(device, ours.dtype))
@@ -104,14 +121,17 @@ def check(x, W, b, t, reduction, device="cpu", backend="auto", **kw):
 
 LOW = (torch.bfloat16,)
 
-# name -> (make kwargs, loss kwargs, dtypes)
+# name -> (make kwargs, loss kwargs, dtypes). float32 always; bfloat16 where the products and the
+# loss's options meet 16-bit rounding; float64 once (another accumulation type).
 CASES = {
+    # Shapes: with and without bias, 3-D and 1-D inputs, no rows, one class.
     "2d": ({}, {}, (torch.float32, torch.float64) + LOW),
     "bias": ({"bias": True}, {}, (torch.float32,) + LOW),
     "3d": ({"lead": (3, 7), "bias": True}, {}, (torch.float32,) + LOW),
     "1d": ({"lead": (), "ignore_frac": 0.0}, {}, (torch.float32,)),
     "empty": ({"lead": (0,)}, {}, (torch.float32,)),
     "C1": ({"C": 1, "bias": True}, {}, (torch.float32,)),
+    # The loss's options, as in the cross_entropy conformance table.
     "weight": ({"bias": True}, {"weight": "rand"}, (torch.float32,) + LOW),
     "ignore_neg1": ({"ignore": -1}, {"ignore_index": -1}, (torch.float32,)),
     "ignore_valid_class": ({"ignore": 4, "C": 9}, {"ignore_index": 4, "weight": "rand"},
@@ -123,27 +143,19 @@ CASES = {
     "scale_softcap": ({"bias": True}, {"logit_scale": 1.7, "softcap": 3.0,
                                        "label_smoothing": 0.1}, (torch.float32,) + LOW),
     "logit_scale": ({}, {"logit_scale": 0.37, "z_loss": 1e-3}, (torch.float32,)),
+    # Hard numerics: p_y -> 1, and a large common offset that must cancel.
     "confident": ({"spread": 40.0, "confident": True}, {}, (torch.float32,) + LOW),
     "offset_1e4": ({"bias": True, "offset": 1e4}, {"label_smoothing": 0.1}, (torch.float32,)),
 }
 
 
-def case_params():
-    for name, (_, _, dtypes) in CASES.items():
-        for dtype in dtypes:
-            yield pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
-
-
 @pytest.mark.parametrize("device,backend", backend_params())
-@pytest.mark.parametrize("name,dtype", list(case_params()))
+@pytest.mark.parametrize("name,dtype", list(case_params(CASES)))
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_matches_float64_torch(device, backend, name, dtype, reduction):
     make_kw, kw, _ = CASES[name]
     x, W, b, t = make(dtype=dtype, **make_kw)
-    kw = dict(kw)
-    if kw.get("weight") == "rand":
-        kw["weight"] = torch.rand(W.shape[0]) + 0.1
-    check(x, W, b, t, reduction, device, backend, **kw)
+    check(x, W, b, t, reduction, device, backend, **with_class_weight(kw, W.shape[0]))
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 1, 36, 37, 1000])
@@ -211,18 +223,155 @@ def test_logits_products_per_chunk(monkeypatch, reduction, passes):
     assert len(calls) == 5 * passes
 
 
-def test_double_backward_is_refused_not_wrong():
-    x, W, b, t = make()
-    xr = x.clone().requires_grad_()
-    loss = linear_cross_entropy(xr, W.requires_grad_(), t)
-    (gx,) = torch.autograd.grad(loss, xr, create_graph=True)
-    torch.testing.assert_close(gx.double(), torch_pipeline(x, W, b, t, torch.float64,
-                                                           torch.tensor(1.0), "mean")[1],
-                               rtol=1e-4, atol=1e-6)
-    with pytest.raises(RuntimeError, match="no autograd"):
-        gx.sum().backward()
+# --- float64 class weights, z-loss, higher derivatives ------------------------------------------
+
+REDUCTIONS = ["none", "mean", "sum"]
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("extra", [{}, {"label_smoothing": 0.1},
+                                   {"z_loss": 1e-2, "softcap": 4.0, "logit_scale": 0.8}],
+                         ids=["plain", "smoothing", "z_softcap"])
+def test_float64_with_float64_class_weights(device, backend, reduction, extra):
+    """float64 inputs with float64 class weights: no dtype clash in any path (the recomputing
+    backward of 'none', a second backward with retain_graph, smoothing), ~1e-12 relative."""
+    x, W, b, t = make(lead=(13,), H=5, C=4, bias=True, dtype=torch.float64)
+    w = torch.rand(4, dtype=torch.float64) + 0.1
+    grad = torch.randn(t.shape if reduction == "none" else (), dtype=torch.float64)
+    oracle = torch_pipeline(x, W, b, t, torch.float64, grad, reduction, weight=w, **extra)
+    params = [p.to(device).requires_grad_() for p in (x, W, b)]
+    loss = linear_cross_entropy(params[0], params[1], t.to(device), params[2],
+                                weight=w.to(device), reduction=reduction, backend=backend,
+                                **extra)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss.cpu(), oracle[0], rtol=1e-12, atol=1e-13)
+    for retain in (True, False):  # the second backward recomputes
+        grads = torch.autograd.grad(loss, params, grad.to(device), retain_graph=retain)
+        for ours, want in zip(grads, oracle[1:]):
+            torch.testing.assert_close(ours.cpu(), want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_z_loss_mean_counts_rows_not_class_weights(device, backend, reduction):
+    """z-loss under 'mean' is divided by the number of counted rows, the cross-entropy part by
+    the summed class weights of their targets; ignored rows add nothing; also through a second
+    backward (the recomputing path of 'mean'/'sum')."""
+    x, W, b, t = make(lead=(23,), H=8, C=11, bias=True, ignore_frac=0.3, spread=6.0)
+    t[0] = -100
+    w = torch.rand(11) * 3 + 0.1
+    kw = dict(weight=w, z_loss=0.05)
+    grad = torch.randn(t.shape if reduction == "none" else ())
+    oracle = torch_pipeline(x, W, b, t, torch.float64, grad.double(), reduction, **kw)
+    # The convention by hand, for 'mean': CE sum / sum of w[y], z sum / count.
+    if reduction == "mean":
+        logits = F.linear(x.double(), W.double(), b.double())
+        counted = t != -100
+        ce = F.cross_entropy(logits, t, weight=w.double(), reduction="sum") / w.double()[
+            t[counted]].sum()
+        z = 0.05 * (torch.logsumexp(logits, 1)[counted] ** 2).sum() / counted.sum()
+        torch.testing.assert_close(oracle[0], ce + z)
+    params = [p.to(device).requires_grad_() for p in (x, W, b)]
+    loss = linear_cross_entropy(params[0], params[1], t.to(device), params[2], backend=backend,
+                                reduction=reduction, **tensors_to(kw, device))
+    low = torch_low_precision(x, W, b, t, grad.double(), reduction, oracle, **kw)
+    assert_matches_oracle(loss, oracle[0], torch.float32, low[0], "loss")
+    for _ in range(2):
+        grads = torch.autograd.grad(loss, params, grad.to(device), retain_graph=True)
+        for name, ours, want, torch_low in zip(("input", "weight", "bias"), grads, oracle[1:],
+                                               low[1:]):
+            assert_matches_oracle(ours, want, torch.float32, torch_low, "grad " + name)
+
+
+# Small shapes (chunks of 2 rows), float64, every option that shapes the second derivative.
+GRADGRAD_OPTIONS = {"weight_smoothing_z": dict(label_smoothing=0.1, z_loss=1e-2, weight="rand"),
+                    "softcap_scale": dict(softcap=2.0, logit_scale=1.3, z_loss=1e-2)}
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", list(GRADGRAD_OPTIONS))
+def test_gradcheck_and_gradgradcheck(monkeypatch, device, backend, reduction, name):
+    """First derivatives (the fused backward) and second derivatives (create_graph=True runs
+    the unfused torch reference) against finite differences; the create_graph gradient equals
+    the fused one."""
+    monkeypatch.setattr(L, "CHUNK_ROWS", 2)
+    x, W, b, t = make(lead=(5,), H=3, C=4, bias=True, dtype=torch.float64, ignore_frac=0.3)
+    t[0] = 1  # at least one counted row
+    kw = with_class_weight(GRADGRAD_OPTIONS[name], 4)
+    kw = tensors_to({k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
+                    device)
+    params = tuple(p.to(device).requires_grad_() for p in (x, W, b))
+    td = t.to(device)
+
+    def fn(x, W, b):
+        return linear_cross_entropy(x, W, td, b, reduction=reduction, backend=backend, **kw)
+
+    assert torch.autograd.gradcheck(fn, params)
+    assert torch.autograd.gradgradcheck(fn, params)
+    loss = fn(*params)
+    grad = torch.randn_like(loss)
+    with_graph = torch.autograd.grad(loss, params, grad, retain_graph=True, create_graph=True)
+    fused = torch.autograd.grad(loss, params, grad)
+    for a, c in zip(with_graph, fused):
+        torch.testing.assert_close(a.detach(), c, rtol=1e-12, atol=1e-14)
+
+
+def _unfused_float64(x, W, b, t, w, reduction="mean", z_loss=0.0, **kw):
+    """The oracle as a differentiable function (for torch.func): unfused F.linear +
+    F.cross_entropy in float64, plus the z-term (z_term's convention)."""
+    logits = F.linear(x, W, b)
+    rows = F.cross_entropy(logits, t, weight=w, reduction="none", **kw)
+    counted = t != -100
+    zr = torch.where(counted, z_loss * torch.logsumexp(logits, -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows + zr
+    if reduction == "sum":
+        return (rows + zr).sum()
+    return rows.sum() / torch.where(counted, w[t.clamp(min=0)], 0.0).sum() + zr.sum() / \
+        counted.sum()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_func_transforms(device, backend, reduction):
+    """torch.func.grad, jvp, hessian and vmap, and forward-mode AD, run the plain-torch
+    reference: the numbers of unfused float64 torch, whatever the backend asked for."""
+    import torch.autograd.forward_ad as fwAD
+    x, W, b, t = make(lead=(7,), H=4, C=5, bias=True, dtype=torch.float64, ignore_frac=0.3)
+    t[0] = 2  # at least one counted row
+    w = torch.rand(5, dtype=torch.float64) + 0.1
+    x, W, b, t, w = (v.to(device) for v in (x, W, b, t, w))
+    kw = dict(reduction=reduction, z_loss=1e-2, label_smoothing=0.1)
+
+    def ours(x, W, b):
+        out = linear_cross_entropy(x, W, t, b, weight=w, backend=backend, **kw)
+        return out if reduction != "none" else (out * torch.arange(7, device=device)).sum()
+
+    def oracle(x, W, b):
+        out = _unfused_float64(x, W, b, t, w, **kw)
+        return out if reduction != "none" else (out * torch.arange(7, device=device)).sum()
+
+    tangents = tuple(torch.randn_like(p) for p in (x, W, b))
+    runs = {
+        "grad": lambda f: torch.func.grad(f, argnums=(0, 1, 2))(x, W, b),
+        "jvp": lambda f: torch.func.jvp(f, (x, W, b), tangents),
+        "hessian": lambda f: torch.func.hessian(f, argnums=(0, 1))(x, W, b),
+        "vmap_grad": lambda f: torch.func.vmap(torch.func.grad(f), in_dims=(0, None, None))(
+            torch.stack([x, 2 * x]), W, b),
+    }
+    for what, run in runs.items():
+        torch.testing.assert_close(run(ours), run(oracle), rtol=1e-12, atol=1e-14, msg=what)
+    want = torch.func.jvp(oracle, (x, W, b), tangents)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, tp) for p, tp in zip((x, W, b), tangents)]
+        primal, tangent = fwAD.unpack_dual(ours(*duals))
+    torch.testing.assert_close((primal, tangent), want, rtol=1e-12, atol=1e-14)
+
+
+# Each reduction (mean/sum make the gradient in the forward op, none in the backward op), with and
+# without the in-place hand-over, in float32 and a 16-bit dtype.
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("consume", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -231,24 +380,22 @@ def test_opcheck(reduction, consume, dtype):
     hand-over (consume=True) is eager-only by design: it is never traced."""
     x, W, b, t = make(lead=(11,), H=6, C=7, bias=True, dtype=dtype)
     w = torch.rand(7)
-    args = (x.requires_grad_(), W.requires_grad_(), b.requires_grad_(), t, w, -100, 0.1, 1e-3,
-            1.0, 0.0, reduction, "torch", 4, True, True, True, consume)
+    args = (x.requires_grad_(), W.requires_grad_(), b.requires_grad_(), t, w, -100, 0.1, 1.0,
+            0.0, False, 1e-3, reduction, "torch", 4, True, True, True, consume)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor") + (
         () if consume else ("test_aot_dispatch_dynamic",))
     torch.library.opcheck(torch.ops.nllfused.linear_ce_fwd.default, args, test_utils=tests)
     lse = torch.randn(11, dtype=torch.float64) + 3
-    bwd_args = (torch.randn(11), x.detach(), W.detach(), None, t, w, lse, torch.ones(11), -100,
-                0.1, 1e-3, 1.0, 0.0, "torch", 4, True, True, False)
-    torch.library.opcheck(torch.ops.nllfused.linear_ce_bwd.default, bwd_args)
+    for grad_lse in (None, torch.randn(11, dtype=torch.float64)):
+        bwd_args = (torch.randn(11), grad_lse, x.detach(), W.detach(), None, t, w, lse,
+                    torch.ones(11), -100, 0.1, 1.0, 0.0, False, "torch", 4, True, True, False)
+        torch.library.opcheck(torch.ops.nllfused.linear_ce_bwd.default, bwd_args)
 
 
 # --- torch.compile and autocast ---------------------------------------------------------------
 
-COMPILE_BACKENDS = [b for b in ("cpu", "torch") if b in nllfused.available_backends(
-    torch.device("cpu"))]
-
-
-@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+# Not triton: its interpreter cannot run under torch.compile's tracing.
+@pytest.mark.parametrize("backend", backends_here("cpu", only=("cpu", "torch")))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_torch_compile_fullgraph(backend, reduction):
     torch._dynamo.reset()
@@ -303,15 +450,92 @@ def test_autocast_cpu_bfloat16():
 
 # --- module and signature ---------------------------------------------------------------------
 
+def _assert_accepts_every_argument(ours, theirs):
+    """Every parameter of `theirs` exists in `ours` under its name, callable the same way (by
+    position where torch allows it, at the same place; by keyword wherever torch allows it) and
+    with the same default; our extra parameters all have defaults."""
+    ours, theirs = inspect.signature(ours).parameters, inspect.signature(theirs).parameters
+    P = inspect.Parameter
+    for name, p in theirs.items():
+        assert name in ours, f"missing parameter {name!r}"
+        q = ours[name]
+        if p.kind == P.POSITIONAL_OR_KEYWORD:
+            assert q.kind == P.POSITIONAL_OR_KEYWORD, name
+            assert list(ours).index(name) == list(theirs).index(name), name
+        if p.kind == P.KEYWORD_ONLY:
+            assert q.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY), name
+        assert (q.default is P.empty) == (p.default is P.empty), name
+        if p.default is not P.empty:
+            assert type(q.default) is type(p.default) and q.default == p.default, name
+    for name in set(ours) - set(theirs):
+        assert ours[name].default is not P.empty or ours[name].kind == P.VAR_KEYWORD, name
+
+
 def test_signature_follows_torch():
-    """Every argument of torch's F.linear_cross_entropy but its `options` is accepted here by
-    the same name; the issue's positional order is kept."""
+    """torch.nn.functional.linear_cross_entropy's and torch.nn.LinearCrossEntropyLoss's
+    parameters (constructor and forward) are all ours, with their defaults; our positional
+    order (linear_bias ... label_smoothing may also be passed by position) is kept."""
     ours = inspect.signature(linear_cross_entropy).parameters
     assert list(ours)[:8] == ["input", "linear_weight", "target", "linear_bias", "weight",
                               "ignore_index", "reduction", "label_smoothing"]
-    if hasattr(F, "linear_cross_entropy"):
-        theirs = set(inspect.signature(F.linear_cross_entropy).parameters) - {"options"}
-        assert theirs <= set(ours)
+    for extra in ("z_loss", "logit_scale", "softcap", "chunk_size", "backend"):
+        assert ours[extra].kind == inspect.Parameter.KEYWORD_ONLY
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("this torch has no F.linear_cross_entropy")
+    _assert_accepts_every_argument(linear_cross_entropy, F.linear_cross_entropy)
+    _assert_accepts_every_argument(L.LinearCrossEntropyLoss.__init__,
+                                   torch.nn.LinearCrossEntropyLoss.__init__)
+    _assert_accepts_every_argument(L.LinearCrossEntropyLoss.forward,
+                                   torch.nn.LinearCrossEntropyLoss.forward)
+
+
+TorchOptions = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+
+
+@pytest.mark.skipif(TorchOptions is None, reason="this torch has no LinearCrossEntropyOptions")
+@pytest.mark.parametrize("options,chunk_size,rows", [
+    (dict(), None, 8),  # "auto": our rule (here the tests' CHUNK_ROWS = 8)
+    (dict(batch_chunk_size=5), None, 5),
+    (dict(batch_chunk_size=5, chunking_method=None), None, 5),
+    (dict(chunking_method=None), None, 37),  # no heuristic, no size: one chunk
+    # aspect_ratio: next_pow2(ceil(37 / ceil(29 / 16))) = 32, then / N
+    (dict(chunking_method="aspect_ratio"), None, 32),
+    (dict(chunking_method="aspect_ratio:4"), None, 8),
+    (dict(batch_chunk_size=3), 6, 6),  # our chunk_size wins
+    (None, 7, 7),
+], ids=["auto", "size", "size_no_method", "one_chunk", "aspect", "aspect4", "ours_wins",
+        "chunk_size"])
+def test_torch_options_choose_the_chunks(monkeypatch, options, chunk_size, rows):
+    seen = []
+    chunk_rows = L._chunk_rows
+    monkeypatch.setattr(L, "_chunk_rows", lambda *a: seen.append(chunk_rows(*a)) or seen[-1])
+    x, W, b, t = make(bias=True)  # 37 rows, H = 16, C = 29
+    if options is not None:
+        options = TorchOptions(**options)
+    loss = linear_cross_entropy(x, W, t, b, options=options, chunk_size=chunk_size,
+                                reduction="none")
+    assert seen == [rows]
+    expected = F.cross_entropy(F.linear(x.double(), W.double(), b.double()), t, reduction="none")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    module = L.LinearCrossEntropyLoss(16, 29, options=options, chunk_size=chunk_size)
+    seen.clear()
+    module(x, t)
+    assert seen == [rows]
+
+
+@pytest.mark.skipif(TorchOptions is None, reason="this torch has no LinearCrossEntropyOptions")
+def test_bad_chunking_arguments():
+    x, W, b, t = make()
+    with pytest.raises(ValueError, match="different chunk sizes"):
+        linear_cross_entropy(x, W, t, options=TorchOptions(batch_chunk_size=5,
+                                                           chunking_method="aspect_ratio"))
+    with pytest.raises(TypeError, match="LinearCrossEntropyOptions"):
+        linear_cross_entropy(x, W, t, options={"batch_chunk_size": 5})
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            linear_cross_entropy(x, W, t, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.LinearCrossEntropyLoss(4, 5, chunk_size=0)
 
 
 def test_torch_style_call_and_ignore_index_none():
@@ -377,7 +601,11 @@ L._linear_ce_fwd.register_torch_dispatch(Allocations, _run_inside(L._linear_ce_f
 L._linear_ce_bwd.register_torch_dispatch(Allocations, _run_inside(L._linear_ce_bwd_impl))
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+# Slow on Triton's interpreter (7-20 s a case): the chunking it checks is the same Python for
+# every backend, and the compiled backends run here quickly.
+@pytest.mark.parametrize("device,backend", backend_params(slow=("cpu-triton",)))
+# Both backward paths (mean: gradient made in forward; none: recomputed in backward), chunks of a
+# forced size and of the automatic rule.
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("chunk_rows", [16, None])
 def test_never_allocates_the_logits(monkeypatch, device, backend, reduction, chunk_rows):
@@ -422,7 +650,7 @@ def _bad_cases():
         ("bool_target", dict(ok, target=t > 0), TypeError, "target must hold"),
         ("class_weight_shape", dict(ok, weight=torch.ones(4)), ValueError, "one entry per class"),
         ("out_of_range", dict(ok, target=t.clamp(min=0) + 5), IndexError, "out of bounds"),
-        ("reduction", dict(ok, reduction="avg"), ValueError, "reduction must be"),
+        ("reduction", dict(ok, reduction="avg"), ValueError, "not a valid value for reduction"),
         ("smoothing", dict(ok, label_smoothing=1.5), ValueError, "label_smoothing"),
         ("softcap", dict(ok, softcap=-1.0), ValueError, "softcap"),
         ("z_loss", dict(ok, z_loss=-1.0), ValueError, "z_loss"),
@@ -447,3 +675,65 @@ def test_module_rejects_k_dimensional_and_bad_options():
         L.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
     with pytest.raises(ValueError, match="weight must have shape"):
         L.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
+
+
+# --- the torch_ref pieces the fused linear CE is built from ----------------------------------
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prob_target", [False, True])
+@pytest.mark.parametrize("z_loss", [0.0, 0.03])
+def test_reduce_grads_is_the_vjp_of_reduce(reduction, prob_target, z_loss):
+    from nllfused.backends import torch_ref
+    M = 9
+    loss = torch.rand(M, dtype=torch.float64, requires_grad=True)
+    lse = (torch.randn(M, dtype=torch.float64) * 3).requires_grad_()
+    counted = torch.rand(M) < 0.7
+    aux = torch.where(counted, torch.rand(M, dtype=torch.float64) + 0.1, 0.0)
+    c = None if prob_target else counted
+    out = torch_ref.reduce(loss, lse, aux, reduction, prob_target, z_loss, c)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    want_loss, want_lse = torch.autograd.grad(out, (loss, lse), grad, allow_unused=True,
+                                              materialize_grads=True)
+    g_loss, g_z = torch_ref.reduce_grads(grad, aux, reduction, prob_target, z_loss, c)
+    if not prob_target:  # the fused paths zero ignored rows (torch's losses give them nothing)
+        want_loss = torch.where(counted, want_loss, 0.0)
+    torch.testing.assert_close(g_loss, want_loss, rtol=1e-14, atol=0)
+    assert (g_z is None) == (not z_loss)
+    if z_loss:
+        torch.testing.assert_close(torch_ref.z_loss_grad(lse.detach(), g_z, z_loss), want_lse,
+                                   rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "softcap": 3.0,
+                                           "logit_scale": 1.5}], ids=["plain", "all"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunk_loss_and_grad_matches_forward(dtype, options, weighted):
+    """torch_ref.chunk_loss_and_grad: torch_ref.forward's loss and lse, and its gradient (with a
+    grad_lse part) as autograd gives it, with and without class weights."""
+    from nllfused._checks import Options
+    from nllfused.backends import torch_ref
+    n, C = 11, 13
+    logits = (torch.randn(n, C) * 4).to(dtype)
+    target = torch.randint(0, C, (n,))
+    target[:3] = -100
+    acc = torch_ref.acc_dtype(dtype)
+    weight = (torch.rand(C) + 0.1).to(acc) if weighted else None
+    opts = Options(**options)
+    grad_loss = torch.where(target != -100, torch.randn(n), 0.0).to(acc)
+    grad_lse = torch.randn(n, dtype=torch.float64)
+    x = logits.unsqueeze(-1).detach().requires_grad_()
+    loss, lse, _ = torch_ref.forward(x, target.unsqueeze(-1), weight, *opts)
+    (want,) = torch.autograd.grad((loss, lse), x, (grad_loss.unsqueeze(-1),
+                                                   grad_lse.unsqueeze(-1)))
+    ours_loss, ours_lse, grad = torch_ref.chunk_loss_and_grad(logits.clone(), target, weight,
+                                                              opts)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_loss, loss[:, 0].detach(), **tol)
+    torch.testing.assert_close(ours_lse, lse[:, 0].detach(), **tol)
+    assert ours_loss.dtype == acc and ours_lse.dtype == torch.float64
+    torch.testing.assert_close(grad(grad_loss, grad_lse), want[..., 0].to(acc), **tol)
+    row_w = torch_ref.row_weights(target, weight, -100, C, acc)
+    assert row_w.dtype == acc
+    torch.testing.assert_close(row_w, torch_ref.forward(logits.unsqueeze(-1), target.unsqueeze(
+        -1), weight, *opts)[2][:, 0])

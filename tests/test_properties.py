@@ -5,10 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import nllfused
-from conftest import DEVICES
-from nllfused import backends
-from reference import assert_matches_oracle, gradient_floor, reference
+from helpers import backend_params, check_cross_entropy
 
 
 @st.composite
@@ -53,28 +50,9 @@ def problems(draw):
     return x, target, kwargs
 
 
-def device_backends():
-    for device in DEVICES:
-        for backend in backends.available(torch.device(device)):
-            yield device, backend
-
-
-@pytest.mark.parametrize("device,backend", list(device_backends()))
+@pytest.mark.parametrize("device,backend", backend_params())
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems())
 def test_random_problems_match_float64_torch(device, backend, problem):
     x, target, kwargs = problem
-    shape = reference(x, target, **kwargs)[0].shape
-    grad = torch.randn(shape, dtype=torch.float64)
-    oracle, oracle_grad = reference(x, target, grad=grad, **kwargs)
-    low = low_grad = None
-    if x.dtype != torch.float64:
-        low, low_grad = reference(x, target, grad=grad, dtype=x.dtype, **kwargs)
-    xd = x.to(device).requires_grad_()
-    dkw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    ours = nllfused.cross_entropy(xd, target.to(device), backend=backend, **dkw)
-    assert_matches_oracle(ours, oracle, x.dtype, low, "loss")
-    ours.backward(grad.to(device, ours.dtype))
-    floor = gradient_floor(target, kwargs["reduction"], grad, x.dtype, kwargs.get("weight"),
-                           kwargs.get("ignore_index", -100))
-    assert_matches_oracle(xd.grad, oracle_grad, x.dtype, low_grad, "grad", floor)
+    check_cross_entropy(x, target, device, backend, **kwargs)

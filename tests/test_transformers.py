@@ -5,7 +5,6 @@ transformers (an optional dependency).
 """
 import copy
 import inspect
-import os
 import pickle
 import subprocess
 import sys
@@ -19,9 +18,9 @@ loss_utils = pytest.importorskip("transformers.loss.loss_utils")
 
 import nllfused  # noqa: E402
 import nllfused.integrations.transformers as nft  # noqa: E402
+from helpers import backends_here  # noqa: E402
 
 VOCAB = 256
-CPU_BACKENDS = nllfused.available_backends(torch.device("cpu"))
 
 
 def tiny_llama(vocab=VOCAB, layers=2):
@@ -128,8 +127,7 @@ def test_loss_and_gradient_match_one_step(spy):
     assert len(spy) == 3
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
-                    or "triton" not in CPU_BACKENDS,
+@pytest.mark.skipif("triton" not in backends_here("cpu"),
                     reason="the Triton backend on the CPU needs TRITON_INTERPRET=1")
 def test_triton_backend_short_run(spy):
     reference = tiny_llama(vocab=64, layers=1)
@@ -151,6 +149,8 @@ def _hf_and_ours(name, *args, options=None, **kwargs):
     return original(*args, **kwargs), ours(*args, **kwargs)
 
 
+# num_items_in_batch absent (a mean), an int and a tensor (a sum over it); the default and another
+# ignore_index.
 @pytest.mark.parametrize("num_items", [None, 37, "tensor"])
 @pytest.mark.parametrize("ignore_index", [-100, -1])
 def test_causal_lm_loss_semantics(num_items, ignore_index):
@@ -195,7 +195,7 @@ def test_low_precision_logits_give_float32_loss(dtype):
     torch.testing.assert_close(gb.float(), ga.float(), rtol=2 * 2.0 ** -8, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_items", [None, 9])
+@pytest.mark.parametrize("num_items", [None, 9])  # a mean, and a sum over num_items_in_batch
 def test_masked_lm_loss(num_items):
     logits = torch.randn(3, 5, 30)
     labels = torch.randint(0, 30, (3, 5))
@@ -332,6 +332,7 @@ def test_unsupported_models_raise():
         nft.patch(tiny_llama(layers=1), z_loss=-1.0)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~7 s
 def test_importing_nllfused_does_not_import_transformers():
     code = "import sys, nllfused; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -110,9 +110,10 @@ struct Args {
   const void* q; int64_t qN, qC, qD;             // probability targets (N, C, D)
   at::ScalarType qtype;
   const void* w; double wsum;                    // weights (C,) in the accumulation dtype, or null
-  int64_t ignore_index; double eps, zl, a, s; bool prob;
+  int64_t ignore_index; double eps, a, s; bool prob;
   void *loss, *lse, *aux;                        // forward outputs, contiguous (N, D)
   const void* gl; int64_t gN, gD;                // backward inputs (N, D)
+  const double* glse; int64_t glN, glD;          // grad_lse (N, D) float64, or null
   const void* lse_in; int64_t lN, lD;
   const void* aux_in; int64_t aN, aD;
   void* out;                                     // backward output, contiguous (N, C, D)
@@ -183,8 +184,7 @@ at::ScalarType acc_type(const Tensor& logits) {
 // `w_acc` keeps the weights converted to the accumulation dtype alive.
 Args make_args(const char* op, const Tensor& logits, const Tensor& target,
                const std::optional<Tensor>& weight, Tensor& w_acc, int64_t ignore_index,
-               double label_smoothing, double z_loss, double logit_scale, double softcap,
-               bool prob_target) {
+               double label_smoothing, double logit_scale, double softcap, bool prob_target) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor, got ", logits.device());
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be (N, C, D), got ", logits.dim(),
               " dims with shape ", logits.sizes());
@@ -225,13 +225,14 @@ Args make_args(const char* op, const Tensor& logits, const Tensor& target,
     TORCH_CHECK(w.device().is_cpu(), op, ": weight must be a CPU tensor, got ", w.device());
     TORCH_CHECK(w.dim() == 1 && w.size(0) == C, op, ": weight must be (C,) = (", C, ",), got ",
                 w.sizes());
-    TORCH_CHECK(w.scalar_type() == at::kFloat, op, ": weight must be float32, got ",
+    TORCH_CHECK(w.scalar_type() == acc_type(logits), op, ": weight must be ", acc_type(logits),
+                " (the accumulation dtype of ", logits.scalar_type(), " logits), got ",
                 w.scalar_type());
-    w_acc = w.to(acc_type(logits)).contiguous();  // C elements: a copy only for float64 logits
+    w_acc = w.contiguous();
     A.w = w_acc.data_ptr();
     A.wsum = w.sum(at::kDouble).item<double>();  // the backward's smoothing coefficient
   }
-  A.ignore_index = ignore_index; A.eps = label_smoothing; A.zl = z_loss;
+  A.ignore_index = ignore_index; A.eps = label_smoothing;
   A.a = logit_scale; A.s = softcap;
   return A;
 }
@@ -250,11 +251,11 @@ void check_rowwise(const char* op, const char* name, const Tensor& t, const Tens
 std::tuple<Tensor, Tensor, Tensor> ce_fwd_cpu(const Tensor& logits, const Tensor& target,
                                               const std::optional<Tensor>& weight,
                                               int64_t ignore_index, double label_smoothing,
-                                              double z_loss, double logit_scale, double softcap,
+                                              double logit_scale, double softcap,
                                               bool prob_target) {
   Tensor w_acc;
   Args A = make_args("ce_fwd", logits, target, weight, w_acc, ignore_index, label_smoothing,
-                     z_loss, logit_scale, softcap, prob_target);
+                     logit_scale, softcap, prob_target);
   const auto opts = logits.options().dtype(acc_type(logits));
   Tensor loss = at::empty({A.N, A.D}, opts),
          lse = at::empty({A.N, A.D}, logits.options().dtype(at::kDouble)),
@@ -269,17 +270,21 @@ std::tuple<Tensor, Tensor, Tensor> ce_fwd_cpu(const Tensor& logits, const Tensor
   return {loss, lse, aux};
 }
 
-Tensor ce_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
-                  const std::optional<Tensor>& weight, const Tensor& lse, const Tensor& aux,
-                  int64_t ignore_index, double label_smoothing, double z_loss, double logit_scale,
-                  double softcap, bool prob_target) {
+Tensor ce_bwd_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
+                  const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+                  const Tensor& lse, const Tensor& aux, int64_t ignore_index,
+                  double label_smoothing, double logit_scale, double softcap, bool prob_target) {
   Tensor w_acc;
   Args A = make_args("ce_bwd", logits, target, weight, w_acc, ignore_index, label_smoothing,
-                     z_loss, logit_scale, softcap, prob_target);
+                     logit_scale, softcap, prob_target);
   check_rowwise("ce_bwd", "grad_loss", grad_loss, logits);
   check_rowwise("ce_bwd", "lse", lse, logits, /*is_lse=*/true);
   check_rowwise("ce_bwd", "aux", aux, logits);
   A.gl = grad_loss.data_ptr(); A.gN = grad_loss.stride(0); A.gD = grad_loss.stride(1);
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    check_rowwise("ce_bwd", "grad_lse", *grad_lse, logits, /*is_lse=*/true);
+    A.glse = grad_lse->data_ptr<double>(); A.glN = grad_lse->stride(0); A.glD = grad_lse->stride(1);
+  }
   A.lse_in = lse.data_ptr(); A.lN = lse.stride(0); A.lD = lse.stride(1);
   A.aux_in = aux.data_ptr(); A.aN = aux.stride(0); A.aD = aux.stride(1);
   Tensor out = at::empty({A.N, A.C, A.D}, logits.options());  // contiguous, logits' dtype
@@ -439,6 +444,11 @@ struct Ce {
     c += std::abs(s) >= std::abs(x) ? (s - t) + x : (x - t) + s;
     s = t;
   }
+  // v where g != 0, else 0 (also where v is NaN: 0 * inf).
+  static inline V keep_nonzero(V g, V v) {
+    if constexpr (std::is_same_v<V, ScalarVec<acc_t>>) return g.v != 0 ? v : V(acc_t(0));
+    else return V::blendv(V(acc_t(0)), v, g != V(acc_t(0)));
+  }
   static inline acc_t hmax(V v) {
     acc_t t[W];
     v.store(t);
@@ -583,7 +593,8 @@ struct Ce {
   struct State {
     acc_t m = -kInf, d = 0, dc = 0, B = 0, G = 0;
   };
-  // Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[].
+  // Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
+  // 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
   // It runs from L1 and leaves the memory idle, so it prefetches the next chunk [pf, pf + pf_len)
   // for the max sweep, one line per step.
   // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
@@ -626,10 +637,15 @@ struct Ce {
       if constexpr (Gm == 1) {
         b0 = b0 + a;
         b1 = b1 + b;
-      } else if constexpr (Gm == 2) {
+      } else if constexpr (Gm >= 2) {
         const V ga = V::loadu(g + i), gb = V::loadu(g + i + W);
-        b0 = fmadd(ga, a, b0);
-        b1 = fmadd(gb, b, b1);
+        if constexpr (Gm == 3) {
+          b0 = b0 + keep_nonzero(ga, ga * a);
+          b1 = b1 + keep_nonzero(gb, gb * b);
+        } else {
+          b0 = fmadd(ga, a, b0);
+          b1 = fmadd(gb, b, b1);
+        }
         g0 = g0 + ga;
         g1 = g1 + gb;
       }
@@ -645,8 +661,8 @@ struct Ce {
       if (AtMax && a == 0) k += 1;
       else add_exact(s.d, s.dc, std::exp(a));
       if constexpr (Gm == 1) B += a;
-      if constexpr (Gm == 2) {
-        B += g[i] * a;
+      if constexpr (Gm >= 2) {
+        if (Gm == 2 || g[i] != 0) B += g[i] * a;
         G += g[i];
       }
     }
@@ -660,16 +676,18 @@ struct Ce {
     if (cm == nan_max(s.m, cm)) {
       if (gm == 0) fold<0, true>(s, z, n, cm, g, pf, pf_len);
       else if (gm == 1) fold<1, true>(s, z, n, cm, g, pf, pf_len);
-      else fold<2, true>(s, z, n, cm, g, pf, pf_len);
+      else if (gm == 2) fold<2, true>(s, z, n, cm, g, pf, pf_len);
+      else fold<3, true>(s, z, n, cm, g, pf, pf_len);
     } else {
       if (gm == 0) fold<0, false>(s, z, n, cm, g, pf, pf_len);
       else if (gm == 1) fold<1, false>(s, z, n, cm, g, pf, pf_len);
-      else fold<2, false>(s, z, n, cm, g, pf, pf_len);
+      else if (gm == 2) fold<2, false>(s, z, n, cm, g, pf, pf_len);
+      else fold<3, false>(s, z, n, cm, g, pf, pf_len);
     }
   }
   // Which g-sums row needs: soft targets always; index targets only with smoothing (not ignored).
   static int gmode(const Args& A, int64_t y) {
-    if (A.prob) return 2;
+    if (A.prob) return 3;
     if (A.eps == 0 || y < 0) return 0;
     return A.w ? 2 : 1;
   }
@@ -687,10 +705,9 @@ struct Ce {
     const double lse = pinf ? std::numeric_limits<double>::infinity()
                             : static_cast<double>(s.m) + static_cast<double>(logd);
     const acc_t e = static_cast<acc_t>(A.eps);
-    const acc_t zterm = static_cast<acc_t>(A.zl * lse * lse);
     acc_t loss, aux;
     if (A.prob) {
-      loss = s.G * logd - s.B + zterm;  // sum_c g_c (lse - z_c) + z lse^2
+      loss = s.G * logd - s.B;  // sum_c g_c (lse - z_c)
       aux = s.G;
     } else if (y < 0) {
       loss = 0;
@@ -702,7 +719,6 @@ struct Ce {
       // (m - z_y) + log d rather than lse - z_y in acc_t: m - z_y is exact for close values.
       loss = (1 - e) * wy * ((s.m - zy) + logd);
       if (A.eps != 0) loss += e / static_cast<acc_t>(A.C) * (s.G * logd - s.B);
-      if (A.zl != 0) loss += zterm;
       aux = wy;
     }
     if ((pinf || std::isnan(lse)) && !(y < 0 && !A.prob)) loss = kNaN;
@@ -806,14 +822,16 @@ struct Ce {
   // Row r's gradient is grad_c = dz_c (P p_c - Q g_c), p_c = exp((z_c - hi) - lo) with the float64
   // lse split as hi = acc_t(lse), lo = acc_t(lse - hi): z_c - hi is exact for the classes that
   // matter, so p_c keeps acc_t accuracy even for |lse| ~ 1e4, where a float32 lse alone would be
-  // off by 5e-4. The index target y gets
-  //   gl dz_y ((1-e) w_y (p_y - 1) + e/C (sum(w) p_y - w_y) + 2 z lse p_y).
+  // off by 5e-4. With gl = grad_loss[r] and gs = grad_lse[r] (d lse / d z_c = p_c), the index
+  // target y gets
+  //   dz_y (gl ((1-e) w_y (p_y - 1) + e/C (sum(w) p_y - w_y)) + gs p_y).
   // There p_y - 1 is taken as -sum_{c != y} p_c, summed during the sweep: when p_y -> 1, p_y
   // rounded to acc_t leaves p_y - 1 only its last bits (or nothing), the sum keeps every digit.
   // That element is computed in acc_t and rounded once, after the sweep: gy = ya * sum + yb.
+  // An ignored row has no loss part: 0, or gs p_c dz_c when gs != 0.
   struct RowGrad {
     acc_t hi, lo, P, Q, ya, yb;
-    int64_t y;  // -1: none (soft targets)
+    int64_t y;  // -1: none (soft targets, ignored rows)
     int gm;     // g: 0 none, 1 ones, 2 g[] (weights, or w q' for soft targets)
     bool zero, nan;
   };
@@ -822,9 +840,11 @@ struct Ce {
     rg.y = -1;
     const acc_t gl = static_cast<const acc_t*>(A.gl)[n_ * A.gN + d_ * A.gD];
     const double lse_d = static_cast<const double*>(A.lse_in)[n_ * A.lN + d_ * A.lD];
-    const acc_t e = static_cast<acc_t>(A.eps), zl = static_cast<acc_t>(A.zl);
+    const acc_t gs = A.glse ? static_cast<acc_t>(A.glse[n_ * A.glN + d_ * A.glD]) : acc_t(0);
+    const acc_t e = static_cast<acc_t>(A.eps);
     const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
-    if (!A.prob && y < 0) {
+    const bool ignored = !A.prob && y < 0;
+    if (ignored && gs == 0) {
       rg.zero = true;
       return rg;
     }
@@ -832,24 +852,26 @@ struct Ce {
     rg.nan = !std::isfinite(lse_d);
     rg.hi = static_cast<acc_t>(lse_d);
     rg.lo = rg.nan ? acc_t(0) : static_cast<acc_t>(lse_d - static_cast<double>(rg.hi));
-    const acc_t lse = rg.hi;  // for the z-loss terms
-    if (A.prob) {
+    if (ignored) {
+      rg.P = gs;
+      rg.gm = 0;
+    } else if (A.prob) {
       const acc_t S = static_cast<const acc_t*>(A.aux_in)[n_ * A.aN + d_ * A.aD];
-      rg.P = gl * (S + 2 * zl * lse);
+      rg.P = gl * S + gs;
       rg.Q = gl;
       rg.gm = 2;
     } else {
       const acc_t* w = static_cast<const acc_t*>(A.w);
       const acc_t wy = w ? w[y] : acc_t(1), eC = e / static_cast<acc_t>(A.C);
       const acc_t ws = static_cast<acc_t>(A.wsum);
-      rg.P = gl * ((1 - e) * wy + eC * ws + 2 * zl * lse);
+      rg.P = gl * ((1 - e) * wy + eC * ws) + gs;
       rg.Q = gl * eC;
       rg.gm = gmode(A, y);
       acc_t dz;
       const acc_t zy = tf_scalar(static_cast<acc_t>(xr[y * A.xC]), t, dz);
       const acc_t py = std::exp((zy - rg.hi) - rg.lo);
       rg.ya = -gl * dz * (1 - e) * wy;
-      rg.yb = gl * dz * (eC * (ws * py - wy) + 2 * zl * lse * py);
+      rg.yb = dz * (gl * eC * (ws * py - wy) + gs * py);
       rg.y = y;
     }
     return rg;

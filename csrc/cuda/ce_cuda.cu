@@ -152,11 +152,10 @@ struct CEParams {
   const void* tgt;
   int64_t tN, tC, tD;
   int prob_dtype;
-  const float* weight;      // (C,) contiguous or nullptr
-  const acc_t* weight_sum;  // device scalar sum(weight) in acc_t (backward, index targets)
+  const acc_t* weight;       // (C,) contiguous or nullptr, in acc_t (csrc/ops.cpp)
+  const double* weight_sum;  // device scalar sum(weight) in float64 (backward, index targets)
   int64_t ignore_index;
   acc_t eps, eps_over_C, one_minus_eps;  // label smoothing
-  acc_t zloss;
   acc_t scale;       // logit_scale a
   acc_t cap;         // softcap s (used when has_cap)
   acc_t scale_over_cap;
@@ -169,6 +168,8 @@ struct CEParams {
   // backward inputs, (N, D) any strides
   const acc_t* grad;
   int64_t gN, gD;
+  const double* grad_lse;  // or nullptr
+  int64_t glN, glD;
   const double* lse_in;
   int64_t lN, lD;
   const acc_t* aux_in;
@@ -204,7 +205,7 @@ NLLF_HD int64_t load_index(const CEParams<acc_t>& p, int64_t n, int64_t d) {
 // qoff = n*tN + d*tD (probability targets only).
 template <typename tgt_t, typename acc_t>
 NLLF_HD acc_t class_v(const CEParams<acc_t>& p, int64_t qoff, int64_t c) {
-  const acc_t w = p.weight ? static_cast<acc_t>(ldg(p.weight + c)) : acc_t(1);
+  const acc_t w = p.weight ? ldg(p.weight + c) : acc_t(1);
   if constexpr (is_prob_v<tgt_t>) {
     const acc_t q = load_prob(p, qoff + c * p.tC);
     return w * (p.one_minus_eps * q + p.eps_over_C);
@@ -255,9 +256,11 @@ NLLF_HD void fold(Stats<acc_t>& s, const acc_t (&z)[K], bool need_t) {
   s.m = cm;
 }
 
-// Add one class to t and w; call after fold() has seen z (s.m >= z).
-template <typename acc_t>
+// Add one class to t and w; call after fold() has seen z (s.m >= z). A probability target class
+// with v == 0 adds nothing, even at z = -inf (no 0 * inf); index targets keep torch's NaN there.
+template <typename tgt_t, typename acc_t>
 NLLF_HD void add_t(Stats<acc_t>& s, acc_t z, acc_t v) {
+  if (is_prob_v<tgt_t> && v == acc_t(0)) return;
   const acc_t diff = (z == neg_inf<acc_t>()) ? pos_inf<acc_t>() : (s.m - z);
   s.t += v * diff;
   s.w += v;
@@ -300,7 +303,7 @@ NLLF_HD void fold_one(Stats<acc_t>& s, const CEParams<acc_t>& p, scalar_t xv, in
                       int64_t qoff) {
   const acc_t z[1] = {to_z(p, static_cast<acc_t>(xv))};
   fold<1>(s, z, p.need_t);
-  if (p.need_t) add_t(s, z[0], class_v<tgt_t>(p, qoff, c));
+  if (p.need_t) add_t<tgt_t>(s, z[0], class_v<tgt_t>(p, qoff, c));
 }
 
 // Element index -> number of leading elements before the first 16-byte boundary; all of
@@ -350,7 +353,7 @@ NLLF_HD Stats<acc_t> fwd_row_partial(const CEParams<acc_t>& p, const scalar_t* x
         if (v < nvec) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
-            add_t(s, z[u * VEC + j], class_v<tgt_t>(p, qoff, head + v * VEC + j));
+            add_t<tgt_t>(s, z[u * VEC + j], class_v<tgt_t>(p, qoff, head + v * VEC + j));
         }
       }
     }
@@ -379,7 +382,7 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
 #pragma unroll
       for (int u = 0; u < kTileUnroll; ++u) {
         const int64_t c = c0 + u * step;
-        if (c < C) add_t(s, z[u], class_v<tgt_t>(p, qoff, c));
+        if (c < C) add_t<tgt_t>(s, z[u], class_v<tgt_t>(p, qoff, c));
       }
     }
   }
@@ -392,12 +395,10 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* xrow, int64_t 
                         int64_t d, const Stats<acc_t>& s) {
   const double logd64 = log_sum(static_cast<double>(s.k), static_cast<double>(s.d));
   const acc_t logd = static_cast<acc_t>(logd64);
-  const acc_t lse = s.m + logd;
-  const acc_t zterm = p.zloss != acc_t(0) ? p.zloss * lse * lse : acc_t(0);
   acc_t loss, aux;
   if constexpr (is_prob_v<tgt_t>) {
     // sum_c v_c (lse - z_c), v_c = w_c q'_c
-    loss = (s.t + s.w * logd) + zterm;
+    loss = s.t + s.w * logd;
     aux = s.w;
   } else {
     const int64_t y = load_index<tgt_t>(p, n, d);
@@ -408,11 +409,10 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* xrow, int64_t 
       loss = quiet_nan<acc_t>();
       aux = quiet_nan<acc_t>();
     } else {
-      const acc_t wy = p.weight ? static_cast<acc_t>(ldg(p.weight + y)) : acc_t(1);
+      const acc_t wy = p.weight ? ldg(p.weight + y) : acc_t(1);
       const acc_t zy = to_z(p, static_cast<acc_t>(xrow[y * p.sC]));
       loss = p.one_minus_eps * wy * ((s.m - zy) + logd);
       if (p.eps != acc_t(0)) loss += p.eps_over_C * (s.t + s.w * logd);  // s.w = sum_c w_c
-      loss += zterm;
       aux = wy;
     }
   }
@@ -424,17 +424,20 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* xrow, int64_t 
 // ------------------------------------------------------------------------------------------
 // Backward per-row coefficients and per-element gradient.
 
+// Row r's gradient: chain_c (coef_p p_c - class terms), with grad_loss g and grad_lse gs folded
+// into the coefficients: coef_p = g (loss's p-coefficient) + gs, class terms g (...). An ignored
+// row has no loss part: zeros when gs == 0, else gs p_c chain_c.
 template <typename acc_t>
 struct BwdRow {
-  int mode;      // 0: compute; 1: ignored row (zeros); 2: out-of-range target (NaN)
-  int64_t y;     // index target
+  int mode;      // 0: compute; 1: zeros (ignored row, gs == 0); 2: out-of-range target (NaN)
+  int64_t y;     // index target; -1 on an ignored row
   int64_t qoff;  // probability targets: n*tN + d*tD
-  acc_t g;       // grad_loss[r]
-  acc_t lse;     // hi + lo
+  acc_t g;       // grad_loss[r] (0 on an ignored row)
+  acc_t geC;     // g eps / C: times w_c, the smoothing class term (index targets)
   acc_t lse_hi;  // float64 lse split in two: p = exp((z - hi) - lo) keeps torch's accuracy
   acc_t lse_lo;  // for logits far from zero, where a single rounded lse would not
-  acc_t coef_p;  // gradient = coef_p * p_c - (class terms)
-  acc_t cy;      // (1 - eps) w_y
+  acc_t coef_p;  // gradient = chain (coef_p * p_c - class terms)
+  acc_t cy;      // g (1 - eps) w_y
   acc_t cq;      // coef_p - cy
 };
 
@@ -442,33 +445,34 @@ template <typename tgt_t, typename acc_t>
 NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t d) {
   BwdRow<acc_t> b;
   b.mode = 0;
-  b.y = 0;
+  b.y = -1;
   b.qoff = 0;
-  b.coef_p = b.cy = b.cq = acc_t(0);
+  b.coef_p = b.cy = b.cq = b.geC = acc_t(0);
   b.g = p.grad[n * p.gN + d * p.gD];
+  const acc_t gs =
+      p.grad_lse ? static_cast<acc_t>(p.grad_lse[n * p.glN + d * p.glD]) : acc_t(0);
   const double lse64 = p.lse_in[n * p.lN + d * p.lD];
   b.lse_hi = static_cast<acc_t>(lse64);
   b.lse_lo = static_cast<acc_t>(lse64 - static_cast<double>(b.lse_hi));
-  b.lse = b.lse_hi + b.lse_lo;
-  const acc_t zl2 = p.zloss != acc_t(0) ? acc_t(2) * p.zloss * b.lse : acc_t(0);
   if constexpr (is_prob_v<tgt_t>) {
     b.qoff = n * p.tN + d * p.tD;
-    b.cy = acc_t(0);
-    b.cq = p.aux_in[n * p.aN + d * p.aD] + zl2;  // sum_k w_k q'_k (+ z-loss)
+    b.cq = b.g * p.aux_in[n * p.aN + d * p.aD] + gs;  // g sum_k w_k q'_k + gs
     b.coef_p = b.cq;
   } else {
     const int64_t y = load_index<tgt_t>(p, n, d);
     if (y == p.ignore_index) {
-      b.mode = 1;
+      b.g = acc_t(0);
+      b.mode = gs == acc_t(0) ? 1 : 0;
+      b.cq = b.coef_p = gs;
     } else if (y < 0 || y >= p.C) {
       b.mode = 2;
     } else {
       b.y = y;
-      const acc_t wy = p.weight ? static_cast<acc_t>(ldg(p.weight + y)) : acc_t(1);
-      const acc_t wsum =
-          p.weight ? *p.weight_sum : static_cast<acc_t>(p.C);
-      b.cy = p.one_minus_eps * wy;
-      b.cq = p.eps_over_C * wsum + zl2;
+      const acc_t wy = p.weight ? ldg(p.weight + y) : acc_t(1);
+      const acc_t wsum = p.weight ? static_cast<acc_t>(*p.weight_sum) : static_cast<acc_t>(p.C);
+      b.geC = b.g * p.eps_over_C;
+      b.cy = b.g * (p.one_minus_eps * wy);
+      b.cq = b.geC * wsum + gs;
       b.coef_p = b.cy + b.cq;
     }
   }
@@ -490,11 +494,10 @@ NLLF_HD acc_t grad_elem(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t 
   const acc_t prob = acc_exp(zs);
   acc_t gr;
   if constexpr (is_prob_v<tgt_t>) {
-    gr = b.coef_p * prob - class_v<tgt_t>(p, b.qoff, c);
+    gr = b.coef_p * prob - b.g * class_v<tgt_t>(p, b.qoff, c);
   } else {
-    const acc_t sw = p.eps != acc_t(0)
-                         ? p.eps_over_C * (p.weight ? static_cast<acc_t>(ldg(p.weight + c)) : acc_t(1))
-                         : acc_t(0);
+    const acc_t sw =
+        p.eps != acc_t(0) ? b.geC * (p.weight ? ldg(p.weight + c) : acc_t(1)) : acc_t(0);
     if (c == b.y) {
       // coef_p p_y - cy - sw with p_y - 1 from expm1: no cancellation when p_y -> 1
       gr = b.cy * acc_expm1(zs) + b.cq * prob - sw;
@@ -502,7 +505,7 @@ NLLF_HD acc_t grad_elem(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t 
       gr = b.coef_p * prob - sw;
     }
   }
-  return gr * (b.g * chain);
+  return gr * chain;
 }
 
 // Fill a contiguous output row (ignored / out-of-range rows): vector stores when possible.
@@ -831,8 +834,9 @@ inline at::Tensor check_inputs(const char* op, const at::Tensor& logits, const a
     w = *weight;
     TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(),
                 " but logits are on ", logits.device());
-    TORCH_CHECK(w.scalar_type() == at::kFloat, op, ": weight must be float32, got ",
-                w.scalar_type());
+    const auto acc = acc_dtype_of(logits.scalar_type());
+    TORCH_CHECK(w.scalar_type() == acc, op, ": weight must be ", acc, " (the accumulation dtype of ",
+                logits.scalar_type(), " logits), got ", w.scalar_type());
     TORCH_CHECK(w.dim() == 1 && w.size(0) == C, op, ": weight must be (C,) = (", C,
                 ",), got ", w.sizes());
     w = w.contiguous();
@@ -843,7 +847,7 @@ inline at::Tensor check_inputs(const char* op, const at::Tensor& logits, const a
 template <typename acc_t>
 CEParams<acc_t> make_params(const at::Tensor& logits, const at::Tensor& target,
                             const at::Tensor& weight, int64_t ignore_index,
-                            double label_smoothing, double z_loss, double logit_scale,
+                            double label_smoothing, double logit_scale,
                             double softcap, bool prob_target) {
   CEParams<acc_t> p{};
   p.C = logits.size(1);
@@ -863,13 +867,12 @@ CEParams<acc_t> make_params(const at::Tensor& logits, const at::Tensor& target,
     p.tD = target.stride(1);
     p.prob_dtype = -1;
   }
-  p.weight = weight.defined() ? weight.data_ptr<float>() : nullptr;
+  p.weight = weight.defined() ? weight.data_ptr<acc_t>() : nullptr;
   p.weight_sum = nullptr;
   p.ignore_index = ignore_index;
   p.eps = static_cast<acc_t>(label_smoothing);
   p.eps_over_C = static_cast<acc_t>(label_smoothing / static_cast<double>(p.C));
   p.one_minus_eps = static_cast<acc_t>(1.0 - label_smoothing);
-  p.zloss = static_cast<acc_t>(z_loss);
   p.scale = static_cast<acc_t>(logit_scale);
   p.has_cap = softcap != 0.0;
   p.cap = static_cast<acc_t>(softcap);
@@ -896,7 +899,7 @@ void dispatch_target(const at::Tensor& target, bool prob_target, F&& f) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, double z_loss, double logit_scale,
+    int64_t ignore_index, double label_smoothing, double logit_scale,
     double softcap, bool prob_target) {
   const char* op = "nllfused::ce_fwd (CUDA)";
   const at::Tensor w =
@@ -914,7 +917,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
                                   [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     CEParams<acc_t> p = make_params<acc_t>(logits, target, w, ignore_index, label_smoothing,
-                                           z_loss, logit_scale, softcap, prob_target);
+                                           logit_scale, softcap, prob_target);
     p.loss = loss.data_ptr<acc_t>();
     p.lse = lse.data_ptr<double>();
     p.aux = aux.data_ptr<acc_t>();
@@ -937,25 +940,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
   return {loss, lse, aux};
 }
 
-at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                       const at::Tensor& lse, const at::Tensor& aux, int64_t ignore_index,
-                       double label_smoothing, double z_loss, double logit_scale,
-                       double softcap, bool prob_target) {
+at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                       const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                       const at::Tensor& aux, int64_t ignore_index, double label_smoothing,
+                       double logit_scale, double softcap, bool prob_target) {
   const char* op = "nllfused::ce_bwd (CUDA)";
   const at::Tensor w =
       check_inputs(op, logits, target, weight, label_smoothing, prob_target);
   const int64_t N = logits.size(0), C = logits.size(1), D = logits.size(2);
   const auto acc = acc_dtype_of(logits.scalar_type());
+  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
   const std::pair<const at::Tensor*, const char*> rowwise[] = {
-      {&grad_loss, "grad_loss"}, {&lse, "lse"}, {&aux, "aux"}};
+      {&grad_loss, "grad_loss"}, {&lse, "lse"}, {&aux, "aux"},
+      {has_glse ? &*grad_lse : nullptr, "grad_lse"}};
   for (const auto& t : rowwise) {
+    if (t.first == nullptr) continue;
     TORCH_CHECK(t.first->device() == logits.device(), op, ": ", t.second, " is on ",
                 t.first->device(), " but logits are on ", logits.device());
     TORCH_CHECK(t.first->dim() == 2 && t.first->size(0) == N && t.first->size(1) == D, op,
                 ": ", t.second, " must be (N, D) = (", N, ", ", D, "), got ",
                 t.first->sizes());
-    const auto want = t.first == &lse ? at::kDouble : acc;  // lse is always float64
+    const bool f64 = t.first == &lse || t.second[5] == 'l';  // lse and grad_lse: float64
+    const auto want = f64 ? at::kDouble : acc;
     TORCH_CHECK(t.first->scalar_type() == want, op, ": ", t.second, " must be ", want,
                 " (for ", logits.scalar_type(), " logits), got ", t.first->scalar_type());
   }
@@ -963,17 +970,20 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
   at::Tensor grad = at::empty({N, C, D}, logits.options());
   if (N * D == 0) return grad;
 
-  // sum(weight) for the smoothing term, in the accumulation dtype, on the device (no host sync).
+  // sum(weight) for the smoothing term, in float64, on the device (no host sync).
   at::Tensor wsum;
-  if (w.defined() && !prob_target) wsum = w.sum(acc);
+  if (w.defined() && !prob_target) wsum = w.sum(at::kDouble);
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_bwd_cuda",
                                   [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     CEParams<acc_t> p = make_params<acc_t>(logits, target, w, ignore_index, label_smoothing,
-                                           z_loss, logit_scale, softcap, prob_target);
-    p.weight_sum = wsum.defined() ? wsum.data_ptr<acc_t>() : nullptr;
+                                           logit_scale, softcap, prob_target);
+    p.weight_sum = wsum.defined() ? wsum.data_ptr<double>() : nullptr;
+    p.grad_lse = has_glse ? grad_lse->data_ptr<double>() : nullptr;
+    p.glN = has_glse ? grad_lse->stride(0) : 0;
+    p.glD = has_glse ? grad_lse->stride(1) : 0;
     p.grad = grad_loss.data_ptr<acc_t>();
     p.gN = grad_loss.stride(0);
     p.gD = grad_loss.stride(1);

@@ -4,73 +4,74 @@
   triton  Triton kernels (kernels/), CUDA tensors; CPU tensors under TRITON_INTERPRET=1
   cpu     C++ kernels (csrc/cpu), CPU tensors
   cuda    CUDA kernels (csrc/cuda), CUDA tensors
+
+Under forward-mode AD and torch.func transforms (grad, jvp, vmap, hessian, ...) every call runs
+the torch reference, whose plain torch ops every transform supports: the fused ops have a
+backward formula only (see nllfused/ops.py).
 """
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+
+from .. import _extension
+from ..errors import ArgumentError
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 
 
-_KERNELS = {}
-
-
-def _has_kernel(op: str, key: str) -> bool:
-    # Asked once per (op, key) and remembered: the answer is fixed once the extension is
-    # loaded, and torch.compile cannot trace the dispatcher query itself.
-    if (op, key) not in _KERNELS:
-        try:
-            _KERNELS[op, key] = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-        except RuntimeError:  # op not registered: the extension is not built
-            _KERNELS[op, key] = False
-    return _KERNELS[op, key]
-
-
-def _warm_up():
-    for key in ("CPU", "CUDA"):
-        _has_kernel("nllfused::ce_fwd", key)
+def check_name(backend) -> str:
+    """The one check of a backend name (functions and modules alike)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
 
 
 def unavailable_reason(backend: str, device: torch.device):
     """None if `backend` can run tensors on `device`, else a sentence saying why not."""
-    from . import triton_backend
-    from .. import ops
-
-    if backend == "torch":
+    check_name(backend)
+    if backend in ("torch", "auto"):
         return None
+    if _extension.C_ERROR is not None:
+        return f"the extension nllfused._C is not built ({_extension.C_ERROR})"
     if backend == "triton":
-        if ops.EXTENSION_ERROR is not None:
-            return f"the extension nllfused._C is not built ({ops.EXTENSION_ERROR})"
-        return triton_backend.unavailable_reason(device)
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            return (f"backend={backend!r} runs {backend.upper()} tensors, but the input is on "
-                    f"{device}")
-        if ops.EXTENSION_ERROR is not None:
-            return f"the extension nllfused._C is not built ({ops.EXTENSION_ERROR})"
-        if not _has_kernel("nllfused::ce_fwd", backend.upper()):
-            return f"nllfused was built without {backend.upper()} kernels"
+        if _extension.TRITON_ERROR is not None:
+            return f"triton could not be imported ({_extension.TRITON_ERROR})"
+        if device.type == "cpu" and not _extension.triton_interpreter():
+            return ("the triton backend runs CPU tensors only under Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 in the environment before importing triton/nllfused, "
+                    "or use backend='cpu' or 'torch'")
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend does not support {device.type} tensors"
         return None
-    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device.type != backend:
+        return f"backend={backend!r} runs {backend.upper()} tensors, but the input is on {device}"
+    if backend == "cuda" and not _extension.build_info().get("cuda"):
+        return "nllfused was built without CUDA kernels"
+    return None
+
+
+def transform_active() -> bool:
+    """Forward-mode AD or a torch.func transform is on: only the torch reference supports them."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for a call; raises if the named one cannot run here.
 
     auto: CPU tensors -> cpu (C++); CUDA tensors -> cuda, else triton; torch where nothing else
-    is available. The CUDA choice follows the benchmark (bench/results/): see README.
+    is available. Under forward-mode AD or torch.func transforms: torch (module docstring).
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_name(backend)
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-        for candidate in order:
-            if unavailable_reason(candidate, device) is None:
-                return candidate
+        backend = next((b for b in order if unavailable_reason(b, device) is None), "torch")
+    else:
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    if backend != "torch" and not torch.compiler.is_compiling() and transform_active():
         return "torch"
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
     return backend
 
 

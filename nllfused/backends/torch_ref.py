@@ -1,8 +1,13 @@
-"""The "torch" backend: the same contract as the fused ops, in plain differentiable torch.
+"""The torch maths of nllfused: the one Python home of its formulas (docs/maths.md).
 
-It is the test oracle's twin (run it in float64 and it *is* the oracle of GUIDE §1) and the
-fallback where no kernel applies. It materialises the transformed logits, so it is neither fast
-nor frugal; autograd differentiates it.
+- `forward`: the "torch" backend, the same contract as the fused ops (csrc/ops.cpp) in plain
+  differentiable torch. Run in float64 it is the test oracle's twin; it is also what every call
+  runs under forward-mode AD and torch.func transforms, and what the fused ops' autograd
+  differentiates when a second derivative is asked for (`vjp`). It materialises the transformed
+  logits, so it is neither fast nor frugal.
+- `index_rule`, `acc_dtype`, `transform`, `log_softmax`, `soft_target_grad`: the pieces every
+  other path (argument checks, fused linear CE, vocabulary-parallel) uses.
+- `reduce`: the z-loss term and torch's reductions, shared by every entry point.
 """
 from __future__ import annotations
 
@@ -10,11 +15,23 @@ from typing import Optional
 
 import torch
 
-from .._checks import accumulation_dtype
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float64 for float64 logits, float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def index_rule(target: torch.Tensor, num_classes: int, ignore_index: int):
+    """(counted, in_range) per row of class-index targets: a row counts unless its target is
+    ignore_index; a counted row whose target is outside [0, C) is an error (IndexError on the
+    CPU, a NaN loss on the GPU)."""
+    counted = target != ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    return counted, in_range
 
 
 def transform(x: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor:
-    """z = softcap(logit_scale * x); softcap 0 means none."""
+    """z = softcap(logit_scale * x), softcap(v) = s * tanh(v / s); softcap 0 means none."""
     if logit_scale != 1.0:
         x = x * logit_scale
     if softcap:
@@ -22,11 +39,37 @@ def transform(x: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tens
     return x
 
 
+def log_softmax(logits: torch.Tensor, lse: torch.Tensor, options) -> torch.Tensor:
+    """log p = z - lse over the class dimension 1 of (N, C, D) logits, from a saved lse."""
+    z = transform(logits.to(acc_dtype(logits.dtype)), options.logit_scale, options.softcap)
+    return z - lse.to(z.dtype).unsqueeze(1)
+
+
+def smoothed_target(q: torch.Tensor, weight: Optional[torch.Tensor], label_smoothing: float,
+                    num_classes: int, class_dim: int) -> torch.Tensor:
+    """w_c q'_c, q' = (1 - e) q + e / C: what a soft-target row weighs each class by."""
+    if label_smoothing:
+        q = (1 - label_smoothing) * q + label_smoothing / num_classes
+    if weight is not None:
+        shape = [1] * q.dim()
+        shape[class_dim] = -1
+        q = q * weight.to(q.dtype).view(shape)
+    return q
+
+
+def soft_target_grad(grad_loss, logits, lse, weight, options) -> torch.Tensor:
+    """d loss / d q_c = -(1 - e) w_c log p_c, times each row's upstream gradient."""
+    logp = log_softmax(logits, lse, options)
+    if weight is not None:
+        logp = logp * weight.to(logp.dtype).view(1, -1, 1)
+    return -(1 - options.label_smoothing) * logp * grad_loss.unsqueeze(1)
+
+
 def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-            ignore_index: int, label_smoothing: float, z_loss: float, logit_scale: float,
-            softcap: float, prob_target: bool):
+            ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
+            prob_target: bool):
     """(loss, lse, aux) per row, as nllfused::ce_fwd defines them (csrc/ops.cpp)."""
-    acc = accumulation_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     C = logits.shape[1]
     e = label_smoothing
     # Classes last, (N, D, C): torch's last-dim softmax kernels are its most accurate ones.
@@ -37,19 +80,12 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
     neg_logp = -torch.log_softmax(z, dim=-1)  # (N, D, C), >= 0
     zero = torch.zeros((), dtype=acc, device=z.device)
     if prob_target:
-        q = target.to(acc).movedim(1, -1)
-        if e:
-            q = (1 - e) * q + e / C
-        wq = q if weight is None else q * weight.to(acc)
+        wq = smoothed_target(target.to(acc).movedim(1, -1), weight, e, C, -1)
         # 0 * inf (a masked class with zero target mass) contributes 0, not NaN.
         loss = torch.where(wq != 0, wq * neg_logp, zero).sum(-1)
-        aux = wq.sum(-1)
-        if z_loss:
-            loss = loss + z_loss * lse * lse
-        return loss, lse.to(torch.float64), aux.detach()
+        return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
-    counted = target != ignore_index
-    in_range = (target >= 0) & (target < C)
+    counted, in_range = index_rule(target, C, ignore_index)
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
     nll = neg_logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     w_y = torch.ones_like(lse) if weight is None else weight.to(acc)[safe]
@@ -57,9 +93,166 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
     if e:
         smooth = neg_logp.sum(-1) if weight is None else (weight.to(acc) * neg_logp).sum(-1)
         loss = (1 - e) * loss + (e / C) * smooth
-    if z_loss:
-        loss = loss + z_loss * lse * lse
     nan = torch.full((), float("nan"), dtype=acc, device=z.device)
     loss = torch.where(counted, torch.where(in_range, loss, nan), zero)
     aux = torch.where(counted, torch.where(in_range, w_y, nan), zero)
     return loss, lse.to(torch.float64), aux.detach()
+
+
+def vjp(grad_loss, grad_lse, logits, target, weight, options, wants_logits: bool,
+        wants_target: bool):
+    """(grad_logits, grad_target) of `forward` (None where not wanted), differentiable
+    themselves: the fused ops' backward under create_graph=True (double backward, Hessians)."""
+    inputs = [t for t, wanted in ((logits, wants_logits), (target, wants_target)) if wanted]
+    if not inputs:
+        return None, None
+    with torch.enable_grad():
+        loss, lse, _ = forward(logits, target, weight, *options)
+        outputs, grads = [loss], [grad_loss if grad_loss is not None else torch.zeros_like(loss)]
+        if grad_lse is not None:
+            outputs.append(lse)
+            grads.append(grad_lse)
+        result = list(torch.autograd.grad(outputs, inputs, grads, create_graph=True,
+                                          allow_unused=True, materialize_grads=True))
+    return (result.pop(0) if wants_logits else None), (result.pop(0) if wants_target else None)
+
+
+def reduce(loss: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor, reduction: str,
+           prob_target: bool, z_loss: float = 0.0, counted=None) -> torch.Tensor:
+    """Per-row losses, with the z-loss term, reduced as torch reduces cross-entropy.
+
+    loss, lse, aux: the ops' outputs (any matching shapes); counted: with z_loss and index
+    targets, the rows that count (target != ignore_index). z-loss adds z * lse^2 to each counted
+    row (every row for probability targets). Under 'mean' the cross-entropy part is divided by
+    the summed target weights of the counted rows (index targets: aux.sum()) or by the number of
+    rows (probability targets), the z-loss part by the number of counted rows, whatever the
+    class weights (the convention of Liger-Kernel and flash-attention).
+    """
+    z_rows = None
+    if z_loss:
+        z_rows = (z_loss * lse * lse).to(loss.dtype)
+        if not prob_target:
+            z_rows = torch.where(counted, z_rows, torch.zeros((), dtype=loss.dtype,
+                                                              device=loss.device))
+    if reduction == "none":
+        return loss if z_rows is None else loss + z_rows
+    if reduction == "sum":
+        return loss.sum() if z_rows is None else (loss + z_rows).sum()
+    if prob_target:
+        total = loss.sum() if z_rows is None else (loss + z_rows).sum()
+        return total / loss.numel()
+    out = loss.sum() / aux.sum()
+    if z_rows is not None:
+        out = out + z_rows.sum() / counted.sum()
+    return out
+
+
+def reduce_grads(grad: torch.Tensor, aux: torch.Tensor, reduction: str, prob_target: bool,
+                 z_loss: float = 0.0, counted=None):
+    """The vjp of `reduce` for an upstream gradient `grad` of its result (a scalar under
+    'mean'/'sum', one per row under 'none'): (grad_loss, grad_z) per row, grad_loss = d/d loss_i
+    in aux's dtype, grad_z = d/d (z_loss * lse_i^2) in float64 (None without z-loss). Both are 0
+    on rows that do not count, even for an infinite `grad` (an all-ignored 'mean'). The lse's
+    gradient is then `z_loss_grad(lse, grad_z, z_loss)`. counted: as for `reduce`, but needed for
+    index targets with or without z-loss."""
+    rows = aux.shape
+    if reduction == "none":
+        g_loss = g_z = grad
+    elif reduction == "sum":
+        g_loss = g_z = grad.expand(rows)
+    elif prob_target:
+        g_loss = g_z = (grad / aux.numel()).expand(rows)
+    else:
+        g_loss = (grad / aux.sum()).expand(rows)
+        g_z = (grad.to(torch.float64) / counted.sum()).expand(rows) if z_loss else None
+    g_loss = g_loss.to(aux.dtype)
+    if not prob_target:
+        g_loss = torch.where(counted, g_loss, torch.zeros((), dtype=aux.dtype, device=aux.device))
+    if not z_loss:
+        return g_loss, None
+    g_z = g_z.to(torch.float64)
+    if not prob_target:
+        g_z = torch.where(counted, g_z, torch.zeros((), dtype=g_z.dtype, device=g_z.device))
+    return g_loss, g_z
+
+
+def z_loss_grad(lse: torch.Tensor, grad_z: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """d (z_loss * lse^2) / d lse times grad_z (see `reduce_grads`): the ops' grad_lse, float64."""
+    return (2 * z_loss) * lse.to(torch.float64) * grad_z
+
+
+def row_weights(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """aux of class-index rows (csrc/ops.cpp) from the targets alone, in `dtype`: w[y] (1 without
+    weights) on counted rows, 0 on ignored rows, NaN on out-of-range ones. Its sum is the 'mean'
+    denominator, known before any logit is formed (nllfused/linear.py needs it up front)."""
+    counted, in_range = index_rule(target, num_classes, ignore_index)
+    device = target.device
+    if weight is None:
+        w = torch.ones(target.shape, dtype=dtype, device=device)
+    else:
+        w = weight.to(dtype)[torch.where(counted & in_range, target, 0).long()]
+    nan = torch.full((), float("nan"), dtype=dtype, device=device)
+    return torch.where(counted, torch.where(in_range, w, nan),
+                       torch.zeros((), dtype=dtype, device=device))
+
+
+def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor,
+                        weight: Optional[torch.Tensor], options):
+    """(loss, lse, grad) of an (n, C) chunk of class-index rows, the "torch" backend of the fused
+    linear cross-entropy (nllfused/linear.py), which reuses one logits buffer for every chunk.
+
+    loss (n,) in the accumulation dtype and lse (n,) float64 as `forward` defines them
+    (docs/maths.md; out-of-range targets give NaN losses); grad(grad_loss, grad_lse=None) is the
+    gradient of sum_i grad_loss_i * loss_i + grad_lse_i * lse_i in the logits (ce_bwd's, csrc/
+    ops.cpp), in the accumulation dtype; grad_loss must be 0 on ignored rows; call it once, or
+    not at all. Loss and gradient share one pass structure -- d = z - max, exp(d), its sum s --
+    so a chunk costs a handful of passes and one (n, C) buffer (the chunk's own logits, or their
+    float32 copy; more with logit_scale/softcap, whose `transform` is out of place and whose
+    gradient needs z), where `forward` and autograd take a dozen passes and four buffers. lse -
+    z_y is formed as (max - z_y) + log(s), never by subtracting a rounded lse.
+    Overwrites `logits` (with the gradient, where the dtypes agree).
+    """
+    C = logits.shape[1]
+    acc = acc_dtype(logits.dtype)
+    e, softcap = options.label_smoothing, options.softcap
+    counted, in_range = index_rule(target, C, options.ignore_index)
+    z = transform(logits if logits.dtype == acc else logits.to(acc), options.logit_scale, softcap)
+    m = z.amax(1, keepdim=True)
+    d = torch.sub(z, m) if softcap else z.sub_(m)  # softcap's gradient needs z itself
+    safe = torch.where(in_range, target, 0).long().unsqueeze(1)
+    w = None if weight is None else weight.to(acc)
+    w_y = torch.ones_like(m[:, 0]) if w is None else w[safe[:, 0]]
+    w_sum = C if w is None else w.sum()
+    nll = -d.gather(1, safe)[:, 0]  # m - z_y
+    smooth = None
+    if e:  # sum_c w_c (lse - z_c) = sum_c w_c (m - z_c) + sum(w) log(s)
+        smooth = -(d.sum(1) if w is None else d @ w)
+    s = d.exp_().sum(1)
+    log_s = s.log()
+    loss = w_y * (nll + log_s)
+    if e:
+        loss = (1 - e) * loss + (e / C) * (smooth + w_sum * log_s)
+    nan = torch.full((), float("nan"), dtype=acc, device=logits.device)
+    loss = torch.where(counted, torch.where(in_range, loss, nan), 0)
+    lse = m[:, 0].double() + log_s.double()
+
+    def grad(grad_loss: torch.Tensor, grad_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # p_c * (grad_loss * ((1 - e) w_y + e/C sum(w)) + grad_lse) - grad_loss e/C w_c
+        # - grad_loss (1 - e) w_y [c = y]; then the chain rule of softcap and logit_scale.
+        grad_loss = grad_loss.to(acc)
+        coef = grad_loss * ((1 - e) * w_y + (e / C) * w_sum)
+        if grad_lse is not None:
+            coef = coef + grad_lse.to(acc)
+        g = d.mul_((coef / s).unsqueeze(1))
+        if e:
+            smooth_grad = (grad_loss * (e / C)).unsqueeze(1)
+            g.sub_(smooth_grad if w is None else smooth_grad * w)
+        g.scatter_add_(1, safe, -(grad_loss * (1 - e) * w_y).unsqueeze(1))
+        if softcap:  # d softcap(v) / dv = 1 - tanh^2 = 1 - (z / s)^2; z is a fresh buffer here
+            g.mul_(z.div_(softcap).square_().neg_().add_(1))
+        if options.logit_scale != 1.0:
+            g.mul_(options.logit_scale)
+        return g
+
+    return loss, lse, grad

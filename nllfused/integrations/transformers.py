@@ -283,10 +283,7 @@ def _check_options(options: dict) -> dict:
     if unknown:
         raise TypeError(f"patch() got unknown option(s) {', '.join(unknown)}; "
                         f"nllfused options are {', '.join(OPTIONS)}")
-    backend = options.get("backend", "auto")
-    if not isinstance(backend, str) or backend not in _backends.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of "
-                         f"{', '.join(_backends.BACKENDS)}")
+    _backends.check_name(options.get("backend", "auto"))
     # The module validates label_smoothing, z_loss, logit_scale and softcap as a call would.
     nllfused.CrossEntropyLoss(**{k: v for k, v in options.items() if k != "backend"})
     return options

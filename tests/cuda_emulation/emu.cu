@@ -185,7 +185,7 @@ at::Tensor config_tensor(const LaunchConfig& L) {
 // -> (loss, lse, aux, launch config)
 std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing, double z_loss, double logit_scale,
+                                double label_smoothing, double logit_scale,
                                 double softcap, bool prob_target, int64_t force_tile,
                                 int64_t force_G, int64_t force_ty, int64_t max_blocks) {
   check_cpu(logits, target);
@@ -200,7 +200,7 @@ std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& targ
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "emu_fwd", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     CEParams<acc_t> p = make_params<acc_t>(logits, target, w, ignore_index, label_smoothing,
-                                           z_loss, logit_scale, softcap, prob_target);
+                                           logit_scale, softcap, prob_target);
     p.loss = loss.data_ptr<acc_t>();
     p.lse = lse.data_ptr<double>();
     p.aux = aux.data_ptr<acc_t>();
@@ -215,11 +215,13 @@ std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& targ
 }
 
 // -> (grad_logits, launch config)
-std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                const at::Tensor& lse, const at::Tensor& aux,
-                                int64_t ignore_index, double label_smoothing, double z_loss,
-                                double logit_scale, double softcap, bool prob_target,
+std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss,
+                                const std::optional<at::Tensor>& grad_lse,
+                                const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                const at::Tensor& aux, int64_t ignore_index,
+                                double label_smoothing, double logit_scale, double softcap,
+                                bool prob_target,
                                 int64_t force_tile, int64_t force_G, int64_t force_ty,
                                 int64_t max_blocks) {
   check_cpu(logits, target);
@@ -230,7 +232,7 @@ std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss, const at::Tensor& l
   at::Tensor w, wsum;
   if (weight.has_value() && weight->defined()) {
     w = weight->contiguous();
-    if (!prob_target) wsum = w.sum(acc);  // as in ce_bwd_cuda
+    if (!prob_target) wsum = w.sum(at::kDouble);  // as in ce_bwd_cuda
   }
   const int64_t N = logits.size(0), C = logits.size(1), D = logits.size(2);
   at::Tensor out = at::full({N, C, D}, 777.0, logits.options());
@@ -238,8 +240,14 @@ std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss, const at::Tensor& l
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "emu_bwd", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     CEParams<acc_t> p = make_params<acc_t>(logits, target, w, ignore_index, label_smoothing,
-                                           z_loss, logit_scale, softcap, prob_target);
-    p.weight_sum = wsum.defined() ? wsum.data_ptr<acc_t>() : nullptr;
+                                           logit_scale, softcap, prob_target);
+    p.weight_sum = wsum.defined() ? wsum.data_ptr<double>() : nullptr;
+    if (grad_lse.has_value() && grad_lse->defined()) {
+      TORCH_CHECK(grad_lse->scalar_type() == at::kDouble, "emu: grad_lse must be float64");
+      p.grad_lse = grad_lse->data_ptr<double>();
+      p.glN = grad_lse->stride(0);
+      p.glD = grad_lse->stride(1);
+    }
     p.grad = grad_loss.data_ptr<acc_t>();
     p.gN = grad_loss.stride(0);
     p.gD = grad_loss.stride(1);
@@ -265,11 +273,11 @@ std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss, const at::Tensor& l
 TORCH_LIBRARY(nllfused_emu, m) {
   m.def(
       "fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float z_loss, float logit_scale, float softcap, bool prob_target, "
+      "float label_smoothing, float logit_scale, float softcap, bool prob_target, "
       "int force_tile, int force_G, int force_ty, int max_blocks) -> Tensor[]");
   m.def(
-      "bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor aux, int ignore_index, float label_smoothing, float z_loss, float logit_scale, "
+      "bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor aux, int ignore_index, float label_smoothing, float logit_scale, "
       "float softcap, bool prob_target, int force_tile, int force_G, int force_ty, "
       "int max_blocks) -> Tensor[]");
 }

@@ -1,0 +1,43 @@
+"""What every Triton launcher of nllfused shares (installed as nllfused.kernels.launch).
+
+- `INTERPRETER`: whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1, read when
+  triton is first imported, so read once here too; this also keeps the environment out of code
+  that torch.compile traces).
+- `guard(tensor)`: the context a launch runs in: the tensor's CUDA device, or, under the
+  interpreter, a lock (the interpreter patches module-level state while a kernel runs, so
+  concurrent interpreted launches from several Python threads would collide).
+- `hi_lo(*values)`: float options as (hi, lo) float32 pairs (Triton passes Python floats as
+  float32, which would round them for float64 logits; the kernels add hi + lo in their dtype).
+- `acc_dtype(dtype)`: the kernels' accumulation dtype, float64 for float64 logits, else float32.
+"""
+import os
+import struct
+import threading
+
+import torch
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def guard(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else _INTERPRETER_LOCK
+
+
+def hi_lo(*values: float) -> list:
+    pairs = []
+    for v in values:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+        pairs += [hi, v - hi]
+    return pairs
+
+
+def acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def truncating_store(logits: torch.Tensor) -> bool:
+    """The interpreter casts float32 to bfloat16 by truncation, where GPUs round to nearest even:
+    under it, kernels write float32 and torch rounds, so tests see the GPU's numbers."""
+    return not logits.is_cuda and logits.dtype == torch.bfloat16

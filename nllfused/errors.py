@@ -1,0 +1,15 @@
+"""nllfused's exception classes.
+
+torch's losses raise RuntimeError for most bad arguments (and ValueError or TypeError for some);
+nllfused raises these, which are both, so that code written against torch (`except
+RuntimeError`) and code that expects the Python convention (`except ValueError`) both catch them.
+Out-of-range class indices raise IndexError, as torch does.
+"""
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype."""

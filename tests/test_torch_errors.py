@@ -1,0 +1,73 @@
+"""Errors as torch raises them: for every bad call torch's own cross_entropy rejects, ours is
+catchable by the same exception class (ours derive from both ValueError/TypeError and
+RuntimeError) and carries torch's key phrase, so code and searches written for torch work."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nllfused
+
+X = lambda *s: torch.randn(*s)  # noqa: E731
+T = lambda n, c=5: torch.randint(0, c, (n,))  # noqa: E731
+
+# (id, kwargs builder, torch's key phrase that our message must contain)
+CASES = [
+    ("smoothing_high", lambda: dict(input=X(4, 5), target=T(4), label_smoothing=1.5),
+     "label_smoothing must be between 0.0 and 1.0"),
+    ("weight_size", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(3)),
+     "weight tensor should be defined either for all 5 classes or no classes"),
+    ("weight_2d", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(5, 1)),
+     "weight tensor should be defined either for all 5 classes or no classes"),
+    ("weight_int", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(5).long()),
+     "expected scalar type Float"),
+    ("prob_target_ignore_index", lambda: dict(input=X(4, 5), target=torch.rand(4, 5),
+                                              ignore_index=1),
+     "ignore_index is not supported for floating point target"),
+    ("batch_size", lambda: dict(input=X(4, 5), target=T(3)),
+     "Expected input batch_size (4) to match target batch_size (3)"),
+    ("kdim_target_size", lambda: dict(input=X(2, 5, 3), target=torch.zeros(2, 4).long()),
+     "Expected target size [2, 3], got [2, 4]"),
+    ("float_index_target", lambda: dict(input=X(4, 5), target=torch.rand(4)),
+     "expected target dtype to be Long"),
+    ("long_target_of_input_shape", lambda: dict(input=X(2, 3), target=torch.zeros(2, 3).long()),
+     "Expected floating point type for target with class probabilities"),
+    ("prob_target_shape", lambda: dict(input=X(4, 5), target=torch.rand(4, 6)),
+     "multi-target not supported"),
+    ("bool_target", lambda: dict(input=X(4, 5), target=torch.ones(4, dtype=torch.bool)),
+     "expected target dtype to be Long"),
+    ("reduction", lambda: dict(input=X(4, 5), target=T(4), reduction="avg"),
+     "is not a valid value for reduction"),
+    ("integer_logits", lambda: dict(input=torch.ones(4, 5).long(), target=T(4)),
+     "must be float16, bfloat16, float32 or float64"),
+    ("zero_dim_input", lambda: dict(input=torch.tensor(1.0), target=torch.tensor(0)), ""),
+    ("zero_classes", lambda: dict(input=X(3, 0), target=T(3, 1)), "out of bounds"),
+    ("target_out_of_bounds", lambda: dict(input=X(4, 5), target=torch.tensor([0, 1, 2, 7])),
+     "Target 7 is out of bounds"),
+    ("target_negative", lambda: dict(input=X(4, 5), target=torch.tensor([0, -3, 2, 1])),
+     "Target -3 is out of bounds"),
+    ("input_not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), "must be a Tensor"),
+    ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5),
+     "ignore_index must be an int"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("case,phrase", [pytest.param(b, p, id=i) for i, b, p in CASES])
+def test_raises_what_torch_raises(backend, case, phrase):
+    kwargs = case()
+    with pytest.raises(Exception) as theirs:
+        F.cross_entropy(**kwargs)
+    with pytest.raises(Exception) as ours:
+        nllfused.cross_entropy(**kwargs, backend=backend)
+    for cls in (RuntimeError, ValueError, TypeError, IndexError):
+        if isinstance(theirs.value, cls):
+            assert isinstance(ours.value, cls), (
+                f"torch raises {type(theirs.value).__name__}, we raise "
+                f"{type(ours.value).__name__}: `except {cls.__name__}` would miss ours")
+    assert phrase in str(ours.value)
+
+
+def test_module_errors_are_catchable_as_runtime_error():
+    for bad in (dict(reduction="avg"), dict(label_smoothing=2.0), dict(backend="tpu")):
+        with pytest.raises(RuntimeError):
+            nllfused.CrossEntropyLoss(**bad)
