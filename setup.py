@@ -2,7 +2,13 @@
 
 The C++ part is always built. The CUDA part is built whenever torch has CUDA and nvcc is found
 (CUDA_HOME), GPU or not, so that machines without a GPU still compile it. NLLFUSED_NO_CUDA=1
-skips it. TORCH_CUDA_ARCH_LIST picks the architectures (default: sm_80 and sm_90).
+skips it. TORCH_CUDA_ARCH_LIST picks the architectures; the default covers what current torch
+wheels run on (Ampere sm_80, Hopper sm_90, Blackwell sm_100 and sm_120) and embeds PTX for the
+newest, which later GPUs compile at load time. nllfused.build_info() reports the list, and
+backend="auto" uses the CUDA kernels only on a GPU that list can run on (triton otherwise).
+
+The extension links against the torch it was built with: install_requires pins that torch's
+minor release, so that pip does not put the wheel beside a torch whose ABI it does not match.
 """
 import glob
 import os
@@ -12,7 +18,8 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0;10.0;12.0+PTX"
+TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])  # e.g. "2.14"
 
 
 def cuda_wanted():
@@ -66,7 +73,7 @@ setup(
     package_dir={"nllfused": "nllfused", "nllfused.kernels": "kernels", "nllfused.bench": "bench"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=[f"torch=={TORCH_RELEASE}.*", "numpy"],
     extras_require={"test": ["pytest", "hypothesis"], "bench": ["matplotlib"],
                     "transformers": ["transformers"]},
     entry_points={"console_scripts": ["nllfused-bench=nllfused.bench.cli:main"]},

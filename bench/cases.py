@@ -50,7 +50,7 @@ class Case:
 
     @property
     def logits_bytes(self) -> int:
-        """P of GUIDE §2: the bytes of one pass over the logits."""
+        """P of docs/maths.md ("Bytes"): the bytes of one pass over the logits."""
         return self.logits_numel * torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -67,8 +67,8 @@ class Case:
         return SHORT_DTYPE.get(self.dtype, str(self.dtype).replace("torch.", ""))
 
     def floor_bytes(self, mode: str) -> Optional[int]:
-        """GUIDE §2 floor for a fused kernel that saves lse and recomputes the gradient:
-        fwd reads the logits once (P); fwd+bwd adds one read and one write (3P). None for
+        """The floor (docs/maths.md, "Bytes") for a fused kernel that saves lse and recomputes
+        the gradient: fwd reads the logits once (P); fwd+bwd adds one read and one write (3P). None for
         kind "linear", which is bound by its matmuls, not by bytes."""
         if self.kind != "ce":
             return None

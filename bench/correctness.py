@@ -1,5 +1,5 @@
 """The check every provider passes before it is timed: loss and gradients against float64 torch
-on the same inputs (GUIDE §4's oracle).
+on the same inputs (the oracle of docs/maths.md).
 
 The reference is computed in slices of the leading dimension, so a 16384 x 256000 case needs no
 float64 copy of its logits: per slice, float64 F.cross_entropy (reduction 'sum') and its

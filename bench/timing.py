@@ -106,7 +106,8 @@ def _cuda_median_ms(fn: Callable) -> float:
 
 
 def copy_bandwidth_gbps(device: torch.device, policy: CpuPolicy = CpuPolicy()) -> float:
-    """GB/s of a large same-device tensor copy, counting the read and the write (GUIDE §2)."""
+    """GB/s of a large same-device tensor copy, counting the read and the write (the copy
+    bandwidth of docs/maths.md, "Bytes")."""
     nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
