@@ -152,11 +152,17 @@ def _preset_table(device_type: str) -> dict:
                    [("linear", [(2048, 1024, 32000)], (torch.float32,), ("fwd_bwd",))]),
         # The C++ backend issue's figures (run with 2 threads).
         "cpu": [("ce", [(4096, 32000), (1024, 128256)], (torch.float32, torch.bfloat16), MODES)],
+        # Tiny and classification shapes, where per-call overhead decides.
+        "small": [("ce", [(64, 10), (32, 100), (2, 7, 16, 16), (256, 1000), (8, 4, 512, 512)],
+                   bf16_fp32, MODES)],
+        # The shapes the GPU kernels map specially: few long rows (decoding, RL scoring), very
+        # many 10-class rows, a segmentation map.
+        "edge": [("ce", [(64, 256000), (4194304, 10), (16, 21, 512, 512)], bf16_fp32, MODES)],
     }
 
 
 FULL = ("llm", "vision", "linear")
-PRESETS = ("quick", "llm", "vision", "linear", "cpu", "full", "smoke")
+PRESETS = ("quick", "llm", "vision", "linear", "cpu", "small", "edge", "full", "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
@@ -164,6 +170,8 @@ PRESET_HELP = {
     "linear": "fused linear + CE: (N,H,C) = (8192,4096,128256), (8192,2304,256000) bf16 on a "
               "GPU; (2048,1024,32000) fp32 on the CPU",
     "cpu": "(4096,32000), (1024,128256) x fp32, bf16 with 2 threads: the C++ backend's figures",
+    "small": "tiny and classification shapes (64,10) ... (8,4,512,512): per-call overhead",
+    "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
     "full": "llm + vision + linear (+ cpu on the CPU)",
     "smoke": "tiny shapes, seconds: for tests",
 }

@@ -63,7 +63,7 @@ CHUNK_ROWS: Optional[int] = None
 _CHUNK_BYTES_CAP = {"cpu": 44 << 20, "cuda": 1 << 30}
 _MIN_ROWS = 32
 _OPS_SLICES = 8  # the fused ops' ce_bwd runs on 1/8 of a chunk at a time (_Chunks._ops_grad)
-_TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch >= 2.10 or so
+_TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # absent from older torch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +100,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     backend = backends.check_name(backend)
     if ignore_index is None:
         ignore_index = -100
+    if isinstance(target, Tensor) and target.is_floating_point() and isinstance(input, Tensor):
+        # Probability targets (*, C): torch's function takes them unchunked, with the logits
+        # made; so does this one, through nllfused.cross_entropy (classes in dimension 1).
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        if logits.dim() > 2:
+            logits, target = logits.movedim(-1, 1), target.movedim(-1, 1)
+        return functional.cross_entropy(
+            logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
+            softcap=softcap, backend=backend)
     input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
     x, t, w, opts = _check_arguments(input, linear_weight, target, linear_bias, weight,
                                      ignore_index, label_smoothing, logit_scale, softcap)
@@ -234,11 +244,6 @@ def _check_arguments(input, linear_weight, target, linear_bias, weight, ignore_i
                 f"under torch.autocast), as in F.linear")
         if t.device != input.device:
             raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
-    if target.is_floating_point():
-        raise ArgumentTypeError(
-            f"target must hold class indices (an integer tensor); got {target.dtype}. "
-            f"Probability targets are not supported by linear_cross_entropy: use "
-            f"nllfused.cross_entropy(F.linear(input, linear_weight, linear_bias), target)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ArgumentError(
             f"target shape {tuple(target.shape)} does not match input shape "

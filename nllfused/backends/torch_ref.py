@@ -204,9 +204,9 @@ def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor,
 
     loss (n,) in the accumulation dtype and lse (n,) float64 as `forward` defines them
     (docs/maths.md; out-of-range targets give NaN losses); grad(grad_loss, grad_lse=None) is the
-    gradient of sum_i grad_loss_i * loss_i + grad_lse_i * lse_i in the logits (ce_bwd's, csrc/
-    ops.cpp), in the accumulation dtype; grad_loss must be 0 on ignored rows; call it once, or
-    not at all. Loss and gradient share one pass structure -- d = z - max, exp(d), its sum s --
+    gradient of sum_i grad_loss_i * loss_i + grad_lse_i * lse_i in the logits (as ce_bwd's in
+    csrc/ops.cpp), in the accumulation dtype; grad_loss must be 0 on ignored rows; call it once,
+    or not at all. Loss and gradient share one pass structure -- d = z - max, exp(d), its sum s --
     so a chunk costs a handful of passes and one (n, C) buffer (the chunk's own logits, or their
     float32 copy; more with logit_scale/softcap, whose `transform` is out of place and whose
     gradient needs z), where `forward` and autograd take a dozen passes and four buffers. lse -
