@@ -44,9 +44,6 @@ except ImportError:  # a torch built without distributed support
 
 if TRITON_ERROR is None:
     from .kernels import vocab_parallel as vp_kernels
-    IGNORED_ROW = vp_kernels.IGNORED_ROW
-else:
-    IGNORED_ROW = -2
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -56,51 +53,6 @@ _META = 3  # per-rank numbers ahead of the per-row statistics: vocab_start, C_lo
 # --------------------------------------------------------------------------------------------
 # Local statistics and the slice gradient: torch implementation
 # --------------------------------------------------------------------------------------------
-
-def _torch_stats(logits, target, weight, wsum, vocab_start: int, ignore_index: int,
-                 smoothing: bool):
-    """(2 or 3, R) float64: lse_r, z_y if owned else 0, [A_r]; the contract of vp_stats_kernel."""
-    acc = torch_ref.acc_dtype(logits.dtype)
-    C = logits.shape[1]
-    z = logits.to(acc)
-    m = z.amax(1) if C else z.new_full((z.shape[0],), float("-inf"))
-    m_safe = torch.where(m.abs() < float("inf"), m, torch.zeros_like(m))
-    diff = m_safe.unsqueeze(1) - z                           # >= 0 (exact for close values)
-    log_s = torch.log(torch.exp(-diff).sum(1))
-    lse = m_safe.double() + log_s.double()                   # lse - m never through a rounded lse
-    y_local = target.long() - vocab_start
-    owned = (target != ignore_index) & (y_local >= 0) & (y_local < C)
-    z_y = z.gather(1, torch.where(owned, y_local, 0).unsqueeze(1)).squeeze(1)
-    rows = [lse, torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
-    if smoothing:
-        wd = diff if weight is None else weight * diff
-        # sum_c w_c (lse_r - z_c) = W_r log s + sum_c w_c (m - z_c), every term >= 0.
-        smooth = wsum.to(acc) * log_s + wd.sum(1)
-        smooth = torch.where(m == float("-inf"), torch.full_like(smooth, float("inf")), smooth)
-        rows.append(smooth.double())
-    return torch.stack(rows)
-
-
-def _torch_grad(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: bool):
-    """(R, C) gradient in the logits' dtype; the contract of vp_bwd_kernel."""
-    acc = torch_ref.acc_dtype(logits.dtype)
-    z = logits.to(acc)
-    hi = lse.to(acc)
-    lo = (lse - hi.double()).to(acc)
-    grad = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1)) * coef.unsqueeze(1)
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    grad = grad - torch.where(cols == y_local.unsqueeze(1), tcoef.unsqueeze(1),
-                              torch.zeros((), dtype=acc, device=logits.device))
-    if smoothing:
-        grad = grad - eps_c * (1.0 if weight is None else weight)
-    grad = torch.where((y_local != IGNORED_ROW).unsqueeze(1), grad * g.unsqueeze(1),
-                       torch.zeros((), dtype=acc, device=logits.device))
-    if g_lse is not None:
-        p = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1))
-        g_lse = g_lse.to(acc).unsqueeze(1)
-        grad = torch.where(g_lse != 0, grad + g_lse * p, grad)
-    return grad.to(logits.dtype)
-
 
 # --------------------------------------------------------------------------------------------
 # The same two jobs as custom ops around the Triton kernels (torch.compile sees their fakes)
@@ -166,7 +118,7 @@ class _VocabParallelCE(torch.autograd.Function):
             wsum = torch.full((1,), float(C_local), dtype=torch.float64, device=device)
         else:
             wsum = w_slice.sum(dtype=torch.float64).reshape(1)
-        stats_fn = _vp_stats_triton if use_triton else _torch_stats
+        stats_fn = _vp_stats_triton if use_triton else torch_ref.vocab_slice_stats
         stats = stats_fn(logits, target, w_slice, wsum, vocab_start, ignore_index, smoothing)
         k = stats.shape[0]
 
@@ -222,7 +174,8 @@ class _VocabParallelCE(torch.autograd.Function):
         coef = (1 - e) * w_y + eps_c * w_total
         y_local = y - vocab_start
         owned = (y_local >= 0) & (y_local < C_local)
-        y_local = torch.where(counted, torch.where(owned, y_local, -1), IGNORED_ROW)
+        y_local = torch.where(counted, torch.where(owned, y_local, -1),
+                              torch_ref.VOCAB_IGNORED_ROW)
         ctx.save_for_backward(logits, w_slice, lse, coef.to(acc), ((1 - e) * w_y).to(acc),
                               y_local, eps_c.to(acc).reshape(1), valid, counted)
         ctx.options = (smoothing, use_triton)
@@ -239,7 +192,7 @@ class _VocabParallelCE(torch.autograd.Function):
             g = torch.zeros_like(coef) if grad_loss is None else grad_loss.to(coef.dtype)
             nan = torch.full((), float("nan"), dtype=g.dtype, device=g.device)
             g = torch.where(counted, torch.where(valid, g, nan), torch.zeros_like(g))
-            grad_fn = _vp_bwd_triton if use_triton else _torch_grad
+            grad_fn = _vp_bwd_triton if use_triton else torch_ref.vocab_slice_grad
             grad = grad_fn(g, grad_lse, logits, lse, coef, tcoef, y_local, w_slice, eps_c,
                            smoothing)
         return grad, None, None, None, None, None, None, None, None

@@ -256,3 +256,54 @@ def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor,
         return g
 
     return loss, lse, grad
+
+
+# Vocabulary-parallel cross-entropy (nllfused/distributed.py): one rank's slice of the classes.
+# y_local marks an ignored row with -2 (and a target in another slice with -1); the Triton kernel
+# (kernels/vocab_parallel.py) uses the same marker.
+VOCAB_IGNORED_ROW = -2
+
+
+def vocab_slice_stats(logits, target, weight, wsum, vocab_start: int, ignore_index: int,
+                      smoothing: bool):
+    """(2 or 3, R) float64: lse_r, z_y if owned else 0, [A_r]; the contract of vp_stats_kernel."""
+    acc = acc_dtype(logits.dtype)
+    C = logits.shape[1]
+    z = logits.to(acc)
+    m = z.amax(1) if C else z.new_full((z.shape[0],), float("-inf"))
+    m_safe = torch.where(m.abs() < float("inf"), m, torch.zeros_like(m))
+    diff = m_safe.unsqueeze(1) - z                           # >= 0 (exact for close values)
+    log_s = torch.log(torch.exp(-diff).sum(1))
+    lse = m_safe.double() + log_s.double()                   # lse - m never through a rounded lse
+    y_local = target.long() - vocab_start
+    owned = (target != ignore_index) & (y_local >= 0) & (y_local < C)
+    z_y = z.gather(1, torch.where(owned, y_local, 0).unsqueeze(1)).squeeze(1)
+    rows = [lse, torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
+    if smoothing:
+        wd = diff if weight is None else weight * diff
+        # sum_c w_c (lse_r - z_c) = W_r log s + sum_c w_c (m - z_c), every term >= 0.
+        smooth = wsum.to(acc) * log_s + wd.sum(1)
+        smooth = torch.where(m == float("-inf"), torch.full_like(smooth, float("inf")), smooth)
+        rows.append(smooth.double())
+    return torch.stack(rows)
+
+
+def vocab_slice_grad(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: bool):
+    """(R, C) gradient in the logits' dtype; the contract of vp_bwd_kernel."""
+    acc = acc_dtype(logits.dtype)
+    z = logits.to(acc)
+    hi = lse.to(acc)
+    lo = (lse - hi.double()).to(acc)
+    grad = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1)) * coef.unsqueeze(1)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    grad = grad - torch.where(cols == y_local.unsqueeze(1), tcoef.unsqueeze(1),
+                              torch.zeros((), dtype=acc, device=logits.device))
+    if smoothing:
+        grad = grad - eps_c * (1.0 if weight is None else weight)
+    grad = torch.where((y_local != VOCAB_IGNORED_ROW).unsqueeze(1), grad * g.unsqueeze(1),
+                       torch.zeros((), dtype=acc, device=logits.device))
+    if g_lse is not None:
+        p = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1))
+        g_lse = g_lse.to(acc).unsqueeze(1)
+        grad = torch.where(g_lse != 0, grad + g_lse * p, grad)
+    return grad.to(logits.dtype)
