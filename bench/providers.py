@@ -130,19 +130,19 @@ def _needs(package: str, pip_name: str, cuda_only: bool = True):
 
 def _liger_ce():
     from liger_kernel.transformers.functional import liger_cross_entropy
+    return _mean_ignoring(liger_cross_entropy)
 
-    def liger_ce(logits, target):
-        return liger_cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="mean")
-    return liger_ce
+
+def _mean_ignoring(fn):
+    """fn(*inputs, target) with the benchmark's loss options: ignore_index, reduction 'mean'."""
+    def loss(*args):
+        return fn(*args, ignore_index=IGNORE_INDEX, reduction="mean")
+    return loss
 
 
 def _liger_linear():
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-    def liger_linear_ce(hidden, weight, target):
-        return liger_fused_linear_cross_entropy(hidden, weight, target, ignore_index=IGNORE_INDEX,
-                                                reduction="mean")
-    return liger_linear_ce
+    return _mean_ignoring(liger_fused_linear_cross_entropy)
 
 
 def _quack_ce():
@@ -164,11 +164,7 @@ def _quack_ce():
 
 def _cce_linear():
     from cut_cross_entropy import linear_cross_entropy
-
-    def cce_linear_ce(hidden, weight, target):
-        return linear_cross_entropy(hidden, weight, target, ignore_index=IGNORE_INDEX,
-                                    reduction="mean")
-    return cce_linear_ce
+    return _mean_ignoring(linear_cross_entropy)
 
 
 # ---- the registry -----------------------------------------------------------------------------

@@ -183,18 +183,8 @@ def _speed_plot(plt, path: str, rows: list, meta: dict, title: str) -> str:
         if kind == "ce":
             ax.axhline(meta["copy_gbps"], color="grey", linestyle="--", linewidth=1,
                        label="copy bandwidth")
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel(label)
-        ax.set_title(f"{'cross-entropy' if kind == 'ce' else 'linear + CE'} {mode} {dtype}",
-                     fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _label_axes(ax, cases, label, kind, mode, dtype, grid_axis="both")
+    return _save(plt, fig, path, title)
 
 
 def _memory_plot(plt, path: str, rows: list, title: str) -> str:
@@ -213,13 +203,21 @@ def _memory_plot(plt, path: str, rows: list, title: str) -> str:
             xs = [i for i, c in enumerate(cases) if c in by_case]
             ax.bar([x + (j - (len(providers) - 1) / 2) * width for x in xs],
                    [by_case[cases[x]] for x in xs], width=width, label=provider)
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel("peak MB above inputs")
-        ax.set_title(f"{'cross-entropy' if kind == 'ce' else 'linear + CE'} {mode} {dtype}",
-                     fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_axes(ax, cases, "peak MB above inputs", kind, mode, dtype, grid_axis="y")
+    return _save(plt, fig, path, title)
+
+
+def _label_axes(ax, cases, ylabel, kind, mode, dtype, grid_axis):
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{'cross-entropy' if kind == 'ce' else 'linear + CE'} {mode} {dtype}",
+                 fontsize=10)
+    ax.grid(axis=grid_axis, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: str, title: str) -> str:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
