@@ -65,6 +65,22 @@ def _torch_linear():
     return torch_linear_ce
 
 
+def _torch_chunked_linear():
+    """torch's own chunked path (torch >= 2.14): F.linear_cross_entropy with options."""
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def torch_chunked_linear_ce(hidden, weight, target):
+        return F.linear_cross_entropy(hidden, weight, target, ignore_index=IGNORE_INDEX,
+                                      options=options)
+    return torch_chunked_linear_ce
+
+
+def _torch_chunked_unavailable(device: torch.device) -> Optional[str]:
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (torch >= 2.14)"
+    return None
+
+
 def _compiled(factory: Factory) -> Factory:
     # torch.compile's defaults (dynamic=None: a second shape recompiles once with dynamic
     # shapes), as users get them. Compilation happens during the correctness check, untimed.
@@ -174,6 +190,8 @@ def _registry() -> dict:
         Provider("torch", "eager F.cross_entropy (the reference)", _torch_ce, _torch_linear),
         Provider("torch-compile", "torch.compile of the torch provider",
                  _compiled(_torch_ce), _compiled(_torch_linear)),
+        Provider("torch-chunked", "torch's chunked F.linear_cross_entropy(options=...)", None,
+                 _torch_chunked_linear, _torch_chunked_unavailable),
     ]
     for backend in ("cuda", "triton", "cpu", "torch"):
         providers.append(Provider(

@@ -27,7 +27,7 @@ Strategy (one fused op, nllfused::linear_ce_fwd, with its own autograd):
   * create_graph=True (double backward, Hessian-vector products), forward-mode AD and torch.func
     transforms run the plain-torch reference instead (_unfused: F.linear, torch_ref.forward and
     reduce), which materialises the logits but which every autograd feature differentiates.
-Chunk size: see _chunk_rows (shapes and free memory); chunk_size=, torch's
+Chunk size: see _chunk_rows (shapes, dtype and device only); chunk_size=, torch's
 LinearCrossEntropyOptions (_requested_rows) or CHUNK_ROWS (tests use it) override it.
 Precision: logits, their gradient and grad_input are in the parameters' dtype (as torch computes
 them); per-row losses, the reduction, grad_weight and grad_bias accumulate in float32 (float64
@@ -38,7 +38,6 @@ dtype and the loss comes back in float32; gradients arrive in the parameters' ow
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -51,11 +50,11 @@ from .backends import torch_ref
 from .errors import ArgumentError, ArgumentTypeError
 from .modules import LossOptions
 
-# Rows per chunk: None picks them from the shapes and free memory (_chunk_rows); an int forces
+# Rows per chunk: None picks them from the shapes, dtype and device (_chunk_rows); an int forces
 # that many (tests set it small to cross many chunk boundaries).
 CHUNK_ROWS: Optional[int] = None
 
-# The (n, C) buffers a chunk holds at once (_row_bytes) are kept below min(cap, free memory / 8).
+# The (n, C) buffers a chunk holds at once (_row_bytes) are kept below a cap per device type.
 # CPU: 44 MiB is 1/6 of the float32 logits at 2048 x 32000 (360 rows with the "torch" backend,
 # 320 with the C++ one); thinner chunks lose GEMM speed on the CPU (measured on our 2-core
 # machines: 128-row products ~1.5x slower than full-size ones, 256 rows ~1.15x, 320+ ~1.05x).
@@ -468,17 +467,18 @@ def _no_autocast(t: Tensor):
 
 def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, backend: str,
                 requested: int) -> int:
-    """Rows per chunk.
+    """Rows per chunk: a function of the shapes, dtype, device type and backend only, so that
+    every call sums in the same order (bitwise identical results) and no call asks the allocator
+    anything (legal during CUDA-graph capture).
 
     A chunk of n rows holds n * row_bytes bytes of (n, C) buffers at once (_row_bytes). The
-    chunk is the most rows that fit min(_CHUNK_BYTES_CAP[device], free memory / 8), but at least
-    _MIN_ROWS (thin products run far below the GEMM's speed) and at most M; a multiple of 8.
+    chunk is the most rows that fit _CHUNK_BYTES_CAP[device type], but at least _MIN_ROWS (thin
+    products run far below the GEMM's speed) and at most M; a multiple of 8.
     """
     if requested > 0:
         return max(1, min(requested, M))
     row_bytes = _row_bytes(C, dtype, backend)
-    budget = min(_CHUNK_BYTES_CAP.get(device.type, 1 << 30), _free_memory(device) // 8)
-    rows = max(_MIN_ROWS, budget // row_bytes)
+    rows = max(_MIN_ROWS, _CHUNK_BYTES_CAP.get(device.type, 1 << 30) // row_bytes)
     if rows > 8:
         rows -= rows % 8
     return max(1, min(rows, M))
@@ -497,20 +497,6 @@ def _row_bytes(C: int, dtype: torch.dtype, backend: str) -> int:
     if backend == "torch":
         return C * (itemsize + (8 if low else 0))
     return C * itemsize * (_OPS_SLICES + 1) // _OPS_SLICES + C * (4 if low else 0)
-
-
-def _free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)  # a driver query, not a stream sync
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Chunks:

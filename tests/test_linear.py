@@ -762,3 +762,20 @@ def test_probability_targets_as_torch_takes_them(device, backend, reduction):
     ours3 = L.linear_cross_entropy(x3, W, q3, reduction=reduction, backend=backend)
     ref3 = F.cross_entropy(F.linear(x3, W).movedim(-1, 1), q3.movedim(-1, 1), reduction=reduction)
     torch.testing.assert_close(ours3, ref3, rtol=1e-12, atol=1e-14)
+
+
+def test_chunking_depends_on_shapes_only_and_results_are_bitwise_repeatable(monkeypatch):
+    """The chunk size is a function of shapes, dtype and device (not of free memory), so two
+    calls sum in the same order: bitwise identical loss and gradients."""
+    rows = L._chunk_rows(4096, 32000, torch.float32, torch.device("cpu"), "cpu", 0)
+    assert rows == L._chunk_rows(4096, 32000, torch.float32, torch.device("cpu"), "cpu", 0)
+    assert 32 <= rows < 4096 and rows % 8 == 0
+    x = torch.randn(700, 64, requires_grad=True)
+    W = torch.randn(3000, 64, requires_grad=True)
+    t = torch.randint(0, 3000, (700,))
+    results = []
+    for _ in range(2):
+        loss = L.linear_cross_entropy(x, W, t, label_smoothing=0.1, z_loss=1e-3)
+        results.append((loss, *torch.autograd.grad(loss, (x, W))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
