@@ -84,25 +84,18 @@ def test_triton_kernels_compile_without_spills_on_the_lm_path(tmp_path):
 
 
 @needs_cuobjdump
-def test_check_fails_on_a_compile_error(tmp_path):
+def test_check_fails_on_a_compile_error_and_on_lm_path_spills(tmp_path):
     rc, report, output = run_check(tmp_path, "--kernels", "triton", "--arch", "90",
-                                   "--scope", "quick", "--dtypes", "fp32",
-                                   "--kernel-file", f"{__file__}:broken_kernel")
+                                   "--scope", "quick", "--dtypes", "fp32", "--kernel-file",
+                                   f"{__file__}:broken_kernel,spilling_kernel")
     assert rc == 1, output
-    (result,) = report["results"]
-    assert result["kernel"] == "broken_kernel" and "power of 2" in result["error"], result
-    assert "compile failure" in output
-
-
-@needs_cuobjdump
-def test_check_fails_on_spills_on_the_lm_path(tmp_path):
-    rc, report, output = run_check(tmp_path, "--kernels", "triton", "--arch", "90",
-                                   "--scope", "quick", "--dtypes", "fp32",
-                                   "--kernel-file", f"{__file__}:spilling_kernel")
-    assert rc == 1, output
-    (result,) = report["results"]
-    assert result["error"] is None and result["lm_path"], result
-    assert result["spills"] > 0, result
+    results = {r["kernel"]: r for r in report["results"]}
+    assert set(results) == {"broken_kernel", "spilling_kernel"}
+    assert "power of 2" in results["broken_kernel"]["error"]
+    spilled = results["spilling_kernel"]
+    assert spilled["error"] is None and spilled["lm_path"] and spilled["spills"] > 0, spilled
+    assert len(report["failures"]) == 2, report["failures"]
+    assert "compile failure: triton broken_kernel" in output
     assert "spills on the LM path" in output
 
 

@@ -1,0 +1,856 @@
+"""Static GPU check: compile every kernel for explicit GPU targets and read its machine code.
+
+Needs no GPU: Triton kernels go through Triton's own compiler with an explicit GPUTarget, the
+CUDA sources through nvcc; the cubins are then read with cuobjdump. For every compiled kernel it
+reports registers, spills, shared memory and the figure the hot-loop work drives down: SASS
+instructions per logit element in the loop over class blocks.
+
+    python -m nllfused.bench.gpu_static [--arch 80,90] [--kernels triton,cuda]
+        [--scope quick|default|full] [--dtypes fp16,bf16,fp32,fp64] [--json out.json]
+        [--only NAME,...] [--kernel-file FILE[:NAME,...]] [--summary-only]
+
+Exit status 1 when a kernel fails to compile or a kernel on the LM path (long rows: BLOCK_R == 1
+for Triton, the "rows" mapping for CUDA; float32 / bfloat16 logits) spills registers; 2 when a
+tool it needs (triton, nvcc, cuobjdump) is missing. SASS/elem is reported, never enforced.
+
+What is covered (Triton). The launch shapes are those kernels/cross_entropy.launch_config can
+return; the constexpr feature flags and the runtime arguments are read from each kernel's
+signature, so edits to the kernels need no edit here unless they add an argument no rule below
+knows (which is then reported as a compile failure naming the argument).
+  quick    float32 and bfloat16; the long-row (LM) shape; flags all off / all on.
+  default  every dtype; every shape launch_config gives for many rows (one per BLOCK_C); flags
+           all off, each on alone and all on for the long-row shapes (BLOCK_R == 1 or the
+           largest BLOCK_C), all off / all on for the others; long rows also with an odd
+           vocabulary (rows not 16-byte aligned: no vector loads), short rows also with a
+           spatial layout (N, C, D > 1: classes strided) with all flags off.
+  full     also the shapes of small batches (BLOCK_R limited by the number of rows), and every
+           flag cover on every shape.
+A compile takes about a second of CPU: quick is 16 per architecture, default about 650 (half
+an hour on two busy cores), full about 14000; nvcc takes a few minutes for both architectures.
+Shapes whose loop Triton unrolls away (C == 1 is a constant) report no loop.
+Arguments are specialised exactly as the JIT does at a launch (Triton's own binder): 16-byte
+aligned pointers, integers equal to 1 become constants, multiples of 16 are marked so.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "fp64": 64}
+LM_DTYPES = ("fp32", "bf16")  # the dtypes LM training runs in: a spill there fails the check
+
+
+class ToolMissing(RuntimeError):
+    """A compiler or disassembler the check needs is not installed."""
+
+
+@dataclass
+class Report:
+    """One compiled kernel (one specialisation, one architecture)."""
+
+    source: str                    # "triton" or "cuda"
+    kernel: str
+    arch: int
+    dtype: str                     # logits dtype
+    config: str                    # launch shape / template arguments
+    flags: str                     # constexpr flags that are on ("-": none)
+    lm_path: bool
+    plain: bool = False            # the default form: no flag on, aligned rows (Triton) /
+                                   # int64 index targets (CUDA)
+    regs: Optional[int] = None
+    spills: Optional[int] = None   # 32-bit words of spilled registers
+    smem: Optional[int] = None     # bytes of shared memory
+    loop_instrs: Optional[int] = None
+    elems_per_iter: Optional[float] = None   # logit elements one loop iteration handles per thread
+    elems_estimated: bool = False            # elems_per_iter guessed from scalar loads (CUDA)
+    sass_per_elem: Optional[float] = None
+    f64_in_loop: Optional[int] = None
+    error: Optional[str] = None
+
+    def failed(self) -> bool:
+        return self.error is not None or (self.lm_path and bool(self.spills))
+
+
+# --------------------------------------------------------------------------------------------
+# SASS: parsing cuobjdump's listing, finding the hot loop
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Instr:
+    addr: int
+    opcode: str        # with modifiers, e.g. LDG.E.128
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_PRED = re.compile(r"^@!?U?P[T0-9]+\s+")
+_ARCH = re.compile(r"code for (sm_\d+)")
+_FUNC = re.compile(r"Function\s*:\s*(\S+)")
+
+
+def parse_sass(text: str) -> dict:
+    """{(arch, function name): [Instr]} from `cuobjdump -sass` output (any number of each)."""
+    functions, arch, current = {}, 0, None
+    for line in text.splitlines():
+        if m := _ARCH.search(line):
+            arch = int(re.sub(r"\D", "", m.group(1)))
+        elif m := _FUNC.search(line):
+            current = functions.setdefault((arch, m.group(1)), [])
+        elif current is not None and (m := _INSTR.match(line)):
+            body = _PRED.sub("", m.group(2))
+            opcode, _, operands = body.partition(" ")
+            current.append(Instr(int(m.group(1), 16), opcode, operands.strip()))
+    return functions
+
+
+def _branch_target(instr: Instr) -> Optional[int]:
+    if instr.base != "BRA":
+        return None
+    m = re.search(r"0x([0-9a-f]+)\s*$", instr.operands)
+    return int(m.group(1), 16) if m else None
+
+
+def find_loops(instrs: list) -> list:
+    """Loops as (first, last) instruction indices: a branch back to an earlier address closes
+    the loop starting there; several back edges to one header make one loop."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    last_of = {}
+    for i, ins in enumerate(instrs):
+        target = _branch_target(ins)
+        if target is not None and target <= ins.addr and target in index:
+            head = index[target]
+            last_of[head] = max(last_of.get(head, i), i)
+    return sorted(last_of.items())
+
+
+def hot_loop(instrs: list) -> Optional[tuple]:
+    """The largest innermost loop: the loop over class blocks in a Triton kernel (its only
+    loop), the vectorised class loop inside the row loop of a CUDA kernel. Loops of a couple
+    of instructions (the trap loop after EXIT, spin loops) are not loops over data."""
+    loops = [(a, b) for a, b in find_loops(instrs) if b - a >= 4]
+
+    def contains_another(outer):
+        return any(o != outer and outer[0] <= o[0] and o[1] <= outer[1] for o in loops)
+
+    innermost = [lp for lp in loops if not contains_another(lp)]
+    return max(innermost, key=lambda lp: lp[1] - lp[0], default=None)
+
+
+_F64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
+_F64_CONVERSIONS = {"F2F", "I2F", "F2I", "FRND", "I2FP", "F2IP"}
+
+
+def is_f64(instr: Instr) -> bool:
+    """float64 arithmetic, conversions to or from float64, MUFU's float64 approximations."""
+    if instr.base in _F64_OPS:
+        return True
+    modifiers = instr.opcode.split(".")[1:]
+    if instr.base in _F64_CONVERSIONS and "F64" in modifiers:
+        return True
+    return instr.base == "MUFU" and any(m.endswith("64H") for m in modifiers)
+
+
+def access_bits(instr: Instr) -> int:
+    """Width of a global load/store in bits: LDG.E.128 -> 128, LDG.E.U16 -> 16, LDG.E -> 32."""
+    for m in instr.opcode.split(".")[1:]:
+        digits = re.fullmatch(r"[US]?(8|16|32|64|128|256)", m)
+        if digits:
+            return int(digits.group(1))
+    return 32
+
+
+def loop_stats(instrs: list) -> Optional[dict]:
+    """Size, float64 count and global memory accesses of the hot loop; None without a loop."""
+    loop = hot_loop(instrs)
+    if loop is None:
+        return None
+    body = [ins for ins in instrs[loop[0]:loop[1] + 1] if ins.base != "NOP"]
+    return dict(instrs=len(body), f64=sum(map(is_f64, body)),
+                loads=[access_bits(i) for i in body if i.base == "LDG"],
+                stores=[access_bits(i) for i in body if i.base == "STG"])
+
+
+_RES_USAGE = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def parse_res_usage(text: str) -> dict:
+    """{function: dict(regs, stack, shared, local)} from `cuobjdump -res-usage`."""
+    return {m.group(1): dict(regs=int(m.group(2)), stack=int(m.group(3)),
+                             shared=int(m.group(4)), local=int(m.group(5)))
+            for m in _RES_USAGE.finditer(text)}
+
+
+def cuda_home() -> str:
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+
+
+def cuobjdump() -> str:
+    """Triton's copy (its NVIDIA backend ships one), else the CUDA toolkit's."""
+    candidates = []
+    try:
+        from triton import knobs
+        candidates.append(knobs.nvidia.cuobjdump.path)
+    except Exception:  # no triton, or a triton without NVIDIA binaries: look elsewhere
+        pass
+    candidates += [shutil.which("cuobjdump"), os.path.join(cuda_home(), "bin", "cuobjdump")]
+    for path in candidates:
+        if path and os.path.exists(path):
+            return path
+    raise ToolMissing("cuobjdump not found (it ships with Triton's NVIDIA backend and CUDA)")
+
+
+def disassemble(binary_path: str, what: str) -> str:
+    """cuobjdump -sass / -res-usage of a cubin or fatbin."""
+    out = subprocess.run([cuobjdump(), what, binary_path], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"cuobjdump {what} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: which specialisations to compile
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """A logits problem the launchers might see, with the launch shape they pick for it."""
+
+    dtype: str
+    rows: int       # N (rows are N * D)
+    classes: int
+    spatial: int    # D
+    block_r: int
+    block_c: int
+    num_warps: int
+    layout: str     # "C%16=0", "C odd" or "D>1"
+
+    @property
+    def label(self) -> str:
+        return f"R{self.block_r} C{self.block_c} w{self.num_warps} {self.layout}"
+
+
+LONG_VOCAB, ODD_VOCAB = 128256, 50257   # a 16-divisible and an odd LM vocabulary
+
+
+def _elem_size(dtype: str) -> int:
+    return DTYPE_BITS[dtype] // 8
+
+
+def _max_block_c(launch_config, dtype: str) -> int:
+    return launch_config(1 << 20, 1 << 24, _elem_size(dtype))[1]
+
+
+def launch_shapes(launch_config, dtype: str, small_batches: bool) -> dict:
+    """{(BLOCK_R, BLOCK_C, num_warps): (rows, classes)}: every distinct output of launch_config
+    over class counts 1 .. an LM vocabulary, for many rows (and, with small_batches, for
+    4096, 2048 ... 1 rows too)."""
+    # Largest first, so each shape's sample is the largest problem giving it: the long-row
+    # shape is sampled at an LM vocabulary.
+    shapes = {}
+    row_counts = [1 << 16] + ([1 << k for k in range(12, -1, -1)] if small_batches else [])
+    for rows in row_counts:
+        for classes in [LONG_VOCAB] + [1 << k for k in range(16, -1, -1)]:
+            shape = launch_config(rows, classes, _elem_size(dtype))
+            shapes.setdefault(tuple(shape), (rows, classes))
+    return shapes
+
+
+def is_long_row(case: Case, max_block_c: int) -> bool:
+    return case.block_r == 1 or case.block_c == max_block_c
+
+
+def cases_for(launch_config, dtype: str, scope: str) -> list:
+    """The problems compiled for one dtype (see the module docstring for each scope)."""
+    if scope == "quick":
+        shapes = {tuple(launch_config(1 << 16, LONG_VOCAB, _elem_size(dtype))):
+                  (1 << 16, LONG_VOCAB)}
+    else:
+        shapes = launch_shapes(launch_config, dtype, small_batches=(scope == "full"))
+    cases = []
+    for (block_r, block_c, warps), (rows, classes) in sorted(shapes.items()):
+        cases.append(Case(dtype, rows, classes, 1, block_r, block_c, warps, "C%16=0"))
+        if scope == "quick":
+            continue
+        if block_r == 1:  # an odd vocabulary: rows start unaligned, loads are not vectorised
+            odd = ODD_VOCAB if classes == LONG_VOCAB else classes - 1
+            cases.append(Case(dtype, rows, odd, 1, block_r, block_c, warps, "C odd"))
+        elif block_c >= 2:  # segmentation: (N, C, D) with classes D apart
+            cases.append(Case(dtype, 8, classes, 1 << 16, block_r, block_c, warps, "D>1"))
+    return cases
+
+
+def flag_names(fn) -> list:
+    """The constexpr parameters that are feature flags: all but the shape and dtype ones."""
+    return [p.name for p in fn.params if p.is_constexpr and p.name not in ("BLOCK_R", "BLOCK_C",
+                                                                            "ACC")]
+
+
+def flag_cover(flags: list, full: bool) -> list:
+    """All off, each on alone, all on (or, not full: all off and all on): each flag's code is
+    compiled alone and together with every other, without the 2^n product."""
+    sets = [dict.fromkeys(flags, False)]
+    if full:
+        sets += [{f: f == g for f in flags} for g in flags]
+    if flags:
+        sets.append(dict.fromkeys(flags, True))
+    unique = []
+    for s in sets:
+        if s not in unique:
+            unique.append(s)
+    return unique
+
+
+def applies(fn, case: Case) -> bool:
+    """The vocabulary-parallel kernels take 2-D (R, C) logits only: no spatial layout."""
+    has_spatial = any(p.name.startswith("stride_") and p.name.endswith("d") for p in fn.params)
+    return case.layout != "D>1" or has_spatial
+
+
+def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
+    """(kernel, case, flags) triples to compile, per the scope's covering rules."""
+    jobs = []
+    for fn in kernels:
+        for dtype in dtypes:
+            max_block = _max_block_c(launch_config, dtype)
+            for case in cases_for(launch_config, dtype, scope):
+                if not applies(fn, case):
+                    continue
+                full = scope == "full" or (scope == "default" and is_long_row(case, max_block)
+                                           and case.layout == "C%16=0")
+                cover = flag_cover(flag_names(fn), full)
+                if case.layout == "D>1" and scope != "full":
+                    cover = cover[:1]
+                jobs += [(fn, case, flags) for flags in cover]
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: argument values by name, specialisation, compilation
+# --------------------------------------------------------------------------------------------
+
+def _torch_dtype(name: str):
+    import torch
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+            "fp64": torch.float64, "i64": torch.int64}[name]
+
+
+def tensor_dtype(name: str, case: Case, flags: dict) -> str:
+    """The dtype of a tensor argument by its role: logits and their gradient in the logits'
+    dtype, class-index targets in int64, float64 statistics (lse, its gradient, the weight
+    sum, the vocabulary-parallel stats), everything else (per-row losses, weights,
+    coefficients, the upstream gradient) in the accumulation dtype."""
+    acc = "fp64" if case.dtype == "fp64" else "fp32"
+    if name in ("X", "GX"):
+        return case.dtype
+    if name == "T":
+        return case.dtype if flags.get("PROB_TARGET") else "i64"
+    if name == "YL":
+        return "i64"
+    if name in ("LSE", "GL", "WSUM", "OUT"):
+        return "fp64"
+    return acc
+
+
+def stride_value(name: str, case: Case, flags: dict) -> int:
+    """stride_<tensor><dim> of contiguous tensors: logits-shaped ones (x, gx, probability
+    targets) are (N, C, D), or (R, C) for dim r; per-row ones (upstream gradients, index
+    targets) are (N, D), their class stride 0 as the launcher passes it; no dim: 1-D."""
+    tensor, dim = name[len("stride_"):], ""
+    if len(tensor) > 1 and tensor[-1] in "ncdr":
+        tensor, dim = tensor[:-1], tensor[-1]
+    C, D = case.classes, case.spatial
+    logits_shaped = tensor in ("x", "gx") or (tensor == "t" and flags.get("PROB_TARGET"))
+    table = (dict(n=C * D, c=D, d=1, r=C) if logits_shaped else dict(n=D, c=0, d=1, r=1))
+    return table.get(dim, 1)
+
+
+def argument_value(name: str, case: Case, flags: dict):
+    """A representative value for a runtime argument, chosen by its name: what a launcher
+    passes for `case` (sizes of a typical launch, so int32; tensors as 16-byte aligned as torch
+    allocates them). Unknown names raise, so a new argument shows up as a failure."""
+    import torch
+    sizes = dict(R=case.rows * case.spatial, C=case.classes, D=case.spatial,
+                 ignore_index=-100, vocab_start=case.classes)  # a rank > 0 of the group
+    if name in sizes:
+        return sizes[name]
+    if name.isupper():  # tensors are upper case: X, T, W, LSE, GX ...
+        return torch.empty(1, dtype=_torch_dtype(tensor_dtype(name, case, flags)))
+    if name.startswith("stride_"):
+        return stride_value(name, case, flags)
+    if name.endswith(("_hi", "_lo")):  # float options travel as float32 halves
+        return 0.25
+    raise KeyError(f"no rule gives a value for argument {name!r}: extend "
+                   f"argument_value in nllfused.bench.gpu_static")
+
+
+def constexpr_values(fn, case: Case, flags: dict) -> dict:
+    import triton.language as tl
+    shape = dict(BLOCK_R=case.block_r, BLOCK_C=case.block_c,
+                 ACC=tl.float64 if case.dtype == "fp64" else tl.float32)
+    return {p.name: shape.get(p.name, flags.get(p.name, False)) for p in fn.params
+            if p.is_constexpr}
+
+
+def specialise(fn, target, case: Case, flags: dict):
+    """(options, signature, constexprs, attrs) exactly as the JIT would form them at a launch
+    with these arguments: Triton's own binder decides i32/i64, alignment and the ints equal
+    to 1 that become constants."""
+    from triton import knobs
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(target)
+    args = [argument_value(p.name, case, flags) for p in fn.params if not p.is_constexpr]
+    kwargs = dict(constexpr_values(fn, case, flags), num_warps=case.num_warps,
+                  debug=bool(getattr(fn, "debug", False)) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
+
+
+def compile_triton(fn, arch: int, case: Case, flags: dict):
+    """The CompiledKernel for one specialisation; Triton's own prints (it dumps the whole
+    PTX when ptxas fails) are swallowed, the exception carries the message."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", arch, 32)
+    with contextlib.redirect_stdout(io.StringIO()):
+        options, signature, constexprs, attrs = specialise(fn, target, case, flags)
+        return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+
+
+def measure_cubin(cubin: bytes) -> tuple:
+    """(res-usage of the kernel, SASS loop stats) of a single-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = parse_res_usage(disassemble(f.name, "-res-usage"))
+        functions = parse_sass(disassemble(f.name, "-sass"))
+    usage = next(iter(usage.values()), {})
+    instrs = next(iter(functions.values()), [])
+    return usage, loop_stats(instrs)
+
+
+def triton_report(fn, arch: int, case: Case, flags: dict) -> Report:
+    on = [name for name, value in flags.items() if value]
+    report = Report("triton", fn.__name__, arch, case.dtype, case.label, "+".join(on) or "-",
+                    lm_path=case.block_r == 1 and case.dtype in LM_DTYPES,
+                    plain=not on and case.layout == "C%16=0")
+    try:
+        compiled = compile_triton(fn, arch, case, flags)
+        usage, loop = measure_cubin(compiled.asm["cubin"])
+    except Exception as exc:  # a compile failure is a result, reported with its message
+        report.error = f"{type(exc).__name__}: {_last_lines(str(exc))}"
+        return report
+    report.regs = usage.get("regs")
+    # Triton kernels make no calls and hold no local arrays, so their stack frame and local
+    # memory are spilled registers: in 32-bit words, as Triton's n_spills counts them.
+    report.spills = (usage.get("stack", 0) + usage.get("local", 0)) // 4
+    report.smem = compiled.metadata.shared
+    threads = compiled.metadata.num_warps * 32
+    _fill_loop(report, loop, case.block_r * case.block_c / threads)
+    return report
+
+
+def _fill_loop(report: Report, loop: Optional[dict], elems: Optional[float]) -> None:
+    if loop is None:
+        return
+    report.loop_instrs, report.f64_in_loop = loop["instrs"], loop["f64"]
+    if elems:
+        report.elems_per_iter = round(elems, 3)
+        report.sass_per_elem = round(loop["instrs"] / elems, 2)
+
+
+def _last_lines(text: str, n: int = 6) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[:600]
+
+
+def project_kernels() -> list:
+    """The module-level @triton.jit kernels (names ending in _kernel) of the package."""
+    from nllfused.kernels import cross_entropy, vocab_parallel
+    return kernels_in(cross_entropy) + kernels_in(vocab_parallel)
+
+
+def kernels_in(module, names: Optional[list] = None) -> list:
+    from triton.runtime.jit import JITFunction
+    found = []
+    for name, obj in vars(module).items():
+        wanted = name in names if names else name.endswith("_kernel")
+        if wanted and getattr(obj, "__module__", None) == module.__name__:
+            if not isinstance(obj, JITFunction):
+                raise ToolMissing(
+                    f"{module.__name__}.{name} is not a JITFunction ({type(obj).__name__}): "
+                    f"run without TRITON_INTERPRET=1, the interpreter replaces the compiler")
+            found.append(obj)
+    missing = set(names or ()) - {k.__name__ for k in found}
+    if missing:
+        raise ToolMissing(f"no kernel {', '.join(sorted(missing))} in {module.__name__}")
+    return found
+
+
+def load_kernel_file(spec: str) -> list:
+    """Kernels from FILE or FILE:NAME,NAME (for checking a kernel before wiring it in)."""
+    path, _, names = spec.partition(":") if re.search(r":[\w,]+$", spec) else (spec, "", "")
+    module_name = "_gpu_static_" + re.sub(r"\W", "_", os.path.basename(path))
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # triton resolves the kernel's globals through it
+    loader_spec.loader.exec_module(module)
+    return kernels_in(module, names.split(",") if names else None)
+
+
+def run_triton(kernels: list, archs: list, dtypes: list, scope: str, progress) -> list:
+    from nllfused.kernels.cross_entropy import launch_config
+    jobs = triton_jobs(kernels, launch_config, dtypes, scope)
+    reports = []
+    for arch in archs:
+        for i, (fn, case, flags) in enumerate(jobs):
+            reports.append(triton_report(fn, arch, case, flags))
+            progress(f"triton sm_{arch}: {i + 1}/{len(jobs)}")
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: nvcc + ptxas -v, then the same SASS reading
+# --------------------------------------------------------------------------------------------
+
+def nvcc_path() -> str:
+    path = os.path.join(cuda_home(), "bin", "nvcc")
+    path = path if os.path.exists(path) else shutil.which("nvcc")
+    if not path:
+        raise ToolMissing("nvcc not found (set CUDA_HOME)")
+    return path
+
+
+def nvcc_command(source: str, archs: list, output: str) -> list:
+    """nvcc for the device code only, with the flags torch's cpp_extension and setup.py pass
+    when building nllfused._C: torch's COMMON_NVCC_FLAGS, -std=c++20, setup.py's -O3
+    --use_fast_math -lineinfo and macros, torch's extension defines, torch + CUDA +
+    nvidia-wheel + Python include dirs; -Xptxas -v for registers and spills. One fatbin holds
+    every architecture (no host compilation: only the device code is of interest)."""
+    import torch
+    from torch.utils import cpp_extension
+    nvcc = nvcc_path()
+    archs_list = ";".join(f"{a // 10}.{a % 10}" for a in archs)
+    includes = cpp_extension.include_paths(device_type="cuda")
+    includes.append(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include"))
+    try:
+        import nvidia  # pip's CUDA wheels: torch's headers include cusparse.h from there
+        for base in nvidia.__path__:
+            includes += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    includes.append(sysconfig.get_paths()["include"])
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return [nvcc, "-fatbin", *gencode, "-Xptxas", "-v", *cpp_extension.COMMON_NVCC_FLAGS,
+            "-O3", "--use_fast_math", "-lineinfo", "-std=c++20",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+            "-DNLLFUSED_WITH_CUDA", f'-DNLLFUSED_CUDA_ARCHS="{archs_list}"',
+            f'-DNLLFUSED_TORCH_VERSION="{torch.__version__}"',
+            *[f"-I{d}" for d in dict.fromkeys(includes)],
+            source, "-o", output]
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas_log(text: str) -> dict:
+    """{(arch, mangled name): dict(regs, spill_stores, smem)} from ptxas -v output."""
+    kernels, current = {}, None
+    for line in text.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = kernels.setdefault((int(m.group(2)), m.group(1)),
+                                         dict(regs=None, spill_stores=0, smem=0))
+        elif current is not None and (m := _PTXAS_SPILL.search(line)):
+            current["spill_stores"] = int(m.group(2))
+        elif current is not None and (m := _PTXAS_USED.search(line)):
+            current["regs"] = int(m.group(1))
+            current["smem"] = int(m.group(2) or 0)
+    return kernels
+
+
+def demangle(names: list) -> dict:
+    tool = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
+    pretty = out.stdout.splitlines()
+    return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
+
+
+_CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::Half": "fp16",
+                "c10::BFloat16": "bf16"}
+
+
+def describe_cuda_kernel(pretty: str) -> tuple:
+    """(kernel, dtype, template args) from a demangled name such as
+    `void ns::ce_fwd_rows_kernel<float, long>(...)`."""
+    m = re.search(r"(\w+)<(.*?)>\(", pretty)
+    if not m:
+        return re.sub(r"\(.*", "", pretty).split("::")[-1], "?", ""
+    args = [a.strip().split("::")[-1] if "cuda_impl" in a else a.strip()
+            for a in m.group(2).split(",")]
+    dtype = _CUDA_DTYPES.get(args[0], "?")
+    return m.group(1), dtype, ",".join(args[1:])
+
+
+def cuda_elements(loop: dict, dtype: str) -> tuple:
+    """(logit elements one loop iteration handles per thread, whether that is an estimate),
+    read from the loop's global memory accesses: a backward loop stores one gradient element
+    per logit; a forward loop's 16-byte vector loads are the logits. Without vector loads, the
+    scalar loads of the logits' width are counted: an estimate, since a weight or target load
+    of the same width in the loop counts too."""
+    bits = DTYPE_BITS.get(dtype)
+    if not bits:
+        return None, True
+    if loop["stores"]:
+        return sum(loop["stores"]) / bits, False
+    vector = [b for b in loop["loads"] if b >= 128]
+    if vector:
+        return sum(vector) / bits, False
+    return sum(1 for b in loop["loads"] if b == bits) or None, True
+
+
+def compile_cuda_source(source: str, archs: list, workdir: str) -> tuple:
+    """(ptxas log, SASS text) of one .cu; RuntimeError with nvcc's message on failure."""
+    output = os.path.join(workdir, os.path.basename(source) + ".fatbin")
+    proc = subprocess.run(nvcc_command(source, archs, output), capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+        raise RuntimeError(_last_lines("\n".join(errors) or proc.stderr, 8))
+    return proc.stdout + proc.stderr, disassemble(output, "-sass")
+
+
+def cuda_reports(source: str, archs: list, workdir: str) -> list:
+    name = os.path.basename(source)
+    try:
+        log, sass = compile_cuda_source(source, archs, workdir)
+    except RuntimeError as exc:
+        return [Report("cuda", name, a, "-", "-", "-", True, error=str(exc)) for a in archs]
+    usage, functions = parse_ptxas_log(log), parse_sass(sass)
+    pretty = demangle(sorted({n for _, n in usage}))
+    reports = []
+    for (arch, mangled), info in sorted(usage.items(), key=lambda kv: (kv[0][0], pretty[kv[0][1]])):
+        kernel, dtype, targs = describe_cuda_kernel(pretty[mangled])
+        report = Report("cuda", kernel, arch, dtype, "-", f"target={targs or '?'}",
+                        lm_path="rows" in kernel and dtype in LM_DTYPES, plain=targs == "long",
+                        regs=info["regs"], spills=info["spill_stores"] // 4, smem=info["smem"])
+        loop = loop_stats(functions.get((arch, mangled), []))
+        if loop is not None:
+            elems, report.elems_estimated = cuda_elements(loop, dtype)
+            _fill_loop(report, loop, elems)
+        reports.append(report)
+    return reports
+
+
+def run_cuda(archs: list, root: str, progress) -> list:
+    sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
+    if not sources:
+        raise ToolMissing(f"no CUDA sources under {root}/csrc/cuda (pass --root)")
+    reports = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for source in sources:
+            progress(f"nvcc {os.path.basename(source)} for sm_{', sm_'.join(map(str, archs))}")
+            reports += cuda_reports(source, archs, workdir)
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+_COLUMNS = ("kernel", "arch", "dtype", "config", "flags", "regs", "spills", "smem",
+            "loop_instrs", "elems_per_iter", "sass_per_elem", "f64_in_loop")
+_HEADINGS = ("kernel", "arch", "dtype", "config", "flags", "regs", "spills", "smem", "loop",
+             "elem/it", "SASS/elem", "f64")
+
+
+def _cell(report: Report, column: str) -> str:
+    value = getattr(report, column)
+    if column == "arch":
+        return f"sm_{value}"
+    if column in ("elems_per_iter", "sass_per_elem") and report.elems_estimated:
+        return f"~{value}"
+    return "-" if value is None else str(value)
+
+
+def format_rows(headings, rows) -> str:
+    widths = [max(len(str(r[i])) for r in [headings, *rows]) for i in range(len(headings))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [headings, *rows])
+
+
+def table(reports: list) -> str:
+    rows = []
+    for r in reports:
+        mark = " FAIL" if r.failed() else (" lm" if r.lm_path else "")
+        rows.append([_cell(r, c) for c in _COLUMNS[:-1]] + [_cell(r, "f64_in_loop") + mark])
+    text = format_rows(_HEADINGS, rows)
+    errors = [f"  {r.kernel} sm_{r.arch} {r.dtype} {r.config} {r.flags}: {r.error}"
+              for r in reports if r.error]
+    return text + ("\n\ncompile failures:\n" + "\n".join(errors) if errors else "")
+
+
+def worst_per_group(reports: list) -> str:
+    """Per (kernel, arch, dtype): the worst SASS/elem of the plain kernel on the LM path and the
+    worst of all, with the specialisation that has it: the numbers to drive down."""
+    groups = {}
+    for r in reports:
+        if r.sass_per_elem is not None:
+            groups.setdefault((r.source, r.kernel, r.arch, r.dtype), []).append(r)
+    rows = []
+    for (source, kernel, arch, dtype), rs in sorted(groups.items()):
+        worst = max(rs, key=lambda r: r.sass_per_elem)
+        lm = [r for r in rs if r.lm_path and r.plain]
+        lm_worst = _cell(max(lm, key=lambda r: r.sass_per_elem), "sass_per_elem") if lm else "-"
+        rows.append([source, kernel, f"sm_{arch}", dtype, lm_worst,
+                     _cell(worst, "sass_per_elem"),
+                     " ".join(p for p in (worst.config, worst.flags) if p != "-") or "-",
+                     str(max(r.regs or 0 for r in rs)), str(max(r.spills or 0 for r in rs))])
+    return format_rows(["source", "kernel", "arch", "dtype", "LM plain", "worst SASS/elem",
+                        "at", "max regs", "max spills"], rows)
+
+
+def verdict(reports: list) -> list:
+    """The reasons to fail: compile errors anywhere, spills on the LM path."""
+    reasons = []
+    for r in reports:
+        where = f"{r.source} {r.kernel} sm_{r.arch} {r.dtype} {r.config} {r.flags}"
+        if r.error:
+            reasons.append(f"compile failure: {where}")
+        elif r.lm_path and r.spills:
+            reasons.append(f"spills on the LM path ({r.spills} words): {where}")
+    return reasons
+
+
+def tool_versions() -> dict:
+    versions = {}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True)
+        versions["nvcc"] = out.stdout.strip().splitlines()[-1]
+    except (ToolMissing, OSError):
+        pass
+    return versions
+
+
+def write_json(path: str, args, reports: list, reasons: list, seconds: float) -> None:
+    data = dict(archs=args.arch, kernels=args.kernels, scope=args.scope, dtypes=args.dtypes,
+                seconds=round(seconds, 1), versions=tool_versions(), failures=reasons,
+                results=[dataclasses.asdict(r) for r in reports])
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def _csv(text: str) -> list:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nllfused.bench.gpu_static",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=lambda s: [int(a) for a in _csv(s)], default=[80, 90],
+                   help="compute capabilities, e.g. 80,90 (default)")
+    p.add_argument("--kernels", type=_csv, default=["triton", "cuda"],
+                   help="triton, cuda or both (default)")
+    p.add_argument("--scope", choices=("quick", "default", "full"), default="default",
+                   help="how many Triton specialisations (see the module docstring)")
+    p.add_argument("--dtypes", type=_csv, default=None,
+                   help="logits dtypes for the Triton kernels (default: fp32,bf16 for "
+                        "--scope quick, else all four)")
+    p.add_argument("--kernel-file", action="append", default=[],
+                   help="check the @triton.jit kernels of FILE[:NAME,...] instead of the "
+                        "package's (names ending in _kernel by default)")
+    p.add_argument("--only", type=_csv, default=None,
+                   help="only the Triton kernels with these names, e.g. ce_fwd_kernel")
+    p.add_argument("--root", default=REPO_ROOT, help="source tree holding csrc/cuda")
+    p.add_argument("--json", help="write every result to this file")
+    p.add_argument("--summary-only", action="store_true", help="only the worst-per-group table")
+    args = p.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = list(LM_DTYPES) if args.scope == "quick" else list(DTYPE_BITS)
+    for option, given, known in (("dtypes", args.dtypes, list(DTYPE_BITS)),
+                                 ("kernels", args.kernels, ["triton", "cuda"])):
+        if not given or set(given) - set(known):
+            p.error(f"--{option} {','.join(given)}: choose from {','.join(known)}")
+    return args
+
+
+def _progress(message: str, _state={"last": 0.0}) -> None:
+    # Long runs say where they are every few seconds, on stderr, so the table stays clean.
+    now = time.monotonic()
+    if now - _state["last"] > 5:
+        _state["last"] = now
+        print(message, file=sys.stderr, flush=True)
+
+
+def collect(args) -> list:
+    reports = []
+    if "triton" in args.kernels:
+        kernels = ([k for spec in args.kernel_file for k in load_kernel_file(spec)]
+                   if args.kernel_file else project_kernels())
+        if args.only:
+            kernels = [k for k in kernels if k.__name__ in args.only]
+        if not kernels:
+            raise ToolMissing("no Triton kernel to check (see --only / --kernel-file)")
+        reports += run_triton(kernels, args.arch, args.dtypes, args.scope, _progress)
+    if "cuda" in args.kernels and not args.kernel_file:
+        reports += run_cuda(args.arch, args.root, _progress)
+    return reports
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    try:
+        reports = collect(args)
+    except (ToolMissing, ImportError) as exc:
+        print(f"gpu_static: cannot run: {exc}", file=sys.stderr)
+        return 2
+    reasons = verdict(reports)
+    if not args.summary_only:
+        print(table(reports) + "\n")
+    print(worst_per_group(reports))
+    seconds = time.monotonic() - start
+    print(f"\n{len(reports)} kernels compiled in {seconds:.0f} s; "
+          + (f"FAILED ({len(reasons)}):\n  " + "\n  ".join(reasons) if reasons else "ok"))
+    if args.json:
+        write_json(args.json, args, reports, reasons, seconds)
+    return 1 if reasons else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
