@@ -28,6 +28,7 @@ def fake_gpu(monkeypatch):
         info = {"built": True, "cuda": True, "cuda_archs": archs, "torch_version": "x"}
         monkeypatch.setattr(_extension, "build_info", lambda: info)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         backends._cuda_code_reason.cache_clear()
         return torch.device("cuda", 0)
     yield make
@@ -59,3 +60,11 @@ def test_auto_warns_once_when_the_extension_did_not_load(monkeypatch):
     messages = [str(w.message) for w in caught if "could not be loaded" in str(w.message)]
     assert len(messages) == 1 and "undefined symbol" in messages[0]
     backends._warn_once_unbuilt.cache_clear()
+
+
+def test_available_backends_on_a_cuda_device_without_a_gpu():
+    """Asking about CUDA on a machine without one answers, it does not raise."""
+    why = nllfused.available_backends("cuda", reasons=True)
+    if not torch.cuda.is_available():
+        assert why["cuda"] and why["cpu"]
+        assert nllfused.available_backends(torch.device("cuda")) == ["torch"]

@@ -37,6 +37,8 @@ def unavailable_reason(backend: str, device: torch.device):
         return None
     if _extension.C_ERROR is not None:
         return f"the extension nllfused._C is not built ({_extension.C_ERROR})"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if backend == "triton":
         if _extension.TRITON_ERROR is not None:
             return f"triton could not be imported ({_extension.TRITON_ERROR})"
