@@ -11,6 +11,7 @@ The extension links against the torch it was built with: install_requires pins t
 minor release, so that pip does not put the wheel beside a torch whose ABI it does not match.
 """
 import glob
+import importlib.util
 import os
 
 import torch
@@ -18,6 +19,19 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_helpers():
+    # csrc/build_helpers.py, shared with tests/test_cuda_emulation.py: loaded by path, as csrc/
+    # is no package.
+    spec = importlib.util.spec_from_file_location(
+        "nllfused_build_helpers", os.path.join(ROOT, "csrc", "build_helpers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_helpers = _load_build_helpers()
 DEFAULT_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])  # e.g. "2.14"
 
@@ -25,40 +39,31 @@ TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])  # e.g.
 def cuda_wanted():
     if os.environ.get("NLLFUSED_NO_CUDA", "0") == "1":
         return False
-    home = cpp_extension.CUDA_HOME
-    return torch.version.cuda is not None and home is not None and os.path.exists(
-        os.path.join(home, "bin", "nvcc"))
-
-
-def nvidia_wheel_includes():
-    # torch's CUDA headers include cusparse.h etc., which pip's nvidia-* wheels ship in
-    # site-packages/nvidia/<cuXX>/include rather than in CUDA_HOME.
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    dirs = []
-    for base in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    return build_helpers.nvcc_unavailable_reason() is None
 
 
 def extension():
     with_cuda = cuda_wanted()
+    # The CPU kernels: csrc/cpu/ce_cpu.cpp (the op layer) and one translation unit per
+    # instruction set, kernels_<isa>.cpp (csrc/cpu/kernels.h).
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Headers (and the helper above) are listed so that an sdist carries them and a change to
+    # one rebuilds the extension.
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) +
+                     glob.glob("csrc/**/*.cuh", recursive=True)) + ["csrc/build_helpers.py"]
     cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for torch >= 2.10)
     macros = [("NLLFUSED_TORCH_VERSION", '"%s"' % torch.__version__)]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "nllfused._C", sources, define_macros=macros,
+            "nllfused._C", sources, depends=depends, define_macros=macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     macros += [("NLLFUSED_WITH_CUDA", None), ("NLLFUSED_CUDA_ARCHS", '"%s"' % archs)]
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     return cpp_extension.CUDAExtension(
-        "nllfused._C", sources, define_macros=macros, include_dirs=nvidia_wheel_includes(),
+        "nllfused._C", sources, depends=depends, define_macros=macros,
+        include_dirs=build_helpers.nvidia_wheel_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
 
 

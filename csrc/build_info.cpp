@@ -2,6 +2,8 @@
 // files of this extension) and exposes build facts.
 #include <torch/extension.h>
 
+#include "cpu/kernels.h"
+
 #ifndef NLLFUSED_TORCH_VERSION
 #define NLLFUSED_TORCH_VERSION "unknown"
 #endif
@@ -19,6 +21,14 @@ static py::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = std::string("");
 #endif
+  // The copies of the CPU kernels this machine can run, and the one the ops use now
+  // (csrc/cpu/ce_cpu.cpp); an invalid NLLFUSED_CPU_CAPABILITY is reported, not raised.
+  info["cpu_capabilities"] = nllfused_cpu::capabilities();
+  try {
+    info["cpu_capability"] = nllfused_cpu::capability();
+  } catch (const c10::Error& e) {
+    info["cpu_capability"] = std::string("error: ") + e.what_without_backtrace();
+  }
   return info;
 }
 

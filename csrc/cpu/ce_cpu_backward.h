@@ -1,0 +1,200 @@
+// The backward of the CPU kernels (struct Ce, ce_cpu_kernels.h, which includes this file): per
+// row, p = exp(z - lse) from the saved lse, the gradient written once (RowGrad's comment there).
+#pragma once
+
+namespace nllfused_cpu::NLLF_CPU_NS {
+
+template <typename scalar_t>
+auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr,
+                            const Tf& t) -> RowGrad {
+  RowGrad rg{};
+  rg.y = -1;
+  const acc_t gl = static_cast<const acc_t*>(A.gl)[n_ * A.gN + d_ * A.gD];
+  const double lse_d = static_cast<const double*>(A.lse_in)[n_ * A.lN + d_ * A.lD];
+  const acc_t gs = A.glse ? static_cast<acc_t>(A.glse[n_ * A.glN + d_ * A.glD]) : acc_t(0);
+  const acc_t e = static_cast<acc_t>(A.eps);
+  const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
+  const bool ignored = !A.prob && y < 0;
+  if (ignored && gs == 0) {
+    rg.zero = true;
+    return rg;
+  }
+  // lse = -inf (all classes -inf), +inf or NaN: every p_c is NaN, as in torch.
+  rg.nan = !std::isfinite(lse_d);
+  rg.hi = static_cast<acc_t>(lse_d);
+  rg.lo = rg.nan ? acc_t(0) : static_cast<acc_t>(lse_d - static_cast<double>(rg.hi));
+  if (ignored) {
+    rg.P = gs;
+    rg.gm = 0;
+  } else if (A.prob) {
+    const acc_t S = static_cast<const acc_t*>(A.aux_in)[n_ * A.aN + d_ * A.aD];
+    rg.P = gl * S + gs;
+    rg.Q = gl;
+    rg.gm = 2;
+  } else {
+    const acc_t* w = weights(A);
+    const acc_t wy = w ? w[y] : acc_t(1), eC = e / static_cast<acc_t>(A.C);
+    const acc_t ws = static_cast<acc_t>(A.wsum);
+    rg.P = gl * ((1 - e) * wy + eC * ws) + gs;
+    rg.Q = gl * eC;
+    rg.gm = gmode(A, y);
+    acc_t dz;
+    const acc_t zy = tf_scalar(static_cast<acc_t>(xr[y * A.xC]), t, dz);
+    const acc_t py = std::exp((zy - rg.hi) - rg.lo);
+    rg.ya = -gl * dz * (1 - e) * wy;
+    rg.yb = dz * (gl * eC * (ws * py - wy) + gs * py);
+    rg.y = y;
+  }
+  return rg;
+}
+
+// Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`.
+template <typename scalar_t>
+template <typename src_t, typename dst_t, int K, int Gm>
+auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip,
+                              const RowGrad& rg, const acc_t* g, const Tf& t) -> acc_t {
+  const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q);
+  auto body = [&](V xv, const acc_t* gp, V& p) {
+    V dz;
+    p = vexp((tf_grad<K>(xv, t, dz) - vhi) - vlo);
+    V r = vP * p;
+    if constexpr (Gm == 1) r = r - vQ;
+    if constexpr (Gm == 2) r = r - vQ * V::loadu(gp);
+    if constexpr (K == 0) return r;
+    else return r * dz;
+  };
+  // Without per-class g and with finite P, Q every gradient is finite: no NaN handling needed.
+  const bool finite = Gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q);
+  V s0(acc_t(0)), s1(acc_t(0));
+  int64_t i = 0;
+  for (; i + W2 <= n; i += W2) {
+    V a, b, pa, pb;
+    load2(x + i, a, b);
+    a = body(a, g + i, pa);
+    b = body(b, g + i + W, pb);
+    if (finite) store2_finite(out + i, a, b);
+    else store2(out + i, a, b);
+    if (static_cast<uint64_t>(skip - i) < static_cast<uint64_t>(W2)) {  // the target's block
+      acc_t pt[W2];
+      pa.store(pt);
+      pb.store(pt + W);
+      pt[skip - i] = 0;
+      pa = V::loadu(pt);
+      pb = V::loadu(pt + W);
+    }
+    s0 = s0 + pa;
+    s1 = s1 + pb;
+  }
+  acc_t sum = hsum(s0 + s1);
+  if (i < n) {
+    acc_t gt[W2] = {}, pt[W2];
+    for (int64_t j = 0; Gm == 2 && j < n - i; ++j) gt[j] = g[i + j];
+    V a, b, pa, pb;
+    load2_tail(x + i, n - i, acc_t(0), a, b);
+    a = body(a, gt, pa);
+    b = body(b, gt + W, pb);
+    store2_tail(out + i, n - i, a, b);
+    pa.store(pt);
+    pb.store(pt + W);
+    for (int64_t j = 0; j < n - i; ++j) sum += j + i == skip ? acc_t(0) : pt[j];
+  }
+  return sum;
+}
+
+// Classes [c0, c0 + n) of one row into out[0, n), with the instantiation for this row; returns
+// the chunk's share of sum_{c != y} p_c. The target element is written later.
+template <typename scalar_t>
+template <typename src_t, typename dst_t>
+auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, const RowGrad& rg,
+                            const acc_t* g, const Tf& t) -> acc_t {
+  if (rg.zero || rg.nan) {
+    std::fill(out, out + n, static_cast<dst_t>(rg.zero ? acc_t(0) : kNaN));
+    return 0;
+  }
+  const int64_t skip = rg.y - c0;
+#define NLLF_GRAD_K(K)                                                              \
+if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0>(x, out, n, skip, rg, g, t); \
+if (rg.gm == 1) return grad_chunk<src_t, dst_t, K, 1>(x, out, n, skip, rg, g, t); \
+return grad_chunk<src_t, dst_t, K, 2>(x, out, n, skip, rg, g, t);
+  if (t.kind == 0) { NLLF_GRAD_K(0) }
+  if (t.kind == 1) { NLLF_GRAD_K(1) }
+  NLLF_GRAD_K(2)
+#undef NLLF_GRAD_K
+}
+
+// D == 1 and unit class stride: read each row in place, write each gradient row in place.
+// (Non-temporal stores for the gradient were tried: no gain, as its pages come freshly zeroed
+// by the kernel, i.e. in cache.)
+template <typename scalar_t>
+void Ce<scalar_t>::bwd_rows(const Args& A, int64_t r0, int64_t r1) {
+  alignas(64) acc_t gb[kChunk];
+  const Tf t = make_tf(A);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = static_cast<const scalar_t*>(A.x) + r * A.xN;
+    scalar_t* outr = static_cast<scalar_t*>(A.out) + r * A.C;
+    const RowGrad rg = row_grad(A, r, 0, xr, t);
+    acc_t so = 0;
+    for (int64_t c0 = 0; c0 < A.C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, A.C - c0);
+      const acc_t* g = weights(A, c0);
+      if (A.prob && !rg.nan) {
+        soft_coef(A, r, 0, c0, n, gb);
+        g = gb;
+      }
+      so += grad_any(xr + c0, outr + c0, c0, n, rg, g, t);
+    }
+    if (has_target(rg)) outr[rg.y] = static_cast<scalar_t>(rg.ya * so + rg.yb);
+  }
+}
+
+// General layout: tiles of kTile consecutive rows gathered into zb, the gradient computed in
+// place in acc_t, then scattered to the contiguous (N, C, D) output.
+template <typename scalar_t>
+void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
+  alignas(64) acc_t zb[kTile][kTileChunk];
+  alignas(64) acc_t gb[kTileChunk];
+  const Tf t = make_tf(A);
+  scalar_t* out = static_cast<scalar_t*>(A.out);
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const int64_t r0 = tile * kTile, L = std::min(kTile, A.N * A.D - r0);
+    const scalar_t* xl[kTile];
+    int64_t ob[kTile];
+    RowGrad rgs[kTile];
+    acc_t so[kTile] = {};
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t n_ = (r0 + l) / A.D, d_ = (r0 + l) % A.D;
+      xl[l] = row_ptr(A, n_, d_);
+      ob[l] = n_ * A.C * A.D + d_;
+      rgs[l] = row_grad(A, n_, d_, xl[l], t);
+    }
+    for (int64_t c0 = 0; c0 < A.C; c0 += kTileChunk) {
+      const int64_t n = std::min(kTileChunk, A.C - c0);
+      gather_tile(A, xl, L, c0, n, zb);
+      for (int64_t l = 0; l < L; ++l) {
+        const acc_t* g = weights(A, c0);
+        if (A.prob && !rgs[l].nan) {
+          soft_coef(A, (r0 + l) / A.D, (r0 + l) % A.D, c0, n, gb);
+          g = gb;
+        }
+        so[l] += grad_any(zb[l], zb[l], c0, n, rgs[l], g, t);
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t o = (c0 + c) * A.D;
+        for (int64_t l = 0; l < L; ++l) out[ob[l] + o] = static_cast<scalar_t>(zb[l][c]);
+      }
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const RowGrad& rg = rgs[l];
+      if (has_target(rg)) out[ob[l] + rg.y * A.D] = static_cast<scalar_t>(rg.ya * so[l] + rg.yb);
+    }
+  }
+}
+
+template <typename scalar_t>
+void Ce<scalar_t>::backward(const Args& A) {
+  parallel_rows(A, (A.xC == 1 || A.C == 1) && A.D == 1,
+                [&](int64_t b, int64_t e) { bwd_rows(A, b, e); },
+                [&](int64_t b, int64_t e) { bwd_tiles(A, b, e); });
+}
+
+}  // namespace nllfused_cpu::NLLF_CPU_NS

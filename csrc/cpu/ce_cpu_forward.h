@@ -1,0 +1,288 @@
+// The forward of the CPU kernels (struct Ce, ce_cpu_kernels.h, which includes this file): per
+// row, the max sweep and the online softmax over L1-sized chunks, then loss / lse / aux.
+#pragma once
+
+namespace nllfused_cpu::NLLF_CPU_NS {
+
+// Sweep 1 over a chunk: max of z (see vmax for NaN); with Copy also writes z to zb (may alias x).
+template <typename scalar_t>
+template <typename src_t, int K, bool Copy>
+auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t) -> acc_t {
+  V m0(-kInf), m1(-kInf);
+  int64_t i = 0;
+  for (; i + W2 <= n; i += W2) {
+    V a, b;
+    load2(x + i, a, b);
+    if constexpr (Copy) {
+      a = tf<K>(a, t);
+      b = tf<K>(b, t);
+      a.store(zb + i);
+      b.store(zb + i + W);
+    }
+    m0 = vmax(m0, a);
+    m1 = vmax(m1, b);
+  }
+  acc_t m = nan_max(hmax(m0), hmax(m1));
+  if (i < n) {  // tail: transform a padded copy, then only look at the real elements
+    acc_t z[W2];
+    V a, b;
+    load2_tail(x + i, n - i, acc_t(0), a, b);
+    tf<K>(a, t).store(z);
+    tf<K>(b, t).store(z + W);
+    for (int64_t j = 0; j < n - i; ++j) {
+      if constexpr (Copy) zb[i + j] = z[j];
+      m = nan_max(m, z[j]);
+    }
+  }
+  return m;
+}
+
+// z of classes [0, n) of a row chunk starting at x (class stride xC) and its max: a pointer
+// into the logits themselves when no conversion is needed, else zb, filled here.
+template <typename scalar_t>
+auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* zb, const Tf& t,
+                              acc_t& cm) -> const acc_t* {
+  if (xC == 1) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (t.kind == 0) {  // fp32/fp64 without transform: no copy at all
+        cm = chunk_max<acc_t, 0, false>(x, n, nullptr, t);
+        return x;
+      }
+    }
+    if (t.kind == 0) cm = chunk_max<scalar_t, 0, true>(x, n, zb, t);
+    else if (t.kind == 1) cm = chunk_max<scalar_t, 1, true>(x, n, zb, t);
+    else cm = chunk_max<scalar_t, 2, true>(x, n, zb, t);
+    return zb;
+  }
+  for (int64_t c = 0; c < n; ++c) zb[c] = static_cast<acc_t>(x[c * xC]);
+  if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb, n, nullptr, t);
+  else if (t.kind == 1) cm = chunk_max<acc_t, 1, true>(zb, n, zb, t);
+  else cm = chunk_max<acc_t, 2, true>(zb, n, zb, t);
+  return zb;
+}
+
+// Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
+// 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
+// It runs from L1 and leaves the memory idle, so it prefetches the next chunk [pf, pf + pf_len)
+// for the max sweep, one line per step.
+// AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
+template <typename scalar_t>
+template <int Gm, bool AtMax>
+void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
+                        const char* pf, int64_t pf_len) {
+  const acc_t mn = nan_max(st.m, cm);
+  if (mn != -kInf && !(mn == st.m)) {  // the max grew (or became NaN): rescale the sums so far
+    if (st.m > -kInf) {  // the old max's k terms become ordinary ones
+      const acc_t f = std::exp(st.m - mn);
+      add_exact(st.s, st.sc, st.k);
+      st.k = 0;
+      st.s *= f;
+      st.sc *= f;
+      if constexpr (Gm != 0) st.B += (st.m - mn) * st.G;  // <= 0: B only ever gains terms <= 0
+    }
+    st.m = mn;
+  }
+  // While every class so far is -inf, sum against 0 instead of m (exp(-inf - -inf) would be
+  // NaN): the exp terms are 0, the g-sums take g*(-inf), i.e. -inf, or NaN for g = 0, as
+  // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches s.
+  const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
+  // In a chunk holding the max, the classes at the max are counted into k (k0, k1), not added
+  // to the lanes of s (s0, s1).
+  const V vm(ref), zero(acc_t(0)), one(acc_t(1));
+  V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
+  int64_t i = 0;
+  for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
+    if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
+    const V a = V::loadu(z + i) - vm, b = V::loadu(z + i + W) - vm;
+    if constexpr (AtMax) {
+      const V at_max_a = a.eq(zero), at_max_b = b.eq(zero);  // 1 or 0
+      s0 = s0 + vexp(a) * (one - at_max_a);
+      s1 = s1 + vexp(b) * (one - at_max_b);
+      k0 = k0 + at_max_a;
+      k1 = k1 + at_max_b;
+    } else {
+      s0 = s0 + vexp(a);
+      s1 = s1 + vexp(b);
+    }
+    if constexpr (Gm == 1) {
+      b0 = b0 + a;
+      b1 = b1 + b;
+    } else if constexpr (Gm >= 2) {
+      const V ga = V::loadu(g + i), gb = V::loadu(g + i + W);
+      if constexpr (Gm == 3) {
+        b0 = b0 + keep_nonzero(ga, ga * a);
+        b1 = b1 + keep_nonzero(gb, gb * b);
+      } else {
+        b0 = fmadd(ga, a, b0);
+        b1 = fmadd(gb, b, b1);
+      }
+      g0 = g0 + ga;
+      g1 = g1 + gb;
+    }
+  }
+  acc_t B = hsum(b0 + b1), G = hsum(g0 + g1);
+  alignas(64) acc_t lanes[2 * W];
+  s0.store(lanes);
+  s1.store(lanes + W);
+  for (int64_t l = 0; l < 2 * W; ++l) add_exact(st.s, st.sc, lanes[l]);
+  acc_t k = hsum(k0 + k1);  // a count: exact
+  for (; i < n; ++i) {
+    const acc_t a = z[i] - ref;
+    if (AtMax && a == 0) k += 1;
+    else add_exact(st.s, st.sc, std::exp(a));
+    if constexpr (Gm == 1) B += a;
+    if constexpr (Gm >= 2) {
+      if (Gm == 2 || g[i] != 0) B += g[i] * a;
+      G += g[i];
+    }
+  }
+  st.k += k;
+  if constexpr (Gm == 1) G = static_cast<acc_t>(n);
+  st.B += B;
+  st.G += G;
+}
+
+template <typename scalar_t>
+void Ce<scalar_t>::fold_any(int gm, State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
+                            const char* pf, int64_t pf_len) {
+  if (cm == nan_max(st.m, cm)) {
+    if (gm == 0) fold<0, true>(st, z, n, cm, g, pf, pf_len);
+    else if (gm == 1) fold<1, true>(st, z, n, cm, g, pf, pf_len);
+    else if (gm == 2) fold<2, true>(st, z, n, cm, g, pf, pf_len);
+    else fold<3, true>(st, z, n, cm, g, pf, pf_len);
+  } else {
+    if (gm == 0) fold<0, false>(st, z, n, cm, g, pf, pf_len);
+    else if (gm == 1) fold<1, false>(st, z, n, cm, g, pf, pf_len);
+    else if (gm == 2) fold<2, false>(st, z, n, cm, g, pf, pf_len);
+    else fold<3, false>(st, z, n, cm, g, pf, pf_len);
+  }
+}
+
+// Which g-sums row needs: soft targets always; index targets only with smoothing (not ignored).
+template <typename scalar_t>
+int Ce<scalar_t>::gmode(const Args& A, int64_t y) {
+  if (A.prob) return 3;
+  if (A.eps == 0 || y < 0) return 0;
+  return A.w ? 2 : 1;
+}
+
+// loss / lse / aux of row r from its folded state (docs/maths.md, "Per-row loss"). x_row: the
+// row, for z_y.
+template <typename scalar_t>
+void Ce<scalar_t>::finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
+                              int64_t y, const Tf& t) {
+  // log d, d = k + s: k >= 1 (the max's own class) and k - 1 is exact, so log1p keeps the tiny
+  // terms of a confident row that log(k + s) would round away.
+  const acc_t logd = std::log1p((st.k - 1) + (st.s + st.sc));
+  // A +inf logit: logsumexp is +inf, but torch's log_softmax (so the loss) is NaN.
+  const bool pinf = st.m == kInf;
+  // lse in float64 (contract): m + log d keeps every digit of log d even where |m| is large,
+  // which is what lets the backward form z - lse without losing p (see row_grad).
+  const double lse = pinf ? std::numeric_limits<double>::infinity()
+                          : static_cast<double>(st.m) + static_cast<double>(logd);
+  const acc_t e = static_cast<acc_t>(A.eps);
+  acc_t loss, aux;
+  if (A.prob) {
+    // sum_c g_c (lse - z_c); classes with g_c == 0 add nothing, so neither does log d of a row
+    // that has no such class (an all -inf row's log d is -inf)
+    loss = (st.G != 0 ? st.G * logd : acc_t(0)) - st.B;
+    aux = st.G;
+  } else if (y < 0) {
+    loss = 0;
+    aux = 0;
+  } else {
+    acc_t dz;
+    const acc_t zy = tf_scalar(static_cast<acc_t>(x_row[y * A.xC]), t, dz);
+    const acc_t wy = A.w ? weights(A)[y] : acc_t(1);
+    // (m - z_y) + log d rather than lse - z_y in acc_t: m - z_y is exact for close values.
+    loss = (1 - e) * wy * ((st.m - zy) + logd);
+    if (A.eps != 0) loss += e / static_cast<acc_t>(A.C) * (st.G * logd - st.B);
+    aux = wy;
+  }
+  if ((pinf || std::isnan(lse)) && !(y < 0 && !A.prob)) loss = kNaN;
+  static_cast<acc_t*>(A.loss)[r] = loss;
+  static_cast<double*>(A.lse)[r] = lse;
+  static_cast<acc_t*>(A.aux)[r] = aux;
+}
+
+// Unit class stride: each row read in place, chunk by chunk.
+template <typename scalar_t>
+void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
+  alignas(64) acc_t zb[kChunk];
+  alignas(64) acc_t gb[kChunk];
+  const Tf t = make_tf(A);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n_ = r / A.D, d_ = r % A.D;
+    const scalar_t* xr = row_ptr(A, n_, d_);
+    const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
+    const int gm = gmode(A, y);
+    State st;
+    for (int64_t c0 = 0; c0 < A.C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, A.C - c0);
+      acc_t cm;
+      const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm);
+      const acc_t* g = nullptr;
+      if (A.prob) {
+        soft_coef(A, n_, d_, c0, n, gb);
+        g = gb;
+      } else if (gm == 2) {
+        g = weights(A, c0);
+      }
+      // next: the rest of this row, else the start of the next one
+      const scalar_t* pf = c0 + n < A.C ? xr + c0 + n
+                           : r + 1 < r1 ? row_ptr(A, (r + 1) / A.D, (r + 1) % A.D)
+                                        : nullptr;
+      const int64_t pf_n = c0 + n < A.C ? std::min(kChunk, A.C - c0 - n) : std::min(kChunk, A.C);
+      fold_any(gm, st, z, n, cm, g, reinterpret_cast<const char*>(pf),
+               pf ? pf_n * int64_t(sizeof(scalar_t)) : 0);
+    }
+    finish_row(A, r, st, xr, y, t);
+  }
+}
+
+// Strided classes: tiles of kTile consecutive rows, each chunk gathered into zb[lane][·].
+template <typename scalar_t>
+void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
+  alignas(64) acc_t zb[kTile][kTileChunk];
+  alignas(64) acc_t gb[kTileChunk];
+  const Tf t = make_tf(A);
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const int64_t r0 = tile * kTile, L = std::min(kTile, A.N * A.D - r0);
+    const scalar_t* xl[kTile];
+    int64_t ys[kTile];
+    State st[kTile];
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t n_ = (r0 + l) / A.D, d_ = (r0 + l) % A.D;
+      xl[l] = row_ptr(A, n_, d_);
+      ys[l] = A.prob ? -1 : class_of(A, n_, d_);
+    }
+    for (int64_t c0 = 0; c0 < A.C; c0 += kTileChunk) {
+      const int64_t n = std::min(kTileChunk, A.C - c0);
+      gather_tile(A, xl, L, c0, n, zb);
+      for (int64_t l = 0; l < L; ++l) {
+        acc_t cm;
+        if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb[l], n, nullptr, t);
+        else if (t.kind == 1) cm = chunk_max<acc_t, 1, true>(zb[l], n, zb[l], t);
+        else cm = chunk_max<acc_t, 2, true>(zb[l], n, zb[l], t);
+        const int gm = gmode(A, ys[l]);
+        const acc_t* g = nullptr;
+        if (A.prob) {
+          soft_coef(A, (r0 + l) / A.D, (r0 + l) % A.D, c0, n, gb);
+          g = gb;
+        } else if (gm == 2) {
+          g = weights(A, c0);
+        }
+        fold_any(gm, st[l], zb[l], n, cm, g);
+      }
+    }
+    for (int64_t l = 0; l < L; ++l) finish_row(A, r0 + l, st[l], xl[l], ys[l], t);
+  }
+}
+
+template <typename scalar_t>
+void Ce<scalar_t>::forward(const Args& A) {
+  parallel_rows(A, A.xC == 1 || A.C == 1, [&](int64_t b, int64_t e) { fwd_rows(A, b, e); },
+                [&](int64_t b, int64_t e) { fwd_tiles(A, b, e); });
+}
+
+}  // namespace nllfused_cpu::NLLF_CPU_NS

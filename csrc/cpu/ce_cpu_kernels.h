@@ -1,0 +1,360 @@
+// The CPU kernels of nllfused::ce_fwd / ce_bwd (contract: csrc/ops.cpp, maths: docs/maths.md),
+// written once and compiled once per instruction set (kernels.h says how). The including
+// translation unit defines NLLF_CPU_CAPABILITY (default, avx2 or avx512) and, in namespace
+// nllfused_cpu::cpu_<capability>, Vec<T>: ATen's at::vec::Vectorized<T> or, for the baseline
+// copy, the one-lane ScalarVec. This file declares the kernels (struct Ce) and defines their
+// shared pieces; the forward is in ce_cpu_forward.h, the backward in ce_cpu_backward.h, and the
+// entry points forward_<capability> / backward_<capability> at the end of this file.
+//
+// How it works
+// - One row r = (n, d) of the (N, C, D) logits at a time, rows split over threads with
+//   at::parallel_for. The row is walked in chunks of classes small enough to stay in L1: a first
+//   sweep over a chunk loads it (converting bf16/fp16, applying logit_scale/softcap into a small
+//   buffer when needed) and takes its max; a second sweep, from L1, adds exp(z - m) into an online
+//   softmax (State, below) together with the smoothing / soft-target sums. So the
+//   forward reads the logits from memory once with one exp per element, and the backward
+//   (p = exp(z - lse) with the saved float64 lse) reads them once and writes the gradient once.
+//   Nothing the size of the logits is allocated but the gradient itself.
+// - Rows whose classes are not unit-stride (D > 1 layouts, transposed inputs) go through the same
+//   per-row code on tiles of kTile neighbouring rows gathered into a buffer, so that the loads of
+//   one class for the tile's rows share cache lines; the backward scatters the tile back alike.
+// - Accumulation is in float32 (float64 for float64 logits). The smoothing / soft-target sum
+//   sum_c g_c (lse - z_c) is kept as B = sum_c g_c (z_c - m) <= 0 (rescaled with m), never as
+//   lse*sum(g) - sum(g z), which would cancel catastrophically for logits ~ 1e4.
+#pragma once
+
+#ifndef NLLF_CPU_CAPABILITY
+#error "define NLLF_CPU_CAPABILITY (default, avx2 or avx512) before including ce_cpu_kernels.h"
+#endif
+
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+
+#define NLLF_CAT_(a, b) a##b
+#define NLLF_CAT(a, b) NLLF_CAT_(a, b)
+#define NLLF_CPU_NS NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY)
+// Vec is ATen's Vectorized in the SIMD copies, ScalarVec in the baseline one.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define NLLF_SIMD 1
+#else
+#define NLLF_SIMD 0
+#endif
+
+namespace nllfused_cpu::NLLF_CPU_NS {
+
+template <typename scalar_t>
+struct Ce {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  static constexpr int64_t W = V::size();    // lanes
+  static constexpr int64_t W2 = 2 * W;       // elements per inner-loop step (two vectors: ILP)
+  static constexpr int64_t kChunk = 2048;    // classes per L1-resident chunk (unit class stride)
+  static constexpr int64_t kTile = 16;       // rows per tile (strided classes)
+  static constexpr int64_t kTileChunk = 256; // classes per tile chunk
+  static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  static constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+
+  // ---------------------------------- loads, stores, reductions ----------------------------------
+  template <typename src_t>
+  static inline void load2(const src_t* p, V& a, V& b) {
+    if constexpr (std::is_same_v<src_t, acc_t>) {
+      a = V::loadu(p);
+      b = V::loadu(p + W);
+    } else {
+#if NLLF_SIMD
+      at::vec::load_to_float(p, a, b);  // 2W bf16/fp16 -> 2 x W float
+#else
+      acc_t t[W2];
+      for (int64_t i = 0; i < W2; ++i) t[i] = static_cast<acc_t>(p[i]);
+      a = V::loadu(t);
+      b = V::loadu(t + W);
+#endif
+    }
+  }
+  template <typename src_t>
+  static inline void load2_tail(const src_t* p, int64_t n, acc_t fill, V& a, V& b) {
+    acc_t t[W2];
+    for (int64_t i = 0; i < W2; ++i) t[i] = i < n ? static_cast<acc_t>(p[i]) : fill;
+    a = V::loadu(t);
+    b = V::loadu(t + W);
+  }
+  template <typename dst_t>
+  static inline void store2(dst_t* p, V a, V b) {
+    if constexpr (std::is_same_v<dst_t, acc_t>) {
+      a.store(p);
+      b.store(p + W);
+    } else {
+#if NLLF_SIMD
+      at::vec::convert_from_float<dst_t>(a, b).store(p);  // one rounding, to nearest even
+#else
+      store2_tail(p, W2, a, b);
+#endif
+    }
+  }
+  // store2 for values known not to be NaN: where the translation unit has one (kernels_avx2.cpp),
+  // a bf16 store without ATen's NaN fix-up, a third of the backward's bf16 conversion.
+  template <typename dst_t>
+  static inline void store2_finite(dst_t* p, V a, V b) {
+#ifdef NLLF_HAVE_STORE_BF16_FINITE
+    if constexpr (std::is_same_v<dst_t, at::BFloat16>) return store_bf16_finite(p, a, b);
+#endif
+    store2(p, a, b);
+  }
+  template <typename dst_t>
+  static inline void store2_tail(dst_t* p, int64_t n, V a, V b) {
+    acc_t t[W2];
+    a.store(t);
+    b.store(t + W);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<dst_t>(t[i]);
+  }
+  // exp for arguments <= ~0 (z - max, z - lse), the hot spot of both sweeps. For float in the
+  // SIMD copies: exp(x) = 2^n exp(r), n = round(x log2 e) via the 1.5*2^23 shifter (which also
+  // leaves n + 127 in the low mantissa bits of tt, i.e. 2^n after a shift), r = x - n ln2, exp(r)
+  // by a degree-5 polynomial fitted for relative error (2.4e-7 on [-ln2/2, ln2/2]). 12
+  // instructions where Vectorized::exp_u20 takes ~19. The last step, exp_finish(x, tt, p), is the
+  // translation unit's own: p 2^n, exactly 0 where x <= -87 (incl. -inf, where n and 2^n are
+  // garbage), NaN kept (the forward relies on that: its max sweep does not look for NaN).
+  // Arguments must stay below 88 (2^n overflows the exponent): z <= max, and lse >= max.
+  static inline V vexp(V x) {
+#if NLLF_SIMD
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const V shifter(12582912.0f + 127.0f);
+      const V tt = fmadd(x, V(1.44269504088896341f), shifter);
+      const V n = tt - shifter;
+      const V r = fmadd(n, V(-0.693147180559945309f), x);
+      V p = fmadd(V(0.00829826295375824f), r, V(0.0419168658554554f));
+      p = fmadd(p, r, V(0.16667574644088745f));
+      p = fmadd(p, r, V(0.4999887943267822f));
+      p = fmadd(p, r, V(0.9999997019767761f));
+      p = fmadd(p, r, V(1.0f));
+      return exp_finish(x, tt, p);
+    }
+#endif
+    return x.exp_u20();  // float64: Sleef's exp; baseline: std::exp
+  }
+  // Max for the max sweep. In the SIMD copies the plain vmaxps (ATen's clamp_min), which may drop
+  // NaN; NaN then reaches the exp sum (vexp keeps it) and the row's lse, and fold() checks the
+  // all -inf case by hand.
+  static inline V vmax(V a, V b) {
+#if NLLF_SIMD
+    return clamp_min(b, a);
+#else
+    return maximum(a, b);
+#endif
+  }
+  static inline acc_t nan_max(acc_t a, acc_t b) {
+    if (std::isnan(a)) return a;
+    if (std::isnan(b)) return b;
+    return a < b ? b : a;
+  }
+  static inline acc_t hsum(V v) {
+    acc_t t[W];
+    v.store(t);
+    acc_t s = 0;
+    for (int64_t i = 0; i < W; ++i) s += t[i];
+    return s;
+  }
+  // s + x into the pair (s, c), the rounding error of each addition collected in c (Neumaier).
+  // The sums of a confident row are 1 + tiny terms: plain adds of lanes, tail and chunks to that
+  // 1 drop each tiny term whole, a biased error of several ulps in log d where torch makes under
+  // one.
+  static inline void add_exact(acc_t& s, acc_t& c, acc_t x) {
+    const acc_t t = s + x;
+    c += std::abs(s) >= std::abs(x) ? (s - t) + x : (x - t) + s;
+    s = t;
+  }
+  // v where g != 0, else 0 (also where v is NaN: 0 * inf).
+  static inline V keep_nonzero(V g, V v) { return V::blendv(V(acc_t(0)), v, g != V(acc_t(0))); }
+  static inline acc_t hmax(V v) {
+    acc_t t[W];
+    v.store(t);
+    acc_t m = -kInf;
+    for (int64_t i = 0; i < W; ++i) m = nan_max(m, t[i]);
+    return m;
+  }
+
+  // -------------- logit transform z = softcap(a x): 0 none, 1 a*x, 2 s*tanh(a*x/s) --------------
+  struct Tf {
+    int kind;
+    acc_t a, s, as;
+  };
+  static Tf make_tf(const Args& A) {
+    const acc_t a = static_cast<acc_t>(A.a), s = static_cast<acc_t>(A.s);
+    if (A.s != 0) return {2, a, s, a / s};
+    return {A.a == 1 ? 0 : 1, a, s, 0};
+  }
+  template <int K>
+  static inline V tf(V x, const Tf& t) {
+    if constexpr (K == 0) return x;
+    else if constexpr (K == 1) return x * V(t.a);
+    else return (x * V(t.as)).tanh() * V(t.s);
+  }
+  // z and dz/dx: softcap'(v) = 1 - tanh(v/s)^2, times a for the scale.
+  template <int K>
+  static inline V tf_grad(V x, const Tf& t, V& dz) {
+    if constexpr (K == 0) {
+      dz = V(acc_t(1));
+      return x;
+    } else if constexpr (K == 1) {
+      dz = V(t.a);
+      return x * V(t.a);
+    } else {
+      const V th = (x * V(t.as)).tanh();
+      dz = (V(acc_t(1)) - th * th) * V(t.a);
+      return th * V(t.s);
+    }
+  }
+  static inline acc_t tf_scalar(acc_t x, const Tf& t, acc_t& dz) {
+    if (t.kind == 0) { dz = 1; return x; }
+    if (t.kind == 1) { dz = t.a; return x * t.a; }
+    const acc_t th = std::tanh(x * t.as);
+    dz = (1 - th * th) * t.a;
+    return th * t.s;
+  }
+
+  // ------------------------------------------ row data ------------------------------------------
+  static inline int64_t target_at(const Args& A, int64_t n, int64_t d) {
+    const int64_t o = n * A.tN + d * A.tD;
+    switch (A.tkind) {
+      case 0: return static_cast<const int64_t*>(A.t)[o];
+      case 1: return static_cast<const int32_t*>(A.t)[o];
+      default: return static_cast<const uint8_t*>(A.t)[o];
+    }
+  }
+  // Index target of row (n, d); ignored rows give -1. Never lets an out-of-range class through.
+  static inline int64_t class_of(const Args& A, int64_t n, int64_t d) {
+    const int64_t y = target_at(A, n, d);
+    if (y == A.ignore_index) return -1;
+    TORCH_CHECK_INDEX(y >= 0 && y < A.C, "Target ", y, " is out of bounds for ", A.C, " classes");
+    return y;
+  }
+  // g_c = w_c q'_c, q' = (1 - e) q + e/C, for classes [c0, c0 + n) of row (n, d).
+  template <typename q_t>
+  static void soft_coef_t(const Args& A, const q_t* q, int64_t c0, int64_t n, acc_t* g) {
+    const acc_t om = static_cast<acc_t>(1 - A.eps), ec = static_cast<acc_t>(A.eps / A.C);
+    const acc_t* w = weights(A);
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t qc = om * static_cast<acc_t>(q[(c0 + c) * A.qC]) + ec;
+      g[c] = w ? w[c0 + c] * qc : qc;
+    }
+  }
+  static void soft_coef(const Args& A, int64_t n_, int64_t d_, int64_t c0, int64_t n, acc_t* g) {
+    const int64_t o = n_ * A.qN + d_ * A.qD;
+    switch (A.qtype) {
+      case at::kHalf: return soft_coef_t(A, static_cast<const at::Half*>(A.q) + o, c0, n, g);
+      case at::kBFloat16:
+        return soft_coef_t(A, static_cast<const at::BFloat16*>(A.q) + o, c0, n, g);
+      case at::kFloat: return soft_coef_t(A, static_cast<const float*>(A.q) + o, c0, n, g);
+      default: return soft_coef_t(A, static_cast<const double*>(A.q) + o, c0, n, g);
+    }
+  }
+
+  // ------------------------------------------- rows -------------------------------------------
+  // The class weights from class c0 on, or nullptr without weights.
+  static inline const acc_t* weights(const Args& A, int64_t c0 = 0) {
+    return A.w ? static_cast<const acc_t*>(A.w) + c0 : nullptr;
+  }
+  static inline const scalar_t* row_ptr(const Args& A, int64_t n, int64_t d) {
+    return static_cast<const scalar_t*>(A.x) + n * A.xN + d * A.xD;
+  }
+  // Classes [c0, c0 + n) of a tile's L rows xl[] into zb[l][0, n): the loads of one class for
+  // the tile's neighbouring rows share cache lines.
+  static inline void gather_tile(const Args& A, const scalar_t* const* xl, int64_t L, int64_t c0,
+                                 int64_t n, acc_t (*zb)[kTileChunk]) {
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t o = (c0 + c) * A.xC;
+      for (int64_t l = 0; l < L; ++l) zb[l][c] = static_cast<acc_t>(xl[l][o]);
+    }
+  }
+  // All rows on at::parallel_for's threads: rows(b, e) over ranges of rows where each row is read
+  // in place (rows_ok), else tiles(b, e) over ranges of kTile-row tiles.
+  template <typename Rows, typename Tiles>
+  static void parallel_rows(const Args& A, bool rows_ok, const Rows& rows, const Tiles& tiles) {
+    const int64_t R = A.N * A.D;
+    if (R == 0) return;
+    if (rows_ok) {
+      at::parallel_for(0, R, std::max<int64_t>(1, 32768 / A.C), rows);
+    } else {
+      at::parallel_for(0, (R + kTile - 1) / kTile, std::max<int64_t>(1, 32768 / (A.C * kTile)),
+                       tiles);
+    }
+  }
+
+  // ------------------------------- forward (ce_cpu_forward.h) -------------------------------
+  template <typename src_t, int K, bool Copy>
+  static acc_t chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t);
+  static const acc_t* load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* zb, const Tf& t,
+                                 acc_t& cm);
+  // The online-softmax state of one row, in the one vocabulary of every backend (the Triton
+  // kernel in kernels/cross_entropy.py, Stats in csrc/cuda/ce_kernels.cuh, State here):
+  //   m  the running max of z,
+  //   k  how many classes are exactly at m (their terms exp(z - m) = 1, counted apart so that
+  //      a confident row's tiny terms are not rounded away against them),
+  //   s  the sum of exp(z - m) over the other classes (here with sc, add_exact's compensation),
+  // so that log sum_c exp(z_c - m) = log(k + s), log1p(s) when k == 1, and lse = m + that.
+  // The smoothing / soft-target sums over g_c (w_c, or w_c q'_c): here B = sum g (z - m) <= 0
+  // and G = sum g; CUDA keeps t = -B and w = G.
+  struct State {
+    acc_t m = -kInf, k = 0, s = 0, sc = 0, B = 0, G = 0;
+  };
+  template <int Gm, bool AtMax>
+  static void fold(State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
+                   const char* pf = nullptr, int64_t pf_len = 0);
+  static void fold_any(int gm, State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
+                       const char* pf = nullptr, int64_t pf_len = 0);
+  static int gmode(const Args& A, int64_t y);
+  static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
+                         int64_t y, const Tf& t);
+  static void fwd_rows(const Args& A, int64_t r0, int64_t r1);
+  static void fwd_tiles(const Args& A, int64_t tile0, int64_t tile1);
+  static void forward(const Args& A);
+
+  // ------------------------------ backward (ce_cpu_backward.h) ------------------------------
+  // Row r's gradient is grad_c = dz_c (P p_c - Q g_c), p_c = exp((z_c - hi) - lo) with the float64
+  // lse split as hi = acc_t(lse), lo = acc_t(lse - hi): z_c - hi is exact for the classes that
+  // matter, so p_c keeps acc_t accuracy even for |lse| ~ 1e4, where a float32 lse alone would be
+  // off by 5e-4. With gl = grad_loss[r] and gs = grad_lse[r] (d lse / d z_c = p_c), the index
+  // target y gets
+  //   dz_y (gl ((1-e) w_y (p_y - 1) + e/C (sum(w) p_y - w_y)) + gs p_y).
+  // There p_y - 1 is taken as -sum_{c != y} p_c, summed during the sweep: when p_y -> 1, p_y
+  // rounded to acc_t leaves p_y - 1 only its last bits (or nothing), the sum keeps every digit.
+  // That element is computed in acc_t and rounded once, after the sweep: gy = ya * sum + yb.
+  // An ignored row has no loss part: 0, or gs p_c dz_c when gs != 0.
+  struct RowGrad {
+    acc_t hi, lo, P, Q, ya, yb;
+    int64_t y;  // -1: none (soft targets, ignored rows)
+    int gm;     // g: 0 none, 1 ones, 2 g[] (weights, or w q' for soft targets)
+    bool zero, nan;
+  };
+  static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
+  template <typename src_t, typename dst_t, int K, int Gm>
+  static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
+                          const acc_t* g, const Tf& t);
+  template <typename src_t, typename dst_t>
+  static acc_t grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, const RowGrad& rg,
+                        const acc_t* g, const Tf& t);
+  static bool has_target(const RowGrad& rg) { return rg.y >= 0 && !rg.zero && !rg.nan; }
+  static void bwd_rows(const Args& A, int64_t r0, int64_t r1);
+  static void bwd_tiles(const Args& A, int64_t tile0, int64_t tile1);
+  static void backward(const Args& A);
+};
+
+}  // namespace nllfused_cpu::NLLF_CPU_NS
+
+#include "ce_cpu_forward.h"
+#include "ce_cpu_backward.h"
+
+namespace nllfused_cpu {
+
+void NLLF_CAT(forward_, NLLF_CPU_CAPABILITY)(const Args& A, at::ScalarType logits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits, "ce_fwd_cpu",
+                                  [&] { NLLF_CPU_NS::Ce<scalar_t>::forward(A); });
+}
+
+void NLLF_CAT(backward_, NLLF_CPU_CAPABILITY)(const Args& A, at::ScalarType logits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits, "ce_bwd_cpu",
+                                  [&] { NLLF_CPU_NS::Ce<scalar_t>::backward(A); });
+}
+
+}  // namespace nllfused_cpu

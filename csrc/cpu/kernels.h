@@ -1,0 +1,83 @@
+// What the CPU op layer (ce_cpu.cpp) and the kernel translation units share: the kernels'
+// arguments and their entry points, one pair per instruction set.
+//
+// The kernels are written once, in ce_cpu_kernels.h, and compiled once per instruction set by a
+// small translation unit each: kernels_default.cpp (baseline ISA, one lane), kernels_avx2.cpp
+// and kernels_avx512.cpp (ATen's Vectorized, compiled under `#pragma GCC target`). ATen does
+// the same inside libtorch (one kernel source, one object per CPU_CAPABILITY), but an
+// extension only gets its DEFAULT flavour of at::vec, hence the per-file pragmas here.
+//
+// This header also includes, for the baseline ISA, everything ATen/cpu/vec/vec.h pulls in
+// besides the vector classes: the SIMD translation units include it before their target region,
+// so that none of it is compiled for AVX2 / AVX-512 (an inline function compiled there could be
+// picked by the linker for every caller, and run on a CPU without those instructions).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/Math.h>
+#include <ATen/native/cpu/zmath.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Load.h>
+#include <c10/util/TypeCast.h>
+#include <c10/util/complex.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// The SIMD copies need GCC's target pragmas on x86-64; elsewhere (clang, aarch64) only the
+// baseline copy is built. -DNLLFUSED_CPU_NO_SIMD builds the baseline copy alone anywhere.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    !defined(NLLFUSED_CPU_NO_SIMD)
+#define NLLF_CPU_X86_SIMD 1
+#else
+#define NLLF_CPU_X86_SIMD 0
+#endif
+
+namespace nllfused_cpu {
+
+// Everything a kernel needs, strides in elements. Pointers are typed by the kernel.
+struct Args {
+  int64_t N, C, D;
+  const void* x; int64_t xN, xC, xD;             // logits (N, C, D)
+  const void* t; int64_t tN, tD; int tkind;      // index targets (N, D): 0 int64, 1 int32, 2 uint8
+  const void* q; int64_t qN, qC, qD;             // probability targets (N, C, D)
+  at::ScalarType qtype;
+  const void* w; double wsum;                    // weights (C,) in the accumulation dtype, or null
+  int64_t ignore_index; double eps, a, s; bool prob;
+  void *loss, *lse, *aux;                        // forward outputs, contiguous (N, D)
+  const void* gl; int64_t gN, gD;                // backward inputs (N, D)
+  const double* glse; int64_t glN, glD;          // grad_lse (N, D) float64, or null
+  const void* lse_in; int64_t lN, lD;
+  const void* aux_in; int64_t aN, aD;
+  void* out;                                     // backward output, contiguous (N, C, D)
+};
+
+// Entry points of one instruction set's copy; `logits` is the logits' dtype.
+using KernelFn = void (*)(const Args&, at::ScalarType logits);
+void forward_default(const Args& A, at::ScalarType logits);
+void backward_default(const Args& A, at::ScalarType logits);
+#if NLLF_CPU_X86_SIMD
+void forward_avx2(const Args& A, at::ScalarType logits);
+void backward_avx2(const Args& A, at::ScalarType logits);
+void forward_avx512(const Args& A, at::ScalarType logits);
+void backward_avx512(const Args& A, at::ScalarType logits);
+#endif
+
+// The copies this CPU can run, baseline first ("default", "avx2", "avx512"), and the one the ops
+// run now (the best, or NLLFUSED_CPU_CAPABILITY's). Defined in ce_cpu.cpp.
+std::vector<std::string> capabilities();
+std::string capability();
+
+}  // namespace nllfused_cpu

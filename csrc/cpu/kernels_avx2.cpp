@@ -1,0 +1,46 @@
+// The AVX2 copy of the CPU kernels (ce_cpu_kernels.h): ATen's Vectorized compiled for AVX2 + FMA
+// + F16C by `#pragma GCC target`, in a namespace of our own (at::vec::nllfused_avx2) so that
+// nothing here can be confused with libtorch's copies. The op layer (ce_cpu.cpp) picks it on a
+// CPU with those features and no AVX-512.
+#include "kernels.h"  // first: what must be compiled for the baseline ISA (see there)
+
+#if NLLF_CPU_X86_SIMD
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define CPU_CAPABILITY nllfused_avx2
+#define CPU_CAPABILITY_AVX2
+#include "vec_region.h"
+
+namespace nllfused_cpu::cpu_avx2 {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// bf16 round-to-nearest-even of values known not to be NaN: ATen's conversion without its NaN
+// fix-up (same bits otherwise), for the backward's store of finite gradients.
+inline void store_bf16_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  auto rne = [&](__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+  };
+  const __m256i packed = _mm256_packus_epi32(rne(a), rne(b));  // lanes: a0-3 b0-3 a4-7 b4-7
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
+}
+#define NLLF_HAVE_STORE_BF16_FINITE 1
+
+// The last step of Ce::vexp: p 2^n, 2^n from the low bits of tt, exactly 0 where x <= -87 and
+// NaN where x is.
+inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(tt), 23));
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLE_UQ);  // > -87 or NaN
+  return _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
+}
+
+}  // namespace nllfused_cpu::cpu_avx2
+
+#define NLLF_CPU_CAPABILITY avx2
+#include "ce_cpu_kernels.h"
+#pragma GCC pop_options
+#endif  // NLLF_CPU_X86_SIMD

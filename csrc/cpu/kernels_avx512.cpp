@@ -1,0 +1,37 @@
+// The AVX-512 copy of the CPU kernels (ce_cpu_kernels.h): ATen's Vectorized at 512 bits
+// (CPU_CAPABILITY_AVX512, AVX-512 F/BW/VL/DQ + FMA + F16C, the set libtorch's own AVX512 kernels
+// need), in namespace at::vec::nllfused_avx512. Compiled on every x86-64 GCC build; the op layer
+// (ce_cpu.cpp) picks it only on a CPU that has all of those features. The bf16 stores use ATen's
+// conversion (no hardware bf16 instructions, which only some AVX-512 CPUs have).
+#include "kernels.h"  // first: what must be compiled for the baseline ISA (see there)
+
+#if NLLF_CPU_X86_SIMD
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+// GCC 12 takes the undefined first operand of its own masked AVX-512 intrinsics for an
+// uninitialized variable (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define CPU_CAPABILITY nllfused_avx512
+#define CPU_CAPABILITY_AVX512
+#include "vec_region.h"
+
+namespace nllfused_cpu::cpu_avx512 {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// The last step of Ce::vexp: p 2^n, 2^n from the low bits of tt, exactly 0 where x <= -87 and
+// NaN where x is.
+inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
+  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(tt), 23));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLE_UQ);
+  return _mm512_maskz_mul_ps(keep, p, two_n);
+}
+
+}  // namespace nllfused_cpu::cpu_avx512
+
+#define NLLF_CPU_CAPABILITY avx512
+#include "ce_cpu_kernels.h"
+#pragma GCC pop_options
+#endif  // NLLF_CPU_X86_SIMD
