@@ -155,7 +155,7 @@ def test_cuda_kernels_compile(cuda_report):
 @pytest.mark.slow
 @needs_cuobjdump
 @pytest.mark.skipif(not _found(gpu_static.nvcc_path), reason="nvcc not found (set CUDA_HOME)")
-@pytest.mark.xfail(strict=True, reason="known: the float32 rows kernels of csrc/cuda spill 3-5 "
+@pytest.mark.xfail(strict=True, reason="known: the float32 rows kernels of csrc/cuda spill 1-5 "
                    "words on sm_80/sm_90 (issue: lean GPU kernels); strict, so the fix must "
                    "remove this mark")
 def test_cuda_kernels_do_not_spill_on_the_lm_path(cuda_report):
