@@ -96,6 +96,17 @@ def _log1p(x):
 
 
 @triton.jit
+def _load_classes(ptrs, mask, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """A block of per-class values (weights, soft targets) in ACC; masked lanes read 0. Whole
+    blocks (MASKED false) load without a mask."""
+    if MASKED:
+        v = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    else:
+        v = tl.load(ptrs).to(ACC)
+    return v
+
+
+@triton.jit
 def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """z = softcap(logit_scale * x) in the accumulation dtype; masked lanes are -inf. Loads
@@ -234,6 +245,7 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, stride_xc, stri
         col_ok = cols < C
         mask = tl.broadcast_to(col_ok[None, :], [BLOCK_R, BLOCK_C])
     else:
+        col_ok = None   # whole blocks: no mask
         mask = None
     z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask, logit_scale,
                      softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
@@ -246,16 +258,10 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, stride_xc, stri
     s = s * tl.where(grew, e, 1.0) + e
     m = tl.where(grew, z, m)
     if HAS_WEIGHT:
-        if MASKED:
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        else:
-            w = tl.load(W + cols).to(ACC)[None, :]
+        w = _load_classes(W + cols, col_ok, MASKED, ACC)[None, :]
     if PROB_TARGET:
-        q_ptrs = t_row[:, None] + cols[None, :].to(tl.int64) * stride_tc
-        if MASKED:
-            q = tl.load(q_ptrs, mask=mask, other=0.0).to(ACC)
-        else:
-            q = tl.load(q_ptrs).to(ACC)
+        q = _load_classes(t_row[:, None] + cols[None, :].to(tl.int64) * stride_tc, mask, MASKED,
+                          ACC)
         if HAS_SMOOTHING:
             q = (1.0 - label_smoothing) * q + label_smoothing / C
             if MASKED:
@@ -396,6 +402,10 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
     x_ptrs = x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc
     if MASKED:
         col_ok = cols < C
+        q_mask = col_ok[None, :]
+    else:
+        col_ok = None   # whole blocks: no mask
+        q_mask = None
     if PROB_TARGET:
         if MASKED:
             z = tl.load(x_ptrs, mask=col_ok[None, :]).to(ACC)
@@ -417,16 +427,10 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
     # accuracy in float32; one FADD, one FFMA, one MUFU.
     grad = _exp2((z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None], ACC) * p_coef[:, None]
     if HAS_WEIGHT:
-        if MASKED:
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        else:
-            w = tl.load(W + cols).to(ACC)[None, :]
+        w = _load_classes(W + cols, col_ok, MASKED, ACC)[None, :]
     if PROB_TARGET:
-        q_ptrs = t_row[:, None] + cols[None, :].to(tl.int64) * stride_tc
-        if MASKED:
-            q = tl.load(q_ptrs, mask=col_ok[None, :], other=0.0).to(ACC)
-        else:
-            q = tl.load(q_ptrs).to(ACC)
+        q = _load_classes(t_row[:, None] + cols[None, :].to(tl.int64) * stride_tc, q_mask,
+                          MASKED, ACC)
         if HAS_SMOOTHING:
             q = (1.0 - label_smoothing) * q + label_smoothing / C
         if HAS_WEIGHT:
