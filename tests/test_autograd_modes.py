@@ -151,3 +151,17 @@ def test_zero_mass_class_at_minus_inf_is_finite_on_every_backend(device, backend
     torch.testing.assert_close(ours.double().cpu(), expected, rtol=1e-5, atol=1e-6)
     ours.sum().backward()
     assert torch.isfinite(x.grad).all() and (x.grad[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_row_without_target_mass_adds_nothing_even_at_minus_inf(device, backend):
+    """A row whose target has no mass at all has loss 0 on every backend, even when all of
+    its logits are -inf (its lse is -inf, and 0 * -inf must not turn into NaN)."""
+    x = torch.randn(3, 5, dtype=torch.float32, device=device)
+    x[1] = float("-inf")
+    q = torch.softmax(torch.randn(3, 5, device=device), 1)
+    q[1] = 0
+    ours = nllfused.cross_entropy(x, q, reduction="none", backend=backend)
+    expected, _ = reference(x[[0, 2]], q[[0, 2]], reduction="none")
+    assert ours[1].item() == 0
+    torch.testing.assert_close(ours[[0, 2]].double().cpu(), expected, rtol=1e-5, atol=1e-6)
