@@ -6,7 +6,9 @@
 //   nllfused::ce_fwd / ce_bwd                 C++ kernels: CPU (csrc/cpu), CUDA (csrc/cuda)
 //   nllfused::ce_fwd_triton / ce_bwd_triton   Triton kernels (kernels/), registered from Python
 // Fake (meta) implementations and autograd are registered once for all of them in
-// nllfused/ops.py, so the same contract holds whichever backend runs.
+// nllfused/ops.py, so the same contract holds whichever backend runs. One more op,
+// nllfused::cross_entropy_loss, wraps ce_fwd / ce_bwd with the reduction and autograd in C++
+// (csrc/loss.cpp) for the calls torch's own cross_entropy can make: a small call's overhead.
 //
 // Arguments (nllfused/_checks.py canonicalises what the user passed):
 //   logits  (N, C, D) float16/bfloat16/float32/float64, any strides, C >= 1. Row r = (n, d).
@@ -46,6 +48,13 @@ TORCH_LIBRARY(nllfused, m) {
       "ce_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor aux, int ignore_index, float label_smoothing, float logit_scale, "
       "float softcap, bool prob_target) -> Tensor");
+  // The one-call path for torch-compatible calls (csrc/loss.cpp): input and target as
+  // torch.nn.functional.cross_entropy takes them (index targets, int64), weight None or (C,) in
+  // the accumulation dtype, reduction as at::Reduction numbers it (0 none, 1 mean, 2 sum).
+  // Returns the reduced loss in the input's dtype, as torch's cross_entropy does.
+  m.def(
+      "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> Tensor");
   m.def(
       "ce_fwd_triton(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, float logit_scale, float softcap, bool prob_target) "

@@ -2,7 +2,9 @@
 
 The data path: argument checks (_checks) -> backend choice (backends) -> per-row op (ops: ce_fwd*,
 whose autograd runs ce_bwd*) -> the z-loss term and the reduction (backends.torch_ref.reduce, a
-few O(rows) torch ops).
+few O(rows) torch ops). Calls torch's own cross_entropy could make, with nothing to check or
+convert, skip all of that: one dispatcher call to nllfused::cross_entropy_loss (csrc/loss.cpp),
+which runs the same per-row op and reduction, and its autograd, in C++.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, backends, ops
+from . import _checks, _extension, backends, ops
 from .backends import torch_ref
 
 _CHECK_TARGETS_ON_GPU = False
@@ -45,6 +47,57 @@ def output_dtype(call: _checks.Call, device: torch.device) -> torch.dtype:
     return call.out_dtype
 
 
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's numbering
+_NUMBERS = (int, float)
+_LOGIT_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                 torch.float32: torch.float32, torch.float64: torch.float64}  # -> accumulation
+
+
+def _one_call_reduction(input, target, weight, size_average, reduce, reduction, ignore_index,
+                        label_smoothing, z_loss, logit_scale, softcap, backend):
+    """at::Reduction's number if this call can go to nllfused::cross_entropy_loss in one
+    dispatcher call (csrc/loss.cpp: the C++ kernels, reduction and autograd in C++), else None.
+
+    Only calls that torch's own cross_entropy could make and that need nothing from the checks
+    and conversions of the general path: every test is an attribute read, so that a small call
+    (a 10-class batch) costs about what torch's does. Anything else -- a bad argument included --
+    takes the general path, which names the problem."""
+    if (backend != "auto" or type(input) is not torch.Tensor or type(target) is not torch.Tensor
+            or target.dtype is not torch.int64 or size_average is not None or reduce is not None
+            or softcap is not None or type(reduction) is not str or type(ignore_index) is not int
+            or type(label_smoothing) not in _NUMBERS or not 0 <= label_smoothing <= 1
+            or type(z_loss) not in _NUMBERS or z_loss != 0
+            or type(logit_scale) not in _NUMBERS or logit_scale != 1):
+        return None
+    code = _REDUCTION_CODES.get(reduction)
+    acc = _LOGIT_DTYPES.get(input.dtype)
+    shape, t_shape = input.shape, target.shape
+    if code is None or acc is None or len(shape) < 2 or shape[1] == 0:
+        return None
+    if len(shape) == 2:
+        if len(t_shape) != 1 or t_shape[0] != shape[0]:
+            return None
+    elif t_shape != shape[:1] + shape[2:]:
+        return None
+    device = input.device
+    if target.device != device:
+        return None
+    if weight is not None and not (
+            type(weight) is torch.Tensor and weight.dtype is acc and weight.dim() == 1
+            and weight.shape[0] == shape[1] and weight.device == device
+            and not weight.requires_grad and weight.is_contiguous()):
+        return None
+    if device.type == "cpu":
+        if _extension.C_ERROR is not None:
+            return None
+    elif device.type != "cuda" or backends.resolve("auto", device) != "cuda":
+        return None
+    if (torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling()
+            or backends.transform_active()):
+        return None
+    return code
+
+
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
@@ -59,6 +112,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
       softcap      if given, s * tanh(x / s) is applied after logit_scale (Gemma 2);
       backend      "auto", "torch", "triton", "cpu" or "cuda" (see nllfused.backends).
     """
+    code = _one_call_reduction(input, target, weight, size_average, reduce, reduction,
+                               ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+                               backend)
+    if code is not None:
+        return torch.ops.nllfused.cross_entropy_loss.default(input, target, weight, code,
+                                                             ignore_index, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,

@@ -47,6 +47,13 @@ def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_inde
     return logits.new_empty(logits.shape)
 
 
+def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+    """nllfused::cross_entropy_loss (csrc/loss.cpp): a scalar, or one loss per target under
+    reduction 0 ('none'), in the input's dtype."""
+    torch._check(input.dim() >= 1, lambda: "input must have a class dimension")
+    return input.new_empty(target.shape if reduction == 0 else ())
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, *options = inputs
     _, lse, aux = output
@@ -89,6 +96,8 @@ def _register():
         kernels = _extension.triton_kernels
         torch.library.register_kernel("nllfused::ce_fwd_triton", ("cpu", "cuda"), kernels.ce_fwd)
         torch.library.register_kernel("nllfused::ce_bwd_triton", ("cpu", "cuda"), kernels.ce_bwd)
+    # Its autograd is C++ (csrc/loss.cpp); only the fake is Python, as for every op here.
+    torch.library.register_fake("nllfused::cross_entropy_loss", _loss_fake)
     for fwd, bwd in dict.fromkeys(_PAIRS.values()):  # cpu and cuda share one op pair
         torch.library.register_fake(f"nllfused::{fwd}", _fwd_fake)
         torch.library.register_fake(f"nllfused::{bwd}", _bwd_fake)

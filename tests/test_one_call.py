@@ -1,0 +1,149 @@
+"""The one-call path (csrc/loss.cpp): calls torch's own cross_entropy could make go to
+nllfused::cross_entropy_loss, whose reduction and autograd are C++. It must give what the general
+path gives (the same kernels), bit for bit, and what float64 torch gives; every other call must
+keep taking the general path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nllfused
+from helpers import DEVICES, check_cross_entropy, dtype_id
+
+pytestmark = pytest.mark.skipif(not nllfused.build_info()["built"],
+                                reason="the C++ extension is not built")
+
+ONE_CALL_DEVICES = [d for d in DEVICES if nllfused.backends.resolve("auto", torch.device(d))
+                    in ("cpu", "cuda")]
+
+
+def took_one_call(loss) -> bool:
+    """Whether `loss` came from nllfused::cross_entropy_loss: its autograd node is the C++
+    function of csrc/loss.cpp (the general path's node is the Python one of nllfused/ops.py)."""
+    return "CrossEntropy" in loss.grad_fn.name() and "CppNode" in loss.grad_fn.name()
+
+
+def index_case(shape, device, dtype, ignore_index=-100, ignore_frac=0.2, channels_last=False):
+    x = torch.randn(shape, dtype=torch.float64).mul_(3).to(dtype)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    t_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    t = torch.randint(0, C, t_shape)
+    if t.dim():
+        t[torch.rand(t_shape) < ignore_frac] = ignore_index
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, t
+
+
+SHAPES = [(64, 10), (7, 1000), (13,), (4, 5, 3), (2, 7, 4, 5)]
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"weight": "rand"}, {"label_smoothing": 0.1},
+                                     {"weight": "rand", "label_smoothing": 0.3,
+                                      "ignore_index": 2}], ids=str)
+def test_one_call_matches_float64_torch(device, dtype, shape, reduction, options):
+    x, t = index_case(shape, device, dtype, options.get("ignore_index", -100))
+    C = shape[1] if len(shape) > 1 else shape[0]
+    if options.get("weight") == "rand":
+        options = {**options, "weight": torch.rand(C, dtype=dtype if dtype == torch.float64
+                                                   else torch.float32) + 0.1}
+    check_cross_entropy(x, t, device, "auto", reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_call_is_the_general_path_bit_for_bit(device, reduction, channels_last):
+    x, t = index_case((6, 9, 5, 3), device, torch.float32, channels_last=channels_last)
+    w = torch.rand(9) + 0.1
+    x, t, w = x.to(device), t.to(device), w.to(device)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, ignore_index=-100)
+    results = []
+    for backend in ("auto", "cpu" if device == "cpu" else "cuda"):
+        xg = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xg, t, backend=backend, **kw)
+        assert took_one_call(loss) == (backend == "auto")
+        g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        loss.backward(g)
+        results.append((loss.detach(), xg.grad))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+def test_only_torch_compatible_calls_take_the_one_call_path(device):
+    x = torch.randn(8, 5, device=device, requires_grad=True)
+    t = torch.randint(0, 5, (8,), device=device)
+    assert took_one_call(nllfused.cross_entropy(x, t))
+    assert took_one_call(nllfused.CrossEntropyLoss(label_smoothing=0.1)(x, t))
+    general = [
+        dict(z_loss=1e-4), dict(logit_scale=0.5), dict(softcap=3.0), dict(backend="torch"),
+        dict(weight=torch.rand(5, dtype=torch.float64, device=device)),  # converted first
+        dict(size_average=False),
+    ]
+    for kw in general:
+        assert not took_one_call(nllfused.cross_entropy(x, t, **kw)), kw
+    assert not took_one_call(nllfused.cross_entropy(x, t.int()))
+    assert not took_one_call(nllfused.cross_entropy(x, torch.softmax(x.detach(), 1)))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert not took_one_call(nllfused.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+def test_one_call_rejects_what_torch_rejects(device):
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="reduction"):
+        nllfused.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device),
+                               reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        nllfused.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device),
+                               label_smoothing=1.5)
+    with pytest.raises(RuntimeError, match="size"):
+        nllfused.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device))
+    if device == "cpu":
+        with pytest.raises(IndexError):
+            nllfused.cross_entropy(x, torch.tensor([0, 1, 5, 2]))
+    # and keeps working afterwards
+    t = torch.tensor([0, 1, 4, 2], device=device)
+    torch.testing.assert_close(nllfused.cross_entropy(x, t), F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_call_double_backward(device, reduction):
+    x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 1, 2], device=device)
+    w = torch.rand(4, dtype=torch.float64, device=device) + 0.1
+
+    def f(x):
+        return nllfused.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+
+    assert took_one_call(f(x))
+    torch.autograd.gradcheck(f, (x,))
+    torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+def test_one_call_without_grad_and_in_inference_mode(device):
+    x = torch.randn(6, 7, device=device)
+    t = torch.randint(0, 7, (6,), device=device)
+    expected = F.cross_entropy(x, t)
+    with torch.no_grad():
+        torch.testing.assert_close(nllfused.cross_entropy(x.requires_grad_(), t), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(nllfused.cross_entropy(x.detach(), t), expected)
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_cross_entropy_loss(device, reduction, weighted):
+    x = torch.randn(5, 6, 3, device=device, requires_grad=True)
+    t = torch.randint(0, 6, (5, 3), device=device)
+    t[0, 0] = -100
+    w = torch.rand(6, device=device) + 0.1 if weighted else None
+    torch.library.opcheck(torch.ops.nllfused.cross_entropy_loss.default,
+                          (x, t, w, reduction, -100, 0.1))
