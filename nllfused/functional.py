@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, _extension, backends, ops
+from . import _checks, _extension, backends, ops, stats
 from .backends import torch_ref
 
 _CHECK_TARGETS_ON_GPU = False
@@ -102,7 +102,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                   size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   logit_scale: float = 1.0, softcap: Optional[float] = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", return_stats=False, return_z_loss: bool = False,
+                  return_lse: bool = False):
     """Cross-entropy between logits and class-index or class-probability targets.
 
     Same arguments, results, shapes and dtypes as torch.nn.functional.cross_entropy, plus:
@@ -110,11 +111,17 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                    under 'mean' averaged over the counted rows, whatever the class weights;
       logit_scale  multiplies the logits first (1/T for a temperature T);
       softcap      if given, s * tanh(x / s) is applied after logit_scale (Gemma 2);
-      backend      "auto", "torch", "triton", "cpu" or "cuda" (see nllfused.backends).
+      backend      "auto", "torch", "triton", "cpu" or "cuda" (see nllfused.backends);
+      return_stats True, a name or names of nllfused.stats.NAMES: returns (loss, stats), stats
+                   a nllfused.stats.CrossEntropyStats (lse, z_loss, predicted, correct,
+                   entropy, target_logprob; entropy and target_logprob differentiable);
+      return_z_loss, return_lse  (Liger-Kernel's and quack's names) append the reduced z-loss
+                   term and the per-row lse to the result: (loss, [z_loss], [lse]).
     """
-    code = _one_call_reduction(input, target, weight, size_average, reduce, reduction,
-                               ignore_index, label_smoothing, z_loss, logit_scale, softcap,
-                               backend)
+    want_stats = return_stats or return_z_loss or return_lse
+    code = None if want_stats else _one_call_reduction(
+        input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing,
+        z_loss, logit_scale, softcap, backend)
     if code is not None:
         return torch.ops.nllfused.cross_entropy_loss.default(input, target, weight, code,
                                                              ignore_index, label_smoothing)
@@ -133,4 +140,28 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     out = torch_ref.reduce(loss, lse, aux, reduction, prob_target, z_loss, counted)
     if reduction == "none":
         out = out.reshape(call.out_shape)
-    return out.to(output_dtype(call, input.device))
+    out = out.to(output_dtype(call, input.device))
+    if not want_stats:
+        return out
+    return _with_stats(out, call, lse, reduction, z_loss, return_stats, return_z_loss,
+                       return_lse)
+
+
+def _with_stats(loss, call: _checks.Call, lse, reduction, z_loss, return_stats, return_z_loss,
+                return_lse):
+    """(loss, CrossEntropyStats) for return_stats, else the loss followed by the reduced z-loss
+    term and the per-row lse, as return_z_loss / return_lse ask (nllfused/stats.py)."""
+    names = stats.requested(return_stats, call.options.prob_target)
+    if return_z_loss:
+        names = names | {"z_loss"}
+    rows = stats.per_row(names, call.logits, call.target, lse, call.options, z_loss)
+    result = stats.reduce(rows, call.target, call.options, reduction, call.out_shape)
+    if return_stats:
+        return loss, result
+    out = [loss]
+    if return_z_loss:
+        out.append(result.z_loss)
+    if return_lse:  # per row, whatever the reduction (quack, flash-attention)
+        out.append(lse.detach().to(torch_ref.acc_dtype(call.logits.dtype)).reshape(
+            call.out_shape))
+    return tuple(out)

@@ -39,22 +39,24 @@ class LossOptions(torch.nn.Module):
 
 
 class CrossEntropyLoss(LossOptions):
-    """Drop-in for torch.nn.CrossEntropyLoss, plus keyword-only z_loss, logit_scale, softcap and
-    backend (see nllfused.cross_entropy)."""
+    """Drop-in for torch.nn.CrossEntropyLoss, plus keyword-only z_loss, logit_scale, softcap,
+    backend and return_stats (see nllfused.cross_entropy)."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None,
                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, backend: str = "auto") -> None:
+                 softcap: Optional[float] = None, backend: str = "auto",
+                 return_stats=False) -> None:
         super().__init__()
         self._set_options(_checks.resolve_reduction(size_average, reduce, reduction),
                           label_smoothing, z_loss, logit_scale, softcap, backend)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
+        self.return_stats = return_stats  # (loss, nllfused.stats.CrossEntropyStats) if set
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             **self._options())
+                             return_stats=self.return_stats, **self._options())
 
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]

@@ -99,6 +99,38 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
     return loss, lse.to(torch.float64), aux.detach()
 
 
+def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True):
+    """(entropy or None, argmax) per row of (N, C, D) logits, of the distribution the loss sees
+    (z after logit_scale and softcap): -sum_c p_c log p_c (a class with p_c = 0 adds 0, as
+    lim p log p), differentiable; argmax as torch.argmax (the first of equal maxima), int64.
+    Materialises z: the statistics of the kernel backends that do not compute these in their
+    own pass (nllfused/stats.py)."""
+    z = transform(logits.to(acc_dtype(logits.dtype)), options.logit_scale, options.softcap)
+    predicted = z.detach().argmax(1)
+    if not want_entropy:
+        return None, predicted
+    logp = torch.log_softmax(z, 1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros((), dtype=z.dtype, device=z.device)).sum(1)
+    return entropy, predicted
+
+
+def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+                   options) -> torch.Tensor:
+    """log p_y = z_y - lse per row of class-index targets, from the op's float64 lse and the
+    target logits alone (O(rows) work; differentiable through both), in the accumulation dtype:
+    0 on ignored rows, NaN on out-of-range ones (as the loss)."""
+    acc = acc_dtype(logits.dtype)
+    counted, in_range = index_rule(target, logits.shape[1], options.ignore_index)
+    safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
+    x_y = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    z_y = transform(x_y.to(acc), options.logit_scale, options.softcap)
+    logp = (z_y.to(torch.float64) - lse).to(acc)
+    nan = torch.full((), float("nan"), dtype=acc, device=logits.device)
+    return torch.where(counted, torch.where(in_range, logp, nan),
+                       torch.zeros((), dtype=acc, device=logits.device))
+
+
 def vjp(grad_loss, grad_lse, logits, target, weight, options, wants_logits: bool,
         wants_target: bool):
     """(grad_logits, grad_target) of `forward` (None where not wanted), differentiable

@@ -1,0 +1,124 @@
+"""What one pass over the logits can give besides the loss (docs/maths.md, "Statistics").
+
+`nllfused.cross_entropy(..., return_stats=...)` returns `(loss, CrossEntropyStats)`. Each field
+is computed only when asked for, reduced as the loss is, and None otherwise:
+
+  lse             logsumexp of the row's z (after logit_scale and softcap); not differentiable
+  z_loss          the z-loss term as it enters the loss, z_loss * lse^2; not differentiable
+  predicted       the argmax class of z (the first of equal maxima, as torch.argmax), int64,
+                  always one per row whatever the reduction
+  correct         predicted == target: bool per row ('none'; False on ignored rows), the
+                  accuracy over the counted rows ('mean'), their count ('sum'); index targets
+  entropy         -sum_c p_c log p_c of the distribution the loss sees; differentiable
+  target_logprob  log p_y, the target's log-probability (index targets); differentiable,
+                  e.g. a policy-gradient loss with logit_scale = 1/T for a temperature T
+
+Reductions follow the loss's: 'none' one value per row (0 on ignored rows for z_loss and
+target_logprob), 'mean' the mean over the counted rows (target != ignore_index; every row for
+probability targets), 'sum' their sum. lse and target_logprob come from the fused op's lse and
+the target logits (O(rows) work); predicted and entropy come from the kernels where they compute
+them, else from `torch_ref.entropy_and_argmax`.
+
+Names users of other packages know: return_lse=True (quack, flash-attention) and
+return_z_loss=True (Liger-Kernel) append the per-row lse and the reduced z-loss term to the
+returned tuple, in that order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .backends import torch_ref
+from .errors import ArgumentError, ArgumentTypeError
+
+NAMES = ("lse", "z_loss", "predicted", "correct", "entropy", "target_logprob")
+INDEX_ONLY = ("correct", "target_logprob")  # meaningless for probability targets
+
+
+class CrossEntropyStats(NamedTuple):
+    """The statistics of a cross-entropy call (module docstring); None where not asked for."""
+
+    lse: Optional[torch.Tensor] = None
+    z_loss: Optional[torch.Tensor] = None
+    predicted: Optional[torch.Tensor] = None
+    correct: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    target_logprob: Optional[torch.Tensor] = None
+
+
+def requested(return_stats, prob_target: bool) -> frozenset:
+    """The statistics asked for: True for all of them (those of index targets only with index
+    targets), False/None for none, or a name or a sequence of names."""
+    if return_stats is None or return_stats is False:
+        return frozenset()
+    if return_stats is True:
+        return frozenset(n for n in NAMES if not (prob_target and n in INDEX_ONLY))
+    names = (return_stats,) if isinstance(return_stats, str) else return_stats
+    try:
+        names = frozenset(names)
+    except TypeError:
+        raise ArgumentTypeError(f"return_stats must be a bool, a statistic's name or a sequence "
+                                f"of names; got {type(return_stats).__name__}") from None
+    unknown = sorted(str(n) for n in names if n not in NAMES)
+    if unknown:
+        raise ArgumentError(f"return_stats: unknown statistic(s) {', '.join(unknown)}; the names "
+                            f"are {', '.join(NAMES)}")
+    if prob_target and names & set(INDEX_ONLY):
+        raise ArgumentError(f"return_stats: {', '.join(sorted(names & set(INDEX_ONLY)))} need "
+                            f"class-index targets; these are probability targets")
+    return names
+
+
+def per_row(names, logits, target, lse, options, z_loss: float, entropy=None, predicted=None):
+    """The requested statistics per row (N, D), before reduction. logits (N, C, D) and target as
+    the ops take them; lse (N, D) float64 from the op (differentiable: target_logprob's gradient
+    reaches the logits through the op's lse gradient); entropy / predicted where a kernel gave
+    them, else computed here."""
+    acc = torch_ref.acc_dtype(logits.dtype)
+    rows = {}
+    if "lse" in names:
+        rows["lse"] = lse.detach().to(acc)
+    if "z_loss" in names:
+        rows["z_loss"] = (z_loss * lse.detach() * lse.detach()).to(acc)
+    if ({"entropy", "predicted", "correct"} & names) and (entropy is None or predicted is None):
+        entropy, predicted = torch_ref.entropy_and_argmax(logits, options,
+                                                          "entropy" in names)
+    if "entropy" in names:
+        rows["entropy"] = entropy
+    if "predicted" in names:
+        rows["predicted"] = predicted
+    if options.prob_target:
+        return rows
+    counted, in_range = torch_ref.index_rule(target, logits.shape[1], options.ignore_index)
+    if "correct" in names:
+        rows["correct"] = counted & (predicted == target)
+    if "target_logprob" in names:
+        rows["target_logprob"] = torch_ref.target_logprob(logits, target, lse, options)
+    return rows
+
+
+def reduce(rows: dict, target, options, reduction: str, out_shape) -> CrossEntropyStats:
+    """Per-row statistics reduced as the loss is (module docstring); per-row ones in out_shape."""
+    if options.prob_target:
+        counted = None
+    else:
+        counted = target != options.ignore_index
+    out = {}
+    for name, value in rows.items():
+        if name == "predicted":
+            out[name] = value.reshape(out_shape)
+            continue
+        if counted is not None and name != "correct":
+            value = torch.where(counted, value, torch.zeros((), dtype=value.dtype,
+                                                            device=value.device))
+            if name in ("lse", "entropy") and reduction == "none":
+                value = rows[name]  # a property of the logits: every row keeps its own
+        if reduction == "none":
+            out[name] = value.reshape(out_shape)
+        elif reduction == "sum":
+            out[name] = value.sum()
+        else:
+            n = value.numel() if counted is None else counted.sum()
+            out[name] = (value.sum(dtype=torch.float32 if name == "correct" else None) / n)
+    return CrossEntropyStats(**out)

@@ -1,0 +1,178 @@
+"""Statistics of a cross-entropy call (nllfused/stats.py) against float64 torch computed from the
+materialised logits: argmax, softmax entropy, log_softmax at the target, logsumexp, the z-loss
+term; their reductions; the gradients of entropy and target log-probability; the names of other
+packages (return_z_loss, return_lse)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nllfused
+from helpers import backend_params
+from nllfused import stats
+
+OPTIONS = [
+    {},
+    {"weight": "rand", "ignore_index": 1},
+    {"label_smoothing": 0.2, "z_loss": 1e-3},
+    {"logit_scale": 0.7, "softcap": 5.0},
+    {"weight": "rand", "label_smoothing": 0.1, "z_loss": 1e-2, "logit_scale": 1.3,
+     "softcap": 8.0},
+]
+
+
+def oracle_rows(x, t, logit_scale=1.0, softcap=None, z_loss=0.0, ignore_index=-100, **_):
+    """Per-row statistics in float64 from the materialised z, classes in dim 1."""
+    z = x.double() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, 1)
+    p = logp.exp()
+    rows = {"lse": torch.logsumexp(z, 1), "predicted": z.argmax(1),
+            "entropy": -torch.where(p > 0, p * logp, 0.0).sum(1)}
+    rows["z_loss"] = z_loss * rows["lse"] ** 2
+    if not t.is_floating_point():
+        counted = t != ignore_index
+        safe = torch.where(counted, t, 0)
+        rows["target_logprob"] = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        rows["correct"] = counted & (rows["predicted"] == t)
+    return rows
+
+
+def oracle_reduce(rows, t, reduction, ignore_index=-100, **_):
+    counted = torch.ones_like(rows["lse"], dtype=torch.bool) if t.is_floating_point() \
+        else t != ignore_index
+    out = {}
+    for name, v in rows.items():
+        if name == "predicted":
+            out[name] = v
+            continue
+        if name in ("z_loss", "target_logprob"):
+            v = torch.where(counted, v, 0.0)
+        if reduction == "none":
+            out[name] = v
+        elif name == "correct":
+            out[name] = v.sum() if reduction == "sum" else v.sum() / counted.sum()
+        else:
+            v = torch.where(counted, v, 0.0)
+            out[name] = v.sum() if reduction == "sum" else v.sum() / counted.sum()
+    return out
+
+
+def case(shape, options, dtype, prob=False):
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    kw = dict(options)
+    if kw.get("weight") == "rand":
+        kw["weight"] = torch.rand(C) + 0.1
+    if prob:
+        t = torch.softmax(torch.randn(shape, dtype=torch.float64), 1).to(dtype)
+        kw.pop("ignore_index", None)
+    else:
+        t = torch.randint(0, C, shape[:1] + shape[2:])
+        t[torch.rand(t.shape) < 0.25] = kw.get("ignore_index", -100)
+    return x, t, kw
+
+
+def assert_stat_close(name, ours, expected, dtype):
+    if name in ("predicted", "correct") and ours.dtype in (torch.int64, torch.bool):
+        assert ours.dtype == expected.dtype and torch.equal(ours.cpu(), expected), name
+        return
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ours.detach().double().cpu(), expected.double(), **tol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d)[6:])
+def test_stats_match_float64_torch(device, backend, options, reduction, dtype):
+    x, t, kw = case((9, 13, 2), options, dtype)
+    loss, st = nllfused.cross_entropy(x.to(device), t.to(device), reduction=reduction,
+                                      backend=backend, return_stats=True,
+                                      **{k: v.to(device) if torch.is_tensor(v) else v
+                                         for k, v in kw.items()})
+    expected = oracle_reduce(oracle_rows(x, t, **kw), t, reduction, **kw)
+    assert set(expected) == {n for n in stats.NAMES if getattr(st, n) is not None}
+    for name, value in expected.items():
+        assert_stat_close(name, getattr(st, name), value, dtype)
+    # The loss is what it is without statistics.
+    plain = nllfused.cross_entropy(x.to(device), t.to(device), reduction=reduction,
+                                   backend=backend, **{k: v.to(device) if torch.is_tensor(v)
+                                                       else v for k, v in kw.items()})
+    assert torch.equal(loss, plain)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_stats_of_probability_targets(device, backend):
+    x, q, kw = case((7, 6), {"label_smoothing": 0.1, "z_loss": 1e-3}, torch.float32, prob=True)
+    _, st = nllfused.cross_entropy(x.to(device), q.to(device), backend=backend,
+                                   reduction="none", return_stats=True, **kw)
+    assert st.correct is None and st.target_logprob is None
+    expected = oracle_reduce(oracle_rows(x, q, **kw), q, "none")
+    for name in ("lse", "z_loss", "predicted", "entropy"):
+        assert_stat_close(name, getattr(st, name), expected[name], torch.float32)
+    with pytest.raises(ValueError, match="class-index targets"):
+        nllfused.cross_entropy(x.to(device), q.to(device), backend=backend,
+                               return_stats=("correct",))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_entropy_and_target_logprob_gradients(device, backend, reduction):
+    """A policy-gradient loss with an entropy bonus, built from the statistics, backpropagates
+    as float64 autograd through the materialised log_softmax does."""
+    kw = dict(logit_scale=1 / 0.7, softcap=6.0, ignore_index=-100)
+    x, t, _ = case((8, 11), {}, torch.float32)
+    adv = torch.randn(8 if reduction == "none" else ())
+    xo = x.to(device).requires_grad_()
+    loss, st = nllfused.cross_entropy(xo, t.to(device), reduction=reduction, backend=backend,
+                                      return_stats=("entropy", "target_logprob"), **kw)
+    objective = -(adv.to(device) * st.target_logprob).sum() - 0.01 * st.entropy.sum() + loss.sum()
+    objective.backward()
+
+    xr = x.detach().double().requires_grad_()
+    rows = oracle_rows(xr, t, **kw)
+    ref = oracle_reduce(rows, t, reduction)
+    ref_loss = F.cross_entropy(6.0 * torch.tanh(xr * kw["logit_scale"] / 6.0), t,
+                               reduction=reduction)
+    (-(adv.double() * ref["target_logprob"]).sum() - 0.01 * ref["entropy"].sum()
+     + ref_loss.sum()).backward()
+    torch.testing.assert_close(xo.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_names_of_other_packages(device, backend):
+    x, t, _ = case((10, 7), {}, torch.float32)
+    x, t = x.to(device), t.to(device)
+    loss, z, lse = nllfused.cross_entropy(x, t, z_loss=1e-2, backend=backend,
+                                          return_z_loss=True, return_lse=True)
+    _, st = nllfused.cross_entropy(x, t, z_loss=1e-2, backend=backend, return_stats=True)
+    assert torch.equal(z, st.z_loss)
+    rows = oracle_rows(x.cpu(), t.cpu(), z_loss=1e-2)
+    assert lse.shape == (10,)  # per row, whatever the reduction
+    torch.testing.assert_close(lse.double().cpu(), rows["lse"], rtol=2e-6, atol=2e-6)
+    assert torch.equal(loss, nllfused.cross_entropy(x, t, z_loss=1e-2, backend=backend))
+
+
+def test_stat_names_are_checked():
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="unknown statistic"):
+        nllfused.cross_entropy(x, t, return_stats=("entropy", "perplexity"))
+    with pytest.raises(TypeError, match="return_stats"):
+        nllfused.cross_entropy(x, t, return_stats=3)
+    _, st = nllfused.cross_entropy(x, t, return_stats="entropy")
+    assert st.entropy is not None and st.lse is None and st.predicted is None
+
+
+def test_stats_compile_fullgraph():
+    x, t, _ = case((6, 9), {}, torch.float32)
+
+    def f(x, t):
+        loss, st = nllfused.cross_entropy(x, t, return_stats=True, z_loss=1e-3)
+        return loss, st.entropy, st.target_logprob, st.correct
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x, t), f(x, t)):
+        torch.testing.assert_close(a, b)
