@@ -326,6 +326,16 @@ def applies(fn, case: Case) -> bool:
     return case.layout != "D>1" or has_spatial
 
 
+def launched(launch_config, case: Case, flags: dict) -> Case:
+    """The case with the tile the launcher picks under these flags: the forward's statistics
+    (STATS) take a smaller one for long rows (launch_config's docstring)."""
+    if not flags.get("STATS"):
+        return case
+    block_r, block_c, warps = launch_config(case.rows * case.spatial, case.classes,
+                                            _elem_size(case.dtype), stats=True)
+    return dataclasses.replace(case, block_r=block_r, block_c=block_c, num_warps=warps)
+
+
 def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
     """(kernel, case, flags) triples to compile, per the scope's covering rules."""
     jobs = []
@@ -340,7 +350,7 @@ def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
                 cover = flag_cover(flag_names(fn), full)
                 if case.layout == "D>1" and scope != "full":
                     cover = cover[:1]
-                jobs += [(fn, case, flags) for flags in cover]
+                jobs += [(fn, launched(launch_config, case, flags), flags) for flags in cover]
     return jobs
 
 
@@ -364,7 +374,7 @@ def tensor_dtype(name: str, case: Case, flags: dict) -> str:
         return case.dtype
     if name == "T":
         return case.dtype if flags.get("PROB_TARGET") else "i64"
-    if name == "YL":
+    if name in ("YL", "PRED"):
         return "i64"
     if name in ("LSE", "GL", "WSUM", "OUT"):
         return "fp64"

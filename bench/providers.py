@@ -108,6 +108,19 @@ def _nllfused_ce(backend: str) -> Factory:
     return build
 
 
+def _nllfused_stats_ce():
+    import nllfused
+
+    def nllfused_stats_ce(logits, target):
+        # What an RL trainer asks for: entropy (with its bonus in the loss, so the backward
+        # carries its gradient), the target's log-probability and the argmax.
+        loss, st = nllfused.cross_entropy(
+            logits, target, ignore_index=IGNORE_INDEX,
+            return_stats=("entropy", "target_logprob", "predicted"))
+        return loss - 0.01 * st.entropy
+    return nllfused_stats_ce
+
+
 def _nllfused_linear(backend: str) -> Optional[Factory]:
     import nllfused
     if not hasattr(nllfused, "linear_cross_entropy"):  # issue 6, may not be merged yet
@@ -197,6 +210,9 @@ def _registry() -> dict:
         providers.append(Provider(
             f"nllfused-{backend}", f"nllfused.cross_entropy(backend={backend!r})",
             _nllfused_ce(backend), _nllfused_linear(backend), _nllfused_unavailable(backend)))
+    providers.append(Provider(
+        "nllfused-stats", "nllfused.cross_entropy(return_stats=...): entropy bonus, target "
+        "log-prob and argmax beside the loss (backend auto)", _nllfused_stats_ce))
     providers += [
         Provider("liger", "Liger-Kernel cross entropy / fused linear cross entropy",
                  _liger_ce, _liger_linear, _needs("liger_kernel", "liger-kernel"),

@@ -8,7 +8,8 @@ The contract is csrc/ops.cpp's (nllfused::ce_fwd_triton / ce_bwd_triton), the ma
   ce_fwd_merge_kernel  merges those partial states into the same loss, lse, aux,
   ce_bwd_kernel        reads each row once more and writes its gradient, recomputing p from lse.
 launch_config picks the tile shape, row_splits how many programs share a row; ce_fwd / ce_bwd at
-the end allocate the outputs and launch.
+the end allocate the outputs and launch. The elementwise helpers (exp, tanh, log1p, loads) are in
+kernels/row_math.py.
 
 A program handles a tile of BLOCK_R rows x BLOCK_C classes and loops over the classes, so one
 kernel serves the LM case (few long rows: BLOCK_R = 1) and the classification / segmentation case
@@ -26,135 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRETER, acc_dtype, guard, hi_lo, truncating_store
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-# Compiled, float32 exps of the class loops are one MUFU.EX2 that flushes results under 2^-126 to
-# zero (tl.exp adds three instructions of denormal scaling per element; a term under 2^-126 of
-# the max changes no float32 sum). The interpreter runs no inline PTX: it uses tl.exp2.
-_FAST_EXP2 = tl.constexpr(not INTERPRETER)
-
-
-@triton.jit
-def _exp2(x, ACC: tl.constexpr):
-    """2^x in the loops: see _FAST_EXP2."""
-    if _FAST_EXP2 and ACC == tl.float32:
-        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        y = tl.exp2(x)
-    return y
-
-
-@triton.jit
-def _lowest(ACC: tl.constexpr):
-    # The most negative finite value: a lane's running max starts there (see ce_fwd_kernel).
-    if ACC == tl.float64:
-        v = -1.7976931348623157e308
-    else:
-        v = -3.4028234663852886e38
-    return v
-
-
-@triton.jit
-def _tanh(v, ACC: tl.constexpr):
-    """tanh(v) to a few ulps of ACC everywhere, including near 0 where 1 - 2/(1 + e^2v) would
-    carry an absolute (so, relative to a tiny tanh, huge) rounding error."""
-    a = tl.abs(v)
-    if ACC == tl.float64:
-        # tanh(a) = -e / (2 + e), e = expm1(-2a) by Kahan's exact-quotient trick (float64 exp and
-        # log are correctly rounded enough for it on every target).
-        u = tl.exp(-2.0 * a)
-        plain = (u == 1.0) | (u == 0.0)          # expm1 is -2a, or -1: no quotient needed
-        quotient = (u - 1.0) * (-2.0 * a) / tl.log(tl.where(plain, 0.5, u))
-        e = tl.where(u == 1.0, -2.0 * a, tl.where(u == 0.0, -1.0, quotient))
-        t = -e / (2.0 + e)
-    else:
-        # |v| < 0.5: the odd Taylor polynomial through v^17 (next term < 1e-9 relative);
-        # beyond: (e - 1) / (e + 1) with e = exp(2a) >= 2.7, where nothing cancels.
-        a2 = a * a
-        poly = -929569.0 / 638512875.0 + a2 * (6404582.0 / 10854718875.0)
-        poly = 21844.0 / 6081075.0 + a2 * poly
-        poly = -1382.0 / 155925.0 + a2 * poly
-        poly = 62.0 / 2835.0 + a2 * poly
-        poly = -17.0 / 315.0 + a2 * poly
-        poly = 2.0 / 15.0 + a2 * poly
-        poly = -1.0 / 3.0 + a2 * poly
-        small = a + a * a2 * poly
-        e = tl.exp(2.0 * tl.minimum(a, 10.0))      # tanh(10) is 1 in float32
-        t = tl.where(a < 0.5, small, (e - 1.0) / (e + 1.0))
-    return tl.where(v < 0, -t, t)
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) keeping the digits of a tiny x that 1 + x rounds away (u - 1 is exact: the
-    # quotient corrects log(u) for that rounding).
-    u = 1.0 + x
-    exact = u == 1.0
-    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
-
-
-@triton.jit
-def _load_classes(ptrs, mask, MASKED: tl.constexpr, ACC: tl.constexpr):
-    """A block of per-class values (weights, soft targets) in ACC; masked lanes read 0. Whole
-    blocks (MASKED false) load without a mask."""
-    if MASKED:
-        v = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-    else:
-        v = tl.load(ptrs).to(ACC)
-    return v
-
-
-@triton.jit
-def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap(logit_scale * x) in the accumulation dtype; masked lanes are -inf. Loads
-    without a mask need no registers set to -inf first: whole blocks of the loops pass None."""
-    if mask is None:
-        z = tl.load(ptrs).to(ACC)
-    else:
-        z = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
-    if HAS_SCALE:
-        z = z * logit_scale
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap, ACC)
-        if mask is not None:
-            z = tl.where(mask, z, float("-inf"))  # softcap maps -inf to -softcap
-    return z
-
-
-@triton.jit
-def _options(smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
-             ACC: tl.constexpr):
-    # Float arguments arrive as float32: each option comes as hi + lo so float64 keeps it whole.
-    zero = tl.zeros([], ACC)
-    return (zero + smoothing_hi) + smoothing_lo, (zero + scale_hi) + scale_lo, \
-        (zero + softcap_hi) + softcap_lo
-
-
-@triton.jit
-def _tile_rows(R, D, BLOCK_R: tl.constexpr):
-    """This program's rows r = n * D + d, whether each exists, and their (n, d). Rows past the
-    end read row R - 1 (and store nothing), so that loads need no row mask."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    safe = tl.minimum(rows, R - 1)
-    return rows, rows < R, safe // D, safe % D
-
-
-@triton.jit
-def _columns(C, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr):
-    """This program's classes [lo, hi) and where its whole blocks end (the rest, if any, is one
-    masked block): the whole row, or with SPLIT share program_id(1) of num_programs(1), whole
-    blocks each so that loads stay as aligned as without."""
-    if SPLIT:
-        span = tl.cdiv(tl.cdiv(C, tl.num_programs(1)), BLOCK_C) * BLOCK_C
-        lo = tl.multiple_of(tl.program_id(1) * span, BLOCK_C)
-        hi = tl.maximum(tl.minimum(lo + span, C), lo)
-    else:
-        lo = 0
-        hi = C
-    return lo, lo + (hi - lo) // BLOCK_C * BLOCK_C, hi
+# INTERPRETER: read here by nllfused._extension (whether these kernels are interpreted).
+from .launch import INTERPRETER, acc_dtype, guard, hi_lo, truncating_store  # noqa: F401
+from .row_math import (_LOG2E, _columns, _exp2, _load_classes, _load_logits, _log1p, _lowest,
+                       _options, _tanh, _tile_rows)
 
 
 @triton.jit
@@ -235,13 +111,49 @@ def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W
 
 
 @triton.jit
-def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, stride_xc, stride_tc,
-              label_smoothing, logit_scale, softcap, BLOCK_R: tl.constexpr,
+def _lane_stats(m, k, s, ent, arg):
+    """The row's entropy sum and argmax from per-lane (m, k, s, ent, arg), m with -inf
+    for lanes without a finite logit (as _merge takes them): each lane's ent moved to the row's
+    max as _fwd_step moves it, the first column of the max (a NaN's, if any, as torch.argmax)."""
+    m_row = tl.max(m, 1)
+    ref = tl.where(m_row == float("-inf"), 0.0, m_row)[:, None]
+    f = tl.exp(m - ref)
+    ent = tl.sum(tl.where(f == 0.0, 0.0, f * (ent + (m - ref) * (k + s))), 1)
+    big = 2147483647
+    first = tl.min(tl.where((m == m_row[:, None]) & (arg >= 0), arg, big), 1)
+    first_nan = tl.min(tl.where(arg < 0, -1 - arg, big), 1)
+    pred = tl.where(first_nan < big, first_nan, tl.where(first == big, 0, first))
+    return ent, pred
+
+
+@triton.jit
+def _finish_stats(m, k, s, ent, pred, rows, row_ok, x_row, stride_xc, t_row, ENT, PRED, TLP, C,
+                  ignore_index, logit_scale, softcap, ACC: tl.constexpr,
+                  PROB_TARGET: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Stores entropy = log d - ent / d (d = k + s), the argmax and, for index targets, the
+    target's log-probability z_y - lse = -((m - z_y) + log d) (0 ignored, NaN out of range)."""
+    log_d = tl.where(k == 1.0, _log1p(s), tl.log(k + s))
+    tl.store(ENT + rows, log_d - ent / (k + s), mask=row_ok)
+    tl.store(PRED + rows, pred.to(tl.int64), mask=row_ok)
+    if not PROB_TARGET:
+        y = tl.load(t_row, mask=row_ok, other=0).to(tl.int64)
+        in_range = (y >= 0) & (y < C)
+        z_y = _load_logits(x_row + tl.where(in_range, y, 0) * stride_xc, row_ok, logit_scale,
+                           softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
+        tlp = tl.where(in_range, -((m - z_y) + log_d), float("nan"))
+        tl.store(TLP + rows, tl.where(y != ignore_index, tlp, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, ent, arg, stride_xc,
+              stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R: tl.constexpr,
               BLOCK_C: tl.constexpr, ACC: tl.constexpr, PROB_TARGET: tl.constexpr,
               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr):
     """One block of classes of ce_fwd_kernel's loop: its per-lane state updated. MASKED for the
-    block that runs past the row's end (masked lanes are -inf and weigh nothing)."""
+    block that runs past the row's end (masked lanes are -inf and weigh nothing). STATS: also
+    ent = sum of exp(z - m) (z - m) over the lane (its max adds 0), arg the column of the lane's
+    first max, or -1 - the column of its first NaN (docs/maths.md, "Statistics")."""
     if MASKED:
         col_ok = cols < C
         mask = tl.broadcast_to(col_ok[None, :], [BLOCK_R, BLOCK_C])
@@ -256,6 +168,15 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, stride_xc, stri
     dz = z - m
     e = _exp2(-tl.abs(dz) * _LOG2E, ACC)
     grew = dz > 0.0
+    if STATS:
+        # Rescaled like s: the old terms and the old max's 1 move to the new max, each term's
+        # z - m shifting by -dz. e == 0 (a -inf logit, or the start's phantom max) adds nothing.
+        ent = tl.where(e == 0.0, tl.where(grew, 0.0, ent),
+                       tl.where(grew, e * (ent - dz * (s + 1.0)), ent + e * dz))
+        col = cols[None, :] + tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
+        # One register for both (a per-lane NaN flag would cost as many as the column): a NaN
+        # marks its column as -1 - col, and nothing moves a marked lane any more.
+        arg = tl.where(arg < 0, arg, tl.where(z != z, -1 - col, tl.where(grew, col, arg)))
     s = s * tl.where(grew, e, 1.0) + e
     m = tl.where(grew, z, m)
     if HAS_WEIGHT:
@@ -279,7 +200,7 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, stride_xc, stri
         if MASKED:
             wz = tl.where(mask, wz, 0.0)
         acc_wz += wz
-    return m, s, acc_wz, acc_wq
+    return m, s, acc_wz, acc_wq, ent, arg
 
 
 @triton.jit
@@ -289,11 +210,13 @@ def ce_fwd_kernel(
     W, WSUM,                                     # class weights (C,), their sum (1,)
     LOSS, LSE, AUX,                              # per-row outputs, contiguous (N * D,)
     PART,                                        # SPLIT: splits, then states, as below
+    ENT, PRED, TLP,                              # STATS: entropy, argmax, target log-prob (N * D,)
     R, C, D, ignore_index,
     smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     label_smoothing, logit_scale, softcap = _options(
         smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
@@ -311,22 +234,30 @@ def ce_fwd_kernel(
     s = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r), or of w q' (z - r)
     acc_wq = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w q' (probability targets)
+    ent = tl.zeros([BLOCK_R, BLOCK_C], ACC)      # STATS (_fwd_step); unused otherwise
+    arg = tl.full([BLOCK_R, BLOCK_C], 2147483647, tl.int32)
     for start in range(lo, body, BLOCK_C):
-        m, s, acc_wz, acc_wq = _fwd_step(
-            x_row, t_row, W, start + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq,
-            stride_xc, stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R, BLOCK_C, ACC,
-            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, False)
+        m, s, acc_wz, acc_wq, ent, arg = _fwd_step(
+            x_row, t_row, W, start + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq, ent, arg,
+            stride_xc, stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R,
+            BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, STATS,
+            False)
     if body < hi:
-        m, s, acc_wz, acc_wq = _fwd_step(
-            x_row, t_row, W, body + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq,
-            stride_xc, stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R, BLOCK_C, ACC,
-            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, True)
+        m, s, acc_wz, acc_wq, ent, arg = _fwd_step(
+            x_row, t_row, W, body + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq, ent, arg,
+            stride_xc, stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R,
+            BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, STATS,
+            True)
 
     # Lanes as (m, k, s): k = 1 for the max a lane holds. A lane still at the lowest value saw
     # nothing above it: its ties there are real logits, k of them; none: no finite logit.
     low = m == _lowest(ACC)
     k = tl.where(low, s, 1.0)
-    m, k, s = _merge(tl.where(low & (s == 0.0), float("-inf"), m), k, tl.where(low, 0.0, s))
+    m = tl.where(low & (s == 0.0), float("-inf"), m)
+    s = tl.where(low, 0.0, s)
+    if STATS:  # (no SPLIT with STATS: the launcher's choice)
+        ent, pred = _lane_stats(m, k, s, tl.where(low, 0.0, ent), arg)
+    m, k, s = _merge(m, k, s)
     sum_wz = tl.sum(acc_wz, 1)
     sum_wq = tl.sum(acc_wq, 1)
     if SPLIT:
@@ -347,6 +278,10 @@ def ce_fwd_kernel(
         _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W, WSUM,
                 LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap, ACC,
                 PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+        if STATS:
+            _finish_stats(m, k, s, ent, pred, rows, row_ok, x_row, stride_xc, t_row, ENT, PRED,
+                          TLP, C, ignore_index, logit_scale, softcap, ACC, PROB_TARGET,
+                          HAS_SCALE, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -395,9 +330,10 @@ def ce_fwd_merge_kernel(
 
 @triton.jit
 def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo, p_coef, eps_g,
-              g, stride_xc, stride_tc, label_smoothing, logit_scale, softcap, ACC: tl.constexpr,
-              PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-              HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+              g, g_ent, stride_xc, stride_tc, label_smoothing, logit_scale, softcap,
+              ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+              HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_STATS_GRAD: tl.constexpr, MASKED: tl.constexpr):
     """One block of classes of ce_bwd_kernel's loop, every term but the true class's. MASKED for
     the block that runs past the row's end."""
     x_ptrs = x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc
@@ -426,7 +362,11 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
         z = softcap * t
     # p = exp(z - lse) = 2^((z - hi) log2e - lo log2e): lse split into hi + lo keeps torch's
     # accuracy in float32; one FADD, one FFMA, one MUFU.
-    grad = _exp2((z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None], ACC) * p_coef[:, None]
+    p = _exp2((z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None], ACC)
+    if HAS_STATS_GRAD:   # the entropy's -g_H p z (its p (lse - H) part is in p_coef)
+        grad = p * (p_coef[:, None] - g_ent[:, None] * z)
+    else:
+        grad = p * p_coef[:, None]
     if HAS_WEIGHT:
         w = _load_classes(W + cols, col_ok, MASKED, ACC)[None, :]
     if PROB_TARGET:
@@ -460,12 +400,15 @@ def ce_bwd_kernel(
     T, stride_tn, stride_tc, stride_td,          # targets
     W, WSUM, LSE, AUX,
     GX,                                          # gradient, contiguous (N, C, D)
+    GE, GT, ENT,                                 # HAS_STATS_GRAD: upstream gradients of the
+                                                 # entropy and target log-prob, the entropy;
+                                                 # contiguous (N * D,), ACC
     R, C, D, ignore_index,
     smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_STATS_GRAD: tl.constexpr,
 ):
     label_smoothing, logit_scale, softcap = _options(
         smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
@@ -509,19 +452,35 @@ def ce_bwd_kernel(
         p_coef += g_lse
         keep = keep | (g_lse != 0.0)             # an ignored row's lse gradient still counts
     lse64 = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g_ent = g
+    if HAS_STATS_GRAD:
+        # d H / dz_c = -p_c (z_c - (lse - H)), d log p_y / dz_c = [c = y] - p_c (docs/maths.md).
+        g_ent = tl.load(GE + rows, mask=row_ok, other=0.0).to(ACC)
+        g_tlp = tl.load(GT + rows, mask=row_ok, other=0.0).to(ACC)
+        if HAS_SCALE:
+            g_ent *= logit_scale
+            g_tlp *= logit_scale
+        center = (lse64 - tl.load(ENT + rows, mask=row_ok, other=0.0).to(tl.float64)).to(ACC)
+        if PROB_TARGET:
+            g_tlp = tl.zeros_like(g_tlp)         # no target log-prob: nothing to differentiate
+        else:
+            g_tlp = tl.where(counted & in_range, g_tlp, 0.0)
+            y_coef -= g_tlp
+        p_coef += g_ent * center - g_tlp
+        keep = keep | (g_ent != 0.0) | (g_tlp != 0.0)
     lse_hi = tl.where(keep, lse64.to(ACC), float("inf"))
     lse_lo = tl.where(keep, (lse64 - lse_hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)
 
     for start in range(lo, body, BLOCK_C):
         _bwd_step(x_row, t_row, gx_row, W, start + tl.arange(0, BLOCK_C), C, D, row_ok, keep,
-                  lse_hi, lse_lo, p_coef, eps_g, g, stride_xc, stride_tc, label_smoothing,
-                  logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE,
-                  HAS_SOFTCAP, False)
+                  lse_hi, lse_lo, p_coef, eps_g, g, g_ent, stride_xc, stride_tc,
+                  label_smoothing, logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT,
+                  HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_STATS_GRAD, False)
     if body < hi:
         _bwd_step(x_row, t_row, gx_row, W, body + tl.arange(0, BLOCK_C), C, D, row_ok, keep,
-                  lse_hi, lse_lo, p_coef, eps_g, g, stride_xc, stride_tc, label_smoothing,
-                  logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE,
-                  HAS_SOFTCAP, True)
+                  lse_hi, lse_lo, p_coef, eps_g, g, g_ent, stride_xc, stride_tc,
+                  label_smoothing, logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT,
+                  HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_STATS_GRAD, True)
 
     if not PROB_TARGET:
         # The true class, stored again over the loop's value rather than compared with every
@@ -535,14 +494,18 @@ def ce_bwd_kernel(
         if HAS_SOFTCAP:
             t = _tanh(z / softcap, ACC)
             z = softcap * t
-        grad = _exp2((z - lse_hi) * _LOG2E - lse_lo, ACC) * p_coef - y_coef
+        p_y = _exp2((z - lse_hi) * _LOG2E - lse_lo, ACC)
+        if HAS_STATS_GRAD:
+            grad = p_y * (p_coef - g_ent * z) - y_coef
+        else:
+            grad = p_y * p_coef - y_coef
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)
         own = row_ok & counted & in_range & (y_col >= lo) & (y_col < hi)
         tl.store(gx_row + y_col * D, grad.to(GX.dtype.element_ty), mask=own)
 
 
-def launch_config(num_rows: int, num_classes: int, elem_size: int):
+def launch_config(num_rows: int, num_classes: int, elem_size: int, stats: bool = False):
     """(BLOCK_R, BLOCK_C, num_warps) for a problem: the one place launch shapes are chosen.
 
     Always 4 warps, with few logits per thread: the forward keeps state per logit, so a thread
@@ -551,10 +514,14 @@ def launch_config(num_rows: int, num_classes: int, elem_size: int):
     loop over the classes with a program per row (or per share of a row: row_splits). Short
     rows pack several rows into a tile of 512 logits, 4 per thread: their loads are often
     unaligned (a row of 10 classes: no vector loads, a 64-bit address per logit) and each row
-    adds registers of its own (offsets, target).
+    adds registers of its own (offsets, target). With stats (the forward's STATS) a logit's state
+    is two values more (entropy sum, argmax): long rows take half the block, as registers would
+    otherwise run out (the static check, nllfused.bench.gpu_static, compiles both).
     """
     block_c = min(triton.next_power_of_2(num_classes), 512 if elem_size == 8 else 2048)
     block_r = max(1, min(512 // block_c, triton.next_power_of_2(max(num_rows, 1))))
+    if stats and block_r == 1:
+        block_c = max(1, block_c // 2)
     return block_r, block_c, 4
 
 
@@ -583,12 +550,13 @@ MERGE_BLOCK = 64   # splits ce_fwd_merge_kernel merges per step (one step, nearl
 # registers them). Arguments as in csrc/ops.cpp.
 # ------------------------------------------------------------------------------------------------
 
-def _launch(logits, weight, label_smoothing, logit_scale, softcap, prob_target):
-    """(grid, per-call kernel arguments, constexpr flags) shared by both kernels."""
+def _launch(logits, weight, label_smoothing, logit_scale, softcap, prob_target, stats=False):
+    """(grid, per-call kernel arguments, constexpr flags) shared by both kernels. With stats,
+    rows are not split (the merge kernel carries no statistics)."""
     N, C, D = logits.shape
     R = N * D
-    block_r, block_c, num_warps = launch_config(R, C, logits.element_size())
-    splits = row_splits(R, C, block_r, block_c, logits.device)
+    block_r, block_c, num_warps = launch_config(R, C, logits.element_size(), stats)
+    splits = 1 if stats else row_splits(R, C, block_r, block_c, logits.device)
     if weight is None:
         # W is never read without HAS_WEIGHT; WSUM = C.
         W = WSUM = torch.full((1,), float(C), dtype=torch.float64, device=logits.device)
@@ -610,31 +578,60 @@ def _target_strides(target, prob_target):
 
 def ce_fwd(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
            prob_target):
+    return _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                    prob_target, False)
+
+
+def ce_fwd_stats(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                 prob_target):
+    """ce_fwd's outputs and the rows' entropy, target log-probability and argmax, from the same
+    pass (nllfused::ce_fwd_stats_triton, csrc/ops.cpp)."""
+    return _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                    prob_target, True)
+
+
+def _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+             prob_target, stats):
     N, _, D = logits.shape
     loss = torch.empty((N, D), dtype=torch.float64 if logits.dtype == torch.float64
                        else torch.float32, device=logits.device)
     aux = torch.empty_like(loss)
     lse = torch.empty((N, D), dtype=torch.float64, device=logits.device)
+    extra = ()
+    if stats:  # entropy, target log-prob (0 for probability targets), argmax
+        extra = (torch.empty_like(loss), torch.zeros_like(loss),
+                 torch.empty((N, D), dtype=torch.int64, device=logits.device))
     if N * D == 0:
-        return loss, lse, aux
+        return (loss, lse, aux, *extra)
     grid, weights, sizes, options, flags = _launch(logits, weight, label_smoothing, logit_scale,
-                                                    softcap, prob_target)
+                                                    softcap, prob_target, stats)
     splits = grid[1]
     part = torch.empty(1 + 5 * N * D * splits if splits > 1 else 1, dtype=loss.dtype,
                        device=logits.device)
     args = (logits, *logits.stride(), target, *_target_strides(target, prob_target), *weights)
+    outs = (extra[0], extra[2], extra[1]) if stats else (loss,) * 3   # ENT, PRED, TLP
     with guard(logits):
-        ce_fwd_kernel[grid](*args, loss, lse, aux, part, *sizes, ignore_index, *options, **flags)
+        ce_fwd_kernel[grid](*args, loss, lse, aux, part, *outs, *sizes, ignore_index, *options,
+                            STATS=stats, **flags)
         if splits > 1:
             flags.update(BLOCK_R=1, BLOCK_C=min(splits, MERGE_BLOCK), num_warps=1)
             del flags["SPLIT"]
             ce_fwd_merge_kernel[(N * D,)](*args, loss, lse, aux, part, *sizes, ignore_index,
                                           *options, **flags)
-    return loss, lse, aux
+    return (loss, lse, aux, *extra)
 
 
 def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index, label_smoothing,
            logit_scale, softcap, prob_target):
+    return ce_bwd_stats(grad_loss, grad_lse, None, None, logits, target, weight, lse, aux, None,
+                        ignore_index, label_smoothing, logit_scale, softcap, prob_target)
+
+
+def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, target, weight,
+                 lse, aux, entropy, ignore_index, label_smoothing, logit_scale, softcap,
+                 prob_target):
+    """ce_bwd plus the gradients of the entropy and target log-probability that ce_fwd_stats
+    returned (either may be None) (nllfused::ce_bwd_stats_triton, csrc/ops.cpp)."""
     N, C, D = logits.shape
     grad = torch.empty((N, C, D), dtype=torch.float32 if truncating_store(logits)
                        else logits.dtype, device=logits.device)
@@ -643,9 +640,15 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index, 
     grid, weights, sizes, options, flags = _launch(logits, weight, label_smoothing, logit_scale,
                                                     softcap, prob_target)
     gl = grad_loss if grad_lse is None else grad_lse   # never read without HAS_GRAD_LSE
+    stats = grad_entropy is not None or grad_target_logp is not None
+    stat_args = (aux,) * 3                             # never read without HAS_STATS_GRAD
+    if stats:
+        zero = torch.zeros((N * D,), dtype=aux.dtype, device=aux.device)
+        stat_args = tuple(zero if t is None else t.to(aux.dtype).contiguous().view(-1)
+                          for t in (grad_entropy, grad_target_logp, entropy))
     with guard(logits):
         ce_bwd_kernel[grid](grad_loss, *grad_loss.stride(), gl, *gl.stride(),
                             logits, *logits.stride(), target, *_target_strides(target, prob_target),
-                            *weights, lse, aux, grad, *sizes, ignore_index, *options,
-                            HAS_GRAD_LSE=grad_lse is not None, **flags)
+                            *weights, lse, aux, grad, *stat_args, *sizes, ignore_index, *options,
+                            HAS_GRAD_LSE=grad_lse is not None, HAS_STATS_GRAD=stats, **flags)
     return grad.to(logits.dtype)

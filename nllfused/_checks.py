@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -21,14 +21,7 @@ REDUCTIONS = ("none", "mean", "sum")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class Options(NamedTuple):
-    """The options every op takes, in the schema's order (csrc/ops.cpp)."""
-
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    logit_scale: float = 1.0
-    softcap: float = 0.0  # 0: no softcap
-    prob_target: bool = False
+Options = torch_ref.Options  # the options every op takes, in the schema's order
 
 
 @dataclass

@@ -134,8 +134,18 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     # The C++ CPU kernel checks every class index in its own pass (IndexError): no extra pass.
     if not prob_target and backend != "cpu" and target_check_wanted(input.device):
         _checks.check_target_range(target, call.num_classes, ignore_index)
-    forward, _ = ops.for_backend(backend)
-    loss, lse, aux = forward(call.logits, call.target, call.weight, *call.options)
+    names, kernel_stats = frozenset(), None
+    if want_stats:
+        names = stats.requested(return_stats, prob_target)
+        if return_z_loss:
+            names = names | {"z_loss"}
+        kernel_stats = stats.from_kernel(names, backend)
+    if kernel_stats is not None:   # the statistics from the forward's own pass
+        loss, lse, aux, *kernel_stats = kernel_stats(call.logits, call.target, call.weight,
+                                                     *call.options)
+    else:
+        forward, _ = ops.for_backend(backend)
+        loss, lse, aux = forward(call.logits, call.target, call.weight, *call.options)
     counted = None if prob_target or not z_loss else call.target != ignore_index
     out = torch_ref.reduce(loss, lse, aux, reduction, prob_target, z_loss, counted)
     if reduction == "none":
@@ -143,18 +153,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     out = out.to(output_dtype(call, input.device))
     if not want_stats:
         return out
-    return _with_stats(out, call, lse, reduction, z_loss, return_stats, return_z_loss,
-                       return_lse)
+    return _with_stats(out, call, lse, reduction, z_loss, names, kernel_stats, return_stats,
+                       return_z_loss, return_lse)
 
 
-def _with_stats(loss, call: _checks.Call, lse, reduction, z_loss, return_stats, return_z_loss,
-                return_lse):
+def _with_stats(loss, call: _checks.Call, lse, reduction, z_loss, names, kernel_stats,
+                return_stats, return_z_loss, return_lse):
     """(loss, CrossEntropyStats) for return_stats, else the loss followed by the reduced z-loss
     term and the per-row lse, as return_z_loss / return_lse ask (nllfused/stats.py)."""
-    names = stats.requested(return_stats, call.options.prob_target)
-    if return_z_loss:
-        names = names | {"z_loss"}
-    rows = stats.per_row(names, call.logits, call.target, lse, call.options, z_loss)
+    rows = stats.per_row(names, call.logits, call.target, lse, call.options, z_loss,
+                         *(kernel_stats or ()))
     result = stats.reduce(rows, call.target, call.options, reduction, call.out_shape)
     if return_stats:
         return loss, result

@@ -17,6 +17,16 @@ _PAIRS = {"cpu": ("ce_fwd", "ce_bwd"), "cuda": ("ce_fwd", "ce_bwd"),
           "triton": ("ce_fwd_triton", "ce_bwd_triton")}
 
 
+def stats_for_backend(backend: str):
+    """The forward with statistics (ce_fwd_stats_triton's outputs) of a backend whose kernels
+    compute them in their own pass, else None (nllfused/stats.py then computes them)."""
+    if backend == "torch":
+        return torch_ref.forward_stats
+    if backend == "triton" and _HAS_STATS_OPS:
+        return torch.ops.nllfused.ce_fwd_stats_triton
+    return None
+
+
 def for_backend(backend: str):
     """(forward, backward) callables of a concrete backend, both taking csrc/ops.cpp's arguments;
     the torch backend has no backward callable (autograd differentiates its forward)."""
@@ -39,6 +49,18 @@ def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale
         torch._check(weight.shape == (C,), lambda: f"weight must be (C,), got {weight.shape}")
     loss = logits.new_empty((N, D), dtype=torch_ref.acc_dtype(logits.dtype))
     return loss, logits.new_empty((N, D), dtype=torch.float64), torch.empty_like(loss)
+
+
+def _fwd_stats_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                    prob_target):
+    loss, lse, aux = _fwd_fake(logits, target, weight, ignore_index, label_smoothing,
+                               logit_scale, softcap, prob_target)
+    return (loss, lse, aux, torch.empty_like(loss), torch.empty_like(loss),
+            loss.new_empty(loss.shape, dtype=torch.int64))
+
+
+def _bwd_stats_fake(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, *rest):
+    return logits.new_empty(logits.shape)
 
 
 def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index,
@@ -89,6 +111,45 @@ def _make_backward(bwd_op):
     return backward
 
 
+def _setup_stats_context(ctx, inputs, output):
+    logits, target, weight, *options = inputs
+    _, lse, aux, entropy, _, _ = output
+    ctx.save_for_backward(logits, target, weight, lse, aux, entropy)
+    ctx.options = Options(*options)
+    ctx.set_materialize_grads(False)
+
+
+def _stats_backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy, grad_tlp, _grad_pred):
+    """The autograd formula of ce_fwd_stats_triton: ce_bwd_stats_triton, and the soft targets'
+    gradient as for ce_fwd (entropy and target log-prob do not depend on the targets' values)."""
+    logits, target, weight, lse, aux, entropy = ctx.saved_tensors
+    wants_logits = ctx.needs_input_grad[0]
+    wants_target = ctx.needs_input_grad[1] and ctx.options.prob_target
+    grads = (grad_loss, grad_lse, grad_entropy, grad_tlp)
+    if all(g is None for g in grads):
+        return (None,) * 8
+    if torch.is_grad_enabled():  # create_graph=True: see _make_backward
+        grad_logits, grad_target = torch_ref.vjp_stats(grads, logits, target, weight,
+                                                       ctx.options, wants_logits, wants_target)
+        return grad_logits, grad_target, *(None,) * 6
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(aux)
+    grad_logits = grad_target = None
+    if wants_logits:
+        grad_logits = torch.ops.nllfused.ce_bwd_stats_triton(
+            grad_loss, grad_lse, grad_entropy, grad_tlp, logits, target, weight, lse, aux,
+            entropy, *ctx.options)
+    if wants_target:
+        grad_target = torch_ref.soft_target_grad(grad_loss, logits, lse, weight,
+                                                 ctx.options).to(target.dtype)
+    return grad_logits, grad_target, *(None,) * 6
+
+
+# An extension built before the statistics ops existed (an in-place build not yet redone) still
+# loads; statistics then come from nllfused/stats.py's torch path.
+_HAS_STATS_OPS = _extension.C_ERROR is None and hasattr(torch.ops.nllfused, "ce_fwd_stats_triton")
+
+
 def _register():
     if _extension.C_ERROR is not None:
         return
@@ -96,6 +157,16 @@ def _register():
         kernels = _extension.triton_kernels
         torch.library.register_kernel("nllfused::ce_fwd_triton", ("cpu", "cuda"), kernels.ce_fwd)
         torch.library.register_kernel("nllfused::ce_bwd_triton", ("cpu", "cuda"), kernels.ce_bwd)
+        if _HAS_STATS_OPS:
+            torch.library.register_kernel("nllfused::ce_fwd_stats_triton", ("cpu", "cuda"),
+                                          kernels.ce_fwd_stats)
+            torch.library.register_kernel("nllfused::ce_bwd_stats_triton", ("cpu", "cuda"),
+                                          kernels.ce_bwd_stats)
+    if _HAS_STATS_OPS:
+        torch.library.register_fake("nllfused::ce_fwd_stats_triton", _fwd_stats_fake)
+        torch.library.register_fake("nllfused::ce_bwd_stats_triton", _bwd_stats_fake)
+        torch.library.register_autograd("nllfused::ce_fwd_stats_triton", _stats_backward,
+                                        setup_context=_setup_stats_context)
     # Its autograd is C++ (csrc/loss.cpp); only the fake is Python, as for every op here.
     torch.library.register_fake("nllfused::cross_entropy_loss", _loss_fake)
     for fwd, bwd in dict.fromkeys(_PAIRS.values()):  # cpu and cuda share one op pair

@@ -16,8 +16,9 @@ is computed only when asked for, reduced as the loss is, and None otherwise:
 Reductions follow the loss's: 'none' one value per row (0 on ignored rows for z_loss and
 target_logprob), 'mean' the mean over the counted rows (target != ignore_index; every row for
 probability targets), 'sum' their sum. lse and target_logprob come from the fused op's lse and
-the target logits (O(rows) work); predicted and entropy come from the kernels where they compute
-them, else from `torch_ref.entropy_and_argmax`.
+the target logits (O(rows) work) unless the kernels give them; predicted and entropy come from
+the kernels where they compute them in their pass (the Triton kernels, so far), else from
+`torch_ref.entropy_and_argmax` (an extra pass over the logits).
 
 Names users of other packages know: return_lse=True (quack, flash-attention) and
 return_z_loss=True (Liger-Kernel) append the per-row lse and the reduced z-loss term to the
@@ -29,6 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import ops
 from .backends import torch_ref
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -70,11 +72,22 @@ def requested(return_stats, prob_target: bool) -> frozenset:
     return names
 
 
-def per_row(names, logits, target, lse, options, z_loss: float, entropy=None, predicted=None):
+KERNEL_STATS = frozenset({"predicted", "correct", "entropy", "target_logprob"})
+
+
+def from_kernel(names, backend: str):
+    """The forward with statistics (ops.stats_for_backend) if `names` needs what only a pass
+    over the logits gives and the backend's kernels compute it in theirs; else None."""
+    return ops.stats_for_backend(backend) if names & KERNEL_STATS else None
+
+
+def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
+            target_logp=None, predicted=None):
     """The requested statistics per row (N, D), before reduction. logits (N, C, D) and target as
-    the ops take them; lse (N, D) float64 from the op (differentiable: target_logprob's gradient
-    reaches the logits through the op's lse gradient); entropy / predicted where a kernel gave
-    them, else computed here."""
+    the ops take them; lse (N, D) float64 from the op; entropy, target_logp and predicted where
+    the kernel's pass gave them (ops.stats_for_backend), else computed here: target_logprob from
+    lse and the target logits (O(rows); its gradient reaches the logits through the op's lse
+    gradient), entropy and predicted from the materialised logits (torch_ref)."""
     acc = torch_ref.acc_dtype(logits.dtype)
     rows = {}
     if "lse" in names:
@@ -94,7 +107,8 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None, pr
     if "correct" in names:
         rows["correct"] = counted & (predicted == target)
     if "target_logprob" in names:
-        rows["target_logprob"] = torch_ref.target_logprob(logits, target, lse, options)
+        rows["target_logprob"] = target_logp if target_logp is not None else \
+            torch_ref.target_logprob(logits, target, lse, options)
     return rows
 
 

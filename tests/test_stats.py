@@ -28,7 +28,7 @@ def oracle_rows(x, t, logit_scale=1.0, softcap=None, z_loss=0.0, ignore_index=-1
     logp = torch.log_softmax(z, 1)
     p = logp.exp()
     rows = {"lse": torch.logsumexp(z, 1), "predicted": z.argmax(1),
-            "entropy": -torch.where(p > 0, p * logp, 0.0).sum(1)}
+            "entropy": -torch.where(p == 0, 0.0, p * logp).sum(1)}
     rows["z_loss"] = z_loss * rows["lse"] ** 2
     if not t.is_floating_point():
         counted = t != ignore_index
@@ -176,3 +176,47 @@ def test_stats_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(x, t), f(x, t)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_stats_of_special_rows(device, backend):
+    """Ties, NaN, +-inf: argmax as torch.argmax (the first maximum, the first NaN), entropy as
+    the materialised formula (NaN where the softmax is NaN, 0 for a single finite class)."""
+    x = torch.randn(6, 40, dtype=torch.float64) * 2
+    x[0, [3, 17]] = x[0].max() + 1
+    x[1] = float("-inf")
+    x[2, [9, 5]] = float("nan")
+    x[3, 7] = float("inf")
+    x[4] = float("-inf")
+    x[4, 2] = 0.5
+    x = x.float()
+    t = torch.tensor([3, 0, 1, 7, 2, 11])
+    _, st = nllfused.cross_entropy(x.to(device), t.to(device), reduction="none", backend=backend,
+                                   return_stats=("predicted", "entropy"))
+    expected = oracle_rows(x, t)
+    assert torch.equal(st.predicted.cpu(), expected["predicted"])
+    torch.testing.assert_close(st.entropy.double().cpu(), expected["entropy"], rtol=2e-5,
+                               atol=2e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(only=("triton",)))
+@pytest.mark.parametrize("prob_target", [False, True])
+def test_opcheck_stats_ops(device, backend, prob_target):
+    from nllfused import ops
+    if ops.stats_for_backend(backend) is None:
+        pytest.skip("the extension was built before the statistics ops")
+    x = torch.randn(5, 11, 2, device=device, requires_grad=True)
+    if prob_target:
+        t = torch.softmax(torch.randn(5, 11, 2, device=device), 1)
+    else:
+        t = torch.randint(0, 11, (5, 2), device=device)
+        t[0, 1] = -100
+    w = torch.rand(11, device=device) + 0.1
+    args = (x, t, w, -100 if not prob_target else -1, 0.1, 0.8, 4.0, prob_target)
+    torch.library.opcheck(torch.ops.nllfused.ce_fwd_stats_triton, args)
+    loss, lse, aux, ent, tlp, pred = torch.ops.nllfused.ce_fwd_stats_triton(x.detach(), *args[1:])
+    for ge, gt in ((torch.randn_like(ent), None), (None, torch.randn_like(tlp)),
+                   (torch.randn_like(ent), torch.randn_like(tlp))):
+        torch.library.opcheck(torch.ops.nllfused.ce_bwd_stats_triton,
+                              (torch.randn_like(loss), None, ge, gt, x.detach(), t, w, lse, aux,
+                               ent, *args[3:]))

@@ -11,9 +11,19 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+
+class Options(NamedTuple):
+    """The options every op takes, in the schema's order (csrc/ops.cpp)."""
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    logit_scale: float = 1.0
+    softcap: float = 0.0  # 0: no softcap
+    prob_target: bool = False
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,7 +121,9 @@ def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True)
         return None, predicted
     logp = torch.log_softmax(z, 1)
     p = logp.exp()
-    entropy = -torch.where(p > 0, p * logp, torch.zeros((), dtype=z.dtype, device=z.device)).sum(1)
+    # p log p -> 0 where p == 0 (a NaN row stays NaN: log_softmax gives NaN for it, as torch).
+    entropy = -torch.where(p == 0, torch.zeros((), dtype=z.dtype, device=z.device),
+                           p * logp).sum(1)
     return entropy, predicted
 
 
@@ -129,6 +141,36 @@ def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor
     nan = torch.full((), float("nan"), dtype=acc, device=logits.device)
     return torch.where(counted, torch.where(in_range, logp, nan),
                        torch.zeros((), dtype=acc, device=logits.device))
+
+
+def forward_stats(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                  prob_target):
+    """`forward`'s outputs and (entropy, target_logp, predicted) per row, as
+    nllfused::ce_fwd_stats_triton defines them (csrc/ops.cpp), differentiable."""
+    options = (ignore_index, label_smoothing, logit_scale, softcap, prob_target)
+    loss, lse, aux = forward(logits, target, weight, *options)
+    opts = Options(*options)
+    entropy, predicted = entropy_and_argmax(logits, opts)
+    if prob_target:
+        tlp = torch.zeros_like(loss)
+    else:
+        tlp = target_logprob(logits, target, lse, opts)
+    return loss, lse, aux, entropy, tlp, predicted
+
+
+def vjp_stats(grads, logits, target, weight, options, wants_logits: bool, wants_target: bool):
+    """(grad_logits, grad_target) of `forward_stats` for upstream gradients (loss, lse, entropy,
+    target_logp; any may be None), differentiable themselves (as `vjp`)."""
+    inputs = [t for t, wanted in ((logits, wants_logits), (target, wants_target)) if wanted]
+    if not inputs:
+        return None, None
+    with torch.enable_grad():
+        loss, lse, _, entropy, tlp, _ = forward_stats(logits, target, weight, *options)
+        pairs = [(o, g) for o, g in zip((loss, lse, entropy, tlp), grads) if g is not None]
+        result = list(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                          create_graph=True, allow_unused=True,
+                                          materialize_grads=True))
+    return (result.pop(0) if wants_logits else None), (result.pop(0) if wants_target else None)
 
 
 def vjp(grad_loss, grad_lse, logits, target, weight, options, wants_logits: bool,
