@@ -21,6 +21,10 @@ How (docs/maths.md with C = the global vocabulary size):
   4. The backward pass needs no communication: each rank forms p_c = exp(z_c - lse) for its
      slice from the saved global lse and writes g (p_c coef - (1-e) w_y [c=y] - (e/C) w_c),
      plus g_lse p_c where the global lse has a gradient (z-loss).
+  5. Statistics (return_stats): each rank adds to what it sends its slice's expectation of z
+     under the slice's softmax, its largest z and that class's global id (3N numbers more, the
+     same one collective); every rank combines E_p[z] = sum_r exp(lse_r - lse) E_r, the entropy
+     lse - E_p[z] and the argmax. Their gradients need no communication either.
 The 'mean' denominator (the summed weights of the counted targets) comes from the target and
 the full weight, identical on every rank: no extra collective. The z-loss term and the
 reduction are nllfused.cross_entropy's (backends.torch_ref.reduce).
@@ -31,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, backends
+from . import _checks, backends, stats
 from ._extension import TRITON_ERROR
 from .backends import torch_ref
 from .errors import ArgumentError, ArgumentTypeError
@@ -108,7 +112,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, vocab_start, ignore_index, e, group, world,
-                use_triton):
+                use_triton, stats=False):
         acc = torch_ref.acc_dtype(logits.dtype)
         R, C_local = logits.shape
         device = logits.device
@@ -119,13 +123,17 @@ class _VocabParallelCE(torch.autograd.Function):
         else:
             wsum = w_slice.sum(dtype=torch.float64).reshape(1)
         stats_fn = _vp_stats_triton if use_triton else torch_ref.vocab_slice_stats
-        stats = stats_fn(logits, target, w_slice, wsum, vocab_start, ignore_index, smoothing)
-        k = stats.shape[0]
+        rows_local = stats_fn(logits, target, w_slice, wsum, vocab_start, ignore_index,
+                              smoothing)
+        if stats:  # + the slice's expectation of z and its argmax (_slice_stats)
+            rows_local = torch.cat([rows_local, _slice_stats(logits, rows_local[0],
+                                                             vocab_start)])
+        k = rows_local.shape[0]
 
         # The one collective: [vocab_start, C_local, W_r | stats rows] from every rank.
         start_size = [torch.full((1,), float(v), dtype=torch.float64, device=device)
                       for v in (vocab_start, C_local)]  # fills on the device: no host copy
-        buf = torch.cat([*start_size, wsum, stats.reshape(-1)])
+        buf = torch.cat([*start_size, wsum, rows_local.reshape(-1)])
         gathered = _all_gather(buf, group, world) if group is not None else buf.unsqueeze(0)
 
         starts, sizes, wsums = gathered[:, 0], gathered[:, 1], gathered[:, 2]
@@ -176,26 +184,93 @@ class _VocabParallelCE(torch.autograd.Function):
         owned = (y_local >= 0) & (y_local < C_local)
         y_local = torch.where(counted, torch.where(owned, y_local, -1),
                               torch_ref.VOCAB_IGNORED_ROW)
+        extra, expect = (), lse
+        if stats:
+            entropy, expect, predicted = _combine_slice_stats(rows[:, k - 3:], lse_r, lse)
+            tlp = torch.where(counted, torch.where(valid, z_y - lse, nan), zero)
+            extra = (entropy.to(acc), tlp.to(acc), predicted)
+            ctx.mark_non_differentiable(predicted)
         ctx.save_for_backward(logits, w_slice, lse, coef.to(acc), ((1 - e) * w_y).to(acc),
-                              y_local, eps_c.to(acc).reshape(1), valid, counted)
+                              y_local, eps_c.to(acc).reshape(1), valid, counted, expect)
         ctx.options = (smoothing, use_triton)
         ctx.mark_non_differentiable(aux)
         ctx.set_materialize_grads(False)
-        return loss.to(acc), lse, aux.to(acc)
+        return (loss.to(acc), lse, aux.to(acc), *extra)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, _grad_aux):
-        logits, w_slice, lse, coef, tcoef, y_local, eps_c, valid, counted = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy=None, grad_tlp=None,
+                 _grad_pred=None):
+        (logits, w_slice, lse, coef, tcoef, y_local, eps_c, valid, counted,
+         expect) = ctx.saved_tensors
         smoothing, use_triton = ctx.options
         grad = None
+        if ctx.needs_input_grad[0] and (grad_entropy is not None or grad_tlp is not None):
+            grad = _slice_stats_grad(grad_entropy, grad_tlp, logits, lse, expect, y_local,
+                                     valid)
+            if grad_loss is None and grad_lse is None:
+                return grad.to(logits.dtype), *(None,) * 9
         if ctx.needs_input_grad[0] and (grad_loss is not None or grad_lse is not None):
             g = torch.zeros_like(coef) if grad_loss is None else grad_loss.to(coef.dtype)
             nan = torch.full((), float("nan"), dtype=g.dtype, device=g.device)
             g = torch.where(counted, torch.where(valid, g, nan), torch.zeros_like(g))
             grad_fn = _vp_bwd_triton if use_triton else torch_ref.vocab_slice_grad
-            grad = grad_fn(g, grad_lse, logits, lse, coef, tcoef, y_local, w_slice, eps_c,
-                           smoothing)
-        return grad, None, None, None, None, None, None, None, None
+            loss_grad = grad_fn(g, grad_lse, logits, lse, coef, tcoef, y_local, w_slice, eps_c,
+                                smoothing)
+            grad = loss_grad if grad is None else (grad + loss_grad).to(logits.dtype)
+        return grad, *(None,) * 9
+
+
+def _slice_stats(logits, lse_r, vocab_start: int) -> torch.Tensor:
+    """(3, R) float64: the slice's expectation of z under its own softmax, sum_c p_c z_c (a class
+    with p_c = 0 adds 0), its largest z and that class's global id (the first maximum, or the
+    first NaN, as torch.argmax). In torch: an extra pass over the slice (kernels/vocab_parallel.py
+    does not compute them)."""
+    z = logits.to(torch_ref.acc_dtype(logits.dtype))
+    p = torch.exp(z.double() - lse_r.unsqueeze(1)) if z.dtype == torch.float64 else \
+        torch.exp(z - lse_r.to(z.dtype).unsqueeze(1))
+    expect = torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device),
+                         p * z).sum(1)
+    arg = z.argmax(1)
+    best = z.gather(1, arg.unsqueeze(1)).squeeze(1)
+    return torch.stack([expect.double(), best.double(), (arg + vocab_start).double()])
+
+
+def _combine_slice_stats(rows, lse_r, lse):
+    """(entropy, E_p[z], argmax) of the full rows from every rank's _slice_stats (world, 3, R),
+    the ranks' lse_r (world, R) and the global lse: E_p[z] = sum_r exp(lse_r - lse) E_r (a rank
+    whose slice has no mass adds 0), H = lse - E_p[z]; the argmax is the smallest global id among
+    the ranks holding the largest z (the first NaN's, if any rank has one)."""
+    expect_r, best, ids = rows[:, 0], rows[:, 1], rows[:, 2]
+    share = torch.exp(lse_r - lse.unsqueeze(0))
+    zero = torch.zeros((), dtype=share.dtype, device=share.device)
+    expect = torch.where(share == 0, zero, share * expect_r).sum(0)
+    inf = torch.full((), float("inf"), dtype=ids.dtype, device=ids.device)
+    is_nan = best != best
+    first_nan = torch.where(is_nan, ids, inf).amin(0)
+    top = best.amax(0)  # NaN where a rank has one: first_nan decides those rows
+    first_top = torch.where(best == top.unsqueeze(0), ids, inf).amin(0)
+    predicted = torch.where(is_nan.any(0), first_nan, first_top)
+    return lse - expect, expect, predicted.long()
+
+
+def _slice_stats_grad(grad_entropy, grad_tlp, logits, lse, expect, y_local, valid):
+    """This slice's gradient of sum_r gH_r H_r + gT_r log p_{y_r}: -gH p_c (z_c - E_p[z]) +
+    gT ([c = y] - p_c), p from the global lse (no communication), in the accumulation dtype."""
+    z = logits.to(torch_ref.acc_dtype(logits.dtype))
+    p = torch.exp(z.double() - lse.unsqueeze(1)).to(z.dtype)
+    coef = torch.zeros_like(z[:, 0]) if grad_tlp is None else \
+        torch.where(valid, grad_tlp.to(z.dtype), torch.zeros((), dtype=z.dtype,
+                                                               device=z.device))
+    grad = -p * coef.unsqueeze(1)
+    if grad_entropy is not None:
+        g_h = grad_entropy.to(z.dtype).unsqueeze(1)
+        grad = grad - torch.where(g_h != 0, g_h * p * (z - expect.to(z.dtype).unsqueeze(1)),
+                                  torch.zeros((), dtype=z.dtype, device=z.device))
+    if grad_tlp is not None:
+        owned = y_local >= 0
+        grad = grad.scatter_add(1, torch.where(owned, y_local, 0).unsqueeze(1),
+                                torch.where(owned, coef, torch.zeros_like(coef)).unsqueeze(1))
+    return grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +296,7 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
                                  vocab_start: Optional[int] = None, ignore_index: int = -100,
                                  reduction: str = "mean", label_smoothing: float = 0.0,
                                  z_loss: float = 0.0, weight: Optional[torch.Tensor] = None,
-                                 backend: str = "auto") -> torch.Tensor:
+                                 backend: str = "auto", return_stats=False):
     """Cross-entropy over a vocabulary split across the ranks of `group`.
 
     input         this rank's logits for its slice of the classes, shape (..., C_local): classes
@@ -237,6 +312,9 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
                   smoothing exact over the full vocabulary (e / C with the global C).
     backend       "auto" (triton for CUDA tensors, else torch), "torch", "triton" (CUDA
                   tensors; CPU tensors under TRITON_INTERPRET=1); "cpu"/"cuda" run torch.
+    return_stats  as nllfused.cross_entropy (nllfused/stats.py): (loss, stats) over the full
+                  vocabulary, from the same one collective (each rank adds its slice's
+                  expectation of z and argmax, computed in torch, to what it sends).
 
     Returns the same value on every rank: nllfused.cross_entropy of the concatenated logits
     (full.reshape(-1, C), target.reshape(-1)), with reduction='none' shaped like target. Every
@@ -283,12 +361,18 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
         weight = _checks.check_weight(weight, len(weight) if isinstance(weight, torch.Tensor)
                                       else 0, input)
 
+    names = stats.requested(return_stats, False)
     use_triton = _resolve_backend(backend, input.device)
     logits = input.reshape(-1, C_local)
     flat_target = target.reshape(-1)
-    loss, lse, aux = _VocabParallelCE.apply(logits, flat_target, weight, vocab_start,
-                                            ignore_index, float(label_smoothing), group, world,
-                                            use_triton)
+    loss, lse, aux, *slice_stats = _VocabParallelCE.apply(
+        logits, flat_target, weight, vocab_start, ignore_index, float(label_smoothing), group,
+        world, use_triton, bool(names & stats.KERNEL_STATS))
     counted = flat_target != ignore_index if z_loss else None
     out = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
-    return (out.reshape(target.shape) if reduction == "none" else out).to(input.dtype)
+    out = (out.reshape(target.shape) if reduction == "none" else out).to(input.dtype)
+    if not names:
+        return out
+    options = torch_ref.Options(ignore_index=ignore_index)
+    rows = stats.per_row(names, logits, flat_target, lse, options, z_loss, *slice_stats)
+    return out, stats.reduce(rows, flat_target, options, reduction, target.shape)

@@ -183,6 +183,56 @@ def _check_case(name, rank, world, seed, device, backend, failures, group=None):
             failures.append(what + "\n" + traceback.format_exc())
 
 
+def _check_stats(rank, world, device, backend, failures):
+    """return_stats over the full vocabulary (entropy, argmax, target log-prob, lse, z-loss term,
+    accuracy) and the gradients of entropy and target log-prob on each rank's slice equal
+    nllfused.cross_entropy's on the full logits (tests/test_stats.py checks those against float64
+    torch), with ties, a NaN and an all -inf row among the rows."""
+    gen = torch.Generator().manual_seed(1234)
+    slices, _ = _slices(uneven, world)
+    C = sum(size for _, size in slices)
+    x = torch.randn(7, C, generator=gen, dtype=torch.float64) * 3
+    t = torch.randint(0, C, (7,), generator=gen)
+    t[2] = -100
+    x[0, [C - 1, 1]] = 9.0          # a tie across ranks: the smaller id
+    x[3, C - 2] = float("nan")
+    x[4] = float("-inf")
+    x_all, t_all = x, t
+    start, size = slices[rank]
+    for reduction in REDUCTIONS:
+        what = f"[rank {rank}/{world} {backend} stats {reduction}]"
+        # Reduced, the NaN and -inf rows would make every value NaN: those rows only for 'none'.
+        x, t = (x_all, t_all) if reduction == "none" else (x_all[[0, 1, 2, 5, 6]],
+                                                           t_all[[0, 1, 2, 5, 6]])
+        try:
+            full = x.clone().requires_grad_()
+            ref_loss, ref = nllfused.cross_entropy(full, t, reduction=reduction, backend="torch",
+                                                   z_loss=1e-3, return_stats=True)
+            mine = x[:, start:start + size].clone().to(device).requires_grad_()
+            loss, st = vocab_parallel_cross_entropy(mine, t.to(device), reduction=reduction,
+                                                    backend=backend, z_loss=1e-3,
+                                                    vocab_start=start, return_stats=True)
+            for name in ref._fields:
+                a, b = getattr(st, name), getattr(ref, name)
+                assert a.dtype == b.dtype and a.shape == b.shape, f"{what} {name} dtype/shape"
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, equal_nan=True,
+                                           msg=lambda m: f"{what} {name}: {m}")
+            g_h = torch.randn(st.entropy.shape, generator=gen, dtype=torch.float64)
+            g_t = torch.randn(st.target_logprob.shape, generator=gen, dtype=torch.float64)
+            keep = torch.isfinite(ref.entropy)
+            (torch.where(keep, g_h * ref.entropy, 0.0).sum()
+             + torch.where(keep, g_t * ref.target_logprob, 0.0).sum()).backward()
+            (torch.where(keep.to(device), g_h.to(device) * st.entropy, 0.0).sum()
+             + torch.where(keep.to(device), g_t.to(device) * st.target_logprob, 0.0).sum()
+             ).backward()
+            rows = keep if keep.dim() else torch.ones(len(t), dtype=torch.bool)
+            torch.testing.assert_close(mine.grad.cpu()[rows],
+                                       full.grad[:, start:start + size][rows], rtol=1e-9,
+                                       atol=1e-9, msg=lambda m: f"{what} grad: {m}")
+        except Exception:
+            failures.append(what + "\n" + traceback.format_exc())
+
+
 def _check_collectives(rank, world, device, backend, failures):
     """One all-gather of O(rows) numbers per forward, nothing in backward."""
     what = f"[rank {rank}/{world} {backend} collectives]"
@@ -251,6 +301,7 @@ def _worker(rank, world, init_file, seed, dist_backend, device, backends, compil
                 _check_case(name, rank, world, seed + i, device, backend, failures)
         for backend in backends:
             _check_collectives(rank, world, device, backend, failures)
+            _check_stats(rank, world, device, backend, failures)
         if world == 4:  # two groups of two inside the world: group ranks != global ranks
             pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             for backend in backends:
