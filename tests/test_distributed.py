@@ -155,7 +155,8 @@ def _check_case(name, rank, world, seed, device, backend, failures, group=None):
                f"{reduction}]"
         try:
             out_shape = t.shape if reduction == "none" else ()
-            grad = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+            # Rounded to the loss's dtype: the gradient the loss receives (tests/helpers.py).
+            grad = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(dtype).double()
             ref_kw = dict(kwargs, reduction=reduction)
             # The oracle: torch on the full vocabulary, (rows, C) and rows.
             oracle, oracle_grad = reference(x.reshape(-1, C), t.reshape(-1), grad=grad.reshape(-1)

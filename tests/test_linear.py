@@ -102,7 +102,8 @@ def check(x, W, b, t, reduction, device="cpu", backend="auto", **kw):
     """Run ours and judge loss and all gradients against the oracle."""
     dtype = x.dtype
     out_shape = t.shape if reduction == "none" else ()
-    grad = torch.randn(out_shape, dtype=torch.float64)
+    # Rounded to the loss's dtype: the gradient the loss receives (tests/helpers.py).
+    grad = torch.randn(out_shape, dtype=torch.float64).to(dtype).double()
     oracle = torch_pipeline(x, W, b, t, torch.float64, grad, reduction, **kw)
     low = torch_low_precision(x, W, b, t, grad, reduction, oracle, **kw)
 
