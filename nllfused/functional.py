@@ -62,7 +62,7 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
     and conversions of the general path: every test is an attribute read, so that a small call
     (a 10-class batch) costs about what torch's does. Anything else -- a bad argument included --
     takes the general path, which names the problem."""
-    if (backend != "auto" or type(input) is not torch.Tensor or type(target) is not torch.Tensor
+    if (type(input) is not torch.Tensor or type(target) is not torch.Tensor
             or target.dtype is not torch.int64 or size_average is not None or reduce is not None
             or softcap is not None or type(reduction) is not str or type(ignore_index) is not int
             or type(label_smoothing) not in _NUMBERS or not 0 <= label_smoothing <= 1
@@ -80,7 +80,8 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
     elif t_shape != shape[:1] + shape[2:]:
         return None
     device = input.device
-    if target.device != device:
+    # "auto", or the backend this path runs anyway: "cpu" on the CPU, "cuda" where auto picks it
+    if (backend != "auto" and backend != device.type) or target.device != device:
         return None
     if weight is not None and not (
             type(weight) is torch.Tensor and weight.dtype is acc and weight.dim() == 1

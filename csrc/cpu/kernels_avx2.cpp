@@ -38,6 +38,15 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
   return _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
 }
 
+// Ce::vlog1p's split of w > 0 (normal) into 2^e f, f in [sqrt(1/2), sqrt(2)): the exponent of
+// w / sqrt(1/2), from the bits. Other w (0, inf, NaN) give garbage that vlog1p replaces.
+inline void log_split(Vec<float> w, Vec<float>& f, Vec<float>& e) {
+  const __m256i k = _mm256_sub_epi32(_mm256_castps_si256(w), _mm256_set1_epi32(0x3f3504f3));
+  e = _mm256_cvtepi32_ps(_mm256_srai_epi32(k, 23));
+  f = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(k, _mm256_set1_epi32(0x007fffff)),
+                                           _mm256_set1_epi32(0x3f3504f3)));
+}
+
 }  // namespace nllfused_cpu::cpu_avx2
 
 #define NLLF_CPU_CAPABILITY avx2

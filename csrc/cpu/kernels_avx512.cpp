@@ -29,6 +29,15 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
   return _mm512_maskz_mul_ps(keep, p, two_n);
 }
 
+// Ce::vlog1p's split of w > 0 (normal) into 2^e f, f in [sqrt(1/2), sqrt(2)): the exponent of
+// w / sqrt(1/2), from the bits. Other w (0, inf, NaN) give garbage that vlog1p replaces.
+inline void log_split(Vec<float> w, Vec<float>& f, Vec<float>& e) {
+  const __m512i k = _mm512_sub_epi32(_mm512_castps_si512(w), _mm512_set1_epi32(0x3f3504f3));
+  e = _mm512_cvtepi32_ps(_mm512_srai_epi32(k, 23));
+  f = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_and_si512(k, _mm512_set1_epi32(0x007fffff)),
+                                           _mm512_set1_epi32(0x3f3504f3)));
+}
+
 }  // namespace nllfused_cpu::cpu_avx512
 
 #define NLLF_CPU_CAPABILITY avx512

@@ -16,10 +16,12 @@ struct ScalarVec {
   void store(void* p) const { *static_cast<T*>(p) = v; }
   ScalarVec exp_u20() const { return ScalarVec(std::exp(v)); }
   ScalarVec tanh() const { return ScalarVec(std::tanh(v)); }
+  ScalarVec log1p() const { return ScalarVec(std::log1p(v)); }
   ScalarVec eq(ScalarVec b) const { return ScalarVec(v == b.v ? T(1) : T(0)); }  // 1 or 0
   // Vectorized's comparison operators give a lane mask and blendv picks b where it is set; here
   // the mask is 1 or 0.
   ScalarVec operator!=(ScalarVec b) const { return ScalarVec(v != b.v ? T(1) : T(0)); }
+  ScalarVec operator==(ScalarVec b) const { return ScalarVec(v == b.v ? T(1) : T(0)); }
   static ScalarVec blendv(ScalarVec a, ScalarVec b, ScalarVec mask) { return mask.v != 0 ? b : a; }
   friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return ScalarVec(a.v + b.v); }
   friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return ScalarVec(a.v - b.v); }

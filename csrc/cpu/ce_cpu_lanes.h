@@ -1,0 +1,456 @@
+// Rows of few classes (struct Ce, ce_cpu_kernels.h, which includes this file), index targets:
+// W2 rows at once, one row per vector lane (two vectors a, b of W lanes), looping over the
+// classes. The rows path (ce_cpu_forward.h / ce_cpu_backward.h) pays per row a horizontal max
+// and sum, a vector tail, a compensated add over 2W lanes and a log; on a row of 10 classes that
+// is most of the work, and the rows of a (N, C, D) input with D > 1 are gathered there. Here the
+// per-row work is one lane of a vector operation. Probability targets stay on the rows path.
+//
+// A tile is L <= W2 rows r0 .. r0 + L - 1 (rows r = n D + d, numbered as loss / lse / aux are
+// stored). With D >= W2 a tile is W2 consecutive d of one n ("dtile"): where the d stride is 1 (a
+// contiguous (N, C, D) input, segmentation) each class of the tile is one contiguous vector load
+// ("vin"), and the gradient, (N, C, D) contiguous, one contiguous vector store. Otherwise a tile
+// is W2 consecutive rows, and its C x W2 logits are gathered into an L1 buffer zb (for a plain
+// (N, C) input a transposition: scalar copies), the gradient scattered back from there. The
+// forward keeps the tile's z in zb for its second sweep: the logits are read once forward and
+// once backward, with no copy of them.
+//
+// The maths is the rows path's, formula for formula: per lane the State that fold<Gm, true>
+// leaves (after the first sweep the max is final, so the classes at it are counted into k) and
+// finish_row's loss / lse / aux; in the backward row_grad's P, Q, hi, lo and grad_chunk's sweep,
+// with p_y, dz_y and sum_{c != y} p_c taken per lane where c == y. Where those branch per row
+// (ignored rows, NaN, +inf and all -inf rows, the NaN / 0 fills of grad_any) the lanes blend, to
+// the same values. The sums are plain vector sums: at most kLaneMaxC terms, and the terms at the
+// max are counted apart in k (the compensated add of the rows path is for 1 + tiny terms over
+// long rows). tests/test_cpu_small_classes.py checks every layout, dtype and option against
+// float64 torch on each copy the machine can run.
+#pragma once
+
+namespace nllfused_cpu::NLLF_CPU_NS {
+
+template <typename scalar_t>
+struct Ce<scalar_t>::Lanes {
+  int64_t r0, L;           // rows r0 .. r0 + L - 1
+  bool dtile;              // lanes (n0, d0 + l): W2 consecutive d of one n; else (n[l], d[l])
+  bool vin;                // lane l's class c is x0[c xC + l]: one vector load per class
+  int64_t n0, d0;          // lane 0's row
+  int64_t next_n, next_d;  // dtile: the next tile's n0, d0 (no division per tile)
+  const scalar_t* x0;      // lane 0's logits
+  int64_t y[W2];           // class_of; -1 for ignored rows and lanes past L
+  alignas(64) acc_t yf[W2];  // y as acc_t
+  int64_t n[W2], d[W2];    // !dtile
+};
+
+// f(l) for each lane l < L; a full tile's loop has a constant count, which the compiler
+// vectorizes.
+template <typename F>
+inline void lane_loop(int64_t L, int64_t W2, const F& f) {
+  if (L == W2) {
+    for (int64_t l = 0; l < W2; ++l) f(l);
+  } else {
+    for (int64_t l = 0; l < L; ++l) f(l);
+  }
+}
+
+// The most classes the lane path takes. A tile whose classes are one vector load each, or whose
+// gradient is one vector store per class (D >= W2), beats the rows path up to kLaneMaxC (and the
+// tiles of ce_cpu_forward.h by far). A tile of a plain (N, C) input is a transposition both ways,
+// a scalar copy per logit: the forward still gains to kLaneMaxC (the rows path pays a horizontal
+// max, sum and log per row), the backward, which the rows path runs in place, only to 32
+// classes (measured on the AVX2 copy, 8192 rows: 0.7x the rows path's time at 32 classes, 1.6x
+// at 48).
+template <typename scalar_t>
+int64_t Ce<scalar_t>::lane_limit(const Args& A, bool backward) {
+  // The baseline copy, one lane a "vector", gains in the forward only (its backward: 1.2x the
+  // tiles' time at (4, 21, 64, 64), 1.5x the rows' at (1024, 32)).
+  if (W == 1) return backward ? 0 : kLaneMaxC;
+  const bool transposed = A.D == 1 && A.xN != 1 && (A.xC == 1 || A.C == 1);
+  return backward && transposed ? 32 : kLaneMaxC;
+}
+
+template <typename scalar_t>
+bool Ce<scalar_t>::lanes_ok(const Args& A, bool backward) {
+  return !A.prob && A.C <= kLaneMaxC && A.C <= lane_limit(A, backward);
+}
+
+template <typename scalar_t>
+int64_t Ce<scalar_t>::lane_tiles(const Args& A) {
+  if (A.D >= W2) return A.N * ((A.D + W2 - 1) / W2);
+  return (A.N * A.D + W2 - 1) / W2;
+}
+
+// out[l] = p[n sN + d sD] for each lane's row (n, d), l < L; fill past L.
+template <typename scalar_t>
+template <typename src_t, typename dst_t>
+void Ce<scalar_t>::lane_read(const Lanes& T, const src_t* p, int64_t sN, int64_t sD, dst_t fill,
+                             dst_t* out) {
+  if (T.dtile) {
+    const src_t* q = p + T.n0 * sN + T.d0 * sD;
+    if (sD == 1) lane_loop(T.L, W2, [&](int64_t l) { out[l] = static_cast<dst_t>(q[l]); });
+    else lane_loop(T.L, W2, [&](int64_t l) { out[l] = static_cast<dst_t>(q[l * sD]); });
+  } else {
+    for (int64_t l = 0; l < T.L; ++l) out[l] = static_cast<dst_t>(p[T.n[l] * sN + T.d[l] * sD]);
+  }
+  for (int64_t l = T.L; l < W2; ++l) out[l] = fill;
+}
+
+// Tile `tile`'s rows and targets (tiles in order; `first` for the first of a range). An
+// out-of-range target raises class_of's IndexError.
+template <typename scalar_t>
+void Ce<scalar_t>::lane_tile(const Args& A, int64_t tile, bool first, Lanes& T) {
+  T.dtile = A.D >= W2;
+  if (T.dtile) {
+    if (first) {
+      const int64_t per = (A.D + W2 - 1) / W2;
+      T.next_n = tile / per;
+      T.next_d = (tile % per) * W2;
+    }
+    T.n0 = T.next_n;
+    T.d0 = T.next_d;
+    T.next_d += W2;
+    if (T.next_d >= A.D) {
+      T.next_d = 0;
+      ++T.next_n;
+    }
+    T.r0 = T.n0 * A.D + T.d0;
+    T.L = std::min(W2, A.D - T.d0);
+    T.vin = A.xD == 1;
+  } else {
+    T.r0 = tile * W2;
+    T.L = std::min(W2, A.N * A.D - T.r0);
+    for (int64_t l = 0; l < T.L; ++l) {
+      T.n[l] = A.D == 1 ? T.r0 + l : (T.r0 + l) / A.D;
+      T.d[l] = A.D == 1 ? 0 : (T.r0 + l) % A.D;
+    }
+    T.n0 = T.n[0];
+    T.d0 = T.d[0];
+    T.vin = A.D == 1 && A.xN == 1;
+  }
+  T.x0 = row_ptr(A, T.n0, T.d0);
+  int64_t y[W2];
+  const int64_t ign = A.ignore_index;
+  if (A.tkind == 0) lane_read(T, static_cast<const int64_t*>(A.t), A.tN, A.tD, ign, y);
+  else if (A.tkind == 1) lane_read(T, static_cast<const int32_t*>(A.t), A.tN, A.tD, ign, y);
+  else lane_read(T, static_cast<const uint8_t*>(A.t), A.tN, A.tD, ign, y);
+  int64_t bad = 0;  // no early exit, no bool: the compiler vectorizes the check
+  for (int64_t l = 0; l < W2; ++l) {
+    const int64_t ignored = y[l] == ign;
+    bad |= (1 - ignored) & static_cast<int64_t>(static_cast<uint64_t>(y[l]) >=
+                                                 static_cast<uint64_t>(A.C));
+    T.y[l] = ignored ? int64_t(-1) : y[l];
+  }
+  if (bad) {
+    for (int64_t l = 0; l < T.L; ++l)
+      class_of(A, T.dtile ? T.n0 : T.n[l], T.dtile ? T.d0 + l : T.d[l]);
+  }
+  for (int64_t l = 0; l < W2; ++l) T.yf[l] = static_cast<acc_t>(static_cast<int32_t>(T.y[l]));
+}
+
+// The tile's logits into zb[c W2 + l] in acc_t; lanes past L get 0.
+template <typename scalar_t>
+void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
+  const int64_t C = A.C, xC = A.xC;
+  for (int64_t l = 0; l < W2; ++l) {
+    if (l >= T.L) {
+      for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = 0;
+      continue;
+    }
+    const scalar_t* x = T.dtile ? T.x0 + l * A.xD : row_ptr(A, T.n[l], T.d[l]);
+    if (xC == 1) {
+      for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = static_cast<acc_t>(x[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = static_cast<acc_t>(x[c * xC]);
+    }
+  }
+}
+
+// K: the transform (Tf), Gm: the smoothing g-sums (0 none, 1 g = 1, 2 g = w), as in fold.
+template <typename scalar_t>
+template <int K, int Gm>
+void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
+  alignas(64) acc_t zb[kLaneMaxC * W2];
+  alignas(64) acc_t zy[W2] = {}, wy[W2], lm[W2], ld[W2], ls[W2];
+  const Tf t = make_tf(A);
+  const int64_t C = A.C, xC = A.xC;
+  const acc_t* w = weights(A);
+  const acc_t e = static_cast<acc_t>(A.eps), eC = e / static_cast<acc_t>(C);
+  acc_t G = 0;  // sum_c g_c: the same for every row
+  if constexpr (Gm == 1) G = static_cast<acc_t>(C);
+  if constexpr (Gm == 2)
+    for (int64_t c = 0; c < C; ++c) G += w[c];
+  acc_t* loss = static_cast<acc_t*>(A.loss);
+  acc_t* aux = static_cast<acc_t*>(A.aux);
+  double* lse = static_cast<double*>(A.lse);
+  const V zero(acc_t(0)), one(acc_t(1)), none(acc_t(-1)), ninf(-kInf), pinf(kInf), nan(kNaN);
+  const bool pick = C <= 16;  // z_y by a lane mask in the sweep (2 operations a class), or gathered
+  Lanes T;
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    lane_tile(A, tile, tile == tile0, T);
+    // Sweep 1: z of every class into zb, and each lane's max (vmax may drop NaN: see there).
+    V m0(-kInf), m1(-kInf);
+    auto put = [&](int64_t c, V a, V b) {
+      a = tf<K>(a, t);
+      b = tf<K>(b, t);
+      a.store(zb + c * W2);
+      b.store(zb + c * W2 + W);
+      m0 = vmax(m0, a);
+      m1 = vmax(m1, b);
+    };
+    if (T.vin && T.L == W2) {
+      for (int64_t c = 0; c < C; ++c) {
+        V a, b;
+        load2(T.x0 + c * xC, a, b);
+        put(c, a, b);
+      }
+    } else if (T.vin) {
+      for (int64_t c = 0; c < C; ++c) {
+        V a, b;
+        load2_tail(T.x0 + c * xC, T.L, acc_t(0), a, b);
+        put(c, a, b);
+      }
+    } else {
+      lane_gather(A, T, zb);
+      for (int64_t c = 0; c < C; ++c) put(c, V::loadu(zb + c * W2), V::loadu(zb + c * W2 + W));
+    }
+    // Sweep 2, from L1: fold's sums against ref = m (0 where m = -inf, as there).
+    // With few classes z_y - ref is picked here per lane; else gathered from zb below.
+    const V r0 = V::blendv(m0, zero, m0 == ninf), r1 = V::blendv(m1, zero, m1 == ninf);
+    const V yv0 = V::loadu(T.yf), yv1 = V::loadu(T.yf + W);
+    V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), a0(zero), a1(zero);
+    for (int64_t c = 0; c < C; ++c) {
+      const V a = V::loadu(zb + c * W2) - r0, b = V::loadu(zb + c * W2 + W) - r1;
+      if (pick) {
+        const V vc(static_cast<acc_t>(c));
+        a0 = V::blendv(a0, a, vc == yv0);
+        a1 = V::blendv(a1, b, vc == yv1);
+      }
+      const V ea = a.eq(zero), eb = b.eq(zero);  // 1 or 0: at the max, counted into k
+      s0 = s0 + vexp(a) * (one - ea);
+      s1 = s1 + vexp(b) * (one - eb);
+      k0 = k0 + ea;
+      k1 = k1 + eb;
+      if constexpr (Gm == 1) {
+        b0 = b0 + a;
+        b1 = b1 + b;
+      } else if constexpr (Gm == 2) {
+        const V wc(w[c]);
+        b0 = fmadd(wc, a, b0);
+        b1 = fmadd(wc, b, b1);
+      }
+    }
+    // finish_row (ce_cpu_forward.h) for a vector of rows, the same formulas in the same order.
+    if (!pick)
+      for (int64_t l = 0; l < W2; ++l) zy[l] = zb[std::max<int64_t>(T.y[l], 0) * W2 + l];
+    if (w)
+      for (int64_t l = 0; l < W2; ++l) wy[l] = w[std::max<int64_t>(T.y[l], 0)];
+    auto finish = [&](int64_t h, V m, V s, V k, V b, V ay) {
+      const V ign = V::loadu(T.yf + h) == none;
+      const V wv = V::blendv(w ? V::loadu(wy + h) : one, zero, ign);
+      const V logd = vlog1p((k - one) + s);
+      // m - z_y: -(z_y - m) is the same number; where m = -inf both make the loss NaN
+      const V mzy = pick ? none * ay : m - V::loadu(zy + h);
+      V l = V(acc_t(1) - e) * wv * (mzy + logd);
+      if (A.eps != 0) l = l + V(eC) * (V(G) * logd - b);
+      // NaN where lse is +inf or NaN, 0 on ignored rows
+      l = V::blendv(l, nan, m == pinf);
+      l = V::blendv(l, nan, m != m);
+      l = V::blendv(l, nan, logd != logd);
+      l = V::blendv(l, zero, ign);
+      l.store(ls + h);
+      wv.store(wy + h);
+      m.store(lm + h);
+      V::blendv(logd, zero, m == pinf).store(ld + h);  // lse = m + log d, +inf where m is
+    };
+    finish(0, m0, s0, k0, b0, a0);
+    finish(W, m1, s1, k1, b1, a1);
+    acc_t* lossr = loss + T.r0;
+    acc_t* auxr = aux + T.r0;
+    double* lser = lse + T.r0;
+    lane_loop(T.L, W2, [&](int64_t l) {
+      lossr[l] = ls[l];
+      auxr[l] = wy[l];
+      lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]);
+    });
+  }
+}
+
+// The gradient of a tile: grad_chunk's sweep with row_grad's scalars per lane (ce_cpu_backward.h,
+// the same formulas in the same order), the lanes of ignored rows (0) or non-finite lse (NaN)
+// blended in as grad_any fills them; p_y, dz_y and sum_{c != y} p_c are taken per lane where
+// c == y, and the target's element is written after the sweep.
+template <typename scalar_t>
+template <int K, int Gm>
+void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
+  alignas(64) acc_t zb[kLaneMaxC * W2];
+  alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], wy[W2], yv[W2], gy[W2];
+  alignas(64) double ld[W2];
+  const Tf t = make_tf(A);
+  const int64_t C = A.C, D = A.D, xC = A.xC;
+  const acc_t* w = weights(A);
+  const acc_t e = static_cast<acc_t>(A.eps), om = 1 - e, eC = e / static_cast<acc_t>(C);
+  const acc_t ws = static_cast<acc_t>(A.wsum);
+  scalar_t* out = static_cast<scalar_t*>(A.out);
+  const V zero(acc_t(0)), one(acc_t(1)), none(acc_t(-1)), nan(kNaN), dz1(K == 1 ? t.a : acc_t(1));
+  Lanes T;
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    lane_tile(A, tile, tile == tile0, T);
+    lane_read(T, static_cast<const acc_t*>(A.gl), A.gN, A.gD, acc_t(0), gl);
+    lane_read(T, static_cast<const double*>(A.lse_in), A.lN, A.lD, 0.0, ld);
+    if (A.glse) lane_read(T, A.glse, A.glN, A.glD, acc_t(0), gs);
+    else std::fill(gs, gs + W2, acc_t(0));
+    // hi = acc_t(lse), lo = acc_t(lse - hi), as row_grad. hi passes through memory the compiler
+    // cannot see into: GCC 12 vectorized this loop of the default copy into lse - lse (lo = 0),
+    // as if double(float(x)) were x.
+    for (int64_t l = 0; l < W2; ++l) hi[l] = static_cast<acc_t>(ld[l]);
+#if defined(__GNUC__)
+    asm volatile("" : : "r"(hi) : "memory");
+#endif
+    for (int64_t l = 0; l < W2; ++l) lo[l] = static_cast<acc_t>(ld[l] - static_cast<double>(hi[l]));
+    if (w)
+      for (int64_t l = 0; l < W2; ++l) wy[l] = w[std::max<int64_t>(T.y[l], 0)];
+    // row_grad per lane. Masks are combined by blendv: mand(a, b) = a and b, mor(a, b) = a or b.
+    auto mand = [&](V a, V b) { return V::blendv(zero, b, a); };
+    auto mor = [&](V a, V b) { return V::blendv(a, b, b); };
+    V P[2], Q[2], Y[2], H[2], Lo[2], S[2], Sv[2];
+    V any_special(zero), any_nonfinite(zero);
+    for (int h = 0; h < 2; ++h) {
+      const V y = V::loadu(T.yf + h * W), g = V::loadu(gl + h * W), s = V::loadu(gs + h * W);
+      const V ign = y == none, zero_row = mand(ign, s == zero), hv = V::loadu(hi + h * W);
+      const V wv = V::blendv(w ? V::loadu(wy + h * W) : one, zero, ign);
+      wv.store(wy + h * W);
+      // lse = -inf (all classes -inf), +inf or NaN: every p_c is NaN, as in torch
+      const V nan_row = V::blendv((hv - hv) != zero, zero, zero_row);
+      P[h] = V::blendv(g * (V(om) * wv + V(eC * ws)) + s, s, ign);
+      Q[h] = V::blendv(g * V(eC), zero, ign);
+      Y[h] = V::blendv(y, none, nan_row);  // lanes whose target's element is written
+      H[h] = hv;
+      Lo[h] = V::blendv(V::loadu(lo + h * W), zero, nan_row);
+      S[h] = mor(zero_row, nan_row);
+      Sv[h] = V::blendv(nan, zero, zero_row);
+      any_special = mor(any_special, S[h]);
+      const V bad = mor(nan_row, mor((P[h] - P[h]) != zero, (Q[h] - Q[h]) != zero));
+      any_nonfinite = mor(any_nonfinite, V::blendv(bad, zero, zero_row));
+    }
+    const bool special = hsum(V::blendv(zero, one, any_special)) != 0;
+    const bool finite = Gm != 2 && hsum(V::blendv(zero, one, any_nonfinite)) == 0;
+    Y[0].store(yv);
+    Y[1].store(yv + W);
+    const V hi0 = H[0], hi1 = H[1], lo0 = Lo[0], lo1 = Lo[1], P0 = P[0], P1 = P[1], Q0 = Q[0];
+    const V Q1 = Q[1], y0 = Y[0], y1 = Y[1], sm0 = S[0], sm1 = S[1], sv0 = Sv[0], sv1 = Sv[1];
+    V so0(zero), so1(zero), py0(zero), py1(zero), dy0(dz1), dy1(dz1);
+    if (!T.vin) lane_gather(A, T, zb);
+    scalar_t* o = out + T.n0 * C * D + T.d0;  // dtile: lane l's gradient of class c at o[c D + l]
+    // dtile: a class's gradient for the tile's lanes, one vector store (a partial one past L)
+    auto store = [&](scalar_t* p, V a, V b) {
+      if (T.L < W2) store2_tail(p, T.L, a, b);
+      else if (finite) store2_finite(p, a, b);
+      else store2(p, a, b);
+    };
+    // With few classes the tile waits in zb for the targets' elements (a blend per class, no
+    // scalar stores).
+    const bool late = T.dtile && C <= 16;
+    for (int64_t c = 0; c < C; ++c) {
+      V xa, xb;
+      if (!T.vin) {
+        xa = V::loadu(zb + c * W2);
+        xb = V::loadu(zb + c * W2 + W);
+      } else if (T.L == W2) {
+        load2(T.x0 + c * xC, xa, xb);
+      } else {
+        load2_tail(T.x0 + c * xC, T.L, acc_t(0), xa, xb);
+      }
+      V da, db;
+      const V za = tf_grad<K>(xa, t, da), zb_ = tf_grad<K>(xb, t, db);
+      const V pa = vexp((za - hi0) - lo0), pb = vexp((zb_ - hi1) - lo1);
+      V ra = P0 * pa, rb = P1 * pb;
+      if constexpr (Gm == 1) {
+        ra = ra - Q0;
+        rb = rb - Q1;
+      } else if constexpr (Gm == 2) {
+        const V wc(w[c]);
+        ra = ra - Q0 * wc;
+        rb = rb - Q1 * wc;
+      }
+      if constexpr (K != 0) {
+        ra = ra * da;
+        rb = rb * db;
+      }
+      if (special) {
+        ra = V::blendv(ra, sv0, sm0);
+        rb = V::blendv(rb, sv1, sm1);
+      }
+      const V vc(static_cast<acc_t>(c)), ta = vc == y0, tb = vc == y1;  // lanes whose y is c
+      so0 = so0 + V::blendv(pa, zero, ta);
+      so1 = so1 + V::blendv(pb, zero, tb);
+      py0 = V::blendv(py0, pa, ta);
+      py1 = V::blendv(py1, pb, tb);
+      if constexpr (K == 2) {
+        dy0 = V::blendv(dy0, da, ta);
+        dy1 = V::blendv(dy1, db, tb);
+      }
+      if (!T.dtile || late) {
+        ra.store(zb + c * W2);
+        rb.store(zb + c * W2 + W);
+      } else {
+        store(o + c * D, ra, rb);
+      }
+    }
+    // The target's element, row_grad's ya * sum + yb
+    auto target = [&](int64_t h, V so, V py, V dz) {
+      const V g = V::loadu(gl + h), wv = V::loadu(wy + h);
+      const V ya = V(acc_t(-1)) * g * dz * V(om) * wv;
+      const V yb = dz * (g * V(eC) * (V(ws) * py - wv) + V::loadu(gs + h) * py);
+      return ya * so + yb;
+    };
+    const V g0 = target(0, so0, py0, dy0), g1 = target(W, so1, py1, dy1);
+    if (late) {  // the tile from zb, each target's element blended in
+      for (int64_t c = 0; c < C; ++c) {
+        const V vc(static_cast<acc_t>(c));
+        store(o + c * D, V::blendv(V::loadu(zb + c * W2), g0, vc == y0),
+              V::blendv(V::loadu(zb + c * W2 + W), g1, vc == y1));
+      }
+    } else {
+      g0.store(gy);
+      g1.store(gy + W);
+      for (int64_t l = 0; l < T.L; ++l) {
+        if (yv[l] < 0) continue;
+        if (T.dtile) o[T.y[l] * D + l] = static_cast<scalar_t>(gy[l]);
+        else zb[T.y[l] * W2 + l] = gy[l];
+      }
+    }
+    if (!T.dtile) {
+      for (int64_t l = 0; l < T.L; ++l) {
+        scalar_t* ol = out + T.n[l] * C * D + T.d[l];
+        for (int64_t c = 0; c < C; ++c) ol[c * D] = static_cast<scalar_t>(zb[c * W2 + l]);
+      }
+    }
+  }
+}
+
+// Each (transform, g-sums) pair its own instantiation, tiles on at::parallel_for's threads.
+#define NLLF_LANES_RUN(FN)                                                                    \
+  const int64_t tiles = lane_tiles(A);                                                        \
+  if (tiles == 0) return;                                                                     \
+  const int gm = A.eps == 0 ? 0 : A.w ? 2 : 1, kind = make_tf(A).kind;                        \
+  const int64_t grain = std::max<int64_t>(1, 32768 / (A.C * W2));                             \
+  auto run = [&](auto fn) { at::parallel_for(0, tiles, grain, fn); };                         \
+  if (kind == 0 && gm == 0) return run([&](int64_t b, int64_t e) { FN<0, 0>(A, b, e); });     \
+  if (kind == 0 && gm == 1) return run([&](int64_t b, int64_t e) { FN<0, 1>(A, b, e); });     \
+  if (kind == 0) return run([&](int64_t b, int64_t e) { FN<0, 2>(A, b, e); });                \
+  if (kind == 1 && gm == 0) return run([&](int64_t b, int64_t e) { FN<1, 0>(A, b, e); });     \
+  if (kind == 1 && gm == 1) return run([&](int64_t b, int64_t e) { FN<1, 1>(A, b, e); });     \
+  if (kind == 1) return run([&](int64_t b, int64_t e) { FN<1, 2>(A, b, e); });                \
+  if (gm == 0) return run([&](int64_t b, int64_t e) { FN<2, 0>(A, b, e); });                  \
+  if (gm == 1) return run([&](int64_t b, int64_t e) { FN<2, 1>(A, b, e); });                  \
+  run([&](int64_t b, int64_t e) { FN<2, 2>(A, b, e); });
+
+template <typename scalar_t>
+void Ce<scalar_t>::forward_lanes(const Args& A) {
+  NLLF_LANES_RUN(fwd_lanes)
+}
+
+template <typename scalar_t>
+void Ce<scalar_t>::backward_lanes(const Args& A) {
+  NLLF_LANES_RUN(bwd_lanes)
+}
+#undef NLLF_LANES_RUN
+}  // namespace nllfused_cpu::NLLF_CPU_NS

@@ -1,0 +1,227 @@
+"""The CPU kernels' lane path (csrc/cpu/ce_cpu_lanes.h): rows of few classes with index targets,
+W2 rows at once, one row per vector lane. Run on every copy of the kernels this machine can run
+(NLLFUSED_CPU_CAPABILITY), in every layout the path takes (K-dim with unit d stride: one vector
+load per class; 2-D, channels-last, sliced and transposed inputs: tiles gathered into a buffer),
+with class counts around the vector width and the path's limits, row counts that leave a partial
+tile, every dtype and option, NaN and infinite rows; judged against float64 torch
+(tests/reference.py) like every backend."""
+import pytest
+import torch
+
+import nllfused
+from helpers import check_cross_entropy, dtype_id
+
+pytestmark = pytest.mark.skipif(not nllfused.build_info()["built"],
+                                reason="the C++ extension is not built")
+
+CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
+    else []
+# ce_cpu_lanes.h: the most classes of a tile (kLaneMaxC) and of a gathered tile (lane_limit).
+LANE_MAX_C = 256
+GATHER_MAX_C = 32
+# Lanes per tile (W2) are 2 (default), 8 or 16 (avx2), 16 or 32 (avx512): class counts and row
+# counts on both sides of each.
+CLASS_COUNTS = sorted({1, 2, 3, 7, 9, 10, 15, 17, 31, 33, GATHER_MAX_C, GATHER_MAX_C + 1,
+                       LANE_MAX_C - 1, LANE_MAX_C, LANE_MAX_C + 1})
+LOW = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request, monkeypatch):
+    monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", request.param)
+    assert nllfused._C.build_info()["cpu_capability"] == request.param
+    return request.param
+
+
+def randn(shape, dtype):
+    return (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+
+
+# layout -> builder(C, dtype) -> logits. Row counts N*D leave partial tiles for every lane count.
+LAYOUTS = {
+    # (N, C): gathered tiles of consecutive rows, the gradient scattered back.
+    "2d": lambda C, d: randn((45, C), d),
+    # (N, C) column-major: consecutive rows adjacent in memory, one vector load per class.
+    "2d_transposed": lambda C, d: randn((C, 37), d).t(),
+    # (N, 2C)[:, ::2]: class stride 2.
+    "2d_sliced": lambda C, d: randn((21, 2 * C), d)[:, ::2],
+    # (N, C, d1, d2), D = 35: tiles of consecutive d of one n, one vector load per class.
+    "kdim": lambda C, d: randn((3, C, 5, 7), d),
+    # D = 3, fewer than a tile: tiles of consecutive rows across n.
+    "kdim_short": lambda C, d: randn((7, C, 3), d),
+    # unit d stride but a row stride that is not C * D.
+    "kdim_sliced": lambda C, d: randn((2, C, 41), d)[:, :, 1:],
+    # channels-last: tiles of consecutive d, gathered (d stride C).
+    "channels_last": lambda C, d: randn((2, C, 5, 7), d).contiguous(
+        memory_format=torch.channels_last),
+    # d stride 2
+    "kdim_strided": lambda C, d: randn((2, C, 38), d)[:, :, ::2],
+}
+
+
+def targets(x, ignore_index=-100, ignore_frac=0.2):
+    C = x.shape[1]
+    t = torch.randint(0, C, x.shape[:1] + x.shape[2:])
+    t[torch.rand(t.shape) < ignore_frac] = ignore_index
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("C", CLASS_COUNTS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_class_counts_and_layouts(capability, layout, C, dtype):
+    x = LAYOUTS[layout](C, dtype)
+    check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="none")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
+@pytest.mark.parametrize("C", [3, 10, 33])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_16_bit_logits(capability, layout, C, dtype):
+    x = LAYOUTS[layout](C, dtype)
+    check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="none")
+
+
+OPTIONS = {
+    "ignore_neg1": {"ignore_index": -1},
+    "ignore_valid_class_weight": {"ignore_index": 2, "weight": "rand"},
+    "smoothing": {"label_smoothing": 0.2},
+    "smoothing_weight": {"label_smoothing": 0.1, "weight": "rand"},
+    "smoothing_1": {"label_smoothing": 1.0},
+    "logit_scale": {"logit_scale": 0.37},
+    "softcap": {"softcap": 3.0, "logit_scale": 2.0},
+    "z_loss": {"z_loss": 1e-2},
+    "everything": {"softcap": 4.0, "label_smoothing": 0.1, "weight": "rand", "z_loss": 1e-3,
+                   "ignore_index": 1},
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("layout", ["2d", "2d_transposed", "kdim", "channels_last"])
+def test_options(capability, layout, option, dtype, reduction):
+    kwargs = dict(OPTIONS[option])
+    C = 13
+    x = LAYOUTS[layout](C, dtype)
+    t = targets(x, kwargs.get("ignore_index", -100))
+    if kwargs.get("weight") == "rand":
+        kwargs["weight"] = (torch.rand(C, dtype=torch.float64) + 0.1).to(
+            torch.float64 if dtype == torch.float64 else torch.float32)
+    check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, **kwargs)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["2d", "kdim"])
+def test_target_dtypes(capability, layout, target_dtype):
+    x = LAYOUTS[layout](10, torch.float32)
+    check_cross_entropy(x, targets(x, ignore_frac=0).to(target_dtype), "cpu", "cpu",
+                        reduction="none")
+
+
+def rows_of(x):
+    """The (N, C, D) view of x that the kernels see (csrc/ops.cpp) and its D: row r = (n, d) is
+    view[r // D, :, r % D]."""
+    x3 = x.unsqueeze(-1) if x.dim() == 2 else x.flatten(2)
+    assert x3.data_ptr() == x.data_ptr()
+    return x3, x3.shape[2]
+
+
+def hard_rows(x, t):
+    """Rows 0-5 made hard: a NaN logit, a +inf logit, all -inf, masked classes, a confident row
+    (p_y -> 1), a huge offset. Their targets are counted."""
+    x = x.clone()
+    x3, D = rows_of(x)
+    t2 = t.view(t.shape[0], -1)
+
+    def row(r):
+        return x3[r // D, :, r % D]
+
+    for r in range(6):
+        t2[r // D, r % D] = r % x.shape[1]
+    row(0)[-1] = float("nan")
+    row(1)[0] = float("inf")
+    row(2)[:] = float("-inf")
+    row(3)[1:] = float("-inf")
+    t2[3 // D, 3 % D] = 0
+    row(4)[t2[4 // D, 4 % D]] += 40
+    row(5)[:] += 1e4
+    return x, t
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("C", [3, 17])
+@pytest.mark.parametrize("layout", ["2d", "2d_transposed", "kdim", "kdim_short", "channels_last"])
+def test_nan_and_infinite_rows(capability, layout, C, dtype, reduction):
+    x = LAYOUTS[layout](C, dtype)
+    x, t = hard_rows(x, targets(x))
+    check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("layout", ["2d", "kdim", "channels_last"])
+def test_ignored_rows_with_nan_get_no_loss_and_no_gradient(capability, layout):
+    """The contract (csrc/ops.cpp): an ignored row's loss and gradient are 0 whatever its logits
+    (torch's own backward gives NaN there: 0 times the NaN of log_softmax)."""
+    x = LAYOUTS[layout](5, torch.float32)
+    t = targets(x, ignore_frac=0)
+    x3, D = rows_of(x)
+    t2 = t.view(t.shape[0], -1)
+    ignored = [(0, 0), (0, 1)] if D > 1 else [(0, 0), (1, 0)]  # (n, d) of rows 0 and 1
+    x3[ignored[0][0], 2, ignored[0][1]] = float("nan")
+    x3[ignored[1][0], 0, ignored[1][1]] = float("inf")
+    for n, d in ignored:
+        t2[n, d] = -100
+    xd = x.clone().requires_grad_()
+    loss = nllfused.cross_entropy(xd, t, reduction="none", backend="cpu")
+    loss.sum().backward()
+    g3 = xd.grad.unsqueeze(-1) if x.dim() == 2 else xd.grad.flatten(2)
+    for n, d in ignored:
+        assert loss.view(loss.shape[0], -1)[n, d] == 0
+        assert torch.equal(g3[n, :, d], torch.zeros(5))
+    assert torch.isfinite(loss).all() and torch.isfinite(xd.grad).all()
+
+
+@pytest.mark.parametrize("bad", [-5, 10])
+@pytest.mark.parametrize("layout", ["2d", "2d_transposed", "kdim", "channels_last"])
+def test_out_of_range_target_raises(capability, layout, bad):
+    x = LAYOUTS[layout](10, torch.float32)
+    t = targets(x, ignore_frac=0)
+    t.view(-1)[-1] = bad  # in the last, partial tile
+    with pytest.raises(IndexError, match="out of bounds"):
+        nllfused.cross_entropy(x, t, backend="cpu")
+    # and in the backward op (csrc/ops.cpp) alone, given a valid forward's lse and aux
+    x3, _ = rows_of(x)
+    ok = targets(x, ignore_frac=0)
+    t2 = ok.view(ok.shape[0], -1)
+    loss, lse, aux = torch.ops.nllfused.ce_fwd(x3, t2, None, -100, 0.0, 1.0, 0.0, False)
+    t2.view(-1)[-1] = bad
+    with pytest.raises(IndexError, match="out of bounds"):
+        torch.ops.nllfused.ce_bwd(torch.ones_like(loss), None, x3, t2, None, lse, aux, -100, 0.0,
+                                  1.0, 0.0, False)
+
+
+@pytest.mark.parametrize("layout", ["2d", "kdim"])
+def test_no_rows(capability, layout):
+    x = LAYOUTS[layout](6, torch.float32)[:0]
+    check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_copies_agree(dtype, monkeypatch):
+    """Every copy of the kernels gives the same losses and gradients up to rounding (so a copy
+    that silently fell back to another path, or skipped rows, shows here too)."""
+    x = LAYOUTS["kdim"](21, dtype)
+    t = targets(x)
+    results = []
+    for cap in CAPABILITIES:
+        monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", cap)
+        xd = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xd, t, reduction="none", label_smoothing=0.1,
+                                      backend="cpu")
+        loss.sum().backward()
+        results.append((loss.detach().float(), xd.grad.float()))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=tol, atol=tol)
+        torch.testing.assert_close(grad, results[0][1], rtol=tol, atol=tol)
