@@ -7,13 +7,14 @@
 //
 // nllfused/functional.py takes this path only after its own argument checks have nothing to say
 // (exact torch.Tensor arguments, int64 targets of the right shape, weight already (C,) in the
-// accumulation dtype, no autocast, no torch.compile or torch.func transform, backend "auto"
-// resolving to the C++ kernels); every other call takes the general Python path.
+// accumulation dtype, no autocast, no torch.compile or torch.func transform, backend "auto" or
+// the device's own, resolving to the C++ kernels); every other call takes the general path.
 //
 // Gradients: first order through nllfused::ce_bwd. A second order (create_graph=True) is asked
 // for rarely, so the backward then differentiates torch's own cross_entropy with the same
 // arguments, which is twice differentiable and defines what this op computes.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -74,14 +75,40 @@ void check_reduction(int64_t reduction) {
                     "(sum); got ", reduction);
 }
 
+// Below this many rows the CPU reductions are plain loops here (sums in double, rounded once):
+// on a 10-class batch the three tensor ops of loss.sum() / aux.sum() cost as much as the kernel.
+// Above it at::sum's threads pay.
+constexpr int64_t kLoopRows = 1 << 16;
+
+// Plain CPU tensors only: not the fake or functional ones of a trace (opcheck, torch.compile),
+// whose data cannot be read.
+bool loop_reduce(const Tensor& loss) {
+  const auto keys = loss.key_set();
+  return loss.is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::Functionalize) && loss.numel() <= kLoopRows &&
+         loss.is_contiguous();
+}
+
+// sum of a contiguous float / double CPU tensor, in double
+double cpu_sum(const Tensor& t) {
+  double s = 0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "nllfused_cpu_sum", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) s += static_cast<double>(p[i]);
+  });
+  return s;
+}
+
 // torch's reductions of the per-row losses (docs/maths.md, "Reductions"): 'mean' divides by the
 // summed target weights of the counted rows (aux), so NaN when every row is ignored, as torch.
 Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
                    const Tensor& input, const Tensor& target) {
-  Tensor out;
-  if (reduction == kNone) out = loss.view(target.sizes());
-  else if (reduction == kSum) out = loss.sum();
-  else out = loss.sum() / aux.sum();
+  if (reduction == kNone) return loss.view(target.sizes()).to(input.scalar_type());
+  if (loop_reduce(loss)) {
+    const double s = cpu_sum(loss), r = reduction == kSum ? s : s / cpu_sum(aux);
+    return at::scalar_tensor(r, input.options().requires_grad(false));
+  }
+  Tensor out = reduction == kSum ? loss.sum() : loss.sum() / aux.sum();
   return out.to(input.scalar_type());
 }
 
@@ -91,6 +118,7 @@ Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction) {
   const auto acc = aux.scalar_type();
   if (reduction == kNone) return grad.to(acc).view(aux.sizes());
   if (reduction == kSum) return grad.to(acc).expand(aux.sizes());
+  if (loop_reduce(aux)) return (grad.to(acc) / cpu_sum(aux)).expand(aux.sizes());
   return (grad.to(acc) / aux.sum()).expand(aux.sizes());
 }
 

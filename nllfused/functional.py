@@ -53,6 +53,20 @@ _LOGIT_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                  torch.float32: torch.float32, torch.float64: torch.float64}  # -> accumulation
 
 
+def _one_call_op():
+    """nllfused::cross_entropy_loss's C++ callable: the OpOverload's own _op, which its __call__
+    wraps in one more Python frame (a tenth of a small call); the overload itself where a torch
+    lacks that attribute."""
+    global _ONE_CALL_OP
+    if _ONE_CALL_OP is None:
+        overload = torch.ops.nllfused.cross_entropy_loss.default
+        _ONE_CALL_OP = getattr(overload, "_op", overload)
+    return _ONE_CALL_OP
+
+
+_ONE_CALL_OP = None
+
+
 def _one_call_reduction(input, target, weight, size_average, reduce, reduction, ignore_index,
                         label_smoothing, z_loss, logit_scale, softcap, backend):
     """at::Reduction's number if this call can go to nllfused::cross_entropy_loss in one
@@ -124,8 +138,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing,
         z_loss, logit_scale, softcap, backend)
     if code is not None:
-        return torch.ops.nllfused.cross_entropy_loss.default(input, target, weight, code,
-                                                             ignore_index, label_smoothing)
+        return _one_call_op()(input, target, weight, code, ignore_index, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,

@@ -56,7 +56,7 @@ def test_one_call_matches_float64_torch(device, dtype, shape, reduction, options
 @pytest.mark.parametrize("device", ONE_CALL_DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_one_call_is_the_general_path_bit_for_bit(device, reduction, channels_last,
+def test_one_call_is_the_general_path(device, reduction, channels_last,
                                                   monkeypatch):
     x, t = index_case((6, 9, 5, 3), device, torch.float32, channels_last=channels_last)
     w = torch.rand(9) + 0.1
@@ -73,7 +73,17 @@ def test_one_call_is_the_general_path_bit_for_bit(device, reduction, channels_la
         loss.backward(g)
         results.append((loss.detach(), xg.grad))
     (l1, g1), (l2, g2) = results
-    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    if reduction == "none" or device != "cpu":
+        assert torch.equal(l1, l2) and torch.equal(g1, g2)
+        return
+    # On the CPU the one-call path sums the rows in double, rounded once (csrc/loss.cpp), where
+    # the general path sums in float32: the same per-row values, reductions within 2 ulp.
+    close = dict(rtol=2 ** -22, atol=0)
+    torch.testing.assert_close(l1, l2, **close)
+    if reduction == "sum":
+        assert torch.equal(g1, g2)
+    else:
+        torch.testing.assert_close(g1, g2, **close)
 
 
 @pytest.mark.parametrize("device", ONE_CALL_DEVICES)
