@@ -303,6 +303,15 @@ def test_gradcheck_and_gradgradcheck(monkeypatch, device, backend, reduction):
     assert torch.autograd.gradcheck(fn, params, fast_mode=interpreted)
     if not interpreted:
         assert torch.autograd.gradgradcheck(fn, params)
+    # gradgradcheck differentiates the create_graph gradient against itself: that gradient must
+    # also equal the chunked one.
+    outs = fn(*params)
+    upstream = [torch.randn_like(o) for o in outs]
+    with_graph = torch.autograd.grad(outs, params, upstream, retain_graph=True,
+                                     create_graph=True)
+    fused = torch.autograd.grad(outs, params, upstream)
+    for a, c in zip(with_graph, fused):
+        torch.testing.assert_close(a.detach(), c, rtol=1e-12, atol=1e-14)
 
 
 def test_forward_ad_and_torch_func():
