@@ -101,12 +101,32 @@ def result(loss, lse, kernel, names, x, linear_weight, target, options, z_loss, 
 # One chunk
 # ---------------------------------------------------------------------------------------------
 
+# The torch parts work on 1/_SLICES of a chunk at a time: their (n, C) temporaries (transformed
+# logits, log-probabilities, ...) then add a fraction of a chunk to what the chunk holds (as
+# linear.py's _ops_grad does for ce_bwd).
+_SLICES = 8
+
+
+def _slices(n: int):
+    step = max(1, -(-n // _SLICES))
+    return [slice(s0, min(s0 + step, n)) for s0 in range(0, n, step)]
+
+
 def chunk_forward(backend, fwd, logits, target, weight, options, want_entropy, want_argmax):
     """(loss, lse, aux, entropy, target_logprob, predicted), (n,) each, of an (n, C) chunk.
     entropy and predicted are zeros where not wanted (and the kernel does not give them)."""
-    logits3, target2 = logits.unsqueeze(-1), target.unsqueeze(-1)
     kernel = ops.stats_for_backend(backend)
-    if kernel is not None:  # triton's own pass, or torch_ref.forward_stats
+    if backend == "triton" and kernel is not None:  # its own pass, no temporaries
+        return [r[:, 0] for r in kernel(logits.unsqueeze(-1), target.unsqueeze(-1), weight,
+                                        *options)]
+    parts = [_slice_forward(kernel, fwd, logits[s], target[s], weight, options, want_entropy,
+                            want_argmax) for s in _slices(logits.shape[0])]
+    return [torch.cat(rows) for rows in zip(*parts)]
+
+
+def _slice_forward(kernel, fwd, logits, target, weight, options, want_entropy, want_argmax):
+    logits3, target2 = logits.unsqueeze(-1), target.unsqueeze(-1)
+    if kernel is not None:  # torch_ref.forward_stats
         return [r[:, 0] for r in kernel(logits3, target2, weight, *options)]
     loss, lse, aux = fwd(logits3, target2, weight, *options)
     entropy, predicted = None, None
@@ -124,23 +144,29 @@ def chunk_grad(backend, bwd, logits, target, weight, options, lse, aux, entropy,
                g_entropy, g_tlp):
     """The gradient in an (n, C) chunk's logits of sum_i g_loss_i loss_i + g_lse_i lse_i +
     g_entropy_i entropy_i + g_tlp_i log p_{y_i} (the last three may be None), in the logits'
-    dtype; it may overwrite `logits`. g_loss must be 0 on ignored rows."""
+    dtype; it may be written over `logits`. g_loss must be 0 on ignored rows."""
     col = (lambda t: None if t is None else t.unsqueeze(-1))
     if backend == "triton" and ops.stats_for_backend(backend) is not None:
         return torch.ops.nllfused.ce_bwd_stats_triton(
             col(g_loss), col(g_lse), col(g_entropy), col(g_tlp), logits.unsqueeze(-1),
             col(target), weight, col(lse), col(aux), col(entropy), *options)[..., 0]
-    extra = None
-    if g_entropy is not None or g_tlp is not None:
-        extra = _stats_grad(logits, target, options, g_entropy, g_tlp)  # before any overwrite
-    if backend == "torch":
-        g = torch_ref.chunk_loss_and_grad(logits, target, weight, options)[2](g_loss, g_lse)
-    else:
-        g = bwd(col(g_loss), col(g_lse), logits.unsqueeze(-1), col(target), weight, col(lse),
-                col(aux), *options)[..., 0]
-    if extra is None:
-        return g.to(logits.dtype)
-    return (g.to(extra.dtype) + extra).to(logits.dtype)
+    cut = (lambda t, s: None if t is None else t[s])
+    for s in _slices(logits.shape[0]):
+        part, t = logits[s], target[s]
+        extra = None
+        if g_entropy is not None or g_tlp is not None:  # before the logits are overwritten
+            extra = _stats_grad(part, t, options, cut(g_entropy, s), cut(g_tlp, s))
+        if backend == "torch":
+            g = torch_ref.chunk_loss_and_grad(part, t, weight, options)[2](g_loss[s],
+                                                                           cut(g_lse, s))
+        else:
+            g = bwd(col(g_loss[s]), col(cut(g_lse, s)), part.unsqueeze(-1), col(t), weight,
+                    col(lse[s]), col(aux[s]), *options)[..., 0]
+        if extra is not None:
+            g = extra.add_(g)
+        if g.data_ptr() != part.data_ptr():
+            part.copy_(g)
+    return logits
 
 
 def _stats_grad(logits, target, options, g_entropy, g_tlp):

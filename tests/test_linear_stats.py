@@ -434,6 +434,27 @@ def test_autocast_bfloat16():
         assert_matches_oracle(getattr(st, name), oracle[name], torch.bfloat16, low[name], name)
 
 
+@pytest.mark.parametrize("backend", backends_here("cpu", only=("cpu", "torch")))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_opcheck(backend, dtype):
+    """torch.library.opcheck of nllfused::linear_ce_stats and its backward op (schema, fake,
+    autograd registration, AOT dispatch)."""
+    x, W, b, t = make(lead=(11,), H=6, C=7, bias=True, dtype=dtype)
+    t[2] = -100
+    w = torch.rand(7)
+    options = (-100, 0.1, 0.9, 3.0, False, backend, 4)
+    args = (x.requires_grad_(), W.requires_grad_(), b.requires_grad_(), t, w, *options, True,
+            True)
+    torch.library.opcheck(torch.ops.nllfused.linear_ce_stats.default, args)
+    _, lse, aux, entropy, _, _ = torch.ops.nllfused.linear_ce_stats(
+        x.detach(), W.detach(), b.detach(), t, w, *options, True, False)
+    for g_lse, g_ent, g_tlp in ((None, None, None), (torch.randn(11, dtype=torch.float64),
+                                                     torch.randn(11), torch.randn(11))):
+        torch.library.opcheck(torch.ops.nllfused.linear_ce_stats_bwd.default,
+                              (torch.randn(11), g_lse, g_ent, g_tlp, x.detach(), W.detach(),
+                               None, t, w, lse, aux, entropy, *options, True, True, False))
+
+
 # --- memory: still no (N, C) tensor -------------------------------------------------------------
 
 def _inside(op):
