@@ -20,10 +20,12 @@ from each chunk's logits while the chunk is at hand: the (N, C) logits are never
 
 Per chunk and backend: triton computes entropy, argmax and the target log-prob in its own pass
 (ops.stats_for_backend: ce_fwd_stats_triton / ce_bwd_stats_triton); torch runs
-torch_ref.forward_stats; cpu and cuda run their ce_fwd / ce_bwd and compose the rest from torch on
-the chunk's logits (torch_ref.entropy_and_argmax, target_logprob, and `_stats_grad` below): a few
-(n, C) temporaries per chunk, O(chunk) extra memory, never O(N * C). Entropy is computed only
-when asked for, argmax only for predicted / correct.
+torch_ref.forward_stats and chunk_loss_and_grad; cpu and cuda run their ce_fwd / ce_bwd and
+compose the rest from torch ops on the chunk's logits (torch_ref.target_logprob, and
+`_entropy_and_argmax` / `_stats_grad` below, in place), 1/_SLICES of a chunk at a time: O(chunk)
+extra memory, never O(N * C), but extra passes over the chunk in torch (on our 2-core CPU
+machines entropy costs more than the chunk's matrix product). Entropy is computed only when asked
+for, argmax only for predicted / correct; the target log-prob is O(rows).
 
 Double backward, forward-mode AD and torch.func transforms run `reference_rows` (F.linear and
 torch_ref.forward_stats, materialising the logits), as linear.py's _unfused does for the loss.
@@ -129,15 +131,14 @@ def _slice_forward(kernel, fwd, logits, target, weight, options, want_entropy, w
     if kernel is not None:  # torch_ref.forward_stats
         return [r[:, 0] for r in kernel(logits3, target2, weight, *options)]
     loss, lse, aux = fwd(logits3, target2, weight, *options)
-    entropy, predicted = None, None
-    if want_entropy or want_argmax:
-        entropy, predicted = torch_ref.entropy_and_argmax(logits3, options, want_entropy)
     tlp = torch_ref.target_logprob(logits3, target2, lse, options)
+    loss, lse, aux, tlp = loss[:, 0], lse[:, 0], aux[:, 0], tlp[:, 0]
+    entropy, predicted = _entropy_and_argmax(logits, options, want_entropy, want_argmax)
     if entropy is None:
         entropy = torch.zeros_like(loss)
     if predicted is None:
         predicted = torch.zeros(loss.shape, dtype=torch.int64, device=loss.device)
-    return [r[:, 0] for r in (loss, lse, aux, entropy, tlp, predicted)]
+    return [loss, lse, aux, entropy, tlp, predicted]
 
 
 def chunk_grad(backend, bwd, logits, target, weight, options, lse, aux, entropy, g_loss, g_lse,
@@ -169,30 +170,75 @@ def chunk_grad(backend, bwd, logits, target, weight, options, lse, aux, entropy,
     return logits
 
 
+# z - max below this contributes exp(z - max) = 0 in float32 and float64 alike; clamping there
+# keeps masked classes (-inf) finite, so that their 0 * (z - max) terms are 0, not NaN.
+_FLOOR = -1e4
+
+
+def _transform_(z, options):
+    """torch_ref.transform in place (the same operations in the same order, so the same bits);
+    with softcap also returns 1 - tanh^2, its derivative."""
+    if options.logit_scale != 1.0:
+        z.mul_(options.logit_scale)
+    slope = None
+    if options.softcap:
+        z.div_(options.softcap).tanh_()
+        slope = 1 - z.square()
+        z.mul_(options.softcap)
+    return slope
+
+
+def _entropy_and_argmax(logits, options, want_entropy, want_argmax):
+    """(entropy or None, argmax or None) per row of an (n, C) slice whose logits are no longer
+    needed (overwritten when they are in the accumulation dtype): what torch_ref.entropy_and_argmax
+    gives, in place and with one temporary: H = log s - sum_c e_c d_c / s, d = z - max, e = exp(d),
+    s = sum e (two non-negative terms: no cancellation)."""
+    if not (want_entropy or want_argmax):
+        return None, None
+    acc = torch_ref.acc_dtype(logits.dtype)
+    z = logits if logits.dtype == acc else logits.to(acc)
+    _transform_(z, options)
+    predicted = z.argmax(1) if want_argmax else None
+    if not want_entropy:
+        return None, predicted
+    d = z.sub_(z.amax(1, keepdim=True)).clamp_(min=_FLOOR)  # NaN rows stay NaN
+    e = torch.exp(d)
+    s = e.sum(1)
+    return s.log() - torch.linalg.vecdot(e, d) / s, predicted
+
+
 def _stats_grad(logits, target, options, g_entropy, g_tlp):
-    """d (sum_i g_entropy_i H_i + g_tlp_i log p_{y_i}) / d logits of an (n, C) chunk, in the
+    """d (sum_i g_entropy_i H_i + g_tlp_i log p_{y_i}) / d logits of an (n, C) slice, in the
     accumulation dtype (docs/maths.md, Statistics): dH/dz_c = -p_c (log p_c + H) (0 where
     p_c = 0), d log p_y / dz_c = [c = y] - p_c (0 on ignored rows), then the chain rule of softcap
-    and logit_scale."""
+    and logit_scale. Two (n, C) temporaries (three with softcap), worked on in place."""
     acc = torch_ref.acc_dtype(logits.dtype)
-    z = torch_ref.transform(logits.to(acc), options.logit_scale, options.softcap)
-    logp = torch.log_softmax(z, 1)
-    p = logp.exp()
-    zero = torch.zeros((), dtype=acc, device=z.device)
-    gz = torch.zeros_like(z)
+    z = logits.to(acc, copy=True)  # the loss's gradient still reads the logits
+    slope = _transform_(z, options)
+    logp = z.sub_(z.amax(1, keepdim=True)).clamp_(min=_FLOOR)
+    p = torch.exp(logp)
+    s = p.sum(1, keepdim=True)
+    p.div_(s)
+    logp.sub_(s.log())
+    g = logp  # d (p_c (-(log p_c + H) g_entropy - g_tlp)) + g_tlp [c = y], formed in place
     if g_entropy is not None:
-        plogp = torch.where(p == 0, zero, p * logp)
-        entropy = -plogp.sum(1, keepdim=True)
-        gz = gz - g_entropy.to(acc).unsqueeze(1) * (plogp + p * entropy)
+        entropy = -torch.linalg.vecdot(p, logp).unsqueeze(1)
+        g.add_(entropy).mul_(-g_entropy.to(acc).unsqueeze(1))
+    else:
+        g.zero_()
     if g_tlp is not None:
-        counted, in_range = torch_ref.index_rule(target, z.shape[1], options.ignore_index)
-        g = torch.where(counted & in_range, g_tlp.to(acc), zero).unsqueeze(1)
-        gz = (gz - g * p).scatter_add_(1, torch.where(in_range, target, 0).unsqueeze(1), g)
-    if options.softcap:  # d softcap(v) / dv = 1 - (z / s)^2
-        gz = gz * (1 - (z / options.softcap).square())
+        counted, in_range = torch_ref.index_rule(target, g.shape[1], options.ignore_index)
+        zero = torch.zeros((), dtype=acc, device=g.device)
+        g_y = torch.where(counted & in_range, g_tlp.to(acc), zero).unsqueeze(1)
+        g.sub_(g_y)
+    g.mul_(p)
+    if g_tlp is not None:
+        g.scatter_add_(1, torch.where(in_range, target, 0).unsqueeze(1), g_y)
+    if slope is not None:
+        g.mul_(slope)
     if options.logit_scale != 1.0:
-        gz = gz * options.logit_scale
-    return gz
+        g.mul_(options.logit_scale)
+    return g
 
 
 # ---------------------------------------------------------------------------------------------
