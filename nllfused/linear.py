@@ -27,6 +27,7 @@ Strategy (one fused op, nllfused::linear_ce_fwd, with its own autograd):
   * create_graph=True (double backward, Hessian-vector products), forward-mode AD and torch.func
     transforms run the plain-torch reference instead (_unfused: F.linear, torch_ref.forward and
     reduce), which materialises the logits but which every autograd feature differentiates.
+  * return_stats (entropy, argmax, target log-prob, ...): nllfused/linear_stats.py.
 Chunk size: see _chunk_rows (shapes, dtype and device only); chunk_size=, torch's
 LinearCrossEntropyOptions (_requested_rows) or CHUNK_ROWS (tests use it) override it.
 Precision: logits, their gradient and grad_input are in the parameters' dtype (as torch computes
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, backends, functional, ops
+from . import _checks, backends, functional, linear_stats, ops
 from ._checks import Options
 from .backends import torch_ref
 from .errors import ArgumentError, ArgumentTypeError
@@ -74,7 +75,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
                          ignore_index: Optional[int] = None, reduction: str = "mean",
                          label_smoothing: float = 0.0, *, options=None, z_loss: float = 0.0,
                          logit_scale: float = 1.0, softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None, backend: str = "auto") -> Tensor:
+                         chunk_size: Optional[int] = None, backend: str = "auto",
+                         return_stats=False, return_z_loss: bool = False,
+                         return_lse: bool = False):
     """F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) without the logits.
 
     input (*, H) -- (H,), (N, H), (B, T, H), ... -- linear_weight (C, H), linear_bias (C,) or None,
@@ -93,6 +96,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     dtype, float32 under autocast; differentiable in input, linear_weight and linear_bias, to
     any order (a second derivative runs the unfused torch reference, as do forward-mode AD and
     torch.func transforms).
+    return_stats, return_z_loss, return_lse: as in nllfused.cross_entropy (nllfused/stats.py),
+    each statistic computed from the chunks' logits (nllfused/linear_stats.py); entropy and
+    target_logprob differentiable in input, linear_weight and linear_bias.
     """
     reduction = _checks.resolve_reduction(None, None, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
@@ -108,7 +114,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         return functional.cross_entropy(
             logits, target, weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
-            softcap=softcap, backend=backend)
+            softcap=softcap, backend=backend, return_stats=return_stats,
+            return_z_loss=return_z_loss, return_lse=return_lse)
     input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
     x, t, w, opts = _check_arguments(input, linear_weight, target, linear_bias, weight,
                                      ignore_index, label_smoothing, logit_scale, softcap)
@@ -118,18 +125,29 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         _checks.check_target_range(t, C, ignore_index)
 
     compiling = torch.compiler.is_compiling()
-    if not compiling and backends.transform_active():
+    reference = not compiling and backends.transform_active()
+    if reference:
         backends.resolve(backend, x.device)  # still refuses a backend that cannot run here
+    names = linear_stats.requested(return_stats, return_z_loss, return_lse)
+    returns = (return_stats, return_z_loss, return_lse)
+    if names is not None and (reference or linear_stats.needs_pass(names)):
+        return linear_stats.with_stats(x, linear_weight, linear_bias, t, w, opts, z_loss,
+                                       reduction, backend, chunk_rows, reference, names,
+                                       input.shape[:-1], out_dtype, *returns)
+    if reference:
         loss = _unfused(x, linear_weight, linear_bias, t, w, opts, z_loss, reduction)
     else:
         grad = torch.is_grad_enabled()
-        loss = torch.ops.nllfused.linear_ce_fwd(
+        loss, lse = torch.ops.nllfused.linear_ce_fwd(
             x, linear_weight, linear_bias, t, w, *opts, float(z_loss), reduction, backend,
             chunk_rows, grad and x.requires_grad, grad and linear_weight.requires_grad,
-            grad and linear_bias is not None and linear_bias.requires_grad, not compiling)[0]
+            grad and linear_bias is not None and linear_bias.requires_grad, not compiling)[:2]
     if reduction == "none":
         loss = loss.reshape(input.shape[:-1])
-    return loss.to(out_dtype)
+    if names is None:
+        return loss.to(out_dtype)
+    return linear_stats.result(loss.to(out_dtype), lse, None, names, x, linear_weight, t, opts,
+                               z_loss, reduction, input.shape[:-1], *returns)
 
 
 class LinearCrossEntropyLoss(LossOptions):
@@ -139,8 +157,9 @@ class LinearCrossEntropyLoss(LossOptions):
 
     The constructor is torch's (in_features, num_classes, *, out_features, bias, device, dtype,
     reduction, weight, ignore_index, label_smoothing, options) plus nllfused's keyword-only
-    z_loss, logit_scale, softcap, chunk_size and backend. K-dimensional losses
-    (out_features != ()) are not supported.
+    z_loss, logit_scale, softcap, chunk_size, backend and return_stats (forward then returns
+    (loss, nllfused.stats.CrossEntropyStats)). K-dimensional losses (out_features != ()) are
+    not supported.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
@@ -148,7 +167,8 @@ class LinearCrossEntropyLoss(LossOptions):
                  weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
                  logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto") -> None:
+                 chunk_size: Optional[int] = None, backend: str = "auto",
+                 return_stats=False) -> None:
         super().__init__()
         if tuple(out_features) != ():
             raise NotImplementedError(
@@ -166,14 +186,15 @@ class LinearCrossEntropyLoss(LossOptions):
         self.ignore_index = ignore_index
         self.options = options
         self.chunk_size = chunk_size
+        self.return_stats = return_stats
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor):
         return linear_cross_entropy(
             input, self.linear.weight, target, self.linear.bias, weight=self.weight,
             ignore_index=self.ignore_index, options=self.options, chunk_size=self.chunk_size,
-            **self._options())
+            return_stats=self.return_stats, **self._options())
 
     def extra_repr(self) -> str:
         extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
@@ -656,3 +677,7 @@ def _backward(grad_loss, grad_lse, input, linear_weight, linear_bias, target, we
                             aux[r0:r1])
             ch.accumulate(g, r0, r1)
     return ch.finish()
+
+
+# return_stats's ops (nllfused/linear_stats.py), which run these chunks.
+_linear_ce_stats, _linear_ce_stats_bwd = linear_stats.define_ops(_Chunks)
