@@ -8,10 +8,22 @@ instructions per logit element in the loop over class blocks.
     python -m nllfused.bench.gpu_static [--arch 80,90] [--kernels triton,cuda]
         [--scope quick|default|full] [--dtypes fp16,bf16,fp32,fp64] [--json out.json]
         [--only NAME,...] [--kernel-file FILE[:NAME,...]] [--summary-only]
+        [--markdown report.md] [--from-json a.json,b.json]
 
 Exit status 1 when a kernel fails to compile or a kernel on the LM path (long rows: BLOCK_R == 1
 for Triton, the "rows" mapping for CUDA; float32 / bfloat16 logits) spills registers; 2 when a
-tool it needs (triton, nvcc, cuobjdump) is missing. SASS/elem is reported, never enforced.
+tool it needs (triton, nvcc, cuobjdump) is missing. SASS/elem is reported, never enforced here
+(tests/test_gpu_static.py holds the CUDA kernels to issue 15's targets).
+
+SASS/elem is the hot loop's instruction count over the logit elements one iteration handles per
+thread, counted from the loop's global accesses, so a loop the compiler unrolled counts every
+copy: a backward loop's gradient stores, or a forward loop's loads whose values reach an
+exponential (register data flow through the loop's branches), not the weights' or targets'
+loads. "~" marks a count that could not be read so (Triton: one tile per iteration assumed).
+CUDA kernels are named by their feature flags (enum CeFlag in csrc/cuda/ce_thread.cuh; "-" is
+the plain kernel). --markdown writes the report that bench/results/static-*.md records: the
+issue's targets, then a table per kernel with the resident blocks per SM on sm_90 (the largest
+block the launcher uses: num_warps for Triton, kLaunchThreads in csrc/cuda/ce_kernels.cuh).
 
 What is covered (Triton). The launch shapes are those kernels/cross_entropy.launch_config can
 return; the constexpr feature flags and the runtime arguments are read from each kernel's
@@ -34,6 +46,7 @@ aligned pointers, integers equal to 1 become constants, multiples of 16 are mark
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import glob
@@ -78,7 +91,8 @@ class Report:
     smem: Optional[int] = None     # bytes of shared memory
     loop_instrs: Optional[int] = None
     elems_per_iter: Optional[float] = None   # logit elements one loop iteration handles per thread
-    elems_estimated: bool = False            # elems_per_iter guessed from scalar loads (CUDA)
+    elems_estimated: bool = False            # elems_per_iter guessed, not read from the loop
+    threads: Optional[int] = None            # threads of the largest block launched
     sass_per_elem: Optional[float] = None
     f64_in_loop: Optional[int] = None
     error: Optional[str] = None
@@ -96,6 +110,7 @@ class Instr:
     addr: int
     opcode: str        # with modifiers, e.g. LDG.E.128
     operands: str
+    guard: str = ""    # the predicate guard (@P0, @!P1), "" when the instruction always runs
 
     @property
     def base(self) -> str:
@@ -117,9 +132,11 @@ def parse_sass(text: str) -> dict:
         elif m := _FUNC.search(line):
             current = functions.setdefault((arch, m.group(1)), [])
         elif current is not None and (m := _INSTR.match(line)):
+            guard = _PRED.match(m.group(2))
             body = _PRED.sub("", m.group(2))
             opcode, _, operands = body.partition(" ")
-            current.append(Instr(int(m.group(1), 16), opcode, operands.strip()))
+            current.append(Instr(int(m.group(1), 16), opcode, operands.strip(),
+                                 guard.group(0).strip() if guard else ""))
     return functions
 
 
@@ -179,15 +196,150 @@ def access_bits(instr: Instr) -> int:
     return 32
 
 
+# Instructions that write no register (stores, branches, barriers, ...).
+_NO_DEST = {"STG", "STS", "STL", "ST", "RED", "REDG", "BRA", "BRX", "JMP", "JMX", "EXIT", "RET",
+            "CALL", "BAR", "BSSY", "BSYNC", "WARPSYNC", "NOP", "MEMBAR", "YIELD", "DEPBAR",
+            "ERRBAR", "CCTL", "KILL", "BPT", "FENCE"}
+_REGISTER = re.compile(r"\b(U?R|U?P)(\d+|Z|T)(\.64)?\b")
+_PREDICATE = re.compile(r"^!?U?P(\d+|T)$")
+
+
+def _registers(text: str, wide: bool) -> set:
+    """The registers an operand names (RZ/PT and friends excluded); a .64 pair or, in a 64-bit
+    instruction, every register counts with its successor."""
+    found = set()
+    for kind, num, pair in _REGISTER.findall(text):
+        if num in ("Z", "T"):
+            continue
+        found.add(f"{kind}{num}")
+        if kind.endswith("R") and (pair or wide):
+            found.add(f"{kind}{int(num) + 1}")
+    return found
+
+
+def _dest_width(ins: Instr) -> int:
+    """How many consecutive registers the first destination spans."""
+    mods = ins.opcode.split(".")[1:]
+    if ins.base.startswith("LD"):
+        return max(1, access_bits(ins) // 32)
+    if ins.base in ("DADD", "DMUL", "DFMA", "DMNMX") or "WIDE" in mods:
+        return 2
+    if ins.base in _F64_CONVERSIONS and mods and mods[0] == "F64":
+        return 2
+    return 1
+
+
+def defs_and_uses(ins: Instr) -> tuple:
+    """(registers written, registers read) of one instruction. Destinations come first in
+    SASS: the first operand, and the predicates right after it (carry-outs, the second
+    predicate of a SETP); a memory operand ([...]) is always read."""
+    operands = [o.strip() for o in ins.operands.split(",") if o.strip()]
+    wide = ins.base.startswith("D") or "64" in ins.opcode.split(".")[1:]
+    defs, uses = set(), set()
+    start = 0
+    if ins.base not in _NO_DEST and operands and "[" not in operands[0]:
+        first = _registers(operands[0], False)
+        if first:
+            kind, num = re.match(r"(U?[RP])(\d+)", sorted(first)[0]).groups()
+            defs = {f"{kind}{int(num) + i}" for i in range(_dest_width(ins))} if kind.endswith(
+                "R") else first
+        start = 1
+        while start < len(operands) and _PREDICATE.match(operands[start]):
+            defs |= _registers(operands[start], False)
+            start += 1
+    for operand in operands[start:]:
+        uses |= _registers(operand, wide)
+    return defs, uses
+
+
+def _successors(body: list) -> list:
+    """For each instruction of a loop body, the indices it may pass control to within the loop:
+    the next one unless it is an unconditional branch or exit, and a branch's target (a target
+    at the loop's first address is the back edge; targets outside the loop leave it)."""
+    addrs = [ins.addr for ins in body]
+    succ = []
+    for i, ins in enumerate(body):
+        nxt = [] if (ins.base in ("BRA", "EXIT", "RET") and not ins.guard) else [i + 1]
+        target = _branch_target(ins)
+        if target is not None and addrs[0] <= target <= addrs[-1]:
+            nxt.append(bisect.bisect_left(addrs, target))   # (NOPs are not in the body)
+        succ.append([j for j in nxt if j < len(body)])
+    return succ
+
+
+def _is_exp(ins: Instr) -> bool:
+    return ins.base == "MUFU" and "EX2" in ins.opcode.split(".")
+
+
+def feeds_exp(body: list, index: int, succ: Optional[list] = None) -> bool:
+    """Whether the value loaded by body[index] reaches an exponential (MUFU.EX2) within the
+    loop: register data flow over the loop's control flow (branches inside the loop, the back
+    edge), iterated to a fixed point, so that a register holding the loaded value on one path
+    does not taint a read on a path the value never takes. An instruction under a guard is
+    taken to run: where it does not, its register keeps an older value that the compiler's
+    if-converted code never uses (an exp of it, say, whose sum is guarded too). Predicates
+    carry no taint: a comparison that only selects (a target's zero mass choosing which value
+    goes on, say) does not make its operand an input of the exponential. Nor does the
+    register a byte permute (PRMT) writes into and keeps bytes of: a 16-bit conversion's
+    partial write, whose other bytes the next instruction shifts out."""
+    succ = succ if succ is not None else _successors(body)
+    rw = []
+    for ins in body:
+        defs, uses = ({x for x in regs if "R" in x} for regs in defs_and_uses(ins))
+        if ins.base == "PRMT":
+            uses -= defs & _registers(ins.operands.split(",")[-1], False)
+        rw.append((defs, uses))
+    tainted_in = [None] * len(body)   # registers that may hold the loaded value on entry
+    tainted_in[index] = frozenset()
+    work = [index]
+    while work:
+        i = work.pop()
+        tainted = set(tainted_in[i])
+        defs, uses = rw[i]
+        if i == index or uses & tainted:
+            if i != index and _is_exp(body[i]):
+                return True
+            tainted |= defs
+        else:
+            tainted -= defs
+        out = frozenset(tainted)
+        for j in succ[i]:
+            if tainted_in[j] is None or not out <= tainted_in[j]:
+                tainted_in[j] = out if tainted_in[j] is None else tainted_in[j] | out
+                work.append(j)
+    return False
+
+
 def loop_stats(instrs: list) -> Optional[dict]:
-    """Size, float64 count and global memory accesses of the hot loop; None without a loop."""
+    """Size, float64 count and global memory accesses of the hot loop; None without a loop.
+    exp_loads: the widths of the loads whose values reach an exponential: the logits."""
     loop = hot_loop(instrs)
     if loop is None:
         return None
     body = [ins for ins in instrs[loop[0]:loop[1] + 1] if ins.base != "NOP"]
+    succ = _successors(body)
     return dict(instrs=len(body), f64=sum(map(is_f64, body)),
                 loads=[access_bits(i) for i in body if i.base == "LDG"],
-                stores=[access_bits(i) for i in body if i.base == "STG"])
+                stores=[access_bits(i) for i in body if i.base == "STG"],
+                exp_loads=[access_bits(i) for k, i in enumerate(body)
+                           if i.base == "LDG" and feeds_exp(body, k, succ)])
+
+
+def loop_elements(loop: dict, dtype: str) -> tuple:
+    """(logit elements one iteration of the hot loop handles per thread, whether that is an
+    estimate), from the widths of the loop's global accesses, so that a loop the compiler
+    unrolled counts every copy: a backward loop stores one gradient element (the logits'
+    dtype) per logit; a forward loop reads the logits with the loads whose values reach an
+    exponential (the online softmax's exp), not the weights' or targets'. Without either,
+    the loads of the logits' width are counted: an estimate."""
+    bits = DTYPE_BITS.get(dtype)
+    if not bits:
+        return None, True
+    if loop["stores"]:
+        return sum(loop["stores"]) / bits, False
+    if loop.get("exp_loads"):
+        return sum(loop["exp_loads"]) / bits, False
+    return sum(1 for b in loop["loads"] if b == bits) or None, True
 
 
 _RES_USAGE = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -479,8 +631,12 @@ def triton_report(fn, arch: int, case: Case, flags: dict) -> Report:
     # memory are spilled registers: in 32-bit words, as Triton's n_spills counts them.
     report.spills = (usage.get("stack", 0) + usage.get("local", 0)) // 4
     report.smem = compiled.metadata.shared
-    threads = compiled.metadata.num_warps * 32
-    _fill_loop(report, loop, case.block_r * case.block_c / threads)
+    report.threads = compiled.metadata.num_warps * 32
+    if loop is not None:
+        elems, report.elems_estimated = loop_elements(loop, case.dtype)
+        if report.elems_estimated:  # no store, no load feeding an exp: one tile per iteration
+            elems = case.block_r * case.block_c / report.threads
+        _fill_loop(report, loop, elems)
     return report
 
 
@@ -617,6 +773,37 @@ _CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::Half": "fp16",
                 "c10::BFloat16": "bf16"}
 
 
+def cuda_flag_names(root: str) -> dict:
+    """{bit: name} of the CUDA kernels' feature flags (enum CeFlag in
+    csrc/cuda/ce_thread.cuh: kProb = 1 -> "prob"), so the report names a kernel's flags."""
+    try:
+        text = open(os.path.join(root, "csrc", "cuda", "ce_thread.cuh")).read()
+    except OSError:
+        return {}
+    block = re.search(r"enum\s+CeFlag\b[^{]*\{(.*?)\}", text, re.S)
+    pairs = re.findall(r"\bk(\w+)\s*=\s*(\d+)", block.group(1)) if block else []
+    return {int(value): name.lower() for name, value in pairs}
+
+
+def cuda_launch_threads(root: str) -> Optional[int]:
+    """The largest block the CUDA launcher uses (kLaunchThreads in csrc/cuda/ce_kernels.cuh)."""
+    try:
+        text = open(os.path.join(root, "csrc", "cuda", "ce_kernels.cuh")).read()
+    except OSError:
+        return None
+    m = re.search(r"\bkLaunchThreads\s*=\s*(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def describe_flags(value: str, names: dict) -> str:
+    """"9" -> "prob+smooth" by the CeFlag bits; "-" for none; the text itself if no number."""
+    if not value.isdigit() or not names:
+        return value or "?"
+    bits = int(value)
+    on = [name for bit, name in sorted(names.items()) if bits & bit]
+    return "+".join(on) or "-"
+
+
 def describe_cuda_kernel(pretty: str) -> tuple:
     """(kernel, dtype, template args) from a demangled name such as
     `void ns::ce_fwd_rows_kernel<float, long>(...)`."""
@@ -629,23 +816,6 @@ def describe_cuda_kernel(pretty: str) -> tuple:
     return m.group(1), dtype, ",".join(args[1:])
 
 
-def cuda_elements(loop: dict, dtype: str) -> tuple:
-    """(logit elements one loop iteration handles per thread, whether that is an estimate),
-    read from the loop's global memory accesses: a backward loop stores one gradient element
-    per logit; a forward loop's 16-byte vector loads are the logits. Without vector loads, the
-    scalar loads of the logits' width are counted: an estimate, since a weight or target load
-    of the same width in the loop counts too."""
-    bits = DTYPE_BITS.get(dtype)
-    if not bits:
-        return None, True
-    if loop["stores"]:
-        return sum(loop["stores"]) / bits, False
-    vector = [b for b in loop["loads"] if b >= 128]
-    if vector:
-        return sum(vector) / bits, False
-    return sum(1 for b in loop["loads"] if b == bits) or None, True
-
-
 def compile_cuda_source(source: str, archs: list, workdir: str) -> tuple:
     """(ptxas log, SASS text) of one .cu; RuntimeError with nvcc's message on failure."""
     output = os.path.join(workdir, os.path.basename(source) + ".fatbin")
@@ -656,8 +826,9 @@ def compile_cuda_source(source: str, archs: list, workdir: str) -> tuple:
     return proc.stdout + proc.stderr, disassemble(output, "-sass")
 
 
-def cuda_reports(source: str, archs: list, workdir: str) -> list:
+def cuda_reports(source: str, archs: list, workdir: str, root: str = REPO_ROOT) -> list:
     name = os.path.basename(source)
+    flag_names, threads = cuda_flag_names(root), cuda_launch_threads(root)
     try:
         log, sass = compile_cuda_source(source, archs, workdir)
     except RuntimeError as exc:
@@ -667,12 +838,13 @@ def cuda_reports(source: str, archs: list, workdir: str) -> list:
     reports = []
     for (arch, mangled), info in sorted(usage.items(), key=lambda kv: (kv[0][0], pretty[kv[0][1]])):
         kernel, dtype, targs = describe_cuda_kernel(pretty[mangled])
-        report = Report("cuda", kernel, arch, dtype, "-", f"target={targs or '?'}",
-                        lm_path="rows" in kernel and dtype in LM_DTYPES, plain=targs == "long",
-                        regs=info["regs"], spills=info["spill_stores"] // 4, smem=info["smem"])
+        report = Report("cuda", kernel, arch, dtype, "-", describe_flags(targs, flag_names),
+                        lm_path="rows" in kernel and dtype in LM_DTYPES, plain=targs == "0",
+                        regs=info["regs"], spills=info["spill_stores"] // 4, smem=info["smem"],
+                        threads=threads)
         loop = loop_stats(functions.get((arch, mangled), []))
         if loop is not None:
-            elems, report.elems_estimated = cuda_elements(loop, dtype)
+            elems, report.elems_estimated = loop_elements(loop, dtype)
             _fill_loop(report, loop, elems)
         reports.append(report)
     return reports
@@ -686,7 +858,7 @@ def run_cuda(archs: list, root: str, progress) -> list:
     with tempfile.TemporaryDirectory() as workdir:
         for source in sources:
             progress(f"nvcc {os.path.basename(source)} for sm_{', sm_'.join(map(str, archs))}")
-            reports += cuda_reports(source, archs, workdir)
+            reports += cuda_reports(source, archs, workdir, root)
     return reports
 
 
@@ -781,6 +953,141 @@ def write_json(path: str, args, reports: list, reasons: list, seconds: float) ->
         json.dump(data, f, indent=1)
 
 
+# sm_90 (H100 / H200) per SM: registers, threads, blocks, shared memory (227 KiB usable, and
+# 1 KiB the runtime reserves per block); registers are allocated per warp in units of 256.
+SM90 = dict(regs=65536, threads=2048, blocks=32, smem=232448, smem_per_block=1024)
+
+
+def resident_blocks_sm90(report: Report) -> Optional[int]:
+    """Blocks of report.threads threads that fit on one sm_90 SM at once (registers, threads,
+    shared memory), or None when a figure is missing."""
+    if not report.regs or not report.threads:
+        return None
+    warps = -(-report.threads // 32)
+    regs_per_warp = -(-report.regs * 32 // 256) * 256
+    limits = [SM90["blocks"], SM90["threads"] // (warps * 32),
+              SM90["regs"] // (warps * regs_per_warp)]
+    if report.smem:
+        limits.append(SM90["smem"] // (report.smem + SM90["smem_per_block"]))
+    return min(limits)
+
+
+def _block_c(report: Report) -> Optional[int]:
+    m = re.search(r"\bC(\d+)\b", report.config)
+    return int(m.group(1)) if m else None
+
+
+def targets(reports: list) -> list:
+    """(target, source, holds, detail) for issue 15's static targets, per backend: on the LM
+    path (float32 and bfloat16, forward and backward, plain options) <= 10 SASS instructions
+    per logit element in the hot loop; no spills (LM path; every CUDA kernel); no float64 in
+    the hot loop on the LM path; >= 4 resident blocks per SM on sm_90 for the LM kernels;
+    small-C kernels <= 96 registers (Triton: BLOCK_C <= 32; CUDA kernels serve every C)."""
+    def where(rs):
+        return "; ".join(f"{r.kernel} sm_{r.arch} {r.dtype} {r.config} {r.flags}"
+                         for r in rs[:4]) + (f"; ... ({len(rs)} in all)" if len(rs) > 4 else "")
+
+    rows = []
+    for source in sorted({r.source for r in reports}):
+        ok = [r for r in reports if r.source == source and r.error is None]
+        lm = [r for r in ok if r.lm_path]
+        plain = [r for r in lm if r.plain]
+        bad = [r for r in plain if r.sass_per_elem is None or r.sass_per_elem > 10]
+        worst = max((r.sass_per_elem or 0 for r in plain), default=None)
+        rows.append(("<= 10 SASS/elem, LM path, plain options", source, not bad and bool(plain),
+                     f"{len(plain)} kernels, worst {worst}" + (f"; over: {where(bad)}" if bad
+                                                               else "")))
+        scope = ok if source == "cuda" else lm
+        spilled = [r for r in scope if r.spills]
+        rows.append(("no spills" + (" (every kernel)" if source == "cuda" else " (LM path)"),
+                     source, not spilled, where(spilled) if spilled else f"{len(scope)} kernels"))
+        f64 = [r for r in lm if r.f64_in_loop]
+        f64_plain = [r for r in f64 if r.plain]
+        rows.append(("no float64 in the hot loop, LM path", source, not f64,
+                     f"{len(lm)} kernels" if not f64 else
+                     f"plain options: {where(f64_plain) if f64_plain else 'none'}; "
+                     f"with: {where(f64)}"))
+        lm90 = [r for r in lm if r.arch == 90]
+        few = [r for r in lm90 if (resident_blocks_sm90(r) or 0) < 4]
+        least = min((resident_blocks_sm90(r) or 0 for r in lm90), default=None)
+        rows.append((">= 4 resident blocks per SM on sm_90, LM path", source,
+                     not few and bool(lm90),
+                     where(few) if few else f"{len(lm90)} kernels, min {least}"))
+        small = ([r for r in ok if (_block_c(r) or 1 << 30) <= 32] if source == "triton"
+                 else ok)
+        fat = [r for r in small if (r.regs or 0) > 96]
+        most = max((r.regs or 0 for r in small), default=None)
+        rows.append(("small C <= 96 registers", source, not fat,
+                     where(fat) if fat else f"{len(small)} kernels, max {most} registers"))
+    return rows
+
+
+def markdown(reports: list, command: str, versions: dict, commit: str) -> str:
+    """The static report as Markdown: how it was made, the targets, a table per kernel."""
+    lines = ["# Static GPU report (no GPU)", "",
+             "Every kernel compiled for the listed architectures without running it: registers "
+             "and spills from the compiler (ptxas), SASS read with cuobjdump. SASS/elem = "
+             "instructions of the hot loop / logit elements one iteration handles per thread "
+             "(from the loop's global loads and stores); blk/SM = resident blocks per SM on "
+             "sm_90 for the largest block launched (registers, threads, shared memory). "
+             "Nothing here was measured on a GPU.", "",
+             f"- commit: {commit}",
+             *[f"- {tool}: {version}" for tool, version in sorted(versions.items())],
+             f"- regenerate: `{command}`", "", "## Targets (issue 15)", "",
+             "| target | backend | holds | detail |", "|---|---|---|---|"]
+    for name, source, holds, detail in targets(reports):
+        lines.append(f"| {name} | {source} | {'yes' if holds else 'NO'} | {detail} |")
+    groups = {}
+    for r in reports:
+        groups.setdefault((r.source, r.kernel), []).append(r)
+    for (source, kernel), rs in sorted(groups.items()):
+        lines += ["", f"## {source}: {kernel}", "",
+                  "| arch | dtype | config | flags | regs | spills | smem | SASS/elem | loop | "
+                  "elem/it | f64 | blk/SM sm_90 | LM |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            blocks = resident_blocks_sm90(r)
+            if r.error:
+                lines.append(f"| sm_{r.arch} | {r.dtype} | {r.config} | {r.flags} | "
+                             f"compile failure: {r.error[:120]} |" + " |" * 8)
+                continue
+            lines.append("| " + " | ".join([
+                f"sm_{r.arch}", r.dtype, r.config, r.flags, _cell(r, "regs"), _cell(r, "spills"),
+                _cell(r, "smem"), _cell(r, "sass_per_elem"), _cell(r, "loop_instrs"),
+                _cell(r, "elems_per_iter"), _cell(r, "f64_in_loop"),
+                "-" if blocks is None else str(blocks),
+                ("plain" if r.plain else "yes") if r.lm_path else ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def git_commit(root: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "csrc/cuda",
+                                "kernels"], capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes to the kernels)" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def load_json(paths: list) -> tuple:
+    """(reports, the arguments that would compile them again) from the files --json wrote (one
+    per run; runs of both backends may be merged)."""
+    fields = {f.name for f in dataclasses.fields(Report)}
+    reports, kernels, archs, scope = [], [], [], "default"
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        reports += [Report(**{k: v for k, v in r.items() if k in fields})
+                    for r in data["results"]]
+        kernels += [k for k in data["kernels"] if k not in kernels]
+        archs += [a for a in data["archs"] if a not in archs]
+        scope = data["scope"] if "triton" in data["kernels"] else scope
+    args = f"--kernels {','.join(kernels)} --arch {','.join(map(str, sorted(archs)))}"
+    return reports, args + ("" if scope == "default" else f" --scope {scope}")
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -809,6 +1116,11 @@ def parse_args(argv=None):
     p.add_argument("--root", default=REPO_ROOT, help="source tree holding csrc/cuda")
     p.add_argument("--json", help="write every result to this file")
     p.add_argument("--summary-only", action="store_true", help="only the worst-per-group table")
+    p.add_argument("--markdown", help="write the report as Markdown (targets, a table per "
+                                      "kernel, resident blocks per SM on sm_90) to this file")
+    p.add_argument("--from-json", type=_csv, default=None,
+                   help="read the results of earlier --json runs (comma-separated files) "
+                        "instead of compiling")
     args = p.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = list(LM_DTYPES) if args.scope == "quick" else list(DTYPE_BITS)
@@ -846,7 +1158,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     try:
-        reports = collect(args)
+        if args.from_json:
+            reports, compile_args = load_json(args.from_json)
+        else:
+            reports, compile_args = collect(args), " ".join(
+                a for a in (argv if argv is not None else sys.argv[1:]))
     except (ToolMissing, ImportError) as exc:
         print(f"gpu_static: cannot run: {exc}", file=sys.stderr)
         return 2
@@ -855,10 +1171,17 @@ def main(argv=None) -> int:
         print(table(reports) + "\n")
     print(worst_per_group(reports))
     seconds = time.monotonic() - start
-    print(f"\n{len(reports)} kernels compiled in {seconds:.0f} s; "
+    done = (f"read from {','.join(args.from_json)}" if args.from_json
+            else f"compiled in {seconds:.0f} s")
+    print(f"\n{len(reports)} kernels {done}; "
           + (f"FAILED ({len(reasons)}):\n  " + "\n  ".join(reasons) if reasons else "ok"))
     if args.json:
         write_json(args.json, args, reports, reasons, seconds)
+    if args.markdown:
+        command = (f"python -m nllfused.bench.gpu_static {compile_args}".split(" --markdown")[0]
+                   + f" --markdown {args.markdown}")
+        with open(args.markdown, "w") as f:
+            f.write(markdown(reports, command, tool_versions(), git_commit(args.root)))
     return 1 if reasons else 0
 
 

@@ -1,7 +1,8 @@
 // CUDA backend of nllfused::ce_fwd / nllfused::ce_bwd (contract: csrc/ops.cpp, maths:
 // docs/maths.md): the host entry points. They check the arguments (csrc/checks.h), allocate the
-// outputs, set up the kernels' parameters (ce_host.h) and launch the kernels of ce_kernels.cuh
-// with the shape fwd_launch / bwd_launch choose there.
+// outputs, set up the kernels' parameters (ce_host.h) and launch the kernels of ce_kernels.cuh:
+// the mapping (fwd_rows_ok / bwd_rows_ok), then the kernel for the options' flags
+// (with_kernel_flags), with the shape rows_launch / tile_launch choose.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,14 +20,24 @@ namespace nllfused {
 namespace cuda_impl {
 namespace {
 
-// Launches the tile or the rows kernel of a pair as L says (the rows kernel also takes L.G).
-template <typename TileKernel, typename RowsKernel, typename... Args>
-void launch(const LaunchConfig& L, cudaStream_t stream, TileKernel tile, RowsKernel rows,
-            const Args&... args) {
-  if (L.tile) {
-    tile<<<static_cast<unsigned>(L.blocks), dim3(32, L.tile_y), 0, stream>>>(args...);
+// Launches the rows kernel of flags F (taking L.G) when `rows`, else the tile kernel, for the
+// options' flags (with_kernel_flags picks the kernel variant that serves them). RowsKernel /
+// TileKernel: a generic lambda returning kernel<scalar_t, F> for an integral_constant F.
+template <typename scalar_t, typename acc_t, typename RowsKernel, typename TileKernel,
+          typename... Args>
+void launch(bool rows, int flags, const CEParams<acc_t>& p, cudaStream_t stream,
+            RowsKernel rows_kernel, TileKernel tile_kernel, const Args&... args) {
+  if (rows) {
+    with_kernel_flags<RowsFlagSets<scalar_t>>(flags, [&](auto f) {
+      const LaunchConfig L = rows_launch<scalar_t, decltype(f)::value>(p);
+      rows_kernel(f)<<<static_cast<unsigned>(L.blocks), L.threads, 0, stream>>>(args..., p, L.G);
+    });
   } else {
-    rows<<<static_cast<unsigned>(L.blocks), L.threads, 0, stream>>>(args..., L.G);
+    with_kernel_flags<TileFlagSets<scalar_t>>(flags, [&](auto f) {
+      const LaunchConfig L = tile_launch<scalar_t>(p);
+      tile_kernel(f)<<<static_cast<unsigned>(L.blocks), dim3(32, L.tile_y), 0, stream>>>(
+          args..., p);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -48,15 +59,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   with_params(logits, target, w, ignore_index, label_smoothing, logit_scale, softcap, prob_target,
-              [&](auto x_tag, auto tgt_tag, auto p) {
+              [&](auto x_tag, auto p, int flags) {
     using scalar_t = decltype(x_tag);
-    using tgt_t = decltype(tgt_tag);
     using acc_t = acc_type_t<scalar_t>;
     p.loss = loss.data_ptr<acc_t>();
     p.lse = lse.data_ptr<double>();
     p.aux = aux.data_ptr<acc_t>();
-    launch(fwd_launch<scalar_t>(p), stream, ce_fwd_tile_kernel<scalar_t, tgt_t>,
-           ce_fwd_rows_kernel<scalar_t, tgt_t>, logits.data_ptr<scalar_t>(), p);
+    launch<scalar_t>(
+        fwd_rows_ok(p), flags, p, stream,
+        [](auto f) { return ce_fwd_rows_kernel<scalar_t, decltype(f)::value>; },
+        [](auto f) { return ce_fwd_tile_kernel<scalar_t, decltype(f)::value>; },
+        logits.data_ptr<scalar_t>());
   });
   return {loss, lse, aux};
 }
@@ -77,13 +90,14 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const std::optional<at::Tens
   const at::Tensor wsum = weight_sum(w, prob_target);
   const auto stream = at::cuda::getCurrentCUDAStream();
   with_params(logits, target, w, ignore_index, label_smoothing, logit_scale, softcap, prob_target,
-              [&](auto x_tag, auto tgt_tag, auto p) {
+              [&](auto x_tag, auto p, int flags) {
     using scalar_t = decltype(x_tag);
-    using tgt_t = decltype(tgt_tag);
     set_bwd_inputs(p, grad_loss, present(grad_lse), lse, aux, wsum);
-    launch(bwd_launch<scalar_t>(p), stream, ce_bwd_tile_kernel<scalar_t, tgt_t>,
-           ce_bwd_rows_kernel<scalar_t, tgt_t>, logits.data_ptr<scalar_t>(),
-           grad.data_ptr<scalar_t>(), p);
+    launch<scalar_t>(
+        bwd_rows_ok(p), flags, p, stream,
+        [](auto f) { return ce_bwd_rows_kernel<scalar_t, decltype(f)::value>; },
+        [](auto f) { return ce_bwd_tile_kernel<scalar_t, decltype(f)::value>; },
+        logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>());
   });
   return grad;
 }

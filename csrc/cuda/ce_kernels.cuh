@@ -3,18 +3,26 @@
 // per-thread work is in ce_thread.cuh. No torch headers (see there): the host emulator
 // (tests/cuda_emulation/emu.cu) includes this file as it is, and ce_cuda.cu launches from it.
 //
-// Two mappings, picked by choose_launch():
+// Two mappings (fwd_rows_ok / bwd_rows_ok pick one, choose_launch gives its shape):
 //  * "rows" (forward: sC == 1; backward: sC == 1 and D == 1): a group of G threads per row,
 //    G in {4, 8, 16, 32} (several rows per 256-thread block, warp-shuffle reduction) or
-//    G == blockDim.x in {64 .. 512} (one row per block, shuffle + shared-memory reduction).
-//    The row is read with 16-byte vector loads, kUnroll vectors in flight per thread; a
+//    G == blockDim.x in {64 .. 256} (one row per block, shuffle + shared-memory reduction).
+//    The row is read with 16-byte vector loads, several in flight per thread; a
 //    scalar head handles the elements before the first 16-byte boundary and a scalar tail
 //    the remainder (rows need not be 16-byte aligned).
-//  * "tile" (every other stride pattern): a (32, TY) block; lane x takes row
+//  * "tile" (every other stride pattern): a (32, TY <= 8) block; lane x takes row
 //    blockIdx.x*32 + x, thread-row y takes classes y, y+TY, ... with scalar strided loads.
 //    Consecutive lanes are consecutive rows, so the (N, C, D)-contiguous case (sD == 1)
 //    and the transposed (N, C) case (sN == 1) read and write coalesced.
-// No host synchronisation anywhere; all offsets are int64.
+// Every kernel is instantiated per logits dtype and feature flags F (ce_thread.cuh), for the
+// flag sets of RowsFlagSets / TileFlagSets (ce_host.h). No host synchronisation anywhere; all
+// offsets are int64.
+//
+// Registers: launch blocks have at most kLaunchThreads (256) threads, and the kernels are
+// compiled to leave room for kBlocksPerSM (4) of them on an SM (65536 registers: at most 64 per
+// thread; float64 ones 2 blocks, 128). The kernels themselves accept blocks of up to
+// kMaxThreads (512) threads, which the host emulator's tests use to exercise the reductions
+// with more warps.
 #pragma once
 
 #include "ce_thread.cuh"
@@ -22,17 +30,29 @@
 namespace nllfused {
 namespace cuda_impl {
 
+constexpr int kLaunchThreads = 256;  // the largest block choose_launch picks
+constexpr int kBlocksPerSM = 4;      // resident blocks of kLaunchThreads the registers allow
+constexpr int kMaxThreads = 512;     // the largest block the kernels accept
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kMaxTileY = kMaxThreads / 32;  // tile mapping: at most 32 x kMaxTileY threads
+constexpr int kWarpPathThreads = 256;
+// __launch_bounds__' minimum blocks of kMaxThreads threads for that register budget; float64
+// kernels, off the LM path, get twice the registers (their exp and tanh are software).
+template <typename scalar_t>
+constexpr int kMinBlocks = std::is_same<scalar_t, double>::value
+                               ? kBlocksPerSM * kLaunchThreads / kMaxThreads / 2
+                               : kBlocksPerSM * kLaunchThreads / kMaxThreads;
+
 // ------------------------------------------------------------------------------------------
 // Reductions (device only).
 
-template <typename acc_t>
-__device__ __forceinline__ Stats<acc_t> shfl_xor_stats(const Stats<acc_t>& st, int off,
-                                                      bool need_t) {
+template <int F, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> shfl_xor_stats(const Stats<acc_t>& st, int off) {
   Stats<acc_t> o;
   o.m = __shfl_xor_sync(0xffffffffu, st.m, off);
   o.k = __shfl_xor_sync(0xffffffffu, st.k, off);
   o.s = __shfl_xor_sync(0xffffffffu, st.s, off);
-  if (need_t) {
+  if constexpr (kMayT<F>) {
     o.t = __shfl_xor_sync(0xffffffffu, st.t, off);
     o.w = __shfl_xor_sync(0xffffffffu, st.w, off);
   } else {
@@ -44,26 +64,25 @@ __device__ __forceinline__ Stats<acc_t> shfl_xor_stats(const Stats<acc_t>& st, i
 
 // Butterfly over aligned groups of `width` lanes (power of two <= 32). Every lane of the
 // warp must call it. The result is complete in every lane of the group.
-template <typename acc_t>
-__device__ __forceinline__ Stats<acc_t> group_reduce(Stats<acc_t> st, int width, bool need_t) {
-  for (int off = width >> 1; off > 0; off >>= 1) st = merge(st, shfl_xor_stats(st, off, need_t));
+template <int F, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> group_reduce(Stats<acc_t> st, int width) {
+  for (int off = width >> 1; off > 0; off >>= 1) st = merge<F>(st, shfl_xor_stats<F>(st, off));
   return st;
 }
 
-// Whole block (blockDim.x a multiple of 32, <= kMaxThreads). Result valid in thread 0.
-// Every thread of the block must call it.
-template <typename acc_t>
-__device__ __forceinline__ Stats<acc_t> block_reduce(Stats<acc_t> st, Stats<acc_t>* red,
-                                                    bool need_t) {
-  st = group_reduce(st, 32, need_t);
+// Whole block (blockDim.x a power of two, 64 .. kMaxThreads): a butterfly in each warp, then
+// one over the warps' results in warp 0. Result valid in thread 0. Every thread of the block
+// must call it.
+template <int F, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> block_reduce(Stats<acc_t> st, Stats<acc_t>* red) {
+  st = group_reduce<F>(st, 32);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   if (lane == 0) red[warp] = st;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    st = red[0];
+  if (warp == 0) {
     const int nwarps = blockDim.x >> 5;
-    for (int i = 1; i < nwarps; ++i) st = merge(st, red[i]);
+    st = group_reduce<F>(lane < nwarps ? red[lane] : stats_init<acc_t>(), nwarps);
   }
   __syncthreads();  // red[] is reused by the next row
   return st;
@@ -72,12 +91,13 @@ __device__ __forceinline__ Stats<acc_t> block_reduce(Stats<acc_t> st, Stats<acc_
 // ------------------------------------------------------------------------------------------
 // Kernels.
 
+#define NLLF_KERNEL __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<scalar_t>)
+
 // Rows mapping, forward. G threads per row: G <= 32 (blockDim.x / G rows per block, loop
 // trip counts uniform per block so the shuffles see every lane) or G == blockDim.x.
-template <typename scalar_t, typename tgt_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    ce_fwd_rows_kernel(const scalar_t* __restrict__ x,
-                       const CEParams<acc_type_t<scalar_t>> p, const int G) {
+template <typename scalar_t, int F>
+NLLF_KERNEL ce_fwd_rows_kernel(const scalar_t* __restrict__ x,
+                               const CEParams<acc_type_t<scalar_t>> p, const int G) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ Stats<acc_t> red[kMaxWarps];
   const int rows_per_block = blockDim.x / G;
@@ -87,21 +107,22 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t rbase = static_cast<int64_t>(blockIdx.x) * rows_per_block; rbase < p.R;
        rbase += step) {
     const int64_t r = rbase + grp;
-    Stats<acc_t> st = fwd_rows_thread<scalar_t, tgt_t>(p, x, r, tid, G);
+    Stats<acc_t> st = fwd_rows_thread<scalar_t, F>(p, x, r, tid, G);
     if (G <= 32) {
-      st = group_reduce(st, G, p.need_t);
+      st = group_reduce<F>(st, G);
     } else {
-      st = block_reduce(st, red, p.need_t);
+      st = block_reduce<F>(st, red);
     }
-    if (r < p.R && tid == 0) fwd_finish<scalar_t, tgt_t>(p, x, r, st);
+    if (r < p.R && tid == 0) fwd_finish<scalar_t, F>(p, x, r, st);
   }
 }
 
 // Tile mapping, forward: block (32, TY); lane = row within the tile, threadIdx.y = class slice.
-template <typename scalar_t, typename tgt_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    ce_fwd_tile_kernel(const scalar_t* __restrict__ x,
-                       const CEParams<acc_type_t<scalar_t>> p) {
+// The TY partial states of a row are merged by a tree in shared memory: in round h, thread-row
+// ty (a multiple of 2h) takes in ty + h.
+template <typename scalar_t, int F>
+NLLF_KERNEL ce_fwd_tile_kernel(const scalar_t* __restrict__ x,
+                               const CEParams<acc_type_t<scalar_t>> p) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ Stats<acc_t> part[kMaxTileY][32];
   const int lane = threadIdx.x;
@@ -110,44 +131,47 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t step = static_cast<int64_t>(gridDim.x) * 32;
   for (int64_t rbase = static_cast<int64_t>(blockIdx.x) * 32; rbase < p.R; rbase += step) {
     const int64_t r = rbase + lane;
-    Stats<acc_t> st = fwd_tile_thread<scalar_t, tgt_t>(p, x, r, ty, TY);
+    Stats<acc_t> st = fwd_tile_thread<scalar_t, F>(p, x, r, ty, TY);
     part[ty][lane] = st;
     __syncthreads();
-    if (ty == 0 && r < p.R) {
-      for (int k = 1; k < TY; ++k) st = merge(st, part[k][lane]);
-      fwd_finish<scalar_t, tgt_t>(p, x, r, st);
+    for (int h = 1; h < TY; h *= 2) {
+      if (ty % (2 * h) == 0 && ty + h < TY) {
+        st = merge<F>(st, part[ty + h][lane]);
+        part[ty][lane] = st;
+      }
+      __syncthreads();  // also: part[][] is reused by the next tile
     }
-    __syncthreads();  // part[][] is reused by the next tile
+    if (ty == 0 && r < p.R) fwd_finish<scalar_t, F>(p, x, r, st);
   }
 }
 
 // Rows mapping, backward (D == 1: output row r is out + r*C). No reductions, so groups
 // may leave the loop independently.
-template <typename scalar_t, typename tgt_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    ce_bwd_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                       const CEParams<acc_type_t<scalar_t>> p, const int G) {
+template <typename scalar_t, int F>
+NLLF_KERNEL ce_bwd_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                               const CEParams<acc_type_t<scalar_t>> p, const int G) {
   const int rows_per_block = blockDim.x / G;
   const int grp = threadIdx.x / G;
   const int tid = threadIdx.x % G;
   const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_block + grp; r < p.R;
        r += step)
-    bwd_rows_thread<scalar_t, tgt_t>(p, x, out, r, tid, G);
+    bwd_rows_thread<scalar_t, F>(p, x, out, r, tid, G);
 }
 
 // Tile mapping, backward: output element (n, c, d) at out + n*C*D + c*D + d.
-template <typename scalar_t, typename tgt_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    ce_bwd_tile_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                       const CEParams<acc_type_t<scalar_t>> p) {
+template <typename scalar_t, int F>
+NLLF_KERNEL ce_bwd_tile_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                               const CEParams<acc_type_t<scalar_t>> p) {
   const int lane = threadIdx.x;
   const int ty = threadIdx.y;
   const int TY = blockDim.y;
   const int64_t step = static_cast<int64_t>(gridDim.x) * 32;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * 32 + lane; r < p.R; r += step)
-    bwd_tile_thread<scalar_t, tgt_t>(p, x, out, r, ty, TY);
+    bwd_tile_thread<scalar_t, F>(p, x, out, r, ty, TY);
 }
+
+#undef NLLF_KERNEL
 
 // ------------------------------------------------------------------------------------------
 // Launch configuration: the one place that maps a problem to blocks.
@@ -160,28 +184,30 @@ struct LaunchConfig {
   int64_t blocks;   // gridDim.x (kernels loop over the rows beyond it)
 };
 
-inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec) {
+// vec: values per 16-byte vector; unroll: vectors per thread and step (rows mapping).
+inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec, int unroll) {
   LaunchConfig L{};
   int64_t rows_per_block;
   if (rows_ok) {
     const int64_t nvec = (C + vec - 1) / vec;  // 16-byte vectors per row
     L.tile = false;
-    if (nvec <= 32 * kUnroll) {
+    if (nvec <= 32 * unroll) {
       // small rows: the fewest threads (>= 4, <= a warp) that take a row in one sweep
       L.G = 4;
-      while (L.G < 32 && static_cast<int64_t>(L.G) * kUnroll < nvec) L.G *= 2;
+      while (L.G < 32 && static_cast<int64_t>(L.G) * unroll < nvec) L.G *= 2;
       L.threads = kWarpPathThreads;
     } else {
-      // a block per row: 64 .. kMaxThreads threads, one sweep when the row allows
+      // a block per row: 64 .. kLaunchThreads threads, one sweep when the row allows
       L.G = 64;
-      while (L.G < kMaxThreads && static_cast<int64_t>(L.G) * kUnroll < nvec) L.G *= 2;
+      while (L.G < kLaunchThreads && static_cast<int64_t>(L.G) * unroll < nvec) L.G *= 2;
       L.threads = L.G;
     }
     rows_per_block = L.threads / L.G;
   } else {
     L.tile = true;
     L.tile_y = 1;
-    while (L.tile_y < kMaxTileY && static_cast<int64_t>(L.tile_y) * 32 < C) L.tile_y *= 2;
+    while (L.tile_y < kLaunchThreads / 32 && static_cast<int64_t>(L.tile_y) * 32 < C)
+      L.tile_y *= 2;
     rows_per_block = 32;
   }
   const int64_t blocks = (R + rows_per_block - 1) / rows_per_block;
@@ -190,16 +216,24 @@ inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec) {
   return L;
 }
 
-// The launch shapes ce_cuda.cu uses: the rows mapping where the classes are unit-stride (the
-// backward's also needs D == 1: its output rows are then contiguous too).
-template <typename scalar_t, typename acc_t>
-inline LaunchConfig fwd_launch(const CEParams<acc_t>& p) {
-  return choose_launch(p.R, p.C, p.sC == 1 || p.C == 1, 16 / static_cast<int>(sizeof(scalar_t)));
+// The mappings ce_cuda.cu uses: rows where the classes are unit-stride (the backward's also
+// needs D == 1: its output rows are then contiguous too), else tile; and their launch shapes
+// (the rows mapping's depends on the kernel's flags: its unroll).
+template <typename acc_t>
+inline bool fwd_rows_ok(const CEParams<acc_t>& p) {
+  return p.sC == 1 || p.C == 1;
+}
+template <typename acc_t>
+inline bool bwd_rows_ok(const CEParams<acc_t>& p) {
+  return (p.sC == 1 || p.C == 1) && p.D == 1;
+}
+template <typename scalar_t, int F, typename acc_t>
+inline LaunchConfig rows_launch(const CEParams<acc_t>& p) {
+  return choose_launch(p.R, p.C, true, 16 / static_cast<int>(sizeof(scalar_t)), kUnroll<F>);
 }
 template <typename scalar_t, typename acc_t>
-inline LaunchConfig bwd_launch(const CEParams<acc_t>& p) {
-  return choose_launch(p.R, p.C, (p.sC == 1 || p.C == 1) && p.D == 1,
-                       16 / static_cast<int>(sizeof(scalar_t)));
+inline LaunchConfig tile_launch(const CEParams<acc_t>& p) {
+  return choose_launch(p.R, p.C, false, 16 / static_cast<int>(sizeof(scalar_t)), 1);
 }
 
 }  // namespace cuda_impl
