@@ -100,7 +100,8 @@ class Case:
     D: int
     dtype: torch.dtype
     layout: str = "contig"  # contig | offset | btv | cstride | tr (see make_logits)
-    tgt: str = "i64"        # i64 | i32 | u8 | prob16 | probbf | prob32 | prob64
+    tgt: str = "i64"        # i64 | i32 | u8 | prob16 | probbf | prob32 | prob64 | problike
+    #                         (problike: probabilities in the logits' dtype)
     weight: bool = False
     e: float = 0.0          # label smoothing
     zl: float = 0.0         # z-loss, through grad_lse = 2 zl lse grad_loss on counted rows
@@ -169,6 +170,13 @@ FEATURES = (  # (target, weight, smoothing, z-loss, scale, softcap, ignore_index
     ("prob16", True, 0.1, 1e-3, 0.9, 4.0, -100),
     ("probbf", True, 0.0, 0.0, 1.0, 0.0, -100),
     ("prob64", False, 0.3, 0.0, 1.0, 2.0, -100),
+    # the option sets with kernels of their own (RowsFlagSets in csrc/cuda/ce_host.h), besides
+    # the plain one: smoothing alone, softcap alone, both (above, u8), probabilities in the
+    # logits' dtype (with and without smoothing)
+    ("i64", False, 0.1, 0.0, 1.0, 0.0, -100),
+    ("i32", False, 0.0, 1e-3, 1.0, 20.0, 1),
+    ("problike", False, 0.0, 0.0, 1.0, 0.0, -100),
+    ("problike", False, 0.2, 1e-3, 1.0, 0.0, -100),
 )
 
 
@@ -267,7 +275,8 @@ def make_logits(c: Case):
 def make_target(c: Case, x):
     N, C, D = c.N, c.C, c.D
     if c.prob:
-        pd = {"prob16": F16, "probbf": BF16, "prob32": F32, "prob64": F64}[c.tgt]
+        pd = {"prob16": F16, "probbf": BF16, "prob32": F32, "prob64": F64,
+              "problike": c.dtype}[c.tgt]
         if C % 2:  # class-major probabilities, transposed
             q = torch.softmax(torch.randn(N, D, C) * 2, 2).to(pd).transpose(1, 2)
         else:
