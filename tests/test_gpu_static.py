@@ -95,6 +95,19 @@ def test_triton_kernels_compile_without_spills_on_the_lm_path(tmp_path):
     assert all(r["spills"] == 0 for r in lm), [r for r in lm if r["spills"]]
     # Nothing in the float32 / bfloat16 LM hot loop should run in float64.
     assert all(r["f64_in_loop"] == 0 for r in lm), [r for r in lm if r["f64_in_loop"]]
+    # Issue 15 on the row kernels' LM path, plain options: <= 10 SASS instructions per logit
+    # element in the hot loop, read from the loop (not estimated); registers for >= 4 blocks
+    # per sm_90 SM.
+    plain = [gpu_static.Report(**r) for r in lm
+             if r["plain"] and r["kernel"] in ("ce_fwd_kernel", "ce_bwd_kernel")]
+    assert {(r.kernel, r.dtype, r.arch) for r in plain} == {
+        (k, d, a) for k in ("ce_fwd_kernel", "ce_bwd_kernel") for d in ("fp32", "bf16")
+        for a in (80, 90)}
+    for r in plain:
+        assert r.sass_per_elem is not None and r.sass_per_elem <= 10, r
+        assert not r.elems_estimated, r
+        if r.arch == 90:
+            assert gpu_static.resident_blocks_sm90(r) >= 4, r
 
 
 @needs_cuobjdump
@@ -251,9 +264,10 @@ def test_cuda_kernels_meet_the_static_targets(cuda_report):
     """Issue 15 on the LM path (rows kernels, float32 / bfloat16, forward and backward, plain
     options): <= 10 SASS instructions per logit element in the hot loop, no float64 there;
     every kernel but the float64 ones: registers for >= 4 blocks of the launcher's largest
-    block per sm_90 SM."""
+    block per sm_90 SM and no float64 in a loop; every kernel <= 96 registers (small C)."""
     _, report = cuda_report
     results = [gpu_static.Report(**r) for r in report["results"]]
+    assert all(r.error is None and r.regs for r in results), report["failures"]
     plain = [r for r in results if r.lm_path and r.plain]
     assert {(r.kernel, r.dtype) for r in plain} == {
         (k, d) for k in ("ce_fwd_rows_kernel", "ce_bwd_rows_kernel") for d in ("fp32", "bf16")}
@@ -264,3 +278,12 @@ def test_cuda_kernels_meet_the_static_targets(cuda_report):
     few = [(r.kernel, r.dtype, r.flags, r.regs) for r in results
            if r.arch == 90 and r.dtype != "fp64" and gpu_static.resident_blocks_sm90(r) < 4]
     assert not few, few
+    # No float64 instruction in any per-element loop of a kernel with float accumulation,
+    # whatever its options (float64 probabilities are rounded to float before the kernel).
+    f64 = [(r.kernel, r.arch, r.dtype, r.flags, r.f64_in_loop) for r in results
+           if r.dtype != "fp64" and r.f64_in_loop]
+    assert not f64, f64
+    # Small C (<= 32 classes) runs the same kernels as every C: all of them, float64 ones
+    # included, within 96 registers.
+    fat = [(r.kernel, r.arch, r.dtype, r.flags, r.regs) for r in results if r.regs > 96]
+    assert not fat, fat

@@ -2,7 +2,8 @@
 // docs/maths.md): the host entry points. They check the arguments (csrc/checks.h), allocate the
 // outputs, set up the kernels' parameters (ce_host.h) and launch the kernels of ce_kernels.cuh:
 // the mapping (fwd_rows_ok / bwd_rows_ok), then the kernel for the options' flags
-// (with_kernel_flags), with the shape rows_launch / tile_launch choose.
+// (with_kernel_flags), with the shape rows_launch / tile_launch choose (and, for few long rows,
+// a workspace for the split forward's partial states).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,27 +21,24 @@ namespace nllfused {
 namespace cuda_impl {
 namespace {
 
-// Launches the rows kernel of flags F (taking L.G) when `rows`, else the tile kernel, for the
-// options' flags (with_kernel_flags picks the kernel variant that serves them). RowsKernel /
-// TileKernel: a generic lambda returning kernel<scalar_t, F> for an integral_constant F.
-template <typename scalar_t, typename acc_t, typename RowsKernel, typename TileKernel,
-          typename... Args>
-void launch(bool rows, int flags, const CEParams<acc_t>& p, cudaStream_t stream,
-            RowsKernel rows_kernel, TileKernel tile_kernel, const Args&... args) {
+// Calls rows(f, L) for the rows mapping when `rows`, else tile(f, L), with f the
+// integral_constant of the kernel variant with_kernel_flags picks for the options' flags and L
+// the launch shape (rows_launch, which may split rows over this device's SMs, / tile_launch).
+template <typename scalar_t, typename acc_t, typename RowsFn, typename TileFn>
+void launch(bool rows, int flags, const CEParams<acc_t>& p, RowsFn&& rows_fn, TileFn&& tile_fn) {
   if (rows) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     with_kernel_flags<RowsFlagSets<scalar_t>>(flags, [&](auto f) {
-      const LaunchConfig L = rows_launch<scalar_t, decltype(f)::value>(p);
-      rows_kernel(f)<<<static_cast<unsigned>(L.blocks), L.threads, 0, stream>>>(args..., p, L.G);
+      rows_fn(f, rows_launch<scalar_t, decltype(f)::value>(p, sms));
     });
   } else {
-    with_kernel_flags<TileFlagSets<scalar_t>>(flags, [&](auto f) {
-      const LaunchConfig L = tile_launch<scalar_t>(p);
-      tile_kernel(f)<<<static_cast<unsigned>(L.blocks), dim3(32, L.tile_y), 0, stream>>>(
-          args..., p);
-    });
+    with_kernel_flags<TileFlagSets<scalar_t>>(
+        flags, [&](auto f) { tile_fn(f, tile_launch<scalar_t>(p)); });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+unsigned grid(const LaunchConfig& L) { return static_cast<unsigned>(L.blocks); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -65,11 +63,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
     p.loss = loss.data_ptr<acc_t>();
     p.lse = lse.data_ptr<double>();
     p.aux = aux.data_ptr<acc_t>();
+    const scalar_t* x = logits.data_ptr<scalar_t>();
     launch<scalar_t>(
-        fwd_rows_ok(p), flags, p, stream,
-        [](auto f) { return ce_fwd_rows_kernel<scalar_t, decltype(f)::value>; },
-        [](auto f) { return ce_fwd_tile_kernel<scalar_t, decltype(f)::value>; },
-        logits.data_ptr<scalar_t>());
+        fwd_rows_ok(p), flags, p,
+        [&](auto f, const LaunchConfig& L) {
+          constexpr int F = decltype(f)::value;
+          if (L.parts == 1) {
+            ce_fwd_rows_kernel<scalar_t, F><<<grid(L), L.threads, 0, stream>>>(x, p, L.G, 1,
+                                                                               nullptr);
+            return;
+          }
+          // split rows: the pieces' states, then a kernel that merges and finishes each row
+          constexpr int64_t words = sizeof(Stats<acc_t>) / sizeof(acc_t);
+          const at::Tensor ws = at::empty({p.R * L.parts * words}, opts);
+          auto* part = reinterpret_cast<Stats<acc_t>*>(ws.data_ptr<acc_t>());
+          ce_fwd_rows_kernel<scalar_t, F><<<grid(L), L.threads, 0, stream>>>(x, p, L.G, L.parts,
+                                                                             part);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          ce_fwd_merge_kernel<scalar_t, F>
+              <<<static_cast<unsigned>(merge_blocks(p.R)), kLaunchThreads, 0, stream>>>(
+                  x, p, L.parts, part);
+        },
+        [&](auto f, const LaunchConfig& L) {
+          ce_fwd_tile_kernel<scalar_t, decltype(f)::value>
+              <<<grid(L), dim3(32, L.tile_y), 0, stream>>>(x, p);
+        });
   });
   return {loss, lse, aux};
 }
@@ -93,11 +111,18 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const std::optional<at::Tens
               [&](auto x_tag, auto p, int flags) {
     using scalar_t = decltype(x_tag);
     set_bwd_inputs(p, grad_loss, present(grad_lse), lse, aux, wsum);
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
     launch<scalar_t>(
-        bwd_rows_ok(p), flags, p, stream,
-        [](auto f) { return ce_bwd_rows_kernel<scalar_t, decltype(f)::value>; },
-        [](auto f) { return ce_bwd_tile_kernel<scalar_t, decltype(f)::value>; },
-        logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>());
+        bwd_rows_ok(p), flags, p,
+        [&](auto f, const LaunchConfig& L) {
+          ce_bwd_rows_kernel<scalar_t, decltype(f)::value>
+              <<<grid(L), L.threads, 0, stream>>>(x, out, p, L.G, L.parts);
+        },
+        [&](auto f, const LaunchConfig& L) {
+          ce_bwd_tile_kernel<scalar_t, decltype(f)::value>
+              <<<grid(L), dim3(32, L.tile_y), 0, stream>>>(x, out, p);
+        });
   });
   return grad;
 }

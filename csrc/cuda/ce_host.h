@@ -56,8 +56,8 @@ inline int ce_flags(bool prob_target, bool prob_like_logits, bool has_weight,
 // 16- and 32-bit logits (the language-model path: plain, label smoothing, softcap, both,
 // probability targets in the logits' dtype), the plain tile kernels, and everywhere the
 // kRuntime catch-all, per target kind. 7 rows + 3 tile kernels per op and dtype (2 + 2 for
-// float64): 68 kernels per architecture (the exact sets of every option everywhere would be
-// 240, three times the compile time).
+// float64), and a split forward's merge kernel per rows variant: 91 kernels per architecture
+// (the exact sets of every option everywhere would be about three times the compile time).
 template <typename scalar_t>
 using RowsFlagSets = typename std::conditional<
     std::is_same<scalar_t, double>::value,
@@ -154,17 +154,25 @@ void set_bwd_inputs(CEParams<acc_t>& p, const at::Tensor& grad_loss, const at::T
 
 // Calls f(scalar_t{}, p, flags) with the logits' dtype, the kernels' parameters for these
 // arguments (make_params) and the options' feature flags (ce_flags); the caller picks the
-// mapping and then the kernel with with_kernel_flags.
+// mapping and then the kernel with with_kernel_flags. p points into the target tensor (or its
+// float copy, below), alive for f's launches: the caching allocator orders a later reuse of
+// that memory after them on the stream.
 template <typename Fn>
 void with_params(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                  int64_t ignore_index, double label_smoothing, double logit_scale, double softcap,
                  bool prob_target, Fn&& f) {
-  const int flags = ce_flags(prob_target, target.scalar_type() == logits.scalar_type(),
+  // float64 probabilities with float accumulation: rounded to float here, once, as the
+  // kernels would round each (the same values), so that no kernel but the float64 ones
+  // converts from float64 per element.
+  const bool narrow = prob_target && target.scalar_type() == at::kDouble &&
+                      logits.scalar_type() != at::kDouble;
+  const at::Tensor tgt = narrow ? target.to(at::kFloat) : target;
+  const int flags = ce_flags(prob_target, tgt.scalar_type() == logits.scalar_type(),
                              weight.defined(), label_smoothing, logit_scale, softcap);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nllfused_ce",
                                   [&] {
     using acc_t = acc_type_t<scalar_t>;
-    CEParams<acc_t> p = make_params<acc_t>(logits, target, weight, ignore_index, label_smoothing,
+    CEParams<acc_t> p = make_params<acc_t>(logits, tgt, weight, ignore_index, label_smoothing,
                                            logit_scale, softcap, prob_target);
     f(scalar_t{}, p, flags);
   });

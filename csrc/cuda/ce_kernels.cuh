@@ -7,9 +7,9 @@
 //  * "rows" (forward: sC == 1; backward: sC == 1 and D == 1): a group of G threads per row,
 //    G in {4, 8, 16, 32} (several rows per 256-thread block, warp-shuffle reduction) or
 //    G == blockDim.x in {64 .. 256} (one row per block, shuffle + shared-memory reduction).
-//    The row is read with 16-byte vector loads, several in flight per thread; a
-//    scalar head handles the elements before the first 16-byte boundary and a scalar tail
-//    the remainder (rows need not be 16-byte aligned).
+//    The row is read with 16-byte vector loads (float64: 8-byte), several in flight per
+//    thread; a scalar head handles the elements before the first vector boundary and a scalar
+//    tail the remainder (rows need not be 16-byte aligned).
 //  * "tile" (every other stride pattern): a (32, TY <= 8) block; lane x takes row
 //    blockIdx.x*32 + x, thread-row y takes classes y, y+TY, ... with scalar strided loads.
 //    Consecutive lanes are consecutive rows, so the (N, C, D)-contiguous case (sD == 1)
@@ -18,14 +18,20 @@
 // flag sets of RowsFlagSets / TileFlagSets (ce_host.h). No host synchronisation anywhere; all
 // offsets are int64.
 //
+//  * Few long rows (fewer than 2 blocks per SM, rows of several block steps): the rows
+//    mapping with each row split into `parts` pieces (row_part, ce_thread.cuh), one 256-thread
+//    block per piece. The backward writes its piece; the forward writes the piece's merged
+//    state to a workspace and ce_fwd_merge_kernel merges each row's pieces in order
+//    (merge_parts) and finishes the row: deterministic, no atomics.
+//
 // Registers: launch blocks have at most kLaunchThreads (256) threads, and the kernels are
 // compiled to leave room for kBlocksPerSM (4) of them on an SM (65536 registers: at most 64 per
-// thread; float64 ones 2 blocks, 128). The kernels themselves accept blocks of up to
-// kMaxThreads (512) threads, which the host emulator's tests use to exercise the reductions
-// with more warps.
+// thread; float64 ones, off the LM path, 96: their exp and tanh are software). The kernels
+// themselves accept blocks of up to kMaxThreads (512) threads, which the host emulator's tests
+// use to exercise the reductions with more warps.
 #pragma once
 
-#include "ce_thread.cuh"
+#include "ce_backward.cuh"
 
 namespace nllfused {
 namespace cuda_impl {
@@ -36,12 +42,11 @@ constexpr int kMaxThreads = 512;     // the largest block the kernels accept
 constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kMaxTileY = kMaxThreads / 32;  // tile mapping: at most 32 x kMaxTileY threads
 constexpr int kWarpPathThreads = 256;
-// __launch_bounds__' minimum blocks of kMaxThreads threads for that register budget; float64
-// kernels, off the LM path, get twice the registers (their exp and tanh are software).
+// The register budget per thread (__maxnreg__): 64 leaves room for kBlocksPerSM blocks of
+// kLaunchThreads; float64 kernels get 96.
 template <typename scalar_t>
-constexpr int kMinBlocks = std::is_same<scalar_t, double>::value
-                               ? kBlocksPerSM * kLaunchThreads / kMaxThreads / 2
-                               : kBlocksPerSM * kLaunchThreads / kMaxThreads;
+constexpr int kMaxRegs =
+    std::is_same<scalar_t, double>::value ? 96 : 65536 / (kBlocksPerSM * kLaunchThreads);
 
 // ------------------------------------------------------------------------------------------
 // Reductions (device only).
@@ -91,30 +96,50 @@ __device__ __forceinline__ Stats<acc_t> block_reduce(Stats<acc_t> st, Stats<acc_
 // ------------------------------------------------------------------------------------------
 // Kernels.
 
-#define NLLF_KERNEL __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<scalar_t>)
+#define NLLF_KERNEL __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(kMaxRegs<scalar_t>)
 
-// Rows mapping, forward. G threads per row: G <= 32 (blockDim.x / G rows per block, loop
-// trip counts uniform per block so the shuffles see every lane) or G == blockDim.x.
+// Rows mapping, forward. G threads per row piece: G <= 32 (blockDim.x / G pieces per block,
+// loop trip counts uniform per block so the shuffles see every lane) or G == blockDim.x. Piece
+// i is part i % parts of row i / parts; with parts == 1 the thread group finishes the row, else
+// it writes the piece's state to ws[i] for ce_fwd_merge_kernel.
 template <typename scalar_t, int F>
 NLLF_KERNEL ce_fwd_rows_kernel(const scalar_t* __restrict__ x,
-                               const CEParams<acc_type_t<scalar_t>> p, const int G) {
+                               const CEParams<acc_type_t<scalar_t>> p, const int G,
+                               const int parts, Stats<acc_type_t<scalar_t>>* __restrict__ ws) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ Stats<acc_t> red[kMaxWarps];
   const int rows_per_block = blockDim.x / G;
   const int grp = threadIdx.x / G;
   const int tid = threadIdx.x % G;
+  const int64_t items = p.R * parts;
   const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
-  for (int64_t rbase = static_cast<int64_t>(blockIdx.x) * rows_per_block; rbase < p.R;
-       rbase += step) {
-    const int64_t r = rbase + grp;
-    Stats<acc_t> st = fwd_rows_thread<scalar_t, F>(p, x, r, tid, G);
+  for (int64_t ibase = static_cast<int64_t>(blockIdx.x) * rows_per_block; ibase < items;
+       ibase += step) {
+    const int64_t i = ibase + grp;
+    const int64_t r = parts == 1 ? i : i / parts;
+    const int part = static_cast<int>(i - r * parts);
+    Stats<acc_t> st = fwd_rows_thread<scalar_t, F>(p, x, r, tid, G, part, parts);
     if (G <= 32) {
       st = group_reduce<F>(st, G);
     } else {
       st = block_reduce<F>(st, red);
     }
-    if (r < p.R && tid == 0) fwd_finish<scalar_t, F>(p, x, r, st);
+    if (i < items && tid == 0) {
+      if (parts == 1) fwd_finish<scalar_t, F>(p, x, r, st);
+      else ws[i] = st;
+    }
   }
+}
+
+// A split forward's second step: thread per row, its parts' states merged in order.
+template <typename scalar_t, int F>
+NLLF_KERNEL ce_fwd_merge_kernel(const scalar_t* __restrict__ x,
+                                const CEParams<acc_type_t<scalar_t>> p, const int parts,
+                                const Stats<acc_type_t<scalar_t>>* __restrict__ ws) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < p.R;
+       r += step)
+    fwd_finish<scalar_t, F>(p, x, r, merge_parts<F>(ws + r * parts, parts));
 }
 
 // Tile mapping, forward: block (32, TY); lane = row within the tile, threadIdx.y = class slice.
@@ -145,18 +170,22 @@ NLLF_KERNEL ce_fwd_tile_kernel(const scalar_t* __restrict__ x,
   }
 }
 
-// Rows mapping, backward (D == 1: output row r is out + r*C). No reductions, so groups
-// may leave the loop independently.
+// Rows mapping, backward (D == 1: output row r is out + r*C); pieces as the forward's. No
+// reductions, so groups may leave the loop independently.
 template <typename scalar_t, int F>
 NLLF_KERNEL ce_bwd_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                               const CEParams<acc_type_t<scalar_t>> p, const int G) {
+                               const CEParams<acc_type_t<scalar_t>> p, const int G,
+                               const int parts) {
   const int rows_per_block = blockDim.x / G;
   const int grp = threadIdx.x / G;
   const int tid = threadIdx.x % G;
+  const int64_t items = p.R * parts;
   const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_block + grp; r < p.R;
-       r += step)
-    bwd_rows_thread<scalar_t, F>(p, x, out, r, tid, G);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * rows_per_block + grp; i < items;
+       i += step) {
+    const int64_t r = parts == 1 ? i : i / parts;
+    bwd_rows_thread<scalar_t, F>(p, x, out, r, tid, G, static_cast<int>(i - r * parts), parts);
+  }
 }
 
 // Tile mapping, backward: output element (n, c, d) at out + n*C*D + c*D + d.
@@ -182,11 +211,26 @@ struct LaunchConfig {
   int threads;      // rows mapping: blockDim.x
   int tile_y;       // tile mapping: blockDim.y (blockDim.x == 32)
   int64_t blocks;   // gridDim.x (kernels loop over the rows beyond it)
+  int parts;        // rows mapping: pieces per row (1: unsplit)
 };
 
-// vec: values per 16-byte vector; unroll: vectors per thread and step (rows mapping).
-inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec, int unroll) {
+// Pieces per row for R rows of nvec 16-byte vectors on `sms` SMs: enough for kBlocksPerSM
+// blocks per SM when the rows alone give fewer than 2 per SM, each piece at least two steps of
+// a kLaunchThreads block (unroll vectors per thread); 1: no split.
+inline int split_parts(int64_t R, int64_t nvec, int unroll, int sms) {
+  if (sms <= 0 || R >= 2 * static_cast<int64_t>(sms)) return 1;
+  const int64_t most = nvec / (2 * static_cast<int64_t>(kLaunchThreads) * unroll);
+  const int64_t want = (static_cast<int64_t>(kBlocksPerSM) * sms + R - 1) / R;
+  const int64_t parts = want < most ? want : most;
+  return parts >= 2 ? static_cast<int>(parts) : 1;
+}
+
+// vec: values per vector (kVec); unroll: vectors per thread and step (rows mapping); sms: the
+// device's SMs (0: never split a row).
+inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec, int unroll,
+                                  int sms) {
   LaunchConfig L{};
+  L.parts = 1;
   int64_t rows_per_block;
   if (rows_ok) {
     const int64_t nvec = (C + vec - 1) / vec;  // 16-byte vectors per row
@@ -202,6 +246,8 @@ inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec, i
       while (L.G < kLaunchThreads && static_cast<int64_t>(L.G) * unroll < nvec) L.G *= 2;
       L.threads = L.G;
     }
+    L.parts = split_parts(R, C / vec, unroll, sms);
+    if (L.parts > 1) L.G = L.threads = kLaunchThreads;
     rows_per_block = L.threads / L.G;
   } else {
     L.tile = true;
@@ -210,7 +256,7 @@ inline LaunchConfig choose_launch(int64_t R, int64_t C, bool rows_ok, int vec, i
       L.tile_y *= 2;
     rows_per_block = 32;
   }
-  const int64_t blocks = (R + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = (R * L.parts + rows_per_block - 1) / rows_per_block;
   L.blocks = blocks < std::numeric_limits<int32_t>::max() ? blocks
                                                            : std::numeric_limits<int32_t>::max();
   return L;
@@ -228,12 +274,17 @@ inline bool bwd_rows_ok(const CEParams<acc_t>& p) {
   return (p.sC == 1 || p.C == 1) && p.D == 1;
 }
 template <typename scalar_t, int F, typename acc_t>
-inline LaunchConfig rows_launch(const CEParams<acc_t>& p) {
-  return choose_launch(p.R, p.C, true, 16 / static_cast<int>(sizeof(scalar_t)), kUnroll<F>);
+inline LaunchConfig rows_launch(const CEParams<acc_t>& p, int sms) {
+  return choose_launch(p.R, p.C, true, kVec<scalar_t>, kUnroll<F>,
+                       sms);
 }
 template <typename scalar_t, typename acc_t>
 inline LaunchConfig tile_launch(const CEParams<acc_t>& p) {
-  return choose_launch(p.R, p.C, false, 16 / static_cast<int>(sizeof(scalar_t)), 1);
+  return choose_launch(p.R, p.C, false, kVec<scalar_t>, 1, 0);
+}
+// ce_fwd_merge_kernel's grid for R rows (a thread per row).
+inline int64_t merge_blocks(int64_t R) {
+  return (R + kLaunchThreads - 1) / kLaunchThreads;
 }
 
 }  // namespace cuda_impl

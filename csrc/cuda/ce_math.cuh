@@ -161,18 +161,23 @@ struct ExpFrom<float> {
 };
 
 // ------------------------------------------------------------------------------------------
-// 16-byte vectors.
+// Vectors: 16 bytes, but a single float64 (kVec): the float64 kernels' software exp and tanh
+// need the registers two values at once would take (their budget: ce_kernels.cuh).
+
+template <typename scalar_t>
+constexpr int kVec =
+    std::is_same<scalar_t, double>::value ? 1 : 16 / static_cast<int>(sizeof(scalar_t));
 
 template <typename scalar_t, int N>
 struct alignas(sizeof(scalar_t) * N) AlignedVec {
   scalar_t v[N];
 };
 
-// Element index -> number of leading elements before the first 16-byte boundary; all of
+// Element index -> number of leading elements before the first vector (kVec) boundary; all of
 // them (C) when the pointer is not even element aligned, so nothing is vector loaded.
 template <typename scalar_t>
 NLLF_HD int64_t vec_head(const void* ptr, int64_t C) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int VEC = kVec<scalar_t>;
   const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
   if (a % sizeof(scalar_t) != 0) return C;
   const int64_t mis = static_cast<int64_t>((a / sizeof(scalar_t)) % VEC);
@@ -180,19 +185,10 @@ NLLF_HD int64_t vec_head(const void* ptr, int64_t C) {
   return head < C ? head : C;
 }
 
-// Which thread of a G-thread group handles class c of a row split into a scalar head of `head`
-// classes, nvec 16-byte vectors of VEC and a scalar tail: in each part the i-th element (the
-// i-th vector) goes to thread i % G.
-NLLF_HD int owner_of(int64_t c, int64_t head, int64_t nvec, int VEC, int G) {
-  if (c < head) return static_cast<int>(c % G);
-  if (c < head + nvec * VEC) return static_cast<int>(((c - head) / VEC) % G);
-  return static_cast<int>((c - head - nvec * VEC) % G);
-}
-
 // Fill a contiguous output row (ignored / out-of-range rows): vector stores when possible.
 template <typename scalar_t>
 NLLF_HD void fill_row(scalar_t* orow, int64_t C, scalar_t val, int tid, int G) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int VEC = kVec<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   const int64_t head = vec_head<scalar_t>(orow, C);
   for (int64_t c = tid; c < head; c += G) orow[c] = val;

@@ -22,9 +22,10 @@
 // logits far from zero. Likewise lse - z_y = (m - z_y) + log(k + s). The state is folded a chunk
 // of values at a time (kUnroll 16-byte vectors, or fewer): the chunk's max by a tree, then one
 // exp per value; the threads' states are merged once, after the loop (ce_kernels.cuh).
-// Backward recomputes p = exp(z - lse) from the saved lse; no reductions. Every class gets the
-// same formula in the loop; the true class, whose (p_y - 1) needs expm1 to keep its precision,
-// is rewritten afterwards by the thread that wrote it (no per-element test of c == y).
+// Backward (ce_backward.cuh) recomputes p = exp(z - lse) from the saved lse; no reductions.
+// Every class gets the same formula in the loop; the true class, whose (p_y - 1) needs expm1
+// to keep its precision, is rewritten afterwards by the thread that wrote it (no per-element
+// test of c == y). A long row may be split in parts (row_part), each a group's.
 //
 // Accumulation: float for half/bfloat16/float, double for double (acc_type_t).
 #pragma once
@@ -59,12 +60,12 @@ constexpr bool kMayT = (F & (kProb | kSmooth | kRuntime)) != 0;  // code for t a
 template <int F>
 constexpr bool kMayTransform = (F & (kScale | kCap | kRuntime)) != 0;
 
-// 16-byte vectors in flight per thread and step (rows mapping): 4 for the plain kernels (32
-// 16-bit values, 16 floats: a step's fixed costs spread over many values), 2 where the options'
-// per-class work needs the registers (at most 64 a thread: ce_kernels.cuh), 1 in the kRuntime
-// catch-all.
+// Vectors (kVec values, ce_math.cuh) in flight per thread and step (rows mapping): 4 for the
+// plain kernels (32 16-bit values, 16 floats: a step's fixed costs spread over many values), 2
+// where the options' per-class work needs the registers (at most 64 a thread: ce_kernels.cuh),
+// 1 with probability targets (a target load per value) and in the kRuntime catch-all.
 template <int F>
-constexpr int kUnroll = F == 0 ? 4 : (F & kRuntime) != 0 ? 1 : 2;
+constexpr int kUnroll = F == 0 ? 4 : (F & (kRuntime | kProb)) != 0 ? 1 : 2;
 constexpr int kTileUnroll = 4;  // strided loads in flight per thread (tile mapping)
 
 // The target's dtype, read at run time (once per row for index targets): 3-7x fewer kernels.
@@ -157,8 +158,11 @@ NLLF_HD acc_t load_prob(const CEParams<acc_t>& p, int64_t off) {
       return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(p.tgt)[off]));
     case kProbFloat:
       return static_cast<acc_t>(static_cast<const float*>(p.tgt)[off]);
-    default:
-      return static_cast<acc_t>(static_cast<const double*>(p.tgt)[off]);
+    default:  // float64 targets reach only float64 kernels (with_params, ce_host.h)
+      if constexpr (std::is_same<acc_t, double>::value)
+        return static_cast<const double*>(p.tgt)[off];
+      else
+        return quiet_nan<acc_t>();
   }
 }
 
@@ -319,7 +323,7 @@ NLLF_HD void fold_one(Stats<acc_t>& st, const CEParams<acc_t>& p, scalar_t xv, i
 template <typename scalar_t, int F, bool FULL, int U, typename acc_t, typename vec_t>
 NLLF_HD void fold_vectors(Stats<acc_t>& st, const CEParams<acc_t>& p, const vec_t (&buf)[U],
                           int valid, int64_t v, int G, int64_t head, int64_t qoff) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int VEC = kVec<scalar_t>;
   acc_t z[U * VEC];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -360,24 +364,56 @@ NLLF_HD void fold_vectors(Stats<acc_t>& st, const CEParams<acc_t>& p, const vec_
   }
 }
 
-// Thread `tid` of a G-thread group, contiguous row xrow[0 .. C). C == 0: nothing.
+// A row split over `parts` groups (few long rows: choose_launch): part `part` takes the row's
+// 16-byte vectors [v0, v1), whole steps of `span` vectors but the last part's rest, the
+// first part also the scalar head and the last the scalar tail. Unsplit: one part, everything.
+struct RowPart {
+  int64_t v0, v1;
+  bool head, tail;
+};
+NLLF_HD RowPart row_part(int64_t nvec, int64_t span, int part, int parts) {
+  if (parts <= 1) return RowPart{0, nvec, true, true};
+  const int64_t per = ((nvec + parts - 1) / parts + span - 1) / span * span;
+  const int64_t v0 = per * part < nvec ? per * part : nvec;
+  const int64_t v1 = part == parts - 1 ? nvec : (v0 + per < nvec ? v0 + per : nvec);
+  return RowPart{v0, v1, part == 0, part == parts - 1};
+}
+
+// Whether thread `tid` of a G-thread group working on part rp of a row (head scalar classes,
+// nvec vectors of VEC, a scalar tail) handles class c: in each piece the i-th element (the i-th
+// vector of the part) goes to thread i % G.
+NLLF_HD bool owns_class(int64_t c, int64_t head, int64_t nvec, int VEC, const RowPart& rp,
+                        int tid, int G) {
+  if (c < head) return rp.head && c % G == tid;
+  if (c < head + nvec * VEC) {
+    const int64_t v = (c - head) / VEC;
+    return v >= rp.v0 && v < rp.v1 && (v - rp.v0) % G == tid;
+  }
+  return rp.tail && (c - head - nvec * VEC) % G == tid;
+}
+
+// Thread `tid` of a G-thread group, contiguous row xrow[0 .. C), part `part` of `parts`
+// (row_part). C == 0: nothing.
 template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_row_partial(const CEParams<acc_t>& p, const scalar_t* xrow,
-                                     int64_t C, int64_t qoff, int tid, int G) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
+                                     int64_t C, int64_t qoff, int tid, int G, int part = 0,
+                                     int parts = 1) {
+  constexpr int VEC = kVec<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   Stats<acc_t> st = stats_init<acc_t>();
   const int64_t head = vec_head<scalar_t>(xrow, C);
-  for (int64_t c = tid; c < head; c += G) fold_one<scalar_t, F>(st, p, xrow[c], c, qoff);
-
   const int64_t nvec = (C - head) / VEC;
-  const vec_t* vrow = reinterpret_cast<const vec_t*>(xrow + head);
   constexpr int U = kUnroll<F>;
   const int64_t span = static_cast<int64_t>(G) * U;
+  const RowPart rp = row_part(nvec, span, part, parts);
+  if (rp.head)
+    for (int64_t c = tid; c < head; c += G) fold_one<scalar_t, F>(st, p, xrow[c], c, qoff);
+
+  const vec_t* vrow = reinterpret_cast<const vec_t*>(xrow + head);
   // The hot loop: steps in which each thread of the group has all its U vectors (every load
   // in flight before any is used), no bounds test inside.
-  const vec_t* ptr = vrow + tid;
-  const vec_t* const full_end = vrow + nvec / span * span;
+  const vec_t* ptr = vrow + rp.v0 + tid;
+  const vec_t* const full_end = vrow + rp.v0 + (rp.v1 - rp.v0) / span * span;
   for (; ptr < full_end; ptr += span) {
     vec_t buf[U];
 #pragma unroll
@@ -387,20 +423,21 @@ NLLF_HD Stats<acc_t> fwd_row_partial(const CEParams<acc_t>& p, const scalar_t* x
   // The last, partial step: the vectors that exist (a missing one loads the thread's first
   // again, unconditional loads keep the buffer in registers, and is folded as -inf).
   const int64_t v = ptr - vrow;
-  if (v < nvec) {
+  if (v < rp.v1) {
     vec_t buf[U];
     int valid = 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const bool ok = v + static_cast<int64_t>(u) * G < nvec;
+      const bool ok = v + static_cast<int64_t>(u) * G < rp.v1;
       valid += ok;
       buf[u] = ptr[ok ? u * G : 0];
     }
     fold_vectors<scalar_t, F, false>(st, p, buf, valid, v, G, head, qoff);
   }
 
-  for (int64_t c = head + nvec * VEC + tid; c < C; c += G)
-    fold_one<scalar_t, F>(st, p, xrow[c], c, qoff);
+  if (rp.tail)
+    for (int64_t c = head + nvec * VEC + tid; c < C; c += G)
+      fold_one<scalar_t, F>(st, p, xrow[c], c, qoff);
   return st;
 }
 
@@ -463,210 +500,17 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward per-row coefficients and per-element gradient.
-
-// Row r's gradient: chain_c (coef_p p_c - class terms), with grad_loss g and grad_lse gs folded
-// into the coefficients: coef_p = g (loss's p-coefficient) + gs, class terms g (...). An ignored
-// row has no loss part: zeros when gs == 0, else gs p_c chain_c.
-template <typename acc_t>
-struct BwdRow {
-  int mode;      // 0: compute; 1: zeros (ignored row, gs == 0); 2: out-of-range target (NaN)
-  int64_t y;     // index target; -1 on an ignored row
-  int64_t qoff;  // probability targets: n*tN + d*tD
-  acc_t g;       // grad_loss[r] (0 on an ignored row)
-  acc_t geC;     // g eps / C: times w_c, the smoothing class term (index targets)
-  acc_t lse_hi;  // float64 lse split in two: p = exp((z - hi) - lo) keeps torch's accuracy
-  acc_t lse_lo;  // for logits far from zero, where a single rounded lse would not
-  acc_t lo_l2e;  // lse_lo log2(e): float p = 2^((z - hi) log2(e) - lo_l2e), exactly 1 at z == lse
-  acc_t coef_p;  // gradient = chain (coef_p * p_c - class terms)
-  acc_t cy;      // g (1 - eps) w_y
-  acc_t cq;      // coef_p - cy
-};
-
-template <int F, typename acc_t>
-NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t d) {
-  BwdRow<acc_t> b;
-  b.mode = 0, b.y = -1, b.qoff = 0;
-  b.coef_p = b.cy = b.cq = b.geC = acc_t(0);
-  b.g = p.grad[n * p.gN + d * p.gD];
-  const acc_t gs =
-      p.grad_lse ? static_cast<acc_t>(p.grad_lse[n * p.glN + d * p.glD]) : acc_t(0);
-  const double lse64 = p.lse_in[n * p.lN + d * p.lD];
-  b.lse_hi = static_cast<acc_t>(lse64);
-  b.lse_lo = static_cast<acc_t>(lse64 - static_cast<double>(b.lse_hi));
-  b.lo_l2e = b.lse_lo * static_cast<acc_t>(kLog2e);
-  if constexpr ((F & kProb) != 0) {
-    b.qoff = n * p.tN + d * p.tD;
-    b.cq = b.g * p.aux_in[n * p.aN + d * p.aD] + gs;  // g sum_k w_k q'_k + gs
-    b.coef_p = b.cq;
-  } else {
-    const int64_t y = load_index(p, n, d);
-    if (y == p.ignore_index) {
-      b.g = acc_t(0);
-      b.mode = gs == acc_t(0) ? 1 : 0;
-      b.cq = b.coef_p = gs;
-    } else if (y < 0 || y >= p.C) {
-      b.mode = 2;
-    } else {
-      b.y = y;
-      const acc_t wy = p.weight ? ldg(p.weight + y) : acc_t(1);
-      const acc_t wsum = p.weight ? static_cast<acc_t>(*p.weight_sum) : static_cast<acc_t>(p.C);
-      b.geC = b.g * p.eps_over_C;
-      b.cy = b.g * (p.one_minus_eps * wy);
-      b.cq = b.geC * wsum + gs;
-      b.coef_p = b.cy + b.cq;
-    }
-  }
-  return b;
-}
-
-// p = exp((z - hi) - lo); float: the shift by lo and the scale to base 2 in one FFMA.
-NLLF_HD float prob_of(float z, const BwdRow<float>& b) {
-  return acc_exp2(fmaf(z - b.lse_hi, kLog2e, -b.lo_l2e));
-}
-NLLF_HD double prob_of(double z, const BwdRow<double>& b) {
-  return ::exp((z - b.lse_hi) - b.lse_lo);
-}
-
-// The gradient of class c, c != y (every class, for probability targets).
-template <typename scalar_t, int F, typename acc_t>
-NLLF_HD acc_t grad_elem(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t x, int64_t c) {
-  acc_t chain;
-  const acc_t z = to_z_chain<F>(p, x, chain);
-  acc_t gr = b.coef_p * prob_of(z, b);
-  if constexpr ((F & kProb) != 0) gr -= b.g * class_v<F, scalar_t>(p, b.qoff, c);
-  else if (has<F, kSmooth>(p)) gr -= b.geC * class_w<F>(p, c);
-  if constexpr (kMayTransform<F>) gr *= chain;
-  return gr;
-}
-
-// The true class y's gradient: coef_p p_y - cy - sw with p_y - 1 from expm1, no cancellation
-// when p_y -> 1.
-template <int F, typename acc_t>
-NLLF_HD acc_t grad_true(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t x) {
-  acc_t chain;
-  const acc_t z = to_z_chain<F>(p, x, chain);
-  const acc_t zs = (z - b.lse_hi) - b.lse_lo;
-  acc_t gr = b.cy * acc_expm1(zs) + b.cq * acc_exp(zs);
-  if (has<F, kSmooth>(p)) gr -= b.geC * class_w<F>(p, b.y);
-  if constexpr (kMayTransform<F>) gr *= chain;
-  return gr;
-}
-
-template <typename scalar_t, int F, typename acc_t>
-NLLF_HD scalar_t grad_out(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, scalar_t x, int64_t c) {
-  return static_cast<scalar_t>(grad_elem<scalar_t, F>(p, b, static_cast<acc_t>(x), c));
-}
-
-// The gradient of one 16-byte input vector, element j of class c0 + j.
-template <typename scalar_t, int F, typename acc_t, typename vec_t>
-NLLF_HD void grad_vector(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, const vec_t& in,
-                         int64_t c0, acc_t (&g)[16 / sizeof(scalar_t)]) {
-  unpack(in, g);
-#pragma unroll
-  for (int j = 0; j < 16 / static_cast<int>(sizeof(scalar_t)); ++j)
-    g[j] = grad_elem<scalar_t, F>(p, b, g[j], c0 + j);
-}
-
-// Thread `tid` of a G-thread group: contiguous input row -> contiguous output row.
-template <typename scalar_t, int F, typename acc_t>
-NLLF_HD void bwd_row_part(const CEParams<acc_t>& p, const BwdRow<acc_t>& b,
-                          const scalar_t* xrow, scalar_t* orow, int tid, int G) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  using vec_t = AlignedVec<scalar_t, VEC>;
-  const int64_t C = p.C;
-  if (b.mode != 0) {
-    fill_row(orow, C, b.mode == 1 ? scalar_t(0) : static_cast<scalar_t>(quiet_nan<acc_t>()),
-             tid, G);
-    return;
-  }
-  const int64_t head = vec_head<scalar_t>(xrow, C);
-  for (int64_t c = tid; c < head; c += G) orow[c] = grad_out<scalar_t, F>(p, b, xrow[c], c);
-
-  const int64_t nvec = (C - head) / VEC;
-  const vec_t* vin = reinterpret_cast<const vec_t*>(xrow + head);
-  acc_t g[VEC];
-  if (vec_head<scalar_t>(orow, C) == head) {
-    // Input and output rows at the same offset from a 16-byte boundary: vector stores too.
-    vec_t* vout = reinterpret_cast<vec_t*>(orow + head);
-    constexpr int U = kUnroll<F>;
-    const int64_t span = static_cast<int64_t>(G) * U;
-    int64_t v = tid;
-    for (const int64_t full_end = nvec / span * span; v < full_end; v += span) {  // hot loop
-      vec_t buf[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) buf[u] = vin[v + u * G];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        grad_vector<scalar_t, F>(p, b, buf[u], head + (v + u * G) * VEC, g);
-        vout[v + u * G] = pack<scalar_t>(g);
-      }
-    }
-    if (v < nvec) {  // the last, partial step (loads as in the forward's)
-      vec_t buf[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        buf[u] = vin[v + (v + u * G < nvec ? u * G : 0)];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (v + u * G < nvec) {
-          grad_vector<scalar_t, F>(p, b, buf[u], head + (v + u * G) * VEC, g);
-          vout[v + u * G] = pack<scalar_t>(g);
-        }
-      }
-    }
-  } else {
-    // Rows at different offsets from a 16-byte boundary (logits with a storage offset): the
-    // input still in 16-byte vectors, the output element by element.
-    for (int64_t v = tid; v < nvec; v += G) {
-      const vec_t in = vin[v];
-      grad_vector<scalar_t, F>(p, b, in, head + v * VEC, g);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) orow[head + v * VEC + j] = static_cast<scalar_t>(g[j]);
-    }
-  }
-
-  for (int64_t c = head + nvec * VEC + tid; c < C; c += G)
-    orow[c] = grad_out<scalar_t, F>(p, b, xrow[c], c);
-  if constexpr ((F & kProb) == 0) {
-    // The true class: rewritten by the thread that wrote it above (program order).
-    if (b.y >= 0 && owner_of(b.y, head, nvec, VEC, G) == tid)
-      orow[b.y] = static_cast<scalar_t>(grad_true<F>(p, b, static_cast<acc_t>(xrow[b.y])));
-  }
-}
-
-// Thread `ty` of TY threads sharing a row: strided input (p.sC), output step ostep.
-template <typename scalar_t, int F, typename acc_t>
-NLLF_HD void bwd_strided_part(const CEParams<acc_t>& p, const BwdRow<acc_t>& b,
-                              const scalar_t* xrow, scalar_t* orow, int64_t ostep, int ty,
-                              int TY) {
-  const int64_t C = p.C;
-  if (b.mode != 0) {
-    const scalar_t val =
-        b.mode == 1 ? scalar_t(0) : static_cast<scalar_t>(quiet_nan<acc_t>());
-    for (int64_t c = ty; c < C; c += TY) orow[c * ostep] = val;
-    return;
-  }
-#pragma unroll 4
-  for (int64_t c = ty; c < C; c += TY)
-    orow[c * ostep] = grad_out<scalar_t, F>(p, b, xrow[c * p.sC], c);
-  if constexpr ((F & kProb) == 0) {
-    if (b.y >= 0 && b.y % TY == ty)
-      orow[b.y * ostep] =
-          static_cast<scalar_t>(grad_true<F>(p, b, static_cast<acc_t>(xrow[b.y * p.sC])));
-  }
-}
-
-// ------------------------------------------------------------------------------------------
 // One thread's share of one row, as the kernels (ce_kernels.cuh) and the emulator run it.
 
 // Forward partial state of thread tid of row r's G-thread group (rows mapping) or of thread-row
 // ty of TY (tile mapping). r >= R: a thread that only joins the reductions, with an empty state.
+// Rows mapping with parts > 1: part `part` of the row (row_part).
 template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_rows_thread(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
-                                     int tid, int G) {
+                                     int tid, int G, int part = 0, int parts = 1) {
   const Row<scalar_t> row = row_at(p, x, r < p.R ? r : 0);
-  return fwd_row_partial<scalar_t, F>(p, row.x, r < p.R ? p.C : 0, row.qoff, tid, G);
+  return fwd_row_partial<scalar_t, F>(p, row.x, r < p.R ? p.C : 0, row.qoff, tid, G, part,
+                                      parts);
 }
 template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_tile_thread(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
@@ -675,25 +519,17 @@ NLLF_HD Stats<acc_t> fwd_tile_thread(const CEParams<acc_t>& p, const scalar_t* x
   return fwd_strided_partial<scalar_t, F>(p, row.x, r < p.R ? p.C : 0, row.qoff, ty, TY);
 }
 
-// Backward of row r (< R) by thread tid of its G-thread group (rows mapping, D == 1: output row
-// r is out + r*C) or by thread-row ty of TY (tile mapping: element (n, c, d) at
-// out + n*C*D + c*D + d).
-template <typename scalar_t, int F, typename acc_t>
-NLLF_HD void bwd_rows_thread(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* out,
-                             int64_t r, int tid, int G) {
-  const Row<scalar_t> row = row_at(p, x, r);
-  const BwdRow<acc_t> b = make_bwd_row<F>(p, row.n, row.d);
-  bwd_row_part<scalar_t, F>(p, b, row.x, out + r * p.C, tid, G);
-}
-template <typename scalar_t, int F, typename acc_t>
-NLLF_HD void bwd_tile_thread(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* out,
-                             int64_t r, int ty, int TY) {
-  const Row<scalar_t> row = row_at(p, x, r);
-  const BwdRow<acc_t> b = make_bwd_row<F>(p, row.n, row.d);
-  bwd_strided_part<scalar_t, F>(p, b, row.x, out + row.n * p.C * p.D + row.d, p.D, ty, TY);
+// A split row's state from its parts' states, merged in order (part 0 first, one at a time):
+// the same result whichever blocks finished first.
+template <int F, typename acc_t>
+NLLF_HD Stats<acc_t> merge_parts(const Stats<acc_t>* part, int parts) {
+  Stats<acc_t> st = part[0];
+  for (int j = 1; j < parts; ++j) st = merge<F>(st, part[j]);
+  return st;
 }
 
 #undef NLLF_HD
 
 }  // namespace cuda_impl
 }  // namespace nllfused
+
