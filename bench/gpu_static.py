@@ -8,10 +8,22 @@ instructions per logit element in the loop over class blocks.
     python -m nllfused.bench.gpu_static [--arch 80,90] [--kernels triton,cuda]
         [--scope quick|default|full] [--dtypes fp16,bf16,fp32,fp64] [--json out.json]
         [--only NAME,...] [--kernel-file FILE[:NAME,...]] [--summary-only]
+        [--markdown report.md] [--from-json a.json,b.json]
 
 Exit status 1 when a kernel fails to compile or a kernel on the LM path (long rows: BLOCK_R == 1
 for Triton, the "rows" mapping for CUDA; float32 / bfloat16 logits) spills registers; 2 when a
-tool it needs (triton, nvcc, cuobjdump) is missing. SASS/elem is reported, never enforced.
+tool it needs (triton, nvcc, cuobjdump) is missing. SASS/elem is reported, never enforced here
+(tests/test_gpu_static.py holds the CUDA kernels to issue 15's targets).
+
+SASS/elem is the hot loop's instruction count over the logit elements one iteration handles per
+thread, counted from the loop's global accesses, so a loop the compiler unrolled counts every
+copy: a backward loop's gradient stores, or a forward loop's loads whose values reach an
+exponential (register data flow through the loop's branches), not the weights' or targets'
+loads. "~" marks a count that could not be read so (Triton: one tile per iteration assumed).
+CUDA kernels are named by their feature flags (enum CeFlag in csrc/cuda/ce_thread.cuh; "-" is
+the plain kernel). --markdown writes the report that bench/results/static-*.md records: the
+issue's targets, then a table per kernel with the resident blocks per SM on sm_90 (the largest
+block the launcher uses: num_warps for Triton, kLaunchThreads in csrc/cuda/ce_kernels.cuh).
 
 What is covered (Triton). The launch shapes are those kernels/cross_entropy.launch_config can
 return; the constexpr feature flags and the runtime arguments are read from each kernel's
@@ -30,202 +42,32 @@ an hour on two busy cores), full about 14000; nvcc takes a few minutes for both 
 Shapes whose loop Triton unrolls away (C == 1 is a constant) report no loop.
 Arguments are specialised exactly as the JIT does at a launch (Triton's own binder): 16-byte
 aligned pointers, integers equal to 1 become constants, multiples of 16 are marked so.
+This module: the Triton cases, the report and the command line; reading SASS and compiling the
+CUDA sources: nllfused.bench.gpu_sass.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import glob
 import importlib.util
 import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DTYPE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "fp64": 64}
-LM_DTYPES = ("fp32", "bf16")  # the dtypes LM training runs in: a spill there fails the check
-
-
-class ToolMissing(RuntimeError):
-    """A compiler or disassembler the check needs is not installed."""
-
-
-@dataclass
-class Report:
-    """One compiled kernel (one specialisation, one architecture)."""
-
-    source: str                    # "triton" or "cuda"
-    kernel: str
-    arch: int
-    dtype: str                     # logits dtype
-    config: str                    # launch shape / template arguments
-    flags: str                     # constexpr flags that are on ("-": none)
-    lm_path: bool
-    plain: bool = False            # the default form: no flag on, aligned rows (Triton) /
-                                   # int64 index targets (CUDA)
-    regs: Optional[int] = None
-    spills: Optional[int] = None   # 32-bit words of spilled registers
-    smem: Optional[int] = None     # bytes of shared memory
-    loop_instrs: Optional[int] = None
-    elems_per_iter: Optional[float] = None   # logit elements one loop iteration handles per thread
-    elems_estimated: bool = False            # elems_per_iter guessed from scalar loads (CUDA)
-    sass_per_elem: Optional[float] = None
-    f64_in_loop: Optional[int] = None
-    error: Optional[str] = None
-
-    def failed(self) -> bool:
-        return self.error is not None or (self.lm_path and bool(self.spills))
-
-
-# --------------------------------------------------------------------------------------------
-# SASS: parsing cuobjdump's listing, finding the hot loop
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Instr:
-    addr: int
-    opcode: str        # with modifiers, e.g. LDG.E.128
-    operands: str
-
-    @property
-    def base(self) -> str:
-        return self.opcode.split(".")[0]
-
-
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_PRED = re.compile(r"^@!?U?P[T0-9]+\s+")
-_ARCH = re.compile(r"code for (sm_\d+)")
-_FUNC = re.compile(r"Function\s*:\s*(\S+)")
-
-
-def parse_sass(text: str) -> dict:
-    """{(arch, function name): [Instr]} from `cuobjdump -sass` output (any number of each)."""
-    functions, arch, current = {}, 0, None
-    for line in text.splitlines():
-        if m := _ARCH.search(line):
-            arch = int(re.sub(r"\D", "", m.group(1)))
-        elif m := _FUNC.search(line):
-            current = functions.setdefault((arch, m.group(1)), [])
-        elif current is not None and (m := _INSTR.match(line)):
-            body = _PRED.sub("", m.group(2))
-            opcode, _, operands = body.partition(" ")
-            current.append(Instr(int(m.group(1), 16), opcode, operands.strip()))
-    return functions
-
-
-def _branch_target(instr: Instr) -> Optional[int]:
-    if instr.base != "BRA":
-        return None
-    m = re.search(r"0x([0-9a-f]+)\s*$", instr.operands)
-    return int(m.group(1), 16) if m else None
-
-
-def find_loops(instrs: list) -> list:
-    """Loops as (first, last) instruction indices: a branch back to an earlier address closes
-    the loop starting there; several back edges to one header make one loop."""
-    index = {ins.addr: i for i, ins in enumerate(instrs)}
-    last_of = {}
-    for i, ins in enumerate(instrs):
-        target = _branch_target(ins)
-        if target is not None and target <= ins.addr and target in index:
-            head = index[target]
-            last_of[head] = max(last_of.get(head, i), i)
-    return sorted(last_of.items())
-
-
-def hot_loop(instrs: list) -> Optional[tuple]:
-    """The largest innermost loop: the loop over class blocks in a Triton kernel (its only
-    loop), the vectorised class loop inside the row loop of a CUDA kernel. Loops of a couple
-    of instructions (the trap loop after EXIT, spin loops) are not loops over data."""
-    loops = [(a, b) for a, b in find_loops(instrs) if b - a >= 4]
-
-    def contains_another(outer):
-        return any(o != outer and outer[0] <= o[0] and o[1] <= outer[1] for o in loops)
-
-    innermost = [lp for lp in loops if not contains_another(lp)]
-    return max(innermost, key=lambda lp: lp[1] - lp[0], default=None)
-
-
-_F64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
-_F64_CONVERSIONS = {"F2F", "I2F", "F2I", "FRND", "I2FP", "F2IP"}
-
-
-def is_f64(instr: Instr) -> bool:
-    """float64 arithmetic, conversions to or from float64, MUFU's float64 approximations."""
-    if instr.base in _F64_OPS:
-        return True
-    modifiers = instr.opcode.split(".")[1:]
-    if instr.base in _F64_CONVERSIONS and "F64" in modifiers:
-        return True
-    return instr.base == "MUFU" and any(m.endswith("64H") for m in modifiers)
-
-
-def access_bits(instr: Instr) -> int:
-    """Width of a global load/store in bits: LDG.E.128 -> 128, LDG.E.U16 -> 16, LDG.E -> 32."""
-    for m in instr.opcode.split(".")[1:]:
-        digits = re.fullmatch(r"[US]?(8|16|32|64|128|256)", m)
-        if digits:
-            return int(digits.group(1))
-    return 32
-
-
-def loop_stats(instrs: list) -> Optional[dict]:
-    """Size, float64 count and global memory accesses of the hot loop; None without a loop."""
-    loop = hot_loop(instrs)
-    if loop is None:
-        return None
-    body = [ins for ins in instrs[loop[0]:loop[1] + 1] if ins.base != "NOP"]
-    return dict(instrs=len(body), f64=sum(map(is_f64, body)),
-                loads=[access_bits(i) for i in body if i.base == "LDG"],
-                stores=[access_bits(i) for i in body if i.base == "STG"])
-
-
-_RES_USAGE = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-
-
-def parse_res_usage(text: str) -> dict:
-    """{function: dict(regs, stack, shared, local)} from `cuobjdump -res-usage`."""
-    return {m.group(1): dict(regs=int(m.group(2)), stack=int(m.group(3)),
-                             shared=int(m.group(4)), local=int(m.group(5)))
-            for m in _RES_USAGE.finditer(text)}
-
-
-def cuda_home() -> str:
-    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-
-
-def cuobjdump() -> str:
-    """Triton's copy (its NVIDIA backend ships one), else the CUDA toolkit's."""
-    candidates = []
-    try:
-        from triton import knobs
-        candidates.append(knobs.nvidia.cuobjdump.path)
-    except Exception:  # no triton, or a triton without NVIDIA binaries: look elsewhere
-        pass
-    candidates += [shutil.which("cuobjdump"), os.path.join(cuda_home(), "bin", "cuobjdump")]
-    for path in candidates:
-        if path and os.path.exists(path):
-            return path
-    raise ToolMissing("cuobjdump not found (it ships with Triton's NVIDIA backend and CUDA)")
-
-
-def disassemble(binary_path: str, what: str) -> str:
-    """cuobjdump -sass / -res-usage of a cubin or fatbin."""
-    out = subprocess.run([cuobjdump(), what, binary_path], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"cuobjdump {what} failed: {out.stderr.strip()}")
-    return out.stdout
-
+from .gpu_sass import (  # noqa: F401 (re-exported: the check's API, used by its tests)
+    REPO_ROOT, DTYPE_BITS, LM_DTYPES, SM90, ToolMissing, Report, Instr, parse_sass, hot_loop,
+    loop_stats, loop_elements, defs_and_uses, is_f64, parse_res_usage, cuda_home, cuobjdump,
+    disassemble, _fill_loop, _last_lines, nvcc_path, nvcc_command, parse_ptxas_log, demangle,
+    cuda_flag_names, cuda_launch_threads, describe_flags, describe_cuda_kernel,
+    compile_cuda_source, cuda_reports, run_cuda, resident_blocks_sm90)
 
 # --------------------------------------------------------------------------------------------
 # Triton: which specialisations to compile
@@ -479,23 +321,13 @@ def triton_report(fn, arch: int, case: Case, flags: dict) -> Report:
     # memory are spilled registers: in 32-bit words, as Triton's n_spills counts them.
     report.spills = (usage.get("stack", 0) + usage.get("local", 0)) // 4
     report.smem = compiled.metadata.shared
-    threads = compiled.metadata.num_warps * 32
-    _fill_loop(report, loop, case.block_r * case.block_c / threads)
+    report.threads = compiled.metadata.num_warps * 32
+    if loop is not None:
+        elems, report.elems_estimated = loop_elements(loop, case.dtype)
+        if report.elems_estimated:  # no store, no load feeding an exp: one tile per iteration
+            elems = case.block_r * case.block_c / report.threads
+        _fill_loop(report, loop, elems)
     return report
-
-
-def _fill_loop(report: Report, loop: Optional[dict], elems: Optional[float]) -> None:
-    if loop is None:
-        return
-    report.loop_instrs, report.f64_in_loop = loop["instrs"], loop["f64"]
-    if elems:
-        report.elems_per_iter = round(elems, 3)
-        report.sass_per_elem = round(loop["instrs"] / elems, 2)
-
-
-def _last_lines(text: str, n: int = 6) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return " | ".join(lines[-n:])[:600]
 
 
 def project_kernels() -> list:
@@ -540,153 +372,6 @@ def run_triton(kernels: list, archs: list, dtypes: list, scope: str, progress) -
         for i, (fn, case, flags) in enumerate(jobs):
             reports.append(triton_report(fn, arch, case, flags))
             progress(f"triton sm_{arch}: {i + 1}/{len(jobs)}")
-    return reports
-
-
-# --------------------------------------------------------------------------------------------
-# CUDA: nvcc + ptxas -v, then the same SASS reading
-# --------------------------------------------------------------------------------------------
-
-def nvcc_path() -> str:
-    path = os.path.join(cuda_home(), "bin", "nvcc")
-    path = path if os.path.exists(path) else shutil.which("nvcc")
-    if not path:
-        raise ToolMissing("nvcc not found (set CUDA_HOME)")
-    return path
-
-
-def nvcc_command(source: str, archs: list, output: str) -> list:
-    """nvcc for the device code only, with the flags torch's cpp_extension and setup.py pass
-    when building nllfused._C: torch's COMMON_NVCC_FLAGS, -std=c++20, setup.py's -O3
-    --use_fast_math -lineinfo and macros, torch's extension defines, torch + CUDA +
-    nvidia-wheel + Python include dirs; -Xptxas -v for registers and spills. One fatbin holds
-    every architecture (no host compilation: only the device code is of interest)."""
-    import torch
-    from torch.utils import cpp_extension
-    nvcc = nvcc_path()
-    archs_list = ";".join(f"{a // 10}.{a % 10}" for a in archs)
-    includes = cpp_extension.include_paths(device_type="cuda")
-    includes.append(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include"))
-    try:
-        import nvidia  # pip's CUDA wheels: torch's headers include cusparse.h from there
-        for base in nvidia.__path__:
-            includes += sorted(glob.glob(os.path.join(base, "*", "include")))
-    except ImportError:
-        pass
-    includes.append(sysconfig.get_paths()["include"])
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    return [nvcc, "-fatbin", *gencode, "-Xptxas", "-v", *cpp_extension.COMMON_NVCC_FLAGS,
-            "-O3", "--use_fast_math", "-lineinfo", "-std=c++20",
-            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
-            "-DNLLFUSED_WITH_CUDA", f'-DNLLFUSED_CUDA_ARCHS="{archs_list}"',
-            f'-DNLLFUSED_TORCH_VERSION="{torch.__version__}"',
-            *[f"-I{d}" for d in dict.fromkeys(includes)],
-            source, "-o", output]
-
-
-_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill")
-_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-
-def parse_ptxas_log(text: str) -> dict:
-    """{(arch, mangled name): dict(regs, spill_stores, smem)} from ptxas -v output."""
-    kernels, current = {}, None
-    for line in text.splitlines():
-        if m := _PTXAS_ENTRY.search(line):
-            current = kernels.setdefault((int(m.group(2)), m.group(1)),
-                                         dict(regs=None, spill_stores=0, smem=0))
-        elif current is not None and (m := _PTXAS_SPILL.search(line)):
-            current["spill_stores"] = int(m.group(2))
-        elif current is not None and (m := _PTXAS_USED.search(line)):
-            current["regs"] = int(m.group(1))
-            current["smem"] = int(m.group(2) or 0)
-    return kernels
-
-
-def demangle(names: list) -> dict:
-    tool = shutil.which("c++filt") or shutil.which("cu++filt")
-    if not tool or not names:
-        return {n: n for n in names}
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
-    pretty = out.stdout.splitlines()
-    return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
-
-
-_CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::Half": "fp16",
-                "c10::BFloat16": "bf16"}
-
-
-def describe_cuda_kernel(pretty: str) -> tuple:
-    """(kernel, dtype, template args) from a demangled name such as
-    `void ns::ce_fwd_rows_kernel<float, long>(...)`."""
-    m = re.search(r"(\w+)<(.*?)>\(", pretty)
-    if not m:
-        return re.sub(r"\(.*", "", pretty).split("::")[-1], "?", ""
-    args = [a.strip().split("::")[-1] if "cuda_impl" in a else a.strip()
-            for a in m.group(2).split(",")]
-    dtype = _CUDA_DTYPES.get(args[0], "?")
-    return m.group(1), dtype, ",".join(args[1:])
-
-
-def cuda_elements(loop: dict, dtype: str) -> tuple:
-    """(logit elements one loop iteration handles per thread, whether that is an estimate),
-    read from the loop's global memory accesses: a backward loop stores one gradient element
-    per logit; a forward loop's 16-byte vector loads are the logits. Without vector loads, the
-    scalar loads of the logits' width are counted: an estimate, since a weight or target load
-    of the same width in the loop counts too."""
-    bits = DTYPE_BITS.get(dtype)
-    if not bits:
-        return None, True
-    if loop["stores"]:
-        return sum(loop["stores"]) / bits, False
-    vector = [b for b in loop["loads"] if b >= 128]
-    if vector:
-        return sum(vector) / bits, False
-    return sum(1 for b in loop["loads"] if b == bits) or None, True
-
-
-def compile_cuda_source(source: str, archs: list, workdir: str) -> tuple:
-    """(ptxas log, SASS text) of one .cu; RuntimeError with nvcc's message on failure."""
-    output = os.path.join(workdir, os.path.basename(source) + ".fatbin")
-    proc = subprocess.run(nvcc_command(source, archs, output), capture_output=True, text=True)
-    if proc.returncode != 0:
-        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-        raise RuntimeError(_last_lines("\n".join(errors) or proc.stderr, 8))
-    return proc.stdout + proc.stderr, disassemble(output, "-sass")
-
-
-def cuda_reports(source: str, archs: list, workdir: str) -> list:
-    name = os.path.basename(source)
-    try:
-        log, sass = compile_cuda_source(source, archs, workdir)
-    except RuntimeError as exc:
-        return [Report("cuda", name, a, "-", "-", "-", True, error=str(exc)) for a in archs]
-    usage, functions = parse_ptxas_log(log), parse_sass(sass)
-    pretty = demangle(sorted({n for _, n in usage}))
-    reports = []
-    for (arch, mangled), info in sorted(usage.items(), key=lambda kv: (kv[0][0], pretty[kv[0][1]])):
-        kernel, dtype, targs = describe_cuda_kernel(pretty[mangled])
-        report = Report("cuda", kernel, arch, dtype, "-", f"target={targs or '?'}",
-                        lm_path="rows" in kernel and dtype in LM_DTYPES, plain=targs == "long",
-                        regs=info["regs"], spills=info["spill_stores"] // 4, smem=info["smem"])
-        loop = loop_stats(functions.get((arch, mangled), []))
-        if loop is not None:
-            elems, report.elems_estimated = cuda_elements(loop, dtype)
-            _fill_loop(report, loop, elems)
-        reports.append(report)
-    return reports
-
-
-def run_cuda(archs: list, root: str, progress) -> list:
-    sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
-    if not sources:
-        raise ToolMissing(f"no CUDA sources under {root}/csrc/cuda (pass --root)")
-    reports = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for source in sources:
-            progress(f"nvcc {os.path.basename(source)} for sm_{', sm_'.join(map(str, archs))}")
-            reports += cuda_reports(source, archs, workdir)
     return reports
 
 
@@ -781,6 +466,128 @@ def write_json(path: str, args, reports: list, reasons: list, seconds: float) ->
         json.dump(data, f, indent=1)
 
 
+
+
+def _block_c(report: Report) -> Optional[int]:
+    m = re.search(r"\bC(\d+)\b", report.config)
+    return int(m.group(1)) if m else None
+
+
+def targets(reports: list) -> list:
+    """(target, source, holds, detail) for issue 15's static targets, per backend: on the LM
+    path (float32 and bfloat16, forward and backward, plain options) <= 10 SASS instructions
+    per logit element in the hot loop; no spills (LM path; every CUDA kernel); no float64 in
+    the hot loop on the LM path; >= 4 resident blocks per SM on sm_90 for the LM kernels;
+    small-C kernels <= 96 registers (Triton: BLOCK_C <= 32; CUDA kernels serve every C). The
+    per-logit targets (SASS/elem, blocks per SM) skip the merge kernels, which read no logits."""
+    def where(rs):
+        return "; ".join(f"{r.kernel} sm_{r.arch} {r.dtype} {r.config} {r.flags}"
+                         for r in rs[:4]) + (f"; ... ({len(rs)} in all)" if len(rs) > 4 else "")
+
+    rows = []
+    for source in sorted({r.source for r in reports}):
+        ok = [r for r in reports if r.source == source and r.error is None]
+        lm = [r for r in ok if r.lm_path]
+        # Merge kernels (a split row's partial states: ce_fwd_merge_kernel) loop over states,
+        # not logits, one program per row: no per-logit or occupancy target for them.
+        per_logit = [r for r in lm if "merge" not in r.kernel]
+        plain = [r for r in per_logit if r.plain]
+        bad = [r for r in plain if r.sass_per_elem is None or r.sass_per_elem > 10]
+        worst = max((r.sass_per_elem or 0 for r in plain), default=None)
+        rows.append(("<= 10 SASS/elem, LM path, plain options", source, not bad and bool(plain),
+                     f"{len(plain)} kernels, worst {worst}" + (f"; over: {where(bad)}" if bad
+                                                               else "")))
+        scope = ok if source == "cuda" else lm
+        spilled = [r for r in scope if r.spills]
+        rows.append(("no spills" + (" (every kernel)" if source == "cuda" else " (LM path)"),
+                     source, not spilled, where(spilled) if spilled else f"{len(scope)} kernels"))
+        f64 = [r for r in lm if r.f64_in_loop]
+        f64_plain = [r for r in f64 if r.plain]
+        rows.append(("no float64 in the hot loop, LM path", source, not f64,
+                     f"{len(lm)} kernels" if not f64 else
+                     f"plain options: {where(f64_plain) if f64_plain else 'none'}; "
+                     f"with: {where(f64)}"))
+        lm90 = [r for r in per_logit if r.arch == 90]
+        few = [r for r in lm90 if (resident_blocks_sm90(r) or 0) < 4]
+        least = min((resident_blocks_sm90(r) or 0 for r in lm90), default=None)
+        rows.append((">= 4 resident blocks per SM on sm_90, LM path", source,
+                     not few and bool(lm90),
+                     where(few) if few else f"{len(lm90)} kernels, min {least}"))
+        small = ([r for r in ok if (_block_c(r) or 1 << 30) <= 32] if source == "triton"
+                 else ok)
+        fat = [r for r in small if (r.regs or 0) > 96]
+        most = max((r.regs or 0 for r in small), default=None)
+        rows.append(("small C <= 96 registers", source, not fat,
+                     where(fat) if fat else f"{len(small)} kernels, max {most} registers"))
+    return rows
+
+
+def markdown(reports: list, command: str, versions: dict, commit: str) -> str:
+    """The static report as Markdown: how it was made, the targets, a table per kernel."""
+    lines = ["# Static GPU report (no GPU)", "",
+             "Every kernel compiled for the listed architectures without running it: registers "
+             "and spills from the compiler (ptxas), SASS read with cuobjdump. SASS/elem = "
+             "instructions of the hot loop / logit elements one iteration handles per thread "
+             "(from the loop's global loads and stores); blk/SM = resident blocks per SM on "
+             "sm_90 for the largest block launched (registers, threads, shared memory). "
+             "Nothing here was measured on a GPU.", "",
+             f"- commit: {commit}",
+             *[f"- {tool}: {version}" for tool, version in sorted(versions.items())],
+             f"- regenerate: `{command}`", "", "## Targets (issue 15)", "",
+             "| target | backend | holds | detail |", "|---|---|---|---|"]
+    for name, source, holds, detail in targets(reports):
+        lines.append(f"| {name} | {source} | {'yes' if holds else 'NO'} | {detail} |")
+    groups = {}
+    for r in reports:
+        groups.setdefault((r.source, r.kernel), []).append(r)
+    for (source, kernel), rs in sorted(groups.items()):
+        lines += ["", f"## {source}: {kernel}", "",
+                  "| arch | dtype | config | flags | regs | spills | smem | SASS/elem | loop | "
+                  "elem/it | f64 | blk/SM sm_90 | LM |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            blocks = resident_blocks_sm90(r)
+            if r.error:
+                lines.append(f"| sm_{r.arch} | {r.dtype} | {r.config} | {r.flags} | "
+                             f"compile failure: {r.error[:120]} |" + " |" * 8)
+                continue
+            lines.append("| " + " | ".join([
+                f"sm_{r.arch}", r.dtype, r.config, r.flags, _cell(r, "regs"), _cell(r, "spills"),
+                _cell(r, "smem"), _cell(r, "sass_per_elem"), _cell(r, "loop_instrs"),
+                _cell(r, "elems_per_iter"), _cell(r, "f64_in_loop"),
+                "-" if blocks is None else str(blocks),
+                ("plain" if r.plain else "yes") if r.lm_path else ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def git_commit(root: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "csrc/cuda",
+                                "kernels"], capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes to the kernels)" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def load_json(paths: list) -> tuple:
+    """(reports, the arguments that would compile them again) from the files --json wrote (one
+    per run; runs of both backends may be merged)."""
+    fields = {f.name for f in dataclasses.fields(Report)}
+    reports, kernels, archs, scope = [], [], [], "default"
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        reports += [Report(**{k: v for k, v in r.items() if k in fields})
+                    for r in data["results"]]
+        kernels += [k for k in data["kernels"] if k not in kernels]
+        archs += [a for a in data["archs"] if a not in archs]
+        scope = data["scope"] if "triton" in data["kernels"] else scope
+    args = f"--kernels {','.join(kernels)} --arch {','.join(map(str, sorted(archs)))}"
+    return reports, args + ("" if scope == "default" else f" --scope {scope}")
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -809,6 +616,11 @@ def parse_args(argv=None):
     p.add_argument("--root", default=REPO_ROOT, help="source tree holding csrc/cuda")
     p.add_argument("--json", help="write every result to this file")
     p.add_argument("--summary-only", action="store_true", help="only the worst-per-group table")
+    p.add_argument("--markdown", help="write the report as Markdown (targets, a table per "
+                                      "kernel, resident blocks per SM on sm_90) to this file")
+    p.add_argument("--from-json", type=_csv, default=None,
+                   help="read the results of earlier --json runs (comma-separated files) "
+                        "instead of compiling")
     args = p.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = list(LM_DTYPES) if args.scope == "quick" else list(DTYPE_BITS)
@@ -846,7 +658,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     try:
-        reports = collect(args)
+        if args.from_json:
+            reports, compile_args = load_json(args.from_json)
+        else:
+            reports, compile_args = collect(args), " ".join(
+                a for a in (argv if argv is not None else sys.argv[1:]))
     except (ToolMissing, ImportError) as exc:
         print(f"gpu_static: cannot run: {exc}", file=sys.stderr)
         return 2
@@ -855,12 +671,20 @@ def main(argv=None) -> int:
         print(table(reports) + "\n")
     print(worst_per_group(reports))
     seconds = time.monotonic() - start
-    print(f"\n{len(reports)} kernels compiled in {seconds:.0f} s; "
+    done = (f"read from {','.join(args.from_json)}" if args.from_json
+            else f"compiled in {seconds:.0f} s")
+    print(f"\n{len(reports)} kernels {done}; "
           + (f"FAILED ({len(reasons)}):\n  " + "\n  ".join(reasons) if reasons else "ok"))
     if args.json:
         write_json(args.json, args, reports, reasons, seconds)
+    if args.markdown:
+        command = (f"python -m nllfused.bench.gpu_static {compile_args}".split(" --markdown")[0]
+                   + f" --markdown {args.markdown}")
+        with open(args.markdown, "w") as f:
+            f.write(markdown(reports, command, tool_versions(), git_commit(args.root)))
     return 1 if reasons else 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

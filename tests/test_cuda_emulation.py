@@ -100,7 +100,8 @@ class Case:
     D: int
     dtype: torch.dtype
     layout: str = "contig"  # contig | offset | btv | cstride | tr (see make_logits)
-    tgt: str = "i64"        # i64 | i32 | u8 | prob16 | probbf | prob32 | prob64
+    tgt: str = "i64"        # i64 | i32 | u8 | prob16 | probbf | prob32 | prob64 | problike
+    #                         (problike: probabilities in the logits' dtype)
     weight: bool = False
     e: float = 0.0          # label smoothing
     zl: float = 0.0         # z-loss, through grad_lse = 2 zl lse grad_loss on counted rows
@@ -109,7 +110,8 @@ class Case:
     s: float = 0.0          # softcap (0: none)
     ii: int = -100          # ignore_index
     extreme: str = ""       # "" | mask | big | conf
-    force: tuple = (-1, 0, 0, 0)  # (force_tile, force_G, force_ty, max_blocks), see emu.cu
+    force: tuple = (-1, 0, 0, 0, 0)  # (force_tile, force_G, force_ty, max_blocks, force_parts),
+    #                                  see emu.cu
     expect: str = ""        # forward mapping to expect from choose_launch: "" | rows | tile
 
     @property
@@ -132,13 +134,15 @@ class Case:
             parts.append(f"ii{self.ii}")
         if self.extreme:
             parts.append(self.extreme)
-        tile, G, ty, blocks = self.force
-        if tile == 0:
+        tile, G, ty, blocks, pieces = self.force
+        if tile == 0 and G:
             parts.append(f"G{G}")
         elif tile == 1:
             parts.append(f"tile{ty or ''}")
         if blocks:
             parts.append(f"grid{blocks}")
+        if pieces:
+            parts.append(f"parts{pieces}")
         return "-".join(parts)
 
 
@@ -169,6 +173,13 @@ FEATURES = (  # (target, weight, smoothing, z-loss, scale, softcap, ignore_index
     ("prob16", True, 0.1, 1e-3, 0.9, 4.0, -100),
     ("probbf", True, 0.0, 0.0, 1.0, 0.0, -100),
     ("prob64", False, 0.3, 0.0, 1.0, 2.0, -100),
+    # the option sets with kernels of their own (RowsFlagSets in csrc/cuda/ce_host.h), besides
+    # the plain one: smoothing alone, softcap alone, both (above, u8), probabilities in the
+    # logits' dtype (with and without smoothing)
+    ("i64", False, 0.1, 0.0, 1.0, 0.0, -100),
+    ("i32", False, 0.0, 1e-3, 1.0, 20.0, 1),
+    ("problike", False, 0.0, 0.0, 1.0, 0.0, -100),
+    ("problike", False, 0.2, 1e-3, 1.0, 0.0, -100),
 )
 
 
@@ -198,10 +209,12 @@ def extreme_cases():
     return out
 
 
-FORCES = (  # every G (with and without a capped grid), the tile mapping with every TY
-    (0, 4, 0, 1), (0, 8, 0, 0), (0, 16, 0, 2), (0, 32, 0, 1), (0, 64, 0, 2), (0, 128, 0, 0),
-    (0, 256, 0, 3), (0, 512, 0, 1), (1, 0, 0, 0), (1, 0, 1, 1), (1, 0, 2, 0), (1, 0, 4, 2),
-    (1, 0, 8, 1), (1, 0, 16, 3), (-1, 0, 0, 1))
+FORCES = (  # every G (with and without a capped grid), the tile mapping with every TY, rows
+    # split in pieces (more pieces than vectors too: empty pieces), alone and with a G
+    (0, 4, 0, 1, 0), (0, 8, 0, 0, 0), (0, 16, 0, 2, 0), (0, 32, 0, 1, 0), (0, 64, 0, 2, 0),
+    (0, 128, 0, 0, 0), (0, 256, 0, 3, 0), (0, 512, 0, 1, 0), (1, 0, 0, 0, 0), (1, 0, 1, 1, 0),
+    (1, 0, 2, 0, 0), (1, 0, 4, 2, 0), (1, 0, 8, 1, 0), (1, 0, 16, 3, 0), (-1, 0, 0, 1, 0),
+    (0, 0, 0, 0, 2), (0, 0, 0, 3, 3), (0, 0, 0, 0, 7), (0, 64, 0, 5, 4), (0, 8, 0, 0, 5))
 
 
 def forced_cases():
@@ -267,7 +280,8 @@ def make_logits(c: Case):
 def make_target(c: Case, x):
     N, C, D = c.N, c.C, c.D
     if c.prob:
-        pd = {"prob16": F16, "probbf": BF16, "prob32": F32, "prob64": F64}[c.tgt]
+        pd = {"prob16": F16, "probbf": BF16, "prob32": F32, "prob64": F64,
+              "problike": c.dtype}[c.tgt]
         if C % 2:  # class-major probabilities, transposed
             q = torch.softmax(torch.randn(N, D, C) * 2, 2).to(pd).transpose(1, 2)
         else:
@@ -441,9 +455,11 @@ def run_case(emu, c: Case):
     assert loss.dtype == acc and aux.dtype == acc and lse.dtype == F64 and grad.dtype == c.dtype
     if c.expect:
         assert bool(cfg[0]) == (c.expect == "tile"), f"expected the {c.expect} mapping; {where}"
-    tile, G, _, blocks = c.force
-    if tile == 0 and _rows_layout(c.layout) and c.D == 1:
+    tile, G, _, blocks, pieces = c.force
+    if tile == 0 and G and _rows_layout(c.layout) and c.D == 1:
         assert cfg.tolist()[:2] == [0, G] and bcfg.tolist()[:2] == [0, G], where
+    if tile == 0 and pieces and _rows_layout(c.layout) and c.D == 1:
+        assert cfg[4] == pieces and bcfg[4] == pieces, where
     elif tile == 1:
         assert cfg[0] == 1 and bcfg[0] == 1, where
     if blocks:
@@ -473,6 +489,7 @@ def run_case(emu, c: Case):
         raise AssertionError(f"{err}\n{where}") from None
     for s in SENTINELS:  # every output element written (a NaN pattern check passes NaN)
         assert not bool((grad.double() == s).any() or (loss.double() == s).any()), where
+    return cfg, bcfg
 
 
 # ------------------------------------------------------------------------------------------
@@ -505,5 +522,51 @@ def test_forced_launch(emu, case):
 
 @pytest.mark.parametrize("case", params(large_cases()))
 def test_large_rows(emu, case):
-    """Rows of 20k-300k classes (several sweeps of a 512-thread block)."""
-    run_case(emu, case)
+    """Rows of 20k-300k classes (several sweeps of a 512-thread block); few of them, so the
+    rows mapping splits each over several blocks (as on a 132-SM GPU) and merges the pieces."""
+    cfg, bcfg = run_case(emu, case)
+    if _rows_layout(case.layout):
+        assert cfg[4] > 1 and bcfg[4] > 1, (cfg.tolist(), bcfg.tolist())
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16))
+def test_split_rows_do_not_depend_on_block_order(emu, dtype):
+    """A split row's pieces are merged in piece order, whatever block computed which: the
+    results of different grids (blocks looping over several pieces, in another order) are
+    bit-identical."""
+    c = Case(N=3, C=40000, D=1, dtype=dtype, layout="offset", weight=True, e=0.1)
+    x = make_logits(c)
+    tgt = make_target(c, x)
+    w = torch.rand(c.C) + 0.5
+    outs = []
+    for grid in (0, 1, 5):
+        loss, lse, aux, cfg = emu.fwd(x, tgt, w, c.ii, c.e, c.a, c.s, c.prob, -1, 0, 0, grid, 6)
+        assert cfg[4] == 6, cfg
+        outs.append((loss, lse, aux))
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+# The kernel variants (CeFlag bits, csrc/cuda/ce_thread.cuh) the options get.
+PROB, SMOOTH, CAP, RUNTIME, PROBLIKE = 1, 8, 4, 32, 64
+VARIANTS = (  # (target, weight, smoothing, scale, softcap) -> F of the rows kernel
+    (("i64", False, 0.0, 1.0, 0.0), 0),
+    (("i64", True, 0.0, 1.0, 0.0), 0),             # index targets: w_y once per row
+    (("i64", False, 0.1, 1.0, 0.0), SMOOTH),
+    (("i64", False, 0.0, 1.0, 30.0), CAP),
+    (("i64", False, 0.1, 2.0, 30.0), SMOOTH | CAP),
+    (("i64", True, 0.1, 1.0, 0.0), RUNTIME),        # per-class weights
+    (("i64", False, 0.0, 2.0, 0.0), RUNTIME),       # scale without softcap
+    (("problike", False, 0.1, 1.0, 0.0), PROB | PROBLIKE),
+    (("prob64", False, 0.0, 1.0, 0.0), PROB | PROBLIKE),  # float32 logits: rounded once first
+    (("prob16", False, 0.0, 1.0, 0.0), RUNTIME | PROB),
+)
+
+
+@pytest.mark.parametrize("spec,variant", VARIANTS)
+def test_options_get_their_kernel_variant(emu, spec, variant):
+    tgt_kind, weight, e, a, s = spec
+    c = Case(N=4, C=300, D=1, dtype=F32, tgt=tgt_kind, weight=weight, e=e, a=a, s=s)
+    cfg, bcfg = run_case(emu, c)
+    assert cfg[5] == variant and bcfg[5] == variant, (cfg.tolist(), bcfg.tolist())

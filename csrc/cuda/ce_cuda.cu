@@ -1,7 +1,9 @@
 // CUDA backend of nllfused::ce_fwd / nllfused::ce_bwd (contract: csrc/ops.cpp, maths:
 // docs/maths.md): the host entry points. They check the arguments (csrc/checks.h), allocate the
-// outputs, set up the kernels' parameters (ce_host.h) and launch the kernels of ce_kernels.cuh
-// with the shape fwd_launch / bwd_launch choose there.
+// outputs, set up the kernels' parameters (ce_host.h) and launch the kernels of ce_kernels.cuh:
+// the mapping (fwd_rows_ok / bwd_rows_ok), then the kernel for the options' flags
+// (with_kernel_flags), with the shape rows_launch / tile_launch choose (and, for few long rows,
+// a workspace for the split forward's partial states).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,17 +21,24 @@ namespace nllfused {
 namespace cuda_impl {
 namespace {
 
-// Launches the tile or the rows kernel of a pair as L says (the rows kernel also takes L.G).
-template <typename TileKernel, typename RowsKernel, typename... Args>
-void launch(const LaunchConfig& L, cudaStream_t stream, TileKernel tile, RowsKernel rows,
-            const Args&... args) {
-  if (L.tile) {
-    tile<<<static_cast<unsigned>(L.blocks), dim3(32, L.tile_y), 0, stream>>>(args...);
+// Calls rows(f, L) for the rows mapping when `rows`, else tile(f, L), with f the
+// integral_constant of the kernel variant with_kernel_flags picks for the options' flags and L
+// the launch shape (rows_launch, which may split rows over this device's SMs, / tile_launch).
+template <typename scalar_t, typename acc_t, typename RowsFn, typename TileFn>
+void launch(bool rows, int flags, const CEParams<acc_t>& p, RowsFn&& rows_fn, TileFn&& tile_fn) {
+  if (rows) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    with_kernel_flags<RowsFlagSets<scalar_t>>(flags, [&](auto f) {
+      rows_fn(f, rows_launch<scalar_t, decltype(f)::value>(p, sms));
+    });
   } else {
-    rows<<<static_cast<unsigned>(L.blocks), L.threads, 0, stream>>>(args..., L.G);
+    with_kernel_flags<TileFlagSets<scalar_t>>(
+        flags, [&](auto f) { tile_fn(f, tile_launch<scalar_t>(p)); });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+unsigned grid(const LaunchConfig& L) { return static_cast<unsigned>(L.blocks); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -48,15 +57,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   with_params(logits, target, w, ignore_index, label_smoothing, logit_scale, softcap, prob_target,
-              [&](auto x_tag, auto tgt_tag, auto p) {
+              [&](auto x_tag, auto p, int flags) {
     using scalar_t = decltype(x_tag);
-    using tgt_t = decltype(tgt_tag);
     using acc_t = acc_type_t<scalar_t>;
     p.loss = loss.data_ptr<acc_t>();
     p.lse = lse.data_ptr<double>();
     p.aux = aux.data_ptr<acc_t>();
-    launch(fwd_launch<scalar_t>(p), stream, ce_fwd_tile_kernel<scalar_t, tgt_t>,
-           ce_fwd_rows_kernel<scalar_t, tgt_t>, logits.data_ptr<scalar_t>(), p);
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    launch<scalar_t>(
+        fwd_rows_ok(p), flags, p,
+        [&](auto f, const LaunchConfig& L) {
+          constexpr int F = decltype(f)::value;
+          if (L.parts == 1) {
+            ce_fwd_rows_kernel<scalar_t, F><<<grid(L), L.threads, 0, stream>>>(x, p, L.G, 1,
+                                                                               nullptr);
+            return;
+          }
+          // split rows: the pieces' states, then a kernel that merges and finishes each row
+          constexpr int64_t words = sizeof(Stats<acc_t>) / sizeof(acc_t);
+          const at::Tensor ws = at::empty({p.R * L.parts * words}, opts);
+          auto* part = reinterpret_cast<Stats<acc_t>*>(ws.data_ptr<acc_t>());
+          ce_fwd_rows_kernel<scalar_t, F><<<grid(L), L.threads, 0, stream>>>(x, p, L.G, L.parts,
+                                                                             part);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          ce_fwd_merge_kernel<scalar_t, F>
+              <<<static_cast<unsigned>(merge_blocks(p.R)), kLaunchThreads, 0, stream>>>(
+                  x, p, L.parts, part);
+        },
+        [&](auto f, const LaunchConfig& L) {
+          ce_fwd_tile_kernel<scalar_t, decltype(f)::value>
+              <<<grid(L), dim3(32, L.tile_y), 0, stream>>>(x, p);
+        });
   });
   return {loss, lse, aux};
 }
@@ -77,13 +108,21 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const std::optional<at::Tens
   const at::Tensor wsum = weight_sum(w, prob_target);
   const auto stream = at::cuda::getCurrentCUDAStream();
   with_params(logits, target, w, ignore_index, label_smoothing, logit_scale, softcap, prob_target,
-              [&](auto x_tag, auto tgt_tag, auto p) {
+              [&](auto x_tag, auto p, int flags) {
     using scalar_t = decltype(x_tag);
-    using tgt_t = decltype(tgt_tag);
     set_bwd_inputs(p, grad_loss, present(grad_lse), lse, aux, wsum);
-    launch(bwd_launch<scalar_t>(p), stream, ce_bwd_tile_kernel<scalar_t, tgt_t>,
-           ce_bwd_rows_kernel<scalar_t, tgt_t>, logits.data_ptr<scalar_t>(),
-           grad.data_ptr<scalar_t>(), p);
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    launch<scalar_t>(
+        bwd_rows_ok(p), flags, p,
+        [&](auto f, const LaunchConfig& L) {
+          ce_bwd_rows_kernel<scalar_t, decltype(f)::value>
+              <<<grid(L), L.threads, 0, stream>>>(x, out, p, L.G, L.parts);
+        },
+        [&](auto f, const LaunchConfig& L) {
+          ce_bwd_tile_kernel<scalar_t, decltype(f)::value>
+              <<<grid(L), dim3(32, L.tile_y), 0, stream>>>(x, out, p);
+        });
   });
   return grad;
 }

@@ -8,21 +8,81 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <type_traits>
+#include <utility>
 
 #include "ce_kernels.cuh"
 
 namespace nllfused {
 namespace cuda_impl {
 
-inline int prob_dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return kProbHalf;
-    case at::kBFloat16: return kProbBFloat16;
-    case at::kFloat: return kProbFloat;
-    case at::kDouble: return kProbDouble;
-    default: TORCH_CHECK(false, "nllfused ce (CUDA): unsupported probability target dtype ", t);
+// The target's dtype as the kernels read it (TargetDtype).
+inline int target_dtype_code(at::ScalarType t, bool prob_target) {
+  if (prob_target) {
+    switch (t) {
+      case at::kHalf: return kProbHalf;
+      case at::kBFloat16: return kProbBFloat16;
+      case at::kFloat: return kProbFloat;
+      case at::kDouble: return kProbDouble;
+      default: break;
+    }
+    TORCH_CHECK(false, "nllfused ce (CUDA): unsupported probability target dtype ", t);
   }
+  switch (t) {
+    case at::kLong: return kIndexInt64;
+    case at::kInt: return kIndexInt32;
+    case at::kByte: return kIndexUInt8;
+    default: break;
+  }
+  TORCH_CHECK(false, "nllfused ce (CUDA): unsupported index target dtype ", t);
   return -1;
+}
+
+// The kernels' feature flags (CeFlag, ce_thread.cuh) for these options. Weights are a per-class
+// feature only where they are read per class (smoothing, probability targets); with plain index
+// targets the one w_y of a row is read whether or not kWeight is set. prob_like_logits:
+// probability targets in the logits' dtype.
+inline int ce_flags(bool prob_target, bool prob_like_logits, bool has_weight,
+                    double label_smoothing, double logit_scale, double softcap) {
+  int f = prob_target ? (prob_like_logits ? kProb | kProbLike : kProb) : 0;
+  if (softcap != 0.0) f |= kCap;
+  else if (logit_scale != 1.0) f |= kScale;
+  if (!prob_target && label_smoothing != 0.0) f |= kSmooth;
+  if (has_weight && (f & (kProb | kSmooth)) != 0) f |= kWeight;
+  return f;
+}
+
+// The flag sets each kernel family is instantiated for: exact ones for the rows mapping of
+// 16- and 32-bit logits (the language-model path: plain, label smoothing, softcap, both,
+// probability targets in the logits' dtype), the plain tile kernels, and everywhere the
+// kRuntime catch-all, per target kind. 7 rows + 3 tile kernels per op and dtype (2 + 2 for
+// float64), and a split forward's merge kernel per rows variant: 91 kernels per architecture
+// (the exact sets of every option everywhere would be about three times the compile time).
+template <typename scalar_t>
+using RowsFlagSets = typename std::conditional<
+    std::is_same<scalar_t, double>::value,
+    std::integer_sequence<int, kRuntime, kRuntime | kProb>,
+    std::integer_sequence<int, 0, kSmooth, kCap, kSmooth | kCap, kProb | kProbLike, kRuntime,
+                          kRuntime | kProb>>::type;
+template <typename scalar_t>
+using TileFlagSets = typename std::conditional<
+    std::is_same<scalar_t, double>::value,
+    std::integer_sequence<int, kRuntime, kRuntime | kProb>,
+    std::integer_sequence<int, 0, kRuntime, kRuntime | kProb>>::type;
+
+// Calls f(std::integral_constant<int, F>{}) with the F of Sets that serves the options' flags
+// (ce_flags): themselves where instantiated, else the kRuntime variant of their target kind.
+template <typename Fn, int... Fs>
+void with_kernel_flags_in(int flags, std::integer_sequence<int, Fs...>, Fn&& f) {
+  const bool exact = ((flags == Fs) || ...);
+  const int want = exact ? flags : kRuntime | (flags & kProb);
+  const bool found =
+      ((want == Fs ? (f(std::integral_constant<int, Fs>{}), true) : false) || ...);
+  TORCH_CHECK(found, "nllfused ce (CUDA): no kernel for feature flags ", flags);
+}
+template <typename Sets, typename Fn>
+void with_kernel_flags(int flags, Fn&& f) {
+  with_kernel_flags_in(flags, Sets{}, std::forward<Fn>(f));
 }
 
 // The weights as the kernels read them: contiguous (C,) in acc_t (checked), or undefined.
@@ -55,12 +115,11 @@ CEParams<acc_t> make_params(const at::Tensor& logits, const at::Tensor& target,
   if (prob_target) {
     p.tC = target.stride(1);
     p.tD = target.stride(2);
-    p.prob_dtype = prob_dtype_code(target.scalar_type());
   } else {
     p.tC = 0;
     p.tD = target.stride(1);
-    p.prob_dtype = -1;
   }
+  p.tgt_dtype = target_dtype_code(target.scalar_type(), prob_target);
   p.weight = weight.defined() ? weight.data_ptr<acc_t>() : nullptr;
   p.weight_sum = nullptr;
   p.ignore_index = ignore_index;
@@ -68,10 +127,8 @@ CEParams<acc_t> make_params(const at::Tensor& logits, const at::Tensor& target,
   p.eps_over_C = static_cast<acc_t>(label_smoothing / static_cast<double>(p.C));
   p.one_minus_eps = static_cast<acc_t>(1.0 - label_smoothing);
   p.scale = static_cast<acc_t>(logit_scale);
-  p.has_cap = softcap != 0.0;
   p.cap = static_cast<acc_t>(softcap);
-  p.scale_over_cap = p.has_cap ? static_cast<acc_t>(logit_scale / softcap) : acc_t(0);
-  p.need_t = prob_target || label_smoothing != 0.0;
+  p.scale_over_cap = softcap != 0.0 ? static_cast<acc_t>(logit_scale / softcap) : acc_t(0);
   return p;
 }
 
@@ -95,34 +152,29 @@ void set_bwd_inputs(CEParams<acc_t>& p, const at::Tensor& grad_loss, const at::T
   p.aD = aux.stride(1);
 }
 
-// Calls f(tgt_t{}) with the target type: int64_t / int32_t / uint8_t / ProbTarget.
-template <typename F>
-void dispatch_target(const at::Tensor& target, bool prob_target, F&& f) {
-  if (prob_target) {
-    f(ProbTarget{});
-    return;
-  }
-  switch (target.scalar_type()) {
-    case at::kLong: f(int64_t{}); break;
-    case at::kInt: f(int32_t{}); break;
-    case at::kByte: f(uint8_t{}); break;
-    default: TORCH_CHECK(false, "nllfused ce (CUDA): unsupported index target dtype ",
-                         target.scalar_type());
-  }
-}
-
-// Calls f(scalar_t{}, tgt_t{}, p) with the logits' dtype, the target type and the kernels'
-// parameters for these arguments (make_params): every kernel instantiation comes from here.
-template <typename F>
+// Calls f(scalar_t{}, p, flags) with the logits' dtype, the kernels' parameters for these
+// arguments (make_params) and the options' feature flags (ce_flags); the caller picks the
+// mapping and then the kernel with with_kernel_flags. p points into the target tensor (or its
+// float copy, below), alive for f's launches: the caching allocator orders a later reuse of
+// that memory after them on the stream.
+template <typename Fn>
 void with_params(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                  int64_t ignore_index, double label_smoothing, double logit_scale, double softcap,
-                 bool prob_target, F&& f) {
+                 bool prob_target, Fn&& f) {
+  // float64 probabilities with float accumulation: rounded to float here, once, as the
+  // kernels would round each (the same values), so that no kernel but the float64 ones
+  // converts from float64 per element.
+  const bool narrow = prob_target && target.scalar_type() == at::kDouble &&
+                      logits.scalar_type() != at::kDouble;
+  const at::Tensor tgt = narrow ? target.to(at::kFloat) : target;
+  const int flags = ce_flags(prob_target, tgt.scalar_type() == logits.scalar_type(),
+                             weight.defined(), label_smoothing, logit_scale, softcap);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nllfused_ce",
                                   [&] {
     using acc_t = acc_type_t<scalar_t>;
-    CEParams<acc_t> p = make_params<acc_t>(logits, target, weight, ignore_index, label_smoothing,
+    CEParams<acc_t> p = make_params<acc_t>(logits, tgt, weight, ignore_index, label_smoothing,
                                            logit_scale, softcap, prob_target);
-    dispatch_target(target, prob_target, [&](auto tag) { f(scalar_t{}, tag, p); });
+    f(scalar_t{}, p, flags);
   });
 }
 

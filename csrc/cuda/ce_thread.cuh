@@ -1,138 +1,81 @@
 // The CUDA backend's per-thread code (contract: csrc/ops.cpp, maths: docs/maths.md): everything
 // a thread of the kernels in ce_kernels.cuh does to its classes, __host__ __device__ so that the
 // host emulator (tests/cuda_emulation/emu.cu) runs the very same code on a CPU. No torch headers
-// but c10's 16-bit float types. Included through ce_kernels.cuh.
+// but c10's 16-bit float types (numeric primitives: ce_math.cuh). Included through ce_kernels.cuh.
 //
 // Layout. logits are (N, C, D) with any strides; row r = n*D + d is the C values
 // x[n, :, d] at x + n*sN + d*sD, step sC. Per-row outputs (loss, lse, aux) are contiguous
 // (N, D), i.e. indexed by r. grad_logits is contiguous (N, C, D).
 //
-// Forward: one pass over the row with an online softmax. Each thread keeps (Stats)
-//   m = running max of z, k + s = sum exp(z - m): k counts the classes at the max (terms of
-//   exactly 1), s sums the others, so that a confident row's tiny terms are not rounded away
-//   against the 1; its log(1 + s) then goes through log1p,
-//   t = sum v_c (m - z_c), w = sum v_c          (only when label smoothing or prob targets)
-// where v_c is the class weight w_c (index targets) or w_c q'_c (probability targets).
-// t is kept relative to the running max (rescaled by w*(m_new - m_old) when the max grows),
-// so every term is >= 0 and the smoothing / probability loss
-//   sum_c v_c (lse - z_c) = t + w log(k + s)
-// has no cancellation even for logits far from zero. Likewise lse - z_y = (m - z_y) + log(k + s).
-// Backward recomputes p = exp(z - lse) from the saved lse; no reductions; the true class
-// uses expm1 so that (p_y - 1) keeps its precision, rounded once to the output dtype.
+// Features are template flags (CeFlag, the parameter F of every function below): a kernel
+// carries the code of the options it was instantiated for and tests none of them per element
+// (but the kRuntime catch-all, which reads them from the parameters). The target's dtype is
+// read at run time: once per row for class indices.
+//
+// Forward: one pass over the row with an online softmax. Each thread keeps (Stats) m = running
+// max of z, k + s = sum exp(z - m): k counts the classes at the max (terms of exactly 1), s sums
+// the others, so that a confident row's tiny terms are not rounded away against the 1 (its
+// log(1 + s) goes through log1p); with label smoothing or probability targets also
+// t = sum v_c (m - z_c) and w = sum v_c, v_c the class weight w_c (index targets) or w_c q'_c.
+// t is kept relative to the running max (rescaled by w*(m_new - m_old) when the max grows), so
+// every term is >= 0 and sum_c v_c (lse - z_c) = t + w log(k + s) has no cancellation even for
+// logits far from zero. Likewise lse - z_y = (m - z_y) + log(k + s). The state is folded a chunk
+// of values at a time (kUnroll 16-byte vectors, or fewer): the chunk's max by a tree, then one
+// exp per value; the threads' states are merged once, after the loop (ce_kernels.cuh).
+// Backward (ce_backward.cuh) recomputes p = exp(z - lse) from the saved lse; no reductions.
+// Every class gets the same formula in the loop; the true class, whose (p_y - 1) needs expm1
+// to keep its precision, is rewritten afterwards by the thread that wrote it (no per-element
+// test of c == y). A long row may be split in parts (row_part), each a group's.
 //
 // Accumulation: float for half/bfloat16/float, double for double (acc_type_t).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include "ce_math.cuh"
 
 namespace nllfused {
 namespace cuda_impl {
 
 #define NLLF_HD __host__ __device__ __forceinline__
 
-// The accumulation type (csrc/ops.cpp): double for double logits, float for the others.
-template <typename scalar_t>
-using acc_type_t =
-    typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+// Feature flags, the template parameter F: which code a kernel carries. The host sets them from
+// the options (ce_flags in ce_host.h), so a flag that is off costs nothing. kRuntime is the
+// catch-all variant for the option sets no kernel is instantiated for: it reads scale, softcap,
+// smoothing and weights from the parameters at run time (has() below), at the price of a
+// uniform test per element.
+enum CeFlag : int {
+  kProb = 1,      // probability targets (else class indices)
+  kScale = 2,     // z = a x, logit_scale a != 1 (without softcap)
+  kCap = 4,       // z = s tanh(a x / s), softcap s (any a)
+  kSmooth = 8,    // index targets with label smoothing: t, w forward, the class term backward
+  kWeight = 16,   // class weights read per class (with kProb or kSmooth; else once per row)
+  kRuntime = 32,  // kScale, kCap, kSmooth, kWeight as the parameters say
+  kProbLike = 64,  // (with kProb) targets in the logits' dtype: no per-element dtype switch
+};
+template <int F>
+constexpr bool kMayT = (F & (kProb | kSmooth | kRuntime)) != 0;  // code for t and w
+template <int F>
+constexpr bool kMayTransform = (F & (kScale | kCap | kRuntime)) != 0;
 
-constexpr int kUnroll = 4;        // 16-byte vectors in flight per thread (rows mapping)
-constexpr int kTileUnroll = 4;    // strided loads in flight per thread (tile mapping)
-constexpr int kMaxThreads = 512;  // largest block
-constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr int kMaxTileY = 16;     // tile mapping: at most 16 x 32 threads
-constexpr int kWarpPathThreads = 256;
+// Vectors (kVec values, ce_math.cuh) in flight per thread and step (rows mapping): 4 for the
+// plain kernels (32 16-bit values, 16 floats: a step's fixed costs spread over many values), 2
+// where the options' per-class work needs the registers (at most 64 a thread: ce_kernels.cuh),
+// 1 with probability targets (a target load per value) and in the kRuntime catch-all.
+template <int F>
+constexpr int kUnroll = F == 0 ? 4 : (F & (kRuntime | kProb)) != 0 ? 1 : 2;
+constexpr int kTileUnroll = 4;  // strided loads in flight per thread (tile mapping)
 
-// ------------------------------------------------------------------------------------------
-// Scalar helpers (host versions exist only so the per-thread code can be exercised on a CPU).
-
-template <typename T>
-NLLF_HD T pos_inf() { return static_cast<T>(INFINITY); }
-template <typename T>
-NLLF_HD T neg_inf() { return -static_cast<T>(INFINITY); }
-template <typename T>
-NLLF_HD T quiet_nan() { return static_cast<T>(NAN); }
-
-// max that propagates NaN (fmaxf would drop it, and the row must become NaN).
-template <typename T>
-NLLF_HD T nan_max(T a, T b) { return (a > b || a != a) ? a : b; }
-
-NLLF_HD float acc_exp(float x) {
-#ifdef __CUDA_ARCH__
-  return __expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-NLLF_HD double acc_exp(double x) { return ::exp(x); }
-
-// expm1f is not replaced by --use_fast_math (checked in the PTX); keeps p_y - 1 precise.
-NLLF_HD float acc_expm1(float x) { return ::expm1f(x); }
-NLLF_HD double acc_expm1(double x) { return ::expm1(x); }
-
-// log sum_c exp(z_c - m) from the k + s of Stats, once per row, in double: accurate whatever
-// the fast-math flags (logf becomes lg2.approx), and log1p keeps a tiny d when k == 1.
-NLLF_HD double log_sum(double k, double d) { return k == 1.0 ? ::log1p(d) : ::log(k + d); }
-
-NLLF_HD float bits_to_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-// --use_fast_math turns tanhf into tanh.approx.f32 (relative error ~2^-11), too coarse for
-// float32 softcap. This is libdevice's tanhf algorithm, written out so the flag cannot
-// replace it: 1 - 2/(exp(2|x|) + 1) for |x| >= 0.6, an odd polynomial below.
-NLLF_HD float acc_tanh(float x) {
-  const float ax = fabsf(x);
-  const float e = acc_exp(2.0f * ax);
-  float big = 1.0f - 2.0f / (e + 1.0f);
-  big = ax >= 9.0109f ? 1.0f : big;
-  big = copysignf(big, x);
-  const float x2 = x * x;
-  float poly = fmaf(bits_to_float(0x3C80F082u), x2, bits_to_float(0xBD563CAEu));
-  poly = fmaf(poly, x2, bits_to_float(0x3E085941u));
-  poly = fmaf(poly, x2, bits_to_float(0xBEAAA9EDu));
-  poly = poly * x2;
-  const float small = fmaf(poly, x, x);
-  return ax >= 0.6f ? big : small;
-}
-NLLF_HD double acc_tanh(double x) { return ::tanh(x); }
-
-template <typename T>
-NLLF_HD T ldg(const T* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) AlignedVec {
-  scalar_t v[N];
+// The target's dtype, read at run time (once per row for index targets): 3-7x fewer kernels.
+enum TargetDtype : int {
+  kIndexInt64 = 0, kIndexInt32 = 1, kIndexUInt8 = 2,
+  kProbHalf = 3, kProbBFloat16 = 4, kProbFloat = 5, kProbDouble = 6,
 };
 
 // ------------------------------------------------------------------------------------------
 // Parameters shared by all kernels (passed by value).
-
-// Probability targets are loaded through a runtime dtype switch (uniform per launch) rather
-// than a template parameter: 4x fewer instantiations, the branch costs nothing measurable.
-struct ProbTarget {};
-enum ProbDtype : int { kProbHalf = 0, kProbBFloat16 = 1, kProbFloat = 2, kProbDouble = 3 };
-
-template <typename tgt_t>
-constexpr bool is_prob_v = std::is_same<tgt_t, ProbTarget>::value;
 
 template <typename acc_t>
 struct CEParams {
@@ -142,16 +85,14 @@ struct CEParams {
   // target: index (N, D) strides tN, tD; probability (N, C, D) strides tN, tC, tD
   const void* tgt;
   int64_t tN, tC, tD;
-  int prob_dtype;
+  int tgt_dtype;             // TargetDtype
   const acc_t* weight;       // (C,) contiguous or nullptr, in acc_t (csrc/ops.cpp)
   const double* weight_sum;  // device scalar sum(weight) in float64 (backward, index targets)
   int64_t ignore_index;
   acc_t eps, eps_over_C, one_minus_eps;  // label smoothing
   acc_t scale;       // logit_scale a
-  acc_t cap;         // softcap s (used when has_cap)
+  acc_t cap;         // softcap s (kCap)
   acc_t scale_over_cap;
-  bool has_cap;
-  bool need_t;  // probability targets, or label smoothing > 0
   // forward outputs, contiguous (N, D)
   acc_t* loss;
   double* lse;  // float64 whatever acc_t: see csrc/ops.cpp
@@ -167,38 +108,86 @@ struct CEParams {
   int64_t aN, aD;
 };
 
-template <typename acc_t>
-NLLF_HD acc_t to_z(const CEParams<acc_t>& p, acc_t x) {
-  if (p.has_cap) return p.cap * acc_tanh(x * p.scale_over_cap);
-  return x * p.scale;
+// Whether feature BIT's code runs: fixed by F, or read from the parameters (kRuntime).
+template <int F, int BIT, typename acc_t>
+NLLF_HD bool has(const CEParams<acc_t>& p) {
+  if constexpr ((F & kRuntime) == 0 || BIT == kProb) return (F & BIT) != 0;
+  else if constexpr (BIT == kScale) return p.scale != acc_t(1);
+  else if constexpr (BIT == kCap) return p.cap != acc_t(0);
+  else if constexpr (BIT == kSmooth) return (F & kProb) == 0 && p.eps != acc_t(0);
+  else return p.weight != nullptr;  // kWeight
+}
+// The forward keeps t and w (probability targets, label smoothing).
+template <int F, typename acc_t>
+NLLF_HD bool need_t(const CEParams<acc_t>& p) {
+  return (F & kProb) != 0 || has<F, kSmooth>(p);
 }
 
-template <typename acc_t>
+template <int F, typename acc_t>
+NLLF_HD acc_t to_z(const CEParams<acc_t>& p, acc_t x) {
+  if constexpr (kMayTransform<F>) {
+    if (has<F, kCap>(p)) return p.cap * acc_tanh(x * p.scale_over_cap);
+    if (has<F, kScale>(p)) return x * p.scale;
+  }
+  return x;
+}
+
+// z and dz/dx of one logit (chain: logit_scale without softcap, 1 with neither).
+template <int F, typename acc_t>
+NLLF_HD acc_t to_z_chain(const CEParams<acc_t>& p, acc_t x, acc_t& chain) {
+  chain = p.scale;
+  if constexpr (kMayTransform<F>) {
+    if (has<F, kCap>(p)) {
+      const acc_t th = acc_tanh(x * p.scale_over_cap);
+      chain = p.scale * ((acc_t(1) - th) * (acc_t(1) + th));
+      return p.cap * th;
+    }
+    if (has<F, kScale>(p)) return x * p.scale;
+  }
+  return x;
+}
+
+template <int F, typename scalar_t, typename acc_t>
 NLLF_HD acc_t load_prob(const CEParams<acc_t>& p, int64_t off) {
-  switch (p.prob_dtype) {
+  if constexpr ((F & kProbLike) != 0)
+    return static_cast<acc_t>(static_cast<const scalar_t*>(p.tgt)[off]);
+  switch (p.tgt_dtype) {
     case kProbHalf:
       return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(p.tgt)[off]));
     case kProbBFloat16:
       return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(p.tgt)[off]));
     case kProbFloat:
       return static_cast<acc_t>(static_cast<const float*>(p.tgt)[off]);
-    default:
-      return static_cast<acc_t>(static_cast<const double*>(p.tgt)[off]);
+    default:  // float64 targets reach only float64 kernels (with_params, ce_host.h)
+      if constexpr (std::is_same<acc_t, double>::value)
+        return static_cast<const double*>(p.tgt)[off];
+      else
+        return quiet_nan<acc_t>();
   }
 }
 
-template <typename tgt_t, typename acc_t>
+template <typename acc_t>
 NLLF_HD int64_t load_index(const CEParams<acc_t>& p, int64_t n, int64_t d) {
-  return static_cast<int64_t>(static_cast<const tgt_t*>(p.tgt)[n * p.tN + d * p.tD]);
+  const int64_t off = n * p.tN + d * p.tD;
+  switch (p.tgt_dtype) {
+    case kIndexInt32: return static_cast<const int32_t*>(p.tgt)[off];
+    case kIndexUInt8: return static_cast<const uint8_t*>(p.tgt)[off];
+    default: return static_cast<const int64_t*>(p.tgt)[off];
+  }
+}
+
+template <int F, typename acc_t>
+NLLF_HD acc_t class_w(const CEParams<acc_t>& p, int64_t c) {
+  return has<F, kWeight>(p) ? ldg(p.weight + c) : acc_t(1);
 }
 
 // v_c: the weight of class c in t / w (w_c, or w_c q'_c for probability targets).
 // qoff = n*tN + d*tD (probability targets only).
-template <typename tgt_t, typename acc_t>
+template <int F, typename scalar_t, typename acc_t>
 NLLF_HD acc_t class_v(const CEParams<acc_t>& p, int64_t qoff, int64_t c) {
-  const acc_t w = p.weight ? ldg(p.weight + c) : acc_t(1);
-  if constexpr (is_prob_v<tgt_t>) {
-    const acc_t q = load_prob(p, qoff + c * p.tC);
+  const acc_t w = class_w<F>(p, c);
+  if constexpr ((F & kProb) != 0) {
+    const acc_t q = load_prob<F, scalar_t>(p, qoff + c * p.tC);
     return w * (p.one_minus_eps * q + p.eps_over_C);
   } else {
     return w;
@@ -219,40 +208,48 @@ struct Stats {
 };
 
 template <typename acc_t>
-NLLF_HD Stats<acc_t> stats_init() {
-  return Stats<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-}
+NLLF_HD Stats<acc_t> stats_init() { return {neg_inf<acc_t>(), 0, 0, 0, 0}; }
 
-// Fold K values into m, k and s (and rescale t to the new max). Padding slots must be -inf.
-template <int K, typename acc_t>
-NLLF_HD void fold(Stats<acc_t>& st, const acc_t (&z)[K], bool need_t) {
-  acc_t cm = st.m;
-#pragma unroll
-  for (int k = 0; k < K; ++k) cm = nan_max(cm, z[k]);
+// Fold K values whose max is zmax into m, k and s (and rescale t to the new max). Padding
+// slots must be -inf.
+template <int F, int K, typename acc_t>
+NLLF_HD void fold_from(Stats<acc_t>& st, const acc_t (&z)[K], acc_t zmax) {
+  const acc_t cm = max_nan(st.m, zmax);
   if (cm == neg_inf<acc_t>()) return;  // all -inf so far: s stays 0, no exp(-inf - -inf)
   if (!(cm == st.m)) {  // the max grew (or is NaN): the old max's terms become ordinary ones
     st.s = (st.s + st.k) * acc_exp(st.m - cm);  // st.m == -inf: exp(-inf) = 0, s = k = 0
     st.k = acc_t(0);
+    // With st.m == -inf every value seen was -inf and already counted as v * inf in t.
+    if constexpr (kMayT<F>) {
+      if (st.m != neg_inf<acc_t>()) st.t += st.w * (cm - st.m);
+    }
+    st.m = cm;
   }
-  // A +inf max is not counted: exp(inf - inf) must make the row NaN, as in torch.
-  const bool count = cm != pos_inf<acc_t>();
-  acc_t sum = 0;
+  // A +inf max: exp(inf - inf) makes the row NaN, as in torch.
+  if (cm == pos_inf<acc_t>()) st.s = quiet_nan<acc_t>();
+  const ExpFrom<acc_t> ex(cm);
+  acc_t count = 0, sum = 0;
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (count && z[k] == cm) st.k += acc_t(1);
-    else sum += acc_exp(z[k] - cm);
+  for (int i = 0; i < K; ++i) {
+    if (z[i] == cm) count += acc_t(1);
+    else sum += ex.term(z[i]);
   }
-  st.s += sum;
-  // With st.m == -inf every value seen was -inf and already counted as v * inf in t.
-  if (need_t && st.m != neg_inf<acc_t>()) st.t += st.w * (cm - st.m);
-  st.m = cm;
+  st.k += count;
+  st.s += ex.scale(sum);
+}
+template <int F, int K, typename acc_t>
+NLLF_HD void fold(Stats<acc_t>& st, const acc_t (&z)[K]) {
+  static_assert((K & (K - 1)) == 0, "fold: K must be a power of two");
+  fold_from<F>(st, z, tree_max<K>(z));
 }
 
 // Add one class to t and w; call after fold() has seen z (st.m >= z). A probability target class
 // with v == 0 adds nothing, even at z = -inf (no 0 * inf); index targets keep torch's NaN there.
-template <typename tgt_t, typename acc_t>
+template <int F, typename acc_t>
 NLLF_HD void add_t(Stats<acc_t>& st, acc_t z, acc_t v) {
-  if (is_prob_v<tgt_t> && v == acc_t(0)) return;
+  if constexpr ((F & kProb) != 0) {
+    if (v == acc_t(0)) return;
+  }
   const acc_t diff = (z == neg_inf<acc_t>()) ? pos_inf<acc_t>() : (st.m - z);
   st.t += v * diff;
   st.w += v;
@@ -270,20 +267,24 @@ NLLF_HD void merge_sum(Stats<acc_t>& r, const Stats<acc_t>& x) {
   }
 }
 
-template <typename acc_t>
+template <int F, typename acc_t>
 NLLF_HD Stats<acc_t> merge(const Stats<acc_t>& a, const Stats<acc_t>& b) {
   Stats<acc_t> r;
-  r.m = nan_max(a.m, b.m);
+  r.m = max_nan(a.m, b.m);
   r.k = acc_t(0);
   r.s = acc_t(0);
   if (r.m != neg_inf<acc_t>()) {
     merge_sum(r, a);
     merge_sum(r, b);
   }
-  r.t = a.t + b.t;
-  if (a.m != neg_inf<acc_t>()) r.t += a.w * (r.m - a.m);
-  if (b.m != neg_inf<acc_t>()) r.t += b.w * (r.m - b.m);
-  r.w = a.w + b.w;
+  r.t = acc_t(0);
+  r.w = acc_t(0);
+  if constexpr (kMayT<F>) {
+    r.t = a.t + b.t;
+    if (a.m != neg_inf<acc_t>()) r.t += a.w * (r.m - a.m);
+    if (b.m != neg_inf<acc_t>()) r.t += b.w * (r.m - b.m);
+    r.w = a.w + b.w;
+  }
   return r;
 }
 
@@ -307,82 +308,141 @@ NLLF_HD Row<scalar_t> row_at(const CEParams<acc_t>& p, const scalar_t* x, int64_
 // ------------------------------------------------------------------------------------------
 // Forward per-thread work. These functions are the whole per-element logic of the kernels.
 
-template <typename scalar_t, typename tgt_t, typename acc_t>
+template <typename scalar_t, int F, typename acc_t>
 NLLF_HD void fold_one(Stats<acc_t>& st, const CEParams<acc_t>& p, scalar_t xv, int64_t c,
                       int64_t qoff) {
-  const acc_t z[1] = {to_z(p, static_cast<acc_t>(xv))};
-  fold<1>(st, z, p.need_t);
-  if (p.need_t) add_t<tgt_t>(st, z[0], class_v<tgt_t>(p, qoff, c));
-}
-
-// Element index -> number of leading elements before the first 16-byte boundary; all of
-// them (C) when the pointer is not even element aligned, so nothing is vector loaded.
-template <typename scalar_t>
-NLLF_HD int64_t vec_head(const void* ptr, int64_t C) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
-  if (a % sizeof(scalar_t) != 0) return C;
-  const int64_t mis = static_cast<int64_t>((a / sizeof(scalar_t)) % VEC);
-  const int64_t head = (VEC - mis) % VEC;
-  return head < C ? head : C;
-}
-
-// One step of a G-thread group's sweep over a row's nvec 16-byte vectors: thread tid's kUnroll
-// vectors base + u*G + tid, those that exist, all loads in flight before any is used.
-template <typename vec_t>
-NLLF_HD void load_step(vec_t (&buf)[kUnroll], const vec_t* vrow, int64_t base, int64_t nvec,
-                       int tid, int G) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t v = base + static_cast<int64_t>(u) * G + tid;
-    if (v < nvec) buf[u] = vrow[v];
+  const acc_t z[1] = {to_z<F>(p, static_cast<acc_t>(xv))};
+  fold<F>(st, z);
+  if constexpr (kMayT<F>) {
+    if (need_t<F>(p)) add_t<F>(st, z[0], class_v<F, scalar_t>(p, qoff, c));
   }
 }
 
-// Thread `tid` of a G-thread group, contiguous row xrow[0 .. C). C == 0: nothing.
-template <typename scalar_t, typename tgt_t, typename acc_t>
-NLLF_HD Stats<acc_t> fwd_row_partial(const CEParams<acc_t>& p, const scalar_t* xrow,
-                                     int64_t C, int64_t qoff, int tid, int G) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  using vec_t = AlignedVec<scalar_t, VEC>;
-  Stats<acc_t> st = stats_init<acc_t>();
-  const int64_t head = vec_head<scalar_t>(xrow, C);
-  for (int64_t c = tid; c < head; c += G) fold_one<scalar_t, tgt_t>(st, p, xrow[c], c, qoff);
-
-  const int64_t nvec = (C - head) / VEC;
-  const vec_t* vrow = reinterpret_cast<const vec_t*>(xrow + head);
-  for (int64_t base = 0; base < nvec; base += static_cast<int64_t>(G) * kUnroll) {
-    vec_t buf[kUnroll];
-    load_step(buf, vrow, base, nvec, tid, G);
-    acc_t z[kUnroll * VEC];
+// Fold U 16-byte vectors, the first `valid` of them real (the others -inf; FULL: all U);
+// vector u is the row's vector v + u*G, its element j the class head + (v + u*G)*VEC + j.
+template <typename scalar_t, int F, bool FULL, int U, typename acc_t, typename vec_t>
+NLLF_HD void fold_vectors(Stats<acc_t>& st, const CEParams<acc_t>& p, const vec_t (&buf)[U],
+                          int valid, int64_t v, int G, int64_t head, int64_t qoff) {
+  constexpr int VEC = kVec<scalar_t>;
+  acc_t z[U * VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const bool ok = base + static_cast<int64_t>(u) * G + tid < nvec;
+  for (int u = 0; u < U; ++u) {
+    acc_t x[VEC];
+    unpack(buf[u], x);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      z[u * VEC + j] = FULL || u < valid ? to_z<F>(p, x[j]) : neg_inf<acc_t>();
+  }
+  if constexpr (FULL && !kMayTransform<F>) {
+    fold_from<F>(st, z, vectors_max<acc_t>(buf));  // z = x: the max of the stored values
+  } else {
+    fold<F>(st, z);
+  }
+  if constexpr ((F & (kProb | kWeight | kRuntime)) == 0 && kMayT<F>) {
+    // Unweighted smoothing, v_c = 1: w counts the classes, t sums m - z_c (each >= 0; a -inf
+    // z_c adds +inf, and so does every value when st.m is still -inf: all were -inf).
+    acc_t sum = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        z[u * VEC + j] = ok ? to_z(p, static_cast<acc_t>(buf[u].v[j])) : neg_inf<acc_t>();
+        if (FULL || u < valid) sum += st.m - z[u * VEC + j];
     }
-    fold<kUnroll * VEC>(st, z, p.need_t);
-    if (p.need_t) {
+    st.t += st.m == neg_inf<acc_t>() ? pos_inf<acc_t>() : sum;
+    st.w += static_cast<acc_t>((FULL ? U : valid) * VEC);
+  } else if constexpr (kMayT<F>) {
+    if (!need_t<F>(p)) return;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = base + static_cast<int64_t>(u) * G + tid;
-        if (v < nvec) {
+    for (int u = 0; u < U; ++u) {
+      if (FULL || u < valid) {
+        const int64_t c0 = head + (v + static_cast<int64_t>(u) * G) * VEC;
 #pragma unroll
-          for (int j = 0; j < VEC; ++j)
-            add_t<tgt_t>(st, z[u * VEC + j], class_v<tgt_t>(p, qoff, head + v * VEC + j));
-        }
+        for (int j = 0; j < VEC; ++j)
+          add_t<F>(st, z[u * VEC + j], class_v<F, scalar_t>(p, qoff, c0 + j));
       }
     }
   }
+}
 
-  for (int64_t c = head + nvec * VEC + tid; c < C; c += G)
-    fold_one<scalar_t, tgt_t>(st, p, xrow[c], c, qoff);
+// A row split over `parts` groups (few long rows: choose_launch): part `part` takes the row's
+// 16-byte vectors [v0, v1), whole steps of `span` vectors but the last part's rest, the
+// first part also the scalar head and the last the scalar tail. Unsplit: one part, everything.
+struct RowPart {
+  int64_t v0, v1;
+  bool head, tail;
+};
+NLLF_HD RowPart row_part(int64_t nvec, int64_t span, int part, int parts) {
+  if (parts <= 1) return RowPart{0, nvec, true, true};
+  const int64_t per = ((nvec + parts - 1) / parts + span - 1) / span * span;
+  const int64_t v0 = per * part < nvec ? per * part : nvec;
+  const int64_t v1 = part == parts - 1 ? nvec : (v0 + per < nvec ? v0 + per : nvec);
+  return RowPart{v0, v1, part == 0, part == parts - 1};
+}
+
+// Whether thread `tid` of a G-thread group working on part rp of a row (head scalar classes,
+// nvec vectors of VEC, a scalar tail) handles class c: in each piece the i-th element (the i-th
+// vector of the part) goes to thread i % G.
+NLLF_HD bool owns_class(int64_t c, int64_t head, int64_t nvec, int VEC, const RowPart& rp,
+                        int tid, int G) {
+  if (c < head) return rp.head && c % G == tid;
+  if (c < head + nvec * VEC) {
+    const int64_t v = (c - head) / VEC;
+    return v >= rp.v0 && v < rp.v1 && (v - rp.v0) % G == tid;
+  }
+  return rp.tail && (c - head - nvec * VEC) % G == tid;
+}
+
+// Thread `tid` of a G-thread group, contiguous row xrow[0 .. C), part `part` of `parts`
+// (row_part). C == 0: nothing.
+template <typename scalar_t, int F, typename acc_t>
+NLLF_HD Stats<acc_t> fwd_row_partial(const CEParams<acc_t>& p, const scalar_t* xrow,
+                                     int64_t C, int64_t qoff, int tid, int G, int part = 0,
+                                     int parts = 1) {
+  constexpr int VEC = kVec<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  Stats<acc_t> st = stats_init<acc_t>();
+  const int64_t head = vec_head<scalar_t>(xrow, C);
+  const int64_t nvec = (C - head) / VEC;
+  constexpr int U = kUnroll<F>;
+  const int64_t span = static_cast<int64_t>(G) * U;
+  const RowPart rp = row_part(nvec, span, part, parts);
+  if (rp.head)
+    for (int64_t c = tid; c < head; c += G) fold_one<scalar_t, F>(st, p, xrow[c], c, qoff);
+
+  const vec_t* vrow = reinterpret_cast<const vec_t*>(xrow + head);
+  // The hot loop: steps in which each thread of the group has all its U vectors (every load
+  // in flight before any is used), no bounds test inside.
+  const vec_t* ptr = vrow + rp.v0 + tid;
+  const vec_t* const full_end = vrow + rp.v0 + (rp.v1 - rp.v0) / span * span;
+  for (; ptr < full_end; ptr += span) {
+    vec_t buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) buf[u] = ptr[u * G];
+    fold_vectors<scalar_t, F, true>(st, p, buf, U, ptr - vrow, G, head, qoff);
+  }
+  // The last, partial step: the vectors that exist (a missing one loads the thread's first
+  // again, unconditional loads keep the buffer in registers, and is folded as -inf).
+  const int64_t v = ptr - vrow;
+  if (v < rp.v1) {
+    vec_t buf[U];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool ok = v + static_cast<int64_t>(u) * G < rp.v1;
+      valid += ok;
+      buf[u] = ptr[ok ? u * G : 0];
+    }
+    fold_vectors<scalar_t, F, false>(st, p, buf, valid, v, G, head, qoff);
+  }
+
+  if (rp.tail)
+    for (int64_t c = head + nvec * VEC + tid; c < C; c += G)
+      fold_one<scalar_t, F>(st, p, xrow[c], c, qoff);
   return st;
 }
 
 // Thread `ty` of TY threads sharing a row with class stride p.sC (tile mapping).
-template <typename scalar_t, typename tgt_t, typename acc_t>
+template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_t* xrow,
                                          int64_t C, int64_t qoff, int ty, int TY) {
   Stats<acc_t> st = stats_init<acc_t>();
@@ -392,14 +452,15 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
 #pragma unroll
     for (int u = 0; u < kTileUnroll; ++u) {
       const int64_t c = c0 + u * step;
-      z[u] = c < C ? to_z(p, static_cast<acc_t>(xrow[c * p.sC])) : neg_inf<acc_t>();
+      z[u] = c < C ? to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])) : neg_inf<acc_t>();
     }
-    fold<kTileUnroll>(st, z, p.need_t);
-    if (p.need_t) {
+    fold<F>(st, z);
+    if constexpr (kMayT<F>) {
+      if (!need_t<F>(p)) continue;
 #pragma unroll
       for (int u = 0; u < kTileUnroll; ++u) {
         const int64_t c = c0 + u * step;
-        if (c < C) add_t<tgt_t>(st, z[u], class_v<tgt_t>(p, qoff, c));
+        if (c < C) add_t<F>(st, z[u], class_v<F, scalar_t>(p, qoff, c));
       }
     }
   }
@@ -407,31 +468,29 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
 }
 
 // Row r with its reduced stats: write loss, lse, aux.
-template <typename scalar_t, typename tgt_t, typename acc_t>
+template <typename scalar_t, int F, typename acc_t>
 NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
                         const Stats<acc_t>& st) {
   const Row<scalar_t> row = row_at(p, x, r);
   const double logd64 = log_sum(static_cast<double>(st.k), static_cast<double>(st.s));
   const acc_t logd = static_cast<acc_t>(logd64);
   acc_t loss, aux;
-  if constexpr (is_prob_v<tgt_t>) {
+  if constexpr ((F & kProb) != 0) {
     // sum_c v_c (lse - z_c), v_c = w_c q'_c
     // (a row with no mass anywhere: 0, even all -inf, where log(k + s) = -inf)
     loss = st.t + (st.w != acc_t(0) ? st.w * logd : acc_t(0));
     aux = st.w;
   } else {
-    const int64_t y = load_index<tgt_t>(p, row.n, row.d);
+    const int64_t y = load_index(p, row.n, row.d);
     if (y == p.ignore_index) {
-      loss = acc_t(0);
-      aux = acc_t(0);
+      loss = aux = acc_t(0);
     } else if (y < 0 || y >= p.C) {
-      loss = quiet_nan<acc_t>();
-      aux = quiet_nan<acc_t>();
+      loss = aux = quiet_nan<acc_t>();
     } else {
       const acc_t wy = p.weight ? ldg(p.weight + y) : acc_t(1);
-      const acc_t zy = to_z(p, static_cast<acc_t>(row.x[y * p.sC]));
+      const acc_t zy = to_z<F>(p, static_cast<acc_t>(row.x[y * p.sC]));
       loss = p.one_minus_eps * wy * ((st.m - zy) + logd);
-      if (p.eps != acc_t(0)) loss += p.eps_over_C * (st.t + st.w * logd);  // st.w = sum_c w_c
+      if (has<F, kSmooth>(p)) loss += p.eps_over_C * (st.t + st.w * logd);
       aux = wy;
     }
   }
@@ -441,209 +500,36 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward per-row coefficients and per-element gradient.
-
-// Row r's gradient: chain_c (coef_p p_c - class terms), with grad_loss g and grad_lse gs folded
-// into the coefficients: coef_p = g (loss's p-coefficient) + gs, class terms g (...). An ignored
-// row has no loss part: zeros when gs == 0, else gs p_c chain_c.
-template <typename acc_t>
-struct BwdRow {
-  int mode;      // 0: compute; 1: zeros (ignored row, gs == 0); 2: out-of-range target (NaN)
-  int64_t y;     // index target; -1 on an ignored row
-  int64_t qoff;  // probability targets: n*tN + d*tD
-  acc_t g;       // grad_loss[r] (0 on an ignored row)
-  acc_t geC;     // g eps / C: times w_c, the smoothing class term (index targets)
-  acc_t lse_hi;  // float64 lse split in two: p = exp((z - hi) - lo) keeps torch's accuracy
-  acc_t lse_lo;  // for logits far from zero, where a single rounded lse would not
-  acc_t coef_p;  // gradient = chain (coef_p * p_c - class terms)
-  acc_t cy;      // g (1 - eps) w_y
-  acc_t cq;      // coef_p - cy
-};
-
-template <typename tgt_t, typename acc_t>
-NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t d) {
-  BwdRow<acc_t> b;
-  b.mode = 0;
-  b.y = -1;
-  b.qoff = 0;
-  b.coef_p = b.cy = b.cq = b.geC = acc_t(0);
-  b.g = p.grad[n * p.gN + d * p.gD];
-  const acc_t gs =
-      p.grad_lse ? static_cast<acc_t>(p.grad_lse[n * p.glN + d * p.glD]) : acc_t(0);
-  const double lse64 = p.lse_in[n * p.lN + d * p.lD];
-  b.lse_hi = static_cast<acc_t>(lse64);
-  b.lse_lo = static_cast<acc_t>(lse64 - static_cast<double>(b.lse_hi));
-  if constexpr (is_prob_v<tgt_t>) {
-    b.qoff = n * p.tN + d * p.tD;
-    b.cq = b.g * p.aux_in[n * p.aN + d * p.aD] + gs;  // g sum_k w_k q'_k + gs
-    b.coef_p = b.cq;
-  } else {
-    const int64_t y = load_index<tgt_t>(p, n, d);
-    if (y == p.ignore_index) {
-      b.g = acc_t(0);
-      b.mode = gs == acc_t(0) ? 1 : 0;
-      b.cq = b.coef_p = gs;
-    } else if (y < 0 || y >= p.C) {
-      b.mode = 2;
-    } else {
-      b.y = y;
-      const acc_t wy = p.weight ? ldg(p.weight + y) : acc_t(1);
-      const acc_t wsum = p.weight ? static_cast<acc_t>(*p.weight_sum) : static_cast<acc_t>(p.C);
-      b.geC = b.g * p.eps_over_C;
-      b.cy = b.g * (p.one_minus_eps * wy);
-      b.cq = b.geC * wsum + gs;
-      b.coef_p = b.cy + b.cq;
-    }
-  }
-  return b;
-}
-
-template <typename tgt_t, typename acc_t>
-NLLF_HD acc_t grad_elem(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t x, int64_t c) {
-  acc_t z, chain;
-  if (p.has_cap) {
-    const acc_t th = acc_tanh(x * p.scale_over_cap);
-    z = p.cap * th;
-    chain = p.scale * ((acc_t(1) - th) * (acc_t(1) + th));
-  } else {
-    z = x * p.scale;
-    chain = p.scale;
-  }
-  const acc_t zs = (z - b.lse_hi) - b.lse_lo;
-  const acc_t prob = acc_exp(zs);
-  acc_t gr;
-  if constexpr (is_prob_v<tgt_t>) {
-    gr = b.coef_p * prob - b.g * class_v<tgt_t>(p, b.qoff, c);
-  } else {
-    const acc_t sw =
-        p.eps != acc_t(0) ? b.geC * (p.weight ? ldg(p.weight + c) : acc_t(1)) : acc_t(0);
-    if (c == b.y) {
-      // coef_p p_y - cy - sw with p_y - 1 from expm1: no cancellation when p_y -> 1
-      gr = b.cy * acc_expm1(zs) + b.cq * prob - sw;
-    } else {
-      gr = b.coef_p * prob - sw;
-    }
-  }
-  return gr * chain;
-}
-
-// Fill a contiguous output row (ignored / out-of-range rows): vector stores when possible.
-template <typename scalar_t>
-NLLF_HD void fill_row(scalar_t* orow, int64_t C, scalar_t val, int tid, int G) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  using vec_t = AlignedVec<scalar_t, VEC>;
-  const int64_t head = vec_head<scalar_t>(orow, C);
-  for (int64_t c = tid; c < head; c += G) orow[c] = val;
-  const int64_t nvec = (C - head) / VEC;
-  vec_t o;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) o.v[j] = val;
-  vec_t* vout = reinterpret_cast<vec_t*>(orow + head);
-  for (int64_t v = tid; v < nvec; v += G) vout[v] = o;
-  for (int64_t c = head + nvec * VEC + tid; c < C; c += G) orow[c] = val;
-}
-
-// Thread `tid` of a G-thread group: contiguous input row -> contiguous output row.
-template <typename scalar_t, typename tgt_t, typename acc_t>
-NLLF_HD void bwd_row_part(const CEParams<acc_t>& p, const BwdRow<acc_t>& b,
-                          const scalar_t* xrow, scalar_t* orow, int tid, int G) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  using vec_t = AlignedVec<scalar_t, VEC>;
-  const int64_t C = p.C;
-  if (b.mode != 0) {
-    fill_row(orow, C, b.mode == 1 ? scalar_t(0) : static_cast<scalar_t>(quiet_nan<acc_t>()),
-             tid, G);
-    return;
-  }
-  const int64_t head = vec_head<scalar_t>(xrow, C);
-  if (head != vec_head<scalar_t>(orow, C)) {
-    // input and output rows sit at different offsets from a 16-byte boundary: scalar path
-    for (int64_t c = tid; c < C; c += G)
-      orow[c] = static_cast<scalar_t>(grad_elem<tgt_t>(p, b, static_cast<acc_t>(xrow[c]), c));
-    return;
-  }
-  for (int64_t c = tid; c < head; c += G)
-    orow[c] = static_cast<scalar_t>(grad_elem<tgt_t>(p, b, static_cast<acc_t>(xrow[c]), c));
-
-  const int64_t nvec = (C - head) / VEC;
-  const vec_t* vin = reinterpret_cast<const vec_t*>(xrow + head);
-  vec_t* vout = reinterpret_cast<vec_t*>(orow + head);
-  for (int64_t base = 0; base < nvec; base += static_cast<int64_t>(G) * kUnroll) {
-    vec_t buf[kUnroll];
-    load_step(buf, vin, base, nvec, tid, G);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = base + static_cast<int64_t>(u) * G + tid;
-      if (v < nvec) {
-        vec_t o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          o.v[j] = static_cast<scalar_t>(
-              grad_elem<tgt_t>(p, b, static_cast<acc_t>(buf[u].v[j]), head + v * VEC + j));
-        vout[v] = o;
-      }
-    }
-  }
-
-  for (int64_t c = head + nvec * VEC + tid; c < C; c += G)
-    orow[c] = static_cast<scalar_t>(grad_elem<tgt_t>(p, b, static_cast<acc_t>(xrow[c]), c));
-}
-
-// Thread `ty` of TY threads sharing a row: strided input (p.sC), output step ostep.
-template <typename scalar_t, typename tgt_t, typename acc_t>
-NLLF_HD void bwd_strided_part(const CEParams<acc_t>& p, const BwdRow<acc_t>& b,
-                              const scalar_t* xrow, scalar_t* orow, int64_t ostep, int ty,
-                              int TY) {
-  const int64_t C = p.C;
-  if (b.mode != 0) {
-    const scalar_t val =
-        b.mode == 1 ? scalar_t(0) : static_cast<scalar_t>(quiet_nan<acc_t>());
-    for (int64_t c = ty; c < C; c += TY) orow[c * ostep] = val;
-    return;
-  }
-#pragma unroll 4
-  for (int64_t c = ty; c < C; c += TY)
-    orow[c * ostep] =
-        static_cast<scalar_t>(grad_elem<tgt_t>(p, b, static_cast<acc_t>(xrow[c * p.sC]), c));
-}
-
-// ------------------------------------------------------------------------------------------
 // One thread's share of one row, as the kernels (ce_kernels.cuh) and the emulator run it.
 
 // Forward partial state of thread tid of row r's G-thread group (rows mapping) or of thread-row
 // ty of TY (tile mapping). r >= R: a thread that only joins the reductions, with an empty state.
-template <typename scalar_t, typename tgt_t, typename acc_t>
+// Rows mapping with parts > 1: part `part` of the row (row_part).
+template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_rows_thread(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
-                                     int tid, int G) {
+                                     int tid, int G, int part = 0, int parts = 1) {
   const Row<scalar_t> row = row_at(p, x, r < p.R ? r : 0);
-  return fwd_row_partial<scalar_t, tgt_t>(p, row.x, r < p.R ? p.C : 0, row.qoff, tid, G);
+  return fwd_row_partial<scalar_t, F>(p, row.x, r < p.R ? p.C : 0, row.qoff, tid, G, part,
+                                      parts);
 }
-template <typename scalar_t, typename tgt_t, typename acc_t>
+template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_tile_thread(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
                                      int ty, int TY) {
   const Row<scalar_t> row = row_at(p, x, r < p.R ? r : 0);
-  return fwd_strided_partial<scalar_t, tgt_t>(p, row.x, r < p.R ? p.C : 0, row.qoff, ty, TY);
+  return fwd_strided_partial<scalar_t, F>(p, row.x, r < p.R ? p.C : 0, row.qoff, ty, TY);
 }
 
-// Backward of row r (< R) by thread tid of its G-thread group (rows mapping, D == 1: output row
-// r is out + r*C) or by thread-row ty of TY (tile mapping: element (n, c, d) at
-// out + n*C*D + c*D + d).
-template <typename scalar_t, typename tgt_t, typename acc_t>
-NLLF_HD void bwd_rows_thread(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* out,
-                             int64_t r, int tid, int G) {
-  const Row<scalar_t> row = row_at(p, x, r);
-  const BwdRow<acc_t> b = make_bwd_row<tgt_t>(p, row.n, row.d);
-  bwd_row_part<scalar_t, tgt_t>(p, b, row.x, out + r * p.C, tid, G);
-}
-template <typename scalar_t, typename tgt_t, typename acc_t>
-NLLF_HD void bwd_tile_thread(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* out,
-                             int64_t r, int ty, int TY) {
-  const Row<scalar_t> row = row_at(p, x, r);
-  const BwdRow<acc_t> b = make_bwd_row<tgt_t>(p, row.n, row.d);
-  bwd_strided_part<scalar_t, tgt_t>(p, b, row.x, out + row.n * p.C * p.D + row.d, p.D, ty, TY);
+// A split row's state from its parts' states, merged in order (part 0 first, one at a time):
+// the same result whichever blocks finished first.
+template <int F, typename acc_t>
+NLLF_HD Stats<acc_t> merge_parts(const Stats<acc_t>* part, int parts) {
+  Stats<acc_t> st = part[0];
+  for (int j = 1; j < parts; ++j) st = merge<F>(st, part[j]);
+  return st;
 }
 
 #undef NLLF_HD
 
 }  // namespace cuda_impl
 }  // namespace nllfused
+
