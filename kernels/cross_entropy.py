@@ -363,8 +363,9 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
     # p = exp(z - lse) = 2^((z - hi) log2e - lo log2e): lse split into hi + lo keeps torch's
     # accuracy in float32; one FADD, one FFMA, one MUFU.
     p = _exp2((z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None], ACC)
-    if HAS_STATS_GRAD:   # the entropy's -g_H p z (its p (lse - H) part is in p_coef)
-        grad = p * (p_coef[:, None] - g_ent[:, None] * z)
+    if HAS_STATS_GRAD:   # the entropy's -g_H p z (its p (lse - H) part is in p_coef);
+        # a class at -inf (p = 0) gets 0, not 0 * inf
+        grad = p * (p_coef[:, None] - g_ent[:, None] * tl.where(p == 0.0, 0.0, z))
     else:
         grad = p * p_coef[:, None]
     if HAS_WEIGHT:

@@ -367,17 +367,7 @@ def test_ties_nan_and_masked_classes(device, backend):
     assert bool(st.entropy.isnan().all())
 
 
-def _masked_params():
-    """backend_params, with triton marked: kernels/cross_entropy.py's statistics backward forms
-    p * (p_coef - g_ent * z), which is 0 * inf = NaN on a class at -inf (even for a target
-    log-prob gradient alone). nllfused.cross_entropy has the same NaN there (and its torch
-    composition, torch_ref.entropy_and_argmax's autograd, too)."""
-    bug = pytest.mark.xfail(strict=True, reason="Triton statistics backward: NaN on -inf logits")
-    return [pytest.param(*p.values, id=p.id, marks=list(p.marks) + (
-        [bug] if p.values[1] == "triton" else [])) for p in backend_params()]
-
-
-@pytest.mark.parametrize("device,backend", _masked_params())
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_masked_classes(device, backend):
     """Classes masked at -inf (bias): finite statistics and gradients, equal to float64 torch on
     the model without those classes; the masked rows of the weight and bias get 0."""

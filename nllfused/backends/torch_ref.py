@@ -122,8 +122,9 @@ def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True)
     logp = torch.log_softmax(z, 1)
     p = logp.exp()
     # p log p -> 0 where p == 0 (a NaN row stays NaN: log_softmax gives NaN for it, as torch).
-    entropy = -torch.where(p == 0, torch.zeros((), dtype=z.dtype, device=z.device),
-                           p * logp).sum(1)
+    # log p is zeroed there before the product, so that its gradient is 0 too, not 0 * -inf.
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    entropy = -(p * torch.where(p == 0, zero, logp)).sum(1)
     return entropy, predicted
 
 
