@@ -169,9 +169,10 @@ def applies(fn, case: Case) -> bool:
 
 
 def launched(launch_config, case: Case, flags: dict) -> Case:
-    """The case with the tile the launcher picks under these flags: the forward's statistics
-    (STATS) take a smaller one for long rows (launch_config's docstring)."""
-    if not flags.get("STATS"):
+    """The case with the tile the launcher picks under these flags: the statistics (STATS in
+    the forward, HAS_STATS_GRAD in the backward) take a smaller one for long rows
+    (launch_config's docstring)."""
+    if not (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
         return case
     block_r, block_c, warps = launch_config(case.rows * case.spatial, case.classes,
                                             _elem_size(case.dtype), stats=True)
@@ -192,7 +193,10 @@ def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
                 cover = flag_cover(flag_names(fn), full)
                 if case.layout == "D>1" and scope != "full":
                     cover = cover[:1]
-                jobs += [(fn, launched(launch_config, case, flags), flags) for flags in cover]
+                for flags in cover:
+                    if flags.get("SPLIT") and (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
+                        flags = {**flags, "SPLIT": False}  # never launched together (_launch)
+                    jobs.append((fn, launched(launch_config, case, flags), flags))
     return jobs
 
 

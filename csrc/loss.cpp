@@ -164,9 +164,19 @@ class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
   }
 };
 
+Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
+                                  const std::optional<Tensor>& weight, int64_t reduction,
+                                  int64_t ignore_index, double label_smoothing);
+
 Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
                                    const std::optional<Tensor>& weight, int64_t reduction,
                                    int64_t ignore_index, double label_smoothing) {
+  // Nothing to differentiate (no_grad, evaluation): no graph node, saved tensors or context.
+  if (!at::GradMode::is_enabled() || !input.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return cross_entropy_loss_forward(input, target, weight, reduction, ignore_index,
+                                      label_smoothing);
+  }
   return CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing);
 }
 

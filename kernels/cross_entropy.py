@@ -515,12 +515,17 @@ def launch_config(num_rows: int, num_classes: int, elem_size: int, stats: bool =
     loop over the classes with a program per row (or per share of a row: row_splits). Short
     rows pack several rows into a tile of 512 logits, 4 per thread: their loads are often
     unaligned (a row of 10 classes: no vector loads, a 64-bit address per logit) and each row
-    adds registers of its own (offsets, target). With stats (the forward's STATS) a logit's state
-    is two values more (entropy sum, argmax): long rows take half the block, as registers would
+    adds registers of its own (offsets, target); 256 logits for float64 (twice the state) and
+    for rows of 8 classes or fewer (64 rows' own registers would dominate). With stats (the
+    forward's STATS, the backward's HAS_STATS_GRAD) a logit's state is two values more (entropy
+    sum, argmax): tiles of short rows and blocks of long rows are halved, as registers would
     otherwise run out (the static check, nllfused.bench.gpu_static, compiles both).
     """
     block_c = min(triton.next_power_of_2(num_classes), 512 if elem_size == 8 else 2048)
-    block_r = max(1, min(512 // block_c, triton.next_power_of_2(max(num_rows, 1))))
+    tile = 256 if elem_size == 8 or num_classes <= 8 else 512
+    if stats:
+        tile //= 2
+    block_r = max(1, min(tile // block_c, triton.next_power_of_2(max(num_rows, 1))))
     if stats and block_r == 1:
         block_c = max(1, block_c // 2)
     return block_r, block_c, 4
@@ -638,10 +643,11 @@ def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, ta
                        else logits.dtype, device=logits.device)
     if N * D == 0:
         return grad.to(logits.dtype)
-    grid, weights, sizes, options, flags = _launch(logits, weight, label_smoothing, logit_scale,
-                                                    softcap, prob_target)
-    gl = grad_loss if grad_lse is None else grad_lse   # never read without HAS_GRAD_LSE
     stats = grad_entropy is not None or grad_target_logp is not None
+    # with statistics' gradients the forward's tile (registers: launch_config)
+    grid, weights, sizes, options, flags = _launch(logits, weight, label_smoothing, logit_scale,
+                                                    softcap, prob_target, stats)
+    gl = grad_loss if grad_lse is None else grad_lse   # never read without HAS_GRAD_LSE
     stat_args = (aux,) * 3                             # never read without HAS_STATS_GRAD
     if stats:
         zero = torch.zeros((N * D,), dtype=aux.dtype, device=aux.device)
