@@ -78,6 +78,12 @@ def run_check(tmp_path, *args):
     return proc.returncode, report, proc.stdout + proc.stderr
 
 
+def check_test_kernels(tmp_path, *names):
+    """run_check on kernels of this file, fp32 on sm_90."""
+    return run_check(tmp_path, "--kernels", "triton", "--arch", "90", "--scope", "quick",
+                     "--dtypes", "fp32", "--kernel-file", f"{__file__}:{','.join(names)}")
+
+
 @needs_cuobjdump
 def test_triton_kernels_compile_without_spills_on_the_lm_path(tmp_path):
     rc, report, output = run_check(tmp_path, "--kernels", "triton", "--arch", "80,90",
@@ -112,9 +118,7 @@ def test_triton_kernels_compile_without_spills_on_the_lm_path(tmp_path):
 
 @needs_cuobjdump
 def test_check_fails_on_a_compile_error_and_on_lm_path_spills(tmp_path):
-    rc, report, output = run_check(tmp_path, "--kernels", "triton", "--arch", "90",
-                                   "--scope", "quick", "--dtypes", "fp32", "--kernel-file",
-                                   f"{__file__}:broken_kernel,spilling_kernel")
+    rc, report, output = check_test_kernels(tmp_path, "broken_kernel", "spilling_kernel")
     assert rc == 1, output
     results = {r["kernel"]: r for r in report["results"]}
     assert set(results) == {"broken_kernel", "spilling_kernel"}
@@ -207,9 +211,7 @@ def test_resident_blocks_per_sm_on_sm90():
 
 @needs_cuobjdump
 def test_elements_per_iteration_of_an_unrolled_triton_loop(tmp_path):
-    rc, report, output = run_check(tmp_path, "--kernels", "triton", "--arch", "90",
-                                   "--scope", "quick", "--dtypes", "fp32", "--kernel-file",
-                                   f"{__file__}:unrolled_kernel")
+    rc, report, output = check_test_kernels(tmp_path, "unrolled_kernel")
     assert rc == 0, output
     (r,) = report["results"]
     block_c = int(r["config"].split()[1][1:])   # "R1 C2048 w4 C%16=0"
