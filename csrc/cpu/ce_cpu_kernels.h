@@ -374,6 +374,9 @@ struct Ce {
   static int64_t lane_limit(const Args& A, bool backward);
   static bool lanes_ok(const Args& A, bool backward);
   static int64_t lane_tiles(const Args& A);
+  static constexpr int64_t kLanePrefetch = 512;
+  template <typename T>
+  static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   template <typename T, typename U>
