@@ -63,8 +63,19 @@ TORCH_LIBRARY(nllfused, m) {
   // entropy (N, D) acc dtype (-sum p log p of z), target_logp (N, D) acc dtype (log p_y; 0 on
   // ignored rows, NaN out of range; 0 for probability targets), predicted (N, D) int64 (argmax
   // of z, the first of equal maxima, a NaN's if any). The backward adds grad_entropy[r] *
-  // dH/dz + grad_target_logp[r] * d log p_y / dz (either may be None) to ce_bwd's gradient;
-  // entropy is the forward's. Triton kernels only, so far.
+  // dH/dz + grad_target_logp[r] * d log p_y / dz (either may be None; both in the acc dtype) to
+  // ce_bwd's gradient; entropy is the forward's. Two op pairs with this one signature:
+  // ce_fwd_stats / ce_bwd_stats (C++ kernels: CPU so far) and ce_fwd_stats_triton /
+  // ce_bwd_stats_triton (Triton).
+  m.def(
+      "ce_fwd_stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float logit_scale, float softcap, bool prob_target) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ce_bwd_stats(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_entropy, "
+      "Tensor? grad_target_logp, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor aux, Tensor entropy, int ignore_index, float label_smoothing, float logit_scale, "
+      "float softcap, bool prob_target) -> Tensor");
   m.def(
       "ce_fwd_stats_triton(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, float logit_scale, float softcap, bool prob_target) "

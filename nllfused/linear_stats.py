@@ -18,10 +18,10 @@ from each chunk's logits while the chunk is at hand: the (N, C) logits are never
     output would cost a weight-sized buffer and two products each, and the caller may use none
     of them. Recomputing is one product per chunk more, whatever is differentiated.
 
-Per chunk and backend: triton computes entropy, argmax and the target log-prob in its own pass
-(ops.stats_for_backend: ce_fwd_stats_triton / ce_bwd_stats_triton); torch runs
-torch_ref.forward_stats and chunk_loss_and_grad; cpu and cuda run their ce_fwd / ce_bwd and
-compose the rest from torch ops on the chunk's logits (torch_ref.target_logprob, and
+Per chunk and backend: triton and cpu compute entropy, argmax and the target log-prob in their
+kernels' own pass (ops.stats_for_backend: ce_fwd_stats(_triton) / ce_bwd_stats(_triton)); torch
+runs torch_ref.forward_stats and chunk_loss_and_grad; cuda runs its ce_fwd / ce_bwd and
+composes the rest from torch ops on the chunk's logits (torch_ref.target_logprob, and
 `_entropy_and_argmax` / `_stats_grad` below, in place), 1/_SLICES of a chunk at a time: O(chunk)
 extra memory, never O(N * C), but extra passes over the chunk in torch (on our 2-core CPU
 machines entropy costs more than the chunk's matrix product). Entropy is computed only when asked
@@ -118,7 +118,7 @@ def chunk_forward(backend, fwd, logits, target, weight, options, want_entropy, w
     """(loss, lse, aux, entropy, target_logprob, predicted), (n,) each, of an (n, C) chunk.
     entropy and predicted are zeros where not wanted (and the kernel does not give them)."""
     kernel = ops.stats_for_backend(backend)
-    if backend == "triton" and kernel is not None:  # its own pass, no temporaries
+    if backend != "torch" and kernel is not None:  # the kernels' own pass, no temporaries
         return [r[:, 0] for r in kernel(logits.unsqueeze(-1), target.unsqueeze(-1), weight,
                                         *options)]
     parts = [_slice_forward(kernel, fwd, logits[s], target[s], weight, options, want_entropy,
@@ -147,8 +147,9 @@ def chunk_grad(backend, bwd, logits, target, weight, options, lse, aux, entropy,
     g_entropy_i entropy_i + g_tlp_i log p_{y_i} (the last three may be None), in the logits'
     dtype; it may be written over `logits`. g_loss must be 0 on ignored rows."""
     col = (lambda t: None if t is None else t.unsqueeze(-1))
-    if backend == "triton" and ops.stats_for_backend(backend) is not None:
-        return torch.ops.nllfused.ce_bwd_stats_triton(
+    kernel = ops.stats_backward_for_backend(backend)
+    if kernel is not None:
+        return kernel(
             col(g_loss), col(g_lse), col(g_entropy), col(g_tlp), logits.unsqueeze(-1),
             col(target), weight, col(lse), col(aux), col(entropy), *options)[..., 0]
     cut = (lambda t, s: None if t is None else t[s])

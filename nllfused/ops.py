@@ -17,13 +17,25 @@ _PAIRS = {"cpu": ("ce_fwd", "ce_bwd"), "cuda": ("ce_fwd", "ce_bwd"),
           "triton": ("ce_fwd_triton", "ce_bwd_triton")}
 
 
+_STATS_PAIRS = {"cpu": ("ce_fwd_stats", "ce_bwd_stats"),
+                "triton": ("ce_fwd_stats_triton", "ce_bwd_stats_triton")}
+
+
 def stats_for_backend(backend: str):
-    """The forward with statistics (ce_fwd_stats_triton's outputs) of a backend whose kernels
-    compute them in their own pass, else None (nllfused/stats.py then computes them)."""
+    """The forward with statistics (ce_fwd_stats's outputs, csrc/ops.cpp) of a backend whose
+    kernels compute them in their own pass, else None (nllfused/stats.py then computes them)."""
     if backend == "torch":
         return torch_ref.forward_stats
-    if backend == "triton" and _HAS_STATS_OPS:
-        return torch.ops.nllfused.ce_fwd_stats_triton
+    if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
+        return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][0])
+    return None
+
+
+def stats_backward_for_backend(backend: str):
+    """The backward with statistics' gradients (ce_bwd_stats, csrc/ops.cpp) of a backend whose
+    kernels have one, else None."""
+    if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
+        return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][1])
     return None
 
 
@@ -119,9 +131,16 @@ def _setup_stats_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _stats_backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy, grad_tlp, _grad_pred):
-    """The autograd formula of ce_fwd_stats_triton: ce_bwd_stats_triton, and the soft targets'
-    gradient as for ce_fwd (entropy and target log-prob do not depend on the targets' values)."""
+def _make_stats_backward(bwd_op):
+    def backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy, grad_tlp, _grad_pred):
+        return _stats_backward(bwd_op, ctx, grad_loss, grad_lse, grad_entropy, grad_tlp)
+    return backward
+
+
+def _stats_backward(bwd_op, ctx, grad_loss, grad_lse, grad_entropy, grad_tlp):
+    """The autograd formula of ce_fwd_stats(_triton): ce_bwd_stats(_triton), and the soft
+    targets' gradient as for ce_fwd (entropy and target log-prob do not depend on the targets'
+    values)."""
     logits, target, weight, lse, aux, entropy = ctx.saved_tensors
     wants_logits = ctx.needs_input_grad[0]
     wants_target = ctx.needs_input_grad[1] and ctx.options.prob_target
@@ -136,9 +155,8 @@ def _stats_backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy, grad_tlp,
         grad_loss = torch.zeros_like(aux)
     grad_logits = grad_target = None
     if wants_logits:
-        grad_logits = torch.ops.nllfused.ce_bwd_stats_triton(
-            grad_loss, grad_lse, grad_entropy, grad_tlp, logits, target, weight, lse, aux,
-            entropy, *ctx.options)
+        grad_logits = bwd_op(grad_loss, grad_lse, grad_entropy, grad_tlp, logits, target, weight,
+                             lse, aux, entropy, *ctx.options)
     if wants_target:
         grad_target = torch_ref.soft_target_grad(grad_loss, logits, lse, weight,
                                                  ctx.options).to(target.dtype)
@@ -148,6 +166,10 @@ def _stats_backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy, grad_tlp,
 # An extension built before the statistics ops existed (an in-place build not yet redone) still
 # loads; statistics then come from nllfused/stats.py's torch path.
 _HAS_STATS_OPS = _extension.C_ERROR is None and hasattr(torch.ops.nllfused, "ce_fwd_stats_triton")
+_HAS_CPU_STATS_OPS = _extension.C_ERROR is None and hasattr(torch.ops.nllfused, "ce_fwd_stats")
+# The backends whose kernels give the statistics (stats_for_backend).
+_STATS_BACKENDS = (({"triton"} if _HAS_STATS_OPS else set())
+                   | ({"cpu"} if _HAS_CPU_STATS_OPS else set()))
 
 
 def _register():
@@ -162,10 +184,12 @@ def _register():
                                           kernels.ce_fwd_stats)
             torch.library.register_kernel("nllfused::ce_bwd_stats_triton", ("cpu", "cuda"),
                                           kernels.ce_bwd_stats)
-    if _HAS_STATS_OPS:
-        torch.library.register_fake("nllfused::ce_fwd_stats_triton", _fwd_stats_fake)
-        torch.library.register_fake("nllfused::ce_bwd_stats_triton", _bwd_stats_fake)
-        torch.library.register_autograd("nllfused::ce_fwd_stats_triton", _stats_backward,
+    for backend in _STATS_BACKENDS:
+        fwd, bwd = _STATS_PAIRS[backend]
+        torch.library.register_fake(f"nllfused::{fwd}", _fwd_stats_fake)
+        torch.library.register_fake(f"nllfused::{bwd}", _bwd_stats_fake)
+        torch.library.register_autograd(f"nllfused::{fwd}",
+                                        _make_stats_backward(getattr(torch.ops.nllfused, bwd)),
                                         setup_context=_setup_stats_context)
     # Its autograd is C++ (csrc/loss.cpp); only the fake is Python, as for every op here.
     torch.library.register_fake("nllfused::cross_entropy_loss", _loss_fake)

@@ -109,6 +109,26 @@ def test_stats_match_float64_torch(device, backend, options, reduction, dtype):
         assert torch.equal(loss, plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_cpu_stats_keep_the_loss(dtype):
+    """Rows of more classes than the lane path takes (C > 256): with and without statistics the
+    per-row loss and the gradient are the same bits (test_stats_match_float64_torch checks the
+    loss of lane-path rows)."""
+    if "cpu" not in nllfused.available_backends("cpu"):
+        pytest.skip("no C++ CPU backend")
+    x, t, kw = case((33, 300, 3), {"label_smoothing": 0.1}, dtype)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    plain = nllfused.cross_entropy(xa, t, reduction="none", backend="cpu", **kw)
+    loss, st = nllfused.cross_entropy(xb, t, reduction="none", backend="cpu", return_stats=True,
+                                      **kw)
+    assert torch.equal(loss, plain)
+    g = torch.randn_like(plain)
+    plain.backward(g)
+    loss.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_stats_of_probability_targets(device, backend):
     x, q, kw = case((7, 6), {"label_smoothing": 0.1, "z_loss": 1e-3}, torch.float32, prob=True)

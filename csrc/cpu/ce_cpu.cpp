@@ -1,4 +1,4 @@
-// CPU backend of nllfused::ce_fwd / ce_bwd, the op layer: argument checks (csrc/checks.h, the
+// CPU backend of nllfused::ce_fwd / ce_bwd and ce_fwd_stats / ce_bwd_stats, the op layer: argument checks (csrc/checks.h, the
 // contract in csrc/ops.cpp), outputs, and the choice of the kernels' copy for this CPU.
 //
 // The kernels (ce_cpu_kernels.h) are compiled once per instruction set (kernels.h): "default"
@@ -121,12 +121,12 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
   return A;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ce_fwd_cpu(const Tensor& logits, const Tensor& target,
-                                              const std::optional<Tensor>& weight,
-                                              int64_t ignore_index, double label_smoothing,
-                                              double logit_scale, double softcap,
-                                              bool prob_target) {
-  const char* op = "nllfused::ce_fwd (CPU)";
+// ce_fwd's outputs (loss, lse, aux), then with `stats` ce_fwd_stats's (entropy, target_logp,
+// predicted), all from the kernels' one pass.
+std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& target,
+                            const std::optional<Tensor>& weight, int64_t ignore_index,
+                            double label_smoothing, double logit_scale, double softcap,
+                            bool prob_target, bool stats) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -135,27 +135,61 @@ std::tuple<Tensor, Tensor, Tensor> ce_fwd_cpu(const Tensor& logits, const Tensor
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,
                      softcap, prob_target);
   const auto opts = logits.options().dtype(nllfused::acc_dtype(logits.scalar_type()));
-  Tensor loss = at::empty({A.N, A.D}, opts),
-         lse = at::empty({A.N, A.D}, logits.options().dtype(at::kDouble)),
-         aux = at::empty({A.N, A.D}, opts);
-  A.loss = loss.data_ptr(); A.lse = lse.data_ptr(); A.aux = aux.data_ptr();
-  for (const Tensor* o : {&loss, &lse, &aux}) prefer_huge_pages(*o);
+  std::vector<Tensor> out{at::empty({A.N, A.D}, opts),
+                          at::empty({A.N, A.D}, logits.options().dtype(at::kDouble)),
+                          at::empty({A.N, A.D}, opts)};
+  if (stats) {
+    out.push_back(at::empty({A.N, A.D}, opts));
+    out.push_back(at::empty({A.N, A.D}, opts));
+    out.push_back(at::empty({A.N, A.D}, logits.options().dtype(at::kLong)));
+    A.ent = out[3].data_ptr(); A.tlp = out[4].data_ptr(); A.pred = out[5].data_ptr<int64_t>();
+  }
+  A.loss = out[0].data_ptr(); A.lse = out[1].data_ptr(); A.aux = out[2].data_ptr();
+  for (const Tensor& o : out) prefer_huge_pages(o);
   cap.forward(A, logits.scalar_type());
-  return {loss, lse, aux};
+  return out;
 }
 
-Tensor ce_bwd_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
-                  const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
-                  const Tensor& lse, const Tensor& aux, int64_t ignore_index,
-                  double label_smoothing, double logit_scale, double softcap, bool prob_target) {
-  const char* op = "nllfused::ce_bwd (CPU)";
+std::tuple<Tensor, Tensor, Tensor> ce_fwd_cpu(const Tensor& logits, const Tensor& target,
+                                              const std::optional<Tensor>& weight,
+                                              int64_t ignore_index, double label_smoothing,
+                                              double logit_scale, double softcap,
+                                              bool prob_target) {
+  auto o = forward("nllfused::ce_fwd (CPU)", logits, target, weight, ignore_index,
+                   label_smoothing, logit_scale, softcap, prob_target, false);
+  return {o[0], o[1], o[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_fwd_stats_cpu(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double logit_scale, double softcap,
+    bool prob_target) {
+  auto o = forward("nllfused::ce_fwd_stats (CPU)", logits, target, weight, ignore_index,
+                   label_smoothing, logit_scale, softcap, prob_target, true);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
+// ce_bwd, and with `entropy` given ce_bwd_stats (grad_entropy / grad_target_logp may be None).
+Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
+                const std::optional<Tensor>& grad_entropy,
+                const std::optional<Tensor>& grad_target_logp, const Tensor& logits,
+                const Tensor& target, const std::optional<Tensor>& weight, const Tensor& lse,
+                const Tensor& aux, const Tensor* entropy, int64_t ignore_index,
+                double label_smoothing, double logit_scale, double softcap, bool prob_target) {
   const Tensor* gs = nllfused::present(grad_lse);
+  const Tensor* ge = nllfused::present(grad_entropy);
+  const Tensor* gt = nllfused::present(grad_target_logp);
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)},
                            {"grad_loss", &grad_loss}, {"grad_lse", gs}, {"lse", &lse},
-                           {"aux", &aux}});
+                           {"aux", &aux}, {"grad_entropy", ge}, {"grad_target_logp", gt},
+                           {"entropy", entropy}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
   nllfused::check_bwd_rows(op, grad_loss, grad_lse, logits, lse, aux);
+  const auto acc = nllfused::acc_dtype(logits.scalar_type());
+  if (ge != nullptr) nllfused::check_rowwise(op, "grad_entropy", *ge, logits, acc);
+  if (gt != nullptr) nllfused::check_rowwise(op, "grad_target_logp", *gt, logits, acc);
+  if (entropy != nullptr) nllfused::check_rowwise(op, "entropy", *entropy, logits, acc);
   const Capability& cap = active_capability();
   Tensor w;
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,
@@ -166,11 +200,42 @@ Tensor ce_bwd_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse
   }
   A.lse_in = lse.data_ptr(); A.lN = lse.stride(0); A.lD = lse.stride(1);
   A.aux_in = aux.data_ptr(); A.aN = aux.stride(0); A.aD = aux.stride(1);
+  if (ge != nullptr) {
+    A.gent = ge->data_ptr(); A.geN = ge->stride(0); A.geD = ge->stride(1);
+    A.ent_in = entropy->data_ptr(); A.eN = entropy->stride(0); A.eD = entropy->stride(1);
+  }
+  if (gt != nullptr) {
+    A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1);
+    if (A.ent_in == nullptr) {  // P's E H term is 0 then, but row_grad reads H
+      A.ent_in = entropy->data_ptr(); A.eN = entropy->stride(0); A.eD = entropy->stride(1);
+    }
+  }
   Tensor out = at::empty({A.N, A.C, A.D}, logits.options());  // contiguous, logits' dtype
   A.out = out.data_ptr();
   prefer_huge_pages(out);
   cap.backward(A, logits.scalar_type());
   return out;
+}
+
+Tensor ce_bwd_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
+                  const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+                  const Tensor& lse, const Tensor& aux, int64_t ignore_index,
+                  double label_smoothing, double logit_scale, double softcap, bool prob_target) {
+  return backward("nllfused::ce_bwd (CPU)", grad_loss, grad_lse, std::nullopt, std::nullopt,
+                  logits, target, weight, lse, aux, nullptr, ignore_index, label_smoothing,
+                  logit_scale, softcap, prob_target);
+}
+
+Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
+                        const std::optional<Tensor>& grad_entropy,
+                        const std::optional<Tensor>& grad_target_logp, const Tensor& logits,
+                        const Tensor& target, const std::optional<Tensor>& weight,
+                        const Tensor& lse, const Tensor& aux, const Tensor& entropy,
+                        int64_t ignore_index, double label_smoothing, double logit_scale,
+                        double softcap, bool prob_target) {
+  return backward("nllfused::ce_bwd_stats (CPU)", grad_loss, grad_lse, grad_entropy,
+                  grad_target_logp, logits, target, weight, lse, aux, &entropy, ignore_index,
+                  label_smoothing, logit_scale, softcap, prob_target);
 }
 
 }  // namespace
@@ -189,4 +254,6 @@ std::string capability() { return active_capability().name; }
 TORCH_LIBRARY_IMPL(nllfused, CPU, m) {
   m.impl("ce_fwd", &nllfused_cpu::ce_fwd_cpu);
   m.impl("ce_bwd", &nllfused_cpu::ce_bwd_cpu);
+  m.impl("ce_fwd_stats", &nllfused_cpu::ce_fwd_stats_cpu);
+  m.impl("ce_bwd_stats", &nllfused_cpu::ce_bwd_stats_cpu);
 }

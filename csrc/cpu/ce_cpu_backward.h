@@ -15,7 +15,12 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
   const acc_t e = static_cast<acc_t>(A.eps);
   const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
   const bool ignored = !A.prob && y < 0;
-  if (ignored && gs == 0) {
+  // the statistics' gradients: the entropy's on every row, the target log-prob's (0 on ignored
+  // rows and for probability targets, a constant there) on counted rows only
+  const acc_t gH = A.gent ? static_cast<const acc_t*>(A.gent)[n_ * A.geN + d_ * A.geD] : acc_t(0);
+  const acc_t gT = A.gtlp && y >= 0 ? static_cast<const acc_t*>(A.gtlp)[n_ * A.gtN + d_ * A.gtD]
+                                    : acc_t(0);
+  if (ignored && gs == 0 && gH == 0) {
     rg.zero = true;
     return rg;
   }
@@ -45,26 +50,42 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
     rg.yb = dz * (gl * eC * (ws * py - wy) + gs * py);
     rg.y = y;
   }
+  if (gH != 0 || gT != 0) {
+    const acc_t H = static_cast<const acc_t*>(A.ent_in)[n_ * A.eN + d_ * A.eD];
+    rg.E = -gH;
+    rg.ent = gH != 0;
+    rg.P += rg.E * H - gT;
+    if (y >= 0 && !rg.nan) {
+      acc_t dz;
+      const acc_t zy = tf_scalar(static_cast<acc_t>(xr[y * A.xC]), t, dz);
+      const acc_t logpy = (zy - rg.hi) - rg.lo, py = std::exp(logpy);
+      rg.ya += dz * gT;
+      if (rg.ent && py != 0) rg.yb += dz * rg.E * (py * logpy + py * H);
+    }
+  }
   return rg;
 }
 
 // Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`.
 template <typename scalar_t>
-template <typename src_t, typename dst_t, int K, int Gm>
+template <typename src_t, typename dst_t, int K, int Gm, bool Ent>
 auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip,
                               const RowGrad& rg, const acc_t* g, const Tf& t) -> acc_t {
-  const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q);
+  const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q), vE(rg.E);
   auto body = [&](V xv, const acc_t* gp, V& p) {
     V dz;
-    p = vexp((tf_grad<K>(xv, t, dz) - vhi) - vlo);
+    const V logp = (tf_grad<K>(xv, t, dz) - vhi) - vlo;
+    p = vexp(logp);
     V r = vP * p;
+    if constexpr (Ent) r = fmadd(vE * p, floor_finite(logp), r);  // p log p: 0 where p = 0
     if constexpr (Gm == 1) r = r - vQ;
     if constexpr (Gm == 2) r = r - vQ * V::loadu(gp);
     if constexpr (K == 0) return r;
     else return r * dz;
   };
-  // Without per-class g and with finite P, Q every gradient is finite: no NaN handling needed.
-  const bool finite = Gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q);
+  // Without per-class g and with finite P, Q (E) every gradient is finite: no NaN handling needed.
+  const bool finite = Gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q) &&
+                      std::isfinite(rg.E);
   V s0(acc_t(0)), s1(acc_t(0));
   int64_t i = 0;
   for (; i + W2 <= n; i += W2) {
@@ -112,13 +133,18 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
     return 0;
   }
   const int64_t skip = rg.y - c0;
-#define NLLF_GRAD_K(K)                                                              \
-if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0>(x, out, n, skip, rg, g, t); \
-if (rg.gm == 1) return grad_chunk<src_t, dst_t, K, 1>(x, out, n, skip, rg, g, t); \
-return grad_chunk<src_t, dst_t, K, 2>(x, out, n, skip, rg, g, t);
-  if (t.kind == 0) { NLLF_GRAD_K(0) }
-  if (t.kind == 1) { NLLF_GRAD_K(1) }
-  NLLF_GRAD_K(2)
+#define NLLF_GRAD_K(K, E)                                                              \
+if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E>(x, out, n, skip, rg, g, t); \
+if (rg.gm == 1) return grad_chunk<src_t, dst_t, K, 1, E>(x, out, n, skip, rg, g, t); \
+return grad_chunk<src_t, dst_t, K, 2, E>(x, out, n, skip, rg, g, t);
+  if (rg.ent) {
+    if (t.kind == 0) { NLLF_GRAD_K(0, true) }
+    if (t.kind == 1) { NLLF_GRAD_K(1, true) }
+    NLLF_GRAD_K(2, true)
+  }
+  if (t.kind == 0) { NLLF_GRAD_K(0, false) }
+  if (t.kind == 1) { NLLF_GRAD_K(1, false) }
+  NLLF_GRAD_K(2, false)
 #undef NLLF_GRAD_K
 }
 
@@ -192,7 +218,7 @@ void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::backward(const Args& A) {
-  if (lanes_ok(A, true)) return backward_lanes(A);
+  if (lanes_ok(A, true) && !A.stats_bwd()) return backward_lanes(A);
   parallel_rows(A, (A.xC == 1 || A.C == 1) && A.D == 1,
                 [&](int64_t b, int64_t e) { bwd_rows(A, b, e); },
                 [&](int64_t b, int64_t e) { bwd_tiles(A, b, e); });

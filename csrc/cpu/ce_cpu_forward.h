@@ -67,7 +67,7 @@ auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* z
 // for the max sweep, one line per step.
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 template <typename scalar_t>
-template <int Gm, bool AtMax>
+template <int Gm, bool AtMax, bool Ent>
 void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
                         const char* pf, int64_t pf_len) {
   const acc_t mn = nan_max(st.m, cm);
@@ -76,6 +76,8 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
       const acc_t f = std::exp(st.m - mn);
       add_exact(st.s, st.sc, st.k);
       st.k = 0;
+      // each term e (z - m_old) becomes f e (z - m_old + m_old - mn)
+      if constexpr (Ent) st.T = f * (st.T + (st.m - mn) * (st.s + st.sc));
       st.s *= f;
       st.sc *= f;
       if constexpr (Gm != 0) st.B += (st.m - mn) * st.G;  // <= 0: B only ever gains terms <= 0
@@ -90,19 +92,25 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
   // to the lanes of s (s0, s1).
   const V vm(ref), zero(acc_t(0)), one(acc_t(1));
   V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
+  V t0(zero), t1(zero);
   int64_t i = 0;
   for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
     if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
     const V a = V::loadu(z + i) - vm, b = V::loadu(z + i + W) - vm;
+    const V ea = vexp(a), eb = vexp(b);
     if constexpr (AtMax) {
       const V at_max_a = a.eq(zero), at_max_b = b.eq(zero);  // 1 or 0
-      s0 = s0 + vexp(a) * (one - at_max_a);
-      s1 = s1 + vexp(b) * (one - at_max_b);
+      s0 = s0 + ea * (one - at_max_a);
+      s1 = s1 + eb * (one - at_max_b);
       k0 = k0 + at_max_a;
       k1 = k1 + at_max_b;
     } else {
-      s0 = s0 + vexp(a);
-      s1 = s1 + vexp(b);
+      s0 = s0 + ea;
+      s1 = s1 + eb;
+    }
+    if constexpr (Ent) {  // the classes at the max add e a = 0
+      t0 = fmadd(ea, a, t0);
+      t1 = fmadd(eb, b, t1);
     }
     if constexpr (Gm == 1) {
       b0 = b0 + a;
@@ -126,10 +134,28 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
   s1.store(lanes + W);
   for (int64_t l = 0; l < 2 * W; ++l) add_exact(st.s, st.sc, lanes[l]);
   acc_t k = hsum(k0 + k1);  // a count: exact
+  acc_t T = hsum(t0 + t1);
+  if (Ent && std::isnan(T)) {
+    // A class at -inf made 0 * -inf (or a NaN logit is here): T once more over this chunk, with
+    // a floored at the lowest finite number (then e a = 0 for it). Only such chunks pay this
+    // (a vocabulary padded with -inf: its last chunk), the others no floor per element.
+    V u0(zero), u1(zero);
+    for (int64_t j = 0; j < i; j += W2) {
+      const V a = V::loadu(z + j) - vm, b = V::loadu(z + j + W) - vm;
+      u0 = fmadd(vexp(a), floor_finite(a), u0);
+      u1 = fmadd(vexp(b), floor_finite(b), u1);
+    }
+    T = hsum(u0 + u1);
+  }
   for (; i < n; ++i) {
     const acc_t a = z[i] - ref;
-    if (AtMax && a == 0) k += 1;
-    else add_exact(st.s, st.sc, std::exp(a));
+    if (AtMax && a == 0) {
+      k += 1;
+    } else {
+      const acc_t ea = std::exp(a);
+      add_exact(st.s, st.sc, ea);
+      if (Ent && ea != 0) T += ea * a;
+    }
     if constexpr (Gm == 1) B += a;
     if constexpr (Gm >= 2) {
       if (Gm == 2 || g[i] != 0) B += g[i] * a;
@@ -137,24 +163,57 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
     }
   }
   st.k += k;
+  if constexpr (Ent) st.T += T;
   if constexpr (Gm == 1) G = static_cast<acc_t>(n);
   st.B += B;
   st.G += G;
 }
 
 template <typename scalar_t>
-void Ce<scalar_t>::fold_any(int gm, State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
-                            const char* pf, int64_t pf_len) {
-  if (cm == nan_max(st.m, cm)) {
-    if (gm == 0) fold<0, true>(st, z, n, cm, g, pf, pf_len);
-    else if (gm == 1) fold<1, true>(st, z, n, cm, g, pf, pf_len);
-    else if (gm == 2) fold<2, true>(st, z, n, cm, g, pf, pf_len);
-    else fold<3, true>(st, z, n, cm, g, pf, pf_len);
-  } else {
-    if (gm == 0) fold<0, false>(st, z, n, cm, g, pf, pf_len);
-    else if (gm == 1) fold<1, false>(st, z, n, cm, g, pf, pf_len);
-    else if (gm == 2) fold<2, false>(st, z, n, cm, g, pf, pf_len);
-    else fold<3, false>(st, z, n, cm, g, pf, pf_len);
+void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t n, acc_t cm,
+                            const acc_t* g, const char* pf, int64_t pf_len) {
+#define NLLF_FOLD(AT, E)                                             \
+  if (gm == 0) return fold<0, AT, E>(st, z, n, cm, g, pf, pf_len);   \
+  if (gm == 1) return fold<1, AT, E>(st, z, n, cm, g, pf, pf_len);   \
+  if (gm == 2) return fold<2, AT, E>(st, z, n, cm, g, pf, pf_len);   \
+  return fold<3, AT, E>(st, z, n, cm, g, pf, pf_len);
+  const bool at_max = cm == nan_max(st.m, cm);
+  if (ent) {
+    if (at_max) { NLLF_FOLD(true, true) }
+    NLLF_FOLD(false, true)
+  }
+  if (at_max) { NLLF_FOLD(true, false) }
+  NLLF_FOLD(false, false)
+#undef NLLF_FOLD
+}
+
+// The argmax over a chunk z[0, n) of classes c0.. with max cm (from the max sweep): only a chunk
+// whose max beats the best so far is scanned, for the first class at it. (A NaN the max sweep
+// dropped is found by finish_stats.)
+template <typename scalar_t>
+void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm) {
+  const bool nan = std::isnan(cm);
+  if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
+  // Blocks of 64 classes tested without an early exit (the compiler vectorizes that loop), the
+  // block that holds cm then searched one by one: a new max is met in a few chunks of a row, but
+  // each of those scans would otherwise cost as much as a tenth of the row's fold.
+  constexpr int64_t kBlock = 64;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    int hit = 0;
+    if (nan) {
+      for (int64_t i = b; i < e; ++i) hit |= z[i] != z[i];
+    } else {
+      for (int64_t i = b; i < e; ++i) hit |= z[i] == cm;
+    }
+    if (!hit) continue;
+    for (int64_t i = b; i < e; ++i) {
+      if (nan ? z[i] != z[i] : z[i] == cm) {
+        st.best = cm;
+        st.arg = c0 + i;
+        return;
+      }
+    }
   }
 }
 
@@ -203,6 +262,37 @@ void Ce<scalar_t>::finish_row(const Args& A, int64_t r, const State& st, const s
   static_cast<acc_t*>(A.loss)[r] = loss;
   static_cast<double*>(A.lse)[r] = lse;
   static_cast<acc_t*>(A.aux)[r] = aux;
+  if (A.stats_fwd()) finish_stats(A, r, st, x_row, y, logd, t);
+}
+
+// The statistics of row r (csrc/ops.cpp, ce_fwd_stats) from its folded state.
+template <typename scalar_t>
+void Ce<scalar_t>::finish_stats(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
+                                int64_t y, acc_t logd, const Tf& t) {
+  // -sum_c p_c log p_c with p_c = e_c / d, log p_c = a_c - log d (a = z - m, e = exp(a)):
+  // log d - T / d, a sum of two terms >= 0 (no cancellation). NaN where the softmax is: a +inf
+  // logit, a NaN, every class -inf (0 / 0).
+  const acc_t d = st.k + (st.s + st.sc);
+  static_cast<acc_t*>(A.ent)[r] = st.m == kInf ? kNaN : logd - st.T / d;
+  int64_t arg = st.arg;
+  if (std::isnan(st.m) || std::isnan(st.s + st.sc)) {  // maybe a NaN the max sweep dropped:
+    acc_t dz;                                          // torch.argmax gives the first NaN
+    for (int64_t c = 0; c < A.C; ++c) {
+      if (std::isnan(tf_scalar(static_cast<acc_t>(x_row[c * A.xC]), t, dz))) {
+        arg = c;
+        break;
+      }
+    }
+  }
+  A.pred[r] = arg;
+  acc_t tlp = 0;  // ignored rows and probability targets
+  if (!A.prob && y >= 0) {
+    acc_t dz;
+    const acc_t zy = tf_scalar(static_cast<acc_t>(x_row[y * A.xC]), t, dz);
+    // (z_y - m) - log d, as the loss's (m - z_y) + log d
+    tlp = st.m == kInf || std::isnan(logd) ? kNaN : (zy - st.m) - logd;
+  }
+  static_cast<acc_t*>(A.tlp)[r] = tlp;
 }
 
 // Unit class stride: each row read in place, chunk by chunk.
@@ -211,6 +301,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
   alignas(64) acc_t zb[kChunk];
   alignas(64) acc_t gb[kChunk];
   const Tf t = make_tf(A);
+  const bool stats = A.stats_fwd();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n_ = r / A.D, d_ = r % A.D;
     const scalar_t* xr = row_ptr(A, n_, d_);
@@ -221,6 +312,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const int64_t n = std::min(kChunk, A.C - c0);
       acc_t cm;
       const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm);
+      if (stats) track_argmax(st, z, c0, n, cm);
       const acc_t* g = nullptr;
       if (A.prob) {
         soft_coef(A, n_, d_, c0, n, gb);
@@ -233,7 +325,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
                            : r + 1 < r1 ? row_ptr(A, (r + 1) / A.D, (r + 1) % A.D)
                                         : nullptr;
       const int64_t pf_n = c0 + n < A.C ? std::min(kChunk, A.C - c0 - n) : std::min(kChunk, A.C);
-      fold_any(gm, st, z, n, cm, g, reinterpret_cast<const char*>(pf),
+      fold_any(gm, stats, st, z, n, cm, g, reinterpret_cast<const char*>(pf),
                pf ? pf_n * int64_t(sizeof(scalar_t)) : 0);
     }
     finish_row(A, r, st, xr, y, t);
@@ -246,6 +338,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kTile][kTileChunk];
   alignas(64) acc_t gb[kTileChunk];
   const Tf t = make_tf(A);
+  const bool stats = A.stats_fwd();
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     const int64_t r0 = tile * kTile, L = std::min(kTile, A.N * A.D - r0);
     const scalar_t* xl[kTile];
@@ -264,6 +357,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
         if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb[l], n, nullptr, t);
         else if (t.kind == 1) cm = chunk_max<acc_t, 1, true>(zb[l], n, zb[l], t);
         else cm = chunk_max<acc_t, 2, true>(zb[l], n, zb[l], t);
+        if (stats) track_argmax(st[l], zb[l], c0, n, cm);
         const int gm = gmode(A, ys[l]);
         const acc_t* g = nullptr;
         if (A.prob) {
@@ -272,7 +366,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
         } else if (gm == 2) {
           g = weights(A, c0);
         }
-        fold_any(gm, st[l], zb[l], n, cm, g);
+        fold_any(gm, stats, st[l], zb[l], n, cm, g);
       }
     }
     for (int64_t l = 0; l < L; ++l) finish_row(A, r0 + l, st[l], xl[l], ys[l], t);

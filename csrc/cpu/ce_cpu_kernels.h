@@ -171,6 +171,16 @@ struct Ce {
     return maximum(a, b);
 #endif
   }
+  // max(a, lowest): -inf becomes the most negative finite number, so that e * a with e = exp(a)
+  // = 0 is 0, not 0 * -inf = NaN (the entropy's terms p log p); NaN stays NaN.
+  static inline V floor_finite(V a) {
+    const V low(std::numeric_limits<acc_t>::lowest());
+#if NLLF_SIMD
+    return clamp_min(a, low);
+#else
+    return maximum(a, low);
+#endif
+  }
   static inline acc_t nan_max(acc_t a, acc_t b) {
     if (std::isnan(a)) return a;
     if (std::isnan(b)) return b;
@@ -323,17 +333,24 @@ struct Ce {
   // so that log sum_c exp(z_c - m) = log(k + s), log1p(s) when k == 1, and lse = m + that.
   // The smoothing / soft-target sums over g_c (w_c, or w_c q'_c): here B = sum g (z - m) <= 0
   // and G = sum g; CUDA keeps t = -B and w = G.
+  // With statistics also T = sum exp(z - m) (z - m) over the classes in s (those at m add 0),
+  // so that the entropy is log d - T / d, d = k + s; and the argmax `arg` of the classes so far
+  // with its value `best` (the first of equal maxima).
   struct State {
-    acc_t m = -kInf, k = 0, s = 0, sc = 0, B = 0, G = 0;
+    acc_t m = -kInf, k = 0, s = 0, sc = 0, B = 0, G = 0, T = 0, best = -kInf;
+    int64_t arg = 0;
   };
-  template <int Gm, bool AtMax>
+  template <int Gm, bool AtMax, bool Ent>
   static void fold(State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
                    const char* pf = nullptr, int64_t pf_len = 0);
-  static void fold_any(int gm, State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
-                       const char* pf = nullptr, int64_t pf_len = 0);
+  static void fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t n, acc_t cm,
+                       const acc_t* g, const char* pf = nullptr, int64_t pf_len = 0);
+  static void track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm);
   static int gmode(const Args& A, int64_t y);
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
                          int64_t y, const Tf& t);
+  static void finish_stats(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
+                           int64_t y, acc_t logd, const Tf& t);
   static void fwd_rows(const Args& A, int64_t r0, int64_t r1);
   static void fwd_tiles(const Args& A, int64_t tile0, int64_t tile1);
   static void forward(const Args& A);
@@ -349,14 +366,19 @@ struct Ce {
   // rounded to acc_t leaves p_y - 1 only its last bits (or nothing), the sum keeps every digit.
   // That element is computed in acc_t and rounded once, after the sweep: gy = ya * sum + yb.
   // An ignored row has no loss part: 0, or gs p_c dz_c when gs != 0.
+  // With the statistics' gradients gH = grad_entropy[r], gT = grad_target_logp[r] (ce_bwd_stats),
+  // d H / d z_c = -p_c (log p_c + H) and d log p_y / d z_c = [c == y] - p_c add
+  //   p_c (E H - gT) + E p_c log p_c,  E = -gH,  log p_c = (z_c - hi) - lo,
+  // to class c (so P gains E H - gT and, when ent, each class the E p log p term), and the target
+  // dz_y (gT sum_{c != y} p_c + E p_y log p_y) (ya gains dz_y gT, yb the rest).
   struct RowGrad {
-    acc_t hi, lo, P, Q, ya, yb;
+    acc_t hi, lo, P, Q, ya, yb, E;
     int64_t y;  // -1: none (soft targets, ignored rows)
     int gm;     // g: 0 none, 1 ones, 2 g[] (weights, or w q' for soft targets)
-    bool zero, nan;
+    bool zero, nan, ent;
   };
   static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
-  template <typename src_t, typename dst_t, int K, int Gm>
+  template <typename src_t, typename dst_t, int K, int Gm, bool Ent>
   static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
                           const acc_t* g, const Tf& t);
   template <typename src_t, typename dst_t>
@@ -381,8 +403,12 @@ struct Ce {
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   template <typename T, typename U>
   static void lane_read(const Lanes& L, const T* p, int64_t sN, int64_t sD, U fill, U* out);
-  template <int K, int Gm>
+  template <int K, int Gm, bool Stats = false>
   static void fwd_lanes(const Args& A, int64_t tile0, int64_t tile1);
+  template <int K, int Gm>
+  static void fwd_lanes_stats(const Args& A, int64_t tile0, int64_t tile1) {
+    fwd_lanes<K, Gm, true>(A, tile0, tile1);
+  }
   template <int K, int Gm>
   static void bwd_lanes(const Args& A, int64_t tile0, int64_t tile1);
   static void forward_lanes(const Args& A);

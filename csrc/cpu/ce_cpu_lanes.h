@@ -176,11 +176,12 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
 }
 
 // K: the transform (Tf), Gm: the smoothing g-sums (0 none, 1 g = 1, 2 g = w), as in fold.
+// Stats: also the statistics (finish_stats' formulas per lane: T, the first class at the max).
 template <typename scalar_t>
-template <int K, int Gm>
+template <int K, int Gm, bool Stats>
 void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kLaneMaxC * W2];
-  alignas(64) acc_t zy[W2] = {}, wy[W2], lm[W2], ld[W2], ls[W2];
+  alignas(64) acc_t zy[W2] = {}, wy[W2], lm[W2], ld[W2], ls[W2], le[W2], lt[W2], la[W2];
   const Tf t = make_tf(A);
   const int64_t C = A.C, xC = A.xC;
   const acc_t* w = weights(A);
@@ -229,6 +230,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     const V r0 = V::blendv(m0, zero, m0 == ninf), r1 = V::blendv(m1, zero, m1 == ninf);
     const V yv0 = V::loadu(T.yf), yv1 = V::loadu(T.yf + W);
     V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), a0(zero), a1(zero);
+    V t0(zero), t1(zero), i0(none), i1(none);  // Stats: T, and the first class at the max
     for (int64_t c = 0; c < C; ++c) {
       const V a = V::loadu(zb + c * W2) - r0, b = V::loadu(zb + c * W2 + W) - r1;
       if (pick) {
@@ -237,8 +239,16 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         a1 = V::blendv(a1, b, vc == yv1);
       }
       const V ea = a.eq(zero), eb = b.eq(zero);  // 1 or 0: at the max, counted into k
-      s0 = s0 + vexp(a) * (one - ea);
-      s1 = s1 + vexp(b) * (one - eb);
+      const V xa = vexp(a), xb = vexp(b);
+      s0 = s0 + xa * (one - ea);
+      s1 = s1 + xb * (one - eb);
+      if constexpr (Stats) {
+        t0 = fmadd(xa, floor_finite(a), t0);  // the classes at the max add 0
+        t1 = fmadd(xb, floor_finite(b), t1);
+        const V vc(static_cast<acc_t>(c));
+        i0 = V::blendv(i0, vc, V::blendv(zero, a == zero, i0 == none));  // unset and at max
+        i1 = V::blendv(i1, vc, V::blendv(zero, b == zero, i1 == none));
+      }
       k0 = k0 + ea;
       k1 = k1 + eb;
       if constexpr (Gm == 1) {
@@ -255,7 +265,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       for (int64_t l = 0; l < W2; ++l) zy[l] = zb[std::max<int64_t>(T.y[l], 0) * W2 + l];
     if (w)
       for (int64_t l = 0; l < W2; ++l) wy[l] = w[std::max<int64_t>(T.y[l], 0)];
-    auto finish = [&](int64_t h, V m, V s, V k, V b, V ay) {
+    auto finish = [&](int64_t h, V m, V s, V k, V b, V ay, V tv, V iv) {
       const V ign = V::loadu(T.yf + h) == none;
       const V wv = V::blendv(w ? V::loadu(wy + h) : one, zero, ign);
       const V logd = vlog1p((k - one) + s);
@@ -272,9 +282,20 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       wv.store(wy + h);
       m.store(lm + h);
       V::blendv(logd, zero, m == pinf).store(ld + h);  // lse = m + log d, +inf where m is
+      if constexpr (Stats) {  // finish_stats, per lane
+        V ent = logd - tv / (k + s);
+        ent = V::blendv(ent, nan, m == pinf);
+        ent.store(le + h);
+        // log p_y = (z_y - m) - log d; NaN as the loss (0 on ignored rows)
+        V tl = (V(acc_t(0)) - mzy) - logd;
+        tl = V::blendv(tl, nan, m == pinf);
+        tl = V::blendv(tl, nan, logd != logd);
+        V::blendv(tl, zero, ign).store(lt + h);
+        iv.store(la + h);
+      }
     };
-    finish(0, m0, s0, k0, b0, a0);
-    finish(W, m1, s1, k1, b1, a1);
+    finish(0, m0, s0, k0, b0, a0, t0, i0);
+    finish(W, m1, s1, k1, b1, a1, t1, i1);
     acc_t* lossr = loss + T.r0;
     acc_t* auxr = aux + T.r0;
     double* lser = lse + T.r0;
@@ -283,6 +304,28 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       auxr[l] = wy[l];
       lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]);
     });
+    if constexpr (Stats) {
+      acc_t* entr = static_cast<acc_t*>(A.ent) + T.r0;
+      acc_t* tlpr = static_cast<acc_t*>(A.tlp) + T.r0;
+      int64_t* predr = A.pred + T.r0;
+      for (int64_t l = 0; l < T.L; ++l) {
+        entr[l] = le[l];
+        tlpr[l] = lt[l];
+        int64_t arg = la[l] < 0 ? 0 : static_cast<int64_t>(la[l]);
+        // A NaN softmax (z - m = 0 found nowhere or not alone): a NaN logit (the first, as
+        // torch.argmax), else the first at the max (+inf, or -inf when every class is)
+        if (std::isnan(ls[l]) || std::isnan(le[l])) {
+          int64_t first_nan = -1, first_max = -1;
+          for (int64_t c = 0; c < C && first_nan < 0; ++c) {
+            const acc_t z = zb[c * W2 + l];
+            if (std::isnan(z)) first_nan = c;
+            else if (first_max < 0 && z == lm[l]) first_max = c;
+          }
+          arg = first_nan >= 0 ? first_nan : first_max >= 0 ? first_max : arg;
+        }
+        predr[l] = arg;
+      }
+    }
   }
 }
 
@@ -460,7 +503,11 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::forward_lanes(const Args& A) {
-  NLLF_LANES_RUN(fwd_lanes)
+  if (A.stats_fwd()) {
+    NLLF_LANES_RUN(fwd_lanes_stats)
+  } else {
+    NLLF_LANES_RUN(fwd_lanes)
+  }
 }
 
 template <typename scalar_t>

@@ -62,6 +62,13 @@ struct Args {
   const void* lse_in; int64_t lN, lD;
   const void* aux_in; int64_t aN, aD;
   void* out;                                     // backward output, contiguous (N, C, D)
+  // Statistics (ce_fwd_stats / ce_bwd_stats); all null for ce_fwd / ce_bwd.
+  void *ent, *tlp; int64_t* pred;                // forward outputs, contiguous (N, D)
+  const void* gent; int64_t geN, geD;            // grad_entropy (N, D) acc dtype, or null
+  const void* gtlp; int64_t gtN, gtD;            // grad_target_logp (N, D) acc dtype, or null
+  const void* ent_in; int64_t eN, eD;            // the forward's entropy (N, D), with gent
+  bool stats_fwd() const { return ent != nullptr; }
+  bool stats_bwd() const { return gent != nullptr || gtlp != nullptr; }
 };
 
 // Entry points of one instruction set's copy; `logits` is the logits' dtype.

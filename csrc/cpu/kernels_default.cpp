@@ -26,6 +26,7 @@ struct ScalarVec {
   friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return ScalarVec(a.v + b.v); }
   friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return ScalarVec(a.v - b.v); }
   friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return ScalarVec(a.v * b.v); }
+  friend ScalarVec operator/(ScalarVec a, ScalarVec b) { return ScalarVec(a.v / b.v); }
 };
 template <typename T>
 ScalarVec<T> fmadd(ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> c) {

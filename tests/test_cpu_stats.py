@@ -1,0 +1,168 @@
+"""The C++ CPU kernels' statistics (nllfused::ce_fwd_stats / ce_bwd_stats, csrc/cpu): entropy,
+argmax, target log-probability and their gradients from the kernels' own pass, on every copy of
+the kernels this machine can run (NLLFUSED_CPU_CAPABILITY) and every path they take (the lane
+path of few classes, rows read in place, tiles of strided rows; ce_cpu_kernels.h), against
+float64 torch on the materialised logits; and opcheck of the op pair."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nllfused
+from test_stats import assert_stat_close, oracle_rows
+
+pytestmark = pytest.mark.skipif(
+    not nllfused.build_info()["built"] or "cpu" not in nllfused.available_backends("cpu"),
+    reason="the C++ CPU backend is not built")
+
+CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
+    else []
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request, monkeypatch):
+    monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", request.param)
+    return request.param
+
+
+def randn(shape, dtype):
+    return (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+
+
+# layout -> logits(C, dtype); with C <= 256 each takes the lane path, with C = 300 the rows
+# path (unit class stride, read in place) or its tiles (strided classes).
+LAYOUTS = {
+    "2d": lambda C, d: randn((37, C), d),
+    "2d_transposed": lambda C, d: randn((C, 37), d).t(),
+    "kdim": lambda C, d: randn((3, C, 5, 7), d),           # D = 35 >= a tile of lanes
+    "kdim_short": lambda C, d: randn((7, C, 3), d),        # D = 3
+    "channels_last": lambda C, d: randn((2, C, 5, 7), d).contiguous(
+        memory_format=torch.channels_last),
+}
+OPTIONS = {
+    "plain": {},
+    "all": {"weight": True, "label_smoothing": 0.1, "logit_scale": 1.3, "softcap": 8.0,
+            "ignore_index": 1},
+}
+
+
+def make(layout, C, dtype, options):
+    x = LAYOUTS[layout](C, dtype)
+    kw = dict(OPTIONS[options])
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(C, dtype=torch.float64 if dtype == torch.float64
+                                  else torch.float32) + 0.1
+    t = torch.randint(0, C, x.shape[:1] + x.shape[2:])
+    t[torch.rand(t.shape) < 0.2] = kw.get("ignore_index", -100)
+    return x, t, kw
+
+
+def transformed(x, logit_scale=1.0, softcap=None, **_):
+    z = x.double() * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("C", [3, 17, 40, 300])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stats_and_their_gradients(capability, layout, C, options, dtype):
+    x, t, kw = make(layout, C, dtype, options)
+    xo = x.clone().requires_grad_()
+    loss, st = nllfused.cross_entropy(xo, t, reduction="none", backend="cpu", return_stats=True,
+                                      **kw)
+    expected = oracle_rows(x, t, **kw)
+    for name in ("lse", "predicted", "entropy", "target_logprob", "correct"):
+        value = getattr(st, name)
+        if name == "target_logprob":  # 0 on ignored rows
+            expected[name] = torch.where(t != kw.get("ignore_index", -100), expected[name], 0.0)
+        assert_stat_close(name, value, expected[name], dtype)
+    # the loss is the bits of the call without statistics
+    plain = nllfused.cross_entropy(x, t, reduction="none", backend="cpu", **kw)
+    assert torch.equal(loss, plain)
+    if dtype == torch.bfloat16:
+        return  # (a bf16 gradient is the float32 one rounded: the float32 case checks it)
+    adv = torch.randn(t.shape, dtype=torch.float64)
+    (loss.sum() - 0.05 * st.entropy.sum() - (adv.to(loss.dtype) * st.target_logprob).sum()
+     ).backward()
+    xr = x.detach().double().requires_grad_()
+    rows = oracle_rows(xr, t, **kw)
+    counted = t != kw.get("ignore_index", -100)
+    w = kw.get("weight")
+    ref_loss = F.cross_entropy(transformed(xr, **kw), t, weight=None if w is None else w.double(),
+                               ignore_index=kw.get("ignore_index", -100),
+                               label_smoothing=kw.get("label_smoothing", 0.0), reduction="none")
+    (ref_loss.sum() - 0.05 * rows["entropy"].sum()
+     - (adv * torch.where(counted, rows["target_logprob"], 0.0)).sum()).backward()
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xo.grad.double(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("C", [40, 300])
+def test_special_rows(capability, C):
+    """Ties, NaN, +-inf on both paths: argmax as torch.argmax (the first maximum, the first
+    NaN), entropy and target log-prob NaN where the softmax is, entropy 0 for one finite
+    class; masked classes (-inf) add nothing and get a zero gradient."""
+    x = torch.randn(8, C, dtype=torch.float64) * 2
+    x[0, [3, 17]] = x[0].max() + 1
+    x[1] = float("-inf")
+    x[2, [9, 5]] = float("nan")
+    x[3, [7, 30]] = float("inf")
+    x[4] = float("-inf")
+    x[4, 2] = 0.5
+    x[5, [2, 7]] = float("-inf")
+    x[6, 33] = float("nan")
+    x[6, 20] = float("inf")
+    x = x.float()
+    t = torch.tensor([3, 0, 1, 7, 2, 11, 4, 5])
+    _, st = nllfused.cross_entropy(x, t, reduction="none", backend="cpu", return_stats=True)
+    expected = oracle_rows(x, t)
+    assert torch.equal(st.predicted, expected["predicted"])
+    for name in ("entropy", "target_logprob"):
+        torch.testing.assert_close(getattr(st, name).double(), expected[name], rtol=2e-5,
+                                   atol=2e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    # row 5 alone, with a gradient: the masked classes get exactly 0
+    xm = x[5:6].clone().requires_grad_()
+    loss, st = nllfused.cross_entropy(xm, t[5:6], reduction="none", backend="cpu",
+                                      return_stats=("entropy", "target_logprob"))
+    (loss - 0.1 * st.entropy - 0.5 * st.target_logprob).sum().backward()
+    assert torch.equal(xm.grad[0, [2, 7]], torch.zeros(2))
+    assert bool(torch.isfinite(xm.grad).all())
+
+
+@pytest.mark.parametrize("prob_target", [False, True])
+@pytest.mark.parametrize("C", [11, 300])
+def test_opcheck(prob_target, C):
+    x = torch.randn(5, C, 2, requires_grad=True)
+    if prob_target:
+        t = torch.softmax(torch.randn(5, C, 2), 1)
+    else:
+        t = torch.randint(0, C, (5, 2))
+        t[0, 1] = -100
+    w = torch.rand(C) + 0.1
+    args = (x, t, w, -100 if not prob_target else -1, 0.1, 0.8, 4.0, prob_target)
+    torch.library.opcheck(torch.ops.nllfused.ce_fwd_stats, args)
+    loss, lse, aux, ent, tlp, pred = torch.ops.nllfused.ce_fwd_stats(x.detach(), *args[1:])
+    for ge, gt in ((torch.randn_like(ent), None), (None, torch.randn_like(tlp)),
+                   (torch.randn_like(ent), torch.randn_like(tlp))):
+        torch.library.opcheck(torch.ops.nllfused.ce_bwd_stats,
+                              (torch.randn_like(loss), None, ge, gt, x.detach(), t, w, lse, aux,
+                               ent, *args[3:]))
+
+
+def test_bad_statistics_gradients_are_refused():
+    x = torch.randn(4, 7, 1)
+    t = torch.randint(0, 7, (4, 1))
+    loss, lse, aux, ent, tlp, pred = torch.ops.nllfused.ce_fwd_stats(
+        x, t, None, -100, 0.0, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad_entropy must be"):
+        torch.ops.nllfused.ce_bwd_stats(torch.ones_like(loss), None, torch.ones(4, 2), None, x,
+                                        t, None, lse, aux, ent, -100, 0.0, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad_target_logp must be Float"):
+        torch.ops.nllfused.ce_bwd_stats(torch.ones_like(loss), None, None,
+                                        torch.ones(4, 1, dtype=torch.float64), x, t, None, lse,
+                                        aux, ent, -100, 0.0, 1.0, 0.0, False)
+    # and the op still works after the errors
+    g = torch.ops.nllfused.ce_bwd_stats(torch.ones_like(loss), None, torch.ones_like(ent), None,
+                                        x, t, None, lse, aux, ent, -100, 0.0, 1.0, 0.0, False)
+    assert bool(torch.isfinite(g).all())
