@@ -79,11 +79,17 @@ const Capability& active_capability() {
 // this size come straight from mmap (glibc serves >= 32 MiB that way, its largest threshold), so
 // asking for transparent huge pages affects nothing else; torch's THP_MEM_ALLOC_ENABLE does the
 // same for all buffers. (A fresh 32 MiB gradient: 21 ms of page faults on one core, 4.6 ms with
-// huge pages, on the 2-core AMD EPYC machine of the CPU benchmark.)
+// huge pages, on the 2-core AMD EPYC machine of the CPU benchmark.) On that machine, a VM, a
+// fresh huge page is now and then far slower to fault in than a recycled 4 KiB one: right after
+// torch's own cross_entropy freed its buffers, one bf16 (4096, 32000) backward in five took
+// 400-700 ms instead of 60-90 (always 115-180 ms without huge pages). NLLFUSED_HUGE_PAGES=0 turns
+// the hint off where such spikes cost more than the faults saved.
 void prefer_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t nbytes = t.nbytes();
   if (nbytes < (size_t(32) << 20)) return;
+  const char* env = std::getenv("NLLFUSED_HUGE_PAGES");
+  if (env != nullptr && env[0] == '0') return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), page = 4096;
   const uintptr_t b = (p + page - 1) & ~(page - 1), e = (p + nbytes) & ~(page - 1);
   if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // a hint: errors ignored
