@@ -218,7 +218,7 @@ void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::backward(const Args& A) {
-  if (lanes_ok(A, true) && !A.stats_bwd()) return backward_lanes(A);
+  if (lanes_ok(A, true)) return backward_lanes(A);
   parallel_rows(A, (A.xC == 1 || A.C == 1) && A.D == 1,
                 [&](int64_t b, int64_t e) { bwd_rows(A, b, e); },
                 [&](int64_t b, int64_t e) { bwd_tiles(A, b, e); });

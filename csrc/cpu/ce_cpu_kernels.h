@@ -409,8 +409,12 @@ struct Ce {
   static void fwd_lanes_stats(const Args& A, int64_t tile0, int64_t tile1) {
     fwd_lanes<K, Gm, true>(A, tile0, tile1);
   }
-  template <int K, int Gm>
+  template <int K, int Gm, bool Stats = false>
   static void bwd_lanes(const Args& A, int64_t tile0, int64_t tile1);
+  template <int K, int Gm>
+  static void bwd_lanes_stats(const Args& A, int64_t tile0, int64_t tile1) {
+    bwd_lanes<K, Gm, true>(A, tile0, tile1);
+  }
   static void forward_lanes(const Args& A);
   static void backward_lanes(const Args& A);
 };

@@ -333,11 +333,13 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 // the same formulas in the same order), the lanes of ignored rows (0) or non-finite lse (NaN)
 // blended in as grad_any fills them; p_y, dz_y and sum_{c != y} p_c are taken per lane where
 // c == y, and the target's element is written after the sweep.
+// Stats: with the statistics' gradients (row_grad's E, H, gT per lane).
 template <typename scalar_t>
-template <int K, int Gm>
+template <int K, int Gm, bool Stats>
 void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kLaneMaxC * W2];
   alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], wy[W2], yv[W2], gy[W2];
+  alignas(64) acc_t gH[W2], gT[W2], Hv[W2];
   alignas(64) double ld[W2];
   const Tf t = make_tf(A);
   const int64_t C = A.C, D = A.D, xC = A.xC;
@@ -353,6 +355,15 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     lane_read(T, static_cast<const double*>(A.lse_in), A.lN, A.lD, 0.0, ld);
     if (A.glse) lane_read(T, A.glse, A.glN, A.glD, acc_t(0), gs);
     else std::fill(gs, gs + W2, acc_t(0));
+    if constexpr (Stats) {
+      const acc_t* ent = static_cast<const acc_t*>(A.ent_in);
+      if (A.gent) lane_read(T, static_cast<const acc_t*>(A.gent), A.geN, A.geD, acc_t(0), gH);
+      else std::fill(gH, gH + W2, acc_t(0));
+      if (A.gtlp) lane_read(T, static_cast<const acc_t*>(A.gtlp), A.gtN, A.gtD, acc_t(0), gT);
+      else std::fill(gT, gT + W2, acc_t(0));
+      lane_read(T, ent, A.eN, A.eD, acc_t(0), Hv);
+      for (int64_t l = 0; l < W2; ++l) gT[l] = T.y[l] < 0 ? acc_t(0) : gT[l];  // counted rows
+    }
     // hi = acc_t(lse), lo = acc_t(lse - hi), as row_grad. hi passes through memory the compiler
     // cannot see into: GCC 12 vectorized this loop of the default copy into lse - lse (lo = 0),
     // as if double(float(x)) were x.
@@ -366,16 +377,20 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     // row_grad per lane. Masks are combined by blendv: mand(a, b) = a and b, mor(a, b) = a or b.
     auto mand = [&](V a, V b) { return V::blendv(zero, b, a); };
     auto mor = [&](V a, V b) { return V::blendv(a, b, b); };
-    V P[2], Q[2], Y[2], H[2], Lo[2], S[2], Sv[2];
+    V P[2], Q[2], Y[2], H[2], Lo[2], S[2], Sv[2], E[2];
     V any_special(zero), any_nonfinite(zero);
     for (int h = 0; h < 2; ++h) {
       const V y = V::loadu(T.yf + h * W), g = V::loadu(gl + h * W), s = V::loadu(gs + h * W);
-      const V ign = y == none, zero_row = mand(ign, s == zero), hv = V::loadu(hi + h * W);
+      const V gh = Stats ? V::loadu(gH + h * W) : zero;
+      const V ign = y == none, hv = V::loadu(hi + h * W);
+      const V zero_row = mand(ign, mand(s == zero, gh == zero));
       const V wv = V::blendv(w ? V::loadu(wy + h * W) : one, zero, ign);
       wv.store(wy + h * W);
       // lse = -inf (all classes -inf), +inf or NaN: every p_c is NaN, as in torch
       const V nan_row = V::blendv((hv - hv) != zero, zero, zero_row);
       P[h] = V::blendv(g * (V(om) * wv + V(eC * ws)) + s, s, ign);
+      E[h] = zero - gh;
+      if constexpr (Stats) P[h] = P[h] + E[h] * V::loadu(Hv + h * W) - V::loadu(gT + h * W);
       Q[h] = V::blendv(g * V(eC), zero, ign);
       Y[h] = V::blendv(y, none, nan_row);  // lanes whose target's element is written
       H[h] = hv;
@@ -383,7 +398,8 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       S[h] = mor(zero_row, nan_row);
       Sv[h] = V::blendv(nan, zero, zero_row);
       any_special = mor(any_special, S[h]);
-      const V bad = mor(nan_row, mor((P[h] - P[h]) != zero, (Q[h] - Q[h]) != zero));
+      const V bad = mor(mor(nan_row, (E[h] - E[h]) != zero),
+                        mor((P[h] - P[h]) != zero, (Q[h] - Q[h]) != zero));
       any_nonfinite = mor(any_nonfinite, V::blendv(bad, zero, zero_row));
     }
     const bool special = hsum(V::blendv(zero, one, any_special)) != 0;
@@ -392,7 +408,8 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     Y[1].store(yv + W);
     const V hi0 = H[0], hi1 = H[1], lo0 = Lo[0], lo1 = Lo[1], P0 = P[0], P1 = P[1], Q0 = Q[0];
     const V Q1 = Q[1], y0 = Y[0], y1 = Y[1], sm0 = S[0], sm1 = S[1], sv0 = Sv[0], sv1 = Sv[1];
-    V so0(zero), so1(zero), py0(zero), py1(zero), dy0(dz1), dy1(dz1);
+    const V E0 = E[0], E1 = E[1];
+    V so0(zero), so1(zero), py0(zero), py1(zero), dy0(dz1), dy1(dz1), ly0(zero), ly1(zero);
     if (!T.vin) lane_gather(A, T, zb);
     scalar_t* o = out + T.n0 * C * D + T.d0;  // dtile: lane l's gradient of class c at o[c D + l]
     // dtile: a class's gradient for the tile's lanes, one vector store (a partial one past L)
@@ -418,8 +435,13 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       }
       V da, db;
       const V za = tf_grad<K>(xa, t, da), zb_ = tf_grad<K>(xb, t, db);
-      const V pa = vexp((za - hi0) - lo0), pb = vexp((zb_ - hi1) - lo1);
+      const V la = (za - hi0) - lo0, lb = (zb_ - hi1) - lo1;  // log p
+      const V pa = vexp(la), pb = vexp(lb);
       V ra = P0 * pa, rb = P1 * pb;
+      if constexpr (Stats) {  // E p log p, 0 where p = 0 (row_grad)
+        ra = fmadd(E0 * pa, floor_finite(la), ra);
+        rb = fmadd(E1 * pb, floor_finite(lb), rb);
+      }
       if constexpr (Gm == 1) {
         ra = ra - Q0;
         rb = rb - Q1;
@@ -441,6 +463,10 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       so1 = so1 + V::blendv(pb, zero, tb);
       py0 = V::blendv(py0, pa, ta);
       py1 = V::blendv(py1, pb, tb);
+      if constexpr (Stats) {
+        ly0 = V::blendv(ly0, la, ta);
+        ly1 = V::blendv(ly1, lb, tb);
+      }
       if constexpr (K == 2) {
         dy0 = V::blendv(dy0, da, ta);
         dy1 = V::blendv(dy1, db, tb);
@@ -453,13 +479,17 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       }
     }
     // The target's element, row_grad's ya * sum + yb
-    auto target = [&](int64_t h, V so, V py, V dz) {
+    auto target = [&](int64_t h, V so, V py, V dz, V ly, V Ev) {
       const V g = V::loadu(gl + h), wv = V::loadu(wy + h);
-      const V ya = V(acc_t(-1)) * g * dz * V(om) * wv;
-      const V yb = dz * (g * V(eC) * (V(ws) * py - wv) + V::loadu(gs + h) * py);
+      V ya = V(acc_t(-1)) * g * dz * V(om) * wv;
+      V yb = dz * (g * V(eC) * (V(ws) * py - wv) + V::loadu(gs + h) * py);
+      if constexpr (Stats) {  // row_grad: ya += dz gT, yb += dz E (p_y log p_y + p_y H)
+        ya = ya + dz * V::loadu(gT + h);
+        yb = yb + dz * Ev * (py * floor_finite(ly) + py * V::loadu(Hv + h));
+      }
       return ya * so + yb;
     };
-    const V g0 = target(0, so0, py0, dy0), g1 = target(W, so1, py1, dy1);
+    const V g0 = target(0, so0, py0, dy0, ly0, E0), g1 = target(W, so1, py1, dy1, ly1, E1);
     if (late) {  // the tile from zb, each target's element blended in
       for (int64_t c = 0; c < C; ++c) {
         const V vc(static_cast<acc_t>(c));
@@ -512,7 +542,11 @@ void Ce<scalar_t>::forward_lanes(const Args& A) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::backward_lanes(const Args& A) {
-  NLLF_LANES_RUN(bwd_lanes)
+  if (A.stats_bwd()) {
+    NLLF_LANES_RUN(bwd_lanes_stats)
+  } else {
+    NLLF_LANES_RUN(bwd_lanes)
+  }
 }
 #undef NLLF_LANES_RUN
 }  // namespace nllfused_cpu::NLLF_CPU_NS
