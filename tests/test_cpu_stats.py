@@ -8,24 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import nllfused
-from test_stats import assert_stat_close, oracle_rows
+from test_cpu_small_classes import capability, randn  # noqa: F401 (capability: a fixture)
+from test_stats import assert_stat_close, opcheck_stats_ops, oracle_rows
 
 pytestmark = pytest.mark.skipif(
     not nllfused.build_info()["built"] or "cpu" not in nllfused.available_backends("cpu"),
     reason="the C++ CPU backend is not built")
-
-CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
-    else []
-
-
-@pytest.fixture(params=CAPABILITIES)
-def capability(request, monkeypatch):
-    monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", request.param)
-    return request.param
-
-
-def randn(shape, dtype):
-    return (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
 
 
 # layout -> logits(C, dtype); with C <= 256 each takes the lane path, with C = 300 the rows
@@ -133,21 +121,8 @@ def test_special_rows(capability, C):
 @pytest.mark.parametrize("prob_target", [False, True])
 @pytest.mark.parametrize("C", [11, 300])
 def test_opcheck(prob_target, C):
-    x = torch.randn(5, C, 2, requires_grad=True)
-    if prob_target:
-        t = torch.softmax(torch.randn(5, C, 2), 1)
-    else:
-        t = torch.randint(0, C, (5, 2))
-        t[0, 1] = -100
-    w = torch.rand(C) + 0.1
-    args = (x, t, w, -100 if not prob_target else -1, 0.1, 0.8, 4.0, prob_target)
-    torch.library.opcheck(torch.ops.nllfused.ce_fwd_stats, args)
-    loss, lse, aux, ent, tlp, pred = torch.ops.nllfused.ce_fwd_stats(x.detach(), *args[1:])
-    for ge, gt in ((torch.randn_like(ent), None), (None, torch.randn_like(tlp)),
-                   (torch.randn_like(ent), torch.randn_like(tlp))):
-        torch.library.opcheck(torch.ops.nllfused.ce_bwd_stats,
-                              (torch.randn_like(loss), None, ge, gt, x.detach(), t, w, lse, aux,
-                               ent, *args[3:]))
+    opcheck_stats_ops(torch.ops.nllfused.ce_fwd_stats, torch.ops.nllfused.ce_bwd_stats, "cpu",
+                      prob_target, C)
 
 
 def test_bad_statistics_gradients_are_refused():

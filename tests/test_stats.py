@@ -224,27 +224,33 @@ def test_stats_of_special_rows(device, backend):
                                atol=2e-5, equal_nan=True)
 
 
+def opcheck_stats_ops(fwd, bwd, device, prob_target, C=11):
+    """torch.library.opcheck of a statistics op pair (csrc/ops.cpp: ce_fwd_stats's contract):
+    the forward, then the backward with each statistic's gradient alone and both."""
+    x = torch.randn(5, C, 2, device=device, requires_grad=True)
+    if prob_target:
+        t = torch.softmax(torch.randn(5, C, 2, device=device), 1)
+    else:
+        t = torch.randint(0, C, (5, 2), device=device)
+        t[0, 1] = -100
+    w = torch.rand(C, device=device) + 0.1
+    args = (x, t, w, -100 if not prob_target else -1, 0.1, 0.8, 4.0, prob_target)
+    torch.library.opcheck(fwd, args)
+    loss, lse, aux, ent, tlp, pred = fwd(x.detach(), *args[1:])
+    for ge, gt in ((torch.randn_like(ent), None), (None, torch.randn_like(tlp)),
+                   (torch.randn_like(ent), torch.randn_like(tlp))):
+        torch.library.opcheck(bwd, (torch.randn_like(loss), None, ge, gt, x.detach(), t, w, lse,
+                                    aux, ent, *args[3:]))
+
+
 @pytest.mark.parametrize("device,backend", backend_params(only=("triton",)))
 @pytest.mark.parametrize("prob_target", [False, True])
 def test_opcheck_stats_ops(device, backend, prob_target):
     from nllfused import ops
     if ops.stats_for_backend(backend) is None:
         pytest.skip("the extension was built before the statistics ops")
-    x = torch.randn(5, 11, 2, device=device, requires_grad=True)
-    if prob_target:
-        t = torch.softmax(torch.randn(5, 11, 2, device=device), 1)
-    else:
-        t = torch.randint(0, 11, (5, 2), device=device)
-        t[0, 1] = -100
-    w = torch.rand(11, device=device) + 0.1
-    args = (x, t, w, -100 if not prob_target else -1, 0.1, 0.8, 4.0, prob_target)
-    torch.library.opcheck(torch.ops.nllfused.ce_fwd_stats_triton, args)
-    loss, lse, aux, ent, tlp, pred = torch.ops.nllfused.ce_fwd_stats_triton(x.detach(), *args[1:])
-    for ge, gt in ((torch.randn_like(ent), None), (None, torch.randn_like(tlp)),
-                   (torch.randn_like(ent), torch.randn_like(tlp))):
-        torch.library.opcheck(torch.ops.nllfused.ce_bwd_stats_triton,
-                              (torch.randn_like(loss), None, ge, gt, x.detach(), t, w, lse, aux,
-                               ent, *args[3:]))
+    opcheck_stats_ops(torch.ops.nllfused.ce_fwd_stats_triton,
+                      torch.ops.nllfused.ce_bwd_stats_triton, device, prob_target)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

@@ -1,5 +1,6 @@
-// CPU backend of nllfused::ce_fwd / ce_bwd and ce_fwd_stats / ce_bwd_stats, the op layer: argument checks (csrc/checks.h, the
-// contract in csrc/ops.cpp), outputs, and the choice of the kernels' copy for this CPU.
+// CPU backend of nllfused::ce_fwd / ce_bwd and ce_fwd_stats / ce_bwd_stats, the op layer:
+// argument checks (csrc/checks.h, the contract in csrc/ops.cpp), outputs, and the choice of the
+// kernels' copy for this CPU.
 //
 // The kernels (ce_cpu_kernels.h) are compiled once per instruction set (kernels.h): "default"
 // (baseline x86-64 or whatever the compiler targets), "avx2" (AVX2 + FMA + F16C) and "avx512"
@@ -206,16 +207,11 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
   }
   A.lse_in = lse.data_ptr(); A.lN = lse.stride(0); A.lD = lse.stride(1);
   A.aux_in = aux.data_ptr(); A.aN = aux.stride(0); A.aD = aux.stride(1);
-  if (ge != nullptr) {
-    A.gent = ge->data_ptr(); A.geN = ge->stride(0); A.geD = ge->stride(1);
+  if (ge != nullptr || gt != nullptr) {  // the kernels read H whenever either is given
     A.ent_in = entropy->data_ptr(); A.eN = entropy->stride(0); A.eD = entropy->stride(1);
   }
-  if (gt != nullptr) {
-    A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1);
-    if (A.ent_in == nullptr) {  // P's E H term is 0 then, but row_grad reads H
-      A.ent_in = entropy->data_ptr(); A.eN = entropy->stride(0); A.eD = entropy->stride(1);
-    }
-  }
+  if (ge != nullptr) { A.gent = ge->data_ptr(); A.geN = ge->stride(0); A.geD = ge->stride(1); }
+  if (gt != nullptr) { A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1); }
   Tensor out = at::empty({A.N, A.C, A.D}, logits.options());  // contiguous, logits' dtype
   A.out = out.data_ptr();
   prefer_huge_pages(out);
