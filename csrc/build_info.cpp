@@ -1,5 +1,5 @@
 // Python module nllfused._C: importing it registers the ops (TORCH_LIBRARY in the other
-// files of this extension) and exposes build facts.
+// files of this extension) and exposes build facts and the one-call entry (csrc/one_call.cpp).
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -10,6 +10,10 @@
 #ifndef NLLFUSED_CUDA_ARCHS
 #define NLLFUSED_CUDA_ARCHS ""
 #endif
+
+namespace nllfused {
+void register_one_call(py::module_& m);  // csrc/one_call.cpp
+}
 
 static py::dict build_info() {
   py::dict info;
@@ -34,4 +38,5 @@ static py::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built.");
+  nllfused::register_one_call(m);
 }

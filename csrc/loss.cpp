@@ -17,16 +17,24 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 namespace nllfused {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 // at::Reduction's numbering, which torch.nn.functional passes to its own kernels.
@@ -66,6 +74,7 @@ Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& targe
 std::pair<Tensor, Tensor> canonical(const Tensor& input, const Tensor& target) {
   if (input.dim() == 1) return {input.view({1, input.size(0), 1}), target.reshape({1, 1})};
   if (input.dim() == 2) return {input.unsqueeze(-1), target.unsqueeze(-1)};
+  if (input.dim() == 3) return {input, target};  // flatten would hand back its input: no op
   return {input.flatten(2), target.flatten(1)};
 }
 
@@ -101,53 +110,79 @@ double cpu_sum(const Tensor& t) {
 
 // torch's reductions of the per-row losses (docs/maths.md, "Reductions"): 'mean' divides by the
 // summed target weights of the counted rows (aux), so NaN when every row is ignored, as torch.
+// t in dtype, t itself where it has that dtype: below autograd, where this file's kernels run, an
+// op must not return its own input, which Tensor::to() would (torch.library.opcheck checks it).
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
                    const Tensor& input, const Tensor& target) {
-  if (reduction == kNone) return loss.view(target.sizes()).to(input.scalar_type());
+  if (reduction == kNone) return as_dtype(loss.view(target.sizes()), input.scalar_type());
   if (loop_reduce(loss)) {
     const double s = cpu_sum(loss), r = reduction == kSum ? s : s / cpu_sum(aux);
     return at::scalar_tensor(r, input.options().requires_grad(false));
   }
   Tensor out = reduction == kSum ? loss.sum() : loss.sum() / aux.sum();
-  return out.to(input.scalar_type());
+  return as_dtype(out, input.scalar_type());
 }
 
 // d loss / d loss_row for each row (N, D), from the upstream gradient of the reduced loss. Ignored
 // rows need no zero here: ce_bwd gives them no loss gradient whatever this says (csrc/ops.cpp).
+// A reduced loss's upstream gradient (one value) on the CPU is read here and the row gradient
+// formed in double, rounded once: no tensor op for a 10-class batch's backward.
 Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction) {
   const auto acc = aux.scalar_type();
-  if (reduction == kNone) return grad.to(acc).view(aux.sizes());
-  if (reduction == kSum) return grad.to(acc).expand(aux.sizes());
-  if (loop_reduce(aux)) return (grad.to(acc) / cpu_sum(aux)).expand(aux.sizes());
-  return (grad.to(acc) / aux.sum()).expand(aux.sizes());
+  if (reduction == kNone) return as_dtype(grad, acc).view(aux.sizes());
+  if (loop_reduce(grad) && loop_reduce(aux)) {
+    double g = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
+                                    "nllfused_row_grads", [&] {
+                                      g = static_cast<double>(*grad.const_data_ptr<scalar_t>());
+                                    });
+    if (reduction == kMean) g /= cpu_sum(aux);
+    return at::scalar_tensor(g, aux.options()).expand(aux.sizes());
+  }
+  if (reduction == kSum) return as_dtype(grad, acc).expand(aux.sizes());
+  return (as_dtype(grad, acc) / aux.sum()).expand(aux.sizes());
 }
 
-class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                        const std::optional<Tensor>& weight, int64_t reduction,
-                        int64_t ignore_index, double label_smoothing) {
-    check_reduction(reduction);
-    auto [logits, target2] = canonical(input, target);
-    auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
-    ctx->save_for_backward({input, target, lse, aux, weight.value_or(Tensor())});
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    return reduce_rows(loss, aux, reduction, input, target);
+// Node ownership is an intrusive_ptr from torch 2.14 on, a shared_ptr before.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T>
+NodePtr new_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>)
+    return std::make_shared<T>();
+  else
+    return c10::make_intrusive<T>();
+}
+
+// The graph node of one cross_entropy_loss call, written as torch's own generated nodes are
+// (saved variables and options as members): torch::autograd::Function's generic node, with its
+// context map, argument bookkeeping and output checks, cost more than the whole 10-class
+// kernel in both directions.
+struct CrossEntropyLossBackward final : Node {
+  SavedVariable input_, target_, lse_, aux_, weight_;
+  int64_t reduction = kMean, ignore_index = -100;
+  double label_smoothing = 0;
+  std::mutex mutex;  // release_variables may run beside another thread's apply
+
+  std::string name() const override { return "nllfused::CrossEntropyLossBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &target = saved[1], &lse = saved[2], &aux = saved[3];
-    const std::optional<Tensor> weight =
-        saved[4].defined() ? std::optional<Tensor>(saved[4]) : std::nullopt;
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
-    variable_list out(6);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex);
+    variable_list out(1);
     const Tensor& grad = grads[0];
-    if (!grad.defined() || !ctx->needs_input_grad(0)) return out;
+    if (!grad.defined() || !task_should_compute_output(0)) return out;
+    const Tensor input = input_.unpack(), target = target_.unpack(), lse = lse_.unpack(),
+                 aux = aux_.unpack(), w = weight_.unpack();
+    const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     if (at::GradMode::is_enabled()) {
       // create_graph=True: torch's own formula, differentiable again.
       Tensor ref = at::cross_entropy_loss(input, target, weight, reduction, ignore_index,
@@ -162,32 +197,72 @@ class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     out[0] = g.view(input.sizes());
     return out;
   }
+
+  // Compiled autograd: the options specialise the graph, the saved tensors are its inputs.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_})
+      args.collect(*v, false);
+    args.collect(reduction);
+    args.collect(ignore_index);
+    args.collect(label_smoothing);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_}) saved.before(*v);
+    variable_list out = apply(variable_list(grads));
+    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_}) saved.after(*v);
+    return out;
+  }
 };
 
-Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
-                                  const std::optional<Tensor>& weight, int64_t reduction,
-                                  int64_t ignore_index, double label_smoothing);
+// The loss and the per-row lse and aux the backward needs.
+std::tuple<Tensor, Tensor, Tensor> forward_parts(const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight,
+                                                 int64_t reduction, int64_t ignore_index,
+                                                 double label_smoothing) {
+  check_reduction(reduction);
+  auto [logits, target2] = canonical(input, target);
+  auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
+  return {reduce_rows(loss, aux, reduction, input, target), lse, aux};
+}
 
 Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
                                    const std::optional<Tensor>& weight, int64_t reduction,
                                    int64_t ignore_index, double label_smoothing) {
-  // Nothing to differentiate (no_grad, evaluation): no graph node, saved tensors or context.
-  if (!at::GradMode::is_enabled() || !input.requires_grad()) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input),
+                              "nllfused::cross_entropy_loss: forward-mode AD is not supported "
+                              "(nllfused.cross_entropy takes the general path under it)");
+  // Nothing to differentiate (no_grad, evaluation): no graph node, nothing saved.
+  const bool differentiable = torch::autograd::compute_requires_grad(input);
+  Tensor out, lse, aux;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return cross_entropy_loss_forward(input, target, weight, reduction, ignore_index,
-                                      label_smoothing);
+    std::tie(out, lse, aux) =
+        forward_parts(input, target, weight, reduction, ignore_index, label_smoothing);
   }
-  return CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing);
+  if (!differentiable) return out;
+  NodePtr node = new_node<CrossEntropyLossBackward>();
+  auto* n = static_cast<CrossEntropyLossBackward*>(node.get());
+  n->set_next_edges(torch::autograd::collect_next_edges(input));
+  n->input_ = SavedVariable(input, false);
+  n->target_ = SavedVariable(target, false);
+  n->lse_ = SavedVariable(lse, false);
+  n->aux_ = SavedVariable(aux, false);
+  n->weight_ = SavedVariable(weight.value_or(Tensor()), false);
+  n->reduction = reduction;
+  n->ignore_index = ignore_index;
+  n->label_smoothing = label_smoothing;
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 // Below autograd (no_grad inside compiled graphs, inference mode): the forward alone.
 Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
                                   const std::optional<Tensor>& weight, int64_t reduction,
                                   int64_t ignore_index, double label_smoothing) {
-  check_reduction(reduction);
-  auto [logits, target2] = canonical(input, target);
-  auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
-  return reduce_rows(loss, aux, reduction, input, target);
+  return std::get<0>(
+      forward_parts(input, target, weight, reduction, ignore_index, label_smoothing));
 }
 
 }  // namespace

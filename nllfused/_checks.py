@@ -75,6 +75,9 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> None:
 def check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ArgumentTypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:  # torch: ValueError "Overflow when unpacking long"
+        raise ArgumentError(f"ignore_index must fit in int64 (class indices are int64); got "
+                            f"{ignore_index}")
 
 
 def check_logits_and_target(input, target) -> None:

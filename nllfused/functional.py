@@ -4,13 +4,15 @@ The data path: argument checks (_checks) -> backend choice (backends) -> per-row
 whose autograd runs ce_bwd*) -> the z-loss term and the reduction (backends.torch_ref.reduce, a
 few O(rows) torch ops). Calls torch's own cross_entropy could make, with nothing to check or
 convert, skip all of that: one dispatcher call to nllfused::cross_entropy_loss (csrc/loss.cpp),
-which runs the same per-row op and reduction, and its autograd, in C++.
+which runs the same per-row op and reduction, and its autograd, in C++. For CPU tensors even the
+decision is C++ (csrc/one_call.cpp), so that a 10-class batch costs what torch's call costs.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks, _extension, backends, ops, stats
 from .backends import torch_ref
@@ -67,16 +69,27 @@ def _one_call_op():
 _ONE_CALL_OP = None
 
 
+def _no_one_call(*args):
+    return None
+
+
+# The C++ entry of the one-call path for CPU tensors (csrc/one_call.cpp): the loss, or None where
+# the general path must run. Same rules as _one_call_reduction, which serves CUDA tensors.
+_one_call_cpu = (_no_one_call if _extension._C is None
+                 else _extension._C.cross_entropy_one_call)
+
+
 def _one_call_reduction(input, target, weight, size_average, reduce, reduction, ignore_index,
                         label_smoothing, z_loss, logit_scale, softcap, backend):
-    """at::Reduction's number if this call can go to nllfused::cross_entropy_loss in one
-    dispatcher call (csrc/loss.cpp: the C++ kernels, reduction and autograd in C++), else None.
+    """For CUDA tensors: at::Reduction's number if this call can go to
+    nllfused::cross_entropy_loss in one dispatcher call (csrc/loss.cpp: the C++ kernels, reduction
+    and autograd in C++), else None. (CPU tensors: _one_call_cpu, the same rules in C++.)
 
     Only calls that torch's own cross_entropy could make and that need nothing from the checks
-    and conversions of the general path: every test is an attribute read, so that a small call
-    (a 10-class batch) costs about what torch's does. Anything else -- a bad argument included --
-    takes the general path, which names the problem."""
+    and conversions of the general path: every test is an attribute read. Anything else -- a bad
+    argument included -- takes the general path, which names the problem."""
     if (type(input) is not torch.Tensor or type(target) is not torch.Tensor
+            or input.device.type != "cuda"
             or target.dtype is not torch.int64 or size_average is not None or reduce is not None
             or softcap is not None or type(reduction) is not str or type(ignore_index) is not int
             or type(label_smoothing) not in _NUMBERS or not 0 <= label_smoothing <= 1
@@ -94,7 +107,7 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
     elif t_shape != shape[:1] + shape[2:]:
         return None
     device = input.device
-    # "auto", or the backend this path runs anyway: "cpu" on the CPU, "cuda" where auto picks it
+    # "auto", or the backend this path runs anyway: "cuda" where auto picks it
     if (backend != "auto" and backend != device.type) or target.device != device:
         return None
     if weight is not None and not (
@@ -102,10 +115,7 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
             and weight.shape[0] == shape[1] and weight.device == device
             and not weight.requires_grad and weight.is_contiguous()):
         return None
-    if device.type == "cpu":
-        if _extension.C_ERROR is not None:
-            return None
-    elif device.type != "cuda" or backends.resolve("auto", device) != "cuda":
+    if backends.resolve("auto", device) != "cuda":
         return None
     if (torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling()
             or backends.transform_active()):
@@ -134,11 +144,17 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                    term and the per-row lse to the result: (loss, [z_loss], [lse]).
     """
     want_stats = return_stats or return_z_loss or return_lse
-    code = None if want_stats else _one_call_reduction(
-        input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing,
-        z_loss, logit_scale, softcap, backend)
-    if code is not None:
-        return _one_call_op()(input, target, weight, code, ignore_index, label_smoothing)
+    if not want_stats and not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
+        # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
+        loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,
+                             reduction, label_smoothing, z_loss, logit_scale, softcap, backend)
+        if loss is not None:
+            return loss
+        code = _one_call_reduction(input, target, weight, size_average, reduce, reduction,
+                                   ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+                                   backend)
+        if code is not None:
+            return _one_call_op()(input, target, weight, code, ignore_index, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,

@@ -18,8 +18,8 @@ ONE_CALL_DEVICES = [d for d in DEVICES if nllfused.backends.resolve("auto", torc
 
 def took_one_call(loss) -> bool:
     """Whether `loss` came from nllfused::cross_entropy_loss: its autograd node is the C++
-    function of csrc/loss.cpp (the general path's node is the Python one of nllfused/ops.py)."""
-    return "CrossEntropy" in loss.grad_fn.name() and "CppNode" in loss.grad_fn.name()
+    node of csrc/loss.cpp (the general path's node is the Python one of nllfused/ops.py)."""
+    return loss.grad_fn.name() == "nllfused::CrossEntropyLossBackward"
 
 
 def index_case(shape, device, dtype, ignore_index=-100, ignore_frac=0.2, channels_last=False):
@@ -66,6 +66,7 @@ def test_one_call_is_the_general_path(device, reduction, channels_last,
     for one_call in (True, False):
         if not one_call:  # the general path, same backend
             monkeypatch.setattr(nllfused.functional, "_one_call_reduction", lambda *a: None)
+            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
         xg = x.clone().requires_grad_()
         loss = nllfused.cross_entropy(xg, t, backend=device, **kw)
         assert took_one_call(loss) == one_call
@@ -161,3 +162,80 @@ def test_opcheck_cross_entropy_loss(device, reduction, weighted):
     w = torch.rand(6, device=device) + 0.1 if weighted else None
     torch.library.opcheck(torch.ops.nllfused.cross_entropy_loss.default,
                           (x, t, w, reduction, -100, 0.1))
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+def test_one_call_graph_node(device):
+    """The C++ node (csrc/loss.cpp) behaves as torch's own: saved-tensor hooks see what it saves,
+    a second backward without retain_graph is refused, retain_graph allows it, and compiled
+    autograd (a compiled backward of an eager forward) gives the eager gradient."""
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    t = torch.tensor([0, 4, -100, 1, 2, 3], device=device)
+    expected = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: packed.append(v) or v, lambda v: v):
+        loss = nllfused.cross_entropy(x, t)
+    assert took_one_call(loss)
+    assert any(p is x for p in packed)
+    (g,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(g, expected)
+    (g,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g, expected)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, x)
+
+    from torch._dynamo import compiled_autograd
+    torch._dynamo.reset()
+    loss = nllfused.cross_entropy(x, t, reduction="sum", label_smoothing=0.1)
+    assert took_one_call(loss)
+    ref = torch.autograd.grad(F.cross_entropy(x, t, reduction="sum", label_smoothing=0.1), x)[0]
+    x.grad = None
+    with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        loss.backward()
+    torch.testing.assert_close(x.grad, ref)
+
+
+@pytest.mark.parametrize("device", ONE_CALL_DEVICES)
+def test_one_call_leaves_other_calls_alone(device):
+    """Calls the C++ decision must hand to the general path: a tensor subclass (Parameter), a
+    torch-function mode, a torch.func transform, forward-mode AD, an ignore_index too large for
+    int64. Each still gives torch's result (or torch's error)."""
+    x = torch.randn(4, 3, device=device)
+    t = torch.tensor([0, 2, 1, 2], device=device)
+    expected = F.cross_entropy(x, t)
+
+    class Sub(torch.Tensor):
+        pass
+
+    loss = nllfused.cross_entropy(x.clone().as_subclass(Sub).requires_grad_(), t)
+    assert not took_one_call(loss)
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected)
+    # a Parameter is a plain tensor to torch's own bindings too (no __torch_function__)
+    assert took_one_call(nllfused.cross_entropy(torch.nn.Parameter(x.clone()), t))
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    xg = x.clone().requires_grad_()
+    with Mode():
+        loss = nllfused.cross_entropy(xg, t)
+    assert not took_one_call(loss)
+    torch.testing.assert_close(loss, expected)
+
+    g = torch.func.grad(lambda v: nllfused.cross_entropy(v, t))(x)
+    torch.testing.assert_close(g, torch.func.grad(lambda v: F.cross_entropy(v, t))(x))
+
+    import torch.autograd.forward_ad as fwAD
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = nllfused.cross_entropy(fwAD.make_dual(x, tangent), t)
+        ref = F.cross_entropy(fwAD.make_dual(x, tangent), t)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, fwAD.unpack_dual(ref).tangent)
+
+    with pytest.raises(Exception) as torch_error:
+        F.cross_entropy(x, t, ignore_index=2 ** 70)
+    with pytest.raises(type(torch_error.value)):
+        nllfused.cross_entropy(x, t, ignore_index=2 ** 70)
+    torch.testing.assert_close(nllfused.cross_entropy(x.requires_grad_(), t), expected)

@@ -1,0 +1,149 @@
+// nllfused._C.cross_entropy_one_call: the Python entry of the one-call path for CPU tensors.
+//
+// nllfused.cross_entropy hands it its arguments as they came. If the call is one torch's own
+// cross_entropy could make and needs nothing from the general path's checks and conversions
+// (nllfused/functional.py), this returns the loss from one call to the dispatcher op
+// nllfused::cross_entropy_loss (csrc/loss.cpp: canonical views, kernel, reduction and autograd in
+// C++); otherwise None, and the general path runs. Every test is a type or value read in C++,
+// so that a 10-class batch costs about what torch's own call costs: the same tests written in
+// Python took a quarter of torch's whole call, and going through the op's Python binding (which
+// converts the arguments against the schema) another tenth.
+//
+// The rules are those of functional._one_call_reduction, which still serves CUDA tensors:
+//   input, target, weight exact torch.Tensor (no subclass, so no __torch_function__ to honour),
+//   int64 targets of the input's shape less the class dimension, input of 2 or more dimensions
+//   with classes, in float16/bfloat16/float32/float64; weight None or (C,) contiguous in the
+//   accumulation dtype, not requiring grad; size_average, reduce, softcap None; reduction
+//   "none" / "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1]; z_loss 0;
+//   logit_scale 1; backend "auto" or "cpu"; every tensor on the CPU; no autocast, no torch.func
+//   transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
+//   Python caller (they are Python state).
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace nllfused {
+namespace {
+
+using at::Tensor;
+
+// A Python int or float (not bool, not a subclass), as a double; nullopt for anything else.
+std::optional<double> exact_number(PyObject* o) {
+  if (PyFloat_CheckExact(o)) return PyFloat_AS_DOUBLE(o);
+  if (PyLong_CheckExact(o)) {
+    const double v = PyLong_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {  // too large for a double: not a value of ours
+      PyErr_Clear();
+      return std::nullopt;
+    }
+    return v;
+  }
+  return std::nullopt;
+}
+
+// at::Reduction's number for "none" / "mean" / "sum", -1 for anything else.
+int64_t reduction_code(PyObject* o) {
+  if (!PyUnicode_CheckExact(o)) return -1;
+  if (PyUnicode_CompareWithASCIIString(o, "mean") == 0) return 1;
+  if (PyUnicode_CompareWithASCIIString(o, "sum") == 0) return 2;
+  if (PyUnicode_CompareWithASCIIString(o, "none") == 0) return 0;
+  return -1;
+}
+
+bool is_str(PyObject* o, const char* s) {
+  return PyUnicode_CheckExact(o) && PyUnicode_CompareWithASCIIString(o, s) == 0;
+}
+
+bool logits_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// The targets' shape for index targets: the input's less the class dimension.
+bool target_shape_matches(const Tensor& input, const Tensor& target) {
+  const auto s = input.sizes(), t = target.sizes();
+  if (t.size() + 1 != s.size() || t[0] != s[0]) return false;
+  for (size_t i = 1; i < t.size(); ++i)
+    if (t[i] != s[i + 1]) return false;
+  return true;
+}
+
+// A torch.func transform is on: functorch includes its front-mode key in the thread's dispatch
+// keys while a transform runs, and wraps the tensors it sees (grad, vmap).
+bool torch_func_active(const Tensor& input) {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         input.key_set().has_any(c10::functorch_transforms_ks);
+}
+
+Tensor call_cross_entropy_loss(const Tensor& input, const Tensor& target,
+                               const std::optional<Tensor>& weight, int64_t reduction,
+                               int64_t ignore_index, double label_smoothing) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nllfused::cross_entropy_loss", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                     int64_t, int64_t, double)>();
+  return op.call(input, target, weight, reduction, ignore_index, label_smoothing);
+}
+
+py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
+                    py::handle size_average, py::handle ignore_index_, py::handle reduce,
+                    py::handle reduction_, py::handle label_smoothing_, py::handle z_loss,
+                    py::handle logit_scale, py::handle softcap, py::handle backend) {
+  const py::object general = py::none();
+  if (!THPVariable_CheckExact(input_.ptr()) || !THPVariable_CheckExact(target_.ptr()) ||
+      !size_average.is_none() || !reduce.is_none() || !softcap.is_none())
+    return general;
+  const Tensor& input = THPVariable_Unpack(input_.ptr());
+  const Tensor& target = THPVariable_Unpack(target_.ptr());
+  if (!input.is_cpu() || !target.is_cpu() || target.scalar_type() != at::kLong ||
+      !logits_dtype(input.scalar_type()) || input.dim() < 2 || input.size(1) == 0 ||
+      !target_shape_matches(input, target))
+    return general;
+  const int64_t reduction = reduction_code(reduction_.ptr());
+  if (reduction < 0 || !PyLong_CheckExact(ignore_index_.ptr())) return general;
+  int overflow = 0;
+  const long long ignore_index = PyLong_AsLongLongAndOverflow(ignore_index_.ptr(), &overflow);
+  if (overflow != 0 || (ignore_index == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return general;
+  }
+  const auto smoothing = exact_number(label_smoothing_.ptr());
+  const auto z = exact_number(z_loss.ptr()), scale = exact_number(logit_scale.ptr());
+  if (!smoothing || !(*smoothing >= 0 && *smoothing <= 1) || !z || *z != 0 || !scale ||
+      *scale != 1 || !(is_str(backend.ptr(), "auto") || is_str(backend.ptr(), "cpu")))
+    return general;
+  std::optional<Tensor> weight;
+  if (!weight_.is_none()) {
+    if (!THPVariable_CheckExact(weight_.ptr())) return general;
+    const Tensor& w = THPVariable_Unpack(weight_.ptr());
+    const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    if (w.scalar_type() != acc || w.dim() != 1 || w.size(0) != input.size(1) || !w.is_cpu() ||
+        w.requires_grad() || !w.is_contiguous())
+      return general;
+    weight = w;
+  }
+  if (at::autocast::is_autocast_enabled(at::kCPU) || at::impl::torch_function_mode_enabled() ||
+      torch_func_active(input))
+    return general;
+  Tensor loss;
+  {
+    py::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
+    loss = call_cross_entropy_loss(input, target, weight, reduction, ignore_index, *smoothing);
+  }
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(loss)));
+}
+
+}  // namespace
+
+void register_one_call(py::module_& m) {
+  m.def("cross_entropy_one_call", &one_call,
+        "The loss of a torch-compatible CPU cross_entropy call from one C++ call, or None "
+        "where the general path must run (csrc/one_call.cpp).");
+}
+
+}  // namespace nllfused
