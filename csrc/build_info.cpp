@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#include "cpu/output_cache.h"
 
 #ifndef NLLFUSED_TORCH_VERSION
 #define NLLFUSED_TORCH_VERSION "unknown"
@@ -39,4 +40,8 @@ static py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built.");
   nllfused::register_one_call(m);
+  m.def("cpu_cache_info", &nllfused_cpu::cache_info,
+        "What the CPU ops' output cache holds (csrc/cpu/output_cache.h).");
+  m.def("cpu_cache_empty", &nllfused_cpu::cache_empty,
+        "Frees the idle buffers of the CPU ops' output cache.");
 }

@@ -10,6 +10,7 @@
 // this machine can run and which one runs now: nllfused._C.build_info()["cpu_capabilities"] and
 // ["cpu_capability"] (capabilities() and capability() below).
 #include "kernels.h"
+#include "output_cache.h"
 
 #include "../checks.h"
 
@@ -141,14 +142,13 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
   Tensor w;
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,
                      softcap, prob_target);
-  const auto opts = logits.options().dtype(nllfused::acc_dtype(logits.scalar_type()));
-  std::vector<Tensor> out{at::empty({A.N, A.D}, opts),
-                          at::empty({A.N, A.D}, logits.options().dtype(at::kDouble)),
-                          at::empty({A.N, A.D}, opts)};
+  const auto acc = nllfused::acc_dtype(logits.scalar_type());
+  std::vector<Tensor> out{cached_empty({A.N, A.D}, acc), cached_empty({A.N, A.D}, at::kDouble),
+                          cached_empty({A.N, A.D}, acc)};
   if (stats) {
-    out.push_back(at::empty({A.N, A.D}, opts));
-    out.push_back(at::empty({A.N, A.D}, opts));
-    out.push_back(at::empty({A.N, A.D}, logits.options().dtype(at::kLong)));
+    out.push_back(cached_empty({A.N, A.D}, acc));
+    out.push_back(cached_empty({A.N, A.D}, acc));
+    out.push_back(cached_empty({A.N, A.D}, at::kLong));
     A.ent = out[3].data_ptr(); A.tlp = out[4].data_ptr(); A.pred = out[5].data_ptr<int64_t>();
   }
   A.loss = out[0].data_ptr(); A.lse = out[1].data_ptr(); A.aux = out[2].data_ptr();
@@ -212,7 +212,7 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
   }
   if (ge != nullptr) { A.gent = ge->data_ptr(); A.geN = ge->stride(0); A.geD = ge->stride(1); }
   if (gt != nullptr) { A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1); }
-  Tensor out = at::empty({A.N, A.C, A.D}, logits.options());  // contiguous, logits' dtype
+  Tensor out = cached_empty({A.N, A.C, A.D}, logits.scalar_type());  // contiguous
   A.out = out.data_ptr();
   prefer_huge_pages(out);
   cap.backward(A, logits.scalar_type());
