@@ -168,11 +168,15 @@ def applies(fn, case: Case) -> bool:
     return case.layout != "D>1" or has_spatial
 
 
-def launched(launch_config, case: Case, flags: dict) -> Case:
+def launched(launch_config, case: Case, flags: dict, fn=None) -> Case:
     """The case with the tile the launcher picks under these flags: the statistics (STATS in
     the forward, HAS_STATS_GRAD in the backward) take a smaller one for long rows
-    (launch_config's docstring)."""
-    if not (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
+    (launch_config's docstring), and so does vp_stats_kernel with class weights and smoothing
+    (kernels/vocab_parallel.py, _launch)."""
+    wide = flags.get("STATS") or flags.get("HAS_STATS_GRAD") or (
+        getattr(fn, "__name__", None) == "vp_stats_kernel" and flags.get("HAS_WEIGHT")
+        and flags.get("HAS_SMOOTHING"))
+    if not wide:
         return case
     block_r, block_c, warps = launch_config(case.rows * case.spatial, case.classes,
                                             _elem_size(case.dtype), stats=True)
@@ -196,7 +200,7 @@ def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
                 for flags in cover:
                     if flags.get("SPLIT") and (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
                         flags = {**flags, "SPLIT": False}  # never launched together (_launch)
-                    jobs.append((fn, launched(launch_config, case, flags), flags))
+                    jobs.append((fn, launched(launch_config, case, flags, fn), flags))
     return jobs
 
 

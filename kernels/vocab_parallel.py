@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import launch_config
+from .cross_entropy import _fwd_step, _merge, _reference, launch_config
 from .launch import acc_dtype, guard, truncating_store
+from .row_math import _columns, _log1p, _lowest, _tile_rows
 
 IGNORED_ROW = -2  # y_local marker of an ignored row in vp_bwd_kernel (-1: target elsewhere)
 
@@ -37,38 +38,41 @@ def vp_stats_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    x_rows = X + rows * stride_xr
-
+    rows, row_ok, n, _ = _tile_rows(R, 1, BLOCK_R)   # rows past the end read row R - 1
+    x_rows = X + n * stride_xr
     # Reference r = z at the slice's first class: the smoothing sum accumulates w (z - r), so a
     # large common offset in the logits cancels exactly instead of swamping the float32 sum.
-    r = tl.load(x_rows, mask=row_ok, other=0.0).to(ACC)
-    r = tl.where(tl.abs(r) < float("inf"), r, 0.0)
+    r = _reference(x_rows, row_ok, 1.0, 1.0, ACC, False, False)
 
-    m = tl.full([BLOCK_R], float("-inf"), ACC)   # running max
-    s = tl.zeros([BLOCK_R], ACC)                 # running sum of exp(z - m)
-    acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r)
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=mask,
-                    other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(z, 1))
-        # While a row has seen only -inf, exp against 0 instead: exp(-inf - -inf) would be NaN.
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - ref) + tl.sum(tl.exp(z - ref[:, None]), 1)
-        m = m_new
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-                acc_wz += tl.where(mask, w * (z - r[:, None]), 0.0)
-            else:
-                acc_wz += tl.where(mask, z - r[:, None], 0.0)
+    # ce_fwd_kernel's per-lane online softmax (kernels/cross_entropy.py, _fwd_step): one exp
+    # and no block-wide reduction per logit, the lanes merged once per row after the loop.
+    m = tl.full([BLOCK_R, BLOCK_C], _lowest(ACC), ACC)
+    s = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # HAS_SMOOTHING: sum of w (z - r)
+    unused = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # _fwd_step's probability-target and
+    arg = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)  # statistics state, off here
+    lo, body, hi = _columns(C, BLOCK_C, False)
+    for start in range(lo, body, BLOCK_C):
+        m, s, acc_wz, unused, unused, arg = _fwd_step(
+            x_rows, x_rows, W, start + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, unused, unused,
+            arg, stride_xc, 0, 0.0, 1.0, 1.0, BLOCK_R, BLOCK_C, ACC, False, HAS_WEIGHT,
+            HAS_SMOOTHING, False, False, False, False)
+    if body < hi:
+        m, s, acc_wz, unused, unused, arg = _fwd_step(
+            x_rows, x_rows, W, body + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, unused, unused,
+            arg, stride_xc, 0, 0.0, 1.0, 1.0, BLOCK_R, BLOCK_C, ACC, False, HAS_WEIGHT,
+            HAS_SMOOTHING, False, False, False, True)
+    # Lanes as (m, k, s), as ce_fwd_kernel takes them, then merged: k classes exactly at m.
+    low = m == _lowest(ACC)
+    k = tl.where(low, s, 1.0)
+    m = tl.where(low & (s == 0.0), float("-inf"), m)
+    s = tl.where(low, 0.0, s)
+    m, k, s = _merge(m, k, s)
 
-    log_s = tl.log(s)
-    tl.store(OUT + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
+    # lse = double(m) + double(log(k + s)): float64 once per row, never in the loop.
+    s64 = s.to(tl.float64)
+    log_s64 = tl.where(k == 1.0, _log1p(s64), tl.log(k.to(tl.float64) + s64))
+    tl.store(OUT + rows, m.to(tl.float64) + log_s64, mask=row_ok)
 
     y = tl.load(T + rows * stride_t, mask=row_ok, other=0).to(tl.int64)
     y_local = y - vocab_start
@@ -78,6 +82,7 @@ def vp_stats_kernel(
     tl.store(OUT + R + rows, tl.where(owned, z_y, 0.0).to(tl.float64), mask=row_ok)
 
     if HAS_SMOOTHING:
+        log_s = log_s64.to(ACC)
         w_sum = tl.load(WSUM).to(ACC)
         smooth = w_sum * ((m - r) + log_s) - tl.sum(acc_wz, 1)   # sum_c w_c (lse_r - z_c)
         # A slice entirely at -inf: every lse_r - z_c is +inf (the formula above gives NaN).
@@ -145,9 +150,13 @@ def vp_bwd_kernel(
 # Launchers (nllfused/distributed.py binds them as custom ops). Per-row tensors contiguous (R,).
 # ------------------------------------------------------------------------------------------------
 
-def _launch(logits):
+def _launch(logits, wide_state=False):
+    """Grid and constexprs. wide_state: vp_stats_kernel with class weights and smoothing keeps
+    two values more per logit (the weight, the sum of w (z - r)) beside its online-softmax
+    state: the smaller tiles launch_config picks for statistics (at 2048 classes a block,
+    ptxas spilled on sm_80)."""
     R, C = logits.shape
-    block_r, block_c, num_warps = launch_config(R, C, logits.element_size())
+    block_r, block_c, num_warps = launch_config(R, C, logits.element_size(), stats=wide_state)
     return (triton.cdiv(R, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c,
                                             ACC=acc_dtype(logits.dtype), num_warps=num_warps)
 
@@ -157,7 +166,7 @@ def vp_stats(logits, target, weight, wsum, vocab_start, ignore_index, smoothing)
     out = torch.empty((3 if smoothing else 2, R), dtype=torch.float64, device=logits.device)
     if R == 0:
         return out
-    grid, flags = _launch(logits)
+    grid, flags = _launch(logits, wide_state=weight is not None and smoothing)
     with guard(logits):
         vp_stats_kernel[grid](
             logits, logits.stride(0), logits.stride(1), target, target.stride(0),
