@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .cross_entropy import _fwd_step, _merge, _reference, launch_config
 from .launch import acc_dtype, guard, truncating_store
-from .row_math import _columns, _log1p, _lowest, _tile_rows
+from .row_math import _LOG2E, _columns, _exp2, _load_classes, _log1p, _lowest, _tile_rows
 
 IGNORED_ROW = -2  # y_local marker of an ignored row in vp_bwd_kernel (-1: target elsewhere)
 
@@ -103,47 +103,81 @@ def vp_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    x_rows = X + rows * stride_xr
-    gx_rows = GX + rows * C
-    if HAS_GRAD_LSE:
-        g_lse = tl.load(GL + rows, mask=row_ok, other=0.0).to(ACC)
-
-    g = tl.load(G + rows, mask=row_ok, other=0.0).to(ACC)
-    # p = exp(z - lse) with lse split into hi + lo, so that float32 keeps torch's accuracy.
-    lse64 = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    hi = lse64.to(ACC)
-    lo = (lse64 - hi.to(tl.float64)).to(ACC)
-    coef = tl.load(COEF + rows, mask=row_ok, other=0.0).to(ACC)
-    tcoef = tl.load(TCOEF + rows, mask=row_ok, other=0.0).to(ACC)
-    y_local = tl.load(YL + rows, mask=row_ok, other=-2).to(tl.int64)
+    rows, row_ok, n, _ = _tile_rows(R, 1, BLOCK_R)   # rows past the end read row R - 1
+    x_rows = X + n * stride_xr
+    gx_rows = GX + n * C
+    g = tl.load(G + n).to(ACC)
+    coef = tl.load(COEF + n).to(ACC)
+    tcoef = tl.load(TCOEF + n).to(ACC)
+    y_local = tl.load(YL + n)
     kept = y_local != -2                         # IGNORED_ROW
+    # Per row, so that a logit costs one FADD, one FFMA, one MUFU and one FMUL (ce_bwd_kernel's
+    # scheme): grad_c = p_c pc - eps_g w_c with pc = g coef (+ g_lse), and the true class fixed
+    # after the loop. Rows with nothing to receive read no logit: z = 0 against lse = +inf makes
+    # p = 0 and their gradient exactly 0, whatever their logits.
+    pc = tl.where(kept, g * coef, 0.0)
+    keep = kept
+    if HAS_GRAD_LSE:
+        g_lse = tl.load(GL + n).to(ACC)          # d lse / d z_c = p_c, ignored rows too
+        pc += g_lse
+        keep = keep | (g_lse != 0.0)
     if HAS_SMOOTHING:
-        eps_c = tl.load(EPSC).to(ACC)
+        eps_g = tl.where(kept, tl.load(EPSC).to(ACC) * g, 0.0)
+    else:
+        eps_g = tl.zeros_like(g)
+    # p = exp(z - lse) = 2^((z - hi) log2e - lo log2e), lse split into hi + lo so that float32
+    # keeps torch's accuracy.
+    lse64 = tl.load(LSE + n)
+    hi = tl.where(keep, lse64.to(ACC), float("inf"))
+    lo = tl.where(keep, (lse64 - hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)
 
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
+    lo_c, body, hi_c = _columns(C, BLOCK_C, False)
+    for start in range(lo_c, body, BLOCK_C):
+        _vp_bwd_step(x_rows, gx_rows, W, start + tl.arange(0, BLOCK_C), C, row_ok, keep,
+                     stride_xc, hi, lo, pc, eps_g, ACC, HAS_WEIGHT, HAS_SMOOTHING, False)
+    if body < hi_c:
+        _vp_bwd_step(x_rows, gx_rows, W, body + tl.arange(0, BLOCK_C), C, row_ok, keep,
+                     stride_xc, hi, lo, pc, eps_g, ACC, HAS_WEIGHT, HAS_SMOOTHING, True)
+
+    # The true class (if in this slice), stored again over the loop's value; the barrier orders
+    # the two stores. p_y pc - g tcoef is formed in ACC and rounded once on store.
+    tl.debug_barrier()
+    own = row_ok & (y_local >= 0) & (y_local < C)
+    y_safe = tl.where(own, y_local, 0)           # never read outside the row
+    z_y = tl.load(x_rows + y_safe * stride_xc).to(ACC)
+    grad_y = _exp2((z_y - hi) * _LOG2E - lo, ACC) * pc - g * tcoef
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            grad_y -= eps_g * tl.load(W + y_safe).to(ACC)
+        else:
+            grad_y -= eps_g
+    tl.store(gx_rows + y_safe, grad_y.to(GX.dtype.element_ty), mask=own)
+
+
+@triton.jit
+def _vp_bwd_step(x_rows, gx_rows, W, cols, C, row_ok, keep, stride_xc, hi, lo, pc, eps_g,
+                 ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One block of classes of vp_bwd_kernel's loop, its gradient stored. MASKED for the block
+    that runs past the row's end; rows past R (read as row R - 1) store nothing."""
+    ptrs = x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc
+    if MASKED:
         col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=mask,
-                    other=0.0).to(ACC)
-        p = tl.exp((z - hi[:, None]) - lo[:, None])
-        # The true-class term p_y - coefficient is formed here in ACC, rounded once on store.
-        grad = p * coef[:, None] - tl.where(cols[None, :] == y_local[:, None], tcoef[:, None],
-                                            0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-                grad -= eps_c * w
-            else:
-                grad -= eps_c
-        grad = tl.where(kept[:, None], grad * g[:, None], 0.0)   # ignored rows: exactly 0
-        if HAS_GRAD_LSE:
-            # d lse / d z_c = p_c; rows without an lse gradient get none (no 0 * NaN).
-            grad = tl.where((g_lse != 0.0)[:, None], grad + g_lse[:, None] * p, grad)
-        tl.store(gx_rows[:, None] + cols[None, :].to(tl.int64), grad.to(GX.dtype.element_ty),
-                 mask=mask)
+        z = tl.load(ptrs, mask=keep[:, None] & col_ok[None, :], other=0.0).to(ACC)
+    else:
+        col_ok = None
+        z = tl.load(ptrs, mask=keep[:, None], other=0.0).to(ACC)
+    grad = _exp2((z - hi[:, None]) * _LOG2E - lo[:, None], ACC) * pc[:, None]
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            grad -= eps_g[:, None] * _load_classes(W + cols, col_ok, MASKED, ACC)[None, :]
+        else:
+            grad -= eps_g[:, None]
+    out = gx_rows[:, None] + cols[None, :].to(tl.int64)
+    if MASKED:
+        tl.store(out, grad.to(gx_rows.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(out, grad.to(gx_rows.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
