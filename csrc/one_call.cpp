@@ -26,6 +26,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include "checks.h"
+
 #include <optional>
 
 namespace nllfused {
@@ -58,10 +60,6 @@ int64_t reduction_code(PyObject* o) {
 
 bool is_str(PyObject* o, const char* s) {
   return PyUnicode_CheckExact(o) && PyUnicode_CompareWithASCIIString(o, s) == 0;
-}
-
-bool logits_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
 // The targets' shape for index targets: the input's less the class dimension.
@@ -101,7 +99,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   const Tensor& input = THPVariable_Unpack(input_.ptr());
   const Tensor& target = THPVariable_Unpack(target_.ptr());
   if (!input.is_cpu() || !target.is_cpu() || target.scalar_type() != at::kLong ||
-      !logits_dtype(input.scalar_type()) || input.dim() < 2 || input.size(1) == 0 ||
+      !is_float_dtype(input.scalar_type()) || input.dim() < 2 || input.size(1) == 0 ||
       !target_shape_matches(input, target))
     return general;
   const int64_t reduction = reduction_code(reduction_.ptr());
@@ -121,8 +119,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   if (!weight_.is_none()) {
     if (!THPVariable_CheckExact(weight_.ptr())) return general;
     const Tensor& w = THPVariable_Unpack(weight_.ptr());
-    const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    if (w.scalar_type() != acc || w.dim() != 1 || w.size(0) != input.size(1) || !w.is_cpu() ||
+    if (w.scalar_type() != acc_dtype(input.scalar_type()) || w.dim() != 1 || w.size(0) != input.size(1) || !w.is_cpu() ||
         w.requires_grad() || !w.is_contiguous())
       return general;
     weight = w;

@@ -51,6 +51,18 @@ def _rescaled(m, k, s, m_new, ref):
 
 
 @triton.jit
+def _counted_lanes(m, s, ACC: tl.constexpr):
+    """The forward loop's per-lane (m, s) as (m, k, s), and which lanes stayed at the lowest
+    value: k = 1 for the max a lane holds. A lane still at the lowest value saw nothing above
+    it: its ties there are real logits, k of them; none: no finite logit (m = -inf)."""
+    low = m == _lowest(ACC)
+    k = tl.where(low, s, 1.0)
+    m = tl.where(low & (s == 0.0), float("-inf"), m)
+    s = tl.where(low, 0.0, s)
+    return m, k, s, low
+
+
+@triton.jit
 def _merge(m, k, s):
     """Merge online-softmax states along axis 1 exactly: m = max m_i, k counts the k_i of the
     lanes at m, every other lane's k_i + s_i is rescaled by exp(m_i - m) into s."""
@@ -249,12 +261,7 @@ def ce_fwd_kernel(
             BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, STATS,
             True)
 
-    # Lanes as (m, k, s): k = 1 for the max a lane holds. A lane still at the lowest value saw
-    # nothing above it: its ties there are real logits, k of them; none: no finite logit.
-    low = m == _lowest(ACC)
-    k = tl.where(low, s, 1.0)
-    m = tl.where(low & (s == 0.0), float("-inf"), m)
-    s = tl.where(low, 0.0, s)
+    m, k, s, low = _counted_lanes(m, s, ACC)
     if STATS:  # (no SPLIT with STATS: the launcher's choice)
         ent, pred = _lane_stats(m, k, s, tl.where(low, 0.0, ent), arg)
     m, k, s = _merge(m, k, s)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _fwd_step, _merge, _reference, launch_config
+from .cross_entropy import _counted_lanes, _fwd_step, _merge, _reference, launch_config
 from .launch import acc_dtype, guard, truncating_store
 from .row_math import _LOG2E, _columns, _exp2, _load_classes, _log1p, _lowest, _tile_rows
 
@@ -62,11 +62,7 @@ def vp_stats_kernel(
             x_rows, x_rows, W, body + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, unused, unused,
             arg, stride_xc, 0, 0.0, 1.0, 1.0, BLOCK_R, BLOCK_C, ACC, False, HAS_WEIGHT,
             HAS_SMOOTHING, False, False, False, True)
-    # Lanes as (m, k, s), as ce_fwd_kernel takes them, then merged: k classes exactly at m.
-    low = m == _lowest(ACC)
-    k = tl.where(low, s, 1.0)
-    m = tl.where(low & (s == 0.0), float("-inf"), m)
-    s = tl.where(low, 0.0, s)
+    m, k, s, _ = _counted_lanes(m, s, ACC)
     m, k, s = _merge(m, k, s)
 
     # lse = double(m) + double(log(k + s)): float64 once per row, never in the loop.
