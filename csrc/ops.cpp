@@ -37,6 +37,8 @@
 //   grad_lse  None, or (N, D) float64, any strides; d lse / d z_c = p_c. Rows where it is 0 get
 //             no lse part at all (no 0 * NaN). This is how z-loss and every other function of
 //             lse reach the logits: the Python layer adds them as differentiable O(N·D) terms.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(nllfused, m) {
@@ -48,6 +50,20 @@ TORCH_LIBRARY(nllfused, m) {
       "ce_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor aux, int ignore_index, float label_smoothing, float logit_scale, "
       "float softcap, bool prob_target) -> Tensor");
+  // ce_bwd_inplace: ce_bwd's gradient written over the logits (bitwise what ce_bwd returns),
+  // for callers that no longer need them -- the fused linear + cross-entropy's chunks
+  // (nllfused/linear.py) -- so a chunk holds its logits and nothing more. Every C++ backend has
+  // it: the CPU kernels write in place (each logit is read before its gradient is stored over
+  // it, the true class's logit before the row's first store); elsewhere a composite computes
+  // ce_bwd and copies it over. ce_bwd_inplace_triton is the Triton kernels' own.
+  m.def(
+      "ce_bwd_inplace(Tensor grad_loss, Tensor? grad_lse, Tensor(a!) logits, Tensor target, "
+      "Tensor? weight, Tensor lse, Tensor aux, int ignore_index, float label_smoothing, "
+      "float logit_scale, float softcap, bool prob_target) -> ()");
+  m.def(
+      "ce_bwd_inplace_triton(Tensor grad_loss, Tensor? grad_lse, Tensor(a!) logits, "
+      "Tensor target, Tensor? weight, Tensor lse, Tensor aux, int ignore_index, "
+      "float label_smoothing, float logit_scale, float softcap, bool prob_target) -> ()");
   // The one-call path for torch-compatible calls (csrc/loss.cpp): input and target as
   // torch.nn.functional.cross_entropy takes them (index targets, int64), weight None or (C,) in
   // the accumulation dtype, reduction as at::Reduction numbers it (0 none, 1 mean, 2 sum).
@@ -89,4 +105,29 @@ TORCH_LIBRARY(nllfused, m) {
       "ce_bwd_triton(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
       "Tensor? weight, Tensor lse, Tensor aux, int ignore_index, float label_smoothing, "
       "float logit_scale, float softcap, bool prob_target) -> Tensor");
+}
+
+// ce_bwd_inplace where a backend has no kernel of its own for it (CUDA): ce_bwd, copied over.
+namespace {
+
+void ce_bwd_inplace_composite(const at::Tensor& grad_loss,
+                              const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
+                              const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                              const at::Tensor& lse, const at::Tensor& aux, int64_t ignore_index,
+                              double label_smoothing, double logit_scale, double softcap,
+                              bool prob_target) {
+  static const auto ce_bwd =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nllfused::ce_bwd", "")
+          .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                            const at::Tensor&, int64_t, double, double, double, bool)>();
+  logits.copy_(ce_bwd.call(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index,
+                           label_smoothing, logit_scale, softcap, prob_target));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nllfused, CompositeExplicitAutograd, m) {
+  m.impl("ce_bwd_inplace", &ce_bwd_inplace_composite);
 }

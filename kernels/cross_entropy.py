@@ -478,6 +478,10 @@ def ce_bwd_kernel(
         keep = keep | (g_ent != 0.0) | (g_tlp != 0.0)
     lse_hi = tl.where(keep, lse64.to(ACC), float("inf"))
     lse_lo = tl.where(keep, (lse64 - lse_hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)
+    if not PROB_TARGET:
+        # The true class's logit, read before the loop stores anything: GX may be X itself
+        # (ce_bwd_inplace_triton), and only this program stores over x[y] (own, below).
+        z_y = tl.load(x_row + y_col * stride_xc).to(ACC)
 
     for start in range(lo, body, BLOCK_C):
         _bwd_step(x_row, t_row, gx_row, W, start + tl.arange(0, BLOCK_C), C, D, row_ok, keep,
@@ -496,7 +500,7 @@ def ce_bwd_kernel(
         # coefficient) is formed in ACC and rounded once on store: without smoothing
         # y_coef == p_coef, and p_y * p_coef - y_coef is (p_y - 1) * p_coef in one FMA.
         tl.debug_barrier()
-        z = tl.load(x_row + y_col * stride_xc).to(ACC)
+        z = z_y
         if HAS_SCALE:
             z = z * logit_scale
         if HAS_SOFTCAP:
@@ -640,14 +644,30 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index, 
                         ignore_index, label_smoothing, logit_scale, softcap, prob_target)
 
 
+def ce_bwd_inplace(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index,
+                   label_smoothing, logit_scale, softcap, prob_target):
+    """ce_bwd's gradient written over the logits (nllfused::ce_bwd_inplace_triton, csrc/ops.cpp):
+    the kernel stores into the logits themselves where they are contiguous (it reads every logit,
+    the true class's first, before storing over it), else ce_bwd's result is copied over them."""
+    args = (target, weight, lse, aux, ignore_index, label_smoothing, logit_scale, softcap,
+            prob_target)
+    if logits.is_contiguous() and not truncating_store(logits):
+        ce_bwd_stats(grad_loss, grad_lse, None, None, logits, *args[:4], None, *args[4:],
+                     out=logits)
+    else:
+        logits.copy_(ce_bwd(grad_loss, grad_lse, logits, *args))
+
+
 def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, target, weight,
                  lse, aux, entropy, ignore_index, label_smoothing, logit_scale, softcap,
-                 prob_target):
+                 prob_target, out=None):
     """ce_bwd plus the gradients of the entropy and target log-probability that ce_fwd_stats
-    returned (either may be None) (nllfused::ce_bwd_stats_triton, csrc/ops.cpp)."""
+    returned (either may be None) (nllfused::ce_bwd_stats_triton, csrc/ops.cpp). `out`: the
+    contiguous buffer to store the gradient in, the logits themselves included."""
     N, C, D = logits.shape
-    grad = torch.empty((N, C, D), dtype=torch.float32 if truncating_store(logits)
-                       else logits.dtype, device=logits.device)
+    grad = out if out is not None else torch.empty(
+        (N, C, D), dtype=torch.float32 if truncating_store(logits) else logits.dtype,
+        device=logits.device)
     if N * D == 0:
         return grad.to(logits.dtype)
     stats = grad_entropy is not None or grad_target_logp is not None

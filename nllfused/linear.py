@@ -62,7 +62,7 @@ CHUNK_ROWS: Optional[int] = None
 # CUDA: 1 GiB, e.g. ~650 rows of a 256K bfloat16 vocabulary, thick enough for cuBLAS.
 _CHUNK_BYTES_CAP = {"cpu": 44 << 20, "cuda": 1 << 30}
 _MIN_ROWS = 32
-_OPS_SLICES = 8  # the fused ops' ce_bwd runs on 1/8 of a chunk at a time (_Chunks._ops_grad)
+_OPS_SLICES = 8  # without an in-place backward, ce_bwd runs on 1/8 of a chunk at a time
 _TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # absent from older torch
 
 
@@ -509,15 +509,24 @@ def _row_bytes(C: int, dtype: torch.dtype, backend: str) -> int:
     """Bytes of (n, C) buffers alive at once, per chunk row.
 
     The logits buffer, which becomes the chunk's gradient in place: with the "torch" backend
-    directly; with the fused ops, whose ce_bwd returns a new tensor, one 1/_OPS_SLICES slice of
-    the chunk at a time, copied back. Low precision adds float32 rows: the upcast the "torch"
+    directly; with the fused ops through ce_bwd_inplace where the backend's kernel writes over
+    its input (cpu, triton: _in_place_backward), else ce_bwd on one 1/_OPS_SLICES slice of the
+    chunk at a time, copied back. Low precision adds float32 rows: the upcast the "torch"
     backend works in, and the float32 copy of the gradient that the CPU's weight-gradient
     product accumulates from (counted on CUDA too, where that product is a bounded block)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     low = dtype in (torch.float16, torch.bfloat16)
     if backend == "torch":
         return C * (itemsize + (8 if low else 0))
-    return C * itemsize * (_OPS_SLICES + 1) // _OPS_SLICES + C * (4 if low else 0)
+    in_place = _in_place_backward(backend) is not None
+    slice_bytes = 0 if in_place else C * itemsize // _OPS_SLICES  # the slice ce_bwd returns
+    return C * itemsize + slice_bytes + C * (4 if low else 0)
+
+
+def _in_place_backward(backend: str):
+    """ce_bwd_inplace of a backend whose kernel stores the gradient over the logits it reads
+    (csrc/ops.cpp); None where it would be ce_bwd and a copy (cuda) or there is none (torch)."""
+    return ops.inplace_backward_for_backend(backend) if backend in ("cpu", "triton") else None
 
 
 class _Chunks:
@@ -532,6 +541,7 @@ class _Chunks:
         # of _chunk_rows is not traceable, and the op body is opaque to torch.compile.
         self.backend = backends.resolve(backend, input.device)
         self.fwd, self.bwd = ops.for_backend(self.backend)
+        self.bwd_inplace = _in_place_backward(self.backend)
         M, C = input.shape[0], linear_weight.shape[0]
         self.acc = torch_ref.acc_dtype(input.dtype)
         self.rows = _chunk_rows(M, C, input.dtype, input.device, self.backend, chunk_rows)
@@ -582,6 +592,12 @@ class _Chunks:
         return self._ops_grad(logits, t, grad_loss, grad_lse, lse, aux)
 
     def _ops_grad(self, logits, t, grad_loss, grad_lse, lse, aux):
+        if self.bwd_inplace is not None:  # the kernel stores the gradient over the logits
+            self.bwd_inplace(grad_loss.unsqueeze(-1),
+                             None if grad_lse is None else grad_lse.unsqueeze(-1),
+                             logits.unsqueeze(-1), t.unsqueeze(-1), self.w, lse.unsqueeze(-1),
+                             aux.unsqueeze(-1), *self.options)
+            return logits
         # ce_bwd returns a new tensor; run it on 1/_OPS_SLICES of the chunk at a time and copy
         # each result over the logits it came from (no longer needed), so the chunk holds its
         # logits plus a slice, not twice its logits.

@@ -48,6 +48,20 @@ def for_backend(backend: str):
     return getattr(torch.ops.nllfused, fwd), getattr(torch.ops.nllfused, bwd)
 
 
+_INPLACE = {"cpu": "ce_bwd_inplace", "cuda": "ce_bwd_inplace", "triton": "ce_bwd_inplace_triton"}
+
+
+def inplace_backward_for_backend(backend: str):
+    """ce_bwd_inplace (csrc/ops.cpp) of a fused backend: ce_bwd's gradient written over the
+    logits; None for the torch backend or an extension built without the op."""
+    name = _INPLACE.get(backend)
+    if name is None or not hasattr(torch.ops.nllfused, name):
+        return None
+    if backend == "triton" and _extension.TRITON_ERROR is not None:
+        return None
+    return getattr(torch.ops.nllfused, name)
+
+
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
               prob_target):
     torch._check(logits.dim() == 3, lambda: f"logits must be (N, C, D), got {logits.shape}")
@@ -79,6 +93,10 @@ def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_inde
               label_smoothing, logit_scale, softcap, prob_target):
     torch._check(grad_loss.shape == lse.shape, lambda: "grad_loss must be (N, D)")
     return logits.new_empty(logits.shape)
+
+
+def _bwd_inplace_fake(grad_loss, grad_lse, logits, *rest):
+    return None
 
 
 def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
@@ -179,6 +197,9 @@ def _register():
         kernels = _extension.triton_kernels
         torch.library.register_kernel("nllfused::ce_fwd_triton", ("cpu", "cuda"), kernels.ce_fwd)
         torch.library.register_kernel("nllfused::ce_bwd_triton", ("cpu", "cuda"), kernels.ce_bwd)
+        if hasattr(torch.ops.nllfused, "ce_bwd_inplace_triton"):
+            torch.library.register_kernel("nllfused::ce_bwd_inplace_triton", ("cpu", "cuda"),
+                                          kernels.ce_bwd_inplace)
         if _HAS_STATS_OPS:
             torch.library.register_kernel("nllfused::ce_fwd_stats_triton", ("cpu", "cuda"),
                                           kernels.ce_fwd_stats)
@@ -191,6 +212,9 @@ def _register():
         torch.library.register_autograd(f"nllfused::{fwd}",
                                         _make_stats_backward(getattr(torch.ops.nllfused, bwd)),
                                         setup_context=_setup_stats_context)
+    for name in dict.fromkeys(_INPLACE.values()):
+        if hasattr(torch.ops.nllfused, name):
+            torch.library.register_fake(f"nllfused::{name}", _bwd_inplace_fake)
     # Its autograd is C++ (csrc/loss.cpp); only the fake is Python, as for every op here.
     torch.library.register_fake("nllfused::cross_entropy_loss", _loss_fake)
     for fwd, bwd in dict.fromkeys(_PAIRS.values()):  # cpu and cuda share one op pair

@@ -177,12 +177,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_fwd_stats_cpu(
 }
 
 // ce_bwd, and with `entropy` given ce_bwd_stats (grad_entropy / grad_target_logp may be None).
+// in_place: the gradient over the logits (ce_bwd_inplace), when they are contiguous: every
+// kernel path reads a logit before it stores that logit's gradient, and reads the true class's
+// logit (row_grad) before the row's first store, so x and out may be one buffer when their
+// layouts agree. Other layouts go through a new buffer and a copy.
 Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
                 const std::optional<Tensor>& grad_entropy,
                 const std::optional<Tensor>& grad_target_logp, const Tensor& logits,
                 const Tensor& target, const std::optional<Tensor>& weight, const Tensor& lse,
                 const Tensor& aux, const Tensor* entropy, int64_t ignore_index,
-                double label_smoothing, double logit_scale, double softcap, bool prob_target) {
+                double label_smoothing, double logit_scale, double softcap, bool prob_target,
+                bool in_place = false) {
   const Tensor* gs = nllfused::present(grad_lse);
   const Tensor* ge = nllfused::present(grad_entropy);
   const Tensor* gt = nllfused::present(grad_target_logp);
@@ -212,10 +217,12 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
   }
   if (ge != nullptr) { A.gent = ge->data_ptr(); A.geN = ge->stride(0); A.geD = ge->stride(1); }
   if (gt != nullptr) { A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1); }
-  Tensor out = cached_empty({A.N, A.C, A.D}, logits.scalar_type());  // contiguous
+  const bool over = in_place && logits.is_contiguous();
+  Tensor out = over ? logits : cached_empty({A.N, A.C, A.D}, logits.scalar_type());  // contiguous
   A.out = out.data_ptr();
-  prefer_huge_pages(out);
+  if (!over) prefer_huge_pages(out);
   cap.backward(A, logits.scalar_type());
+  if (in_place && !over) logits.copy_(out);
   return out;
 }
 
@@ -226,6 +233,16 @@ Tensor ce_bwd_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse
   return backward("nllfused::ce_bwd (CPU)", grad_loss, grad_lse, std::nullopt, std::nullopt,
                   logits, target, weight, lse, aux, nullptr, ignore_index, label_smoothing,
                   logit_scale, softcap, prob_target);
+}
+
+void ce_bwd_inplace_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
+                        const Tensor& logits, const Tensor& target,
+                        const std::optional<Tensor>& weight, const Tensor& lse, const Tensor& aux,
+                        int64_t ignore_index, double label_smoothing, double logit_scale,
+                        double softcap, bool prob_target) {
+  backward("nllfused::ce_bwd_inplace (CPU)", grad_loss, grad_lse, std::nullopt, std::nullopt,
+           logits, target, weight, lse, aux, nullptr, ignore_index, label_smoothing, logit_scale,
+           softcap, prob_target, true);
 }
 
 Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& grad_lse,
@@ -256,6 +273,7 @@ std::string capability() { return active_capability().name; }
 TORCH_LIBRARY_IMPL(nllfused, CPU, m) {
   m.impl("ce_fwd", &nllfused_cpu::ce_fwd_cpu);
   m.impl("ce_bwd", &nllfused_cpu::ce_bwd_cpu);
+  m.impl("ce_bwd_inplace", &nllfused_cpu::ce_bwd_inplace_cpu);
   m.impl("ce_fwd_stats", &nllfused_cpu::ce_fwd_stats_cpu);
   m.impl("ce_bwd_stats", &nllfused_cpu::ce_bwd_stats_cpu);
 }
