@@ -32,7 +32,9 @@ Chunk size: see _chunk_rows (shapes, dtype and device only); chunk_size=, torch'
 LinearCrossEntropyOptions (_requested_rows) or CHUNK_ROWS (tests use it) override it.
 Precision: logits, their gradient and grad_input are in the parameters' dtype (as torch computes
 them); per-row losses, the reduction, grad_weight and grad_bias accumulate in float32 (float64
-for float64), rounded once to the parameters' dtype at the end.
+for float64), rounded once to the parameters' dtype at the end -- except a bfloat16 grad_weight
+on a CPU with bfloat16 matrix hardware, summed in bfloat16 products with one rounding per chunk
+(at most _BF16_WEIGHT_GRAD_ROUNDINGS; BF16_WEIGHT_GRAD).
 Autocast: as torch does for F.linear + F.cross_entropy, the matrix products run in the autocast
 dtype and the loss comes back in float32; gradients arrive in the parameters' own dtypes.
 """
@@ -64,6 +66,16 @@ _CHUNK_BYTES_CAP = {"cpu": 44 << 20, "cuda": 1 << 30}
 _MIN_ROWS = 32
 _OPS_SLICES = 8  # without an in-place backward, ce_bwd runs on 1/8 of a chunk at a time
 _TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # absent from older torch
+
+# bfloat16 weights on a CPU with bfloat16 matrix hardware (AMX or AVX512-BF16): the weight's
+# gradient is summed by bfloat16 products straight into the returned bfloat16 gradient (float32
+# sums inside each product, one rounding per chunk) instead of float32 products into a C x H
+# float32 accumulator -- 4x faster there and no accumulator at all (_bf16_weight_grad). Each
+# chunk adds one rounding of the running sum, so the chunks are made large enough that there
+# are at most _BF16_WEIGHT_GRAD_ROUNDINGS of them (_chunk_rows). None: decided by the CPU;
+# True/False force it (tests cover both).
+BF16_WEIGHT_GRAD: Optional[bool] = None
+_BF16_WEIGHT_GRAD_ROUNDINGS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +345,9 @@ def _linear_ce_fwd_impl(input: Tensor, linear_weight: Tensor, linear_bias: Optio
     loss: torch_ref.reduce of the per-row losses with the z-loss term -- (M,) for 'none', else
     a scalar -- in the accumulation dtype. lse (M,) float64 and aux (M,) as ce_fwd defines them
     (csrc/ops.cpp). For 'mean'/'sum' with a grad_* flag set, g_* hold d loss / d (input, weight,
-    bias) for an upstream gradient of 1 (g_input in the input's dtype, g_weight and g_bias in the
-    accumulation dtype); otherwise they are empty. `consume` only tells the autograd formula how
+    bias) for an upstream gradient of 1 (g_input in the input's dtype, g_bias in the accumulation
+    dtype, g_weight in _weight_grad_dtype: the accumulation dtype, or bfloat16 where it is
+    summed by bfloat16 products); otherwise they are empty. `consume` only tells the autograd formula how
     to hand them over: True (in place, eager only -- a traced graph cannot replay it) or False
     (saved, scaled out of place); linear_cross_entropy passes False while torch.compile traces.
     """
@@ -358,7 +371,8 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smo
     return (input.new_empty((M,) if reduction == "none" else (), dtype=acc),
             input.new_empty((M,), dtype=torch.float64), input.new_empty((M,), dtype=acc),
             input.new_empty(input.shape if store and grad_input else (0,)),
-            input.new_empty(linear_weight.shape if store and grad_weight else (0,), dtype=acc),
+            input.new_empty(linear_weight.shape if store and grad_weight else (0,),
+                            dtype=_weight_grad_dtype(input.dtype, input.device)),
             input.new_empty((C,) if store and grad_bias else (0,), dtype=acc))
 
 
@@ -488,24 +502,46 @@ def _no_autocast(t: Tensor):
 
 def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, backend: str,
                 requested: int) -> int:
-    """Rows per chunk: a function of the shapes, dtype, device type and backend only, so that
-    every call sums in the same order (bitwise identical results) and no call asks the allocator
-    anything (legal during CUDA-graph capture).
+    """Rows per chunk: a function of the shapes, dtype, device type (and CPU) and backend only,
+    so that every call sums in the same order (bitwise identical results) and no call asks the
+    allocator anything (legal during CUDA-graph capture).
 
     A chunk of n rows holds n * row_bytes bytes of (n, C) buffers at once (_row_bytes). The
     chunk is the most rows that fit _CHUNK_BYTES_CAP[device type], but at least _MIN_ROWS (thin
     products run far below the GEMM's speed) and at most M; a multiple of 8.
+    With bfloat16 weight gradients summed in bfloat16 (_bf16_weight_grad), at least
+    M / _BF16_WEIGHT_GRAD_ROUNDINGS rows (rounded up to a multiple of 8), past the cap if need be.
     """
     if requested > 0:
         return max(1, min(requested, M))
-    row_bytes = _row_bytes(C, dtype, backend)
+    bf16_products = _bf16_weight_grad(dtype, device)
+    row_bytes = _row_bytes(C, dtype, backend, bf16_products)
     rows = max(_MIN_ROWS, _CHUNK_BYTES_CAP.get(device.type, 1 << 30) // row_bytes)
     if rows > 8:
         rows -= rows % 8
+    if bf16_products:
+        fewest = -(-M // _BF16_WEIGHT_GRAD_ROUNDINGS)
+        rows = max(rows, fewest + (-fewest) % 8)
     return max(1, min(rows, M))
 
 
-def _row_bytes(C: int, dtype: torch.dtype, backend: str) -> int:
+def _bf16_weight_grad(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the weight gradient of `dtype` parameters on `device` is summed by bfloat16
+    products into the returned bfloat16 gradient (BF16_WEIGHT_GRAD)."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    if BF16_WEIGHT_GRAD is not None:
+        return BF16_WEIGHT_GRAD
+    return _cpu_has_bf16_products()
+
+
+def _cpu_has_bf16_products() -> bool:
+    """AMX or AVX512-BF16, as torch.cpu reports them (older torch: no such query, False)."""
+    return any(getattr(torch.cpu, name, lambda: False)()
+               for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def _row_bytes(C: int, dtype: torch.dtype, backend: str, bf16_products: bool = False) -> int:
     """Bytes of (n, C) buffers alive at once, per chunk row.
 
     The logits buffer, which becomes the chunk's gradient in place: with the "torch" backend
@@ -513,14 +549,15 @@ def _row_bytes(C: int, dtype: torch.dtype, backend: str) -> int:
     its input (cpu, triton: _in_place_backward), else ce_bwd on one 1/_OPS_SLICES slice of the
     chunk at a time, copied back. Low precision adds float32 rows: the upcast the "torch"
     backend works in, and the float32 copy of the gradient that the CPU's weight-gradient
-    product accumulates from (counted on CUDA too, where that product is a bounded block)."""
+    product accumulates from (counted on CUDA too, where that product is a bounded block) unless
+    that product runs in bfloat16 (bf16_products, _bf16_weight_grad)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     low = dtype in (torch.float16, torch.bfloat16)
     if backend == "torch":
         return C * (itemsize + (8 if low else 0))
     in_place = _in_place_backward(backend) is not None
     slice_bytes = 0 if in_place else C * itemsize // _OPS_SLICES  # the slice ce_bwd returns
-    return C * itemsize + slice_bytes + C * (4 if low else 0)
+    return C * itemsize + slice_bytes + C * (4 if low and not bf16_products else 0)
 
 
 def _in_place_backward(backend: str):
@@ -549,7 +586,10 @@ class _Chunks:
         self.gi = input.new_empty(input.shape if grad_input else (0,))
         # Accumulators: float32 (float64 for float64) whatever the parameters' dtype. The first
         # chunk writes them (no zero-fill pass over a weight-sized buffer); see finish().
-        self.gw = input.new_empty(linear_weight.shape if grad_weight else (0,), dtype=self.acc)
+        # bfloat16 on a CPU with bfloat16 products: the returned bfloat16 gradient itself.
+        self.bf16_products = _bf16_weight_grad(input.dtype, input.device)
+        self.gw = input.new_empty(linear_weight.shape if grad_weight else (0,),
+                                  dtype=_weight_grad_dtype(input.dtype, input.device))
         self.gb = input.new_empty((C,) if grad_bias else (0,), dtype=self.acc)
         self.want = (grad_input, grad_weight, grad_bias)
         self.first = True
@@ -617,7 +657,14 @@ class _Chunks:
             torch.mm(g, self.W, out=self.gi[r0:r1])
         if self.want[1]:
             gt, x = g.t(), self.x[r0:r1]
-            if g.dtype != self.acc and g.is_cuda:
+            if self.bf16_products:
+                # bfloat16 products, float32 sums inside each, added into the bfloat16 gradient
+                # (one rounding per chunk; _chunk_rows bounds the chunks).
+                if self.first:
+                    torch.mm(gt, x, out=self.gw)
+                else:
+                    self.gw.addmm_(gt, x)
+            elif g.dtype != self.acc and g.is_cuda:
                 # Low precision on CUDA: tensor-core products with a float32 result (cuBLAS
                 # accumulates in float32), added to the float32 accumulator one block of
                 # classes at a time, so the float32 product is a bounded temporary.
@@ -648,6 +695,12 @@ class _Chunks:
             self.gw.zero_()
             self.gb.zero_()
         return self.gi, self.gw, self.gb
+
+
+def _weight_grad_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """dtype of linear_ce_fwd's g_weight (and of _Chunks' weight-gradient sum): the accumulation
+    dtype, or bfloat16 where the sum runs in bfloat16 products (_bf16_weight_grad)."""
+    return dtype if _bf16_weight_grad(dtype, device) else torch_ref.acc_dtype(dtype)
 
 
 def _over(logits, g):
