@@ -149,7 +149,11 @@ def _preset_table(device_type: str) -> dict:
         # Issue 6: fused linear + CE. Bound by its GEMMs: time fwd+bwd and memory matter.
         "linear": ([("linear", [(8192, 4096, 128256), (8192, 2304, 256000)], (torch.bfloat16,),
                      ("fwd_bwd",))] if gpu else
-                   [("linear", [(2048, 1024, 32000)], (torch.float32,), ("fwd_bwd",))]),
+                   [("linear", [(2048, 1024, 32000)], bf16_fp32, ("fwd_bwd",))]),
+        # Issue 14's larger CPU shape (minutes: unfused torch's float32 call takes ~20 s here).
+        "linear-large": ([("linear", [(8192, 4096, 128256)], (torch.bfloat16,), ("fwd_bwd",))]
+                         if gpu else
+                         [("linear", [(4096, 2048, 128256)], bf16_fp32, ("fwd_bwd",))]),
         # The C++ backend issue's figures (run with 2 threads).
         "cpu": [("ce", [(4096, 32000), (1024, 128256)], (torch.float32, torch.bfloat16), MODES)],
         # Tiny and classification shapes, where per-call overhead decides.
@@ -162,13 +166,16 @@ def _preset_table(device_type: str) -> dict:
 
 
 FULL = ("llm", "vision", "linear")
-PRESETS = ("quick", "llm", "vision", "linear", "cpu", "small", "edge", "full", "smoke")
+PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "cpu", "small", "edge", "full",
+           "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
     "vision": "segmentation (16,21,512,512), (8,150,512,512); classification (65536,1000)",
     "linear": "fused linear + CE: (N,H,C) = (8192,4096,128256), (8192,2304,256000) bf16 on a "
-              "GPU; (2048,1024,32000) fp32 on the CPU",
+              "GPU; (2048,1024,32000) bf16 and fp32 on the CPU",
+    "linear-large": "fused linear + CE, (4096,2048,128256) bf16 and fp32 on the CPU (minutes); "
+                    "(8192,4096,128256) bf16 on a GPU",
     "cpu": "(4096,32000), (1024,128256) x fp32, bf16 with 2 threads: the C++ backend's figures",
     "small": "tiny and classification shapes (64,10) ... (8,4,512,512): per-call overhead",
     "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
