@@ -183,7 +183,8 @@ def test_auto_chunk_rule(monkeypatch, bf16_products):
                 assert -(-2048 // rows) <= L._BF16_WEIGHT_GRAD_ROUNDINGS
                 assert rows == 1024  # the budget alone would give fewer rows here
                 continue
-            assert rows * L._row_bytes(32000, dtype, backend) <= L._CHUNK_BYTES_CAP["cpu"]
+            budget = L._CHUNK_BYTES_CAP["cpu"] // L._row_bytes(32000, dtype, backend)
+            assert rows == max(L._MIN_ROWS, budget - budget % 8)
             assert rows * 32000 * 4 < 2048 * 32000 * 4 / 5
     assert L._chunk_rows(5, 32000, torch.float32, cpu, "torch", 0) == 5
     assert L._chunk_rows(10 ** 6, 10 ** 8, torch.float32, cpu, "cpu", 0) == L._MIN_ROWS
@@ -666,6 +667,7 @@ L._linear_ce_bwd.register_torch_dispatch(Allocations, _run_inside(L._linear_ce_b
 def test_never_allocates_the_logits(monkeypatch, device, backend, reduction, chunk_rows):
     monkeypatch.setattr(L, "CHUNK_ROWS", chunk_rows)
     # auto: 64 rows of C = 512
+    monkeypatch.setattr(L, "_MIN_ROWS", 32)
     monkeypatch.setitem(L._CHUNK_BYTES_CAP, "cpu", 64 * L._row_bytes(512, torch.float32, backend))
     N, H, C = 640, 32, 512
     x, W, b, t = make(lead=(N,), H=H, C=C, bias=True)
