@@ -407,7 +407,8 @@ def ce_bwd_kernel(
     X, stride_xn, stride_xc, stride_xd,          # logits (N, C, D)
     T, stride_tn, stride_tc, stride_td,          # targets
     W, WSUM, LSE, AUX,
-    GX,                                          # gradient, contiguous (N, C, D)
+    GX,                                          # gradient, contiguous (N, C, D); X itself
+                                                 # with IN_PLACE (ce_bwd_inplace_triton)
     GE, GT, ENT,                                 # HAS_STATS_GRAD: upstream gradients of the
                                                  # entropy and target log-prob, the entropy;
                                                  # contiguous (N * D,), ACC
@@ -416,7 +417,7 @@ def ce_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_STATS_GRAD: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_STATS_GRAD: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
     label_smoothing, logit_scale, softcap = _options(
         smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
@@ -478,9 +479,11 @@ def ce_bwd_kernel(
         keep = keep | (g_ent != 0.0) | (g_tlp != 0.0)
     lse_hi = tl.where(keep, lse64.to(ACC), float("inf"))
     lse_lo = tl.where(keep, (lse64 - lse_hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)
-    if not PROB_TARGET:
-        # The true class's logit, read before the loop stores anything: GX may be X itself
-        # (ce_bwd_inplace_triton), and only this program stores over x[y] (own, below).
+    if IN_PLACE and not PROB_TARGET:
+        # GX is X itself (ce_bwd_inplace_triton): the true class's logit is read before the loop
+        # stores over it (only this program stores over x[y]: own, below). Otherwise it is read
+        # after the loop, so that it holds no registers across it (BLOCK_R of them: a 32-row
+        # tile of 16 classes took 106 registers instead of 96).
         z_y = tl.load(x_row + y_col * stride_xc).to(ACC)
 
     for start in range(lo, body, BLOCK_C):
@@ -500,7 +503,10 @@ def ce_bwd_kernel(
         # coefficient) is formed in ACC and rounded once on store: without smoothing
         # y_coef == p_coef, and p_y * p_coef - y_coef is (p_y - 1) * p_coef in one FMA.
         tl.debug_barrier()
-        z = z_y
+        if IN_PLACE:
+            z = z_y
+        else:
+            z = tl.load(x_row + y_col * stride_xc).to(ACC)
         if HAS_SCALE:
             z = z * logit_scale
         if HAS_SOFTCAP:
@@ -684,5 +690,7 @@ def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, ta
         ce_bwd_kernel[grid](grad_loss, *grad_loss.stride(), gl, *gl.stride(),
                             logits, *logits.stride(), target, *_target_strides(target, prob_target),
                             *weights, lse, aux, grad, *stat_args, *sizes, ignore_index, *options,
-                            HAS_GRAD_LSE=grad_lse is not None, HAS_STATS_GRAD=stats, **flags)
+                            HAS_GRAD_LSE=grad_lse is not None, HAS_STATS_GRAD=stats,
+                            IN_PLACE=out is not None and out.data_ptr() == logits.data_ptr(),
+                            **flags)
     return grad.to(logits.dtype)
