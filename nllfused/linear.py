@@ -351,9 +351,10 @@ def _linear_ce_fwd_impl(input: Tensor, linear_weight: Tensor, linear_bias: Optio
     (csrc/ops.cpp). For 'mean'/'sum' with a grad_* flag set, g_* hold d loss / d (input, weight,
     bias) for an upstream gradient of 1 (g_input in the input's dtype, g_bias in the accumulation
     dtype, g_weight in _weight_grad_dtype: the accumulation dtype, or bfloat16 where it is
-    summed by bfloat16 products); otherwise they are empty. `consume` only tells the autograd formula how
-    to hand them over: True (in place, eager only -- a traced graph cannot replay it) or False
-    (saved, scaled out of place); linear_cross_entropy passes False while torch.compile traces.
+    summed by bfloat16 products); otherwise they are empty. `consume` only tells the autograd
+    formula how to hand them over: True (in place, eager only -- a traced graph cannot replay
+    it) or False (saved, scaled out of place); linear_cross_entropy passes False while
+    torch.compile traces.
     """
     options = Options(ignore_index, label_smoothing, logit_scale, softcap, prob_target)
     with _no_autocast(input):
@@ -588,9 +589,10 @@ class _Chunks:
         self.rows = _chunk_rows(M, C, input.dtype, input.device, self.backend, chunk_rows)
         self._logits = input.new_empty((min(self.rows, M), C))  # reused by every chunk
         self.gi = input.new_empty(input.shape if grad_input else (0,))
-        # Accumulators: float32 (float64 for float64) whatever the parameters' dtype. The first
-        # chunk writes them (no zero-fill pass over a weight-sized buffer); see finish().
-        # bfloat16 on a CPU with bfloat16 products: the returned bfloat16 gradient itself.
+        # Accumulators: float32 (float64 for float64) whatever the parameters' dtype, but for
+        # a bfloat16 weight on a CPU with bfloat16 products, whose gradient sums in the returned
+        # bfloat16 tensor itself (_bf16_weight_grad). The first chunk writes them (no zero-fill
+        # pass over a weight-sized buffer); see finish().
         self.bf16_products = _bf16_weight_grad(input.dtype, input.device)
         self.gw = input.new_empty(linear_weight.shape if grad_weight else (0,),
                                   dtype=_weight_grad_dtype(input.dtype, input.device))
