@@ -40,7 +40,6 @@ dtype and the loss comes back in float32; gradients arrive in the parameters' ow
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -48,9 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, backends, functional, linear_stats, ops
+from .linear_checks import autocast_args, check_arguments, check_chunking
 from ._checks import Options
 from .backends import torch_ref
-from .errors import ArgumentError, ArgumentTypeError
+from .errors import ArgumentError
 from .modules import LossOptions
 
 # Rows per chunk: None picks them from the shapes, dtype and device (_chunk_rows); an int forces
@@ -69,7 +69,6 @@ _CHUNK_BYTES_CAP = {"cpu": 44 << 20, "cuda": 1 << 30}
 # vocabulary are 131 MB, 2.5 % of what unfused torch holds there.
 _MIN_ROWS = 256
 _OPS_SLICES = 8  # without an in-place backward, ce_bwd runs on 1/8 of a chunk at a time
-_TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # absent from older torch
 
 # bfloat16 weights on a CPU with bfloat16 matrix hardware (AMX or AVX512-BF16): the weight's
 # gradient is summed by bfloat16 products straight into the returned bfloat16 gradient (float32
@@ -132,8 +131,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
             label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
             softcap=softcap, backend=backend, return_stats=return_stats,
             return_z_loss=return_z_loss, return_lse=return_lse)
-    input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
-    x, t, w, opts = _check_arguments(input, linear_weight, target, linear_bias, weight,
+    input, linear_weight, linear_bias, out_dtype = autocast_args(input, linear_weight, linear_bias)
+    x, t, w, opts = check_arguments(input, linear_weight, target, linear_bias, weight,
                                      ignore_index, label_smoothing, logit_scale, softcap)
     (M, H), C = x.shape, linear_weight.shape[0]
     chunk_rows = _requested_rows(options, chunk_size, M, H, C)
@@ -195,7 +194,7 @@ class LinearCrossEntropyLoss(LossOptions):
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ArgumentError(
                 f"weight must have shape ({num_classes},); got {tuple(weight.shape)}")
-        _check_chunking(options, chunk_size)
+        check_chunking(options, chunk_size)
         self.num_classes = num_classes
         self.out_features = ()
         self.register_buffer("weight", weight)
@@ -221,96 +220,11 @@ class LinearCrossEntropyLoss(LossOptions):
         return ", ".join(extras + self._options_repr())
 
 
-# ---------------------------------------------------------------------------------------------
-# Checks
-# ---------------------------------------------------------------------------------------------
-
-def _autocast(input, linear_weight, linear_bias):
-    """Cast as torch's autocast would for F.linear; the loss then comes back in float32 (autocast
-    runs cross_entropy in float32). float64 tensors are left alone, as autocast leaves them."""
-    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
-        return input, linear_weight, linear_bias, getattr(input, "dtype", None)
-    dtype = torch.get_autocast_dtype(input.device.type)
-
-    def cast(t):
-        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible else t
-
-    out_dtype = torch.float32 if input.is_floating_point() and input.dtype != torch.float64 \
-        else input.dtype
-    return cast(input), cast(linear_weight), cast(linear_bias), out_dtype
-
-
-def _check_arguments(input, linear_weight, target, linear_bias, weight, ignore_index,
-                     label_smoothing, logit_scale, softcap):
-    """Validate; return the (M, H) input, the (M,) int64 targets, the canonical class weight
-    (accumulation dtype) and the op options (an Options record)."""
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise ArgumentTypeError(f"{name} must be a Tensor; got {type(t).__name__}")
-    if linear_bias is not None and not isinstance(linear_bias, Tensor):
-        raise ArgumentTypeError(
-            f"linear_bias must be a Tensor or None; got {type(linear_bias).__name__}")
-    if input.dtype not in _checks.LOGIT_DTYPES:
-        raise ArgumentTypeError(
-            f"input must be float16, bfloat16, float32 or float64; got {input.dtype}")
-    if input.dim() == 0:
-        raise ArgumentError("input is 0-dimensional: it must have shape (*, in_features), e.g. "
-                            "(N, H) or (B, T, H)")
-    if linear_weight.dim() != 2:
-        raise ArgumentError(
-            f"linear_weight must have shape (num_classes, in_features); got "
-            f"{tuple(linear_weight.shape)}")
-    C, H = linear_weight.shape
-    if input.shape[-1] != H:
-        raise ArgumentError(
-            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's in_features "
-            f"({H}): input {tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)}")
-    if C == 0:
-        raise ArgumentError("linear_weight has 0 rows: there must be at least one class")
-    if linear_bias is not None and tuple(linear_bias.shape) != (C,):
-        raise ArgumentError(
-            f"linear_bias must have shape ({C},); got {tuple(linear_bias.shape)}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise ArgumentTypeError(
-                f"{name} is {t.dtype} but input is {input.dtype}: they must match (or run "
-                f"under torch.autocast), as in F.linear")
-        if t.device != input.device:
-            raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ArgumentError(
-            f"target shape {tuple(target.shape)} does not match input shape "
-            f"{tuple(input.shape)}: class-index targets must have shape "
-            f"{tuple(input.shape[:-1])} (the input's shape without in_features)")
-    M = math.prod(input.shape[:-1])
-    x = input.reshape(M, H)
-    t = target.reshape(M)
-    # The rest (target dtype and device, class weight shape/dtype/device, ignore_index, the
-    # options) is cross_entropy's own check, run on a zero-stride stand-in for the (M, C) logits.
-    stand_in = input.new_zeros(()).expand(M, C)
-    call = _checks.canonicalize(stand_in, t, weight, ignore_index, label_smoothing, logit_scale,
-                                softcap)
-    return x, t.long(), call.weight, call.options
-
-
-def _check_chunking(options, chunk_size) -> None:
-    if options is not None and (_TORCH_OPTIONS is None or not isinstance(options,
-                                                                         _TORCH_OPTIONS)):
-        raise ArgumentTypeError(f"options must be a torch.nn.LinearCrossEntropyOptions or None; "
-                                f"got {type(options).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-            chunk_size, int) or chunk_size < 1):
-        raise ArgumentError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-
-
 def _requested_rows(options, chunk_size, M: int, H: int, C: int) -> int:
     """Rows per chunk asked for (0: the automatic rule, _chunk_rows): chunk_size, else what
     torch's LinearCrossEntropyOptions says about it (as torch's chunked path reads it), else
     CHUNK_ROWS."""
-    _check_chunking(options, chunk_size)
+    check_chunking(options, chunk_size)
     if chunk_size is not None:
         return chunk_size
     if options is not None:

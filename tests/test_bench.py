@@ -113,7 +113,11 @@ def test_presets():
     assert llm[0].dtype == torch.bfloat16  # bf16 first: a time budget drops fp32 first
     assert {c.shape for c in cases.build_cases(["linear"], gpu)} == {
         (8192, 4096, 128256), (8192, 2304, 256000)}
-    assert [c.shape for c in cases.build_cases(["linear"], cpu)] == [(2048, 1024, 32000)]
+    assert [(c.shape, c.short_dtype) for c in cases.build_cases(["linear"], cpu)] == [
+        ((2048, 1024, 32000), "bf16"), ((2048, 1024, 32000), "fp32")]
+    assert [(c.shape, c.short_dtype) for c in cases.build_cases(["linear-large"], cpu)] == [
+        ((4096, 2048, 128256), "bf16"), ((4096, 2048, 128256), "fp32")]
+    assert "linear-large" not in cases.expand_presets(["full"], cpu)  # minutes: asked for by name
     cpu_preset = cases.build_cases(["cpu"], cpu)
     assert {(c.shape, c.short_dtype) for c in cpu_preset} == {
         (s, d) for s in [(4096, 32000), (1024, 128256)] for d in ("fp32", "bf16")}
