@@ -77,13 +77,25 @@ def test_one_call_is_the_general_path(device, reduction, channels_last,
     if reduction == "none" or device != "cpu":
         assert torch.equal(l1, l2) and torch.equal(g1, g2)
         return
-    # On the CPU the one-call path sums the rows in double, rounded once (csrc/loss.cpp), where
-    # the general path sums in float32: the same per-row values, reductions within 2 ulp.
-    torch.testing.assert_close(l1, l2, rtol=2 ** -22, atol=0)
+    # On the CPU the one-call path reduces the rows' float32 losses in double and rounds once
+    # (csrc/loss.cpp); the general path reduces them with float32 tensor ops. Each is judged
+    # against the double reduction of the same per-row values (reduction='none', bitwise the
+    # same on both paths): the one-call result within 1 ulp, the general path within float32
+    # summation's error bound over n rows, (n + 1) / 2 ulp. (Within 2 ulp of each other, as this
+    # test once asked, held for most random inputs only.)
+    rows = nllfused.cross_entropy(x, t, backend=device, **dict(kw, reduction="none")).double()
+    counted = t != -100
+    den = w.double()[t[counted]].sum() if reduction == "mean" else 1.0
+    exact = (rows.sum() / den).to(torch.float64)
+    n, ulp = rows.numel(), 2.0 ** -23
+    torch.testing.assert_close(l1.double(), exact, rtol=ulp, atol=0)
+    torch.testing.assert_close(l2.double(), exact, rtol=(n + 1) * ulp / 2, atol=0)
     if reduction == "sum":
         assert torch.equal(g1, g2)
-    else:  # each row's share 1/sum(w) within 2 ulp; elements near 0 inherit it absolutely
-        torch.testing.assert_close(g1, g2, rtol=2 ** -22, atol=2 ** -22 * g2.abs().max().item())
+    else:  # each row's share 1/sum(w): rounded once from double, or from a float32 sum of the
+        # n weights; elements near 0 inherit the difference absolutely
+        tol = (n + 2) * ulp / 2
+        torch.testing.assert_close(g1, g2, rtol=tol, atol=tol * g2.abs().max().item())
 
 
 @pytest.mark.parametrize("device", ONE_CALL_DEVICES)
