@@ -655,13 +655,12 @@ def ce_bwd_inplace(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore
     """ce_bwd's gradient written over the logits (nllfused::ce_bwd_inplace_triton, csrc/ops.cpp):
     the kernel stores into the logits themselves where they are contiguous (it reads every logit,
     the true class's first, before storing over it), else ce_bwd's result is copied over them."""
-    args = (target, weight, lse, aux, ignore_index, label_smoothing, logit_scale, softcap,
-            prob_target)
+    options = (ignore_index, label_smoothing, logit_scale, softcap, prob_target)
     if logits.is_contiguous() and not truncating_store(logits):
-        ce_bwd_stats(grad_loss, grad_lse, None, None, logits, *args[:4], None, *args[4:],
-                     out=logits)
+        ce_bwd_stats(grad_loss, grad_lse, None, None, logits, target, weight, lse, aux, None,
+                     *options, out=logits)
     else:
-        logits.copy_(ce_bwd(grad_loss, grad_lse, logits, *args))
+        logits.copy_(ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, aux, *options))
 
 
 def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, target, weight,
