@@ -22,6 +22,8 @@ struct ScalarVec {
   // the mask is 1 or 0.
   ScalarVec operator!=(ScalarVec b) const { return ScalarVec(v != b.v ? T(1) : T(0)); }
   ScalarVec operator==(ScalarVec b) const { return ScalarVec(v == b.v ? T(1) : T(0)); }
+  ScalarVec operator|(ScalarVec b) const { return ScalarVec(v != 0 || b.v != 0 ? T(1) : T(0)); }
+  int zero_mask() const { return v == 0 ? 1 : 0; }  // bit 0: the lane is 0
   static ScalarVec blendv(ScalarVec a, ScalarVec b, ScalarVec mask) { return mask.v != 0 ? b : a; }
   friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return ScalarVec(a.v + b.v); }
   friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return ScalarVec(a.v - b.v); }
