@@ -34,6 +34,12 @@ static py::dict build_info() {
   } catch (const c10::Error& e) {
     info["cpu_capability"] = std::string("error: ") + e.what_without_backtrace();
   }
+  // Classes per chunk of the CPU forward's float32 rows (kernels.h, row_chunk).
+  try {
+    info["cpu_row_chunk"] = nllfused_cpu::row_chunk(4);
+  } catch (const c10::Error& e) {
+    info["cpu_row_chunk"] = std::string("error: ") + e.what_without_backtrace();
+  }
   return info;
 }
 

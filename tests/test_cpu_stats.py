@@ -118,33 +118,6 @@ def test_special_rows(capability, C):
     assert bool(torch.isfinite(xm.grad).all())
 
 
-@pytest.mark.parametrize("layout", ["rows", "tiles"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
-                         ids=lambda d: str(d)[6:])
-def test_argmax_of_long_rows(capability, layout, dtype):
-    """Rows of several chunks (2048 classes each): the first of tied maxima wherever they fall --
-    in one vector step, in two steps of a chunk, in two chunks, in a chunk's scalar tail, a
-    larger max in a later chunk -- and the first NaN, on rows read in place and on tiles."""
-    C = 5000
-    x = torch.randn(9, C, dtype=torch.float64)
-    top = x.abs().max() + 1
-    places = [[5, 9], [40, 700], [2100, 4500], [3, 4997], [4990, 4999], [2047, 2048],
-              [10, 3000]]
-    for r, cols in enumerate(places):
-        x[r, cols] = top
-    x[6, 4000] = top + 1            # a larger max after a tie
-    x[7, [2500, 100]] = float("nan")
-    x[8, 1] = float("inf")
-    x[8, 4321] = float("inf")
-    x = x.to(dtype)
-    if layout == "tiles":
-        x = x.t().contiguous().t()  # classes strided
-    t = torch.randint(0, C, (9,))
-    _, st = nllfused.cross_entropy(x, t, reduction="none", backend="cpu",
-                                   return_stats=("predicted",))
-    assert st.predicted.tolist() == [5, 40, 2100, 3, 4990, 2047, 4000, 100, 1]
-
-
 @pytest.mark.parametrize("prob_target", [False, True])
 @pytest.mark.parametrize("C", [11, 300])
 def test_opcheck(prob_target, C):

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <unistd.h>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -100,6 +101,15 @@ void prefer_huge_pages(const Tensor& t) {
 #endif
 }
 
+// The L1 data cache in bytes (32 KiB where the system does not say).
+int64_t l1d_bytes() {
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+  const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  if (l1 > 0) return l1;
+#endif
+  return 32768;
+}
+
 // The logits / target / weight / option fields of Args, from checked arguments. `w` keeps the
 // contiguous weights alive.
 Args make_args(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
@@ -126,6 +136,7 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
   }
   A.ignore_index = ignore_index; A.eps = label_smoothing;
   A.a = logit_scale; A.s = softcap;
+  A.chunk = row_chunk(logits.scalar_type() == at::kDouble ? 8 : 4);
   return A;
 }
 
@@ -267,6 +278,24 @@ std::vector<std::string> capabilities() {
 }
 
 std::string capability() { return active_capability().name; }
+
+int64_t row_chunk(int64_t acc_size) {
+  const char* env = std::getenv("NLLFUSED_CPU_CHUNK");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && v >= 64 && v <= kMaxRowChunk && v % 64 == 0,
+                "NLLFUSED_CPU_CHUNK must be a multiple of 64 from 64 to ", kMaxRowChunk,
+                " (classes per chunk of the CPU forward's rows), got '", env, "'");
+    return v;
+  }
+  static const int64_t bytes = [] {
+    int64_t b = 8192;
+    while (2 * b <= l1d_bytes() * 2 / 3 && 2 * b <= 32768) b *= 2;
+    return b;
+  }();
+  return bytes / acc_size;
+}
 
 }  // namespace nllfused_cpu
 

@@ -66,9 +66,11 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
   return rg;
 }
 
-// Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`.
+// Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`. Split: the
+// whole 2W blocks loaded and stored in split order (load2s), for bf16 rows whose every gradient
+// is finite and that have no per-class g.
 template <typename scalar_t>
-template <typename src_t, typename dst_t, int K, int Gm, bool Ent>
+template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split>
 auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip,
                               const RowGrad& rg, const acc_t* g, const Tf& t) -> acc_t {
   const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q), vE(rg.E);
@@ -90,16 +92,16 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
   int64_t i = 0;
   for (; i + W2 <= n; i += W2) {
     V a, b, pa, pb;
-    load2(x + i, a, b);
+    load2s<Split>(x + i, a, b);
     a = body(a, g + i, pa);
     b = body(b, g + i + W, pb);
-    if (finite) store2_finite(out + i, a, b);
+    if (Split || finite) store2s_finite<Split>(out + i, a, b);
     else store2(out + i, a, b);
     if (static_cast<uint64_t>(skip - i) < static_cast<uint64_t>(W2)) {  // the target's block
       acc_t pt[W2];
       pa.store(pt);
       pb.store(pt + W);
-      pt[skip - i] = 0;
+      pt[Split ? split_pos(skip - i) : skip - i] = 0;
       pa = V::loadu(pt);
       pb = V::loadu(pt + W);
     }
@@ -133,6 +135,23 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
     return 0;
   }
   const int64_t skip = rg.y - c0;
+  if constexpr (kSplit && std::is_same_v<src_t, scalar_t> && std::is_same_v<dst_t, scalar_t>) {
+    // bf16 in and out, no per-class g, every gradient finite (grad_chunk's own test)
+    if (rg.gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q) && std::isfinite(rg.E)) {
+#define NLLF_GRAD_SPLIT(K, E)                                                                 \
+  if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E, true>(x, out, n, skip, rg, g, t); \
+  return grad_chunk<src_t, dst_t, K, 1, E, true>(x, out, n, skip, rg, g, t);
+      if (rg.ent) {
+        if (t.kind == 0) { NLLF_GRAD_SPLIT(0, true) }
+        if (t.kind == 1) { NLLF_GRAD_SPLIT(1, true) }
+        NLLF_GRAD_SPLIT(2, true)
+      }
+      if (t.kind == 0) { NLLF_GRAD_SPLIT(0, false) }
+      if (t.kind == 1) { NLLF_GRAD_SPLIT(1, false) }
+      NLLF_GRAD_SPLIT(2, false)
+#undef NLLF_GRAD_SPLIT
+    }
+  }
 #define NLLF_GRAD_K(K, E)                                                              \
 if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E>(x, out, n, skip, rg, g, t); \
 if (rg.gm == 1) return grad_chunk<src_t, dst_t, K, 1, E>(x, out, n, skip, rg, g, t); \

@@ -4,15 +4,16 @@
 
 namespace nllfused_cpu::NLLF_CPU_NS {
 
-// Sweep 1 over a chunk: max of z (see vmax for NaN); with Copy also writes z to zb (may alias x).
+// Sweep 1 over a chunk: max of z (see vmax for NaN); with Copy also writes z to zb (may alias x),
+// with Split its whole 2W blocks in split order (load2s).
 template <typename scalar_t>
-template <typename src_t, int K, bool Copy>
+template <typename src_t, int K, bool Copy, bool Split>
 auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t) -> acc_t {
   V m0(-kInf), m1(-kInf);
   int64_t i = 0;
   for (; i + W2 <= n; i += W2) {
     V a, b;
-    load2(x + i, a, b);
+    load2s<Split>(x + i, a, b);
     if constexpr (Copy) {
       a = tf<K>(a, t);
       b = tf<K>(b, t);
@@ -38,15 +39,24 @@ auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t) 
 }
 
 // z of classes [0, n) of a row chunk starting at x (class stride xC) and its max: a pointer
-// into the logits themselves when no conversion is needed, else zb, filled here.
+// into the logits themselves when no conversion is needed, else zb, filled here -- in split
+// order where split asks for it and the logits are bf16 (kSplit).
 template <typename scalar_t>
 auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* zb, const Tf& t,
-                              acc_t& cm) -> const acc_t* {
+                              acc_t& cm, bool split) -> const acc_t* {
   if (xC == 1) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (t.kind == 0) {  // fp32/fp64 without transform: no copy at all
         cm = chunk_max<acc_t, 0, false>(x, n, nullptr, t);
         return x;
+      }
+    }
+    if constexpr (kSplit) {
+      if (split) {
+        if (t.kind == 0) cm = chunk_max<scalar_t, 0, true, true>(x, n, zb, t);
+        else if (t.kind == 1) cm = chunk_max<scalar_t, 1, true, true>(x, n, zb, t);
+        else cm = chunk_max<scalar_t, 2, true, true>(x, n, zb, t);
+        return zb;
       }
     }
     if (t.kind == 0) cm = chunk_max<scalar_t, 0, true>(x, n, zb, t);
@@ -192,9 +202,11 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t
 // dropped is found by finish_stats.) Two vectors per step and one test whether any of their
 // lanes holds cm: a new max is met in a few chunks of every row (the first ones, mostly), and at
 // 32K classes a scan that cost more than a few instructions per 32 classes took a tenth of the
-// bf16 forward.
+// bf16 forward. z[0, split_end) is in split order (load_chunk), where the first class at cm of
+// the step that holds it is the least class among its hits.
 template <typename scalar_t>
-void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm) {
+void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm,
+                                int64_t split_end) {
   const bool nan = std::isnan(cm);
   if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
@@ -204,6 +216,15 @@ void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n
     const V a = V::loadu(z + i), b = V::loadu(z + i + W);
     const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
     if (hit.zero_mask() != kNoHit) break;
+  }
+  if (i < split_end) {
+    int64_t first = W2;
+    for (int64_t q = 0; q < W2; ++q) {
+      if (nan ? z[i + q] != z[i + q] : z[i + q] == cm) first = std::min(first, split_class(q));
+    }
+    st.best = cm;
+    st.arg = c0 + i + first;
+    return;
   }
   for (; i < n; ++i) {
     if (nan ? z[i] != z[i] : z[i] == cm) {
@@ -292,11 +313,12 @@ void Ce<scalar_t>::finish_stats(const Args& A, int64_t r, const State& st, const
   static_cast<acc_t*>(A.tlp)[r] = tlp;
 }
 
-// Unit class stride: each row read in place, chunk by chunk.
+// Unit class stride: each row read in place, chunk by chunk (A.chunk classes: kernels.h).
 template <typename scalar_t>
 void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
-  alignas(64) acc_t zb[kChunk];
-  alignas(64) acc_t gb[kChunk];
+  alignas(64) acc_t zb[kRowChunkMax];
+  alignas(64) acc_t gb[kRowChunkMax];
+  const int64_t chunk = std::min<int64_t>(A.chunk, kRowChunkMax);
   const Tf t = make_tf(A);
   const bool stats = A.stats_fwd();
   for (int64_t r = r0; r < r1; ++r) {
@@ -304,12 +326,13 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
     const scalar_t* xr = row_ptr(A, n_, d_);
     const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
     const int gm = gmode(A, y);
+    const bool split = kSplit && gm < 2;  // no per-class g: the fold sums in any order
     State st;
-    for (int64_t c0 = 0; c0 < A.C; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, A.C - c0);
+    for (int64_t c0 = 0; c0 < A.C; c0 += chunk) {
+      const int64_t n = std::min(chunk, A.C - c0);
       acc_t cm;
-      const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm);
-      if (stats) track_argmax(st, z, c0, n, cm);
+      const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm, split);
+      if (stats) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0);
       const acc_t* g = nullptr;
       if (A.prob) {
         soft_coef(A, n_, d_, c0, n, gb);
@@ -321,7 +344,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const scalar_t* pf = c0 + n < A.C ? xr + c0 + n
                            : r + 1 < r1 ? row_ptr(A, (r + 1) / A.D, (r + 1) % A.D)
                                         : nullptr;
-      const int64_t pf_n = c0 + n < A.C ? std::min(kChunk, A.C - c0 - n) : std::min(kChunk, A.C);
+      const int64_t pf_n = c0 + n < A.C ? std::min(chunk, A.C - c0 - n) : std::min(chunk, A.C);
       fold_any(gm, stats, st, z, n, cm, g, reinterpret_cast<const char*>(pf),
                pf ? pf_n * int64_t(sizeof(scalar_t)) : 0);
     }

@@ -52,7 +52,8 @@ struct Ce {
   using V = Vec<acc_t>;
   static constexpr int64_t W = V::size();    // lanes
   static constexpr int64_t W2 = 2 * W;       // elements per inner-loop step (two vectors: ILP)
-  static constexpr int64_t kChunk = 2048;    // classes per L1-resident chunk (unit class stride)
+  static constexpr int64_t kChunk = 2048;    // classes per chunk of the backward's rows
+  static constexpr int64_t kRowChunkMax = kMaxRowChunk;  // the forward's (A.chunk) at most
   static constexpr int64_t kTile = 16;       // rows per tile (strided classes)
   static constexpr int64_t kTileChunk = 256; // classes per tile chunk
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
@@ -74,6 +75,33 @@ struct Ce {
       b = V::loadu(t + W);
 #endif
     }
+  }
+  // Split order: where the translation unit has it (NLLF_HAVE_BF16_SPLIT), a 2W block of bf16
+  // loads as its even classes (vector a) and its odd ones (b), and stores back alike, at about
+  // half the instructions of the ordered conversions. For loops to which the order of the
+  // classes within a block does not matter: sums over the classes, elementwise gradients --
+  // not per-class weights or soft targets, nor a position (argmax, the target), which map
+  // through split_class / split_pos.
+#ifdef NLLF_HAVE_BF16_SPLIT
+  static constexpr bool kSplit = std::is_same_v<scalar_t, at::BFloat16>;
+#else
+  static constexpr bool kSplit = false;
+#endif
+  static inline int64_t split_class(int64_t q) { return q < W ? 2 * q : 2 * (q - W) + 1; }
+  static inline int64_t split_pos(int64_t c) { return c & 1 ? W + c / 2 : c / 2; }
+  template <bool Split, typename src_t>
+  static inline void load2s(const src_t* p, V& a, V& b) {
+#ifdef NLLF_HAVE_BF16_SPLIT
+    if constexpr (Split) return load_bf16_split(p, a, b);
+#endif
+    load2(p, a, b);
+  }
+  template <bool Split, typename dst_t>
+  static inline void store2s_finite(dst_t* p, V a, V b) {
+#ifdef NLLF_HAVE_BF16_SPLIT
+    if constexpr (Split) return store_bf16_split_finite(p, a, b);
+#endif
+    store2_finite(p, a, b);
   }
   template <typename src_t>
   static inline void load2_tail(const src_t* p, int64_t n, acc_t fill, V& a, V& b) {
@@ -320,10 +348,10 @@ struct Ce {
   }
 
   // ------------------------------- forward (ce_cpu_forward.h) -------------------------------
-  template <typename src_t, int K, bool Copy>
+  template <typename src_t, int K, bool Copy, bool Split = false>
   static acc_t chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t);
   static const acc_t* load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* zb, const Tf& t,
-                                 acc_t& cm);
+                                 acc_t& cm, bool split = false);
   // The online-softmax state of one row, in the one vocabulary of every backend (the Triton
   // kernel in kernels/cross_entropy.py, Stats in csrc/cuda/ce_kernels.cuh, State here):
   //   m  the running max of z,
@@ -345,7 +373,8 @@ struct Ce {
                    const char* pf = nullptr, int64_t pf_len = 0);
   static void fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t n, acc_t cm,
                        const acc_t* g, const char* pf = nullptr, int64_t pf_len = 0);
-  static void track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm);
+  static void track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm,
+                           int64_t split_end = 0);
   static int gmode(const Args& A, int64_t y);
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
                          int64_t y, const Tf& t);
@@ -378,7 +407,7 @@ struct Ce {
     bool zero, nan, ent;
   };
   static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
-  template <typename src_t, typename dst_t, int K, int Gm, bool Ent>
+  template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false>
   static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
                           const acc_t* g, const Tf& t);
   template <typename src_t, typename dst_t>

@@ -30,6 +30,27 @@ inline void store_bf16_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
 }
 #define NLLF_HAVE_STORE_BF16_FINITE 1
 
+// bf16 in split order (ce_cpu_kernels.h, load2s): the 16 bf16 at p as two float vectors, the
+// even classes 2j in a and the odd ones 2j + 1 in b -- a shift and a mask, where the ordered
+// load widens each half first.
+inline void load_bf16_split(const at::BFloat16* p, Vec<float>& a, Vec<float>& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+}
+// Its inverse for values known not to be NaN, rounded as store_bf16_finite: a's into the low
+// and b's into the high halves of the pairs (no pack, no lane permute).
+inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  auto rne = [&](__m256 v) {  // the bf16 in the high half
+    const __m256i u = _mm256_castps_si256(v);
+    return _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+  };
+  const __m256i lo = _mm256_srli_epi32(rne(a), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_blend_epi16(lo, rne(b), 0xAA));
+}
+#define NLLF_HAVE_BF16_SPLIT 1
+
 // The last step of Ce::vexp: p 2^n, 2^n from the low bits of tt, exactly 0 where x <= -87 and
 // NaN where x is.
 inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {

@@ -2,7 +2,7 @@
 // (CPU_CAPABILITY_AVX512, AVX-512 F/BW/VL/DQ + FMA + F16C, the set libtorch's own AVX512 kernels
 // need), in namespace at::vec::nllfused_avx512. Compiled on every x86-64 GCC build; the op layer
 // (ce_cpu.cpp) picks it only on a CPU that has all of those features. The bf16 stores use ATen's
-// conversion (no hardware bf16 instructions, which only some AVX-512 CPUs have).
+// rounding (no hardware bf16 instructions, which only some AVX-512 CPUs have).
 #include "kernels.h"  // first: what must be compiled for the baseline ISA (see there)
 
 #if NLLF_CPU_X86_SIMD
@@ -20,6 +20,28 @@ namespace nllfused_cpu::cpu_avx512 {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// bf16 in split order (ce_cpu_kernels.h, load2s): the 32 bf16 at p as two float vectors, the
+// even classes 2j in a and the odd ones 2j + 1 in b -- a shift and a mask, where the ordered
+// load widens each half first (two instructions per vector).
+inline void load_bf16_split(const at::BFloat16* p, Vec<float>& a, Vec<float>& b) {
+  const __m512i v = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+}
+// Its inverse for values known not to be NaN: each rounded to nearest even (ATen's rounding
+// without its NaN fix-up, same bits otherwise), a's into the low and b's into the high halves of
+// the pairs: 10 instructions per 32 values where ATen's ordered store takes 16.
+inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  auto rne = [&](__m512 v) {  // the bf16 in the high half
+    const __m512i u = _mm512_castps_si512(v);
+    return _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+  };
+  const __m512i lo = _mm512_srli_epi32(rne(a), 16);
+  _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, lo, rne(b)));
+}
+#define NLLF_HAVE_BF16_SPLIT 1
 
 // The last step of Ce::vexp: p 2^n, 2^n from the low bits of tt, exactly 0 where x <= -87 and
 // NaN where x is.
