@@ -225,3 +225,13 @@ def test_copies_agree(dtype, monkeypatch):
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=tol, atol=tol)
         torch.testing.assert_close(grad, results[0][1], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("C", [33, 150])
+def test_classes_a_multiple_of_4_kib_apart(capability, C, dtype):
+    """A class stride of 4 KiB (D = 4096 bytes / element size): every class's line of a lane tile
+    maps to one L1 set, and more than 32 classes make the forward prefetch by class instead
+    (ce_cpu_lanes.h, lanes_alias)."""
+    x = randn((2, C, 4096 // dtype.itemsize), dtype)
+    check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="none", label_smoothing=0.1)

@@ -426,6 +426,9 @@ struct Ce {
   static bool lanes_ok(const Args& A, bool backward);
   static int64_t lane_tiles(const Args& A);
   static constexpr int64_t kLanePrefetch = 512;
+  static constexpr int64_t kLaneAliasLines = 32;  // a tile's lines one L1 set may take (lanes_alias)
+  static constexpr int64_t kLaneAhead = 4;        // classes ahead where they alias
+  static bool lanes_alias(const Args& A);
   template <typename T>
   static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);
