@@ -136,8 +136,13 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
   }
   const int64_t skip = rg.y - c0;
   if constexpr (kSplit && std::is_same_v<src_t, scalar_t> && std::is_same_v<dst_t, scalar_t>) {
-    // bf16 in and out, no per-class g, every gradient finite (grad_chunk's own test)
-    if (rg.gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q) && std::isfinite(rg.E)) {
+    // bf16 in and out, no per-class g, every gradient finite (grad_chunk's own test), and the
+    // chunk's logits and gradient 64-byte aligned: each split load and store is then one cache
+    // line, where unaligned ones cross two (rows of 1000 classes: 1.2x slower than the ordered
+    // loads and stores, whose 32-byte halves cross fewer; aligned ones gain 1.03-1.1x).
+    const auto addr = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out);
+    if (addr % 64 == 0 && rg.gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q) &&
+        std::isfinite(rg.E)) {
 #define NLLF_GRAD_SPLIT(K, E)                                                                 \
   if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E, true>(x, out, n, skip, rg, g, t); \
   return grad_chunk<src_t, dst_t, K, 1, E, true>(x, out, n, skip, rg, g, t);
