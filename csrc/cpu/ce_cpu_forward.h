@@ -326,10 +326,13 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
     const scalar_t* xr = row_ptr(A, n_, d_);
     const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
     const int gm = gmode(A, y);
-    const bool split = kSplit && gm < 2;  // no per-class g: the fold sums in any order
+    // Split order where the fold sums in any order (no per-class g) and the chunk's logits are
+    // 64-byte aligned (as in grad_any: unaligned, each 64-byte split load crosses two lines).
+    const bool split_row = kSplit && gm < 2;
     State st;
     for (int64_t c0 = 0; c0 < A.C; c0 += chunk) {
       const int64_t n = std::min(chunk, A.C - c0);
+      const bool split = split_row && reinterpret_cast<uintptr_t>(xr + c0) % 64 == 0;
       acc_t cm;
       const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm, split);
       if (stats) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0);
