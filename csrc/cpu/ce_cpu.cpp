@@ -18,10 +18,12 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <unistd.h>
 #include <string>
 #include <tuple>
 #include <vector>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
+#endif
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -103,7 +105,7 @@ void prefer_huge_pages(const Tensor& t) {
 
 // The L1 data cache in bytes (32 KiB where the system does not say).
 int64_t l1d_bytes() {
-#ifdef _SC_LEVEL1_DCACHE_SIZE
+#if (defined(__unix__) || defined(__APPLE__)) && defined(_SC_LEVEL1_DCACHE_SIZE)
   const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
   if (l1 > 0) return l1;
 #endif
