@@ -124,6 +124,29 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
   return sum;
 }
 
+// grad_chunk's instantiation for a row: transform kind, g-sums (never per-class g with Split:
+// grad_any) and the entropy's term.
+template <typename scalar_t>
+template <bool Split, typename src_t, typename dst_t>
+auto Ce<scalar_t>::grad_run(const src_t* x, dst_t* out, int64_t n, int64_t skip,
+                            const RowGrad& rg, const acc_t* g, const Tf& t) -> acc_t {
+#define NLLF_GRAD_K(K, E)                                                                    \
+  if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E, Split>(x, out, n, skip, rg, g, t); \
+  if constexpr (!Split) {                                                                    \
+    if (rg.gm == 2) return grad_chunk<src_t, dst_t, K, 2, E, false>(x, out, n, skip, rg, g, t); \
+  }                                                                                          \
+  return grad_chunk<src_t, dst_t, K, 1, E, Split>(x, out, n, skip, rg, g, t);
+  if (rg.ent) {
+    if (t.kind == 0) { NLLF_GRAD_K(0, true) }
+    if (t.kind == 1) { NLLF_GRAD_K(1, true) }
+    NLLF_GRAD_K(2, true)
+  }
+  if (t.kind == 0) { NLLF_GRAD_K(0, false) }
+  if (t.kind == 1) { NLLF_GRAD_K(1, false) }
+  NLLF_GRAD_K(2, false)
+#undef NLLF_GRAD_K
+}
+
 // Classes [c0, c0 + n) of one row into out[0, n), with the instantiation for this row; returns
 // the chunk's share of sum_{c != y} p_c. The target element is written later.
 template <typename scalar_t>
@@ -142,34 +165,10 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
     // loads and stores, whose 32-byte halves cross fewer; aligned ones gain 1.03-1.1x).
     const auto addr = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out);
     if (addr % 64 == 0 && rg.gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q) &&
-        std::isfinite(rg.E)) {
-#define NLLF_GRAD_SPLIT(K, E)                                                                 \
-  if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E, true>(x, out, n, skip, rg, g, t); \
-  return grad_chunk<src_t, dst_t, K, 1, E, true>(x, out, n, skip, rg, g, t);
-      if (rg.ent) {
-        if (t.kind == 0) { NLLF_GRAD_SPLIT(0, true) }
-        if (t.kind == 1) { NLLF_GRAD_SPLIT(1, true) }
-        NLLF_GRAD_SPLIT(2, true)
-      }
-      if (t.kind == 0) { NLLF_GRAD_SPLIT(0, false) }
-      if (t.kind == 1) { NLLF_GRAD_SPLIT(1, false) }
-      NLLF_GRAD_SPLIT(2, false)
-#undef NLLF_GRAD_SPLIT
-    }
+        std::isfinite(rg.E))
+      return grad_run<true>(x, out, n, skip, rg, g, t);
   }
-#define NLLF_GRAD_K(K, E)                                                              \
-if (rg.gm == 0) return grad_chunk<src_t, dst_t, K, 0, E>(x, out, n, skip, rg, g, t); \
-if (rg.gm == 1) return grad_chunk<src_t, dst_t, K, 1, E>(x, out, n, skip, rg, g, t); \
-return grad_chunk<src_t, dst_t, K, 2, E>(x, out, n, skip, rg, g, t);
-  if (rg.ent) {
-    if (t.kind == 0) { NLLF_GRAD_K(0, true) }
-    if (t.kind == 1) { NLLF_GRAD_K(1, true) }
-    NLLF_GRAD_K(2, true)
-  }
-  if (t.kind == 0) { NLLF_GRAD_K(0, false) }
-  if (t.kind == 1) { NLLF_GRAD_K(1, false) }
-  NLLF_GRAD_K(2, false)
-#undef NLLF_GRAD_K
+  return grad_run<false>(x, out, n, skip, rg, g, t);
 }
 
 // D == 1 and unit class stride: read each row in place, write each gradient row in place.

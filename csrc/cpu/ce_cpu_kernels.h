@@ -410,6 +410,9 @@ struct Ce {
   template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false>
   static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
                           const acc_t* g, const Tf& t);
+  template <bool Split, typename src_t, typename dst_t>
+  static acc_t grad_run(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
+                        const acc_t* g, const Tf& t);
   template <typename src_t, typename dst_t>
   static acc_t grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, const RowGrad& rg,
                         const acc_t* g, const Tf& t);

@@ -16,16 +16,19 @@ namespace nllfused_cpu::cpu_avx2 {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// bf16 round-to-nearest-even of values known not to be NaN: ATen's conversion without its NaN
-// fix-up (same bits otherwise), for the backward's store of finite gradients.
+// bf16 round-to-nearest-even of values known not to be NaN, the bf16 in each lane's high half:
+// ATen's conversion without its NaN fix-up (same bits otherwise).
+inline __m256i bf16_rne_high(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+}
+
+// The backward's store of finite gradients, in class order.
 inline void store_bf16_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-  auto rne = [&](__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
-  };
-  const __m256i packed = _mm256_packus_epi32(rne(a), rne(b));  // lanes: a0-3 b0-3 a4-7 b4-7
+  const __m256i packed = _mm256_packus_epi32(_mm256_srli_epi32(bf16_rne_high(a), 16),
+                                             _mm256_srli_epi32(bf16_rne_high(b), 16));
+  // lanes: a0-3 b0-3 a4-7 b4-7
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
 }
 #define NLLF_HAVE_STORE_BF16_FINITE 1
@@ -38,16 +41,12 @@ inline void load_bf16_split(const at::BFloat16* p, Vec<float>& a, Vec<float>& b)
   a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
 }
-// Its inverse for values known not to be NaN, rounded as store_bf16_finite: a's into the low
-// and b's into the high halves of the pairs (no pack, no lane permute).
+// Its inverse for values known not to be NaN, rounded by bf16_rne_high: a's into the low and
+// b's into the high halves of the pairs (no pack, no lane permute).
 inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-  auto rne = [&](__m256 v) {  // the bf16 in the high half
-    const __m256i u = _mm256_castps_si256(v);
-    return _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
-  };
-  const __m256i lo = _mm256_srli_epi32(rne(a), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_blend_epi16(lo, rne(b), 0xAA));
+  const __m256i lo = _mm256_srli_epi32(bf16_rne_high(a), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_blend_epi16(lo, bf16_rne_high(b), 0xAA));
 }
 #define NLLF_HAVE_BF16_SPLIT 1
 
