@@ -103,9 +103,8 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
         rows["predicted"] = predicted
     if options.prob_target:
         return rows
-    counted, in_range = torch_ref.index_rule(target, logits.shape[1], options.ignore_index)
     if "correct" in names:
-        rows["correct"] = counted & (predicted == target)
+        rows["correct"] = (target != options.ignore_index) & (predicted == target)
     if "target_logprob" in names:
         rows["target_logprob"] = target_logp if target_logp is not None else \
             torch_ref.target_logprob(logits, target, lse, options)
@@ -113,26 +112,23 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
 
 
 def reduce(rows: dict, target, options, reduction: str, out_shape) -> CrossEntropyStats:
-    """Per-row statistics reduced as the loss is (module docstring); per-row ones in out_shape."""
-    if options.prob_target:
-        counted = None
-    else:
-        counted = target != options.ignore_index
-    out = {}
+    """Per-row statistics reduced as the loss is (module docstring); per-row ones in out_shape.
+    A handful of small ops after the kernel: the rows that count and their number are formed
+    once, and the values a reduction sums are masked in one `where` (no zero tensors)."""
+    counted = None if options.prob_target else target != options.ignore_index
+    out, count = {}, None
     for name, value in rows.items():
-        if name == "predicted":
-            out[name] = value.reshape(out_shape)
+        if name == "predicted" or (reduction == "none" and name in ("lse", "entropy")):
+            out[name] = value.reshape(out_shape)  # a property of the logits: every row its own
             continue
         if counted is not None and name != "correct":
-            value = torch.where(counted, value, torch.zeros((), dtype=value.dtype,
-                                                            device=value.device))
-            if name in ("lse", "entropy") and reduction == "none":
-                value = rows[name]  # a property of the logits: every row keeps its own
+            value = torch.where(counted, value, 0)
         if reduction == "none":
             out[name] = value.reshape(out_shape)
         elif reduction == "sum":
             out[name] = value.sum()
         else:
-            n = value.numel() if counted is None else counted.sum()
-            out[name] = (value.sum(dtype=torch.float32 if name == "correct" else None) / n)
+            if count is None:
+                count = value.numel() if counted is None else counted.sum()
+            out[name] = (value.sum(dtype=torch.float32 if name == "correct" else None) / count)
     return CrossEntropyStats(**out)

@@ -91,6 +91,12 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
   V s0(acc_t(0)), s1(acc_t(0));
   int64_t i = 0;
   for (; i + W2 <= n; i += W2) {
+    if (rg.stream) {  // every line this step reads and writes, kStreamAhead bytes ahead, into L2
+      const char* xp = reinterpret_cast<const char*>(x + i) + kStreamAhead;
+      const char* op = reinterpret_cast<const char*>(out + i) + kStreamAhead;
+      for (int64_t l = 0; l < W2 * int64_t(sizeof(src_t)); l += 64) __builtin_prefetch(xp + l, 0, 2);
+      for (int64_t l = 0; l < W2 * int64_t(sizeof(dst_t)); l += 64) __builtin_prefetch(op + l, 1, 2);
+    }
     V a, b, pa, pb;
     load2s<Split>(x + i, a, b);
     a = body(a, g + i, pa);
@@ -173,15 +179,23 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
 
 // D == 1 and unit class stride: read each row in place, write each gradient row in place.
 // (Non-temporal stores for the gradient were tried: no gain, as its pages come freshly zeroed
-// by the kernel, i.e. in cache.)
+// by the kernel, i.e. in cache.) grad_chunk prefetches both streams into L2 (rg.stream), every
+// line of a step kStreamAhead (4 KiB) ahead, the gradient's with write intent: against the
+// hardware prefetcher alone, bf16 1.2-1.4x and fp32 1.05-1.1x faster at (65536, 1000) and
+// (4096, 32000); 1 and 2 KiB ahead were about the same, 8 and 16 KiB slower, and leaving out
+// the gradient's stream or a float row's second line gave back a third of the gain. Not for
+// logits under kStreamMinBytes: (256, 1000) ran 5-10 % slower with it.
 template <typename scalar_t>
 void Ce<scalar_t>::bwd_rows(const Args& A, int64_t r0, int64_t r1) {
   alignas(64) acc_t gb[kChunk];
   const Tf t = make_tf(A);
+  // logits that fit in L2 are there or on their way already: the prefetches would only cost
+  const bool stream = A.N * A.C * int64_t(sizeof(scalar_t)) > kStreamMinBytes;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = static_cast<const scalar_t*>(A.x) + r * A.xN;
     scalar_t* outr = static_cast<scalar_t*>(A.out) + r * A.C;
-    const RowGrad rg = row_grad(A, r, 0, xr, t);
+    RowGrad rg = row_grad(A, r, 0, xr, t);
+    rg.stream = stream;
     acc_t so = 0;
     for (int64_t c0 = 0; c0 < A.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, A.C - c0);

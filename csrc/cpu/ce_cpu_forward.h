@@ -73,8 +73,15 @@ auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* z
 
 // Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
 // 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
-// It runs from L1 and leaves the memory idle, so it prefetches the next chunk [pf, pf + pf_len)
-// for the max sweep, one line per step.
+// It runs from L1 and leaves the memory idle, so it prefetches what comes next, two lines a
+// step: the next chunk [pf, pf + pf_len) into L1 for the max sweep, and as many bytes beyond
+// those into L2 (prefetcht1). A miss to memory holds one of the core's
+// few L1 fill buffers for the whole memory latency, a hit in L2 a fraction of it; and the two
+// cover the stream without gaps whatever the row length (float32 rows of 1000 classes: the L1
+// prefetch takes the first half of the next row, the L2 one the second half). Against the L1
+// prefetch alone, fp32 / bf16 forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at
+// (65536, 1000); a fixed 16 KiB ahead left gaps in short rows (fp32 (65536, 1000) 20 %
+// slower), and a third prefetch a step slowed every shape by a tenth.
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent>
@@ -100,20 +107,21 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
   const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
   // In a chunk holding the max, the classes at the max are counted into k (k0, k1), not added
   // to the lanes of s (s0, s1).
-  const V vm(ref), zero(acc_t(0)), one(acc_t(1));
+  const V vm(ref), zero(acc_t(0));
   V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
   V t0(zero), t1(zero);
   int64_t i = 0;
+  const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
   for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
-    if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
+    if (pf) {
+      if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
+      __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
+    }
     const V a = V::loadu(z + i) - vm, b = V::loadu(z + i + W) - vm;
-    const V ea = vexp(a), eb = vexp(b);
+    const V ea = vexp<true>(a), eb = vexp<true>(b);
     if constexpr (AtMax) {
-      const V at_max_a = a.eq(zero), at_max_b = b.eq(zero);  // 1 or 0
-      s0 = s0 + ea * (one - at_max_a);
-      s1 = s1 + eb * (one - at_max_b);
-      k0 = k0 + at_max_a;
-      k1 = k1 + at_max_b;
+      add_or_count(a, ea, s0, k0);
+      add_or_count(b, eb, s1, k1);
     } else {
       s0 = s0 + ea;
       s1 = s1 + eb;

@@ -54,6 +54,8 @@ struct Ce {
   static constexpr int64_t W2 = 2 * W;       // elements per inner-loop step (two vectors: ILP)
   static constexpr int64_t kChunk = 2048;    // classes per chunk of the backward's rows
   static constexpr int64_t kRowChunkMax = kMaxRowChunk;  // the forward's (A.chunk) at most
+  static constexpr int64_t kStreamAhead = 4096;  // bytes: the backward rows' prefetch (bwd_rows)
+  static constexpr int64_t kStreamMinBytes = int64_t(2) << 20;  // ... for logits larger than this
   static constexpr int64_t kTile = 16;       // rows per tile (strided classes)
   static constexpr int64_t kTileChunk = 256; // classes per tile chunk
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
@@ -139,6 +141,17 @@ struct Ce {
     b.store(t + W);
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<dst_t>(t[i]);
   }
+  // fold's step in a chunk holding the max: e added to s where a != 0, the classes at the max
+  // (a == 0, e = 1) counted into k instead. Where the translation unit has masked adds
+  // (kernels_avx512.cpp), one compare and two masked adds; else 0/1 arithmetic.
+  static inline void add_or_count(V a, V e, V& s, V& k) {
+#ifdef NLLF_HAVE_ADD_OR_COUNT
+    if constexpr (std::is_same_v<acc_t, float>) return add_or_count_f(a, e, s, k);
+#endif
+    const V hit = a.eq(V(acc_t(0)));  // 1 or 0
+    s = s + e * (V(acc_t(1)) - hit);
+    k = k + hit;
+  }
   // exp for arguments <= ~0 (z - max, z - lse), the hot spot of both sweeps. For float in the
   // SIMD copies: exp(x) = 2^n exp(r), n = round(x log2 e) via the 1.5*2^23 shifter (which also
   // leaves n + 127 in the low mantissa bits of tt, i.e. 2^n after a shift), r = x - n ln2, exp(r)
@@ -146,7 +159,10 @@ struct Ce {
   // instructions where Vectorized::exp_u20 takes ~19. The last step, exp_finish(x, tt, p), is the
   // translation unit's own: p 2^n, exactly 0 where x <= -87 (incl. -inf, where n and 2^n are
   // garbage), NaN kept (the forward relies on that: its max sweep does not look for NaN).
+  // Scalef: where the unit has it (AVX-512), that step by scalef (exp_finish_scalef), for the
+  // forward's fold; same results.
   // Arguments must stay below 88 (2^n overflows the exponent): z <= max, and lse >= max.
+  template <bool Scalef = false>
   static inline V vexp(V x) {
 #if NLLF_SIMD
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -159,6 +175,9 @@ struct Ce {
       p = fmadd(p, r, V(0.4999887943267822f));
       p = fmadd(p, r, V(0.9999997019767761f));
       p = fmadd(p, r, V(1.0f));
+#ifdef NLLF_HAVE_EXP_SCALEF
+      if constexpr (Scalef) return exp_finish_scalef(x, n, p);
+#endif
       return exp_finish(x, tt, p);
     }
 #endif
@@ -405,6 +424,7 @@ struct Ce {
     int64_t y;  // -1: none (soft targets, ignored rows)
     int gm;     // g: 0 none, 1 ones, 2 g[] (weights, or w q' for soft targets)
     bool zero, nan, ent;
+    bool stream = false;  // x and out are rows in memory, not a buffer in L1: prefetch them
   };
   static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
   template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false>
