@@ -5,24 +5,36 @@
 namespace nllfused_cpu::NLLF_CPU_NS {
 
 // Sweep 1 over a chunk: max of z (see vmax for NaN); with Copy also writes z to zb (may alias x),
-// with Split its whole 2W blocks in split order (load2s).
+// with Split its whole 2W blocks in split order (load2s). With snaps, the two running max vectors
+// after every kSnapSteps steps (track_argmax's index: two stores per 512 classes).
 template <typename scalar_t>
 template <typename src_t, int K, bool Copy, bool Split>
-auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t) -> acc_t {
+auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t, Snaps* snaps)
+    -> acc_t {
   V m0(-kInf), m1(-kInf);
-  int64_t i = 0;
-  for (; i + W2 <= n; i += W2) {
-    V a, b;
-    load2s<Split>(x + i, a, b);
-    if constexpr (Copy) {
-      a = tf<K>(a, t);
-      b = tf<K>(b, t);
-      a.store(zb + i);
-      b.store(zb + i + W);
+  const int64_t nv = n / W2 * W2;
+  if (snaps) snaps->count = 0;
+  for (int64_t blk = 0; blk < nv; blk += kSnapSteps * W2) {
+    const int64_t end = std::min(nv, blk + kSnapSteps * W2);
+    for (int64_t i = blk; i < end; i += W2) {
+      V a, b;
+      load2s<Split>(x + i, a, b);
+      if constexpr (Copy) {
+        a = tf<K>(a, t);
+        b = tf<K>(b, t);
+        a.store(zb + i);
+        b.store(zb + i + W);
+      }
+      m0 = vmax(m0, a);
+      m1 = vmax(m1, b);
     }
-    m0 = vmax(m0, a);
-    m1 = vmax(m1, b);
+    if (snaps) {
+      m0.store(snaps->v + snaps->count * W2);
+      m1.store(snaps->v + snaps->count * W2 + W);
+      ++snaps->count;
+    }
   }
+  const int64_t i = nv;
   acc_t m = nan_max(hmax(m0), hmax(m1));
   if (i < n) {  // tail: transform a padded copy, then only look at the real elements
     acc_t z[W2];
@@ -43,31 +55,31 @@ auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t) 
 // order where split asks for it and the logits are bf16 (kSplit).
 template <typename scalar_t>
 auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* zb, const Tf& t,
-                              acc_t& cm, bool split) -> const acc_t* {
+                              acc_t& cm, bool split, Snaps* snaps) -> const acc_t* {
   if (xC == 1) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (t.kind == 0) {  // fp32/fp64 without transform: no copy at all
-        cm = chunk_max<acc_t, 0, false>(x, n, nullptr, t);
+        cm = chunk_max<acc_t, 0, false>(x, n, nullptr, t, snaps);
         return x;
       }
     }
     if constexpr (kSplit) {
       if (split) {
-        if (t.kind == 0) cm = chunk_max<scalar_t, 0, true, true>(x, n, zb, t);
-        else if (t.kind == 1) cm = chunk_max<scalar_t, 1, true, true>(x, n, zb, t);
-        else cm = chunk_max<scalar_t, 2, true, true>(x, n, zb, t);
+        if (t.kind == 0) cm = chunk_max<scalar_t, 0, true, true>(x, n, zb, t, snaps);
+        else if (t.kind == 1) cm = chunk_max<scalar_t, 1, true, true>(x, n, zb, t, snaps);
+        else cm = chunk_max<scalar_t, 2, true, true>(x, n, zb, t, snaps);
         return zb;
       }
     }
-    if (t.kind == 0) cm = chunk_max<scalar_t, 0, true>(x, n, zb, t);
-    else if (t.kind == 1) cm = chunk_max<scalar_t, 1, true>(x, n, zb, t);
-    else cm = chunk_max<scalar_t, 2, true>(x, n, zb, t);
+    if (t.kind == 0) cm = chunk_max<scalar_t, 0, true>(x, n, zb, t, snaps);
+    else if (t.kind == 1) cm = chunk_max<scalar_t, 1, true>(x, n, zb, t, snaps);
+    else cm = chunk_max<scalar_t, 2, true>(x, n, zb, t, snaps);
     return zb;
   }
   for (int64_t c = 0; c < n; ++c) zb[c] = static_cast<acc_t>(x[c * xC]);
-  if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb, n, nullptr, t);
-  else if (t.kind == 1) cm = chunk_max<acc_t, 1, true>(zb, n, zb, t);
-  else cm = chunk_max<acc_t, 2, true>(zb, n, zb, t);
+  if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb, n, nullptr, t, snaps);
+  else if (t.kind == 1) cm = chunk_max<acc_t, 1, true>(zb, n, zb, t, snaps);
+  else cm = chunk_max<acc_t, 2, true>(zb, n, zb, t, snaps);
   return zb;
 }
 
@@ -207,19 +219,29 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t
 
 // The argmax over a chunk z[0, n) of classes c0.. with max cm (from the max sweep): only a chunk
 // whose max beats the best so far is scanned, for the first class at it. (A NaN the max sweep
-// dropped is found by finish_stats.) Two vectors per step and one test whether any of their
-// lanes holds cm: a new max is met in a few chunks of every row (the first ones, mostly), and at
-// 32K classes a scan that cost more than a few instructions per 32 classes took a tenth of the
-// bf16 forward. z[0, split_end) is in split order (load_chunk), where the first class at cm of
-// the step that holds it is the least class among its hits.
+// dropped is found by finish_stats.) With the max sweep's snapshots, the scan starts at the
+// first block of kSnapSteps steps whose running max reached cm (the max's first class is in it),
+// instead of at the chunk's start: a new max is met in a few chunks of every row (the first ones,
+// mostly), and scanning from the start took a twentieth of the bf16 forward with statistics at
+// 32K classes. Two vectors per step and one test whether any of their lanes holds cm.
+// z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
+// holds it is the least class among its hits.
 template <typename scalar_t>
 void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm,
-                                int64_t split_end) {
+                                int64_t split_end, const Snaps* snaps) {
   const bool nan = std::isnan(cm);
   if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
   constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
   int64_t i = 0;
+  if (snaps && !nan) {  // the blocks before the first snapshot at cm cannot hold it
+    int64_t j = 0;
+    for (; j < snaps->count; ++j) {
+      const V a = V::loadu(snaps->v + j * W2), b = V::loadu(snaps->v + j * W2 + W);
+      if (((a == vcm) | (b == vcm)).zero_mask() != kNoHit) break;
+    }
+    i = std::min(j * kSnapSteps * W2, n / W2 * W2);
+  }
   for (; i + W2 <= n; i += W2) {
     const V a = V::loadu(z + i), b = V::loadu(z + i + W);
     const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
@@ -329,6 +351,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
   const int64_t chunk = std::min<int64_t>(A.chunk, kRowChunkMax);
   const Tf t = make_tf(A);
   const bool stats = A.stats_fwd();
+  Snaps snaps;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n_ = r / A.D, d_ = r % A.D;
     const scalar_t* xr = row_ptr(A, n_, d_);
@@ -342,8 +365,8 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const int64_t n = std::min(chunk, A.C - c0);
       const bool split = split_row && reinterpret_cast<uintptr_t>(xr + c0) % 64 == 0;
       acc_t cm;
-      const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm, split);
-      if (stats) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0);
+      const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm, split, stats ? &snaps : nullptr);
+      if (stats) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, &snaps);
       const acc_t* g = nullptr;
       if (A.prob) {
         soft_coef(A, n_, d_, c0, n, gb);

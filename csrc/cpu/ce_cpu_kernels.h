@@ -367,10 +367,17 @@ struct Ce {
   }
 
   // ------------------------------- forward (ce_cpu_forward.h) -------------------------------
+  // The max sweep's snapshots for the argmax (chunk_max, track_argmax): its two running max
+  // vectors after every kSnapSteps steps, at most kRowChunkMax / kSnapSteps values a chunk.
+  static constexpr int64_t kSnapSteps = 16;
+  struct Snaps {
+    alignas(64) acc_t v[kRowChunkMax / kSnapSteps];
+    int64_t count = 0;
+  };
   template <typename src_t, int K, bool Copy, bool Split = false>
-  static acc_t chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t);
+  static acc_t chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t, Snaps* snaps = nullptr);
   static const acc_t* load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* zb, const Tf& t,
-                                 acc_t& cm, bool split = false);
+                                 acc_t& cm, bool split = false, Snaps* snaps = nullptr);
   // The online-softmax state of one row, in the one vocabulary of every backend (the Triton
   // kernel in kernels/cross_entropy.py, Stats in csrc/cuda/ce_kernels.cuh, State here):
   //   m  the running max of z,
@@ -393,7 +400,7 @@ struct Ce {
   static void fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t n, acc_t cm,
                        const acc_t* g, const char* pf = nullptr, int64_t pf_len = 0);
   static void track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm,
-                           int64_t split_end = 0);
+                           int64_t split_end = 0, const Snaps* snaps = nullptr);
   static int gmode(const Args& A, int64_t y);
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
                          int64_t y, const Tf& t);
