@@ -187,7 +187,7 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
 // (Non-temporal stores for the gradient were tried: no gain, as its pages come freshly zeroed
 // by the kernel, i.e. in cache.) grad_chunk prefetches both streams into L2 (rg.stream), every
 // line of a step kStreamAhead (4 KiB) ahead, the gradient's with write intent: against the
-// hardware prefetcher alone, bf16 1.2-1.4x and fp32 1.05-1.1x faster at (65536, 1000) and
+// hardware prefetcher alone, bf16 1.25-1.4x and fp32 1.05-1.15x faster at (65536, 1000) and
 // (4096, 32000); 1 and 2 KiB ahead were about the same, 8 and 16 KiB slower, and leaving out
 // the gradient's stream or a float row's second line gave back a third of the gain. Not for
 // logits under kStreamMinBytes: (256, 1000) ran 5-10 % slower with it. In place
