@@ -94,13 +94,15 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
   const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(out);
   for (; i + W2 <= n; i += W2) {
     if (rg.stream) {  // every line this step reads and writes, kStreamAhead bytes ahead, into L2
+      constexpr int64_t x_bytes = W2 * int64_t(sizeof(src_t));
+      constexpr int64_t o_bytes = W2 * int64_t(sizeof(dst_t));
       const char* xp = reinterpret_cast<const char*>(x + i) + kStreamAhead;
       const char* op = reinterpret_cast<const char*>(out + i) + kStreamAhead;
       if (in_place) {
-        for (int64_t l = 0; l < W2 * int64_t(sizeof(src_t)); l += 64) __builtin_prefetch(xp + l, 1, 2);
+        for (int64_t l = 0; l < x_bytes; l += 64) __builtin_prefetch(xp + l, 1, 2);
       } else {
-        for (int64_t l = 0; l < W2 * int64_t(sizeof(src_t)); l += 64) __builtin_prefetch(xp + l, 0, 2);
-        for (int64_t l = 0; l < W2 * int64_t(sizeof(dst_t)); l += 64) __builtin_prefetch(op + l, 1, 2);
+        for (int64_t l = 0; l < x_bytes; l += 64) __builtin_prefetch(xp + l, 0, 2);
+        for (int64_t l = 0; l < o_bytes; l += 64) __builtin_prefetch(op + l, 1, 2);
       }
     }
     V a, b, pa, pb;

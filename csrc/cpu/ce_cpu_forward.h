@@ -87,13 +87,13 @@ auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* z
 // 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
 // It runs from L1 and leaves the memory idle, so it prefetches what comes next, two lines a
 // step: the next chunk [pf, pf + pf_len) into L1 for the max sweep, and as many bytes beyond
-// those into L2 (prefetcht1). A miss to memory holds one of the core's
-// few L1 fill buffers for the whole memory latency, a hit in L2 a fraction of it; and the two
-// cover the stream without gaps whatever the row length (float32 rows of 1000 classes: the L1
-// prefetch takes the first half of the next row, the L2 one the second half). Against the L1
-// prefetch alone, fp32 / bf16 forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at
-// (65536, 1000); a fixed 16 KiB ahead left gaps in short rows (fp32 (65536, 1000) 20 %
-// slower), and a third prefetch a step slowed every shape by a tenth.
+// those into L2 (prefetcht1). A miss to memory holds one of the core's few L1 fill buffers for
+// the whole memory latency, a hit in L2 a fraction of it; and the two cover the stream without
+// gaps whatever the row length (float32 rows of 1000 classes: the L1 prefetch takes the first
+// half of the next row, the L2 one the second half). Against the L1 prefetch alone, fp32 / bf16
+// forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); a fixed 16 KiB ahead
+// left gaps in short rows (fp32 (65536, 1000) 20 % slower), and a third prefetch a step slowed
+// every shape by a tenth.
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent>
