@@ -114,7 +114,7 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
 def reduce(rows: dict, target, options, reduction: str, out_shape) -> CrossEntropyStats:
     """Per-row statistics reduced as the loss is (module docstring); per-row ones in out_shape.
     A handful of small ops after the kernel: the rows that count and their number are formed
-    once, and the values a reduction sums are masked in one `where` (no zero tensors)."""
+    once, and each value a reduction sums is masked by one `where` against a scalar 0."""
     counted = None if options.prob_target else target != options.ignore_index
     out, count = {}, None
     for name, value in rows.items():

@@ -233,20 +233,18 @@ void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n
   if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
   constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
+  auto step_hits = [&](const acc_t* p) {  // any of the 2W values at p is cm (NaN for a NaN cm)
+    const V a = V::loadu(p), b = V::loadu(p + W);
+    const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
+    return hit.zero_mask() != kNoHit;
+  };
   int64_t i = 0;
   if (snaps && !nan) {  // the blocks before the first snapshot at cm cannot hold it
     int64_t j = 0;
-    for (; j < snaps->count; ++j) {
-      const V a = V::loadu(snaps->v + j * W2), b = V::loadu(snaps->v + j * W2 + W);
-      if (((a == vcm) | (b == vcm)).zero_mask() != kNoHit) break;
-    }
+    while (j < snaps->count && !step_hits(snaps->v + j * W2)) ++j;
     i = std::min(j * kSnapSteps * W2, n / W2 * W2);
   }
-  for (; i + W2 <= n; i += W2) {
-    const V a = V::loadu(z + i), b = V::loadu(z + i + W);
-    const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
-    if (hit.zero_mask() != kNoHit) break;
-  }
+  while (i + W2 <= n && !step_hits(z + i)) i += W2;
   if (i < split_end) {
     int64_t first = W2;
     for (int64_t q = 0; q < W2; ++q) {
