@@ -29,6 +29,7 @@
 #include "checks.h"
 
 #include <optional>
+#include <tuple>
 
 namespace nllfused {
 namespace {
@@ -74,7 +75,8 @@ bool target_shape_matches(const Tensor& input, const Tensor& target) {
 // A torch.func transform is on: functorch includes its front-mode key in the thread's dispatch
 // keys while a transform runs, and wraps the tensors it sees (grad, vmap).
 bool torch_func_active(const Tensor& input) {
-  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+  using c10::DispatchKey;
+  return c10::impl::tls_is_dispatch_key_included(DispatchKey::FuncTorchDynamicLayerFrontMode) ||
          input.key_set().has_any(c10::functorch_transforms_ks);
 }
 
@@ -88,10 +90,27 @@ Tensor call_cross_entropy_loss(const Tensor& input, const Tensor& target,
   return op.call(input, target, weight, reduction, ignore_index, label_smoothing);
 }
 
+using StatsOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+StatsOutputs call_cross_entropy_loss_stats(const Tensor& input, const Tensor& target,
+                                           const std::optional<Tensor>& weight, int64_t reduction,
+                                           int64_t ignore_index, double label_smoothing,
+                                           int64_t want) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nllfused::cross_entropy_loss_stats", "")
+                       .typed<StatsOutputs(const Tensor&, const Tensor&,
+                                           const std::optional<Tensor>&, int64_t, int64_t, double,
+                                           int64_t)>();
+  return op.call(input, target, weight, reduction, ignore_index, label_smoothing, want);
+}
+
+// want: 0 for the loss alone; else a mask of statistics (csrc/loss_stats.cpp), and the result
+// is the tuple of nllfused::cross_entropy_loss_stats's seven outputs.
 py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
                     py::handle size_average, py::handle ignore_index_, py::handle reduce,
                     py::handle reduction_, py::handle label_smoothing_, py::handle z_loss,
-                    py::handle logit_scale, py::handle softcap, py::handle backend) {
+                    py::handle logit_scale, py::handle softcap, py::handle backend,
+                    int64_t want) {
   const py::object general = py::none();
   if (!THPVariable_CheckExact(input_.ptr()) || !THPVariable_CheckExact(target_.ptr()) ||
       !size_average.is_none() || !reduce.is_none() || !softcap.is_none())
@@ -119,14 +138,25 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   if (!weight_.is_none()) {
     if (!THPVariable_CheckExact(weight_.ptr())) return general;
     const Tensor& w = THPVariable_Unpack(weight_.ptr());
-    if (w.scalar_type() != acc_dtype(input.scalar_type()) || w.dim() != 1 || w.size(0) != input.size(1) || !w.is_cpu() ||
-        w.requires_grad() || !w.is_contiguous())
+    if (w.scalar_type() != acc_dtype(input.scalar_type()) || w.dim() != 1 ||
+        w.size(0) != input.size(1) || !w.is_cpu() || w.requires_grad() || !w.is_contiguous())
       return general;
     weight = w;
   }
   if (at::autocast::is_autocast_enabled(at::kCPU) || at::impl::torch_function_mode_enabled() ||
       torch_func_active(input))
     return general;
+  if (want != 0) {
+    StatsOutputs out;
+    {
+      py::gil_scoped_release no_gil;
+      out = call_cross_entropy_loss_stats(input, target, weight, reduction, ignore_index,
+                                          *smoothing, want);
+    }
+    auto wrap = [](Tensor& t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(t)); };
+    auto& [a, b, c, d, e, f, g] = out;
+    return py::make_tuple(wrap(a), wrap(b), wrap(c), wrap(d), wrap(e), wrap(f), wrap(g));
+  }
   Tensor loss;
   {
     py::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
@@ -139,8 +169,9 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
 
 void register_one_call(py::module_& m) {
   m.def("cross_entropy_one_call", &one_call,
-        "The loss of a torch-compatible CPU cross_entropy call from one C++ call, or None "
-        "where the general path must run (csrc/one_call.cpp).");
+        "The loss of a torch-compatible CPU cross_entropy call from one C++ call (with want, a "
+        "mask of statistics: nllfused::cross_entropy_loss_stats's outputs), or None where the "
+        "general path must run (csrc/one_call.cpp).");
 }
 
 }  // namespace nllfused

@@ -71,6 +71,13 @@ TORCH_LIBRARY(nllfused, m) {
   m.def(
       "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing) -> Tensor");
+  // The same with the statistics of nllfused/stats.py (csrc/loss_stats.cpp): (loss, lse,
+  // z_loss, predicted, correct, entropy, target_logprob), each reduced as the loss; `want` a mask
+  // of the statistics computed (bit i: stats.NAMES[i]); the others are empty (0,) tensors.
+  m.def(
+      "cross_entropy_loss_stats(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, int want) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ce_fwd_triton(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, float logit_scale, float softcap, bool prob_target) "

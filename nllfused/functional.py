@@ -144,17 +144,29 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                    term and the per-row lse to the result: (loss, [z_loss], [lse]).
     """
     want_stats = return_stats or return_z_loss or return_lse
-    if not want_stats and not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
-        # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
-        loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,
-                             reduction, label_smoothing, z_loss, logit_scale, softcap, backend)
-        if loss is not None:
-            return loss
-        code = _one_call_reduction(input, target, weight, size_average, reduce, reduction,
-                                   ignore_index, label_smoothing, z_loss, logit_scale, softcap,
-                                   backend)
-        if code is not None:
-            return _one_call_op()(input, target, weight, code, ignore_index, label_smoothing)
+    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
+        if not want_stats:
+            # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
+            loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,
+                                 reduction, label_smoothing, z_loss, logit_scale, softcap,
+                                 backend, 0)
+            if loss is not None:
+                return loss
+            code = _one_call_reduction(input, target, weight, size_average, reduce, reduction,
+                                       ignore_index, label_smoothing, z_loss, logit_scale,
+                                       softcap, backend)
+            if code is not None:
+                return _one_call_op()(input, target, weight, code, ignore_index,
+                                      label_smoothing)
+        elif not (return_z_loss or return_lse):
+            # CPU tensors with return_stats: loss and statistics from one C++ call
+            # (csrc/loss_stats.cpp), where the call is one the one-call path takes.
+            names = stats.requested(return_stats, False)
+            out = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,
+                                reduction, label_smoothing, z_loss, logit_scale, softcap,
+                                backend, stats.mask(names))
+            if out is not None:
+                return out[0], stats.from_one_call(names, out[1:])
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,

@@ -106,6 +106,25 @@ def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
     return input.new_empty(target.shape if reduction == 0 else ())
 
 
+def _loss_stats_fake(input, target, weight, reduction, ignore_index, label_smoothing, want):
+    """nllfused::cross_entropy_loss_stats (csrc/loss_stats.cpp): the loss as _loss_fake, then
+    per statistic (stats.NAMES order) its reduced value, or an empty (0,) tensor where `want`
+    lacks its bit."""
+    loss = _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing)
+    acc = torch_ref.acc_dtype(input.dtype)
+    rows, scalar = tuple(target.shape), reduction == 0
+    shapes = {"predicted": (rows, torch.int64),
+              "correct": (rows, torch.bool) if scalar else
+                         ((), torch.float32 if reduction == 1 else torch.int64)}
+    out = [loss]
+    for i, name in enumerate(("lse", "z_loss", "predicted", "correct", "entropy",
+                              "target_logprob")):
+        shape, dtype = shapes.get(name, (rows if scalar else (), acc))
+        out.append(input.new_empty(shape if want >> i & 1 else (0,),
+                                   dtype=dtype if want >> i & 1 else acc))
+    return tuple(out)
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, *options = inputs
     _, lse, aux = output
@@ -217,6 +236,8 @@ def _register():
             torch.library.register_fake(f"nllfused::{name}", _bwd_inplace_fake)
     # Its autograd is C++ (csrc/loss.cpp); only the fake is Python, as for every op here.
     torch.library.register_fake("nllfused::cross_entropy_loss", _loss_fake)
+    if hasattr(torch.ops.nllfused, "cross_entropy_loss_stats"):
+        torch.library.register_fake("nllfused::cross_entropy_loss_stats", _loss_stats_fake)
     for fwd, bwd in dict.fromkeys(_PAIRS.values()):  # cpu and cuda share one op pair
         torch.library.register_fake(f"nllfused::{fwd}", _fwd_fake)
         torch.library.register_fake(f"nllfused::{bwd}", _bwd_fake)

@@ -18,7 +18,9 @@ target_logprob), 'mean' the mean over the counted rows (target != ignore_index; 
 probability targets), 'sum' their sum. lse and target_logprob come from the fused op's lse and
 the target logits (O(rows) work) unless the kernels give them; predicted and entropy come from
 the kernels where they compute them in their pass (the Triton and the C++ CPU kernels), else from
-`torch_ref.entropy_and_argmax` (an extra pass over the logits).
+`torch_ref.entropy_and_argmax` (an extra pass over the logits). CPU calls the one-call path
+takes (nllfused/functional.py) get all of it, reductions and autograd included, from one C++ op
+(csrc/loss_stats.cpp); `mask` and `from_one_call` translate to and from it.
 
 Names users of other packages know: return_lse=True (quack, flash-attention) and
 return_z_loss=True (Liger-Kernel) append the per-row lse and the reduced z-loss term to the
@@ -70,6 +72,18 @@ def requested(return_stats, prob_target: bool) -> frozenset:
         raise ArgumentError(f"return_stats: {', '.join(sorted(names & set(INDEX_ONLY)))} need "
                             f"class-index targets; these are probability targets")
     return names
+
+
+def mask(names) -> int:
+    """The statistics `names` as nllfused::cross_entropy_loss_stats's `want`: bit i for
+    NAMES[i] (csrc/loss_stats.cpp)."""
+    return sum(1 << i for i, name in enumerate(NAMES) if name in names)
+
+
+def from_one_call(names, values) -> CrossEntropyStats:
+    """CrossEntropyStats from nllfused::cross_entropy_loss_stats's statistics (in NAMES
+    order, reduced already): those in `names`, None for the others."""
+    return CrossEntropyStats(*(v if n in names else None for n, v in zip(NAMES, values)))
 
 
 KERNEL_STATS = frozenset({"predicted", "correct", "entropy", "target_logprob"})

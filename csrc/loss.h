@@ -1,0 +1,145 @@
+// What the one-call ops share (csrc/loss.cpp: nllfused::cross_entropy_loss, csrc/loss_stats.cpp:
+// nllfused::cross_entropy_loss_stats): the canonical views, torch's reductions of the per-row
+// losses and their gradients, and how a graph node is made.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/function.h>
+
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace nllfused {
+namespace one_call_ops {
+
+using at::Tensor;
+using torch::autograd::Node;
+
+// at::Reduction's numbering, which torch.nn.functional passes to its own kernels.
+constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+
+// ce_fwd / ce_bwd of the plain options (no logit_scale, softcap, probability targets).
+inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Tensor& target,
+                                                 const std::optional<Tensor>& weight,
+                                                 int64_t ignore_index, double label_smoothing) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nllfused::ce_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t,
+                           double, double, double, bool)>();
+  // Straight to the kernel: ce_fwd's autograd (a Python function, nllfused/ops.py) is not
+  // wanted here, where the one-call op's own autograd holds the graph; even with grad mode off,
+  // passing through it would cost more than the whole call should.
+  at::AutoDispatchBelowAutograd below_autograd;
+  return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, false);
+}
+
+inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+                     const std::optional<Tensor>& weight, const Tensor& lse, const Tensor& aux,
+                     int64_t ignore_index, double label_smoothing) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nllfused::ce_bwd", "")
+          .typed<Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                        const std::optional<Tensor>&, const Tensor&, const Tensor&, int64_t,
+                        double, double, double, bool)>();
+  at::AutoDispatchBelowAutograd below_autograd;
+  return op.call(grad_loss, std::nullopt, logits, target, weight, lse, aux, ignore_index,
+                 label_smoothing, 1.0, 0.0, false);
+}
+
+// The canonical views of csrc/ops.cpp: logits (N, C, D), targets (N, D); views, never copies,
+// for contiguous and channels-last inputs.
+inline std::pair<Tensor, Tensor> canonical(const Tensor& input, const Tensor& target) {
+  if (input.dim() == 1) return {input.view({1, input.size(0), 1}), target.reshape({1, 1})};
+  if (input.dim() == 2) return {input.unsqueeze(-1), target.unsqueeze(-1)};
+  if (input.dim() == 3) return {input, target};  // flatten would hand back its input: no op
+  return {input.flatten(2), target.flatten(1)};
+}
+
+inline void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, op,
+                    ": reduction must be 0 (none), 1 (mean) or 2 (sum); got ", reduction);
+}
+
+// Below this many rows the CPU reductions are plain loops here (sums in double, rounded once):
+// on a 10-class batch the three tensor ops of loss.sum() / aux.sum() cost as much as the kernel.
+// Above it at::sum's threads pay.
+constexpr int64_t kLoopRows = 1 << 16;
+
+// Plain CPU tensors only: not the fake or functional ones of a trace (opcheck, torch.compile),
+// whose data cannot be read.
+inline bool loop_reduce(const Tensor& loss) {
+  const auto keys = loss.key_set();
+  return loss.is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::Functionalize) && loss.numel() <= kLoopRows &&
+         loss.is_contiguous();
+}
+
+// sum of a contiguous float / double CPU tensor, in double
+inline double cpu_sum(const Tensor& t) {
+  double s = 0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "nllfused_cpu_sum", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) s += static_cast<double>(p[i]);
+  });
+  return s;
+}
+
+// torch's reductions of the per-row losses (docs/maths.md, "Reductions"): 'mean' divides by the
+// summed target weights of the counted rows (aux), so NaN when every row is ignored, as torch.
+// t in dtype, t itself where it has that dtype: below autograd, where this file's kernels run, an
+// op must not return its own input, which Tensor::to() would (torch.library.opcheck checks it).
+inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+inline Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
+                          const Tensor& input, const Tensor& target) {
+  if (reduction == kNone) return as_dtype(loss.view(target.sizes()), input.scalar_type());
+  if (loop_reduce(loss)) {
+    const double s = cpu_sum(loss), r = reduction == kSum ? s : s / cpu_sum(aux);
+    return at::scalar_tensor(r, input.options().requires_grad(false));
+  }
+  Tensor out = reduction == kSum ? loss.sum() : loss.sum() / aux.sum();
+  return as_dtype(out, input.scalar_type());
+}
+
+// d loss / d loss_row for each row (N, D), from the upstream gradient of the reduced loss. Ignored
+// rows need no zero here: ce_bwd gives them no loss gradient whatever this says (csrc/ops.cpp).
+// A reduced loss's upstream gradient (one value) on the CPU is read here and the row gradient
+// formed in double, rounded once: no tensor op for a 10-class batch's backward.
+inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction) {
+  const auto acc = aux.scalar_type();
+  if (reduction == kNone) return as_dtype(grad, acc).view(aux.sizes());
+  if (loop_reduce(grad) && loop_reduce(aux)) {
+    double g = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
+                                    "nllfused_row_grads", [&] {
+                                      g = static_cast<double>(*grad.const_data_ptr<scalar_t>());
+                                    });
+    if (reduction == kMean) g /= cpu_sum(aux);
+    return at::scalar_tensor(g, aux.options()).expand(aux.sizes());
+  }
+  if (reduction == kSum) return as_dtype(grad, acc).expand(aux.sizes());
+  return (as_dtype(grad, acc) / aux.sum()).expand(aux.sizes());
+}
+
+// Node ownership is an intrusive_ptr from torch 2.14 on, a shared_ptr before.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T>
+inline NodePtr new_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>)
+    return std::make_shared<T>();
+  else
+    return c10::make_intrusive<T>();
+}
+
+}  // namespace one_call_ops
+}  // namespace nllfused

@@ -1,0 +1,154 @@
+"""The one-call path with statistics (csrc/loss_stats.cpp): CPU calls the one-call path takes,
+with return_stats, go to nllfused::cross_entropy_loss_stats, whose reductions and autograd are
+C++. Its statistics must be bit for bit the general path's (the same kernel, the same
+reductions), its loss the plain one-call path's, and its gradients the general path's; their
+agreement with float64 torch is tests/test_stats.py's (whose CPU calls take this path)."""
+import pytest
+import torch
+
+import nllfused
+from nllfused import stats
+
+pytestmark = pytest.mark.skipif(
+    not nllfused.build_info()["built"]
+    or not hasattr(torch.ops.nllfused, "cross_entropy_loss_stats"),
+    reason="the C++ extension is not built")
+
+NODE = "nllfused::CrossEntropyLossStatsBackward"
+NAME_SETS = [True, ("entropy", "target_logprob"), ("predicted", "correct"), "lse",
+             ("lse", "z_loss")]
+
+
+def case(shape, dtype=torch.float32, channels_last=False, ignore_index=-100):
+    g = torch.Generator().manual_seed(hash((shape, channels_last)) % 2**31)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    t_shape = shape[:1] + shape[2:]
+    t = torch.randint(0, shape[1], t_shape, generator=g)
+    t[torch.rand(t_shape, generator=g) < 0.25] = ignore_index
+    return x, t
+
+
+def general_path(monkeypatch):
+    """Make the next calls take the general path (Python reductions, ce_fwd_stats's Python
+    autograd)."""
+    monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
+
+
+def objective(loss, st):
+    """A scalar using every differentiable output there is (loss, entropy, target_logprob)."""
+    out = loss.sum()
+    if st.entropy is not None:
+        out = out + 0.3 * st.entropy.sum()
+    if st.target_logprob is not None:
+        out = out - 0.7 * st.target_logprob.sum()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((37, 11), False), ((6, 9, 5), False),
+                                                 ((3, 7, 4, 5), True)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("names", NAME_SETS, ids=str)
+@pytest.mark.parametrize("options", [{}, {"weight": True, "label_smoothing": 0.2},
+                                     {"ignore_index": 2}], ids=str)
+def test_stats_of_one_call_are_the_general_paths(dtype, shape, channels_last, reduction, names,
+                                                 options, monkeypatch):
+    ignore_index = options.get("ignore_index", -100)
+    x, t = case(shape, dtype, channels_last, ignore_index)
+    kw = dict(reduction=reduction, ignore_index=ignore_index,
+              label_smoothing=options.get("label_smoothing", 0.0),
+              weight=torch.rand(shape[1]) + 0.1 if options.get("weight") else None)
+    plain = nllfused.cross_entropy(x, t, **kw)  # the plain one-call path: the same reduction
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            general_path(monkeypatch)
+        xg = x.clone().requires_grad_()
+        loss, st = nllfused.cross_entropy(xg, t, return_stats=names, **kw)
+        assert (loss.grad_fn.name() == NODE) == one_call
+        objective(loss, st).backward()
+        results.append((loss.detach(), st, xg.grad))
+    (l1, s1, g1), (l2, s2, g2) = results
+    assert torch.equal(l1, plain)
+    if reduction == "none":
+        assert torch.equal(l1, l2)
+    for name in stats.NAMES:
+        a, b = getattr(s1, name), getattr(s2, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert a.requires_grad == b.requires_grad, name
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+    # the loss's row gradients: one rounding from double here, float32 ops on the general path
+    n, ulp = t.numel(), 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -7
+    tol = (n + 2) * ulp / 2
+    torch.testing.assert_close(g1.double(), g2.double(), rtol=tol,
+                               atol=tol * g2.double().abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_order_gradients(reduction):
+    """create_graph=True: the node differentiates the forward again (gradgradcheck, float64)."""
+    x, t = case((5, 6, 3), torch.float64)
+    x.requires_grad_()
+    w = torch.rand(6, dtype=torch.float64) + 0.1
+
+    def f(x):
+        loss, st = nllfused.cross_entropy(x, t, weight=w, reduction=reduction,
+                                          label_smoothing=0.1,
+                                          return_stats=("entropy", "target_logprob"))
+        assert loss.grad_fn.name() == NODE
+        return objective(loss, st)
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("want", [stats.mask(stats.NAMES), stats.mask({"entropy"}),
+                                  stats.mask({"lse", "correct"})])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_cross_entropy_loss_stats(reduction, want, weighted):
+    x = torch.randn(5, 6, 3, requires_grad=True)
+    t = torch.randint(0, 6, (5, 3))
+    t[0, 0] = -100
+    w = torch.rand(6) + 0.1 if weighted else None
+    torch.library.opcheck(torch.ops.nllfused.cross_entropy_loss_stats.default,
+                          (x, t, w, reduction, -100, 0.1, want))
+
+
+def test_statistics_not_asked_for_are_none_and_not_differentiable():
+    x, t = case((8, 5))
+    x.requires_grad_()
+    loss, st = nllfused.cross_entropy(x, t, return_stats=("lse", "correct", "entropy"))
+    assert loss.grad_fn.name() == NODE
+    assert st.predicted is None and st.z_loss is None and st.target_logprob is None
+    assert st.entropy.requires_grad and not st.lse.requires_grad
+    assert not st.correct.requires_grad and st.correct.dtype == torch.float32
+    # the entropy alone backpropagates
+    (g,) = torch.autograd.grad(st.entropy, x)
+    (ref,) = torch.autograd.grad(
+        nllfused.cross_entropy(x, t, return_stats="entropy", backend="torch")[1].entropy, x)
+    torch.testing.assert_close(g, ref)
+
+
+def test_only_one_call_calls_take_it():
+    x, t = case((8, 5))
+    x.requires_grad_()
+    assert nllfused.cross_entropy(x, t, return_stats=True)[0].grad_fn.name() == NODE
+    for kw in (dict(z_loss=1e-4), dict(logit_scale=0.5), dict(backend="torch"),
+               dict(return_lse=True), dict(return_z_loss=True)):
+        out = nllfused.cross_entropy(x, t, return_stats=True, **kw)
+        assert out[0].grad_fn.name() != NODE, kw
+    soft = torch.softmax(torch.randn(8, 5), 1)
+    assert nllfused.cross_entropy(x, soft, return_stats=True)[0].grad_fn.name() != NODE
+    with pytest.raises(ValueError, match="unknown statistic"):
+        nllfused.cross_entropy(x, t, return_stats="accuracy")
+
+
+def test_bad_mask_is_refused():
+    x, t = case((4, 3))
+    with pytest.raises(ValueError, match="want"):
+        torch.ops.nllfused.cross_entropy_loss_stats(x, t, None, 1, -100, 0.0, 64)
+    assert torch.ops.nllfused.cross_entropy_loss_stats(x, t, None, 1, -100, 0.0, 1)[1].dim() == 0
