@@ -19,9 +19,10 @@ from each chunk's logits while the chunk is at hand: the (N, C) logits are never
     of them. Recomputing is one product per chunk more, whatever is differentiated.
 
 Per chunk and backend: triton and cpu compute entropy, argmax and the target log-prob in their
-kernels' own pass (ops.stats_for_backend: ce_fwd_stats(_triton) / ce_bwd_stats(_triton)); torch
-runs torch_ref.forward_stats and chunk_loss_and_grad; cuda runs its ce_fwd / ce_bwd and
-composes the rest from torch ops on the chunk's logits (torch_ref.target_logprob, and
+kernels' own pass (ops.stats_for_backend: ce_fwd_stats(_triton) / ce_bwd_stats(_triton)), and so
+does cuda through Triton's ops where Triton loads; torch runs torch_ref.forward_stats and
+chunk_loss_and_grad; cuda without Triton runs its ce_fwd / ce_bwd and composes the rest from
+torch ops on the chunk's logits (torch_ref.target_logprob, and
 `_entropy_and_argmax` / `_stats_grad` below, in place), 1/_SLICES of a chunk at a time: O(chunk)
 extra memory, never O(N * C), but extra passes over the chunk in torch (on our 2-core CPU
 machines entropy costs more than the chunk's matrix product). Entropy is computed only when asked

@@ -21,11 +21,22 @@ _STATS_PAIRS = {"cpu": ("ce_fwd_stats", "ce_bwd_stats"),
                 "triton": ("ce_fwd_stats_triton", "ce_bwd_stats_triton")}
 
 
+def _stats_backend(backend: str) -> str:
+    """The backend whose statistics ops serve `backend`: its own, but for cuda, whose C++ kernels
+    have no statistics pass, Triton's (the same contract and results) where Triton loads, so that
+    a GPU call with statistics still reads its logits once."""
+    if backend == "cuda" and _extension.TRITON_ERROR is None:
+        return "triton"
+    return backend
+
+
 def stats_for_backend(backend: str):
     """The forward with statistics (ce_fwd_stats's outputs, csrc/ops.cpp) of a backend whose
-    kernels compute them in their own pass, else None (nllfused/stats.py then computes them)."""
+    kernels compute them in their own pass (_stats_backend), else None (nllfused/stats.py then
+    computes them)."""
     if backend == "torch":
         return torch_ref.forward_stats
+    backend = _stats_backend(backend)
     if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
         return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][0])
     return None
@@ -33,7 +44,8 @@ def stats_for_backend(backend: str):
 
 def stats_backward_for_backend(backend: str):
     """The backward with statistics' gradients (ce_bwd_stats, csrc/ops.cpp) of a backend whose
-    kernels have one, else None."""
+    kernels have one (_stats_backend), else None."""
+    backend = _stats_backend(backend)
     if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
         return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][1])
     return None

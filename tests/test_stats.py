@@ -281,3 +281,17 @@ def test_masked_classes_get_zero_gradient(device, backend):
     grad = xd.grad.cpu()
     assert torch.equal(grad[:, masked], torch.zeros(9, len(masked)))
     torch.testing.assert_close(grad[:, keep].double(), xr.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not nllfused.build_info()["built"], reason="the C++ extension is not built")
+def test_cuda_statistics_come_from_the_triton_pass(monkeypatch):
+    """The CUDA C++ kernels have no statistics pass: the cuda backend takes Triton's statistics
+    ops (one pass over the logits) where Triton loads, else the composed torch path (None)."""
+    from nllfused import _extension, ops
+    if _extension.TRITON_ERROR is not None:
+        pytest.skip("triton is not importable here")
+    assert ops.stats_for_backend("cuda") == torch.ops.nllfused.ce_fwd_stats_triton
+    assert ops.stats_backward_for_backend("cuda") == torch.ops.nllfused.ce_bwd_stats_triton
+    monkeypatch.setattr(_extension, "TRITON_ERROR", "no triton")
+    assert ops.stats_for_backend("cuda") is None
+    assert ops.stats_backward_for_backend("cuda") is None
