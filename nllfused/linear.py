@@ -75,8 +75,9 @@ _OPS_SLICES = 8  # without an in-place backward, ce_bwd runs on 1/8 of a chunk a
 # sums inside each product, one rounding per chunk) instead of float32 products into a C x H
 # float32 accumulator -- 4x faster there and no accumulator at all (_bf16_weight_grad). Each
 # chunk adds one rounding of the running sum, so the chunks are made large enough that there
-# are at most _BF16_WEIGHT_GRAD_ROUNDINGS of them (_chunk_rows). None: decided by the CPU;
-# True/False force it (tests cover both).
+# are at most _BF16_WEIGHT_GRAD_ROUNDINGS of them (_chunk_rows); where a forced chunk size makes
+# more, the float32 accumulator is used instead. None: decided by the CPU; True/False force it
+# (tests cover both).
 BF16_WEIGHT_GRAD: Optional[bool] = None
 _BF16_WEIGHT_GRAD_ROUNDINGS = 2
 
@@ -153,16 +154,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         loss = _unfused(x, linear_weight, linear_bias, t, w, opts, z_loss, reduction)
     else:
         grad = torch.is_grad_enabled()
-        loss, lse = torch.ops.nllfused.linear_ce_fwd(
+        argmax = names is not None and bool(names & linear_stats.ARGMAX_STATS)
+        loss, lse, *_, predicted = torch.ops.nllfused.linear_ce_fwd(
             x, linear_weight, linear_bias, t, w, *opts, float(z_loss), reduction, backend,
             chunk_rows, grad and x.requires_grad, grad and linear_weight.requires_grad,
-            grad and linear_bias is not None and linear_bias.requires_grad, not compiling)[:2]
+            grad and linear_bias is not None and linear_bias.requires_grad, not compiling, argmax)
     if reduction == "none":
         loss = loss.reshape(input.shape[:-1])
     if names is None:
         return loss.to(out_dtype)
-    return linear_stats.result(loss.to(out_dtype), lse, None, names, x, linear_weight, t, opts,
-                               z_loss, reduction, input.shape[:-1], *returns)
+    kernel = [None, None, predicted] if argmax else None  # (entropy, target_logprob, predicted)
+    return linear_stats.result(loss.to(out_dtype), lse, kernel, names, x, linear_weight, t,
+                               opts, z_loss, reduction, input.shape[:-1], *returns)
 
 
 class LinearCrossEntropyLoss(LossOptions):
@@ -257,8 +260,9 @@ def _linear_ce_fwd_impl(input: Tensor, linear_weight: Tensor, linear_bias: Optio
                         label_smoothing: float, logit_scale: float, softcap: float,
                         prob_target: bool, z_loss: float, reduction: str, backend: str,
                         chunk_rows: int, grad_input: bool, grad_weight: bool, grad_bias: bool,
-                        consume: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, lse, aux, g_input, g_weight, g_bias).
+                        consume: bool, want_argmax: bool = False
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, lse, aux, g_input, g_weight, g_bias, predicted).
 
     loss: torch_ref.reduce of the per-row losses with the z-loss term -- (M,) for 'none', else
     a scalar -- in the accumulation dtype. lse (M,) float64 and aux (M,) as ce_fwd defines them
@@ -268,12 +272,14 @@ def _linear_ce_fwd_impl(input: Tensor, linear_weight: Tensor, linear_bias: Optio
     summed by bfloat16 products); otherwise they are empty. `consume` only tells the autograd
     formula how to hand them over: True (in place, eager only -- a traced graph cannot replay
     it) or False (saved, scaled out of place); linear_cross_entropy passes False while
-    torch.compile traces.
+    torch.compile traces. predicted: with want_argmax the (M,) argmax of each row's z (return_stats'
+    predicted / correct, taken from the chunks' logits by the forward pass), else empty.
     """
     options = Options(ignore_index, label_smoothing, logit_scale, softcap, prob_target)
     with _no_autocast(input):
         return _forward(input, linear_weight, linear_bias, target, weight, options, z_loss,
-                        reduction, backend, chunk_rows, grad_input, grad_weight, grad_bias)
+                        reduction, backend, chunk_rows, grad_input, grad_weight, grad_bias,
+                        want_argmax)
 
 
 _linear_ce_fwd = torch.library.custom_op("nllfused::linear_ce_fwd",
@@ -283,7 +289,7 @@ _linear_ce_fwd = torch.library.custom_op("nllfused::linear_ce_fwd",
 @_linear_ce_fwd.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
       logit_scale, softcap, prob_target, z_loss, reduction, backend, chunk_rows, grad_input,
-      grad_weight, grad_bias, consume):
+      grad_weight, grad_bias, consume, want_argmax=False):
     torch._check(not prob_target, lambda: "linear_ce_fwd takes class-index targets only")
     M, C, acc = input.shape[0], linear_weight.shape[0], torch_ref.acc_dtype(input.dtype)
     store = reduction != "none"
@@ -291,8 +297,10 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smo
             input.new_empty((M,), dtype=torch.float64), input.new_empty((M,), dtype=acc),
             input.new_empty(input.shape if store and grad_input else (0,)),
             input.new_empty(linear_weight.shape if store and grad_weight else (0,),
-                            dtype=_weight_grad_dtype(input.dtype, input.device)),
-            input.new_empty((C,) if store and grad_bias else (0,), dtype=acc))
+                            dtype=_weight_grad_dtype(input.dtype, input.device, M,
+                                                     chunk_rows)),
+            input.new_empty((C,) if store and grad_bias else (0,), dtype=acc),
+            input.new_empty((M,) if want_argmax else (0,), dtype=torch.int64))
 
 
 def _linear_ce_bwd_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], input: Tensor,
@@ -331,15 +339,15 @@ def _bias_like(linear_bias, input):
 
 
 _N_OPTIONS = len(Options._fields)
-_FWD_INPUTS = 13 + _N_OPTIONS  # nllfused::linear_ce_fwd's arguments: one gradient slot each
+_FWD_INPUTS = 14 + _N_OPTIONS  # nllfused::linear_ce_fwd's arguments: one gradient slot each
 
 
 def _setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, weight, *rest = inputs
     ctx.options = Options(*rest[:_N_OPTIONS])
     (ctx.z_loss, ctx.reduction, ctx.backend, ctx.chunk_rows, gi_flag, gw_flag, gb_flag,
-     consume) = rest[_N_OPTIONS:]
-    _, lse, aux, g_input, g_weight, g_bias = output
+     consume) = rest[_N_OPTIONS:_N_OPTIONS + 8]
+    _, lse, aux, g_input, g_weight, g_bias, _ = output
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs nobody differentiates
     ctx.dtypes = (linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
     ctx.stored = ctx.reduction != "none" and (gi_flag or gw_flag or gb_flag)
@@ -355,7 +363,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*saved)
 
 
-def _linear_ce_fwd_backward(ctx, grad_out, _lse, _aux, _gi, _gw, _gb):
+def _linear_ce_fwd_backward(ctx, grad_out, _lse, _aux, _gi, _gw, _gb, _predicted):
     none = [None] * _FWD_INPUTS
     if grad_out is None:
         return tuple(none)
@@ -444,10 +452,15 @@ def _chunk_rows(M: int, C: int, dtype: torch.dtype, device: torch.device, backen
     return max(1, min(rows, M))
 
 
-def _bf16_weight_grad(dtype: torch.dtype, device: torch.device) -> bool:
+def _bf16_weight_grad(dtype: torch.dtype, device: torch.device, M: int = 0,
+                      requested: int = 0) -> bool:
     """Whether the weight gradient of `dtype` parameters on `device` is summed by bfloat16
-    products into the returned bfloat16 gradient (BF16_WEIGHT_GRAD)."""
+    products into the returned bfloat16 gradient (BF16_WEIGHT_GRAD): not where `requested`
+    rows per chunk (0: the automatic rule, which keeps the bound) would split M rows into more
+    than _BF16_WEIGHT_GRAD_ROUNDINGS chunks, each a rounding of the sum in bfloat16."""
     if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    if requested > 0 and -(-M // max(1, min(requested, M))) > _BF16_WEIGHT_GRAD_ROUNDINGS:
         return False
     if BF16_WEIGHT_GRAD is not None:
         return BF16_WEIGHT_GRAD
@@ -497,6 +510,7 @@ class _Chunks:
         # of _chunk_rows is not traceable, and the op body is opaque to torch.compile.
         self.backend = backends.resolve(backend, input.device)
         self.fwd, self.bwd = ops.for_backend(self.backend)
+        self.stats_fwd = None if self.backend == "torch" else ops.stats_for_backend(self.backend)
         self.bwd_inplace = _in_place_backward(self.backend)
         M, C = input.shape[0], linear_weight.shape[0]
         self.acc = torch_ref.acc_dtype(input.dtype)
@@ -507,9 +521,10 @@ class _Chunks:
         # a bfloat16 weight on a CPU with bfloat16 products, whose gradient sums in the returned
         # bfloat16 tensor itself (_bf16_weight_grad). The first chunk writes them (no zero-fill
         # pass over a weight-sized buffer); see finish().
-        self.bf16_products = _bf16_weight_grad(input.dtype, input.device)
+        self.bf16_products = _bf16_weight_grad(input.dtype, input.device, M, chunk_rows)
         self.gw = input.new_empty(linear_weight.shape if grad_weight else (0,),
-                                  dtype=_weight_grad_dtype(input.dtype, input.device))
+                                  dtype=_weight_grad_dtype(input.dtype, input.device, M,
+                                                           chunk_rows))
         self.gb = input.new_empty((C,) if grad_bias else (0,), dtype=self.acc)
         self.want = (grad_input, grad_weight, grad_bias)
         self.first = True
@@ -524,17 +539,23 @@ class _Chunks:
             return torch.mm(self.x[r0:r1], self.W.t(), out=out)
         return torch.addmm(self.b, self.x[r0:r1], self.W.t(), out=out)
 
-    def forward(self, logits, r0, r1, grad_loss=None, grad_z=None, z_loss=0.0):
+    def forward(self, logits, r0, r1, grad_loss=None, grad_z=None, z_loss=0.0, argmax=None):
         """(loss (n,), lse (n,) float64, g) for a chunk. With grad_loss (the rows' shares of the
         reduced loss, torch_ref.reduce_grads, as grad_z), g is the gradient of the reduced loss
-        in the chunk's logits, written over them (g is `logits`)."""
+        in the chunk's logits, written over them (g is `logits`). argmax: None, or an (M,)
+        tensor that receives the chunk's rows' argmax of z -- from the statistics kernel's pass
+        where the backend has one, else by torch ops on the logits before g overwrites them."""
         t = self.t[r0:r1]
+        kernel = self.stats_fwd if argmax is not None else None
         if self.backend == "torch":
             loss, lse, grad = torch_ref.chunk_loss_and_grad(logits, t, self.w, self.options)
         else:
-            loss, lse, aux = self.fwd(logits.unsqueeze(-1), t.unsqueeze(-1), self.w,
-                                      *self.options)
-            loss, lse, aux = loss[:, 0], lse[:, 0], aux[:, 0]
+            out = (kernel or self.fwd)(logits.unsqueeze(-1), t.unsqueeze(-1), self.w,
+                                       *self.options)
+            loss, lse, aux = out[0][:, 0], out[1][:, 0], out[2][:, 0]
+        if argmax is not None:
+            argmax[r0:r1] = (out[5][:, 0] if kernel is not None
+                             else linear_stats.chunk_argmax(logits, self.options))
         if grad_loss is None:
             return loss, lse, None
         grad_lse = None if grad_z is None else torch_ref.z_loss_grad(lse, grad_z, z_loss)
@@ -617,10 +638,12 @@ class _Chunks:
         return self.gi, self.gw, self.gb
 
 
-def _weight_grad_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def _weight_grad_dtype(dtype: torch.dtype, device: torch.device, M: int,
+                       requested: int) -> torch.dtype:
     """dtype of linear_ce_fwd's g_weight (and of _Chunks' weight-gradient sum): the accumulation
     dtype, or bfloat16 where the sum runs in bfloat16 products (_bf16_weight_grad)."""
-    return dtype if _bf16_weight_grad(dtype, device) else torch_ref.acc_dtype(dtype)
+    bf16 = _bf16_weight_grad(dtype, device, M, requested)
+    return dtype if bf16 else torch_ref.acc_dtype(dtype)
 
 
 def _over(logits, g):
@@ -629,7 +652,7 @@ def _over(logits, g):
 
 
 def _forward(input, linear_weight, linear_bias, target, weight, options, z_loss, reduction,
-             backend, chunk_rows, grad_input, grad_weight, grad_bias):
+             backend, chunk_rows, grad_input, grad_weight, grad_bias, want_argmax):
     M = input.shape[0]
     store = reduction != "none" and (grad_input or grad_weight or grad_bias)
     ch = _Chunks(input, linear_weight, linear_bias, target, weight, options, backend, chunk_rows,
@@ -639,6 +662,7 @@ def _forward(input, linear_weight, linear_bias, target, weight, options, z_loss,
     counted = target != options.ignore_index
     loss = input.new_empty((M,), dtype=ch.acc)
     lse = input.new_empty((M,), dtype=torch.float64)
+    predicted = input.new_empty((M,) if want_argmax else (0,), dtype=torch.int64)
     grad_loss = grad_z = None
     if store:  # each row's share of the reduced loss (torch_ref.reduce_grads), on the device
         one = torch.ones((), dtype=ch.acc, device=input.device)
@@ -647,11 +671,11 @@ def _forward(input, linear_weight, linear_bias, target, weight, options, z_loss,
         logits = ch.logits(r0, r1)
         loss[r0:r1], lse[r0:r1], g = ch.forward(
             logits, r0, r1, None if grad_loss is None else grad_loss[r0:r1],
-            None if grad_z is None else grad_z[r0:r1], z_loss)
+            None if grad_z is None else grad_z[r0:r1], z_loss, predicted if want_argmax else None)
         if g is not None:
             ch.accumulate(g, r0, r1)
     out = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
-    return (out, lse, aux, *ch.finish())
+    return (out, lse, aux, *ch.finish(), predicted)
 
 
 def _backward(grad_loss, grad_lse, input, linear_weight, linear_bias, target, weight, lse, aux,

@@ -6,7 +6,10 @@ from each chunk's logits while the chunk is at hand: the (N, C) logits are never
   * lse and the z-loss term only (return_lse, return_z_loss, return_stats=("lse", "z_loss")):
     the ordinary op, nllfused::linear_ce_fwd, already returns the per-row lse; nothing else is
     computed and its stored-gradient strategy (nllfused/linear.py) is kept.
-  * predicted, correct, entropy or target_logprob: the op nllfused::linear_ce_stats returns
+  * predicted and correct (token accuracy), with or without those: linear_ce_fwd with
+    want_argmax takes each chunk's argmax in its forward pass (the statistics kernel where the
+    backend has one) before the chunk's gradient overwrites the logits; the strategy is kept.
+  * entropy or target_logprob (differentiable): the op nllfused::linear_ce_stats returns
     per-row (loss, lse, aux, entropy, target log-prob, argmax); the reduction (torch_ref.reduce)
     and the statistics' reductions (stats.reduce) are O(rows) torch ops after it, which autograd
     differentiates. Its backward, nllfused::linear_ce_stats_bwd, recomputes each chunk's logits
@@ -42,7 +45,7 @@ from torch import Tensor
 from . import _checks, functional, ops, stats
 from .backends import torch_ref
 
-_ARGMAX_STATS = frozenset({"predicted", "correct"})
+ARGMAX_STATS = frozenset({"predicted", "correct"})
 
 
 def requested(return_stats, return_z_loss: bool, return_lse: bool):
@@ -54,9 +57,23 @@ def requested(return_stats, return_z_loss: bool, return_lse: bool):
     return names | {"z_loss"} if return_z_loss else names
 
 
+# The differentiable statistics that come from the chunks' logits: asking for them takes the
+# per-row op (module docstring). predicted / correct alone take linear_ce_fwd, which gives the
+# argmax from its own pass over each chunk (want_argmax) and keeps the stored-gradient strategy.
+_PASS_STATS = frozenset({"entropy", "target_logprob"})
+
+
 def needs_pass(names) -> bool:
-    """Whether the statistics need the chunks' logits (beyond the lse linear_ce_fwd returns)."""
-    return bool(names & stats.KERNEL_STATS)
+    """Whether the statistics need the per-row op, nllfused::linear_ce_stats (beyond what
+    linear_ce_fwd returns: the lse and, with want_argmax, the argmax)."""
+    return bool(names & _PASS_STATS)
+
+
+def chunk_argmax(logits, options):
+    """The argmax of z per row of an (n, C) chunk by torch ops (for the backends without a
+    statistics kernel), 1/_SLICES of the chunk at a time."""
+    return torch.cat([_entropy_and_argmax(logits[s], options, False, True)[1]
+                      for s in _slices(logits.shape[0])])
 
 
 def reference_rows(x, linear_weight, linear_bias, target, weight, options):
@@ -76,7 +93,7 @@ def with_stats(x, linear_weight, linear_bias, target, weight, options, z_loss, r
     else:
         rows = torch.ops.nllfused.linear_ce_stats(
             x, linear_weight, linear_bias, target, weight, *options, backend, chunk_rows,
-            "entropy" in names, bool(names & _ARGMAX_STATS))
+            "entropy" in names, bool(names & ARGMAX_STATS))
     loss, lse, aux, *kernel = rows
     counted = target != options.ignore_index
     loss = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
@@ -95,7 +112,7 @@ def result(loss, lse, kernel, names, x, linear_weight, target, options, z_loss, 
     M, C = x.shape[0], linear_weight.shape[0]
     call = _checks.Call(x.new_zeros(()).expand(M, C, 1), target.unsqueeze(-1), None, options,
                         tuple(out_shape), loss.dtype)
-    kernel = None if not kernel else [k.unsqueeze(-1) for k in kernel]
+    kernel = None if not kernel else [None if k is None else k.unsqueeze(-1) for k in kernel]
     return functional._with_stats(loss, call, lse.unsqueeze(-1), reduction, z_loss, names,
                                   kernel, return_stats, return_z_loss, return_lse)
 

@@ -108,9 +108,11 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
         rows["lse"] = lse.detach().to(acc)
     if "z_loss" in names:
         rows["z_loss"] = (z_loss * lse.detach() * lse.detach()).to(acc)
-    if ({"entropy", "predicted", "correct"} & names) and (entropy is None or predicted is None):
-        entropy, predicted = torch_ref.entropy_and_argmax(logits, options,
-                                                          "entropy" in names)
+    need_entropy = "entropy" in names and entropy is None
+    if need_entropy or ({"predicted", "correct"} & names and predicted is None):
+        e, p = torch_ref.entropy_and_argmax(logits, options, need_entropy)
+        entropy, predicted = (e if need_entropy else entropy), (p if predicted is None
+                                                                 else predicted)
     if "entropy" in names:
         rows["entropy"] = entropy
     if "predicted" in names:

@@ -196,15 +196,22 @@ def test_auto_chunk_rule(monkeypatch, bf16_products):
 def test_bf16_weight_gradient_summed_in_bf16(monkeypatch, bf16_products, reduction):
     """bfloat16 on the CPU: the weight gradient summed by bfloat16 products into the returned
     bfloat16 gradient (no float32 accumulator: the op's g_weight is bfloat16) or by float32
-    products into a float32 one; both judged against float64 as every case is, across chunks."""
+    products into a float32 one; both judged against float64 as every case is, across chunks
+    (two: at most _BF16_WEIGHT_GRAD_ROUNDINGS roundings of the sum in bfloat16). Chunks forced
+    smaller than that allows take the float32 accumulator whatever the CPU."""
     monkeypatch.setattr(L, "BF16_WEIGHT_GRAD", bf16_products)
-    monkeypatch.setattr(L, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(L, "CHUNK_ROWS", 25)
     x, W, b, t = make(lead=(50,), H=24, C=300, bias=True, dtype=torch.bfloat16)
     check(x, W, b, t, reduction, label_smoothing=0.1)
-    args = (x, W, b, t, None, -100, 0.1, 1.0, 0.0, False, 0.0, "mean", "cpu", 16, True, True,
-            True, False)
-    g_weight = torch.ops.nllfused.linear_ce_fwd(*args)[4]
-    assert g_weight.dtype == (torch.bfloat16 if bf16_products else torch.float32)
+    for rows, bf16 in ((25, bf16_products), (16, False)):
+        args = (x, W, b, t, None, -100, 0.1, 1.0, 0.0, False, 0.0, "mean", "cpu", rows, True,
+                True, True, False)
+        g_weight = torch.ops.nllfused.linear_ce_fwd(*args)[4]
+        assert g_weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        fake = torch._subclasses.FakeTensorMode()
+        with fake:
+            fake_args = [fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            assert torch.ops.nllfused.linear_ce_fwd(*fake_args)[4].dtype == g_weight.dtype
 
 
 def test_bf16_weight_gradient_error_near_torchs(monkeypatch):

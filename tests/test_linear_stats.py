@@ -225,6 +225,40 @@ def test_lse_and_z_loss_keep_the_ordinary_op(monkeypatch):
     assert torch.equal(L.linear_cross_entropy(x, W, t, b, **kw), plain.detach())
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("argmax_by", ["kernel", "torch ops"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_accuracy_keeps_the_ordinary_op(device, backend, argmax_by, reduction, monkeypatch):
+    """predicted / correct alone (token accuracy) come from nllfused::linear_ce_fwd's own pass
+    (want_argmax): no statistics op, so the loss and the stored gradients are the plain call's,
+    bit for bit, and the argmax is float64 torch's. "torch ops": a backend without a statistics
+    kernel (cuda without Triton), whose chunks' argmax comes from linear_stats.chunk_argmax."""
+    x, W, b, t, kw = case(OPTIONS["smoothing_z"])
+    x, W, b, t = x.to(device), W.to(device), b.to(device), t.to(device)
+    kw = dict(kw, reduction=reduction, backend=backend, chunk_size=5)
+    plain_params = [p.clone().requires_grad_() for p in (x, W, b)]
+    plain = L.linear_cross_entropy(plain_params[0], plain_params[1], t, plain_params[2], **kw)
+    plain.backward()
+
+    def boom(*a, **k):
+        raise AssertionError("the statistics op ran")
+
+    monkeypatch.setattr(linear_stats, "with_stats", boom)
+    if argmax_by == "torch ops":
+        monkeypatch.setattr(L.ops, "stats_for_backend", lambda backend: None)
+    params = [p.clone().requires_grad_() for p in (x, W, b)]
+    loss, st = L.linear_cross_entropy(params[0], params[1], t, params[2],
+                                      return_stats=("predicted", "correct"), **kw)
+    assert torch.equal(loss, plain)
+    loss.backward()
+    for p, q in zip(params, plain_params):
+        assert torch.equal(p.grad, q.grad)
+    for name in ("backend", "chunk_size", "reduction"):
+        kw.pop(name)
+    check_stats(st, x.cpu(), W.cpu(), b.cpu(), t.cpu(), reduction, names=("predicted", "correct"),
+                **kw)
+
+
 def torch_objective(x, W, b, t, dtype, reduction, grad, adv, weight=None, ignore_index=-100,
                     label_smoothing=0.0, z_loss=0.0, **kw):
     """(value, grads in x, W, b) of loss * grad - 0.01 * entropy - adv * target_logprob (the
