@@ -122,6 +122,18 @@ def _nllfused_stats_ce():
     return nllfused_stats_ce
 
 
+def _nllfused_stats_linear():
+    import nllfused
+
+    def nllfused_stats_linear(hidden, weight, target):
+        # as _nllfused_stats_ce, through the fused linear + cross-entropy
+        loss, st = nllfused.linear_cross_entropy(
+            hidden, weight, target, ignore_index=IGNORE_INDEX,
+            return_stats=("entropy", "target_logprob", "predicted"))
+        return loss + 0.0 * st.entropy
+    return nllfused_stats_linear
+
+
 def _nllfused_linear(backend: str) -> Optional[Factory]:
     import nllfused
     if not hasattr(nllfused, "linear_cross_entropy"):  # issue 6, may not be merged yet
@@ -212,8 +224,9 @@ def _registry() -> dict:
             f"nllfused-{backend}", f"nllfused.cross_entropy(backend={backend!r})",
             _nllfused_ce(backend), _nllfused_linear(backend), _nllfused_unavailable(backend)))
     providers.append(Provider(
-        "nllfused-stats", "nllfused.cross_entropy(return_stats=...): entropy bonus, target "
-        "log-prob and argmax beside the loss (backend auto)", _nllfused_stats_ce))
+        "nllfused-stats", "nllfused.(linear_)cross_entropy(return_stats=...): entropy bonus, "
+        "target log-prob and argmax beside the loss (backend auto)", _nllfused_stats_ce,
+        _nllfused_stats_linear))
     providers += [
         Provider("liger", "Liger-Kernel cross entropy / fused linear cross entropy",
                  _liger_ce, _liger_linear, _needs("liger_kernel", "liger-kernel"),
