@@ -201,7 +201,8 @@ struct Ce {
       R = fmadd(R, z, V(2.0f / 5));
       R = fmadd(R, z, V(2.0f / 3)) * z;
       const V hfsq = V(0.5f) * r * r;
-      const V a = (fmadd(s, hfsq + R, fmadd(e, V(1.428606765330187e-06f), V(0.0f) - c / w)) - hfsq) + r;
+      const V lo = fmadd(e, V(1.428606765330187e-06f), V(0.0f) - c / w);
+      const V a = (fmadd(s, hfsq + R, lo) - hfsq) + r;
       const V l = fmadd(e, V(0.693145751953125f), a);  // ln 2 = 0.693145751953125 + 1.4286e-6
       return V::blendv(V::blendv(l, V(-kInf), w == V(0.0f)), w, (w != w) | (w == V(kInf)));
     }
@@ -456,9 +457,10 @@ struct Ce {
   static bool lanes_ok(const Args& A, bool backward);
   static int64_t lane_tiles(const Args& A);
   static constexpr int64_t kLanePrefetch = 512;
-  static constexpr int64_t kLaneAliasLines = 32;  // a tile's lines one L1 set may take (lanes_alias)
+  // A tile's lines one L1 set may take (lanes_alias).
+  static constexpr int64_t kLaneAliasLines = 32;
   static constexpr int64_t kLaneAhead = 4;        // classes ahead where they alias
-  static bool lanes_alias(const Args& A);
+  static bool lanes_alias(const Args& A, int64_t streams);
   template <typename T>
   static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);

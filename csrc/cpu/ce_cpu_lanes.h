@@ -101,15 +101,20 @@ void Ce<scalar_t>::lane_read(const Lanes& T, const src_t* p, int64_t sN, int64_t
 // power-of-two D, (8, 150, 512, 512)) puts the C lines of a tile's classes into one set of the
 // 64 (and of the L2 too), and lines asked for kLanePrefetch bytes ahead are evicted before their
 // tile comes, fetched twice. Where a set would hold more than kLaneAliasLines of a tile's lines
-// the forward asks for class c + kLaneAhead's line of the tile instead (measured on the Intel
-// Xeon, bf16 forward: (8, 150, 512, 512) 1.37x, (4, 64, 512, 512) 1.39x; at (4, 32, 512, 512)
-// and (16, 21, 512, 512) the lines ahead still won). The backward, whose gradient lines the same
-// prefetch brings in for writing, ran slower without it and keeps it.
+// (the forward's: the logits; the backward's: logits and gradient) the forward asks for class
+// c + kLaneAhead's line of the tile instead (measured on the Intel Xeon, bf16 forward:
+// (8, 150, 512, 512) 1.37x, (4, 64, 512, 512) 1.39x; at (4, 32, 512, 512) and
+// (16, 21, 512, 512) the lines ahead still won). The backward does both: the logits' lines
+// kLanePrefetch ahead only towards the outer caches (prefetcht2: the L3 holds what the aliasing
+// L1 and L2 sets cannot), and class c + kLaneAhead's lines of logits and gradient into L1
+// (bwd_lanes; against the lines ahead alone, op calls at D = 512 x 512: bf16 1.4-1.6x, fp32
+// 1.45-1.55x for C from 40 to 150, and C = 32 (bf16) / 24-32 (fp32), which took the other way
+// before, 1.6x / 1.5-2x).
 template <typename scalar_t>
-bool Ce<scalar_t>::lanes_alias(const Args& A) {
+bool Ce<scalar_t>::lanes_alias(const Args& A, int64_t streams) {
   const int64_t stride = A.xC * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t sets = 4096 / std::gcd<int64_t>(stride, 4096);  // sets one tile's lines take
-  return A.C > kLaneAliasLines * sets;
+  return A.C * streams > kLaneAliasLines * sets;
 }
 
 template <typename scalar_t>
@@ -210,7 +215,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   double* lse = static_cast<double*>(A.lse);
   const V zero(acc_t(0)), one(acc_t(1)), none(acc_t(-1)), ninf(-kInf), pinf(kInf), nan(kNaN);
   const bool pick = C <= 16;  // z_y by a lane mask in the sweep (2 operations a class), or gathered
-  const bool alias = lanes_alias(A);
+  const bool alias = lanes_alias(A, 1);
   Lanes T;
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     lane_tile(A, tile, tile == tile0, T);
@@ -354,6 +359,9 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 template <typename scalar_t>
 template <int K, int Gm, bool Stats>
 void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
+  const bool alias = lanes_alias(A, 2);
+  // A full tile's bytes of one class: one line (bf16) or two (fp32) of logits and of gradient.
+  constexpr int64_t kTileBytes = static_cast<int64_t>(sizeof(scalar_t)) * W2;
   alignas(64) acc_t zb[kLaneMaxC * W2];
   alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], wy[W2], yv[W2], gy[W2];
   alignas(64) acc_t gH[W2], gT[W2], Hv[W2];
@@ -444,8 +452,24 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         xa = V::loadu(zb + c * W2);
         xb = V::loadu(zb + c * W2 + W);
       } else if (T.L == W2) {
-        lane_prefetch(T.x0 + c * xC);
-        if (T.dtile) lane_prefetch(o + c * D, true);
+        const char* xc = reinterpret_cast<const char*>(T.x0 + c * xC);
+        if (!alias) {  // every line of the class's tile kLanePrefetch bytes ahead (lanes_alias)
+          for (int64_t b = 0; b < kTileBytes; b += 64) {
+            lane_prefetch(xc + b);
+            if (T.dtile) lane_prefetch(reinterpret_cast<const char*>(o + c * D) + b, true);
+          }
+        } else {  // towards L3 far ahead, into L1 a few classes ahead (lanes_alias)
+          __builtin_prefetch(xc + kLanePrefetch, 0, 1);
+          __builtin_prefetch(xc + kLanePrefetch + 64, 0, 1);
+          if (c + kLaneAhead < C) {
+            const char* xa_ = reinterpret_cast<const char*>(T.x0 + (c + kLaneAhead) * xC);
+            const char* oa = reinterpret_cast<const char*>(o + (c + kLaneAhead) * D);
+            for (int64_t b = 0; b < kTileBytes; b += 64) {
+              __builtin_prefetch(xa_ + b);
+              if (T.dtile) __builtin_prefetch(oa + b, 1);
+            }
+          }
+        }
         load2(T.x0 + c * xC, xa, xb);
       } else {
         load2_tail(T.x0 + c * xC, T.L, acc_t(0), xa, xb);
