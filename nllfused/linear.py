@@ -494,7 +494,9 @@ def _row_bytes(C: int, dtype: torch.dtype, backend: str, bf16_products: bool = F
 
 def _in_place_backward(backend: str):
     """ce_bwd_inplace of a backend whose kernel stores the gradient over the logits it reads
-    (csrc/ops.cpp); None where it would be ce_bwd and a copy (cuda) or there is none (torch)."""
+    (csrc/ops.cpp): cpu, triton, and for cuda Triton's where Triton loads (ops.triton_for_cuda);
+    None where it would be ce_bwd and a copy (cuda without Triton) or there is none (torch)."""
+    backend = ops.triton_for_cuda(backend)
     return ops.inplace_backward_for_backend(backend) if backend in ("cpu", "triton") else None
 
 

@@ -21,10 +21,11 @@ _STATS_PAIRS = {"cpu": ("ce_fwd_stats", "ce_bwd_stats"),
                 "triton": ("ce_fwd_stats_triton", "ce_bwd_stats_triton")}
 
 
-def _stats_backend(backend: str) -> str:
-    """The backend whose statistics ops serve `backend`: its own, but for cuda, whose C++ kernels
-    have no statistics pass, Triton's (the same contract and results) where Triton loads, so that
-    a GPU call with statistics still reads its logits once."""
+def triton_for_cuda(backend: str) -> str:
+    """The backend whose kernels serve `backend` for what the CUDA C++ kernels lack -- a
+    statistics pass, a backward that writes over its input: its own, but Triton's (the same
+    contract and results) for cuda where Triton loads, so that such a GPU call still reads its
+    logits once and holds no second chunk-sized buffer."""
     if backend == "cuda" and _extension.TRITON_ERROR is None:
         return "triton"
     return backend
@@ -32,11 +33,11 @@ def _stats_backend(backend: str) -> str:
 
 def stats_for_backend(backend: str):
     """The forward with statistics (ce_fwd_stats's outputs, csrc/ops.cpp) of a backend whose
-    kernels compute them in their own pass (_stats_backend), else None (nllfused/stats.py then
+    kernels compute them in their own pass (triton_for_cuda), else None (nllfused/stats.py then
     computes them)."""
     if backend == "torch":
         return torch_ref.forward_stats
-    backend = _stats_backend(backend)
+    backend = triton_for_cuda(backend)
     if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
         return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][0])
     return None
@@ -44,8 +45,8 @@ def stats_for_backend(backend: str):
 
 def stats_backward_for_backend(backend: str):
     """The backward with statistics' gradients (ce_bwd_stats, csrc/ops.cpp) of a backend whose
-    kernels have one (_stats_backend), else None."""
-    backend = _stats_backend(backend)
+    kernels have one (triton_for_cuda), else None."""
+    backend = triton_for_cuda(backend)
     if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
         return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][1])
     return None

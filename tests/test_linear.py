@@ -838,3 +838,18 @@ def test_chunking_depends_on_shapes_only_and_results_are_bitwise_repeatable(monk
         results.append((loss, *torch.autograd.grad(loss, (x, W))))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_cuda_chunks_take_tritons_in_place_backward(monkeypatch):
+    """The CUDA C++ kernels' ce_bwd_inplace is ce_bwd and a copy (a chunk-sized temporary): cuda
+    chunks take Triton's in-place backward where Triton loads (no slice held), else ce_bwd on
+    1/_OPS_SLICES of the chunk at a time, copied back."""
+    from nllfused import _extension
+    if _extension.TRITON_ERROR is not None:
+        pytest.skip("triton is not importable here")
+    C, bf16 = 32000, torch.bfloat16
+    assert L._in_place_backward("cuda") == torch.ops.nllfused.ce_bwd_inplace_triton
+    assert L._row_bytes(C, bf16, "cuda") == C * 2 + C * 4  # logits, float32 copy of g
+    monkeypatch.setattr(_extension, "TRITON_ERROR", "no triton")
+    assert L._in_place_backward("cuda") is None
+    assert L._row_bytes(C, bf16, "cuda") == C * 2 + C * 2 // L._OPS_SLICES + C * 4

@@ -295,3 +295,4 @@ def test_cuda_statistics_come_from_the_triton_pass(monkeypatch):
     monkeypatch.setattr(_extension, "TRITON_ERROR", "no triton")
     assert ops.stats_for_backend("cuda") is None
     assert ops.stats_backward_for_backend("cuda") is None
+    assert ops.triton_for_cuda("cuda") == "cuda" and ops.triton_for_cuda("cpu") == "cpu"
