@@ -99,15 +99,20 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// The same by tensor ops, in the rows' dtype: differentiable (a second-order backward runs it).
+inline Tensor sum_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
+                       at::IntArrayRef shape) {
+  if (reduction == kNone) return loss.view(shape);
+  return reduction == kSum ? loss.sum() : loss.sum() / aux.sum();
+}
+
 inline Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
                           const Tensor& input, const Tensor& target) {
-  if (reduction == kNone) return as_dtype(loss.view(target.sizes()), input.scalar_type());
-  if (loop_reduce(loss)) {
+  if (reduction != kNone && loop_reduce(loss)) {
     const double s = cpu_sum(loss), r = reduction == kSum ? s : s / cpu_sum(aux);
     return at::scalar_tensor(r, input.options().requires_grad(false));
   }
-  Tensor out = reduction == kSum ? loss.sum() : loss.sum() / aux.sum();
-  return as_dtype(out, input.scalar_type());
+  return as_dtype(sum_rows(loss, aux, reduction, target.sizes()), input.scalar_type());
 }
 
 // d loss / d loss_row for each row (N, D), from the upstream gradient of the reduced loss. Ignored

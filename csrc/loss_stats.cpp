@@ -94,18 +94,13 @@ Tensor reduce_stat(const Tensor& v, const Tensor& counted, const Tensor& count,
   return reduction == kSum ? m.sum() : m.sum() / count;
 }
 
-// The op's outputs from ce_fwd_stats's per-row ones (differentiable torch ops throughout).
+// The op's outputs from ce_fwd_stats's per-row ones (the loss as csrc/loss.cpp reduces it).
 Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
-                 const Tensor& target, int64_t reduction, int64_t ignore_index, int64_t want,
-                 bool loop_ok) {
+                 const Tensor& target, int64_t reduction, int64_t ignore_index, int64_t want) {
   const auto& [loss_rows, lse, aux, entropy, tlp, predicted] = rows;
   const auto acc = aux.scalar_type();
   const auto shape = target.sizes();
-  Tensor loss = loop_ok ? reduce_rows(loss_rows, aux, reduction, input, target)
-                : reduction == kNone ? loss_rows.view(shape)
-                : reduction == kSum  ? loss_rows.sum()
-                                     : loss_rows.sum() / aux.sum();
-  loss = as_dtype(loss, input.scalar_type());
+  const Tensor loss = reduce_rows(loss_rows, aux, reduction, input, target);
   const Tensor counted = target2 != ignore_index;
   const Tensor count = reduction == kMean ? counted.sum() : Tensor();
   std::array<Tensor, 6> s;  // each its own empty tensor where not asked for: outputs never alias
@@ -164,14 +159,16 @@ struct CrossEntropyLossStatsBackward final : Node {
     const Tensor input = input_.unpack(), target = target_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     auto [logits, target2] = canonical(input, target);
-    const Tensor counted = target2 != ignore_index;
     const Tensor aux = aux_.unpack();
-    const auto acc = aux.scalar_type();
+    const bool ent = grads[1].defined() && (want & kEntropy);
+    const bool tlp = grads[2].defined() && (want & kTargetLogp);
     std::optional<Tensor> g_ent, g_tlp;
-    if (grads[1].defined() && (want & kEntropy))
-      g_ent = stat_row_grads(grads[1], counted, reduction, false, acc);
-    if (grads[2].defined() && (want & kTargetLogp))
-      g_tlp = stat_row_grads(grads[2], counted, reduction, true, acc);
+    if (ent || tlp) {  // the rows that count: only the statistics' gradients need them
+      const Tensor counted = target2 != ignore_index;
+      const auto acc = aux.scalar_type();
+      if (ent) g_ent = stat_row_grads(grads[1], counted, reduction, false, acc);
+      if (tlp) g_tlp = stat_row_grads(grads[2], counted, reduction, true, acc);
+    }
     if (at::GradMode::is_enabled()) {
       out[0] = second_order(input, target, logits, target2, weight, grads[0], g_ent, g_tlp);
       return out;
@@ -199,10 +196,7 @@ struct CrossEntropyLossStatsBackward final : Node {
     const Tensor& aux = std::get<2>(rows);
     variable_list outputs, grad_outputs;
     if (g_loss.defined()) {
-      const Tensor& l = std::get<0>(rows);
-      outputs.push_back(reduction == kNone ? l.view(target.sizes())
-                        : reduction == kSum ? l.sum()
-                                            : l.sum() / aux.sum());
+      outputs.push_back(sum_rows(std::get<0>(rows), aux, reduction, target.sizes()));
       grad_outputs.push_back(g_loss.to(outputs.back().scalar_type()));
     }
     if (g_ent) {
@@ -256,7 +250,7 @@ std::pair<Outputs, Rows> forward_parts(const Tensor& input, const Tensor& target
     auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
     rows = {loss, lse, aux, Tensor(), Tensor(), Tensor()};
   }
-  Outputs out = assemble(rows, input, target2, target, reduction, ignore_index, want, true);
+  Outputs out = assemble(rows, input, target2, target, reduction, ignore_index, want);
   return {std::move(out), std::move(rows)};
 }
 

@@ -462,11 +462,11 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
           __builtin_prefetch(xc + kLanePrefetch, 0, 1);
           __builtin_prefetch(xc + kLanePrefetch + 64, 0, 1);
           if (c + kLaneAhead < C) {
-            const char* xa_ = reinterpret_cast<const char*>(T.x0 + (c + kLaneAhead) * xC);
-            const char* oa = reinterpret_cast<const char*>(o + (c + kLaneAhead) * D);
+            const char* x_ahead = reinterpret_cast<const char*>(T.x0 + (c + kLaneAhead) * xC);
+            const char* o_ahead = reinterpret_cast<const char*>(o + (c + kLaneAhead) * D);
             for (int64_t b = 0; b < kTileBytes; b += 64) {
-              __builtin_prefetch(xa_ + b);
-              if (T.dtile) __builtin_prefetch(oa + b, 1);
+              __builtin_prefetch(x_ahead + b);
+              if (T.dtile) __builtin_prefetch(o_ahead + b, 1);
             }
           }
         }
