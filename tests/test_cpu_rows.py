@@ -7,6 +7,7 @@ import torch
 
 import nllfused
 from helpers import check_cross_entropy
+from test_stats import oracle_rows
 from test_cpu_small_classes import capability, dtype_id  # noqa: F401 (capability: a fixture)
 
 pytestmark = pytest.mark.skipif(
@@ -105,3 +106,54 @@ def test_bad_chunk_is_refused_and_the_library_keeps_working(monkeypatch, bad):
     monkeypatch.delenv("NLLFUSED_CPU_CHUNK")
     torch.testing.assert_close(nllfused.cross_entropy(x, t, backend="cpu"),
                                torch.nn.functional.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+def test_rows_of_special_values(capability, chunk, stats, dtype):
+    """Rows every fast path of the forward could get wrong, against float64 torch: bf16 rows
+    without a transform take each chunk's max from the logits' bits (bits_max) -- all negative
+    (its float fallback), zeros of both signs at the max, a -0 max alone, NaN of either sign,
+    +inf, the max in the tail; and the fold's unmasked exp with tiny terms flushed (fold_steps)
+    -- terms below float32's normal range, and mask values (-inf, -1e20, -1e30, the dtype's
+    lowest), which make its sum inf or NaN and the chunk run again masked. Rows of 4133
+    classes in a buffer of 4160 (each row 64-byte aligned, a tail of 5 classes)."""
+    C = 4133
+    g = torch.randn(11, C, dtype=torch.float64)
+    x = g.clone()
+    x[0] = -g[0].abs() - 1                          # every logit negative
+    x[1] = -g[1].abs() - 1
+    x[1, [300, 700, 4130]] = torch.tensor([-0.0, 0.0, 0.0], dtype=torch.float64)
+    x[2] = -g[2].abs() - 1
+    x[2, 100] = -0.0                                # a -0 max among negatives
+    x[3, 1234] = float("nan")
+    x[4, 77] = -float("nan")                        # sign bit set
+    x[5, 2000:] = float("-inf")
+    x[6, 5] = 95.0                                  # the others: exp(z - 95) < 2^-126
+    x[7, 4131] = float("inf")                       # in the tail
+    x[8, 4132] = 9.0                                # the max in the tail
+    x[9] += 50.0
+    x[10, :1000] = -1e20
+    x[10, 1000:1010] = -1e30
+    x[10, 3000:3100] = torch.finfo(dtype).min
+    xb = torch.empty(11, 4160, dtype=dtype)[:, :C]
+    xb.copy_(x)
+    assert xb[4, 77].view(torch.int16 if dtype == torch.bfloat16 else torch.int32) < 0
+    t = torch.randint(0, C, (11,))
+    t[5] = 3
+    t[10] = 2000
+    finite = [0, 1, 2, 5, 6, 8, 9, 10]
+    expected = oracle_rows(xb, t)
+    if stats:
+        loss, st = nllfused.cross_entropy(xb, t, reduction="none", backend="cpu",
+                                          return_stats=("lse", "predicted", "entropy"))
+        assert torch.equal(st.predicted, expected["predicted"])
+        for name in ("lse", "entropy"):
+            torch.testing.assert_close(getattr(st, name).double(), expected[name], rtol=2e-5,
+                                       atol=2e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    else:
+        loss = nllfused.cross_entropy(xb, t, reduction="none", backend="cpu")
+    assert loss[[3, 4, 7]].isnan().all()
+    xf = torch.empty(len(finite), 4160, dtype=dtype)[:, :C]  # aligned rows again
+    xf.copy_(xb[finite])
+    check_cross_entropy(xf, t[finite], "cpu", "cpu", reduction="none")

@@ -83,45 +83,64 @@ auto Ce<scalar_t>::load_chunk(const scalar_t* x, int64_t xC, int64_t n, acc_t* z
   return zb;
 }
 
-// Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
-// 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
-// It runs from L1 and leaves the memory idle, so it prefetches what comes next, two lines a
-// step: the next chunk [pf, pf + pf_len) into L1 for the max sweep, and as many bytes beyond
-// those into L2 (prefetcht1). A miss to memory holds one of the core's few L1 fill buffers for
-// the whole memory latency, a hit in L2 a fraction of it; and the two cover the stream without
-// gaps whatever the row length (float32 rows of 1000 classes: the L1 prefetch takes the first
-// half of the next row, the L2 one the second half). Against the L1 prefetch alone, fp32 / bf16
-// forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); a fixed 16 KiB ahead
-// left gaps in short rows (fp32 (65536, 1000) 20 % slower), and a third prefetch a step slowed
-// every shape by a tenth.
-// AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
+// The max sweep of a bf16 chunk without a transform (kSplit: the SIMD copies), from the logits'
+// bits: bf16 is sign and magnitude, so among the values whose sign bit is clear the largest as
+// int16 is the largest as float (+inf, then NaN, above every finite value). One integer max per
+// 2W logits and nothing written, where converting and comparing floats (chunk_max) takes four
+// instructions and a copy; the fold then reads the logits themselves (fold with src_t bf16).
+// A chunk without such a value (every logit negative, or -0) takes chunk_max -- the same max
+// either way, NaN aside (see vmax). With snaps, the running max (as bf16 bits, 2W of them)
+// after every kSnapSteps * W2 classes, as chunk_max's for track_argmax; none after chunk_max.
 template <typename scalar_t>
-template <int Gm, bool AtMax, bool Ent>
-void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
-                        const char* pf, int64_t pf_len) {
-  const acc_t mn = nan_max(st.m, cm);
-  if (mn != -kInf && !(mn == st.m)) {  // the max grew (or became NaN): rescale the sums so far
-    if (st.m > -kInf) {  // the old max's k terms become ordinary ones
-      const acc_t f = std::exp(st.m - mn);
-      add_exact(st.s, st.sc, st.k);
-      st.k = 0;
-      // each term e (z - m_old) becomes f e (z - m_old + m_old - mn)
-      if constexpr (Ent) st.T = f * (st.T + (st.m - mn) * (st.s + st.sc));
-      st.s *= f;
-      st.sc *= f;
-      if constexpr (Gm != 0) st.B += (st.m - mn) * st.G;  // <= 0: B only ever gains terms <= 0
+auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t {
+  if constexpr (!kSplit) {
+    return chunk_max<scalar_t, 0, false>(x, n, nullptr, Tf{});  // not called: no bf16 SIMD
+  } else {
+    using I = Vec<int16_t>;
+    static_assert(I::size() == W2, "one int16 vector holds a step's 2W logits");
+    static_assert(kSnapSteps * W2 % (2 * W2) == 0, "a snapshot block is whole double steps");
+    const int16_t* p = reinterpret_cast<const int16_t*>(x);
+    I m0(std::numeric_limits<int16_t>::min()), m1(m0);
+    const int64_t nv = n / W2 * W2;
+    if (snaps) snaps->count = 0;
+    for (int64_t blk = 0; blk < nv; blk += kSnapSteps * W2) {
+      const int64_t end = std::min(nv, blk + kSnapSteps * W2);
+      int64_t i = blk;
+      for (; i + 2 * W2 <= end; i += 2 * W2) {  // two accumulators: the max's latency
+        m0 = maximum(m0, I::loadu(p + i));
+        m1 = maximum(m1, I::loadu(p + i + W2));
+      }
+      if (i < end) m0 = maximum(m0, I::loadu(p + i));
+      if (snaps) maximum(m0, m1).store(reinterpret_cast<int16_t*>(snaps->v) + W2 * snaps->count++);
     }
-    st.m = mn;
+    alignas(64) int16_t lanes[W2];
+    maximum(m0, m1).store(lanes);
+    int16_t top = lanes[0];
+    for (int64_t l = 1; l < W2; ++l) top = std::max(top, lanes[l]);
+    if (top < 0) {
+      if (snaps) snaps->count = 0;
+      return chunk_max<scalar_t, 0, false, true>(x, n, nullptr, Tf{});
+    }
+    acc_t m = static_cast<acc_t>(scalar_t(static_cast<uint16_t>(top), scalar_t::from_bits()));
+    for (int64_t i = nv; i < n; ++i) m = nan_max(m, static_cast<acc_t>(x[i]));
+    return m;
   }
-  // While every class so far is -inf, sum against 0 instead of m (exp(-inf - -inf) would be
-  // NaN): the exp terms are 0, the g-sums take g*(-inf), i.e. -inf, or NaN for g = 0, as
-  // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches s.
-  const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
+}
+
+// fold's vector steps over z[0, n / W2 * W2), the sums lane by lane into u. Tiny: exp unmasked
+// (vexp), only under FlushTiny, which flushes its results below the normal range to 0 without
+// the microcode assist that a denormal or underflowing result otherwise costs. Its terms are
+// then exact (as masked) down to z - m ~ -1e10, and +-0 below, or +-inf / NaN (-inf, the mask
+// values -1e20, -1e30, float's lowest): fold reruns a chunk whose sum is not finite, masked.
+template <typename scalar_t>
+template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
+void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, V vm, const acc_t* g, const char* pf,
+                              int64_t pf_len, Sums& u) {
+  constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   // In a chunk holding the max, the classes at the max are counted into k (k0, k1), not added
-  // to the lanes of s (s0, s1).
-  const V vm(ref), zero(acc_t(0));
-  V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
-  V t0(zero), t1(zero);
+  // to the lanes of s (s0, s1). The sums in locals, not in u: z may alias u for the compiler.
+  V s0 = u.s0, s1 = u.s1, k0 = u.k0, k1 = u.k1, b0 = u.b0, b1 = u.b1, g0 = u.g0, g1 = u.g1;
+  V t0 = u.t0, t1 = u.t1;
   int64_t i = 0;
   const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
   for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
@@ -129,8 +148,10 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
       if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
       __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
     }
-    const V a = V::loadu(z + i) - vm, b = V::loadu(z + i + W) - vm;
-    const V ea = vexp<true>(a), eb = vexp<true>(b);
+    V za, zb;
+    load2s<Raw>(z + i, za, zb);
+    const V a = za - vm, b = zb - vm;
+    const V ea = vexp<true, Tiny>(a), eb = vexp<true, Tiny>(b);
     if constexpr (AtMax) {
       add_or_count(a, ea, s0, k0);
       add_or_count(b, eb, s1, k1);
@@ -158,37 +179,102 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
       g1 = g1 + gb;
     }
   }
-  acc_t B = hsum(b0 + b1), G = hsum(g0 + g1);
+  u = Sums{s0, s1, k0, k1, b0, b1, g0, g1, t0, t1};
+}
+
+// Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
+// 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
+// It runs from L1 and leaves the memory idle, so it prefetches what comes next, two lines a
+// step: the next chunk [pf, pf + pf_len) into L1 for the max sweep, and as many bytes beyond
+// those into L2 (prefetcht1). A miss to memory holds one of the core's few L1 fill buffers for
+// the whole memory latency, a hit in L2 a fraction of it; and the two cover the stream without
+// gaps whatever the row length (float32 rows of 1000 classes: the L1 prefetch takes the first
+// half of the next row, the L2 one the second half). Against the L1 prefetch alone, fp32 / bf16
+// forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); a fixed 16 KiB ahead
+// left gaps in short rows (fp32 (65536, 1000) 20 % slower), and a third prefetch a step slowed
+// every shape by a tenth.
+// AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
+// src_t: z in class order (acc_t), or the chunk's bf16 logits themselves, read in split order
+// (bits_max; only without per-class g, Gm < 2).
+template <typename scalar_t>
+template <int Gm, bool AtMax, bool Ent, typename src_t>
+void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const acc_t* g,
+                        const char* pf, int64_t pf_len) {
+  constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
+  static_assert(!Raw || Gm < 2, "per-class g needs the classes in order");
+  const acc_t mn = nan_max(st.m, cm);
+  if (mn != -kInf && !(mn == st.m)) {  // the max grew (or became NaN): rescale the sums so far
+    if (st.m > -kInf) {  // the old max's k terms become ordinary ones
+      const acc_t f = std::exp(st.m - mn);
+      add_exact(st.s, st.sc, st.k);
+      st.k = 0;
+      // each term e (z - m_old) becomes f e (z - m_old + m_old - mn)
+      if constexpr (Ent) st.T = f * (st.T + (st.m - mn) * (st.s + st.sc));
+      st.s *= f;
+      st.sc *= f;
+      if constexpr (Gm != 0) st.B += (st.m - mn) * st.G;  // <= 0: B only ever gains terms <= 0
+    }
+    st.m = mn;
+  }
+  // While every class so far is -inf, sum against 0 instead of m (exp(-inf - -inf) would be
+  // NaN): the exp terms are 0, the g-sums take g*(-inf), i.e. -inf, or NaN for g = 0, as
+  // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches s.
+  const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
+  const V vm(ref), zero(acc_t(0));
+  Sums u;
+  int64_t i = n / W2 * W2;  // the steps' end; then the tail
+#ifdef NLLF_HAVE_EXP_SCALEF
+  // 16-bit logits only: their fold is bound by its instructions, float32's by memory (where
+  // MXCSR's two writes a chunk cost more than the instruction saved: 2-3 % slower)
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>) {
+    {
+      FlushTiny ftz;
+      fold_steps<Gm, AtMax, Ent, true>(z, n, vm, g, pf, pf_len, u);
+    }
+    if (!std::isfinite(hsum(u.s0 + u.s1))) {  // a logit below ~-1e10: once more, masked
+      u = Sums();
+      fold_steps<Gm, AtMax, Ent, false>(z, n, vm, g, nullptr, 0, u);
+    }
+  } else
+#endif
+  {
+    fold_steps<Gm, AtMax, Ent, false>(z, n, vm, g, pf, pf_len, u);
+  }
+  acc_t B = hsum(u.b0 + u.b1), G = hsum(u.g0 + u.g1);
   alignas(64) acc_t lanes[2 * W];
-  s0.store(lanes);
-  s1.store(lanes + W);
+  u.s0.store(lanes);
+  u.s1.store(lanes + W);
   for (int64_t l = 0; l < 2 * W; ++l) add_exact(st.s, st.sc, lanes[l]);
-  acc_t k = hsum(k0 + k1);  // a count: exact
-  acc_t T = hsum(t0 + t1);
+  acc_t k = hsum(u.k0 + u.k1);  // a count: exact
+  acc_t T = hsum(u.t0 + u.t1);
   if (Ent && std::isnan(T)) {
     // A class at -inf made 0 * -inf (or a NaN logit is here): T once more over this chunk, with
     // a floored at the lowest finite number (then e a = 0 for it). Only such chunks pay this
     // (a vocabulary padded with -inf: its last chunk), the others no floor per element.
-    V u0(zero), u1(zero);
+    V f0(zero), f1(zero);
     for (int64_t j = 0; j < i; j += W2) {
-      const V a = V::loadu(z + j) - vm, b = V::loadu(z + j + W) - vm;
-      u0 = fmadd(vexp(a), floor_finite(a), u0);
-      u1 = fmadd(vexp(b), floor_finite(b), u1);
+      V za, zb;
+      load2s<Raw>(z + j, za, zb);
+      const V a = za - vm, b = zb - vm;
+      f0 = fmadd(vexp(a), floor_finite(a), f0);
+      f1 = fmadd(vexp(b), floor_finite(b), f1);
     }
-    T = hsum(u0 + u1);
+    T = hsum(f0 + f1);
   }
   for (; i < n; ++i) {
-    const acc_t a = z[i] - ref;
+    const acc_t a = static_cast<acc_t>(z[i]) - ref;
     if (AtMax && a == 0) {
       k += 1;
     } else {
       const acc_t ea = std::exp(a);
       add_exact(st.s, st.sc, ea);
-      if (Ent && ea != 0) T += ea * a;
+      if (Ent && ea != 0) T = std::fma(ea, a, T);
     }
     if constexpr (Gm == 1) B += a;
     if constexpr (Gm >= 2) {
-      if (Gm == 2 || g[i] != 0) B += g[i] * a;
+      // std::fma as the steps' fmadd -- and the same bits in every instantiation, where a
+      // compiler's contraction of B + g a may differ (the statistics' fold and the plain one)
+      if (Gm == 2 || g[i] != 0) B = std::fma(g[i], a, B);
       G += g[i];
     }
   }
@@ -200,13 +286,17 @@ void Ce<scalar_t>::fold(State& st, const acc_t* z, int64_t n, acc_t cm, const ac
 }
 
 template <typename scalar_t>
-void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t n, acc_t cm,
+template <typename src_t>
+void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t n, acc_t cm,
                             const acc_t* g, const char* pf, int64_t pf_len) {
-#define NLLF_FOLD(AT, E)                                             \
-  if (gm == 0) return fold<0, AT, E>(st, z, n, cm, g, pf, pf_len);   \
-  if (gm == 1) return fold<1, AT, E>(st, z, n, cm, g, pf, pf_len);   \
-  if (gm == 2) return fold<2, AT, E>(st, z, n, cm, g, pf, pf_len);   \
-  return fold<3, AT, E>(st, z, n, cm, g, pf, pf_len);
+  constexpr bool Raw = !std::is_same_v<src_t, acc_t>;  // then gm < 2
+#define NLLF_FOLD(AT, E)                                               \
+  if (gm == 0) return fold<0, AT, E>(st, z, n, cm, g, pf, pf_len);     \
+  if (Raw || gm == 1) return fold<1, AT, E>(st, z, n, cm, g, pf, pf_len); \
+  if constexpr (!Raw) {                                                \
+    if (gm == 2) return fold<2, AT, E>(st, z, n, cm, g, pf, pf_len);   \
+    return fold<3, AT, E>(st, z, n, cm, g, pf, pf_len);                \
+  }
   const bool at_max = cm == nan_max(st.m, cm);
   if (ent) {
     if (at_max) { NLLF_FOLD(true, true) }
@@ -226,36 +316,45 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t
 // 32K classes. Two vectors per step and one test whether any of their lanes holds cm.
 // z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
 // holds it is the least class among its hits.
+// src_t bf16: z is the chunk's logits themselves (bits_max; in class order, split_end 0), its
+// steps' vectors loaded in split order, and the snapshots bf16 bits -- then a zero max (+0 or -0,
+// which compare equal) takes no snapshots: their integer order is not the floats'.
 template <typename scalar_t>
-void Ce<scalar_t>::track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm,
+template <typename src_t>
+void Ce<scalar_t>::track_argmax(State& st, const src_t* z, int64_t c0, int64_t n, acc_t cm,
                                 int64_t split_end, const Snaps* snaps) {
+  constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   const bool nan = std::isnan(cm);
   if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
   constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
-  auto step_hits = [&](const acc_t* p) {  // any of the 2W values at p is cm (NaN for a NaN cm)
-    const V a = V::loadu(p), b = V::loadu(p + W);
+  auto step_hits = [&](const src_t* p) {  // any of the 2W values at p is cm (NaN for a NaN cm)
+    V a, b;
+    load2s<Raw>(p, a, b);
     const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
     return hit.zero_mask() != kNoHit;
   };
   int64_t i = 0;
-  if (snaps && !nan) {  // the blocks before the first snapshot at cm cannot hold it
-    int64_t j = 0;
-    while (j < snaps->count && !step_hits(snaps->v + j * W2)) ++j;
+  if (snaps && !nan && !(Raw && cm == 0)) {  // the blocks before the first snapshot at cm
+    int64_t j = 0;                            // cannot hold it
+    const src_t* v = reinterpret_cast<const src_t*>(snaps->v);
+    while (j < snaps->count && !step_hits(v + j * W2)) ++j;
     i = std::min(j * kSnapSteps * W2, n / W2 * W2);
   }
   while (i + W2 <= n && !step_hits(z + i)) i += W2;
   if (i < split_end) {
     int64_t first = W2;
     for (int64_t q = 0; q < W2; ++q) {
-      if (nan ? z[i + q] != z[i + q] : z[i + q] == cm) first = std::min(first, split_class(q));
+      const acc_t v = static_cast<acc_t>(z[i + q]);
+      if (nan ? v != v : v == cm) first = std::min(first, split_class(q));
     }
     st.best = cm;
     st.arg = c0 + i + first;
     return;
   }
   for (; i < n; ++i) {
-    if (nan ? z[i] != z[i] : z[i] == cm) {
+    const acc_t v = static_cast<acc_t>(z[i]);
+    if (nan ? v != v : v == cm) {
       st.best = cm;
       st.arg = c0 + i;
       return;
@@ -362,9 +461,16 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
     for (int64_t c0 = 0; c0 < A.C; c0 += chunk) {
       const int64_t n = std::min(chunk, A.C - c0);
       const bool split = split_row && reinterpret_cast<uintptr_t>(xr + c0) % 64 == 0;
+      // bf16 without a transform: max from the bits, the fold from the logits (bits_max)
+      const bool raw = kSplit && split && t.kind == 0;
       acc_t cm;
-      const acc_t* z = load_chunk(xr + c0, 1, n, zb, t, cm, split, stats ? &snaps : nullptr);
-      if (stats) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, &snaps);
+      const acc_t* z = nullptr;
+      if (raw) cm = bits_max(xr + c0, n, stats ? &snaps : nullptr);
+      else z = load_chunk(xr + c0, 1, n, zb, t, cm, split, stats ? &snaps : nullptr);
+      if constexpr (kSplit) {
+        if (stats && raw) track_argmax(st, xr + c0, c0, n, cm, 0, &snaps);  // class order
+      }
+      if (stats && !raw) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, &snaps);
       const acc_t* g = nullptr;
       if (A.prob) {
         soft_coef(A, n_, d_, c0, n, gb);
@@ -377,8 +483,15 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
                            : r + 1 < r1 ? row_ptr(A, (r + 1) / A.D, (r + 1) % A.D)
                                         : nullptr;
       const int64_t pf_n = c0 + n < A.C ? std::min(chunk, A.C - c0 - n) : std::min(chunk, A.C);
-      fold_any(gm, stats, st, z, n, cm, g, reinterpret_cast<const char*>(pf),
-               pf ? pf_n * int64_t(sizeof(scalar_t)) : 0);
+      const char* pfc = reinterpret_cast<const char*>(pf);
+      const int64_t pf_bytes = pf ? pf_n * int64_t(sizeof(scalar_t)) : 0;
+      if constexpr (kSplit) {
+        if (raw) {
+          fold_any(gm, stats, st, xr + c0, n, cm, g, pfc, pf_bytes);
+          continue;
+        }
+      }
+      fold_any(gm, stats, st, z, n, cm, g, pfc, pf_bytes);
     }
     finish_row(A, r, st, xr, y, t);
   }

@@ -11,7 +11,8 @@
 //   at::parallel_for. The row is walked in chunks of classes small enough to stay in L1: a first
 //   sweep over a chunk loads it (converting bf16/fp16, applying logit_scale/softcap into a small
 //   buffer when needed) and takes its max; a second sweep, from L1, adds exp(z - m) into an online
-//   softmax (State, below) together with the smoothing / soft-target sums. So the
+//   softmax (State, below) together with the smoothing / soft-target sums (bf16 without a
+//   transform: the max from the logits' bits, and the second sweep reads them, no buffer). So the
 //   forward reads the logits from memory once with one exp per element, and the backward
 //   (p = exp(z - lse) with the saved float64 lse) reads them once and writes the gradient once.
 //   Nothing the size of the logits is allocated but the gradient itself.
@@ -160,9 +161,12 @@ struct Ce {
   // translation unit's own: p 2^n, exactly 0 where x <= -87 (incl. -inf, where n and 2^n are
   // garbage), NaN kept (the forward relies on that: its max sweep does not look for NaN).
   // Scalef: where the unit has it (AVX-512), that step by scalef (exp_finish_scalef), for the
-  // forward's fold; same results.
+  // forward's fold; same results. With Tiny (exp_finish_tiny) unmasked as well: results below
+  // 2^-126 are computed (0 or denormal, or 0 under FlushTiny), and x below ~-1e10 gives +-0,
+  // +-inf or NaN (n and r are garbage there). One instruction less again, for the fold, which
+  // reruns a chunk whose sum is not finite without it (fold_steps).
   // Arguments must stay below 88 (2^n overflows the exponent): z <= max, and lse >= max.
-  template <bool Scalef = false>
+  template <bool Scalef = false, bool Tiny = false>
   static inline V vexp(V x) {
 #if NLLF_SIMD
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -176,6 +180,7 @@ struct Ce {
       p = fmadd(p, r, V(0.9999997019767761f));
       p = fmadd(p, r, V(1.0f));
 #ifdef NLLF_HAVE_EXP_SCALEF
+      if constexpr (Scalef && Tiny) return exp_finish_tiny(n, p);
       if constexpr (Scalef) return exp_finish_scalef(x, n, p);
 #endif
       return exp_finish(x, tt, p);
@@ -395,12 +400,23 @@ struct Ce {
     acc_t m = -kInf, k = 0, s = 0, sc = 0, B = 0, G = 0, T = 0, best = -kInf;
     int64_t arg = 0;
   };
-  template <int Gm, bool AtMax, bool Ent>
-  static void fold(State& st, const acc_t* z, int64_t n, acc_t cm, const acc_t* g,
+  static acc_t bits_max(const scalar_t* x, int64_t n, Snaps* snaps = nullptr);
+  // A chunk's sums, lane by lane (fold_steps): s, k, T (t), and the g-sums B (b), G (g).
+  struct Sums {
+    V s0{acc_t(0)}, s1{acc_t(0)}, k0{acc_t(0)}, k1{acc_t(0)}, b0{acc_t(0)}, b1{acc_t(0)};
+    V g0{acc_t(0)}, g1{acc_t(0)}, t0{acc_t(0)}, t1{acc_t(0)};
+  };
+  template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
+  static void fold_steps(const src_t* z, int64_t n, V vm, const acc_t* g, const char* pf,
+                         int64_t pf_len, Sums& u);
+  template <int Gm, bool AtMax, bool Ent, typename src_t>
+  static void fold(State& st, const src_t* z, int64_t n, acc_t cm, const acc_t* g,
                    const char* pf = nullptr, int64_t pf_len = 0);
-  static void fold_any(int gm, bool ent, State& st, const acc_t* z, int64_t n, acc_t cm,
+  template <typename src_t>
+  static void fold_any(int gm, bool ent, State& st, const src_t* z, int64_t n, acc_t cm,
                        const acc_t* g, const char* pf = nullptr, int64_t pf_len = 0);
-  static void track_argmax(State& st, const acc_t* z, int64_t c0, int64_t n, acc_t cm,
+  template <typename src_t>
+  static void track_argmax(State& st, const src_t* z, int64_t c0, int64_t n, acc_t cm,
                            int64_t split_end = 0, const Snaps* snaps = nullptr);
   static int gmode(const Args& A, int64_t y);
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
