@@ -127,11 +127,10 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
   }
 }
 
-// fold's vector steps over z[0, n / W2 * W2), the sums lane by lane into u. Tiny: exp unmasked
-// (vexp), only under FlushTiny, which flushes its results below the normal range to 0 without
-// the microcode assist that a denormal or underflowing result otherwise costs. Its terms are
-// then exact (as masked) down to z - m ~ -1e10, and +-0 below, or +-inf / NaN (-inf, the mask
-// values -1e20, -1e30, float's lowest): fold reruns a chunk whose sum is not finite, masked.
+// fold's vector steps over z[0, n / W2 * W2), the sums lane by lane into u. Tiny (kTinyExp):
+// exp unmasked (vexp), under the caller's TinyScope. Its terms are exact (as masked) down to
+// z - m ~ -1e10, and +-0 below, or +-inf / NaN (-inf, the mask values -1e20, -1e30, float's
+// lowest): fold reruns a chunk whose sum is not finite, masked.
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
 void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, V vm, const acc_t* g, const char* pf,
@@ -223,21 +222,13 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   const V vm(ref), zero(acc_t(0));
   Sums u;
   int64_t i = n / W2 * W2;  // the steps' end; then the tail
-#ifdef NLLF_HAVE_EXP_SCALEF
-  // 16-bit logits only: their fold is bound by its instructions, float32's by memory (where
-  // MXCSR's two writes a chunk cost more than the instruction saved: 2-3 % slower)
-  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>) {
-    {
-      FlushTiny ftz;
-      fold_steps<Gm, AtMax, Ent, true>(z, n, vm, g, pf, pf_len, u);
-    }
+  if constexpr (kTinyExp) {
+    fold_steps<Gm, AtMax, Ent, true>(z, n, vm, g, pf, pf_len, u);
     if (!std::isfinite(hsum(u.s0 + u.s1))) {  // a logit below ~-1e10: once more, masked
       u = Sums();
       fold_steps<Gm, AtMax, Ent, false>(z, n, vm, g, nullptr, 0, u);
     }
-  } else
-#endif
-  {
+  } else {
     fold_steps<Gm, AtMax, Ent, false>(z, n, vm, g, pf, pf_len, u);
   }
   acc_t B = hsum(u.b0 + u.b1), G = hsum(u.g0 + u.g1);
@@ -443,6 +434,7 @@ void Ce<scalar_t>::finish_stats(const Args& A, int64_t r, const State& st, const
 // Unit class stride: each row read in place, chunk by chunk (A.chunk classes: kernels.h).
 template <typename scalar_t>
 void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
+  [[maybe_unused]] const TinyScope tiny{};
   alignas(64) acc_t zb[kRowChunkMax];
   alignas(64) acc_t gb[kRowChunkMax];
   const int64_t chunk = std::min<int64_t>(A.chunk, kRowChunkMax);
@@ -500,6 +492,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
 // Strided classes: tiles of kTile consecutive rows, each chunk gathered into zb[lane][·].
 template <typename scalar_t>
 void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
+  [[maybe_unused]] const TinyScope tiny{};
   alignas(64) acc_t zb[kTile][kTileChunk];
   alignas(64) acc_t gb[kTileChunk];
   const Tf t = make_tf(A);

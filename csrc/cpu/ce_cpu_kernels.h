@@ -188,6 +188,22 @@ struct Ce {
 #endif
     return x.exp_u20();  // float64: Sleef's exp; baseline: std::exp
   }
+  // The fold's exp unmasked (vexp's Tiny) for 16-bit logits where the unit has it: their fold is
+  // bound by its instructions, float32's by memory. It runs under TinyScope, set once per
+  // range of rows (fwd_rows, fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's
+  // flush-to-zero (FlushTiny, kernels_avx512.cpp), so that exp's results below 2^-126 become 0
+  // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
+  // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
+  // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
+#ifdef NLLF_HAVE_EXP_SCALEF
+  static constexpr bool kTinyExp =
+      std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>;
+  struct NoScope {};
+  using TinyScope = std::conditional_t<kTinyExp, FlushTiny, NoScope>;
+#else
+  static constexpr bool kTinyExp = false;
+  struct TinyScope {};
+#endif
   // log1p for the lane path's log d = log1p((k - 1) + s) (ce_cpu_lanes.h), a vector of rows at
   // a time, where Sleef's log1pf took a seventh of a 4-class forward. For float in the SIMD
   // copies: w = 1 + u, log1p(u) = log(w) - ((w - 1) - u) / w (the rounding of w, to first

@@ -61,9 +61,8 @@ inline Vec<float> exp_finish_scalef(Vec<float> x, Vec<float> n, Vec<float> p) {
 // Ce::vexp's last step without the mask (Tiny): p 2^n by one scalef (n: the rounded x log2 e as
 // a float); garbage for x below ~-1e10 (Ce::vexp). For the forward's fold, under FlushTiny.
 inline Vec<float> exp_finish_tiny(Vec<float> n, Vec<float> p) { return _mm512_scalef_ps(p, n); }
-// MXCSR's flush-to-zero for this thread while in scope (the fold's steps, see Ce::fold_steps):
-// a result below 2^-126 becomes 0 at no cost, where it otherwise takes a microcode assist of
-// ~100 cycles. Only exp's tiny terms are such results there, and s >= 1 absorbs them whole.
+// MXCSR's flush-to-zero for this thread while in scope (Ce::TinyScope): a result below 2^-126
+// becomes 0 at no cost, where it otherwise takes a microcode assist of ~100 cycles.
 struct FlushTiny {
   const unsigned csr = _mm_getcsr();
   FlushTiny() { _mm_setcsr(csr | _MM_FLUSH_ZERO_ON); }
