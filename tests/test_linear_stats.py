@@ -193,26 +193,44 @@ def test_only_what_is_asked_for(device, backend, names, reduction):
     check_stats(st, x, W, b, t, reduction, names=names, **kw)
 
 
+def fresh_params(x, W, b):
+    return [p.clone().requires_grad_() for p in (x, W, b)]
+
+
+def plain_call(x, W, b, t, kw):
+    """The call without statistics, backpropagated: (loss, its leaf parameters)."""
+    params = fresh_params(x, W, b)
+    loss = L.linear_cross_entropy(params[0], params[1], t, params[2], **kw)
+    loss.backward()
+    return loss, params
+
+
+def assert_same_call(loss, params, plain, plain_params):
+    """loss, and after its backward the gradients, bit for bit the plain call's."""
+    assert torch.equal(loss, plain)
+    loss.backward()
+    for p, q in zip(params, plain_params):
+        assert torch.equal(p.grad, q.grad)
+
+
+def forbid(monkeypatch, name, what):
+    def boom(*a, **k):
+        raise AssertionError(f"{what} ran")
+
+    monkeypatch.setattr(linear_stats, name, boom)
+
+
 def test_lse_and_z_loss_keep_the_ordinary_op(monkeypatch):
     """lse and the z-loss term come from nllfused::linear_ce_fwd's own lse: no statistics op,
     the same loss and gradients (the stored-gradient path) bit for bit; no statistics asked for,
     no statistics code runs at all."""
     x, W, b, t, kw = case({"z_loss": 1e-2})
-    plain_params = [p.clone().requires_grad_() for p in (x, W, b)]
-    plain = L.linear_cross_entropy(plain_params[0], plain_params[1], t, plain_params[2], **kw)
-    plain.backward()
-
-    def boom(*a, **k):
-        raise AssertionError("the statistics path ran")
-
-    monkeypatch.setattr(linear_stats, "with_stats", boom)
-    params = [p.clone().requires_grad_() for p in (x, W, b)]
+    plain, plain_params = plain_call(x, W, b, t, kw)
+    forbid(monkeypatch, "with_stats", "the statistics path")
+    params = fresh_params(x, W, b)
     loss, z, lse = L.linear_cross_entropy(params[0], params[1], t, params[2], return_z_loss=True,
                                           return_lse=True, **kw)
-    assert torch.equal(loss, plain)
-    loss.backward()
-    for p, q in zip(params, plain_params):
-        assert torch.equal(p.grad, q.grad)
+    assert_same_call(loss, params, plain, plain_params)
     rows = stat_rows(transformed(x, W, b, torch.float64), t, **kw)
     assert lse.shape == t.shape
     assert_matches_oracle(lse, rows["lse"], torch.float32,
@@ -221,7 +239,7 @@ def test_lse_and_z_loss_keep_the_ordinary_op(monkeypatch):
     assert torch.equal(st.z_loss, z)
     check_stats(st, x, W, b, t, "mean", names=("lse", "z_loss"), **kw)
 
-    monkeypatch.setattr(linear_stats, "result", boom)
+    forbid(monkeypatch, "result", "the statistics path")
     assert torch.equal(L.linear_cross_entropy(x, W, t, b, **kw), plain.detach())
 
 
@@ -236,23 +254,14 @@ def test_accuracy_keeps_the_ordinary_op(device, backend, argmax_by, reduction, m
     x, W, b, t, kw = case(OPTIONS["smoothing_z"])
     x, W, b, t = x.to(device), W.to(device), b.to(device), t.to(device)
     kw = dict(kw, reduction=reduction, backend=backend, chunk_size=5)
-    plain_params = [p.clone().requires_grad_() for p in (x, W, b)]
-    plain = L.linear_cross_entropy(plain_params[0], plain_params[1], t, plain_params[2], **kw)
-    plain.backward()
-
-    def boom(*a, **k):
-        raise AssertionError("the statistics op ran")
-
-    monkeypatch.setattr(linear_stats, "with_stats", boom)
+    plain, plain_params = plain_call(x, W, b, t, kw)
+    forbid(monkeypatch, "with_stats", "the statistics op")
     if argmax_by == "torch ops":
         monkeypatch.setattr(L.ops, "stats_for_backend", lambda backend: None)
-    params = [p.clone().requires_grad_() for p in (x, W, b)]
+    params = fresh_params(x, W, b)
     loss, st = L.linear_cross_entropy(params[0], params[1], t, params[2],
                                       return_stats=("predicted", "correct"), **kw)
-    assert torch.equal(loss, plain)
-    loss.backward()
-    for p, q in zip(params, plain_params):
-        assert torch.equal(p.grad, q.grad)
+    assert_same_call(loss, params, plain, plain_params)
     for name in ("backend", "chunk_size", "reduction"):
         kw.pop(name)
     check_stats(st, x.cpu(), W.cpu(), b.cpu(), t.cpu(), reduction, names=("predicted", "correct"),
@@ -451,7 +460,7 @@ def test_torch_compile_fullgraph(backend, reduction):
         return loss, st.entropy, st.target_logprob, st.correct, st.predicted, st.lse
 
     def run(f):
-        params = [p.clone().requires_grad_() for p in (x, W, b)]
+        params = fresh_params(x, W, b)
         out = f(*params)
         (out[0].sum() - 0.01 * out[1].sum() - out[2].sum()).backward()
         return list(out) + [p.grad for p in params]
@@ -472,7 +481,7 @@ def test_torch_compile_lse_and_z_loss():
                                       return_lse=True)
 
     def run(f):
-        params = [p.clone().requires_grad_() for p in (x, W, b)]
+        params = fresh_params(x, W, b)
         out = f(*params)
         out[0].backward()
         return list(out) + [p.grad for p in params]
@@ -511,7 +520,7 @@ def test_names_are_checked_and_probability_targets_pass_through():
 
 def test_autocast_bfloat16():
     x, W, b, t, kw = case({})
-    params = [p.clone().requires_grad_() for p in (x, W, b)]
+    params = fresh_params(x, W, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, st = L.linear_cross_entropy(params[0], params[1], t, params[2],
                                           return_stats=True)
