@@ -114,11 +114,11 @@ def test_rows_of_special_values(capability, chunk, stats, dtype):
     """Rows every fast path of the forward could get wrong, against float64 torch: bf16 rows
     without a transform take each chunk's max from the logits' bits (bits_max) -- all negative
     (its float fallback), zeros of both signs at the max, a -0 max alone, NaN of either sign,
-    +inf, the max in the tail; and the fold's unmasked exp with tiny terms flushed (fold_steps)
-    -- for 16-bit logits on AVX-512: terms below float32's normal range, and mask values (-inf,
-    -1e20, -1e30, the dtype's lowest), which make its sum inf or NaN and the chunk run again
-    masked. Rows of 4133
-    classes in a buffer of 4160 (each row 64-byte aligned, a tail of 5 classes)."""
+    +inf, the max in the tail; and the fold's unmasked exp with tiny terms flushed (fold_steps,
+    exp2_tiny) -- for 16-bit logits on AVX-512: terms below float32's normal range, and mask
+    values (-inf, -1e20, -1e30, the dtype's lowest), which an exp without a mask can turn into
+    inf or NaN. Rows of 4133 classes in a buffer of 4160 (each row 64-byte aligned, a tail of 5
+    classes)."""
     C = 4133
     g = torch.randn(11, C, dtype=torch.float64)
     x = g.clone()
@@ -158,3 +158,35 @@ def test_rows_of_special_values(capability, chunk, stats, dtype):
     xf = torch.empty(len(finite), 4160, dtype=dtype)[:, :C]  # aligned rows again
     xf.copy_(xb[finite])
     check_cross_entropy(xf, t[finite], "cpu", "cpu", reduction="none")
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+def test_confident_rows(capability, chunk, aligned, dtype):
+    """Rows whose target is the max by far, the other terms ~e^-20 each: the loss is their sum,
+    ~1e-5, and only the count of classes at the max kept apart from it (State's k; for 16-bit
+    logits on AVX-512 found by fold_steps' one compare per step) keeps its digits -- a class at
+    the max added to a lane's sum rounds that lane's terms away. Also the max far from 0
+    (|m| ~ 200: fold_steps' offset u(m), taken out of the sums), and tied maxima, one in the
+    tail. The target's log-probability (float32 for every dtype) against float64 torch, within
+    what float32 lane sums of ~260 terms each allow (2e-5; a class at the max in a lane costs
+    ~3 %): 4 rows of 4133 classes, 64-byte aligned (bf16 read in place) or not (a converted
+    chunk); the loss within its dtype's rounding."""
+    C = 4133
+    x = torch.randn(4, C, dtype=torch.float64) - 20
+    x[1] += 200
+    t = torch.tensor([17, 4000, 2500, 9])
+    x[torch.arange(4), t] = torch.tensor([0.0, 200.0, 0.0, 0.0], dtype=torch.float64)
+    x[2, [100, 4131]] = 0.0                                 # tied maxima
+    x[3] += 15                                              # terms ~e^-5: an ordinary row
+    buf = torch.empty(4, 4160 if aligned else C + 1, dtype=dtype)
+    xb = buf[:, :C]
+    xb.copy_(x)
+    loss, st = nllfused.cross_entropy(xb, t, reduction="none", backend="cpu",
+                                      return_stats=("target_logprob",))
+    expected = torch.log_softmax(xb.double(), 1).gather(1, t[:, None]).squeeze(1)
+    assert expected[0] > -1e-4 and expected[1] > -1e-4  # tiny: the test's point
+    torch.testing.assert_close(st.target_logprob.double(), expected, rtol=2e-5, atol=0)
+    info = torch.finfo(dtype)  # float16: ~1.4e-5 is subnormal, spaced tiny * eps
+    torch.testing.assert_close(loss.double(), -expected, atol=info.tiny * info.eps,
+                               rtol=2e-5 if dtype == torch.float32 else info.eps)

@@ -127,15 +127,32 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
   }
 }
 
-// fold's vector steps over z[0, n / W2 * W2), the sums lane by lane into u. Tiny (kTinyExp):
-// exp unmasked (vexp), under the caller's TinyScope. Its terms are exact (as masked) down to
-// z - m ~ -1e10, and +-0 below, or +-inf / NaN (-inf, the mask values -1e20, -1e30, float's
-// lowest): fold reruns a chunk whose sum is not finite, masked.
+// fold's vector steps over z[0, n / W2 * W2) against ref (the max, or 0), the sums lane by lane
+// into u. For 16-bit logits where the unit has it (kTinyExp, under the caller's TinyScope) each
+// term is exp2_tiny(u(z)), u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where
+// a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e rounded): every term
+// carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold takes out of the sums. In a chunk holding the max (AtMax) a step then first looks
+// for classes at the max -- one compare of the bf16 bits, or two of the floats -- and only a
+// step that has one counts them apart (add_or_count). That test is z == m, which is z - m == 0
+// wherever m is normal and not below 2^-100 in magnitude (two such distinct numbers differ by
+// more than 2^-126, which flush-to-zero would make 0); for other m every step counts.
 template <typename scalar_t>
-template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
-void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, V vm, const acc_t* g, const char* pf,
-                              int64_t pf_len, Sums& u) {
+template <int Gm, bool AtMax, bool Ent, typename src_t>
+void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
+                              const char* pf, int64_t pf_len, Sums& u) {
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
+  constexpr bool Tiny = kTinyExp;
+  const V vm(ref);
+  [[maybe_unused]] const V log2e(kLog2e), vc(tiny_offset(ref));
+  [[maybe_unused]] bool test_steps = Tiny && AtMax && std::isfinite(ref) &&
+                                     std::fabs(ref) >= acc_t(0x1p-100);
+  [[maybe_unused]] uint16_t ref_bits = 0;
+  if constexpr (Tiny && Raw) {  // ref is a bf16 value here (the max of the chunks' logits)
+    uint32_t w;
+    std::memcpy(&w, &ref, sizeof w);
+    ref_bits = static_cast<uint16_t>(w >> 16);
+    test_steps = test_steps && (w & 0xffffu) == 0;
+  }
   // In a chunk holding the max, the classes at the max are counted into k (k0, k1), not added
   // to the lanes of s (s0, s1). The sums in locals, not in u: z may alias u for the compiler.
   V s0 = u.s0, s1 = u.s1, k0 = u.k0, k1 = u.k1, b0 = u.b0, b1 = u.b1, g0 = u.g0, g1 = u.g1;
@@ -147,11 +164,37 @@ void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, V vm, const acc_t* g, c
       if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
       __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
     }
-    V za, zb;
+    V za, zb, a, b, ea, eb;
     load2s<Raw>(z + i, za, zb);
-    const V a = za - vm, b = zb - vm;
-    const V ea = vexp<true, Tiny>(a), eb = vexp<true, Tiny>(b);
-    if constexpr (AtMax) {
+    constexpr bool NeedA = !Tiny || Ent || Gm != 0;
+    if constexpr (NeedA) {
+      a = za - vm;
+      b = zb - vm;
+    }
+#ifdef NLLF_HAVE_EXP_SCALEF
+    if constexpr (Tiny) {
+      ea = exp2_tiny(fmadd(za, log2e, vc));
+      eb = exp2_tiny(fmadd(zb, log2e, vc));
+    }
+#endif
+    if constexpr (!Tiny) {
+      ea = vexp<true>(a);
+      eb = vexp<true>(b);
+    }
+    bool count = AtMax;
+#ifdef NLLF_HAVE_EXP_SCALEF
+    if constexpr (Tiny && AtMax) {
+      if (test_steps) {
+        if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);
+        else count = any_equal(za, zb, vm);
+      }
+      if (count && !NeedA) {
+        a = za - vm;
+        b = zb - vm;
+      }
+    }
+#endif
+    if (count) {
       add_or_count(a, ea, s0, k0);
       add_or_count(b, eb, s1, k1);
     } else {
@@ -222,14 +265,15 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   const V vm(ref), zero(acc_t(0));
   Sums u;
   int64_t i = n / W2 * W2;  // the steps' end; then the tail
-  if constexpr (kTinyExp) {
-    fold_steps<Gm, AtMax, Ent, true>(z, n, vm, g, pf, pf_len, u);
-    if (!std::isfinite(hsum(u.s0 + u.s1))) {  // a logit below ~-1e10: once more, masked
-      u = Sums();
-      fold_steps<Gm, AtMax, Ent, false>(z, n, vm, g, nullptr, 0, u);
+  fold_steps<Gm, AtMax, Ent>(z, n, ref, g, pf, pf_len, u);
+  if constexpr (kTinyExp) {  // the terms' common factor 2^u(ref) (fold_steps), taken out
+    if (std::isfinite(ref)) {
+      const V f(std::exp2(-std::fma(ref, kLog2e, tiny_offset(ref))));
+      u.s0 = u.s0 * f;
+      u.s1 = u.s1 * f;
+      u.t0 = u.t0 * f;
+      u.t1 = u.t1 * f;
     }
-  } else {
-    fold_steps<Gm, AtMax, Ent, false>(z, n, vm, g, pf, pf_len, u);
   }
   acc_t B = hsum(u.b0 + u.b1), G = hsum(u.g0 + u.g1);
   alignas(64) acc_t lanes[2 * W];

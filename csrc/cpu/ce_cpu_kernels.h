@@ -161,12 +161,9 @@ struct Ce {
   // translation unit's own: p 2^n, exactly 0 where x <= -87 (incl. -inf, where n and 2^n are
   // garbage), NaN kept (the forward relies on that: its max sweep does not look for NaN).
   // Scalef: where the unit has it (AVX-512), that step by scalef (exp_finish_scalef), for the
-  // forward's fold; same results. With Tiny (exp_finish_tiny) unmasked as well: results below
-  // 2^-126 are computed (0 or denormal, or 0 under FlushTiny), and x below ~-1e10 gives +-0,
-  // +-inf or NaN (n and r are garbage there). One instruction less again, for the fold, which
-  // reruns a chunk whose sum is not finite without it (fold_steps).
+  // forward's fold; same results. (The fold of 16-bit logits there takes exp2_tiny instead.)
   // Arguments must stay below 88 (2^n overflows the exponent): z <= max, and lse >= max.
-  template <bool Scalef = false, bool Tiny = false>
+  template <bool Scalef = false>
   static inline V vexp(V x) {
 #if NLLF_SIMD
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -180,7 +177,6 @@ struct Ce {
       p = fmadd(p, r, V(0.9999997019767761f));
       p = fmadd(p, r, V(1.0f));
 #ifdef NLLF_HAVE_EXP_SCALEF
-      if constexpr (Scalef && Tiny) return exp_finish_tiny(n, p);
       if constexpr (Scalef) return exp_finish_scalef(x, n, p);
 #endif
       return exp_finish(x, tt, p);
@@ -188,13 +184,18 @@ struct Ce {
 #endif
     return x.exp_u20();  // float64: Sleef's exp; baseline: std::exp
   }
-  // The fold's exp unmasked (vexp's Tiny) for 16-bit logits where the unit has it: their fold is
-  // bound by its instructions, float32's by memory. It runs under TinyScope, set once per
+  // The fold's exp for 16-bit logits where the unit has it (exp2_tiny): their fold is bound by
+  // its instructions, float32's by memory. It runs under TinyScope, set once per
   // range of rows (fwd_rows, fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's
   // flush-to-zero (FlushTiny, kernels_avx512.cpp), so that exp's results below 2^-126 become 0
   // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
   // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
   // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
+  // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps).
+  static constexpr acc_t kLog2e = acc_t(1.44269504088896341);
+  static acc_t tiny_offset(acc_t m) {
+    return static_cast<acc_t>(-static_cast<double>(m) * 1.44269504088896341);
+  }
 #ifdef NLLF_HAVE_EXP_SCALEF
   static constexpr bool kTinyExp =
       std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>;
@@ -422,8 +423,8 @@ struct Ce {
     V s0{acc_t(0)}, s1{acc_t(0)}, k0{acc_t(0)}, k1{acc_t(0)}, b0{acc_t(0)}, b1{acc_t(0)};
     V g0{acc_t(0)}, g1{acc_t(0)}, t0{acc_t(0)}, t1{acc_t(0)};
   };
-  template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
-  static void fold_steps(const src_t* z, int64_t n, V vm, const acc_t* g, const char* pf,
+  template <int Gm, bool AtMax, bool Ent, typename src_t>
+  static void fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g, const char* pf,
                          int64_t pf_len, Sums& u);
   template <int Gm, bool AtMax, bool Ent, typename src_t>
   static void fold(State& st, const src_t* z, int64_t n, acc_t cm, const acc_t* g,
