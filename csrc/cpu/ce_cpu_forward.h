@@ -131,7 +131,9 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // into u. For 16-bit logits where the unit has it (kTinyExp, under the caller's TinyScope) each
 // term is exp2_tiny(u(z)), u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where
 // a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e rounded): every term
-// carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold takes out of the sums. In a chunk holding the max (AtMax) a step then first looks
+// carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold takes out of the sums.
+// The entropy's T = sum e a is summed as sum e u over every class (one fma, no z - ref): fold
+// makes it sum e (u - u(ref)) / log2 e, which is 0 for the classes at the max. In a chunk holding the max (AtMax) a step then first looks
 // for classes at the max -- one compare of the bf16 bits, or two of the floats -- and only a
 // step that has one counts them apart (add_or_count). That test is z == m, which is z - m == 0
 // wherever m is normal and not below 2^-100 in magnitude (two such distinct numbers differ by
@@ -164,17 +166,19 @@ void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
       __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
     }
-    V za, zb, a, b, ea, eb;
+    V za, zb, a, b, ea, eb, ua, ub;
     load2s<Raw>(z + i, za, zb);
-    constexpr bool NeedA = !Tiny || Ent || Gm != 0;
+    constexpr bool NeedA = !Tiny || Gm != 0;
     if constexpr (NeedA) {
       a = za - vm;
       b = zb - vm;
     }
 #ifdef NLLF_HAVE_EXP_SCALEF
     if constexpr (Tiny) {
-      ea = exp2_tiny(fmadd(za, log2e, vc));
-      eb = exp2_tiny(fmadd(zb, log2e, vc));
+      ua = fmadd(za, log2e, vc);
+      ub = fmadd(zb, log2e, vc);
+      ea = exp2_tiny(ua);
+      eb = exp2_tiny(ub);
     }
 #endif
     if constexpr (!Tiny) {
@@ -201,7 +205,10 @@ void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       s0 = s0 + ea;
       s1 = s1 + eb;
     }
-    if constexpr (Ent) {  // the classes at the max add e a = 0
+    if constexpr (Ent && Tiny) {  // e u, over every class (fold makes it e a)
+      t0 = fmadd(ea, ua, t0);
+      t1 = fmadd(eb, ub, t1);
+    } else if constexpr (Ent) {  // the classes at the max add e a = 0
       t0 = fmadd(ea, a, t0);
       t1 = fmadd(eb, b, t1);
     }
@@ -268,11 +275,19 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   fold_steps<Gm, AtMax, Ent>(z, n, ref, g, pf, pf_len, u);
   if constexpr (kTinyExp) {  // the terms' common factor 2^u(ref) (fold_steps), taken out
     if (std::isfinite(ref)) {
-      const V f(std::exp2(-std::fma(ref, kLog2e, tiny_offset(ref))));
+      const acc_t d = std::fma(ref, kLog2e, tiny_offset(ref));
+      const V f(std::exp2(-d));
+      if constexpr (Ent) {  // sum e u over every class (e = 2^d at the max) into sum e a
+        const V vd(d), e_max(std::exp2(d)), to_a(acc_t(1) / kLog2e);
+        u.t0 = (u.t0 - vd * (u.s0 + u.k0 * e_max)) * to_a;
+        u.t1 = (u.t1 - vd * (u.s1 + u.k1 * e_max)) * to_a;
+      }
       u.s0 = u.s0 * f;
       u.s1 = u.s1 * f;
       u.t0 = u.t0 * f;
       u.t1 = u.t1 * f;
+    } else if constexpr (Ent) {  // not sum e a: T once more, below
+      u.t0 = u.t1 = V(kNaN);
     }
   }
   acc_t B = hsum(u.b0 + u.b1), G = hsum(u.g0 + u.g1);
