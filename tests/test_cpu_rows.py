@@ -8,7 +8,7 @@ import torch
 import nllfused
 from helpers import check_cross_entropy
 from test_stats import oracle_rows
-from test_cpu_small_classes import capability, dtype_id  # noqa: F401 (capability: a fixture)
+from test_cpu_small_classes import CAPABILITIES, capability, dtype_id  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not nllfused.build_info()["built"] or "cpu" not in nllfused.available_backends("cpu"),
@@ -190,3 +190,23 @@ def test_confident_rows(capability, chunk, aligned, dtype):
     info = torch.finfo(dtype)  # float16: ~1.4e-5 is subnormal, spaced tiny * eps
     torch.testing.assert_close(loss.double(), -expected, atol=info.tiny * info.eps,
                                rtol=2e-5 if dtype == torch.float32 else info.eps)
+
+
+@pytest.mark.skipif("avx512" not in CAPABILITIES, reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_fold_offset_is_taken_out(monkeypatch, dtype):
+    """16-bit logits on AVX-512 (exp2_tiny): each term is 2^(z log2 e + o), o = -m log2 e rounded
+    to float, whose rounding is a common factor of every term -- 1.0e-5 relative at m = 184, the
+    worst of the integers 128..255 -- that fold takes out of each chunk's sums. Confident rows at
+    m = 184 (their loss is the other terms' sum): the target's log-probability within 3e-6 of
+    float64 (~7e-7 measured; ~1e-5 without the correction)."""
+    monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", "avx512")
+    C = 4096
+    x = torch.randn(8, C, dtype=torch.float64) + 164
+    t = torch.randint(0, C, (8,))
+    x[torch.arange(8), t] = 184.0
+    xb = x.to(dtype)
+    _, st = nllfused.cross_entropy(xb, t, reduction="none", backend="cpu",
+                                   return_stats=("target_logprob",))
+    expected = torch.log_softmax(xb.double(), 1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(st.target_logprob.double(), expected, rtol=3e-6, atol=0)
