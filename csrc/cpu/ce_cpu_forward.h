@@ -133,11 +133,12 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e rounded): every term
 // carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold takes out of the sums.
 // The entropy's T = sum e a is summed as sum e u over every class (one fma, no z - ref): fold
-// makes it sum e (u - u(ref)) / log2 e, which is 0 for the classes at the max. In a chunk holding the max (AtMax) a step then first looks
-// for classes at the max -- one compare of the bf16 bits, or two of the floats -- and only a
-// step that has one counts them apart (add_or_count). That test is z == m, which is z - m == 0
-// wherever m is normal and not below 2^-100 in magnitude (two such distinct numbers differ by
-// more than 2^-126, which flush-to-zero would make 0); for other m every step counts.
+// makes it sum e (u - u(ref)) / log2 e, which is 0 for the classes at the max.
+// In a chunk holding the max (AtMax) a step then first looks for classes at the max -- one
+// compare of the bf16 bits, or two of the floats -- and only a step that has one counts them
+// apart (add_or_count). That test is z == m, which is z - m == 0 wherever m is normal and not
+// below 2^-100 in magnitude (two such distinct numbers differ by more than 2^-126, which
+// flush-to-zero would make 0); for other m every step counts.
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent, typename src_t>
 void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
