@@ -137,7 +137,8 @@ void OutputCache::release(void* ctx) {
 }  // namespace
 
 at::Tensor cached_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  const size_t nbytes =
+      static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
   if (nbytes < kMinBytes || cap_bytes() == 0) return at::empty(sizes, at::TensorOptions(dtype));
   return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    dtype, std::nullopt);

@@ -44,7 +44,8 @@
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #if defined(CPU_CAPABILITY_AVX512)
 static_assert(std::is_convertible_v<at::vec::Vectorized<float>, __m512>,
-              "ATen's vec headers were included before the AVX-512 region: Vectorized is not 512-bit");
+              "ATen's vec headers were included before the AVX-512 region: Vectorized is not "
+              "512-bit");
 #else
 static_assert(std::is_convertible_v<at::vec::Vectorized<float>, __m256>,
               "ATen's vec headers were included before the AVX2 region: Vectorized is not AVX2");
