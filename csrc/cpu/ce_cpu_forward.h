@@ -127,11 +127,12 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
   }
 }
 
-// fold's vector steps over z[0, n / W2 * W2) against ref (the max, or 0), the sums lane by lane
-// into u. For 16-bit logits where the unit has it (kTinyExp, under the caller's TinyScope) each
-// term is exp2_tiny(u(z)), u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where
-// a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e rounded): every term
-// carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold takes out of the sums.
+// fold's vector steps over z[0, n / W2 * W2) against ref (the max, or 0): the chunk's sums,
+// lane by lane. For 16-bit logits where the unit has it (kTinyExp, under the caller's
+// TinyScope) each term is exp2_tiny(u(z)), u(z) = z log2 e + tiny_offset(ref) by one fma, and
+// z - ref only where a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e
+// rounded): every term carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold
+// takes out of the sums.
 // The entropy's T = sum e a is summed as sum e u over every class (one fma, no z - ref): fold
 // makes it sum e (u - u(ref)) / log2 e, which is 0 for the classes at the max.
 // In a chunk holding the max (AtMax) a step then first looks for classes at the max -- one
@@ -141,8 +142,8 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // flush-to-zero would make 0); for other m every step counts.
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent, typename src_t>
-void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
-                              const char* pf, int64_t pf_len, Sums& u) {
+auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
+                              const char* pf, int64_t pf_len) -> Sums {
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   constexpr bool Tiny = kTinyExp;
   const V vm(ref);
@@ -157,9 +158,10 @@ void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     test_steps = test_steps && (w & 0xffffu) == 0;
   }
   // In a chunk holding the max, the classes at the max are counted into k (k0, k1), not added
-  // to the lanes of s (s0, s1). The sums in locals, not in u: z may alias u for the compiler.
-  V s0 = u.s0, s1 = u.s1, k0 = u.k0, k1 = u.k1, b0 = u.b0, b1 = u.b1, g0 = u.g0, g1 = u.g1;
-  V t0 = u.t0, t1 = u.t1;
+  // to the lanes of s (s0, s1).
+  const V zero(acc_t(0));
+  V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
+  V t0(zero), t1(zero);
   int64_t i = 0;
   const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
   for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
@@ -229,7 +231,7 @@ void Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       g1 = g1 + gb;
     }
   }
-  u = Sums{s0, s1, k0, k1, b0, b1, g0, g1, t0, t1};
+  return Sums{s0, s1, k0, k1, b0, b1, g0, g1, t0, t1};
 }
 
 // Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
@@ -271,9 +273,8 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches s.
   const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
   const V vm(ref), zero(acc_t(0));
-  Sums u;
   int64_t i = n / W2 * W2;  // the steps' end; then the tail
-  fold_steps<Gm, AtMax, Ent>(z, n, ref, g, pf, pf_len, u);
+  Sums u = fold_steps<Gm, AtMax, Ent>(z, n, ref, g, pf, pf_len);
   if constexpr (kTinyExp) {  // the terms' common factor 2^u(ref) (fold_steps), taken out
     if (std::isfinite(ref)) {
       const acc_t d = std::fma(ref, kLog2e, tiny_offset(ref));

@@ -192,9 +192,10 @@ struct Ce {
   // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
   // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
   // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps).
-  static constexpr acc_t kLog2e = acc_t(1.44269504088896341);
+  static constexpr double kLog2eD = 1.44269504088896341;
+  static constexpr acc_t kLog2e = acc_t(kLog2eD);
   static acc_t tiny_offset(acc_t m) {
-    return static_cast<acc_t>(-static_cast<double>(m) * 1.44269504088896341);
+    return static_cast<acc_t>(-static_cast<double>(m) * kLog2eD);
   }
 #ifdef NLLF_HAVE_EXP_SCALEF
   static constexpr bool kTinyExp =
@@ -420,12 +421,11 @@ struct Ce {
   static acc_t bits_max(const scalar_t* x, int64_t n, Snaps* snaps = nullptr);
   // A chunk's sums, lane by lane (fold_steps): s, k, T (t), and the g-sums B (b), G (g).
   struct Sums {
-    V s0{acc_t(0)}, s1{acc_t(0)}, k0{acc_t(0)}, k1{acc_t(0)}, b0{acc_t(0)}, b1{acc_t(0)};
-    V g0{acc_t(0)}, g1{acc_t(0)}, t0{acc_t(0)}, t1{acc_t(0)};
+    V s0, s1, k0, k1, b0, b1, g0, g1, t0, t1;
   };
   template <int Gm, bool AtMax, bool Ent, typename src_t>
-  static void fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g, const char* pf,
-                         int64_t pf_len, Sums& u);
+  static Sums fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g, const char* pf,
+                         int64_t pf_len);
   template <int Gm, bool AtMax, bool Ent, typename src_t>
   static void fold(State& st, const src_t* z, int64_t n, acc_t cm, const acc_t* g,
                    const char* pf = nullptr, int64_t pf_len = 0);
