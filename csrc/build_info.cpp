@@ -19,12 +19,16 @@ void register_one_call(py::module_& m);  // csrc/one_call.cpp
 static py::dict build_info() {
   py::dict info;
   info["torch_version"] = NLLFUSED_TORCH_VERSION;
+  // cuda_stats: whether ce_fwd_stats / ce_bwd_stats have CUDA kernels (csrc/cuda/ce_cuda.cu),
+  // as every CUDA build since they exist has (an older in-place build lacks the key).
 #ifdef NLLFUSED_WITH_CUDA
   info["cuda"] = true;
   info["cuda_archs"] = std::string(NLLFUSED_CUDA_ARCHS);
+  info["cuda_stats"] = true;
 #else
   info["cuda"] = false;
   info["cuda_archs"] = std::string("");
+  info["cuda_stats"] = false;
 #endif
   // The copies of the CPU kernels this machine can run, and the one the ops use now
   // (csrc/cpu/ce_cpu.cpp); an invalid NLLFUSED_CPU_CAPABILITY is reported, not raised.

@@ -113,5 +113,21 @@ inline void check_bwd(const char* op, c10::DeviceType type, const at::Tensor& gr
   check_args(op, logits, target, weight, label_smoothing, prob_target);
   check_bwd_rows(op, grad_loss, grad_lse, logits, lse, aux);
 }
+// ce_bwd_stats's further inputs (after check_bwd): the statistics' gradients (either may be
+// None) and the forward's entropy, (N, D) in the accumulation dtype on the logits' device.
+inline void check_bwd_stats(const char* op, c10::DeviceType type, const at::Tensor& logits,
+                            const std::optional<at::Tensor>& grad_entropy,
+                            const std::optional<at::Tensor>& grad_target_logp,
+                            const at::Tensor& entropy) {
+  check_devices(op, type, logits,
+                {{"grad_entropy", present(grad_entropy)},
+                 {"grad_target_logp", present(grad_target_logp)}, {"entropy", &entropy}});
+  const auto acc = acc_dtype(logits.scalar_type());
+  if (const at::Tensor* ge = present(grad_entropy))
+    check_rowwise(op, "grad_entropy", *ge, logits, acc);
+  if (const at::Tensor* gt = present(grad_target_logp))
+    check_rowwise(op, "grad_target_logp", *gt, logits, acc);
+  check_rowwise(op, "entropy", entropy, logits, acc);
+}
 
 }  // namespace nllfused

@@ -88,7 +88,7 @@ TORCH_LIBRARY(nllfused, m) {
   // of z, the first of equal maxima, a NaN's if any). The backward adds grad_entropy[r] *
   // dH/dz + grad_target_logp[r] * d log p_y / dz (either may be None; both in the acc dtype) to
   // ce_bwd's gradient; entropy is the forward's. Two op pairs with this one signature:
-  // ce_fwd_stats / ce_bwd_stats (C++ kernels: CPU so far) and ce_fwd_stats_triton /
+  // ce_fwd_stats / ce_bwd_stats (C++ kernels: CPU and CUDA) and ce_fwd_stats_triton /
   // ce_bwd_stats_triton (Triton).
   m.def(
       "ce_fwd_stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "

@@ -18,14 +18,16 @@ _PAIRS = {"cpu": ("ce_fwd", "ce_bwd"), "cuda": ("ce_fwd", "ce_bwd"),
 
 
 _STATS_PAIRS = {"cpu": ("ce_fwd_stats", "ce_bwd_stats"),
+                "cuda": ("ce_fwd_stats", "ce_bwd_stats"),  # the same ops, their CUDA kernels
                 "triton": ("ce_fwd_stats_triton", "ce_bwd_stats_triton")}
 
 
 def triton_for_cuda(backend: str) -> str:
     """The backend whose kernels serve `backend` for what the CUDA C++ kernels lack -- a
-    statistics pass, a backward that writes over its input: its own, but Triton's (the same
-    contract and results) for cuda where Triton loads, so that such a GPU call still reads its
-    logits once and holds no second chunk-sized buffer."""
+    backward that writes over its input, and a statistics pass where the extension was built
+    without one: its own, but Triton's (the same contract and results) for cuda where Triton
+    loads, so that such a GPU call still reads its logits once and holds no second chunk-sized
+    buffer."""
     if backend == "cuda" and _extension.TRITON_ERROR is None:
         return "triton"
     return backend
@@ -33,11 +35,12 @@ def triton_for_cuda(backend: str) -> str:
 
 def stats_for_backend(backend: str):
     """The forward with statistics (ce_fwd_stats's outputs, csrc/ops.cpp) of a backend whose
-    kernels compute them in their own pass (triton_for_cuda), else None (nllfused/stats.py then
-    computes them)."""
+    kernels compute them in their own pass (cuda without such kernels: Triton's, as
+    triton_for_cuda says), else None (nllfused/stats.py then computes them)."""
     if backend == "torch":
         return torch_ref.forward_stats
-    backend = triton_for_cuda(backend)
+    if backend not in _STATS_BACKENDS:
+        backend = triton_for_cuda(backend)
     if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
         return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][0])
     return None
@@ -45,8 +48,9 @@ def stats_for_backend(backend: str):
 
 def stats_backward_for_backend(backend: str):
     """The backward with statistics' gradients (ce_bwd_stats, csrc/ops.cpp) of a backend whose
-    kernels have one (triton_for_cuda), else None."""
-    backend = triton_for_cuda(backend)
+    kernels have one (as stats_for_backend), else None."""
+    if backend not in _STATS_BACKENDS:
+        backend = triton_for_cuda(backend)
     if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
         return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][1])
     return None
@@ -217,9 +221,11 @@ def _stats_backward(bwd_op, ctx, grad_loss, grad_lse, grad_entropy, grad_tlp):
 # loads; statistics then come from nllfused/stats.py's torch path.
 _HAS_STATS_OPS = _extension.C_ERROR is None and hasattr(torch.ops.nllfused, "ce_fwd_stats_triton")
 _HAS_CPU_STATS_OPS = _extension.C_ERROR is None and hasattr(torch.ops.nllfused, "ce_fwd_stats")
+_HAS_CUDA_STATS_OPS = _HAS_CPU_STATS_OPS and bool(_extension.build_info().get("cuda_stats"))
 # The backends whose kernels give the statistics (stats_for_backend).
 _STATS_BACKENDS = (({"triton"} if _HAS_STATS_OPS else set())
-                   | ({"cpu"} if _HAS_CPU_STATS_OPS else set()))
+                   | ({"cpu"} if _HAS_CPU_STATS_OPS else set())
+                   | ({"cuda"} if _HAS_CUDA_STATS_OPS else set()))
 
 
 def _register():
@@ -237,8 +243,7 @@ def _register():
                                           kernels.ce_fwd_stats)
             torch.library.register_kernel("nllfused::ce_bwd_stats_triton", ("cpu", "cuda"),
                                           kernels.ce_bwd_stats)
-    for backend in _STATS_BACKENDS:
-        fwd, bwd = _STATS_PAIRS[backend]
+    for fwd, bwd in dict.fromkeys(_STATS_PAIRS[b] for b in sorted(_STATS_BACKENDS)):
         torch.library.register_fake(f"nllfused::{fwd}", _fwd_stats_fake)
         torch.library.register_fake(f"nllfused::{bwd}", _bwd_stats_fake)
         torch.library.register_autograd(f"nllfused::{fwd}",

@@ -71,8 +71,13 @@ def _cudart_ldflags(nvcc):
     return ["-L" + d for d in libs[:1]] or None
 
 
-@pytest.fixture(scope="module")
+_LOADED = []  # the emulator's ops once built: a library registers its ops once per process
+
+
+@pytest.fixture(scope="session")  # also test_cuda_emulation_stats.py's (which imports it)
 def emu(tmp_path_factory):
+    if _LOADED:
+        return _LOADED[0]
     reason = build_helpers.nvcc_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -87,7 +92,8 @@ def emu(tmp_path_factory):
          extra_include_paths=build_helpers.nvidia_wheel_includes(), extra_ldflags=ldflags,
          build_directory=str(tmp_path_factory.mktemp("cuda_emulation_build")),
          is_python_module=False, verbose=False)
-    return torch.ops.nllfused_emu
+    _LOADED.append(torch.ops.nllfused_emu)
+    return _LOADED[0]
 
 
 # ------------------------------------------------------------------------------------------

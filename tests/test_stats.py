@@ -284,14 +284,21 @@ def test_masked_classes_get_zero_gradient(device, backend):
 
 
 @pytest.mark.skipif(not nllfused.build_info()["built"], reason="the C++ extension is not built")
-def test_cuda_statistics_come_from_the_triton_pass(monkeypatch):
-    """The CUDA C++ kernels have no statistics pass: the cuda backend takes Triton's statistics
-    ops (one pass over the logits) where Triton loads, else the composed torch path (None)."""
+def test_where_cuda_statistics_come_from(monkeypatch):
+    """The cuda backend's statistics: the CUDA C++ kernels' own pass (ce_fwd_stats' CUDA kernels,
+    tests/test_cuda_emulation_stats.py) where the extension was built with them; else Triton's
+    statistics ops (one pass over the logits as well) where Triton loads; else the composed
+    torch path (None)."""
     from nllfused import _extension, ops
-    if _extension.TRITON_ERROR is not None:
-        pytest.skip("triton is not importable here")
-    assert ops.stats_for_backend("cuda") == torch.ops.nllfused.ce_fwd_stats_triton
-    assert ops.stats_backward_for_backend("cuda") == torch.ops.nllfused.ce_bwd_stats_triton
+    cuda_built = bool(nllfused.build_info().get("cuda"))
+    assert ops._HAS_CUDA_STATS_OPS == cuda_built
+    if cuda_built:
+        assert ops.stats_for_backend("cuda") == torch.ops.nllfused.ce_fwd_stats
+        assert ops.stats_backward_for_backend("cuda") == torch.ops.nllfused.ce_bwd_stats
+        monkeypatch.setattr(ops, "_STATS_BACKENDS", ops._STATS_BACKENDS - {"cuda"})
+    if _extension.TRITON_ERROR is None:
+        assert ops.stats_for_backend("cuda") == torch.ops.nllfused.ce_fwd_stats_triton
+        assert ops.stats_backward_for_backend("cuda") == torch.ops.nllfused.ce_bwd_stats_triton
     monkeypatch.setattr(_extension, "TRITON_ERROR", "no triton")
     assert ops.stats_for_backend("cuda") is None
     assert ops.stats_backward_for_backend("cuda") is None

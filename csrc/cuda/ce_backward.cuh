@@ -31,16 +31,22 @@ struct BwdRow {
   acc_t coef_p;  // gradient = chain (coef_p * p_c - class terms)
   acc_t cy;      // g (1 - eps) w_y
   acc_t cq;      // coef_p - cy
+  acc_t E;       // kStats: -grad_entropy, the coefficient of p_c log p_c (0: no such term)
 };
 
 template <int F, typename acc_t>
 NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t d) {
   BwdRow<acc_t> b;
   b.mode = 0, b.y = -1, b.qoff = 0;
-  b.coef_p = b.cy = b.cq = b.geC = acc_t(0);
+  b.coef_p = b.cy = b.cq = b.geC = b.E = acc_t(0);
   b.g = p.grad[n * p.gN + d * p.gD];
   const acc_t gs =
       p.grad_lse ? static_cast<acc_t>(p.grad_lse[n * p.glN + d * p.glD]) : acc_t(0);
+  // the statistics' gradients: the entropy's on every row
+  acc_t gH = 0;
+  if constexpr (kHasStats<F>) {
+    if (p.grad_entropy) gH = p.grad_entropy[n * p.geN + d * p.geD];
+  }
   const double lse64 = p.lse_in[n * p.lN + d * p.lD];
   b.lse_hi = static_cast<acc_t>(lse64);
   b.lse_lo = static_cast<acc_t>(lse64 - static_cast<double>(b.lse_hi));
@@ -53,7 +59,7 @@ NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t 
     const int64_t y = load_index(p, n, d);
     if (y == p.ignore_index) {
       b.g = acc_t(0);
-      b.mode = gs == acc_t(0) ? 1 : 0;
+      b.mode = gs == acc_t(0) && gH == acc_t(0) ? 1 : 0;
       b.cq = b.coef_p = gs;
     } else if (y < 0 || y >= p.C) {
       b.mode = 2;
@@ -67,7 +73,26 @@ NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t 
       b.coef_p = b.cy + b.cq;
     }
   }
+  if constexpr (kHasStats<F>) {
+    // d H / dz_c = -p_c (log p_c + H): E p_c log p_c per class and E H into p's coefficient;
+    // d log p_y / dz_c = [c == y] - p_c, on counted rows (log p_y is 0 elsewhere): -g_T into
+    // cy, whose expm1 gives the true class g_T (1 - p_y)
+    const acc_t gT = p.grad_target_logp && b.y >= 0
+                         ? p.grad_target_logp[n * p.gtN + d * p.gtD] : acc_t(0);
+    if (b.mode == 0 && (gH != acc_t(0) || gT != acc_t(0))) {
+      b.E = -gH;
+      b.cq += b.E * p.entropy_in[n * p.eN + d * p.eD];
+      b.cy -= gT;
+      b.coef_p = b.cy + b.cq;
+    }
+  }
   return b;
+}
+
+// E p log p (kStats), log p = (z - hi) - lo; nothing where p is 0 (no 0 * -inf).
+template <typename acc_t>
+NLLF_HD acc_t entropy_term(const BwdRow<acc_t>& b, acc_t z, acc_t pr) {
+  return b.E != acc_t(0) && pr != acc_t(0) ? b.E * pr * ((z - b.lse_hi) - b.lse_lo) : acc_t(0);
 }
 
 // p = exp((z - hi) - lo); float: the shift by lo and the scale to base 2 in one FFMA.
@@ -83,7 +108,9 @@ template <typename scalar_t, int F, typename acc_t>
 NLLF_HD acc_t grad_elem(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t x, int64_t c) {
   acc_t chain;
   const acc_t z = to_z_chain<F>(p, x, chain);
-  acc_t gr = b.coef_p * prob_of(z, b);
+  const acc_t pr = prob_of(z, b);
+  acc_t gr = b.coef_p * pr;
+  if constexpr (kHasStats<F>) gr += entropy_term(b, z, pr);
   if constexpr ((F & kProb) != 0) gr -= b.g * class_v<F, scalar_t>(p, b.qoff, c);
   else if (has<F, kSmooth>(p)) gr -= b.geC * class_w<F>(p, c);
   if constexpr (kMayTransform<F>) gr *= chain;
@@ -98,6 +125,7 @@ NLLF_HD acc_t grad_true(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t 
   const acc_t z = to_z_chain<F>(p, x, chain);
   const acc_t zs = (z - b.lse_hi) - b.lse_lo;
   acc_t gr = b.cy * acc_expm1(zs) + b.cq * acc_exp(zs);
+  if constexpr (kHasStats<F>) gr += entropy_term(b, z, acc_exp(zs));
   if (has<F, kSmooth>(p)) gr -= b.geC * class_w<F>(p, b.y);
   if constexpr (kMayTransform<F>) gr *= chain;
   return gr;

@@ -54,28 +54,34 @@ inline int ce_flags(bool prob_target, bool prob_like_logits, bool has_weight,
 
 // The flag sets each kernel family is instantiated for: exact ones for the rows mapping of
 // 16- and 32-bit logits (the language-model path: plain, label smoothing, softcap, both,
-// probability targets in the logits' dtype), the plain tile kernels, and everywhere the
-// kRuntime catch-all, per target kind. 7 rows + 3 tile kernels per op and dtype (2 + 2 for
-// float64), and a split forward's merge kernel per rows variant: 91 kernels per architecture
-// (the exact sets of every option everywhere would be about three times the compile time).
+// probability targets in the logits' dtype; with statistics, plain), the plain tile kernels,
+// and everywhere the kRuntime catch-all, per target kind, with and without statistics. 10 rows
+// + 5 tile kernels per op and dtype (4 + 4 for float64), and a split forward's merge kernel per
+// rows variant: 140 kernels per architecture (the exact sets of every option everywhere would
+// be about three times the compile time).
 template <typename scalar_t>
 using RowsFlagSets = typename std::conditional<
     std::is_same<scalar_t, double>::value,
-    std::integer_sequence<int, kRuntime, kRuntime | kProb>,
+    std::integer_sequence<int, kRuntime, kRuntime | kProb, kRuntime | kStats,
+                          kRuntime | kProb | kStats>,
     std::integer_sequence<int, 0, kSmooth, kCap, kSmooth | kCap, kProb | kProbLike, kRuntime,
-                          kRuntime | kProb>>::type;
+                          kRuntime | kProb, kStats, kRuntime | kStats,
+                          kRuntime | kProb | kStats>>::type;
 template <typename scalar_t>
 using TileFlagSets = typename std::conditional<
     std::is_same<scalar_t, double>::value,
-    std::integer_sequence<int, kRuntime, kRuntime | kProb>,
-    std::integer_sequence<int, 0, kRuntime, kRuntime | kProb>>::type;
+    std::integer_sequence<int, kRuntime, kRuntime | kProb, kRuntime | kStats,
+                          kRuntime | kProb | kStats>,
+    std::integer_sequence<int, 0, kRuntime, kRuntime | kProb, kRuntime | kStats,
+                          kRuntime | kProb | kStats>>::type;
 
 // Calls f(std::integral_constant<int, F>{}) with the F of Sets that serves the options' flags
-// (ce_flags): themselves where instantiated, else the kRuntime variant of their target kind.
+// (ce_flags, with kStats for the statistics' ops): themselves where instantiated, else the
+// kRuntime variant of their target kind and statistics.
 template <typename Fn, int... Fs>
 void with_kernel_flags_in(int flags, std::integer_sequence<int, Fs...>, Fn&& f) {
   const bool exact = ((flags == Fs) || ...);
-  const int want = exact ? flags : kRuntime | (flags & kProb);
+  const int want = exact ? flags : kRuntime | (flags & (kProb | kStats));
   const bool found =
       ((want == Fs ? (f(std::integral_constant<int, Fs>{}), true) : false) || ...);
   TORCH_CHECK(found, "nllfused ce (CUDA): no kernel for feature flags ", flags);
@@ -150,6 +156,32 @@ void set_bwd_inputs(CEParams<acc_t>& p, const at::Tensor& grad_loss, const at::T
   p.aux_in = aux.data_ptr<acc_t>();
   p.aN = aux.stride(0);
   p.aD = aux.stride(1);
+}
+
+// The statistics' forward outputs (kStats): contiguous (N, D), entropy and target_logp in acc_t.
+template <typename acc_t>
+void set_stats_outputs(CEParams<acc_t>& p, const at::Tensor& entropy,
+                       const at::Tensor& target_logp, const at::Tensor& predicted) {
+  p.entropy = entropy.data_ptr<acc_t>();
+  p.target_logp = target_logp.data_ptr<acc_t>();
+  p.predicted = predicted.data_ptr<int64_t>();
+}
+
+// The statistics' backward inputs (kStats): their gradients (nullptr for None) and the
+// forward's entropy, (N, D) in acc_t, any strides.
+template <typename acc_t>
+void set_stats_bwd_inputs(CEParams<acc_t>& p, const at::Tensor* grad_entropy,
+                          const at::Tensor* grad_target_logp, const at::Tensor& entropy) {
+  p.grad_entropy = grad_entropy != nullptr ? grad_entropy->data_ptr<acc_t>() : nullptr;
+  p.geN = grad_entropy != nullptr ? grad_entropy->stride(0) : 0;
+  p.geD = grad_entropy != nullptr ? grad_entropy->stride(1) : 0;
+  p.grad_target_logp =
+      grad_target_logp != nullptr ? grad_target_logp->data_ptr<acc_t>() : nullptr;
+  p.gtN = grad_target_logp != nullptr ? grad_target_logp->stride(0) : 0;
+  p.gtD = grad_target_logp != nullptr ? grad_target_logp->stride(1) : 0;
+  p.entropy_in = entropy.data_ptr<acc_t>();
+  p.eN = entropy.stride(0);
+  p.eD = entropy.stride(1);
 }
 
 // Calls f(scalar_t{}, p, flags) with the logits' dtype, the kernels' parameters for these

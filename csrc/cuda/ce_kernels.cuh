@@ -64,6 +64,13 @@ __device__ __forceinline__ Stats<acc_t> shfl_xor_stats(const Stats<acc_t>& st, i
     o.t = acc_t(0);
     o.w = acc_t(0);
   }
+  if constexpr (kHasStats<F>) {
+    o.e = __shfl_xor_sync(0xffffffffu, st.e, off);
+    o.arg = __shfl_xor_sync(0xffffffffu, st.arg, off);
+  } else {
+    o.e = acc_t(0);
+    o.arg = kNoClass;
+  }
   return o;
 }
 

@@ -54,11 +54,14 @@ enum CeFlag : int {
   kWeight = 16,   // class weights read per class (with kProb or kSmooth; else once per row)
   kRuntime = 32,  // kScale, kCap, kSmooth, kWeight as the parameters say
   kProbLike = 64,  // (with kProb) targets in the logits' dtype: no per-element dtype switch
+  kStats = 128,    // ce_fwd_stats / ce_bwd_stats: entropy, argmax, target log-prob (below)
 };
 template <int F>
 constexpr bool kMayT = (F & (kProb | kSmooth | kRuntime)) != 0;  // code for t and w
 template <int F>
 constexpr bool kMayTransform = (F & (kScale | kCap | kRuntime)) != 0;
+template <int F>
+constexpr bool kHasStats = (F & kStats) != 0;
 
 // Vectors (kVec values, ce_math.cuh) in flight per thread and step (rows mapping): 4 for the
 // plain kernels (32 16-bit values, 16 floats: a step's fixed costs spread over many values), 2
@@ -106,6 +109,17 @@ struct CEParams {
   int64_t lN, lD;
   const acc_t* aux_in;
   int64_t aN, aD;
+  // statistics (kStats): forward outputs, contiguous (N, D)
+  acc_t* entropy;
+  acc_t* target_logp;
+  int64_t* predicted;
+  // statistics' backward inputs, (N, D) any strides; a gradient may be nullptr (None)
+  const acc_t* grad_entropy;
+  int64_t geN, geD;
+  const acc_t* grad_target_logp;
+  int64_t gtN, gtD;
+  const acc_t* entropy_in;
+  int64_t eN, eD;
 };
 
 // Whether feature BIT's code runs: fixed by F, or read from the parameters (kRuntime).
@@ -198,6 +212,12 @@ NLLF_HD acc_t class_v(const CEParams<acc_t>& p, int64_t qoff, int64_t c) {
 // Online softmax state: m, k, s as in every backend (the vocabulary is written out once, at
 // State in csrc/cpu/ce_cpu_kernels.h).
 
+// With kStats also (docs/maths.md, "Statistics") e = sum exp(z_c - m) (z_c - m) over the
+// classes off the max (<= 0; the entropy is log d - e / d, d = k + s), rescaled as s is when
+// the max grows, and arg, the first class at the max (the first NaN's once m is NaN): classes
+// come to a thread in increasing order, and merges keep the smaller of two at the same max.
+constexpr int64_t kNoClass = INT64_MAX;  // arg of a state that has seen no class
+
 template <typename acc_t>
 struct Stats {
   acc_t m;  // running max of z (-inf: nothing finite seen yet)
@@ -205,18 +225,60 @@ struct Stats {
   acc_t s;  // sum exp(z - m) over the other classes
   acc_t t;  // sum v_c (m - z_c); a -inf z_c contributes v_c * inf
   acc_t w;  // sum v_c
+  acc_t e;  // kStats: sum exp(z_c - m) (z_c - m) over the classes off the max
+  int64_t arg;  // kStats: the first class at the max
 };
 
 template <typename acc_t>
-NLLF_HD Stats<acc_t> stats_init() { return {neg_inf<acc_t>(), 0, 0, 0, 0}; }
+NLLF_HD Stats<acc_t> stats_init() { return {neg_inf<acc_t>(), 0, 0, 0, 0, 0, kNoClass}; }
+
+// Whether z is at the max m in argmax's sense: equal, or both NaN (torch.argmax takes a NaN).
+template <typename acc_t>
+NLLF_HD bool at_max(acc_t z, acc_t m) { return z == m || (z != z && m != m); }
+
+// The class of fold_from's value i; NoClass where the kernel has no statistics.
+struct NoClass {
+  NLLF_HD int64_t operator()(int) const { return kNoClass; }
+};
+struct OneClass {  // fold_one's
+  int64_t c;
+  NLLF_HD int64_t operator()(int) const { return c; }
+};
+struct StridedClasses {  // value i is class c0 + i * step
+  int64_t c0, step;
+  NLLF_HD int64_t operator()(int i) const { return c0 + i * step; }
+};
+template <int VEC>
+struct VectorClasses {  // value i is element i % VEC of vector v + (i / VEC) G of the row's
+  int64_t head, v, G;
+  NLLF_HD int64_t operator()(int i) const { return head + (v + (i / VEC) * G) * VEC + i % VEC; }
+};
 
 // Fold K values whose max is zmax into m, k and s (and rescale t to the new max). Padding
 // slots must be -inf.
-template <int F, int K, typename acc_t>
-NLLF_HD void fold_from(Stats<acc_t>& st, const acc_t (&z)[K], acc_t zmax) {
+// With kStats, cls(i) is value i's class (padding slots never reach the max: they are -inf
+// while the max is above, and the first slot is always a class).
+template <int F, int K, typename acc_t, typename ClassOf = NoClass>
+NLLF_HD void fold_from(Stats<acc_t>& st, const acc_t (&z)[K], acc_t zmax,
+                       ClassOf cls = ClassOf{}) {
   const acc_t cm = max_nan(st.m, zmax);
+  if constexpr (kHasStats<F>) {  // the argmax: a new max starts over, then the first at it
+    if (cm > st.m || (cm != cm && st.m == st.m)) st.arg = kNoClass;
+    if (cm == neg_inf<acc_t>()) {  // all -inf so far: every class is at the max
+      st.arg = st.arg < cls(0) ? st.arg : cls(0);
+    } else {
+#pragma unroll
+      for (int i = K - 1; i >= 0; --i)
+        if (at_max(z[i], cm) && cls(i) < st.arg) st.arg = cls(i);
+    }
+  }
   if (cm == neg_inf<acc_t>()) return;  // all -inf so far: s stays 0, no exp(-inf - -inf)
   if (!(cm == st.m)) {  // the max grew (or is NaN): the old max's terms become ordinary ones
+    if constexpr (kHasStats<F>) {  // each e (z - m_old) becomes f e (z - m_old + m_old - cm)
+      st.e = st.m == neg_inf<acc_t>()
+                 ? acc_t(0)
+                 : (st.e + (st.m - cm) * (st.s + st.k)) * acc_exp(st.m - cm);
+    }
     st.s = (st.s + st.k) * acc_exp(st.m - cm);  // st.m == -inf: exp(-inf) = 0, s = k = 0
     st.k = acc_t(0);
     // With st.m == -inf every value seen was -inf and already counted as v * inf in t.
@@ -228,19 +290,26 @@ NLLF_HD void fold_from(Stats<acc_t>& st, const acc_t (&z)[K], acc_t zmax) {
   // A +inf max: exp(inf - inf) makes the row NaN, as in torch.
   if (cm == pos_inf<acc_t>()) st.s = quiet_nan<acc_t>();
   const ExpFrom<acc_t> ex(cm);
-  acc_t count = 0, sum = 0;
+  acc_t count = 0, sum = 0, ent = 0;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    if (z[i] == cm) count += acc_t(1);
-    else sum += ex.term(z[i]);
+    if (z[i] == cm) {
+      count += acc_t(1);
+    } else {
+      const acc_t e = ex.term(z[i]);
+      sum += e;
+      // a class at -inf adds e (z - m) = 0 (not 0 * -inf)
+      if constexpr (kHasStats<F>) ent += e != acc_t(0) ? e * (z[i] - cm) : acc_t(0);
+    }
   }
   st.k += count;
   st.s += ex.scale(sum);
+  if constexpr (kHasStats<F>) st.e += ex.scale(ent);
 }
-template <int F, int K, typename acc_t>
-NLLF_HD void fold(Stats<acc_t>& st, const acc_t (&z)[K]) {
+template <int F, int K, typename acc_t, typename ClassOf = NoClass>
+NLLF_HD void fold(Stats<acc_t>& st, const acc_t (&z)[K], ClassOf cls = ClassOf{}) {
   static_assert((K & (K - 1)) == 0, "fold: K must be a power of two");
-  fold_from<F>(st, z, tree_max<K>(z));
+  fold_from<F>(st, z, tree_max<K>(z), cls);
 }
 
 // Add one class to t and w; call after fold() has seen z (st.m >= z). A probability target class
@@ -257,13 +326,18 @@ NLLF_HD void add_t(Stats<acc_t>& st, acc_t z, acc_t v) {
 
 // Add x's k + s into r (r.m >= x.m): at the common max x keeps its count, else its terms all
 // become ordinary ones.
-template <typename acc_t>
+template <int F, typename acc_t>
 NLLF_HD void merge_sum(Stats<acc_t>& r, const Stats<acc_t>& x) {
   if (x.m == r.m) {
     r.k += x.k;
     r.s += x.s;
+    if constexpr (kHasStats<F>) r.e += x.e;
   } else {
-    r.s += (x.s + x.k) * acc_exp(x.m - r.m);
+    const acc_t f = acc_exp(x.m - r.m);
+    r.s += (x.s + x.k) * f;
+    if constexpr (kHasStats<F>) {
+      if (x.m != neg_inf<acc_t>()) r.e += (x.e + (x.m - r.m) * (x.s + x.k)) * f;
+    }
   }
 }
 
@@ -273,9 +347,15 @@ NLLF_HD Stats<acc_t> merge(const Stats<acc_t>& a, const Stats<acc_t>& b) {
   r.m = max_nan(a.m, b.m);
   r.k = acc_t(0);
   r.s = acc_t(0);
+  r.e = acc_t(0);
+  r.arg = kNoClass;
   if (r.m != neg_inf<acc_t>()) {
-    merge_sum(r, a);
-    merge_sum(r, b);
+    merge_sum<F>(r, a);
+    merge_sum<F>(r, b);
+  }
+  if constexpr (kHasStats<F>) {  // the first class at the common max (ties: the smaller)
+    if (at_max(a.m, r.m)) r.arg = a.arg;
+    if (at_max(b.m, r.m) && b.arg < r.arg) r.arg = b.arg;
   }
   r.t = acc_t(0);
   r.w = acc_t(0);
@@ -312,7 +392,7 @@ template <typename scalar_t, int F, typename acc_t>
 NLLF_HD void fold_one(Stats<acc_t>& st, const CEParams<acc_t>& p, scalar_t xv, int64_t c,
                       int64_t qoff) {
   const acc_t z[1] = {to_z<F>(p, static_cast<acc_t>(xv))};
-  fold<F>(st, z);
+  fold<F>(st, z, OneClass{c});
   if constexpr (kMayT<F>) {
     if (need_t<F>(p)) add_t<F>(st, z[0], class_v<F, scalar_t>(p, qoff, c));
   }
@@ -333,10 +413,11 @@ NLLF_HD void fold_vectors(Stats<acc_t>& st, const CEParams<acc_t>& p, const vec_
     for (int j = 0; j < VEC; ++j)
       z[u * VEC + j] = FULL || u < valid ? to_z<F>(p, x[j]) : neg_inf<acc_t>();
   }
+  const VectorClasses<VEC> cls{head, v, G};
   if constexpr (FULL && !kMayTransform<F>) {
-    fold_from<F>(st, z, vectors_max<acc_t>(buf));  // z = x: the max of the stored values
+    fold_from<F>(st, z, vectors_max<acc_t>(buf), cls);  // z = x: the max of the stored values
   } else {
-    fold<F>(st, z);
+    fold<F>(st, z, cls);
   }
   if constexpr ((F & (kProb | kWeight | kRuntime)) == 0 && kMayT<F>) {
     // Unweighted smoothing, v_c = 1: w counts the classes, t sums m - z_c (each >= 0; a -inf
@@ -454,7 +535,7 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
       const int64_t c = c0 + u * step;
       z[u] = c < C ? to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])) : neg_inf<acc_t>();
     }
-    fold<F>(st, z);
+    fold<F>(st, z, StridedClasses{c0, step});
     if constexpr (kMayT<F>) {
       if (!need_t<F>(p)) continue;
 #pragma unroll
@@ -467,7 +548,33 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
   return st;
 }
 
-// Row r with its reduced stats: write loss, lse, aux.
+// Row r's statistics (kStats; csrc/ops.cpp, ce_fwd_stats) from its reduced state, logd =
+// log(k + s). The entropy -sum p_c log p_c = log d - e / d (two terms >= 0): NaN where the
+// softmax is (a +inf logit, a NaN, every class -inf: 0 / 0). The target's log-probability
+// (z_y - m) - log d, as the loss's (m - z_y) + log d; 0 on ignored rows and for probability
+// targets, NaN for a target out of range.
+template <typename scalar_t, int F, typename acc_t>
+NLLF_HD void fwd_finish_stats(const CEParams<acc_t>& p, const Row<scalar_t>& row, int64_t r,
+                              const Stats<acc_t>& st, acc_t logd) {
+  const bool pinf = st.m == pos_inf<acc_t>();
+  p.entropy[r] = pinf ? quiet_nan<acc_t>() : logd - st.e / (st.k + st.s);
+  p.predicted[r] = st.arg == kNoClass ? 0 : st.arg;
+  acc_t tlp = 0;
+  if constexpr ((F & kProb) == 0) {
+    const int64_t y = load_index(p, row.n, row.d);
+    if (y != p.ignore_index) {
+      if (y < 0 || y >= p.C || pinf || logd != logd) {
+        tlp = quiet_nan<acc_t>();
+      } else {
+        const acc_t zy = to_z<F>(p, static_cast<acc_t>(row.x[y * p.sC]));
+        tlp = (zy - st.m) - logd;
+      }
+    }
+  }
+  p.target_logp[r] = tlp;
+}
+
+// Row r with its reduced stats: write loss, lse, aux (and with kStats the statistics).
 template <typename scalar_t, int F, typename acc_t>
 NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
                         const Stats<acc_t>& st) {
@@ -497,6 +604,7 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
   p.loss[r] = loss;
   p.lse[r] = static_cast<double>(st.m) + logd64;
   p.aux[r] = aux;
+  if constexpr (kHasStats<F>) fwd_finish_stats<scalar_t, F>(p, row, r, st, logd);
 }
 
 // ------------------------------------------------------------------------------------------

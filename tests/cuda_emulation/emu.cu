@@ -22,7 +22,8 @@
 //
 // Built by tests/test_cuda_emulation.py through torch.utils.cpp_extension.load (nvcc, so the
 // CUDA syntax parses; the emulation itself is host code). The ops are registered as
-// nllfused_emu::fwd / nllfused_emu::bwd.
+// nllfused_emu::fwd / nllfused_emu::bwd, and with statistics nllfused_emu::fwd_stats /
+// nllfused_emu::bwd_stats.
 //
 // Everything is host code, so nvcc's device pass (__CUDA_ARCH__ defined) sees an empty file:
 // no kernel is instantiated, and parsing the ATen headers a second time would double the build.
@@ -192,13 +193,14 @@ at::Tensor config_tensor(const LaunchConfig& L, int variant) {
                                          L.tile ? 1 : L.parts, variant});
 }
 
-// -> (loss, lse, aux, launch config)
-std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing, double logit_scale,
-                                double softcap, bool prob_target, int64_t force_tile,
-                                int64_t force_G, int64_t force_ty, int64_t max_blocks,
-                                int64_t force_parts) {
+// -> (loss, lse, aux, launch config), with `stats` (ce_fwd_stats: the kStats kernels)
+// (loss, lse, aux, entropy, target_logp, predicted, launch config)
+std::vector<at::Tensor> emu_forward(const at::Tensor& logits, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight,
+                                    int64_t ignore_index, double label_smoothing,
+                                    double logit_scale, double softcap, bool prob_target,
+                                    int64_t force_tile, int64_t force_G, int64_t force_ty,
+                                    int64_t max_blocks, int64_t force_parts, bool stats) {
   check_fwd("nllfused_emu::fwd", c10::DeviceType::CPU, logits, target, weight, label_smoothing,
             prob_target);
   const at::Tensor w = kernel_weight(weight);
@@ -207,6 +209,9 @@ std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& targ
   at::Tensor loss = at::full({N, D}, 12345.0, opts);
   at::Tensor lse = at::full({N, D}, 12345.0, logits.options().dtype(at::kDouble));
   at::Tensor aux = at::full({N, D}, 12345.0, opts);
+  at::Tensor entropy = at::full({N, D}, 12345.0, opts);
+  at::Tensor target_logp = at::full({N, D}, 12345.0, opts);
+  at::Tensor predicted = at::full({N, D}, 12345, logits.options().dtype(at::kLong));
   LaunchConfig L{};
   int variant = -1;
   with_params(logits, target, w, ignore_index, label_smoothing, logit_scale, softcap, prob_target,
@@ -216,27 +221,56 @@ std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& targ
     p.loss = loss.data_ptr<acc_t>();
     p.lse = lse.data_ptr<double>();
     p.aux = aux.data_ptr<acc_t>();
-    L = emu_launch<scalar_t>(fwd_rows_ok(p), flags, p, force_tile, force_G, force_ty,
-                             max_blocks, force_parts, &variant,
+    if (stats) set_stats_outputs(p, entropy, target_logp, predicted);
+    L = emu_launch<scalar_t>(fwd_rows_ok(p), stats ? flags | kStats : flags, p, force_tile,
+                             force_G, force_ty, max_blocks, force_parts, &variant,
                              [&](auto f, const LaunchConfig& shape) {
       emu_fwd_impl<scalar_t, decltype(f)::value>(logits.data_ptr<scalar_t>(), p, shape);
     });
   });
+  if (stats) return {loss, lse, aux, entropy, target_logp, predicted, config_tensor(L, variant)};
   return {loss, lse, aux, config_tensor(L, variant)};
 }
 
-// -> (grad_logits, launch config)
-std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss,
-                                const std::optional<at::Tensor>& grad_lse,
-                                const at::Tensor& logits, const at::Tensor& target,
-                                const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                                const at::Tensor& aux, int64_t ignore_index,
-                                double label_smoothing, double logit_scale, double softcap,
-                                bool prob_target,
-                                int64_t force_tile, int64_t force_G, int64_t force_ty,
-                                int64_t max_blocks, int64_t force_parts) {
+std::vector<at::Tensor> emu_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                double label_smoothing, double logit_scale,
+                                double softcap, bool prob_target, int64_t force_tile,
+                                int64_t force_G, int64_t force_ty, int64_t max_blocks,
+                                int64_t force_parts) {
+  return emu_forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                     prob_target, force_tile, force_G, force_ty, max_blocks, force_parts, false);
+}
+
+std::vector<at::Tensor> emu_fwd_stats(const at::Tensor& logits, const at::Tensor& target,
+                                      const std::optional<at::Tensor>& weight,
+                                      int64_t ignore_index, double label_smoothing,
+                                      double logit_scale, double softcap, bool prob_target,
+                                      int64_t force_tile, int64_t force_G, int64_t force_ty,
+                                      int64_t max_blocks, int64_t force_parts) {
+  return emu_forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                     prob_target, force_tile, force_G, force_ty, max_blocks, force_parts, true);
+}
+
+// -> (grad_logits, launch config); with `entropy` (ce_bwd_stats) the statistics' gradients too
+// (the kStats kernels where either is given).
+std::vector<at::Tensor> emu_backward(const at::Tensor& grad_loss,
+                                     const std::optional<at::Tensor>& grad_lse,
+                                     const std::optional<at::Tensor>& grad_entropy,
+                                     const std::optional<at::Tensor>& grad_target_logp,
+                                     const at::Tensor& logits, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& lse, const at::Tensor& aux,
+                                     const at::Tensor* entropy, int64_t ignore_index,
+                                     double label_smoothing, double logit_scale, double softcap,
+                                     bool prob_target, int64_t force_tile, int64_t force_G,
+                                     int64_t force_ty, int64_t max_blocks, int64_t force_parts) {
   check_bwd("nllfused_emu::bwd", c10::DeviceType::CPU, grad_loss, grad_lse, logits, target,
             weight, lse, aux, label_smoothing, prob_target);
+  if (entropy != nullptr)
+    check_bwd_stats("nllfused_emu::bwd_stats", c10::DeviceType::CPU, logits, grad_entropy,
+                    grad_target_logp, *entropy);
+  const bool stats = entropy != nullptr && (present(grad_entropy) || present(grad_target_logp));
   const at::Tensor w = kernel_weight(weight);
   const at::Tensor wsum = weight_sum(w, prob_target);
   const int64_t N = logits.size(0), C = logits.size(1), D = logits.size(2);
@@ -247,14 +281,44 @@ std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss,
               [&](auto x_tag, auto p, int flags) {
     using scalar_t = decltype(x_tag);
     set_bwd_inputs(p, grad_loss, present(grad_lse), lse, aux, wsum);
-    L = emu_launch<scalar_t>(bwd_rows_ok(p), flags, p, force_tile, force_G, force_ty,
-                             max_blocks, force_parts, &variant,
+    if (stats)
+      set_stats_bwd_inputs(p, present(grad_entropy), present(grad_target_logp), *entropy);
+    L = emu_launch<scalar_t>(bwd_rows_ok(p), stats ? flags | kStats : flags, p, force_tile,
+                             force_G, force_ty, max_blocks, force_parts, &variant,
                              [&](auto f, const LaunchConfig& shape) {
       emu_bwd_impl<scalar_t, decltype(f)::value>(logits.data_ptr<scalar_t>(),
                                                  out.data_ptr<scalar_t>(), p, shape);
     });
   });
   return {out, config_tensor(L, variant)};
+}
+
+std::vector<at::Tensor> emu_bwd(const at::Tensor& grad_loss,
+                                const std::optional<at::Tensor>& grad_lse,
+                                const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                const at::Tensor& aux, int64_t ignore_index,
+                                double label_smoothing, double logit_scale, double softcap,
+                                bool prob_target,
+                                int64_t force_tile, int64_t force_G, int64_t force_ty,
+                                int64_t max_blocks, int64_t force_parts) {
+  return emu_backward(grad_loss, grad_lse, std::nullopt, std::nullopt, logits, target, weight,
+                      lse, aux, nullptr, ignore_index, label_smoothing, logit_scale, softcap,
+                      prob_target, force_tile, force_G, force_ty, max_blocks, force_parts);
+}
+
+std::vector<at::Tensor> emu_bwd_stats(
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const std::optional<at::Tensor>& grad_entropy,
+    const std::optional<at::Tensor>& grad_target_logp, const at::Tensor& logits,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+    const at::Tensor& aux, const at::Tensor& entropy, int64_t ignore_index,
+    double label_smoothing, double logit_scale, double softcap, bool prob_target,
+    int64_t force_tile, int64_t force_G, int64_t force_ty, int64_t max_blocks,
+    int64_t force_parts) {
+  return emu_backward(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, target, weight,
+                      lse, aux, &entropy, ignore_index, label_smoothing, logit_scale, softcap,
+                      prob_target, force_tile, force_G, force_ty, max_blocks, force_parts);
 }
 
 }  // namespace
@@ -269,11 +333,24 @@ TORCH_LIBRARY(nllfused_emu, m) {
       "Tensor lse, Tensor aux, int ignore_index, float label_smoothing, float logit_scale, "
       "float softcap, bool prob_target, int force_tile, int force_G, int force_ty, "
       "int max_blocks, int force_parts) -> Tensor[]");
+  // ce_fwd_stats / ce_bwd_stats (csrc/ops.cpp) under the same emulated launches
+  m.def(
+      "fwd_stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float logit_scale, float softcap, bool prob_target, "
+      "int force_tile, int force_G, int force_ty, int max_blocks, int force_parts) -> Tensor[]");
+  m.def(
+      "bwd_stats(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_entropy, "
+      "Tensor? grad_target_logp, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor aux, Tensor entropy, int ignore_index, float label_smoothing, "
+      "float logit_scale, float softcap, bool prob_target, int force_tile, int force_G, "
+      "int force_ty, int max_blocks, int force_parts) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(nllfused_emu, CPU, m) {
   m.impl("fwd", &emu_fwd);
   m.impl("bwd", &emu_bwd);
+  m.impl("fwd_stats", &emu_fwd_stats);
+  m.impl("bwd_stats", &emu_bwd_stats);
 }
 
 #endif  // __CUDA_ARCH__
