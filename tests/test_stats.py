@@ -243,14 +243,16 @@ def opcheck_stats_ops(fwd, bwd, device, prob_target, C=11):
                                     aux, ent, *args[3:]))
 
 
-@pytest.mark.parametrize("device,backend", backend_params(only=("triton",)))
+@pytest.mark.parametrize("device,backend", backend_params(only=("triton", "cuda")))
 @pytest.mark.parametrize("prob_target", [False, True])
 def test_opcheck_stats_ops(device, backend, prob_target):
+    """The Triton statistics ops, and on a GPU ce_fwd_stats / ce_bwd_stats' CUDA kernels (the
+    CPU ones: tests/test_cpu_stats.py)."""
     from nllfused import ops
-    if ops.stats_for_backend(backend) is None:
-        pytest.skip("the extension was built before the statistics ops")
-    opcheck_stats_ops(torch.ops.nllfused.ce_fwd_stats_triton,
-                      torch.ops.nllfused.ce_bwd_stats_triton, device, prob_target)
+    fwd, bwd = ops.stats_for_backend(backend), ops.stats_backward_for_backend(backend)
+    if fwd is None:
+        pytest.skip("the extension was built without this backend's statistics ops")
+    opcheck_stats_ops(fwd, bwd, device, prob_target)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
