@@ -17,7 +17,7 @@ Reductions follow the loss's: 'none' one value per row (0 on ignored rows for z_
 target_logprob), 'mean' the mean over the counted rows (target != ignore_index; every row for
 probability targets), 'sum' their sum. lse and target_logprob come from the fused op's lse and
 the target logits (O(rows) work) unless the kernels give them; predicted and entropy come from
-the kernels where they compute them in their pass (the Triton and the C++ CPU kernels), else from
+the kernels where they compute them in their pass (the Triton, CUDA and C++ CPU kernels), else from
 `torch_ref.entropy_and_argmax` (an extra pass over the logits). CPU calls the one-call path
 takes (nllfused/functional.py) get all of it, reductions and autograd included, from one C++ op
 (csrc/loss_stats.cpp); `mask` and `from_one_call` translate to and from it.
