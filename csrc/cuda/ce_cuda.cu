@@ -44,7 +44,7 @@ using Rows6 =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // ce_fwd's (loss, lse, aux) and, with `stats` (the kernels' kStats variants), ce_fwd_stats's
-// (entropy, target_logp, predicted); without, those three are empty.
+// (entropy, target_logp, predicted); without, those three are undefined (nothing allocated).
 Rows6 forward(const char* op, const at::Tensor& logits, const at::Tensor& target,
               const std::optional<at::Tensor>& weight, int64_t ignore_index,
               double label_smoothing, double logit_scale, double softcap, bool prob_target,
@@ -54,13 +54,15 @@ Rows6 forward(const char* op, const at::Tensor& logits, const at::Tensor& target
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), D = logits.size(2);
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
-  const int64_t sn = stats ? N : 0, sd = stats ? D : 0;
   at::Tensor loss = at::empty({N, D}, opts);
   at::Tensor lse = at::empty({N, D}, logits.options().dtype(at::kDouble));
   at::Tensor aux = at::empty({N, D}, opts);
-  at::Tensor entropy = at::empty({sn, sd}, opts);
-  at::Tensor target_logp = at::empty({sn, sd}, opts);
-  at::Tensor predicted = at::empty({sn, sd}, logits.options().dtype(at::kLong));
+  at::Tensor entropy, target_logp, predicted;
+  if (stats) {
+    entropy = at::empty({N, D}, opts);
+    target_logp = at::empty({N, D}, opts);
+    predicted = at::empty({N, D}, logits.options().dtype(at::kLong));
+  }
   if (N * D == 0) return {loss, lse, aux, entropy, target_logp, predicted};
 
   const auto stream = at::cuda::getCurrentCUDAStream();
