@@ -39,21 +39,23 @@ def stats_for_backend(backend: str):
     triton_for_cuda says), else None (nllfused/stats.py then computes them)."""
     if backend == "torch":
         return torch_ref.forward_stats
-    if backend not in _STATS_BACKENDS:
-        backend = triton_for_cuda(backend)
-    if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
-        return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][0])
-    return None
+    pair = _stats_pair(backend)
+    return None if pair is None else getattr(torch.ops.nllfused, pair[0])
 
 
 def stats_backward_for_backend(backend: str):
     """The backward with statistics' gradients (ce_bwd_stats, csrc/ops.cpp) of a backend whose
     kernels have one (as stats_for_backend), else None."""
+    pair = _stats_pair(backend)
+    return None if pair is None else getattr(torch.ops.nllfused, pair[1])
+
+
+def _stats_pair(backend: str):
+    """The (forward, backward) statistics op names serving `backend`: its own where its kernels
+    have them, else Triton's for cuda (triton_for_cuda); None where no kernels do."""
     if backend not in _STATS_BACKENDS:
         backend = triton_for_cuda(backend)
-    if backend in _STATS_PAIRS and backend in _STATS_BACKENDS:
-        return getattr(torch.ops.nllfused, _STATS_PAIRS[backend][1])
-    return None
+    return _STATS_PAIRS.get(backend) if backend in _STATS_BACKENDS else None
 
 
 def for_backend(backend: str):

@@ -204,17 +204,11 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
   const Tensor* gs = nllfused::present(grad_lse);
   const Tensor* ge = nllfused::present(grad_entropy);
   const Tensor* gt = nllfused::present(grad_target_logp);
-  nllfused::check_devices(op, c10::DeviceType::CPU, logits,
-                          {{"target", &target}, {"weight", nllfused::present(weight)},
-                           {"grad_loss", &grad_loss}, {"grad_lse", gs}, {"lse", &lse},
-                           {"aux", &aux}, {"grad_entropy", ge}, {"grad_target_logp", gt},
-                           {"entropy", entropy}});
-  nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
-  nllfused::check_bwd_rows(op, grad_loss, grad_lse, logits, lse, aux);
-  const auto acc = nllfused::acc_dtype(logits.scalar_type());
-  if (ge != nullptr) nllfused::check_rowwise(op, "grad_entropy", *ge, logits, acc);
-  if (gt != nullptr) nllfused::check_rowwise(op, "grad_target_logp", *gt, logits, acc);
-  if (entropy != nullptr) nllfused::check_rowwise(op, "entropy", *entropy, logits, acc);
+  nllfused::check_bwd(op, c10::DeviceType::CPU, grad_loss, grad_lse, logits, target, weight, lse,
+                      aux, label_smoothing, prob_target);
+  if (entropy != nullptr)
+    nllfused::check_bwd_stats(op, c10::DeviceType::CPU, logits, grad_entropy, grad_target_logp,
+                              *entropy);
   const Capability& cap = active_capability();
   Tensor w;
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,

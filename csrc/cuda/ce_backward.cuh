@@ -124,8 +124,9 @@ NLLF_HD acc_t grad_true(const CEParams<acc_t>& p, const BwdRow<acc_t>& b, acc_t 
   acc_t chain;
   const acc_t z = to_z_chain<F>(p, x, chain);
   const acc_t zs = (z - b.lse_hi) - b.lse_lo;
-  acc_t gr = b.cy * acc_expm1(zs) + b.cq * acc_exp(zs);
-  if constexpr (kHasStats<F>) gr += entropy_term(b, z, acc_exp(zs));
+  const acc_t py = acc_exp(zs);
+  acc_t gr = b.cy * acc_expm1(zs) + b.cq * py;
+  if constexpr (kHasStats<F>) gr += entropy_term(b, z, py);
   if (has<F, kSmooth>(p)) gr -= b.geC * class_w<F>(p, b.y);
   if constexpr (kMayTransform<F>) gr *= chain;
   return gr;
