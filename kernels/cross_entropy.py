@@ -29,8 +29,8 @@ import triton.language as tl
 
 # INTERPRETER: read here by nllfused._extension (whether these kernels are interpreted).
 from .launch import INTERPRETER, acc_dtype, guard, hi_lo, truncating_store  # noqa: F401
-from .row_math import (_LOG2E, _columns, _exp2, _load_classes, _load_logits, _log1p, _lowest,
-                       _options, _tanh, _tile_rows)
+from .row_math import (_LN2, _LOG2E, _columns, _exact_lse, _exp2, _load_classes, _load_logits,
+                       _log1p, _lowest, _options, _tanh, _tile_rows)
 
 
 @triton.jit
@@ -369,10 +369,11 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
         z = softcap * t
     # p = exp(z - lse) = 2^((z - hi) log2e - lo log2e): lse split into hi + lo keeps torch's
     # accuracy in float32; one FADD, one FFMA, one MUFU.
-    p = _exp2((z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None], ACC)
-    if HAS_STATS_GRAD:   # the entropy's -g_H p z (its p (lse - H) part is in p_coef);
-        # a class at -inf (p = 0) gets 0, not 0 * inf
-        grad = p * (p_coef[:, None] - g_ent[:, None] * tl.where(p == 0.0, 0.0, z))
+    log2_p = (z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None]
+    p = _exp2(log2_p, ACC)
+    if HAS_STATS_GRAD:   # the entropy's -g_H p log p (its -g_H p H part is in p_coef), log p
+        # never through a rounded z - (lse - H); a class at -inf (p = 0) gets 0, not 0 * inf
+        grad = p * (p_coef[:, None] - g_ent[:, None] * tl.where(p == 0.0, 0.0, log2_p * _LN2))
     else:
         grad = p * p_coef[:, None]
     if HAS_WEIGHT:
@@ -463,22 +464,24 @@ def ce_bwd_kernel(
     lse64 = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g_ent = g
     if HAS_STATS_GRAD:
-        # d H / dz_c = -p_c (z_c - (lse - H)), d log p_y / dz_c = [c = y] - p_c (docs/maths.md).
+        # d H / dz_c = -p_c (log p_c + H), d log p_y / dz_c = [c = y] - p_c (docs/maths.md).
         g_ent = tl.load(GE + rows, mask=row_ok, other=0.0).to(ACC)
         g_tlp = tl.load(GT + rows, mask=row_ok, other=0.0).to(ACC)
         if HAS_SCALE:
             g_ent *= logit_scale
             g_tlp *= logit_scale
-        center = (lse64 - tl.load(ENT + rows, mask=row_ok, other=0.0).to(tl.float64)).to(ACC)
+        ent_h = tl.load(ENT + rows, mask=row_ok, other=0.0).to(ACC)
         if PROB_TARGET:
             g_tlp = tl.zeros_like(g_tlp)         # no target log-prob: nothing to differentiate
         else:
             g_tlp = tl.where(counted & in_range, g_tlp, 0.0)
             y_coef -= g_tlp
-        p_coef += g_ent * center - g_tlp
+        p_coef -= g_ent * ent_h + g_tlp
         keep = keep | (g_ent != 0.0) | (g_tlp != 0.0)
     lse_hi = tl.where(keep, lse64.to(ACC), float("inf"))
     lse_lo = tl.where(keep, (lse64 - lse_hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)
+    lse_hi, lse_lo = _exact_lse(x_row, keep, lse64, lse_hi, lse_lo, C, stride_xc, logit_scale,
+                                softcap, BLOCK_R, BLOCK_C, ACC, HAS_SCALE, HAS_SOFTCAP)
     if IN_PLACE and not PROB_TARGET:
         # GX is X itself (ce_bwd_inplace_triton): the true class's logit is read before the loop
         # stores over it (only this program stores over x[y]: own, below). Otherwise it is read
@@ -512,9 +515,10 @@ def ce_bwd_kernel(
         if HAS_SOFTCAP:
             t = _tanh(z / softcap, ACC)
             z = softcap * t
-        p_y = _exp2((z - lse_hi) * _LOG2E - lse_lo, ACC)
+        log2_p = (z - lse_hi) * _LOG2E - lse_lo
+        p_y = _exp2(log2_p, ACC)
         if HAS_STATS_GRAD:
-            grad = p_y * (p_coef - g_ent * z) - y_coef
+            grad = p_y * (p_coef - g_ent * tl.where(p_y == 0.0, 0.0, log2_p * _LN2)) - y_coef
         else:
             grad = p_y * p_coef - y_coef
         if HAS_SOFTCAP:

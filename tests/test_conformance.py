@@ -47,6 +47,15 @@ def extreme_case(dtype):
     return x, t
 
 
+def far_case(dtype, C=37, extra=(), prob=False):
+    """Logits on an offset of 3e7 with their usual spread, so that p is far from one-hot: in
+    float64 the saved lse's own rounding there (ulp 7.5e-9) must not enter p, as none enters
+    torch's log p = (z - m) - log s."""
+    x, t = prob_case(C=C, extra=extra, dtype=dtype) if prob else \
+        index_case(C=C, extra=extra, dtype=dtype)
+    return x + 3e7, t
+
+
 def noncontig_transposed(dtype):
     x, t = index_case(N=24, C=29, dtype=dtype)
     return x.t().contiguous().t(), t  # column-major (N, C)
@@ -102,6 +111,11 @@ CASES = {
     "masked": (masked_case, {}, (torch.float32, torch.bfloat16)),
     "masked_smoothing": (masked_case, {"label_smoothing": 0.1}, (torch.float32,)),
     "extreme": (extreme_case, {}, (torch.float32, torch.float64)),
+    "far": (far_case, {}, (torch.float64,)),
+    "far_prob": (lambda d: far_case(d, prob=True), {"label_smoothing": 0.1}, (torch.float64,)),
+    "far_kdim": (lambda d: far_case(d, C=11, extra=(5,)), {"weight": "rand"}, (torch.float64,)),
+    "far_kdim_c300": (lambda d: far_case(d, C=300, extra=(3,)), {"label_smoothing": 0.1},
+                      (torch.float64,)),
     # Nothing to average: every target ignored (mean = nan), no rows at all.
     "all_ignored": (lambda d: index_case(ignore_frac=1.0, dtype=d), {}, (torch.float32,)),
     "empty": (lambda d: index_case(N=0, dtype=d), {}, (torch.float32,)),

@@ -115,7 +115,7 @@ class Case:
     a: float = 1.0          # logit scale
     s: float = 0.0          # softcap (0: none)
     ii: int = -100          # ignore_index
-    extreme: str = ""       # "" | mask | big | conf
+    extreme: str = ""       # "" | mask | big | conf | far (float64)
     force: tuple = (-1, 0, 0, 0, 0)  # (force_tile, force_G, force_ty, max_blocks, force_parts),
     #                                  see emu.cu
     expect: str = ""        # forward mapping to expect from choose_launch: "" | rows | tile
@@ -205,7 +205,7 @@ def feature_cases():
 def extreme_cases():
     out = []
     for dt in DTYPES:
-        for extreme in ("mask", "big", "conf"):
+        for extreme in ("mask", "big", "conf") + (("far",) if dt == F64 else ()):
             for k, (tgt, w, zl) in enumerate((("i64", False, 0.0), ("i64", True, 1e-3),
                                               ("prob32", False, 0.0))):
                 for j, (layout, D) in enumerate((("contig", 1), ("btv", 2))):
@@ -268,6 +268,10 @@ def make_logits(c: Case):
     elif c.extreme == "big":
         # logits far from zero (+-1e4 + noise): torch's float32 answer is accurate, so must ours be
         x = x + torch.where(torch.arange(N) % 2 == 0, 1e4, -1e4).view(N, 1, 1)
+    elif c.extreme == "far":
+        # float64 logits at +-3e7 with their usual spread: the saved lse's own rounding there
+        # (ulp 7.5e-9) must not enter p, as none enters torch's log p = (z - m) - log s
+        x = x.double() + torch.where(torch.arange(N) % 2 == 0, 3e7, -3e7).view(N, 1, 1)
     if c.layout == "contig":
         out = torch.empty(N, C, D, dtype=c.dtype)
     elif c.layout == "offset":  # storage offset 5: rows start off 16-byte boundaries

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import nllfused
 from helpers import backend_params
 from nllfused import stats
+from reference import assert_matches_oracle
 
 OPTIONS = [
     {},
@@ -165,6 +166,27 @@ def test_entropy_and_target_logprob_gradients(device, backend, reduction):
     (-(adv.double() * ref["target_logprob"]).sum() - 0.01 * ref["entropy"].sum()
      + ref_loss.sum()).backward()
     torch.testing.assert_close(xo.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("shape", [(8, 13), (3, 11, 5), (2, 300, 3)], ids=str)
+def test_far_from_zero_float64(device, backend, shape):
+    """float64 logits on an offset of 3e7 (p far from one-hot): the statistics and the gradients
+    they and the loss give are float64 torch's to 1e-10, the saved lse's own rounding there
+    (ulp 7.5e-9) entering none of them."""
+    x, t, _ = case(shape, {}, torch.float64)
+    x = x + 3e7
+    xo = x.to(device).requires_grad_()
+    loss, st = nllfused.cross_entropy(xo, t.to(device), reduction="sum", backend=backend,
+                                      return_stats=("entropy", "target_logprob"))
+    (loss + 0.3 * st.entropy - 0.7 * st.target_logprob).backward()
+    xr = x.detach().clone().requires_grad_()
+    ref = oracle_reduce(oracle_rows(xr, t), t, "sum")
+    (F.cross_entropy(xr, t, reduction="sum") + 0.3 * ref["entropy"]
+     - 0.7 * ref["target_logprob"]).backward()
+    for name in ("entropy", "target_logprob"):
+        assert_matches_oracle(getattr(st, name), ref[name], torch.float64, what=name)
+    assert_matches_oracle(xo.grad, xr.grad, torch.float64, what="grad")
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

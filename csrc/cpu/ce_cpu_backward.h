@@ -28,6 +28,7 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
   rg.nan = !std::isfinite(lse_d);
   rg.hi = static_cast<acc_t>(lse_d);
   rg.lo = rg.nan ? acc_t(0) : static_cast<acc_t>(lse_d - static_cast<double>(rg.hi));
+  if (!rg.nan) exact_lse(A, xr, t, rg.hi, rg.lo);
   if (ignored) {
     rg.P = gs;
     rg.gm = 0;
@@ -64,6 +65,27 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
     }
   }
   return rg;
+}
+
+// float64 rows far from zero: the saved lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse|
+// ~ 3e7), would enter every p = exp(z - lse) as a relative error of that size, where torch's
+// log p = (z - m) - log s is exact in z - m. Rows with |lse| >= kExactLseFrom read their logits
+// once more for m and log s: hi = m and lo = log s then give p as torch forms it. (float32 needs
+// none of this: its hi + lo split of the float64 lse carries 48 bits.)
+template <typename scalar_t>
+void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi,
+                             acc_t& lo) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    if (!(std::abs(hi) >= kExactLseFrom) || !std::isfinite(hi)) return;
+    acc_t m = -kInf, dz;
+    for (int64_t c = 0; c < A.C; ++c)
+      m = std::max(m, tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz));
+    acc_t s = 0;
+    for (int64_t c = 0; c < A.C; ++c)
+      s += std::exp(tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz) - m);
+    hi = m;
+    lo = std::log(s);
+  }
 }
 
 // Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`. Split: the

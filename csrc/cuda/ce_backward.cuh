@@ -89,6 +89,36 @@ NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t 
   return b;
 }
 
+// float64 rows far from zero: the saved lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse|
+// ~ 3e7), would enter every p = exp(z - lse), where torch's log p = (z - m) - log s is exact in
+// z - m. Rows with |lse| >= kExactLseFrom read their logits once more for m and log s (each
+// thread of the row's group the whole row: such rows are rare, and the row is then in cache),
+// so that p = exp((z - m) - log s). float32 keeps the split of the float64 lse (48 bits).
+constexpr double kExactLseFrom = 1024;
+template <int F, typename scalar_t>
+NLLF_HD void exact_lse(const CEParams<double>& p, const scalar_t* xrow, BwdRow<double>& b) {
+  if (!(b.lse_hi >= kExactLseFrom || b.lse_hi <= -kExactLseFrom) ||
+      b.lse_hi - b.lse_hi != 0.0)
+    return;
+  double m = neg_inf<double>(), s = 0;
+  for (int64_t c = 0; c < p.C; ++c)
+    m = nan_max(m, to_z<F>(p, static_cast<double>(xrow[c * p.sC])));
+  for (int64_t c = 0; c < p.C; ++c) s += ::exp(to_z<F>(p, static_cast<double>(xrow[c * p.sC])) - m);
+  b.lse_hi = m;
+  b.lse_lo = ::log(s);
+  b.lo_l2e = b.lse_lo * kLog2e;
+}
+template <int F, typename scalar_t>
+NLLF_HD void exact_lse(const CEParams<float>&, const scalar_t*, BwdRow<float>&) {}
+
+// The row's coefficients, p's exact for float64 rows far from zero.
+template <int F, typename scalar_t, typename acc_t>
+NLLF_HD BwdRow<acc_t> bwd_row_of(const CEParams<acc_t>& p, const Row<scalar_t>& row) {
+  BwdRow<acc_t> b = make_bwd_row<F>(p, row.n, row.d);
+  if (b.mode == 0) exact_lse<F>(p, row.x, b);
+  return b;
+}
+
 // E p log p (kStats), log p = (z - hi) - lo; nothing where p is 0 (no 0 * -inf).
 template <typename acc_t>
 NLLF_HD acc_t entropy_term(const BwdRow<acc_t>& b, acc_t z, acc_t pr) {
@@ -251,14 +281,14 @@ template <typename scalar_t, int F, typename acc_t>
 NLLF_HD void bwd_rows_thread(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* out,
                              int64_t r, int tid, int G, int part = 0, int parts = 1) {
   const Row<scalar_t> row = row_at(p, x, r);
-  const BwdRow<acc_t> b = make_bwd_row<F>(p, row.n, row.d);
+  const BwdRow<acc_t> b = bwd_row_of<F>(p, row);
   bwd_row_part<scalar_t, F>(p, b, row.x, out + r * p.C, tid, G, part, parts);
 }
 template <typename scalar_t, int F, typename acc_t>
 NLLF_HD void bwd_tile_thread(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* out,
                              int64_t r, int ty, int TY) {
   const Row<scalar_t> row = row_at(p, x, r);
-  const BwdRow<acc_t> b = make_bwd_row<F>(p, row.n, row.d);
+  const BwdRow<acc_t> b = bwd_row_of<F>(p, row);
   bwd_strided_part<scalar_t, F>(p, b, row.x, out + row.n * p.C * p.D + row.d, p.D, ty, TY);
 }
 #undef NLLF_HD

@@ -131,14 +131,21 @@ def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True)
 def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
                    options) -> torch.Tensor:
     """log p_y = z_y - lse per row of class-index targets, from the op's float64 lse and the
-    target logits alone (O(rows) work; differentiable through both), in the accumulation dtype:
+    target logits alone (O(rows) work but for float64; differentiable), in the accumulation dtype:
     0 on ignored rows, NaN on out-of-range ones (as the loss)."""
     acc = acc_dtype(logits.dtype)
     counted, in_range = index_rule(target, logits.shape[1], options.ignore_index)
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
-    x_y = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-    z_y = transform(x_y.to(acc), options.logit_scale, options.softcap)
-    logp = (z_y.to(torch.float64) - lse).to(acc)
+    if acc == torch.float64:
+        # z_y - lse would carry lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse| ~ 3e7);
+        # log_softmax's (z - m) - log s is exact in z - m, as torch's. float64 logits only: the
+        # float64 lse of lower dtypes is 2^-29 finer than their accumulation. O(N C) here.
+        z = transform(logits, options.logit_scale, options.softcap)
+        logp = torch.log_softmax(z, 1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    else:
+        x_y = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+        z_y = transform(x_y.to(acc), options.logit_scale, options.softcap)
+        logp = (z_y.to(torch.float64) - lse).to(acc)
     nan = torch.full((), float("nan"), dtype=acc, device=logits.device)
     return torch.where(counted, torch.where(in_range, logp, nan),
                        torch.zeros((), dtype=acc, device=logits.device))
