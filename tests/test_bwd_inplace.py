@@ -76,6 +76,25 @@ def test_inplace_equals_ce_bwd(device, backend, shape, layout, dtype, variant):
         assert torch.equal(a, b), "ce_bwd_inplace changed an input other than the logits"
 
 
+@pytest.mark.parametrize("device,backend", backend_params(only=KERNEL_BACKENDS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_inplace_float64_far_from_zero(device, backend, shape):
+    """float64 rows far from zero, which the backward reads whole once more (docs/maths.md,
+    "Precision of lse"): in place, still ce_bwd's gradient bit for bit -- rows that several
+    programs share (Triton's split rows: (6, 5000, 1)) included."""
+    fwd, bwd = ops.for_backend(backend)
+    N, C, D = shape
+    x, t = _case(device, torch.float64, N, C, D, "contiguous", False, seed=C)
+    x = x + 3e7
+    options = (-100, 0.0, 1.0, 0.0, False)
+    loss, lse, aux = fwd(x, t, None, *options)
+    grad_loss = torch.rand_like(loss)
+    expected = bwd(grad_loss, None, x, t, None, lse, aux, *options)
+    y = x.clone()
+    _inplace(backend)(grad_loss, None, y, t, None, lse, aux, *options)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",), only=("cpu",)))
 def test_cpu_inplace_out_of_range_target_raises_and_recovers(device, backend):
     """The CPU kernels raise for a target outside [0, C) (ce_fwd's contract); the op then works
