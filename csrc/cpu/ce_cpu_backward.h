@@ -77,12 +77,20 @@ void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc
                              acc_t& lo) {
   if constexpr (std::is_same_v<acc_t, double>) {
     if (!(std::abs(hi) >= kExactLseFrom) || !std::isfinite(hi)) return;
-    acc_t m = -kInf, dz;
-    for (int64_t c = 0; c < A.C; ++c)
-      m = std::max(m, tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz));
-    acc_t s = 0;
-    for (int64_t c = 0; c < A.C; ++c)
-      s += std::exp(tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz) - m);
+    acc_t m = -kInf, s = 0, dz;
+    int64_t c = 0;
+    if (A.xC == 1 && t.kind == 0) {  // a plain row: by vectors (its finite lse: no NaN in it)
+      V vm(-kInf), vs(acc_t(0));
+      for (; c + W <= A.C; c += W) vm = vmax(vm, V::loadu(xr + c));
+      m = hmax(vm);
+      for (int64_t i = c; i < A.C; ++i) m = std::max(m, static_cast<acc_t>(xr[i]));
+      for (int64_t i = 0; i < c; i += W) vs = vs + vexp(V::loadu(xr + i) - V(m));
+      s = hsum(vs);
+    } else {
+      for (int64_t i = 0; i < A.C; ++i)
+        m = std::max(m, tf_scalar(static_cast<acc_t>(xr[i * A.xC]), t, dz));
+    }
+    for (; c < A.C; ++c) s += std::exp(tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz) - m);
     hi = m;
     lo = std::log(s);
   }
