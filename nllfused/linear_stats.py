@@ -29,7 +29,7 @@ torch ops on the chunk's logits (torch_ref.target_logprob, and
 `_entropy_and_argmax` / `_stats_grad` below, in place), 1/_SLICES of a chunk at a time: O(chunk)
 extra memory, never O(N * C), but extra passes over the chunk in torch (on our 2-core CPU
 machines entropy costs more than the chunk's matrix product). Entropy is computed only when asked
-for, argmax only for predicted / correct; the target log-prob is O(rows).
+for, argmax only for predicted / correct; the target log-prob is O(rows) (float64: a log_softmax).
 
 Double backward, forward-mode AD and torch.func transforms run `reference_rows` (F.linear and
 torch_ref.forward_stats, materialising the logits), as linear.py's _unfused does for the loss.

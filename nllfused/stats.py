@@ -16,11 +16,12 @@ is computed only when asked for, reduced as the loss is, and None otherwise:
 Reductions follow the loss's: 'none' one value per row (0 on ignored rows for z_loss and
 target_logprob), 'mean' the mean over the counted rows (target != ignore_index; every row for
 probability targets), 'sum' their sum. lse and target_logprob come from the fused op's lse and
-the target logits (O(rows) work) unless the kernels give them; predicted and entropy come from
-the kernels where they compute them in their pass (the Triton, CUDA and C++ CPU kernels), else from
-`torch_ref.entropy_and_argmax` (an extra pass over the logits). CPU calls the one-call path
-takes (nllfused/functional.py) get all of it, reductions and autograd included, from one C++ op
-(csrc/loss_stats.cpp); `mask` and `from_one_call` translate to and from it.
+the target logits (O(rows) work; float64: a log_softmax) unless the kernels give them;
+predicted and entropy come from the kernels where they compute them in their pass (the Triton,
+CUDA and C++ CPU kernels), else from `torch_ref.entropy_and_argmax` (an extra pass over the
+logits). CPU calls the one-call path takes (nllfused/functional.py) get all of it, reductions
+and autograd included, from one C++ op (csrc/loss_stats.cpp); `mask` and `from_one_call`
+translate to and from it.
 
 Names users of other packages know: return_lse=True (quack, flash-attention) and
 return_z_loss=True (Liger-Kernel) append the per-row lse and the reduced z-loss term to the
@@ -101,7 +102,8 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
     the ops take them; lse (N, D) float64 from the op; entropy, target_logp and predicted where
     the kernel's pass gave them (ops.stats_for_backend), else computed here: target_logprob from
     lse and the target logits (O(rows); its gradient reaches the logits through the op's lse
-    gradient), entropy and predicted from the materialised logits (torch_ref)."""
+    gradient; float64: torch_ref.target_logprob's log_softmax), entropy and predicted from the
+    materialised logits (torch_ref)."""
     acc = torch_ref.acc_dtype(logits.dtype)
     rows = {}
     if "lse" in names:
