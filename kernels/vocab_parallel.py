@@ -5,12 +5,14 @@ of the vocabulary. nllfused/distributed.py combines per-row statistics of every 
 full-vocabulary loss (docs/maths.md); these two kernels are the only passes over the logits:
 
   vp_stats_kernel  reads each row of the slice once (online softmax) and writes, in float64,
-                   row 0: lse_r = logsumexp of the slice,
-                   row 1: z_y if the row's target falls in this slice, else 0,
-                   row 2 (HAS_SMOOTHING): A_r = sum_{c in slice} w_c (lse_r - z_c) >= 0;
+                   rows 0, 1: m_r, log s_r, the slice's logsumexp lse_r = m_r + log s_r in two
+                   parts (m_r the slice's max; a float64 lse_r would be off by its own rounding),
+                   row 2: z_y if the row's target falls in this slice, else 0,
+                   row 3 (HAS_SMOOTHING): A_r = sum_{c in slice} w_c (lse_r - z_c) >= 0;
   vp_bwd_kernel    reads each row once more and writes the slice's gradient
-                   g * (p_c coef - tcoef [c = y] - eps_c w_c) + g_lse p_c,  p_c = exp(z_c - lse),
-                   from the global lse and per-row coefficients formed by the caller
+                   g * (p_c coef - tcoef [c = y] - eps_c w_c) + g_lse p_c,
+                   p_c = exp((z_c - m) - log s), from the global lse = m + log s in the same two
+                   parts and per-row coefficients formed by the caller
                    (g_lse: the upstream gradient of the global lse, e.g. from z-loss).
 
 Rows are those of a 2-D (R, C) view with any strides; offsets are int64. Optional features are
@@ -33,7 +35,7 @@ def vp_stats_kernel(
     X, stride_xr, stride_xc,                     # this rank's logits (R, C)
     T, stride_t,                                 # global class ids (R,)
     W, WSUM,                                     # slice weights (C,), their sum (1,)
-    OUT,                                         # (2 or 3, R) float64, contiguous
+    OUT,                                         # (3 or 4, R) float64, contiguous
     R, C, vocab_start, ignore_index,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -65,17 +67,18 @@ def vp_stats_kernel(
     m, k, s, _ = _counted_lanes(m, s, ACC)
     m, k, s = _merge(m, k, s)
 
-    # lse = double(m) + double(log(k + s)): float64 once per row, never in the loop.
+    # lse_r = double(m) + double(log(k + s)), its two parts: float64 once per row.
     s64 = s.to(tl.float64)
     log_s64 = tl.where(k == 1.0, _log1p(s64), tl.log(k.to(tl.float64) + s64))
-    tl.store(OUT + rows, m.to(tl.float64) + log_s64, mask=row_ok)
+    tl.store(OUT + rows, m.to(tl.float64), mask=row_ok)
+    tl.store(OUT + R + rows, log_s64, mask=row_ok)
 
     y = tl.load(T + rows * stride_t, mask=row_ok, other=0).to(tl.int64)
     y_local = y - vocab_start
     owned = row_ok & (y != ignore_index) & (y_local >= 0) & (y_local < C)
     y_safe = tl.where(owned, y_local, 0)         # never read outside the row
     z_y = tl.load(x_rows + y_safe * stride_xc, mask=owned, other=0.0).to(ACC)
-    tl.store(OUT + R + rows, tl.where(owned, z_y, 0.0).to(tl.float64), mask=row_ok)
+    tl.store(OUT + 2 * R + rows, tl.where(owned, z_y, 0.0).to(tl.float64), mask=row_ok)
 
     if HAS_SMOOTHING:
         log_s = log_s64.to(ACC)
@@ -83,7 +86,7 @@ def vp_stats_kernel(
         smooth = w_sum * ((m - r) + log_s) - tl.sum(acc_wz, 1)   # sum_c w_c (lse_r - z_c)
         # A slice entirely at -inf: every lse_r - z_c is +inf (the formula above gives NaN).
         smooth = tl.where(m == float("-inf"), float("inf"), smooth)
-        tl.store(OUT + 2 * R + rows, smooth.to(tl.float64), mask=row_ok)
+        tl.store(OUT + 3 * R + rows, smooth.to(tl.float64), mask=row_ok)
 
 
 @triton.jit
@@ -91,7 +94,8 @@ def vp_bwd_kernel(
     G,                                           # upstream gradient per row (R,), ACC
     GL,                                          # upstream gradient of the lse (R,), float64
     X, stride_xr, stride_xc,                     # this rank's logits (R, C)
-    LSE, COEF, TCOEF, YL,                        # per row: global lse (f64), p-coefficient,
+    LSE_M, LSE_S, COEF, TCOEF, YL,               # per row: global lse = m + log s (f64),
+                                                 # p-coefficient,
                                                  # true-class coefficient, local target id
     W, EPSC,                                     # slice weights (C,); e / C_global (1,)
     GX,                                          # gradient, contiguous (R, C)
@@ -121,11 +125,11 @@ def vp_bwd_kernel(
         eps_g = tl.where(kept, tl.load(EPSC).to(ACC) * g, 0.0)
     else:
         eps_g = tl.zeros_like(g)
-    # p = exp(z - lse) = 2^((z - hi) log2e - lo log2e), lse split into hi + lo so that float32
-    # keeps torch's accuracy.
-    lse64 = tl.load(LSE + n)
-    hi = tl.where(keep, lse64.to(ACC), float("inf"))
-    lo = tl.where(keep, (lse64 - hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)
+    # p = exp((z - m) - log s) = 2^((z - hi) log2e - lo log2e): hi = m (a logit, in ACC
+    # exactly), lo = log s, as torch forms log p.
+    m64 = tl.load(LSE_M + n)
+    hi = tl.where(keep, m64.to(ACC), float("inf"))
+    lo = tl.where(keep, ((m64 - hi.to(tl.float64)) + tl.load(LSE_S + n)).to(ACC) * _LOG2E, 0.0)
 
     lo_c, body, hi_c = _columns(C, BLOCK_C, False)
     for start in range(lo_c, body, BLOCK_C):
@@ -193,7 +197,7 @@ def _launch(logits, wide_state=False):
 
 def vp_stats(logits, target, weight, wsum, vocab_start, ignore_index, smoothing):
     R, C = logits.shape
-    out = torch.empty((3 if smoothing else 2, R), dtype=torch.float64, device=logits.device)
+    out = torch.empty((4 if smoothing else 3, R), dtype=torch.float64, device=logits.device)
     if R == 0:
         return out
     grid, flags = _launch(logits, wide_state=weight is not None and smoothing)
@@ -205,7 +209,7 @@ def vp_stats(logits, target, weight, wsum, vocab_start, ignore_index, smoothing)
     return out
 
 
-def vp_bwd(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing):
+def vp_bwd(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c, smoothing):
     R, C = logits.shape
     grad = torch.empty((R, C), dtype=torch.float32 if truncating_store(logits) else logits.dtype,
                        device=logits.device)
@@ -216,8 +220,9 @@ def vp_bwd(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing
     with guard(logits):
         vp_bwd_kernel[grid](
             g, g if g_lse is None else g_lse.contiguous(), logits, logits.stride(0),
-            logits.stride(1), lse.contiguous(), coef.contiguous(), tcoef.contiguous(),
-            y_local.contiguous(), eps_c if weight is None else weight, eps_c, grad, R, C,
+            logits.stride(1), lse_m.contiguous(), lse_s.contiguous(), coef.contiguous(),
+            tcoef.contiguous(), y_local.contiguous(), eps_c if weight is None else weight, eps_c,
+            grad, R, C,
             HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing,
             HAS_GRAD_LSE=g_lse is not None, **flags)
     return grad.to(logits.dtype)

@@ -8,23 +8,27 @@ gradient for its own slice, without ever gathering the logits.
 
 How (docs/maths.md with C = the global vocabulary size):
   1. Each rank reduces its slice to per-row statistics in one pass over its logits (the fused
-     Triton kernel in kernels/vocab_parallel.py, or torch): lse_r (logsumexp of the slice), the
-     target logit z_y if the target falls in the slice (else 0), and with label smoothing
+     Triton kernel in kernels/vocab_parallel.py, or torch): lse_r (logsumexp of the slice) as
+     two numbers m_r + log s_r (m_r the slice's max: a float64 lse_r's own rounding would reach
+     the loss and p for logits far from zero, docs/maths.md "Precision of lse"), the target
+     logit z_y if the target falls in the slice (else 0), and with label smoothing
      A_r = sum_{c in slice} w_c (lse_r - z_c); plus three numbers for the rank itself
      (vocab_start, C_local, sum of the slice's weights).
   2. ONE collective per forward pass: an all-gather (a functional collective, so torch.compile
-     can trace it) of that float64 buffer of 2N + 3 numbers (3N + 3 with smoothing). O(N), never
+     can trace it) of that float64 buffer of 3N + 3 numbers (4N + 3 with smoothing). O(N), never
      O(N C).
-  3. Every rank combines the same gathered numbers: lse = logsumexp_r lse_r, z_y = sum_r,
+  3. Every rank combines the same gathered numbers: lse = m + log s with m the largest m_r and
+     log s = log sum_r exp((m_r - m) + log s_r), z_y = sum_r, the loss (m - z_y) + log s,
      sum_c w_c (lse - z_c) = sum_r [A_r + W_r (lse - lse_r)] (every term >= 0: no cancellation),
      C = sum_r C_r, sum_c w_c = sum_r W_r. Label smoothing is exact over the full vocabulary.
-  4. The backward pass needs no communication: each rank forms p_c = exp(z_c - lse) for its
-     slice from the saved global lse and writes g (p_c coef - (1-e) w_y [c=y] - (e/C) w_c),
-     plus g_lse p_c where the global lse has a gradient (z-loss).
-  5. Statistics (return_stats): each rank adds to what it sends its slice's expectation of z
-     under the slice's softmax, its largest z and that class's global id (3N numbers more, the
-     same one collective); every rank combines E_p[z] = sum_r exp(lse_r - lse) E_r, the entropy
-     lse - E_p[z] and the argmax. Their gradients need no communication either.
+  4. The backward pass needs no communication: each rank forms p_c = exp((z_c - m) - log s)
+     for its slice from the saved global m and log s and writes g (p_c coef - (1-e) w_y [c=y] -
+     (e/C) w_c), plus g_lse p_c where the global lse has a gradient (z-loss).
+  5. Statistics (return_stats): each rank adds to what it sends its slice's expectation of
+     z - m_r under the slice's softmax, its largest z and that class's global id (3N numbers
+     more, the same one collective); every rank combines E_p[z - m] = sum_r exp(lse_r - lse)
+     (E_r + m_r - m), the entropy log s - E_p[z - m] and the argmax. Their gradients need no
+     communication either.
 The 'mean' denominator (the summed weights of the counted targets) comes from the target and
 the full weight, identical on every rank: no extra collective. The z-loss term and the
 reduction are nllfused.cross_entropy's (backends.torch_ref.reduce).
@@ -72,20 +76,20 @@ def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
 
 @_vp_stats_triton.register_fake
 def _(logits, target, weight, wsum, vocab_start, ignore_index, smoothing):
-    return logits.new_empty((3 if smoothing else 2, logits.shape[0]), dtype=torch.float64)
+    return logits.new_empty((4 if smoothing else 3, logits.shape[0]), dtype=torch.float64)
 
 
 @torch.library.custom_op("nllfused::vp_bwd_triton", mutates_args=())
 def _vp_bwd_triton(g: torch.Tensor, g_lse: Optional[torch.Tensor], logits: torch.Tensor,
-                   lse: torch.Tensor, coef: torch.Tensor, tcoef: torch.Tensor,
-                   y_local: torch.Tensor, weight: Optional[torch.Tensor], eps_c: torch.Tensor,
-                   smoothing: bool) -> torch.Tensor:
-    return vp_kernels.vp_bwd(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c,
+                   lse_m: torch.Tensor, lse_s: torch.Tensor, coef: torch.Tensor,
+                   tcoef: torch.Tensor, y_local: torch.Tensor, weight: Optional[torch.Tensor],
+                   eps_c: torch.Tensor, smoothing: bool) -> torch.Tensor:
+    return vp_kernels.vp_bwd(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c,
                              smoothing)
 
 
 @_vp_bwd_triton.register_fake
-def _(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing):
+def _(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c, smoothing):
     return logits.new_empty(logits.shape)
 
 
@@ -127,7 +131,7 @@ class _VocabParallelCE(torch.autograd.Function):
                               smoothing)
         if stats:  # + the slice's expectation of z and its argmax (_slice_stats)
             rows_local = torch.cat([rows_local, _slice_stats(logits, rows_local[0],
-                                                             vocab_start)])
+                                                             rows_local[1], vocab_start)])
         k = rows_local.shape[0]
 
         # The one collective: [vocab_start, C_local, W_r | stats rows] from every rank.
@@ -138,9 +142,17 @@ class _VocabParallelCE(torch.autograd.Function):
 
         starts, sizes, wsums = gathered[:, 0], gathered[:, 1], gathered[:, 2]
         rows = gathered[:, _META:].reshape(gathered.shape[0], k, R)  # (world, k, R)
-        lse_r = rows[:, 0]
-        lse = torch.logsumexp(lse_r, 0)                      # (R,) float64
-        z_y = rows[:, 1].sum(0)
+        # The global lse = m + log s in two parts, as each rank's lse_r = m_r + log s_r (float64
+        # lse's own rounding would enter the loss and p: docs/maths.md, "Precision of lse"): m
+        # the largest m_r of the ranks with any mass (0 where none has, or it is not finite: log
+        # s then carries the inf or NaN), log s = log sum_r exp((m_r - m) + log s_r).
+        m_r, log_s_r = rows[:, 0], rows[:, 1]
+        m = torch.where(log_s_r == float("-inf"), torch.full_like(m_r, float("-inf")),
+                        m_r).amax(0)
+        m = torch.where(m.isfinite(), m, torch.zeros_like(m))                   # (R,) float64
+        log_s = torch.log(torch.exp((m_r - m) + log_s_r).sum(0))
+        lse = m + log_s
+        z_y = rows[:, 2].sum(0)
         C = sizes.sum()
         w_total = wsums.sum()
 
@@ -168,10 +180,11 @@ class _VocabParallelCE(torch.autograd.Function):
             w_y = torch.ones_like(lse)
         else:
             w_y = weight.to(torch.float64)[y_safe.clamp(max=weight.shape[0] - 1)]
-        loss = w_y * (lse - z_y)
+        loss = w_y * ((m - z_y) + log_s)
         eps_c = e / C
         if smoothing:
-            smooth = (rows[:, 2] + wsums.unsqueeze(1) * (lse.unsqueeze(0) - lse_r)).sum(0)
+            lse_gap = (m.unsqueeze(0) - m_r) + (log_s.unsqueeze(0) - log_s_r)  # lse - lse_r
+            smooth = (rows[:, 3] + wsums.unsqueeze(1) * lse_gap).sum(0)
             loss = (1 - e) * loss + eps_c * smooth
         nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -186,11 +199,12 @@ class _VocabParallelCE(torch.autograd.Function):
                               torch_ref.VOCAB_IGNORED_ROW)
         extra, expect = (), lse
         if stats:
-            entropy, expect, predicted = _combine_slice_stats(rows[:, k - 3:], lse_r, lse)
-            tlp = torch.where(counted, torch.where(valid, z_y - lse, nan), zero)
+            entropy, expect, predicted = _combine_slice_stats(rows[:, k - 3:], m_r, log_s_r, m,
+                                                              log_s)
+            tlp = torch.where(counted, torch.where(valid, -((m - z_y) + log_s), nan), zero)
             extra = (entropy.to(acc), tlp.to(acc), predicted)
             ctx.mark_non_differentiable(predicted)
-        ctx.save_for_backward(logits, w_slice, lse, coef.to(acc), ((1 - e) * w_y).to(acc),
+        ctx.save_for_backward(logits, w_slice, m, log_s, coef.to(acc), ((1 - e) * w_y).to(acc),
                               y_local, eps_c.to(acc).reshape(1), valid, counted, expect)
         ctx.options = (smoothing, use_triton)
         ctx.mark_non_differentiable(aux)
@@ -200,13 +214,13 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy=None, grad_tlp=None,
                  _grad_pred=None):
-        (logits, w_slice, lse, coef, tcoef, y_local, eps_c, valid, counted,
+        (logits, w_slice, lse_m, lse_s, coef, tcoef, y_local, eps_c, valid, counted,
          expect) = ctx.saved_tensors
         smoothing, use_triton = ctx.options
         grad = None
         if ctx.needs_input_grad[0] and (grad_entropy is not None or grad_tlp is not None):
-            grad = _slice_stats_grad(grad_entropy, grad_tlp, logits, lse, expect, y_local,
-                                     valid)
+            grad = _slice_stats_grad(grad_entropy, grad_tlp, logits, lse_m, lse_s, expect,
+                                     y_local, valid)
             if grad_loss is None and grad_lse is None:
                 return grad.to(logits.dtype), *(None,) * 9
         if ctx.needs_input_grad[0] and (grad_loss is not None or grad_lse is not None):
@@ -214,57 +228,63 @@ class _VocabParallelCE(torch.autograd.Function):
             nan = torch.full((), float("nan"), dtype=g.dtype, device=g.device)
             g = torch.where(counted, torch.where(valid, g, nan), torch.zeros_like(g))
             grad_fn = _vp_bwd_triton if use_triton else torch_ref.vocab_slice_grad
-            loss_grad = grad_fn(g, grad_lse, logits, lse, coef, tcoef, y_local, w_slice, eps_c,
-                                smoothing)
+            loss_grad = grad_fn(g, grad_lse, logits, lse_m, lse_s, coef, tcoef, y_local, w_slice,
+                                eps_c, smoothing)
             grad = loss_grad if grad is None else (grad + loss_grad).to(logits.dtype)
         return grad, *(None,) * 9
 
 
-def _slice_stats(logits, lse_r, vocab_start: int) -> torch.Tensor:
-    """(3, R) float64: the slice's expectation of z under its own softmax, sum_c p_c z_c (a class
-    with p_c = 0 adds 0), its largest z and that class's global id (the first maximum, or the
-    first NaN, as torch.argmax). In torch: an extra pass over the slice (kernels/vocab_parallel.py
-    does not compute them)."""
+def _slice_stats(logits, m_r, log_s_r, vocab_start: int) -> torch.Tensor:
+    """(3, R) float64: the slice's expectation of z - m_r under its own softmax, sum_c p_c (z_c -
+    m_r) with p_c = exp((z_c - m_r) - log s_r) (a class with p_c = 0 adds 0; centred on m_r, so
+    that logits far from zero lose nothing), its largest z and that class's global id (the first
+    maximum, or the first NaN, as torch.argmax). In torch: an extra pass over the slice
+    (kernels/vocab_parallel.py does not compute them)."""
     z = logits.to(torch_ref.acc_dtype(logits.dtype))
-    p = torch.exp(z.double() - lse_r.unsqueeze(1)) if z.dtype == torch.float64 else \
-        torch.exp(z - lse_r.to(z.dtype).unsqueeze(1))
+    d = z - m_r.to(z.dtype).unsqueeze(1)  # m_r is a logit of the slice (or 0): exact in z's dtype
+    p = torch.exp(d - log_s_r.to(z.dtype).unsqueeze(1))
     expect = torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device),
-                         p * z).sum(1)
+                         p * d).sum(1)
     arg = z.argmax(1)
     best = z.gather(1, arg.unsqueeze(1)).squeeze(1)
     return torch.stack([expect.double(), best.double(), (arg + vocab_start).double()])
 
 
-def _combine_slice_stats(rows, lse_r, lse):
-    """(entropy, E_p[z], argmax) of the full rows from every rank's _slice_stats (world, 3, R),
-    the ranks' lse_r (world, R) and the global lse: E_p[z] = sum_r exp(lse_r - lse) E_r (a rank
-    whose slice has no mass adds 0), H = lse - E_p[z]; the argmax is the smallest global id among
-    the ranks holding the largest z (the first NaN's, if any rank has one)."""
+def _combine_slice_stats(rows, m_r, log_s_r, m, log_s):
+    """(entropy, E_p[z - m], argmax) of the full rows from every rank's _slice_stats (world, 3,
+    R), the ranks' lse_r = m_r + log s_r (world, R) and the global lse = m + log s, all centred
+    on m: E_p[z - m] = sum_r exp(lse_r - lse) (E_r + m_r - m) (a rank whose slice has no mass
+    adds 0), H = log s - E_p[z - m]; the argmax is the smallest global id among the ranks holding
+    the largest z (the first NaN's, if any rank has one)."""
     expect_r, best, ids = rows[:, 0], rows[:, 1], rows[:, 2]
-    share = torch.exp(lse_r - lse.unsqueeze(0))
+    gap = m_r - m.unsqueeze(0)
+    share = torch.exp(gap + (log_s_r - log_s.unsqueeze(0)))
     zero = torch.zeros((), dtype=share.dtype, device=share.device)
-    expect = torch.where(share == 0, zero, share * expect_r).sum(0)
+    expect = torch.where(share == 0, zero, share * (expect_r + gap)).sum(0)
     inf = torch.full((), float("inf"), dtype=ids.dtype, device=ids.device)
     is_nan = best != best
     first_nan = torch.where(is_nan, ids, inf).amin(0)
     top = best.amax(0)  # NaN where a rank has one: first_nan decides those rows
     first_top = torch.where(best == top.unsqueeze(0), ids, inf).amin(0)
     predicted = torch.where(is_nan.any(0), first_nan, first_top)
-    return lse - expect, expect, predicted.long()
+    return log_s - expect, expect, predicted.long()
 
 
-def _slice_stats_grad(grad_entropy, grad_tlp, logits, lse, expect, y_local, valid):
+def _slice_stats_grad(grad_entropy, grad_tlp, logits, lse_m, lse_s, expect, y_local, valid):
     """This slice's gradient of sum_r gH_r H_r + gT_r log p_{y_r}: -gH p_c (z_c - E_p[z]) +
-    gT ([c = y] - p_c), p from the global lse (no communication), in the accumulation dtype."""
+    gT ([c = y] - p_c), p = exp((z - m) - log s) from the global lse = m + log s (no
+    communication) and E_p[z - m] (expect), in the accumulation dtype."""
     z = logits.to(torch_ref.acc_dtype(logits.dtype))
-    p = torch.exp(z.double() - lse.unsqueeze(1)).to(z.dtype)
+    d = z.double() - lse_m.unsqueeze(1)
+    p = torch.exp(d - lse_s.unsqueeze(1)).to(z.dtype)
     coef = torch.zeros_like(z[:, 0]) if grad_tlp is None else \
         torch.where(valid, grad_tlp.to(z.dtype), torch.zeros((), dtype=z.dtype,
                                                                device=z.device))
     grad = -p * coef.unsqueeze(1)
     if grad_entropy is not None:
         g_h = grad_entropy.to(z.dtype).unsqueeze(1)
-        grad = grad - torch.where(g_h != 0, g_h * p * (z - expect.to(z.dtype).unsqueeze(1)),
+        centred = (d - expect.unsqueeze(1)).to(z.dtype)  # z - E_p[z]; a class at p = 0 adds 0
+        grad = grad - torch.where((g_h != 0) & (p != 0), g_h * p * centred,
                                   torch.zeros((), dtype=z.dtype, device=z.device))
     if grad_tlp is not None:
         owned = y_local >= 0

@@ -348,7 +348,8 @@ VOCAB_IGNORED_ROW = -2
 
 def vocab_slice_stats(logits, target, weight, wsum, vocab_start: int, ignore_index: int,
                       smoothing: bool):
-    """(2 or 3, R) float64: lse_r, z_y if owned else 0, [A_r]; the contract of vp_stats_kernel."""
+    """(3 or 4, R) float64: m_r, log s_r (lse_r = m_r + log s_r), z_y if owned else 0, [A_r];
+    the contract of vp_stats_kernel."""
     acc = acc_dtype(logits.dtype)
     C = logits.shape[1]
     z = logits.to(acc)
@@ -356,11 +357,11 @@ def vocab_slice_stats(logits, target, weight, wsum, vocab_start: int, ignore_ind
     m_safe = torch.where(m.abs() < float("inf"), m, torch.zeros_like(m))
     diff = m_safe.unsqueeze(1) - z                           # >= 0 (exact for close values)
     log_s = torch.log(torch.exp(-diff).sum(1))
-    lse = m_safe.double() + log_s.double()                   # lse - m never through a rounded lse
     y_local = target.long() - vocab_start
     owned = (target != ignore_index) & (y_local >= 0) & (y_local < C)
     z_y = z.gather(1, torch.where(owned, y_local, 0).unsqueeze(1)).squeeze(1)
-    rows = [lse, torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
+    rows = [m_safe.double(), log_s.double(),
+            torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
     if smoothing:
         wd = diff if weight is None else weight * diff
         # sum_c w_c (lse_r - z_c) = W_r log s + sum_c w_c (m - z_c), every term >= 0.
@@ -370,12 +371,14 @@ def vocab_slice_stats(logits, target, weight, wsum, vocab_start: int, ignore_ind
     return torch.stack(rows)
 
 
-def vocab_slice_grad(g, g_lse, logits, lse, coef, tcoef, y_local, weight, eps_c, smoothing: bool):
-    """(R, C) gradient in the logits' dtype; the contract of vp_bwd_kernel."""
+def vocab_slice_grad(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c,
+                     smoothing: bool):
+    """(R, C) gradient in the logits' dtype; the contract of vp_bwd_kernel (p from the global
+    lse = lse_m + lse_s in its two parts)."""
     acc = acc_dtype(logits.dtype)
     z = logits.to(acc)
-    hi = lse.to(acc)
-    lo = (lse - hi.double()).to(acc)
+    hi = lse_m.to(acc)
+    lo = ((lse_m - hi.double()) + lse_s).to(acc)
     grad = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1)) * coef.unsqueeze(1)
     cols = torch.arange(logits.shape[1], device=logits.device)
     grad = grad - torch.where(cols == y_local.unsqueeze(1), tcoef.unsqueeze(1),
