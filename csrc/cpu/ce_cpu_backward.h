@@ -80,11 +80,9 @@ void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc
     acc_t m = -kInf, s = 0, dz;
     int64_t c = 0;
     if (A.xC == 1 && t.kind == 0) {  // a plain row: by vectors (its finite lse: no NaN in it)
-      V vm(-kInf), vs(acc_t(0));
-      for (; c + W <= A.C; c += W) vm = vmax(vm, V::loadu(xr + c));
-      m = hmax(vm);
-      for (int64_t i = c; i < A.C; ++i) m = std::max(m, static_cast<acc_t>(xr[i]));
-      for (int64_t i = 0; i < c; i += W) vs = vs + vexp(V::loadu(xr + i) - V(m));
+      m = chunk_max<acc_t, 0, false>(xr, A.C, nullptr, t);
+      V vs(acc_t(0));
+      for (; c + W <= A.C; c += W) vs = vs + vexp(V::loadu(xr + c) - V(m));
       s = hsum(vs);
     } else {
       for (int64_t i = 0; i < A.C; ++i)
