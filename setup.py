@@ -51,7 +51,9 @@ def extension():
     # one rebuilds the extension.
     depends = sorted(glob.glob("csrc/**/*.h", recursive=True) +
                      glob.glob("csrc/**/*.cuh", recursive=True)) + ["csrc/build_helpers.py"]
-    cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for torch >= 2.10)
+    # torch picks the C++ standard (C++20 for torch >= 2.10). -ffp-contract=off: floating-point
+    # expressions as written, every multiply-add an explicit one (csrc/cpu/ce_cpu_kernels.h, Tf).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     macros = [("NLLFUSED_TORCH_VERSION", '"%s"' % torch.__version__)]
     if not with_cuda:
         return cpp_extension.CppExtension(

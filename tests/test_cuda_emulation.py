@@ -580,3 +580,24 @@ def test_options_get_their_kernel_variant(emu, spec, variant):
     c = Case(N=4, C=300, D=1, dtype=F32, tgt=tgt_kind, weight=weight, e=e, a=a, s=s)
     cfg, bcfg = run_case(emu, c)
     assert cfg[5] == variant and bcfg[5] == variant, (cfg.tolist(), bcfg.tolist())
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F64))
+@pytest.mark.parametrize("tgt", ("i64", "prob32"))
+@pytest.mark.parametrize("a,s", ((0.7, 0.0), (1.3, 20.0)), ids=("scale", "softcap"))
+@pytest.mark.parametrize("layout", ("contig", "tr"))
+def test_one_class_transformed_has_zero_loss_and_gradient(emu, dtype, tgt, a, s, layout):
+    """One class: p = 1 exactly, so loss and gradient are exactly 0 -- if every pass forms
+    z = softcap(a x) the same way (to_z, to_z_chain). On the device that takes mul_rounded
+    (__fmul_rn, which nvcc never fuses into z - lse; a fused one gives p = 1 + up to half an ulp
+    of z); this host emulation checks the passes' arithmetic, the GPU run of
+    tests/test_properties.py the device's. Logits around -50: a large half ulp."""
+    c = Case(N=9, C=1, D=3, dtype=dtype, tgt=tgt, a=a, s=s, layout=layout)
+    x = make_logits(c).copy_(torch.randn(c.N, 1, c.D) * 8 - 50)
+    tgt = torch.rand(c.N, 1, c.D) if c.prob else torch.zeros(c.N, c.D, dtype=torch.long)
+    g = torch.randn(c.N, c.D, dtype=F64 if dtype == F64 else F32)
+    args = (c.ii, c.e, c.a, c.s, c.prob, *c.force)
+    loss, lse, aux, _ = emu.fwd(x, tgt, None, *args)
+    grad, _ = emu.bwd(g, None, x, tgt, None, lse, aux, *args)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))

@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import nllfused
 from helpers import backend_params, check_cross_entropy
 
 
@@ -56,3 +57,35 @@ def problems(draw):
 def test_random_problems_match_float64_torch(device, backend, problem):
     x, target, kwargs = problem
     check_cross_entropy(x, target, device, backend, **kwargs)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["rows", "kdim", "kdim_strided"])
+@pytest.mark.parametrize("transform", [dict(logit_scale=0.7), dict(logit_scale=1.3, softcap=20.0)],
+                         ids=["scale", "softcap"])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_one_class_transformed_has_zero_loss_and_gradient(device, backend, dtype, layout,
+                                                          transform, prob):
+    """With one class p = 1 exactly, so the loss and its gradient are exactly 0 -- provided the
+    backward forms the transformed logit z = softcap(logit_scale x) rounded as the forward did.
+    (A backward whose z - lse the compiler fused into one multiply-add, unrounded, got p = 1 +
+    up to half an ulp of z: gradients of ~1e-6 here, and errors of that size wherever p S - t
+    cancels.) Logits around -50 make that half ulp large."""
+    N, D = 37, 5
+    shape = {"rows": (N, 1), "kdim": (N, 1, D), "kdim_strided": (N, 1, D)}[layout]
+    x = (torch.randn(shape, dtype=torch.float64) * 8 - 50).to(dtype)
+    if layout == "kdim_strided":
+        x = x.transpose(0, 2).contiguous().transpose(0, 2)
+    index_shape = shape[:1] + shape[2:]
+    if prob:
+        target = torch.rand(shape, dtype=torch.float64).to(dtype)  # any mass: p S - t = 0
+    else:
+        target = torch.zeros(index_shape, dtype=torch.long)
+    xd = x.to(device).requires_grad_()
+    loss = nllfused.cross_entropy(xd, target.to(device), reduction="none", backend=backend,
+                                  **transform)
+    loss.backward(torch.randn(index_shape, dtype=torch.float64).to(device, loss.dtype))
+    assert torch.equal(loss.detach().cpu(), torch.zeros(index_shape, dtype=loss.dtype))
+    assert torch.equal(xd.grad.cpu(), torch.zeros(shape, dtype=dtype))

@@ -284,6 +284,10 @@ struct Ce {
   }
 
   // -------------- logit transform z = softcap(a x): 0 none, 1 a*x, 2 s*tanh(a*x/s) --------------
+  // z is rounded the same way in every pass (forward, backward, rescans): the extension is built
+  // with -ffp-contract=off (setup.py), so no compiler fuses its product into a later z - lse
+  // (which gave p = 1 + half an ulp of z where the forward's lse is z); every multiply-add in
+  // these kernels is an explicit fmadd / std::fma.
   struct Tf {
     int kind;
     acc_t a, s, as;

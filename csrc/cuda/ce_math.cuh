@@ -67,6 +67,25 @@ NLLF_HD float acc_exp(float x) {
 }
 NLLF_HD double acc_exp(double x) { return ::exp(x); }
 
+// a * b rounded, never fused with a later add into one multiply-add: the transformed logit z
+// (to_z) is formed in the forward, the backward and the rescans alike, so p = exp(z - lse) is 1
+// exactly where the forward's lse is z. (nvcc fuses a * b + c by default; a z - lse fused so in
+// one pass and not in another is off by up to half an ulp of z.)
+NLLF_HD float mul_rounded(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+NLLF_HD double mul_rounded(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // 2^x, one MUFU.EX2 whatever the fast-math flags.
 NLLF_HD float acc_exp2(float x) {
 #ifdef __CUDA_ARCH__

@@ -137,11 +137,12 @@ NLLF_HD bool need_t(const CEParams<acc_t>& p) {
   return (F & kProb) != 0 || has<F, kSmooth>(p);
 }
 
+// z = softcap(logit_scale x), rounded (mul_rounded): the same in every pass.
 template <int F, typename acc_t>
 NLLF_HD acc_t to_z(const CEParams<acc_t>& p, acc_t x) {
   if constexpr (kMayTransform<F>) {
-    if (has<F, kCap>(p)) return p.cap * acc_tanh(x * p.scale_over_cap);
-    if (has<F, kScale>(p)) return x * p.scale;
+    if (has<F, kCap>(p)) return mul_rounded(p.cap, acc_tanh(x * p.scale_over_cap));
+    if (has<F, kScale>(p)) return mul_rounded(x, p.scale);
   }
   return x;
 }
@@ -154,9 +155,9 @@ NLLF_HD acc_t to_z_chain(const CEParams<acc_t>& p, acc_t x, acc_t& chain) {
     if (has<F, kCap>(p)) {
       const acc_t th = acc_tanh(x * p.scale_over_cap);
       chain = p.scale * ((acc_t(1) - th) * (acc_t(1) + th));
-      return p.cap * th;
+      return mul_rounded(p.cap, th);
     }
-    if (has<F, kScale>(p)) return x * p.scale;
+    if (has<F, kScale>(p)) return mul_rounded(x, p.scale);
   }
   return x;
 }
