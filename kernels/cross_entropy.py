@@ -408,11 +408,9 @@ def ce_bwd_kernel(
     X, stride_xn, stride_xc, stride_xd,          # logits (N, C, D)
     T, stride_tn, stride_tc, stride_td,          # targets
     W, WSUM, LSE, AUX,
-    GX,                                          # gradient, contiguous (N, C, D); X itself
-                                                 # with IN_PLACE (ce_bwd_inplace_triton)
+    GX,                                  # gradient (N, C, D) contiguous; X with IN_PLACE
     GE, GT, ENT,                                 # HAS_STATS_GRAD: upstream gradients of the
-                                                 # entropy and target log-prob, the entropy;
-                                                 # contiguous (N * D,), ACC
+                                                 # entropy, target log-prob; entropy (N * D,) ACC
     R, C, D, ignore_index,
     smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
@@ -436,6 +434,7 @@ def ce_bwd_kernel(
         g = g * logit_scale
     keep = row_ok                                # (index targets: ignored rows get exactly 0)
     eps_g = g
+    rest = tl.zeros_like(g)                      # p_coef - y_coef, summed apart (the true class)
     if PROB_TARGET:
         p_coef = g * tl.load(AUX + rows, mask=row_ok, other=0.0).to(ACC)   # g sum_k w_k q'_k
     else:
@@ -454,12 +453,14 @@ def ce_bwd_kernel(
             eps_g = (label_smoothing / C) * g
             p_coef += eps_g * tl.load(WSUM).to(ACC)
             y_coef += eps_g * w_y
+            rest = eps_g * (tl.load(WSUM).to(ACC) - w_y)
         keep = counted
     if HAS_GRAD_LSE:
         g_lse = tl.load(GL + n * stride_gln + d * stride_gld).to(ACC)
         if HAS_SCALE:
             g_lse *= logit_scale
         p_coef += g_lse
+        rest += g_lse
         keep = keep | (g_lse != 0.0)             # an ignored row's lse gradient still counts
     lse64 = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g_ent = g
@@ -476,6 +477,7 @@ def ce_bwd_kernel(
         else:
             g_tlp = tl.where(counted & in_range, g_tlp, 0.0)
             y_coef -= g_tlp
+            rest -= g_ent * ent_h
         p_coef -= g_ent * ent_h + g_tlp
         keep = keep | (g_ent != 0.0) | (g_tlp != 0.0)
     lse_hi = tl.where(keep, lse64.to(ACC), float("inf"))
@@ -501,10 +503,9 @@ def ce_bwd_kernel(
                   HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_STATS_GRAD, True)
 
     if not PROB_TARGET:
-        # The true class, stored again over the loop's value rather than compared with every
-        # column in the loop; the barrier orders the two stores. Its p_y - 1 (times the row's
-        # coefficient) is formed in ACC and rounded once on store: without smoothing
-        # y_coef == p_coef, and p_y * p_coef - y_coef is (p_y - 1) * p_coef in one FMA.
+        # The true class, stored again over the loop's value (the barrier orders the stores), as
+        # (p_y - 1) y_coef + p_y rest in ACC: p_y p_coef - y_coef would keep the rounding of
+        # p_coef = y_coef + rest where p_y -> 1 (one class: p_y = 1).
         tl.debug_barrier()
         if IN_PLACE:
             z = z_y
@@ -518,9 +519,8 @@ def ce_bwd_kernel(
         log2_p = (z - lse_hi) * _LOG2E - lse_lo
         p_y = _exp2(log2_p, ACC)
         if HAS_STATS_GRAD:
-            grad = p_y * (p_coef - g_ent * tl.where(p_y == 0.0, 0.0, log2_p * _LN2)) - y_coef
-        else:
-            grad = p_y * p_coef - y_coef
+            rest -= g_ent * tl.where(p_y == 0.0, 0.0, log2_p * _LN2)
+        grad = tl.fma(p_y - 1.0, y_coef, p_y * rest)
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)
         own = row_ok & counted & in_range & (y_col >= lo) & (y_col < hi)
