@@ -132,9 +132,11 @@ CASES = {
     "1d": ({"lead": (), "ignore_frac": 0.0}, {}, (torch.float32,)),
     "empty": ({"lead": (0,)}, {}, (torch.float32,)),
     "C1": ({"C": 1, "bias": True}, {}, (torch.float32,)),
-    # One class: p = 1, so the gradient is the z-loss term's alone (no p_y (y_coef + rest) - y_coef
-    # leaving the rounding of y_coef).
+    # One class: p = 1, so the gradient is the z-loss term's alone, or exactly 0 (no
+    # p_y (y_coef + rest) - y_coef leaving the rounding of y_coef).
     "C1_z_loss": ({"C": 1, "spread": 0.5}, {"z_loss": 1e-3}, (torch.float32,)),
+    "C1_smoothing": ({"C": 1, "spread": 10.0}, {"label_smoothing": 0.1, "weight": "rand"},
+                     (torch.float32,) + LOW),
     # The loss's options, as in the cross_entropy conformance table.
     "weight": ({"bias": True}, {"weight": "rand"}, (torch.float32,) + LOW),
     "ignore_neg1": ({"ignore": -1}, {"ignore_index": -1}, (torch.float32,)),

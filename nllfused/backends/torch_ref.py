@@ -323,22 +323,24 @@ def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor,
         # p_c * (grad_loss * ((1 - e) w_y + e/C sum(w)) + grad_lse) - grad_loss e/C w_c
         # - grad_loss (1 - e) w_y [c = y]; then the chain rule of softcap and logit_scale.
         grad_loss = grad_loss.to(acc)
-        y_coef = grad_loss * ((1 - e) * w_y)
-        rest = grad_loss * ((e / C) * w_sum)  # the other parts of p_c's coefficient
+        coef = grad_loss * ((1 - e) * w_y + (e / C) * w_sum)
+        if grad_lse is not None:
+            coef = coef + grad_lse.to(acc)
+        g = d.mul_((coef / s).unsqueeze(1))
+        # The true class: y_coef (p_y - 1) + rest p_y with y_coef = grad_loss ((1 - e) w_y +
+        # e/C w_y), rest = grad_loss e/C (sum(w) - w_y) + grad_lse and p_y - 1 by expm1 of log p_y
+        # = -(m - z_y) - log s; not p_y coef - y_coef, which keeps the rounding of a number of
+        # size y_coef where p_y -> 1 (one class: p_y = 1, rest the lse gradient alone).
+        y_coef = grad_loss * ((1 - e) * w_y + (e / C) * w_y)
+        rest = grad_loss * ((e / C) * (w_sum - w_y))
         if grad_lse is not None:
             rest = rest + grad_lse.to(acc)
-        g = d.mul_(((y_coef + rest) / s).unsqueeze(1))
         if e:
             smooth_grad = (grad_loss * (e / C)).unsqueeze(1)
             g.sub_(smooth_grad if w is None else smooth_grad * w)
-        # The true class: y_coef (p_y - 1) + rest p_y - grad_loss e/C w_y, with p_y - 1 by expm1
-        # of log p_y = -(m - z_y) - log s -- not p_y (y_coef + rest) - y_coef, which leaves the
-        # rounding of a number of size y_coef where p_y -> 1 (one class: exactly 1).
         log_py = -nll - log_s
-        g_y = torch.addcmul(rest * log_py.exp(), y_coef, torch.expm1(log_py))
-        if e:
-            g_y = g_y - grad_loss * (e / C) * w_y
-        g.scatter_(1, safe, g_y.unsqueeze(1))
+        g.scatter_(1, safe, torch.addcmul(rest * log_py.exp(), y_coef, torch.expm1(log_py))
+                   .unsqueeze(1))
         if softcap:  # d softcap(v) / dv = 1 - tanh^2 = 1 - (z / s)^2; z is a fresh buffer here
             g.mul_(z.div_(softcap).square_().neg_().add_(1))
         if options.logit_scale != 1.0:
