@@ -278,9 +278,11 @@ def specialise(fn, target, case: Case, flags: dict):
     from triton import knobs
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
+    from nllfused.kernels import launch  # the launchers' rule for enable_fp_fusion
     backend = make_backend(target)
     args = [argument_value(p.name, case, flags) for p in fn.params if not p.is_constexpr]
     kwargs = dict(constexpr_values(fn, case, flags), num_warps=case.num_warps,
+                  enable_fp_fusion=launch.fp_fusion(flags),
                   debug=bool(getattr(fn, "debug", False)) or knobs.runtime.debug,
                   instrumentation_mode=knobs.compilation.instrumentation_mode)
     binder = create_function_from_signature(fn.signature, fn.params, backend)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # INTERPRETER: read here by nllfused._extension (whether these kernels are interpreted).
-from .launch import INTERPRETER, acc_dtype, guard, hi_lo, truncating_store  # noqa: F401
+from .launch import INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo, truncating_store  # noqa
 from .row_math import (_LN2, _LOG2E, _columns, _exact_lse, _exp2, _load_classes, _load_logits,
                        _log1p, _lowest, _options, _tanh, _tile_rows)
 
@@ -426,9 +426,8 @@ def ce_bwd_kernel(
     gx_row = GX + n * C * D + d
     lo, body, hi = _columns(C, BLOCK_C, SPLIT)
 
-    # The gradient is  p * p_coef - eps_g * w_c - y_coef [c = y]  (probability targets:
-    # p * p_coef - g q'_c w_c), with every per-row factor (the upstream g, the lse gradient,
-    # d lse / dz = p, and logit_scale) folded into the coefficients here, once.
+    # The gradient is  p * p_coef - eps_g * w_c - y_coef [c = y]  (probability targets: p * p_coef
+    # - g q'_c w_c), every per-row factor (g, the lse gradient, logit_scale) folded in here, once.
     g = tl.load(G + n * stride_gn + d * stride_gd).to(ACC)
     if HAS_SCALE:
         g = g * logit_scale
@@ -593,6 +592,7 @@ def _launch(logits, weight, label_smoothing, logit_scale, softcap, prob_target, 
                  PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
                  HAS_SMOOTHING=label_smoothing > 0, HAS_SCALE=logit_scale != 1.0,
                  HAS_SOFTCAP=softcap > 0, SPLIT=splits > 1, num_warps=num_warps)
+    flags["enable_fp_fusion"] = fp_fusion(flags)  # (a compile option, not a constexpr)
     options = hi_lo(label_smoothing, logit_scale, softcap)
     return (triton.cdiv(R, block_r), splits), (W, WSUM), (R, C, D), options, flags
 

@@ -9,6 +9,7 @@
 - `hi_lo(*values)`: float options as (hi, lo) float32 pairs (Triton passes Python floats as
   float32, which would round them for float64 logits; the kernels add hi + lo in their dtype).
 - `acc_dtype(dtype)`: the kernels' accumulation dtype, float64 for float64 logits, else float32.
+- `fp_fusion(flags)`: Triton's enable_fp_fusion for a launch with these constexpr flags.
 """
 import os
 import struct
@@ -35,6 +36,17 @@ def hi_lo(*values: float) -> list:
 
 def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def fp_fusion(flags: dict) -> bool:
+    """Whether the compiler may fuse a product into a later sum: not where the logits are
+    transformed (HAS_SCALE, HAS_SOFTCAP). There ce_bwd_kernel's z = x * logit_scale was fused
+    into z - lse, unrounded (its sm_90 PTX: fma.rn.f32 of the scale, x and -lse), where the
+    forward's max and its test for classes at the max use z rounded (mul.f32, which ptxas may
+    still fuse into a later add): the backward's p of a class at the max (exactly 1 to the
+    forward) came out 1 + up to half an ulp of z. Without fusion every product is rounded as
+    written (mul.rn); explicit tl.fma stay fused."""
+    return not (flags.get("HAS_SCALE") or flags.get("HAS_SOFTCAP"))
 
 
 def truncating_store(logits: torch.Tensor) -> bool:
