@@ -408,7 +408,7 @@ def ce_bwd_kernel(
     X, stride_xn, stride_xc, stride_xd,          # logits (N, C, D)
     T, stride_tn, stride_tc, stride_td,          # targets
     W, WSUM, LSE, AUX,
-    GX,                                  # gradient (N, C, D) contiguous; X with IN_PLACE
+    GX,                                          # gradient (N, C, D) contiguous; X: IN_PLACE
     GE, GT, ENT,                                 # HAS_STATS_GRAD: upstream gradients of the
                                                  # entropy, target log-prob; entropy (N * D,) ACC
     R, C, D, ignore_index,

@@ -71,16 +71,11 @@ NLLF_HD double acc_exp(double x) { return ::exp(x); }
 // (to_z) is formed in the forward, the backward and the rescans alike, so p = exp(z - lse) is 1
 // exactly where the forward's lse is z. (nvcc fuses a * b + c by default; a z - lse fused so in
 // one pass and not in another is off by up to half an ulp of z.)
-NLLF_HD float mul_rounded(float a, float b) {
+template <typename T>
+NLLF_HD T mul_rounded(T a, T b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-NLLF_HD double mul_rounded(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) return __fmul_rn(a, b);
+  else return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
