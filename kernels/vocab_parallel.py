@@ -95,8 +95,8 @@ def vp_bwd_kernel(
     GL,                                          # upstream gradient of the lse (R,), float64
     X, stride_xr, stride_xc,                     # this rank's logits (R, C)
     LSE_M, LSE_S, COEF, TCOEF, YL,               # per row: global lse = m + log s (f64),
-                                                 # p-coefficient,
-                                                 # true-class coefficient, local target id
+                                                 # p-coefficient, true-class coefficient,
+                                                 # local target id
     W, EPSC,                                     # slice weights (C,); e / C_global (1,)
     GX,                                          # gradient, contiguous (R, C)
     R, C,

@@ -389,7 +389,8 @@ def vocab_slice_grad(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weigh
     z = logits.to(acc)
     hi = lse_m.to(acc)
     lo = ((lse_m - hi.double()) + lse_s).to(acc)
-    grad = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1)) * coef.unsqueeze(1)
+    p = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1))
+    grad = p * coef.unsqueeze(1)
     cols = torch.arange(logits.shape[1], device=logits.device)
     grad = grad - torch.where(cols == y_local.unsqueeze(1), tcoef.unsqueeze(1),
                               torch.zeros((), dtype=acc, device=logits.device))
@@ -398,7 +399,6 @@ def vocab_slice_grad(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weigh
     grad = torch.where((y_local != VOCAB_IGNORED_ROW).unsqueeze(1), grad * g.unsqueeze(1),
                        torch.zeros((), dtype=acc, device=logits.device))
     if g_lse is not None:
-        p = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1))
         g_lse = g_lse.to(acc).unsqueeze(1)
         grad = torch.where(g_lse != 0, grad + g_lse * p, grad)
     return grad.to(logits.dtype)
