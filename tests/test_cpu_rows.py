@@ -115,10 +115,10 @@ def test_rows_of_special_values(capability, chunk, stats, dtype):
     without a transform take each chunk's max from the logits' bits (bits_max) -- all negative
     (its float fallback), zeros of both signs at the max, a -0 max alone, NaN of either sign,
     +inf, the max in the tail; and the fold's unmasked exp with tiny terms flushed (fold_steps,
-    exp2_tiny) -- for 16-bit logits on AVX-512: terms below float32's normal range, and mask
-    values (-inf, -1e20, -1e30, the dtype's lowest), which an exp without a mask can turn into
-    inf or NaN. Rows of 4133 classes in a buffer of 4160 (each row 64-byte aligned, a tail of 5
-    classes)."""
+    exp2_tiny) -- for float32 and 16-bit logits on AVX-512: terms below float32's normal range,
+    and mask values (-inf, -1e20, -1e30, the dtype's lowest), which an exp without a mask can
+    turn into inf or NaN. Rows of 4133 classes in a buffer of 4160 (each row 64-byte aligned, a
+    tail of 5 classes)."""
     C = 4133
     g = torch.randn(11, C, dtype=torch.float64)
     x = g.clone()
@@ -193,13 +193,13 @@ def test_confident_rows(capability, chunk, aligned, dtype):
 
 
 @pytest.mark.skipif("avx512" not in CAPABILITIES, reason="the CPU has no AVX-512")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
 def test_fold_offset_is_taken_out(monkeypatch, dtype):
-    """16-bit logits on AVX-512 (exp2_tiny): each term is 2^(z log2 e + o), o = -m log2 e rounded
-    to float, whose rounding is a common factor of every term -- 1.0e-5 relative at m = 184, the
-    worst of the integers 128..255 -- that fold takes out of each chunk's sums. Confident rows at
-    m = 184 (their loss is the other terms' sum): the target's log-probability within 3e-6 of
-    float64 (~7e-7 measured; ~1e-5 without the correction)."""
+    """float32 and 16-bit logits on AVX-512 (exp2_tiny): each term is 2^(z log2 e + o),
+    o = -m log2 e rounded to float, whose rounding is a common factor of every term -- 1.0e-5
+    relative at m = 184, the worst of the integers 128..255 -- that fold takes out of each
+    chunk's sums. Confident rows at m = 184 (their loss is the other terms' sum): the target's
+    log-probability within 3e-6 of float64 (~7e-7 measured; ~1e-5 without the correction)."""
     monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", "avx512")
     C = 4096
     x = torch.randn(8, C, dtype=torch.float64) + 164

@@ -128,7 +128,7 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 }
 
 // fold's vector steps over z[0, n / W2 * W2) against ref (the max, or 0): the chunk's sums,
-// lane by lane. For 16-bit logits where the unit has it (kTinyExp, under the caller's
+// lane by lane. For float accumulators where the unit has it (kTinyExp, under the caller's
 // TinyScope) each term is exp2_tiny(u(z)), u(z) = z log2 e + tiny_offset(ref) by one fma, and
 // z - ref only where a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e
 // rounded): every term carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold
@@ -185,8 +185,8 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     }
 #endif
     if constexpr (!Tiny) {
-      ea = vexp<true>(a);
-      eb = vexp<true>(b);
+      ea = vexp(a);
+      eb = vexp(b);
     }
     bool count = AtMax;
 #ifdef NLLF_HAVE_EXP_SCALEF

@@ -160,10 +160,8 @@ struct Ce {
   // instructions where Vectorized::exp_u20 takes ~19. The last step, exp_finish(x, tt, p), is the
   // translation unit's own: p 2^n, exactly 0 where x <= -87 (incl. -inf, where n and 2^n are
   // garbage), NaN kept (the forward relies on that: its max sweep does not look for NaN).
-  // Scalef: where the unit has it (AVX-512), that step by scalef (exp_finish_scalef), for the
-  // forward's fold; same results. (The fold of 16-bit logits there takes exp2_tiny instead.)
+  // (The forward's fold takes exp2_tiny instead where the unit has it, kTinyExp.)
   // Arguments must stay below 88 (2^n overflows the exponent): z <= max, and lse >= max.
-  template <bool Scalef = false>
   static inline V vexp(V x) {
 #if NLLF_SIMD
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -176,16 +174,15 @@ struct Ce {
       p = fmadd(p, r, V(0.4999887943267822f));
       p = fmadd(p, r, V(0.9999997019767761f));
       p = fmadd(p, r, V(1.0f));
-#ifdef NLLF_HAVE_EXP_SCALEF
-      if constexpr (Scalef) return exp_finish_scalef(x, n, p);
-#endif
       return exp_finish(x, tt, p);
     }
 #endif
     return x.exp_u20();  // float64: Sleef's exp; baseline: std::exp
   }
-  // The fold's exp for 16-bit logits where the unit has it (exp2_tiny): their fold is bound by
-  // its instructions, float32's by memory. It runs under TinyScope, set once per
+  // The fold's exp for float32 and 16-bit logits where the unit has it (exp2_tiny, AVX-512):
+  // 9 instructions a vector where vexp's fold step takes 12. The 16-bit fold is bound by its
+  // instructions everywhere, float32's on a core whose 512-bit units are half as wide (AMD Zen 4:
+  // +20 % from L2, bench/results/cpu-zen4-*). It runs under TinyScope, set once per
   // range of rows (fwd_rows, fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's
   // flush-to-zero (FlushTiny, kernels_avx512.cpp), so that exp's results below 2^-126 become 0
   // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
@@ -198,8 +195,7 @@ struct Ce {
     return static_cast<acc_t>(-static_cast<double>(m) * kLog2eD);
   }
 #ifdef NLLF_HAVE_EXP_SCALEF
-  static constexpr bool kTinyExp =
-      std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>;
+  static constexpr bool kTinyExp = std::is_same_v<acc_t, float>;
   struct NoScope {};
   using TinyScope = std::conditional_t<kTinyExp, FlushTiny, NoScope>;
 #else

@@ -51,14 +51,7 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLE_UQ);
   return _mm512_maskz_mul_ps(keep, p, two_n);
 }
-// The same by one scalef of p by n (the rounded x log2 e as a float): the same bits, one
-// instruction less, but on the one port that also takes the shifts -- the forward's fold runs
-// 3-5 % faster with it, the backward's bf16 stores (shifts) up to 7 % slower (Ce::vexp).
-inline Vec<float> exp_finish_scalef(Vec<float> x, Vec<float> n, Vec<float> p) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLE_UQ);
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}
-// 2^u for u <= ~0, the fold's exp for 16-bit logits (Ce::fold_steps: u = z log2 e - m log2 e
+// 2^u for u <= ~0, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e
 // by one fma), under FlushTiny: 7 instructions where Ce::vexp takes 9-10 from z - m. reduce
 // (AVX-512 DQ) gives f = u - floor(u) in [0, 1) in one instruction, a polynomial 2^f, and scalef
 // multiplies by 2^floor(u) -- the same floor as reduce's, so the two halves always agree. No mask
