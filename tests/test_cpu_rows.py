@@ -210,3 +210,32 @@ def test_fold_offset_is_taken_out(monkeypatch, dtype):
                                    return_stats=("target_logprob",))
     expected = torch.log_softmax(xb.double(), 1).gather(1, t[:, None]).squeeze(1)
     torch.testing.assert_close(st.target_logprob.double(), expected, rtol=3e-6, atol=0)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "smoothing"])
+def test_bf16_gradient_far_from_zero(capability, chunk, smoothing):
+    """bf16 rows read in place (split order) take the backward's exp2 step on AVX-512 (grad_chunk's
+    Exp2): p = 2^(z log2 e + c), c = -lse log2 e rounded to float, a rounding that is a factor
+    common to the row (up to 0.5 % of p at |lse| ~ 1e5) and that the kernel takes out. Rows with
+    k = 2, 3 or 5 classes tied at a max M between 2^12 and 2^17 and every other class 1000 below
+    (p = 0): the tied classes' gradients are 1/k (times the smoothing's share) as float64 rounds
+    it to bf16, the others' exactly that too. (Without the correction a quarter of such rows
+    are off by an ulp.)"""
+    N, C = 32, 4096
+    M = (torch.rand(N, dtype=torch.float64) * (2**17 - 2**12) + 2**12).to(torch.bfloat16)
+    x = (M.double()[:, None] - 1000).expand(N, C).to(torch.bfloat16).clone()
+    t = torch.randint(0, C, (N,))
+    for r in range(N):
+        k = [2, 3, 5][r % 3]
+        tied = torch.randperm(C)[:k]
+        tied = tied[tied != t[r]]                     # the target stays off the max
+        x[r, tied] = M[r]
+    x.requires_grad_()
+    loss = nllfused.cross_entropy(x, t, reduction="sum", label_smoothing=smoothing,
+                                  backend="cpu")
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x64, t, reduction="sum", label_smoothing=smoothing)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    assert (grad.double() == ref_grad.to(torch.bfloat16).double()).all(), (
+        (grad.double() - ref_grad).abs().max())

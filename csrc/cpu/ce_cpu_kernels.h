@@ -470,7 +470,8 @@ struct Ce {
   static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
   static constexpr double kExactLseFrom = 1024;  // exact_lse: |lse| from which float64 rescans
   static void exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi, acc_t& lo);
-  template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false>
+  template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false,
+            bool Exp2 = false>
   static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
                           const acc_t* g, const Tf& t);
   template <bool Split, typename src_t, typename dst_t>
