@@ -3,10 +3,11 @@
 // kernels' copy for this CPU.
 //
 // The kernels (ce_cpu_kernels.h) are compiled once per instruction set (kernels.h): "default"
-// (baseline x86-64 or whatever the compiler targets), "avx2" (AVX2 + FMA + F16C) and "avx512"
-// (AVX-512 F/BW/VL/DQ + FMA + F16C), the SIMD ones on x86-64 GCC builds only. Each call runs the
-// best copy this CPU can run, or the one the environment variable NLLFUSED_CPU_CAPABILITY names
-// (default | avx2 | avx512; read at every call, so tests can run each copy in turn). Which copies
+// (baseline x86-64 or whatever the compiler targets), "avx2" (AVX2 + FMA + F16C), "avx512"
+// (AVX-512 F/BW/VL/DQ + FMA + F16C) and "avx512bf16" (that + AVX512_BF16), the SIMD ones on x86-64
+// GCC builds only. Each call runs the best copy this CPU can run, or the one the environment
+// variable NLLFUSED_CPU_CAPABILITY names (default | avx2 | avx512 | avx512bf16; read at every
+// call, so tests can run each copy in turn). Which copies
 // this machine can run and which one runs now: nllfused._C.build_info()["cpu_capabilities"] and
 // ["cpu_capability"] (capabilities() and capability() below).
 #include "kernels.h"
@@ -52,6 +53,8 @@ const std::vector<Capability>& all_capabilities() {
                         __builtin_cpu_supports("avx512dq");
     v.push_back({"avx2", forward_avx2, backward_avx2, avx2});
     v.push_back({"avx512", forward_avx512, backward_avx512, avx512});
+    v.push_back({"avx512bf16", forward_avx512bf16, backward_avx512bf16,
+                 avx512 && __builtin_cpu_supports("avx512bf16")});
 #endif
     return v;
   }();

@@ -28,7 +28,7 @@
 #pragma once
 
 #ifndef NLLF_CPU_CAPABILITY
-#error "define NLLF_CPU_CAPABILITY (default, avx2 or avx512) before including ce_cpu_kernels.h"
+#error "define NLLF_CPU_CAPABILITY (default, avx2, avx512, avx512bf16) before including this"
 #endif
 
 #include "kernels.h"

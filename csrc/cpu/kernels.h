@@ -2,8 +2,9 @@
 // arguments and their entry points, one pair per instruction set.
 //
 // The kernels are written once, in ce_cpu_kernels.h, and compiled once per instruction set by a
-// small translation unit each: kernels_default.cpp (baseline ISA, one lane), kernels_avx2.cpp
-// and kernels_avx512.cpp (ATen's Vectorized, compiled under `#pragma GCC target`). ATen does
+// small translation unit each: kernels_default.cpp (baseline ISA, one lane), kernels_avx2.cpp,
+// kernels_avx512.cpp and kernels_avx512bf16.cpp (ATen's Vectorized, compiled under
+// `#pragma GCC target`; the last two from kernels_avx512.h). ATen does
 // the same inside libtorch (one kernel source, one object per CPU_CAPABILITY), but an
 // extension only gets its DEFAULT flavour of at::vec, hence the per-file pragmas here.
 //
@@ -94,10 +95,12 @@ void forward_avx2(const Args& A, at::ScalarType logits);
 void backward_avx2(const Args& A, at::ScalarType logits);
 void forward_avx512(const Args& A, at::ScalarType logits);
 void backward_avx512(const Args& A, at::ScalarType logits);
+void forward_avx512bf16(const Args& A, at::ScalarType logits);
+void backward_avx512bf16(const Args& A, at::ScalarType logits);
 #endif
 
-// The copies this CPU can run, baseline first ("default", "avx2", "avx512"), and the one the ops
-// run now (the best, or NLLFUSED_CPU_CAPABILITY's). Defined in ce_cpu.cpp.
+// The copies this CPU can run, baseline first ("default", "avx2", "avx512", "avx512bf16"), and
+// the one the ops run now (the best, or NLLFUSED_CPU_CAPABILITY's). Defined in ce_cpu.cpp.
 std::vector<std::string> capabilities();
 std::string capability();
 

@@ -1,0 +1,147 @@
+// The AVX-512 copies of the CPU kernels (ce_cpu_kernels.h): ATen's Vectorized at 512 bits
+// (CPU_CAPABILITY_AVX512, AVX-512 F/BW/VL/DQ + FMA + F16C, the set libtorch's own AVX512 kernels
+// need), included by two translation units: kernels_avx512.cpp (namespace
+// at::vec::nllfused_avx512) and kernels_avx512bf16.cpp, which defines NLLF_AVX512_BF16 first and
+// adds AVX512_BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later): its bf16 stores are the
+// hardware's rounding (vcvtne2ps2bf16), where the other copy rounds bit by bit. Compiled on every
+// x86-64 GCC build; the op layer (ce_cpu.cpp) picks a copy only on a CPU that has its features.
+#pragma once
+#include "kernels.h"  // first: what must be compiled for the baseline ISA (see there)
+
+#if NLLF_CPU_X86_SIMD
+#pragma GCC push_options
+#ifdef NLLF_AVX512_BF16
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")
+#define CPU_CAPABILITY nllfused_avx512bf16
+#define NLLF_CPU_CAPABILITY avx512bf16
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+#define CPU_CAPABILITY nllfused_avx512
+#define NLLF_CPU_CAPABILITY avx512
+#endif
+// GCC 12 takes the undefined first operand of its own masked AVX-512 intrinsics for an
+// uninitialized variable (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define CPU_CAPABILITY_AVX512
+#include "vec_region.h"
+
+#define NLLF_CAT_(a, b) a##b
+#define NLLF_CAT(a, b) NLLF_CAT_(a, b)
+namespace nllfused_cpu::NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY) {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// bf16 in split order (ce_cpu_kernels.h, load2s): the 32 bf16 at p as two float vectors, the
+// even classes 2j in a and the odd ones 2j + 1 in b -- a shift and a mask, where the ordered
+// load widens each half first (two instructions per vector).
+inline void load_bf16_split(const at::BFloat16* p, Vec<float>& a, Vec<float>& b) {
+  const __m512i v = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+}
+// bf16 round-to-nearest-even of values known not to be NaN, the bf16 in each lane's high half:
+// ATen's rounding without its NaN fix-up (same bits otherwise).
+inline __m512i bf16_rne_high(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+}
+#ifdef NLLF_AVX512_BF16
+// The hardware's bf16 rounding (to nearest even; NaN stays NaN; float32 subnormals, which only
+// gradients below 2^-126 are, become 0 of their sign as ATen's rounding keeps them): 32 values
+// by one instruction, a's in the low and b's in the high half.
+inline __m512i bf16_pair(Vec<float> a, Vec<float> b) {
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+}
+// load_bf16_split's inverse: a's into the low and b's into the high halves of the pairs, the
+// conversion and one permute of the 16-bit lanes, where the bit by bit rounding takes 10.
+inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(pairs, bf16_pair(a, b)));
+}
+// The backward's store of finite gradients in class order (Ce::store2_finite): one conversion.
+inline void store_bf16_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
+  _mm512_storeu_si512(p, bf16_pair(a, b));
+}
+#define NLLF_HAVE_STORE_BF16_FINITE 1
+#else
+// load_bf16_split's inverse for values known not to be NaN: a's into the low and b's into the
+// high halves of the pairs, 10 instructions per 32 values where ATen's ordered store takes 16.
+inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
+  const __m512i lo = _mm512_srli_epi32(bf16_rne_high(a), 16);
+  _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, lo, bf16_rne_high(b)));
+}
+#endif
+#define NLLF_HAVE_BF16_SPLIT 1
+
+// The last step of Ce::vexp: p 2^n, 2^n from the low bits of tt, exactly 0 where x <= -87 and
+// NaN where x is.
+inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
+  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(tt), 23));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLE_UQ);
+  return _mm512_maskz_mul_ps(keep, p, two_n);
+}
+// 2^u for u <= ~0, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e
+// by one fma), under FlushTiny: 7 instructions where Ce::vexp takes 9-10 from z - m. reduce
+// (AVX-512 DQ) gives f = u - floor(u) in [0, 1) in one instruction, a polynomial 2^f, and scalef
+// multiplies by 2^floor(u) -- the same floor as reduce's, so the two halves always agree. No mask
+// is needed: -inf and every u below -150 give f in [0, 1) and an exact 0 (as do -1e20, float's
+// lowest, ...), NaN stays NaN. 2^f: degree 5, 1 + f q(f) so that 2^0 is exactly 1, fitted
+// (Lawson's reweighted least squares) for relative error 8.2e-8 on [0, 1], 1.5e-7 evaluated in
+// float.
+inline Vec<float> exp2_tiny(Vec<float> u) {
+  const __m512 f = _mm512_reduce_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.0018671316793188453f), f,
+                             _mm512_set1_ps(0.009017026983201504f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05579991638660431f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24016444385051727f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931512951850891f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(q, u);
+}
+// Whether any of the 32 bf16 at p has the bits `bits` (one compare), or any lane of a or b
+// equals m (two): a fold step's test for classes at the max (Ce::fold_steps).
+inline bool any_bits_equal(const at::BFloat16* p, uint16_t bits) {
+  return _mm512_cmpeq_epi16_mask(_mm512_loadu_si512(p), _mm512_set1_epi16(int16_t(bits))) != 0;
+}
+inline bool any_equal(Vec<float> a, Vec<float> b, Vec<float> m) {
+  return _kortestz_mask16_u8(_mm512_cmp_ps_mask(a, m, _CMP_EQ_OQ),
+                             _mm512_cmp_ps_mask(b, m, _CMP_EQ_OQ)) == 0;
+}
+// MXCSR's flush-to-zero for this thread while in scope (Ce::TinyScope): a result below 2^-126
+// becomes 0 at no cost, where it otherwise takes a microcode assist of ~100 cycles.
+struct FlushTiny {
+  const unsigned csr = _mm_getcsr();
+  FlushTiny() { _mm_setcsr(csr | _MM_FLUSH_ZERO_ON); }
+  ~FlushTiny() { _mm_setcsr(csr); }
+  FlushTiny(const FlushTiny&) = delete;
+  FlushTiny& operator=(const FlushTiny&) = delete;
+};
+#define NLLF_HAVE_EXP_SCALEF 1
+
+// Ce::add_or_count for float: e into s off the max (a != 0; NaN included), a == 0 counted in k.
+inline void add_or_count_f(Vec<float> a, Vec<float> e, Vec<float>& s, Vec<float>& k) {
+  const __mmask16 hit = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  s = _mm512_mask_add_ps(s, _knot_mask16(hit), s, e);
+  k = _mm512_mask_add_ps(k, hit, k, _mm512_set1_ps(1.0f));
+}
+#define NLLF_HAVE_ADD_OR_COUNT 1
+
+// Ce::vlog1p's split of w > 0 (normal) into 2^e f, f in [sqrt(1/2), sqrt(2)): the exponent of
+// w / sqrt(1/2), from the bits. Other w (0, inf, NaN) give garbage that vlog1p replaces.
+inline void log_split(Vec<float> w, Vec<float>& f, Vec<float>& e) {
+  const __m512i k = _mm512_sub_epi32(_mm512_castps_si512(w), _mm512_set1_epi32(0x3f3504f3));
+  e = _mm512_cvtepi32_ps(_mm512_srai_epi32(k, 23));
+  f = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_and_si512(k, _mm512_set1_epi32(0x007fffff)),
+                                           _mm512_set1_epi32(0x3f3504f3)));
+}
+
+}  // namespace nllfused_cpu::NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY)
+
+#include "ce_cpu_kernels.h"
+#pragma GCC pop_options
+#endif  // NLLF_CPU_X86_SIMD
