@@ -144,7 +144,7 @@ struct Ce {
   }
   // fold's step in a chunk holding the max: e added to s where a != 0, the classes at the max
   // (a == 0, e = 1) counted into k instead. Where the translation unit has masked adds
-  // (kernels_avx512.cpp), one compare and two masked adds; else 0/1 arithmetic.
+  // (kernels_avx512.h), one compare and two masked adds; else 0/1 arithmetic.
   static inline void add_or_count(V a, V e, V& s, V& k) {
 #ifdef NLLF_HAVE_ADD_OR_COUNT
     if constexpr (std::is_same_v<acc_t, float>) return add_or_count_f(a, e, s, k);
@@ -184,7 +184,7 @@ struct Ce {
   // instructions everywhere, float32's on a core whose 512-bit units are half as wide (AMD Zen 4:
   // +20 % from L2, bench/results/cpu-zen4-*). It runs under TinyScope, set once per
   // range of rows (fwd_rows, fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's
-  // flush-to-zero (FlushTiny, kernels_avx512.cpp), so that exp's results below 2^-126 become 0
+  // flush-to-zero (FlushTiny, kernels_avx512.h), so that exp's results below 2^-126 become 0
   // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
   // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
   // flushed alike: differences under 2^-126, where torch's own sums already round to 0.

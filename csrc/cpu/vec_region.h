@@ -1,4 +1,4 @@
-// ATen's vector classes for one SIMD translation unit (kernels_avx2.cpp, kernels_avx512.cpp),
+// ATen's vector classes for one SIMD translation unit (kernels_avx2.cpp, kernels_avx512.h),
 // included inside its `#pragma GCC target` region after it has defined CPU_CAPABILITY (the
 // namespace at::vec::CPU_CAPABILITY of this copy) and CPU_CAPABILITY_AVX2 or _AVX512, as
 // libtorch's build does per kernel file. kernels.h must come first, outside the region.
