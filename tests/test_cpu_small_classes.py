@@ -5,6 +5,9 @@ load per class; 2-D, channels-last, sliced and transposed inputs: tiles gathered
 with class counts around the vector width and the path's limits, row counts that leave a partial
 tile, every dtype and option, NaN and infinite rows; judged against float64 torch
 (tests/reference.py) like every backend."""
+import os
+import platform
+
 import pytest
 import torch
 
@@ -235,3 +238,25 @@ def test_classes_a_multiple_of_4_kib_apart(capability, C, dtype):
     (ce_cpu_lanes.h, lanes_alias)."""
     x = randn((2, C, 4096 // dtype.itemsize), dtype)
     check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo")
+                    or "avx2" not in CAPABILITIES,
+                    reason="an x86-64 Linux build with the SIMD copies")
+def test_copies_follow_the_cpu_flags(monkeypatch):
+    """The copies offered are exactly those the CPU's flags (Linux /proc/cpuinfo) allow:
+    avx2 needs AVX2 + FMA + F16C, avx512 AVX-512 F/BW/VL/DQ on top, avx512bf16 AVX512_BF16 on
+    top of that; the best one runs by default."""
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    has = set(flags).issuperset
+    expected = ["default"]
+    if has({"avx2", "fma", "f16c"}):
+        expected.append("avx2")
+        if has({"avx512f", "avx512bw", "avx512vl", "avx512dq"}):
+            expected.append("avx512")
+            if has({"avx512_bf16"}):
+                expected.append("avx512bf16")
+    assert CAPABILITIES == expected
+    monkeypatch.delenv("NLLFUSED_CPU_CAPABILITY", raising=False)
+    assert nllfused._C.build_info()["cpu_capability"] == expected[-1]
