@@ -41,6 +41,10 @@ def parse_args(argv):
     parser.add_argument("--out", default="bench/out",
                         help="folder for results.csv, results.json and plots (default: "
                              "bench/out)")
+    parser.add_argument("--baseline", default="torch", metavar="PROVIDER",
+                        help="a second yardstick besides torch, one of --providers (e.g. "
+                             "nllfused-cpu, to see what nllfused-stats costs over it): the "
+                             "'vs <baseline>' column, on the CPU timed in pairs with it")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 2 for the cpu preset, else torch's)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -107,6 +111,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"nllfused-bench: {exc}", file=sys.stderr)
         return 2
+    if args.baseline not in [p.name for p in chosen]:
+        print(f"nllfused-bench: --baseline {args.baseline} is not among the providers of this "
+              f"run ({', '.join(p.name for p in chosen) or 'none'})", file=sys.stderr)
+        return 2
     if not chosen:
         print("nllfused-bench: no provider can run these cases here", file=sys.stderr)
         for note in notes:
@@ -119,13 +127,15 @@ def main(argv=None) -> int:
     policy = cpu_policy(presets)
     copy_gbps = timing.copy_bandwidth_gbps(device, policy)
     meta = run_metadata(device, presets, chosen, copy_gbps, policy, argv)
+    meta["baseline"] = args.baseline
 
     def save_partial(rows_so_far):
         report.write_data(args.out, [r.as_dict() for r in rows_so_far], meta,
                           notes + ["partial: the run had not finished"])
 
     progress = Progress(len(cases) * len(chosen), enabled=not args.no_progress)
-    runner = Runner(device, chosen, policy, copy_gbps, progress, args.time_budget)
+    runner = Runner(device, chosen, policy, copy_gbps, progress, args.time_budget,
+                    baseline=args.baseline)
     rows = [r.as_dict() for r in runner.run(cases, save_partial if args.out else None)]
     progress.close()
     notes += runner.notes
@@ -133,7 +143,7 @@ def main(argv=None) -> int:
     written = report.write_all(args.out, rows, meta, notes, plots=not args.no_plots)
     print(report.header(meta))
     print()
-    print(report.table(rows))
+    print(report.table(rows, args.baseline))
     print()
     print(report.footer(meta, notes + written, rows))
     failed = any(r["provider"].startswith("nllfused-") and r["status"] in ("wrong", "error")

@@ -40,8 +40,9 @@ def ordered(rows: list) -> list:
                                        provider_order[r["provider"]]))
 
 
-def table(rows: list) -> str:
-    """The readable table: one line per case x mode x provider (n/a ones only in the files)."""
+def table(rows: list, baseline: Optional[str] = None) -> str:
+    """The readable table: one line per case x mode x provider (n/a ones only in the files);
+    with a baseline other than torch (--baseline), a column of speedups against it too."""
     rows = [r for r in ordered(rows) if r["status"] != "n/a"]
     has_ce = any(r["kind"] == "ce" for r in rows)
     has_linear = any(r["kind"] == "linear" for r in rows)
@@ -50,7 +51,9 @@ def table(rows: list) -> str:
         headers += ["GB/s", "%copy"]
     if has_linear:
         headers += ["TFLOP/s"]
-    headers += ["peak MB"] + (["work MB"] if has_linear else []) + ["vs torch", "check"]
+    has_base = baseline not in (None, "torch")
+    headers += ["peak MB"] + (["work MB"] if has_linear else []) + ["vs torch"]
+    headers += ([f"vs {baseline}"] if has_base else []) + ["check"]
     lines = []
     previous = None
     for r in rows:
@@ -69,8 +72,11 @@ def table(rows: list) -> str:
         if has_linear:
             work = r.get("work_mem_bytes")
             cells += [_fmt(None if work is None else work / 1e6, ".1f")]
-        cells += [_fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
-                  _check_cell(r)]
+        cells += [_fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else "")]
+        if has_base:
+            vs = r.get("speedup_vs_baseline")
+            cells += [_fmt(vs, ".3f") + ("x" if vs else "")]
+        cells += [_check_cell(r)]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
               for i, h in enumerate(headers)]

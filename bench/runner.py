@@ -37,6 +37,9 @@ class Row:
     peak_mem_bytes: Optional[int] = None
     work_mem_bytes: Optional[int] = None  # peak less the gradients a fwd_bwd call returns
     speedup_vs_torch: Optional[float] = None
+    # --baseline PROVIDER: that provider's time over this one's (on the CPU timed in pairs with
+    # it, as against torch), e.g. what the statistics cost over the plain loss
+    speedup_vs_baseline: Optional[float] = None
     note: str = ""
 
     def as_dict(self) -> dict:
@@ -73,9 +76,12 @@ def _failure(exc: BaseException) -> tuple:
 class Runner:
     def __init__(self, device: torch.device, providers: list, policy: timing.CpuPolicy,
                  copy_gbps: float, progress: Optional[Progress] = None,
-                 time_budget_s: Optional[float] = None):
-        # torch first: its error sets the tolerance and its times the speedups.
-        self.providers = sorted(providers, key=lambda p: p.name != "torch")
+                 time_budget_s: Optional[float] = None, baseline: Optional[str] = None):
+        # torch first: its error sets the tolerance and its times the speedups; then the
+        # baseline (a provider other than torch, or None), whose times set speedup_vs_baseline.
+        self.baseline = baseline if baseline != "torch" else None
+        self.providers = sorted(providers,
+                                key=lambda p: (p.name != "torch", p.name != self.baseline))
         self.device = device
         self.policy = policy
         self.copy_gbps = copy_gbps
@@ -83,6 +89,7 @@ class Runner:
         self.time_budget_s = time_budget_s
         self.notes = []
         self._torch_calls = {}  # CPU: mode -> torch's call of the current case, for pairing
+        self._baseline_calls = {}  # CPU: the same for the baseline
 
     def run(self, cases: list, after_case=None) -> list:
         """Rows of every case; after_case(rows so far) is called as each case ends."""
@@ -103,7 +110,7 @@ class Runner:
     def run_case(self, case: Case) -> list:
         rows = []
         torch_error = None
-        self._torch_calls = {}
+        self._torch_calls, self._baseline_calls = {}, {}
         for provider in self.providers:
             self.progress.step(f"{case.preset} {case.name} {case.short_dtype} {provider.name}")
             provider_rows = self._run_provider(case, provider, torch_error)
@@ -112,11 +119,15 @@ class Runner:
             rows += provider_rows
             self.progress.advance()
             _free(self.device)
-        self._torch_calls = {}
+        self._torch_calls, self._baseline_calls = {}, {}
         torch_ms = {r.mode: r.time_ms for r in rows if r.provider == "torch" and r.time_ms}
+        base_ms = {r.mode: r.time_ms for r in rows if r.provider == self.baseline and r.time_ms}
         for r in rows:  # GPU (and torch itself): against torch's own row
             if r.time_ms and r.mode in torch_ms and r.speedup_vs_torch is None:
                 r.speedup_vs_torch = torch_ms[r.mode] / r.time_ms
+            if (r.time_ms and r.mode in base_ms and r.speedup_vs_baseline is None
+                    and r.provider != "torch"):  # GPU, and the baseline itself
+                r.speedup_vs_baseline = base_ms[r.mode] / r.time_ms
         return rows
 
     @staticmethod
@@ -174,6 +185,11 @@ class Runner:
             row.speedup_vs_torch = torch_ms / row.time_ms
         else:
             row.time_ms = timing.median_ms(call, self.device, self.policy)
+        if self.device.type == "cpu" and row.provider == self.baseline:
+            self._baseline_calls[mode] = call
+        elif self.device.type == "cpu" and mode in self._baseline_calls and row.provider != "torch":
+            ms, base_ms = timing.paired_median_ms(call, self._baseline_calls[mode], self.policy)
+            row.speedup_vs_baseline = base_ms / ms
         row.peak_mem_bytes = memory.peak_bytes_above_current(call, self.device)
         if row.peak_mem_bytes is not None:
             returned = 0 if mode == "fwd" else sum(

@@ -131,6 +131,25 @@ def test_presets():
     assert case.floor_bytes("fwd_bwd") == 3 * case.floor_bytes("fwd")
 
 
+def test_baseline_gives_a_second_paired_speedup(tmp_path, monkeypatch, capsys):
+    """--baseline PROVIDER: every provider but torch also gets its speed against that one (on
+    the CPU timed in pairs with it), the baseline itself 1.0; torch's rows keep only theirs."""
+    monkeypatch.setitem(providers.REGISTRY, "plain", _ce_provider("plain"))
+    monkeypatch.setitem(providers.REGISTRY, "extra", _ce_provider("extra"))
+    rc, _, data = _run(tmp_path, "--providers", "torch,extra,plain", "--baseline", "plain",
+                       "--mode", "fwd")
+    assert rc == 0 and data["meta"]["baseline"] == "plain"
+    rows = [r for r in data["results"] if r["kind"] == "ce"]
+    assert [r["provider"] for r in rows[:3]] == ["torch", "plain", "extra"]  # baseline second
+    by = {p: [r for r in rows if r["provider"] == p] for p in ("torch", "plain", "extra")}
+    assert all(r["speedup_vs_baseline"] is None for r in by["torch"])
+    assert all(r["speedup_vs_baseline"] == 1.0 for r in by["plain"])
+    assert all(r["speedup_vs_baseline"] > 0 and r["speedup_vs_torch"] > 0 for r in by["extra"])
+    assert "vs plain" in capsys.readouterr().out
+    assert cli.main(BASE + ["--out", str(tmp_path), "--providers", "torch",
+                            "--baseline", "plain"]) == 2
+
+
 def test_bad_arguments_exit_2(tmp_path):
     assert cli.main(BASE + ["--out", str(tmp_path), "--preset", "nope"]) == 2
     assert cli.main(BASE + ["--out", str(tmp_path), "--dtype", "int8"]) == 2
