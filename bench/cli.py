@@ -111,14 +111,14 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"nllfused-bench: {exc}", file=sys.stderr)
         return 2
-    if args.baseline not in [p.name for p in chosen]:
-        print(f"nllfused-bench: --baseline {args.baseline} is not among the providers of this "
-              f"run ({', '.join(p.name for p in chosen) or 'none'})", file=sys.stderr)
-        return 2
     if not chosen:
         print("nllfused-bench: no provider can run these cases here", file=sys.stderr)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
+        return 2
+    if args.baseline != "torch" and args.baseline not in [p.name for p in chosen]:
+        print(f"nllfused-bench: --baseline {args.baseline} is not among the providers of this "
+              f"run ({', '.join(p.name for p in chosen)})", file=sys.stderr)
         return 2
 
     threads = args.threads or (2 if device.type == "cpu" and "cpu" in presets else None)

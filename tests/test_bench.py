@@ -148,6 +148,8 @@ def test_baseline_gives_a_second_paired_speedup(tmp_path, monkeypatch, capsys):
     assert "vs plain" in capsys.readouterr().out
     assert cli.main(BASE + ["--out", str(tmp_path), "--providers", "torch",
                             "--baseline", "plain"]) == 2
+    # without --baseline a run need not include torch
+    assert cli.main(BASE + ["--out", str(tmp_path), "--providers", "plain", "--mode", "fwd"]) == 0
 
 
 def test_bad_arguments_exit_2(tmp_path):

@@ -35,9 +35,6 @@
 
 #include <ATen/Dispatch.h>
 
-#define NLLF_CAT_(a, b) a##b
-#define NLLF_CAT(a, b) NLLF_CAT_(a, b)
-#define NLLF_CPU_NS NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY)
 // Vec is ATen's Vectorized in the SIMD copies, ScalarVec in the baseline one.
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #define NLLF_SIMD 1

@@ -47,6 +47,12 @@
 #define NLLF_CPU_X86_SIMD 0
 #endif
 
+// A copy's namespace, nllfused_cpu::cpu_<isa>, from the NLLF_CPU_CAPABILITY its translation
+// unit defines (ce_cpu_kernels.h, kernels_avx512.h).
+#define NLLF_CAT_(a, b) a##b
+#define NLLF_CAT(a, b) NLLF_CAT_(a, b)
+#define NLLF_CPU_NS NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY)
+
 namespace nllfused_cpu {
 
 // Everything a kernel needs, strides in elements. Pointers are typed by the kernel.

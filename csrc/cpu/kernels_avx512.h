@@ -26,9 +26,7 @@
 #define CPU_CAPABILITY_AVX512
 #include "vec_region.h"
 
-#define NLLF_CAT_(a, b) a##b
-#define NLLF_CAT(a, b) NLLF_CAT_(a, b)
-namespace nllfused_cpu::NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY) {
+namespace nllfused_cpu::NLLF_CPU_NS {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -40,13 +38,6 @@ inline void load_bf16_split(const at::BFloat16* p, Vec<float>& a, Vec<float>& b)
   const __m512i v = _mm512_loadu_si512(p);
   a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
-}
-// bf16 round-to-nearest-even of values known not to be NaN, the bf16 in each lane's high half:
-// ATen's rounding without its NaN fix-up (same bits otherwise).
-inline __m512i bf16_rne_high(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
 }
 #ifdef NLLF_AVX512_BF16
 // The hardware's bf16 rounding (to nearest even; NaN stays NaN; float32 subnormals, which only
@@ -69,6 +60,13 @@ inline void store_bf16_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
 }
 #define NLLF_HAVE_STORE_BF16_FINITE 1
 #else
+// bf16 round-to-nearest-even of values known not to be NaN, the bf16 in each lane's high half:
+// ATen's rounding without its NaN fix-up (same bits otherwise).
+inline __m512i bf16_rne_high(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+}
 // load_bf16_split's inverse for values known not to be NaN: a's into the low and b's into the
 // high halves of the pairs, 10 instructions per 32 values where ATen's ordered store takes 16.
 inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b) {
@@ -140,7 +138,7 @@ inline void log_split(Vec<float> w, Vec<float>& f, Vec<float>& e) {
                                            _mm512_set1_epi32(0x3f3504f3)));
 }
 
-}  // namespace nllfused_cpu::NLLF_CAT(cpu_, NLLF_CPU_CAPABILITY)
+}  // namespace nllfused_cpu::NLLF_CPU_NS
 
 #include "ce_cpu_kernels.h"
 #pragma GCC pop_options
