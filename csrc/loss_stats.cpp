@@ -54,17 +54,21 @@ using Rows = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // ce_fwd_stats below autograd (this file's node holds the graph), or with ce_fwd_stats's own
 // autograd where a second-order backward differentiates it.
+// Only the work `want` needs: the entropy's sum, the argmax's scan (predicted, correct).
 Rows ce_fwd_stats(const Tensor& logits, const Tensor& target,
                   const std::optional<Tensor>& weight, int64_t ignore_index,
-                  double label_smoothing, bool with_autograd) {
+                  double label_smoothing, int64_t want, bool with_autograd) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::ce_fwd_stats", "")
                        .typed<Rows(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                   int64_t, double, double, double, bool)>();
+                                   int64_t, double, double, double, bool, bool, bool)>();
+  const bool ent = want & kEntropy, pred = want & (kPredicted | kCorrect);
   if (with_autograd)
-    return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, false);
+    return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, false, ent,
+                   pred);
   at::AutoDispatchBelowAutograd below_autograd;
-  return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, false);
+  return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, false, ent,
+                 pred);
 }
 
 Tensor ce_bwd_stats(const Tensor& grad_loss, const std::optional<Tensor>& grad_entropy,
@@ -192,7 +196,8 @@ struct CrossEntropyLossStatsBackward final : Node {
                       const Tensor& target2, const std::optional<Tensor>& weight,
                       const Tensor& g_loss, const std::optional<Tensor>& g_ent,
                       const std::optional<Tensor>& g_tlp) {
-    const Rows rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing, true);
+    const Rows rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing,
+                                   g_ent ? kEntropy : 0, true);
     const Tensor& aux = std::get<2>(rows);
     variable_list outputs, grad_outputs;
     if (g_loss.defined()) {
@@ -245,7 +250,7 @@ std::pair<Outputs, Rows> forward_parts(const Tensor& input, const Tensor& target
   auto [logits, target2] = canonical(input, target);
   Rows rows;
   if (want & kKernelStats) {
-    rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing, false);
+    rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing, want, false);
   } else {
     auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
     rows = {loss, lse, aux, Tensor(), Tensor(), Tensor()};

@@ -87,12 +87,16 @@ TORCH_LIBRARY(nllfused, m) {
   // ignored rows, NaN out of range; 0 for probability targets), predicted (N, D) int64 (argmax
   // of z, the first of equal maxima, a NaN's if any). The backward adds grad_entropy[r] *
   // dH/dz + grad_target_logp[r] * d log p_y / dz (either may be None; both in the acc dtype) to
-  // ce_bwd's gradient; entropy is the forward's. Two op pairs with this one signature:
+  // ce_bwd's gradient; entropy is the forward's. with_entropy / with_predicted False: that output
+  // is zeros and the kernels may skip its work (the entropy's sum over the classes, the argmax's
+  // scan), and the autograd formula takes no gradient through a zero entropy; target_logp needs
+  // nothing beyond the loss's pass. Two op pairs with this one signature:
   // ce_fwd_stats / ce_bwd_stats (C++ kernels: CPU and CUDA) and ce_fwd_stats_triton /
   // ce_bwd_stats_triton (Triton).
   m.def(
       "ce_fwd_stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float logit_scale, float softcap, bool prob_target) "
+      "float label_smoothing, float logit_scale, float softcap, bool prob_target, "
+      "bool with_entropy=True, bool with_predicted=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ce_bwd_stats(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_entropy, "
@@ -101,7 +105,8 @@ TORCH_LIBRARY(nllfused, m) {
       "float softcap, bool prob_target) -> Tensor");
   m.def(
       "ce_fwd_stats_triton(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float logit_scale, float softcap, bool prob_target) "
+      "float label_smoothing, float logit_scale, float softcap, bool prob_target, "
+      "bool with_entropy=True, bool with_predicted=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ce_bwd_stats_triton(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_entropy, "

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 # INTERPRETER: read here by nllfused._extension (whether these kernels are interpreted).
-from .launch import INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo, truncating_store  # noqa
+from .launch import (INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo,  # noqa
+                     target_strides, truncating_store)
 from .row_math import (_LN2, _LOG2E, _columns, _exact_lse, _exp2, _load_classes, _load_logits,
                        _log1p, _lowest, _options, _tanh, _tile_rows)
 
@@ -597,12 +598,6 @@ def _launch(logits, weight, label_smoothing, logit_scale, softcap, prob_target, 
     return (triton.cdiv(R, block_r), splits), (W, WSUM), (R, C, D), options, flags
 
 
-def _target_strides(target, prob_target):
-    if prob_target:
-        return target.stride(0), target.stride(1), target.stride(2)
-    return target.stride(0), 0, target.stride(1)
-
-
 def ce_fwd(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
            prob_target):
     return _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
@@ -610,11 +605,16 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, logit_scale, s
 
 
 def ce_fwd_stats(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-                 prob_target):
+                 prob_target, with_entropy=True, with_predicted=True):
     """ce_fwd's outputs and the rows' entropy, target log-probability and argmax, from the same
-    pass (nllfused::ce_fwd_stats_triton, csrc/ops.cpp)."""
-    return _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-                    prob_target, True)
+    pass (nllfused::ce_fwd_stats_triton, csrc/ops.cpp). The STATS kernel forms entropy and argmax
+    together (their state shares the tile's registers); what was not asked for is zeroed."""
+    out = _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                   prob_target, True)
+    for asked, i in ((with_entropy, 3), (with_predicted, 5)):
+        if not asked:
+            out[i].zero_()
+    return out
 
 
 def _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
@@ -635,7 +635,7 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale,
     splits = grid[1]
     part = torch.empty(1 + 5 * N * D * splits if splits > 1 else 1, dtype=loss.dtype,
                        device=logits.device)
-    args = (logits, *logits.stride(), target, *_target_strides(target, prob_target), *weights)
+    args = (logits, *logits.stride(), target, *target_strides(target, prob_target), *weights)
     outs = (extra[0], extra[2], extra[1]) if stats else (loss,) * 3   # ENT, PRED, TLP
     with guard(logits):
         ce_fwd_kernel[grid](*args, loss, lse, aux, part, *outs, *sizes, ignore_index, *options,
@@ -692,7 +692,7 @@ def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, ta
                           for t in (grad_entropy, grad_target_logp, entropy))
     with guard(logits):
         ce_bwd_kernel[grid](grad_loss, *grad_loss.stride(), gl, *gl.stride(),
-                            logits, *logits.stride(), target, *_target_strides(target, prob_target),
+                            logits, *logits.stride(), target, *target_strides(target, prob_target),
                             *weights, lse, aux, grad, *stat_args, *sizes, ignore_index, *options,
                             HAS_GRAD_LSE=grad_lse is not None, HAS_STATS_GRAD=stats,
                             IN_PLACE=out is not None and out.data_ptr() == logits.data_ptr(),

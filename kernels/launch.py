@@ -10,6 +10,8 @@
   float32, which would round them for float64 logits; the kernels add hi + lo in their dtype).
 - `acc_dtype(dtype)`: the kernels' accumulation dtype, float64 for float64 logits, else float32.
 - `fp_fusion(flags)`: Triton's enable_fp_fusion for a launch with these constexpr flags.
+- `target_strides(target, prob_target)`: the targets' (n, class, d) strides as the kernels take
+  them, class 0 for class indices.
 """
 import os
 import struct
@@ -53,3 +55,9 @@ def truncating_store(logits: torch.Tensor) -> bool:
     """The interpreter casts float32 to bfloat16 by truncation, where GPUs round to nearest even:
     under it, kernels write float32 and torch rounds, so tests see the GPU's numbers."""
     return not logits.is_cuda and logits.dtype == torch.bfloat16
+
+
+def target_strides(target: torch.Tensor, prob_target: bool) -> tuple:
+    if prob_target:
+        return target.stride(0), target.stride(1), target.stride(2)
+    return target.stride(0), 0, target.stride(1)

@@ -184,7 +184,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         kernel_stats = stats.from_kernel(names, backend)
     if kernel_stats is not None:   # the statistics from the forward's own pass
         loss, lse, aux, *kernel_stats = kernel_stats(call.logits, call.target, call.weight,
-                                                     *call.options)
+                                                     *call.options, **stats.kernel_flags(names))
     else:
         forward, _ = ops.for_backend(backend)
         loss, lse, aux = forward(call.logits, call.target, call.weight, *call.options)

@@ -552,8 +552,9 @@ class _Chunks:
         if self.backend == "torch":
             loss, lse, grad = torch_ref.chunk_loss_and_grad(logits, t, self.w, self.options)
         else:
+            extra = {} if kernel is None else {"with_entropy": False}  # the argmax alone
             out = (kernel or self.fwd)(logits.unsqueeze(-1), t.unsqueeze(-1), self.w,
-                                       *self.options)
+                                       *self.options, **extra)
             loss, lse, aux = out[0][:, 0], out[1][:, 0], out[2][:, 0]
         if argmax is not None:
             argmax[r0:r1] = (out[5][:, 0] if kernel is not None

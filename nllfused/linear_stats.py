@@ -138,7 +138,8 @@ def chunk_forward(backend, fwd, logits, target, weight, options, want_entropy, w
     kernel = ops.stats_for_backend(backend)
     if backend != "torch" and kernel is not None:  # the kernels' own pass, no temporaries
         return [r[:, 0] for r in kernel(logits.unsqueeze(-1), target.unsqueeze(-1), weight,
-                                        *options)]
+                                        *options, with_entropy=want_entropy,
+                                        with_predicted=want_argmax)]
     parts = [_slice_forward(kernel, fwd, logits[s], target[s], weight, options, want_entropy,
                             want_argmax) for s in _slices(logits.shape[0])]
     return [torch.cat(rows) for rows in zip(*parts)]
@@ -147,7 +148,8 @@ def chunk_forward(backend, fwd, logits, target, weight, options, want_entropy, w
 def _slice_forward(kernel, fwd, logits, target, weight, options, want_entropy, want_argmax):
     logits3, target2 = logits.unsqueeze(-1), target.unsqueeze(-1)
     if kernel is not None:  # torch_ref.forward_stats
-        return [r[:, 0] for r in kernel(logits3, target2, weight, *options)]
+        return [r[:, 0] for r in kernel(logits3, target2, weight, *options,
+                                        with_entropy=want_entropy, with_predicted=want_argmax)]
     loss, lse, aux = fwd(logits3, target2, weight, *options)
     tlp = torch_ref.target_logprob(logits3, target2, lse, options)
     loss, lse, aux, tlp = loss[:, 0], lse[:, 0], aux[:, 0], tlp[:, 0]

@@ -97,7 +97,7 @@ def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale
 
 
 def _fwd_stats_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-                    prob_target):
+                    prob_target, with_entropy=True, with_predicted=True):
     loss, lse, aux = _fwd_fake(logits, target, weight, ignore_index, label_smoothing,
                                logit_scale, softcap, prob_target)
     return (loss, lse, aux, torch.empty_like(loss), torch.empty_like(loss),
@@ -180,10 +180,11 @@ def _make_backward(bwd_op):
 
 
 def _setup_stats_context(ctx, inputs, output):
-    logits, target, weight, *options = inputs
+    logits, target, weight, *options, with_entropy, _ = inputs
     _, lse, aux, entropy, _, _ = output
     ctx.save_for_backward(logits, target, weight, lse, aux, entropy)
     ctx.options = Options(*options)
+    ctx.with_entropy = with_entropy  # else the entropy output is a constant 0
     ctx.set_materialize_grads(False)
 
 
@@ -200,13 +201,16 @@ def _stats_backward(bwd_op, ctx, grad_loss, grad_lse, grad_entropy, grad_tlp):
     logits, target, weight, lse, aux, entropy = ctx.saved_tensors
     wants_logits = ctx.needs_input_grad[0]
     wants_target = ctx.needs_input_grad[1] and ctx.options.prob_target
+    if not ctx.with_entropy:
+        grad_entropy = None
     grads = (grad_loss, grad_lse, grad_entropy, grad_tlp)
+    none = (None,) * 8  # weight, the options, with_entropy, with_predicted
     if all(g is None for g in grads):
-        return (None,) * 8
+        return None, None, *none
     if torch.is_grad_enabled():  # create_graph=True: see _make_backward
         grad_logits, grad_target = torch_ref.vjp_stats(grads, logits, target, weight,
                                                        ctx.options, wants_logits, wants_target)
-        return grad_logits, grad_target, *(None,) * 6
+        return grad_logits, grad_target, *none
     if grad_loss is None:
         grad_loss = torch.zeros_like(aux)
     grad_logits = grad_target = None
@@ -216,7 +220,7 @@ def _stats_backward(bwd_op, ctx, grad_loss, grad_lse, grad_entropy, grad_tlp):
     if wants_target:
         grad_target = torch_ref.soft_target_grad(grad_loss, logits, lse, weight,
                                                  ctx.options).to(target.dtype)
-    return grad_logits, grad_target, *(None,) * 6
+    return grad_logits, grad_target, *none
 
 
 # An extension built before the statistics ops existed (an in-place build not yet redone) still

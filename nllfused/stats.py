@@ -18,8 +18,9 @@ target_logprob), 'mean' the mean over the counted rows (target != ignore_index; 
 probability targets), 'sum' their sum. lse and target_logprob come from the fused op's lse and
 the target logits (O(rows) work; float64: a log_softmax) unless the kernels give them;
 predicted and entropy come from the kernels where they compute them in their pass (the Triton,
-CUDA and C++ CPU kernels), else from `torch_ref.entropy_and_argmax` (an extra pass over the
-logits). CPU calls the one-call path takes (nllfused/functional.py) get all of it, reductions
+CUDA and C++ CPU kernels; the C++ CPU ones do only the work of those asked for, the statistics
+op's with_entropy / with_predicted: `kernel_flags`), else from `torch_ref.entropy_and_argmax`
+(an extra pass over the logits). CPU calls the one-call path takes (nllfused/functional.py) get all of it, reductions
 and autograd included, from one C++ op (csrc/loss_stats.cpp); `mask` and `from_one_call`
 translate to and from it.
 
@@ -94,6 +95,13 @@ def from_kernel(names, backend: str):
     """The forward with statistics (ops.stats_for_backend) if `names` needs what only a pass
     over the logits gives and the backend's kernels compute it in theirs; else None."""
     return ops.stats_for_backend(backend) if names & KERNEL_STATS else None
+
+
+def kernel_flags(names) -> dict:
+    """The statistics op's with_entropy / with_predicted for `names`: the kernels skip the
+    entropy's sum and the argmax's scan where nothing asked for them (csrc/ops.cpp)."""
+    return {"with_entropy": "entropy" in names,
+            "with_predicted": bool({"predicted", "correct"} & names)}
 
 
 def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nllfused
 from test_cpu_small_classes import capability, randn  # noqa: F401 (capability: a fixture)
-from test_stats import assert_stat_close, opcheck_stats_ops, oracle_rows
+from test_stats import assert_stat_close, check_flagged_stats, opcheck_stats_ops, oracle_rows
 
 pytestmark = pytest.mark.skipif(
     not nllfused.build_info()["built"] or "cpu" not in nllfused.available_backends("cpu"),
@@ -84,6 +84,25 @@ def test_stats_and_their_gradients(capability, layout, C, options, dtype):
      - (adv * torch.where(counted, rows["target_logprob"], 0.0)).sum()).backward()
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(xo.grad.double(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("C", [17, 300, 9000])
+@pytest.mark.parametrize("layout", ["2d", "2d_transposed", "kdim_short"])
+def test_statistics_not_asked_for(capability, layout, C, options, dtype):
+    """with_entropy / with_predicted on every path of every copy (lanes, rows read in place --
+    bf16 ones from their bits, several chunks at 9000 classes -- and tiles): the entropy's sum
+    and the argmax's scan skipped, zeros in their place, the other outputs unchanged."""
+    x, t, kw = make(layout, C, dtype, options)
+    x[0, C // 2] = x.max() + 1  # an argmax past the first chunk
+    if x.dim() == 2:
+        x, t = x.unsqueeze(-1), t.unsqueeze(-1)
+    w = kw.get("weight")
+    args = (w, kw.get("ignore_index", -100), kw.get("label_smoothing", 0.0),
+            kw.get("logit_scale", 1.0), kw.get("softcap", 0.0), False)
+    check_flagged_stats(torch.ops.nllfused.ce_fwd_stats, x, t, args)
 
 
 @pytest.mark.parametrize("C", [40, 300])

@@ -258,6 +258,8 @@ def opcheck_stats_ops(fwd, bwd, device, prob_target, C=11):
     w = torch.rand(C, device=device) + 0.1
     args = (x, t, w, -100 if not prob_target else -1, 0.1, 0.8, 4.0, prob_target)
     torch.library.opcheck(fwd, args)
+    for flags in ((False, True), (True, False), (False, False)):  # with_entropy, with_predicted
+        torch.library.opcheck(fwd, args + flags)
     loss, lse, aux, ent, tlp, pred = fwd(x.detach(), *args[1:])
     for ge, gt in ((torch.randn_like(ent), None), (None, torch.randn_like(tlp)),
                    (torch.randn_like(ent), torch.randn_like(tlp))):
@@ -275,6 +277,44 @@ def test_opcheck_stats_ops(device, backend, prob_target):
     if fwd is None:
         pytest.skip("the extension was built without this backend's statistics ops")
     opcheck_stats_ops(fwd, bwd, device, prob_target)
+
+
+def check_flagged_stats(fwd, x, t, args):
+    """ce_fwd_stats's with_entropy / with_predicted (csrc/ops.cpp) on the call fwd(x, t, *args):
+    each combination gives the full call's outputs bit for bit, but zeros for the entropy and
+    argmax not asked for; and a zero entropy carries no gradient."""
+    full = fwd(x, t, *args)
+    for with_entropy in (False, True):
+        for with_predicted in (False, True):
+            out = fwd(x, t, *args, with_entropy=with_entropy, with_predicted=with_predicted)
+            for i, name in enumerate(("loss", "lse", "aux", "entropy", "target_logp",
+                                      "predicted")):
+                asked = {"entropy": with_entropy, "predicted": with_predicted}.get(name, True)
+                expected = full[i] if asked else torch.zeros_like(full[i])
+                assert torch.equal(out[i], expected), (name, with_entropy, with_predicted)
+    xg = x.detach().clone().requires_grad_()
+    loss, _, _, entropy, tlp, _ = fwd(xg, t, *args, with_entropy=False)
+    (loss.sum() + 3 * entropy.sum() + 0.5 * tlp.sum()).backward()
+    xr = x.detach().clone().requires_grad_()
+    loss, _, _, _, tlp, _ = fwd(xr, t, *args)
+    (loss.sum() + 0.5 * tlp.sum()).backward()
+    assert torch.equal(xg.grad, xr.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("C", [11, 300])
+def test_statistics_not_asked_for(device, backend, C):
+    """The statistics op of every backend computes the entropy and the argmax only where asked
+    (the kernels skip their work), zeros else, every other output unchanged."""
+    from nllfused import ops
+    fwd = ops.stats_for_backend(backend)
+    if fwd is None:
+        pytest.skip("this backend's kernels give no statistics")
+    x = torch.randn(6, C, 3, device=device) * 3
+    t = torch.randint(0, C, (6, 3), device=device)
+    t[1, 2] = -100
+    w = torch.rand(C, device=device) + 0.1
+    check_flagged_stats(fwd, x, t, (w, -100, 0.1, 1.3, 6.0, False))
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

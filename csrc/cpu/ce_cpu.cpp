@@ -146,11 +146,13 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
 }
 
 // ce_fwd's outputs (loss, lse, aux), then with `stats` ce_fwd_stats's (entropy, target_logp,
-// predicted), all from the kernels' one pass.
+// predicted), all from the kernels' one pass; entropy / predicted zeros unless want_ent /
+// want_pred.
 std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& target,
                             const std::optional<Tensor>& weight, int64_t ignore_index,
                             double label_smoothing, double logit_scale, double softcap,
-                            bool prob_target, bool stats) {
+                            bool prob_target, bool stats, bool want_ent = true,
+                            bool want_pred = true) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -166,6 +168,7 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
     out.push_back(cached_empty({A.N, A.D}, acc));
     out.push_back(cached_empty({A.N, A.D}, at::kLong));
     A.ent = out[3].data_ptr(); A.tlp = out[4].data_ptr(); A.pred = out[5].data_ptr<int64_t>();
+    A.want_ent = want_ent; A.want_pred = want_pred;
   }
   A.loss = out[0].data_ptr(); A.lse = out[1].data_ptr(); A.aux = out[2].data_ptr();
   for (const Tensor& o : out) prefer_huge_pages(o);
@@ -186,9 +189,10 @@ std::tuple<Tensor, Tensor, Tensor> ce_fwd_cpu(const Tensor& logits, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_fwd_stats_cpu(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
     int64_t ignore_index, double label_smoothing, double logit_scale, double softcap,
-    bool prob_target) {
+    bool prob_target, bool with_entropy, bool with_predicted) {
   auto o = forward("nllfused::ce_fwd_stats (CPU)", logits, target, weight, ignore_index,
-                   label_smoothing, logit_scale, softcap, prob_target, true);
+                   label_smoothing, logit_scale, softcap, prob_target, true, with_entropy,
+                   with_predicted);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 

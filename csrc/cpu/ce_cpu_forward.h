@@ -470,10 +470,11 @@ void Ce<scalar_t>::finish_stats(const Args& A, int64_t r, const State& st, const
   // log d - T / d, a sum of two terms >= 0 (no cancellation). NaN where the softmax is: a +inf
   // logit, a NaN, every class -inf (0 / 0).
   const acc_t d = st.k + (st.s + st.sc);
-  static_cast<acc_t*>(A.ent)[r] = st.m == kInf ? kNaN : logd - st.T / d;
-  int64_t arg = st.arg;
-  if (std::isnan(st.m) || std::isnan(st.s + st.sc)) {  // maybe a NaN the max sweep dropped:
-    acc_t dz;                                          // torch.argmax gives the first NaN
+  static_cast<acc_t*>(A.ent)[r] = !A.want_ent ? acc_t(0) : st.m == kInf ? kNaN : logd - st.T / d;
+  int64_t arg = A.want_pred ? st.arg : 0;
+  // maybe a NaN the max sweep dropped: torch.argmax gives the first NaN
+  if (A.want_pred && (std::isnan(st.m) || std::isnan(st.s + st.sc))) {
+    acc_t dz;
     for (int64_t c = 0; c < A.C; ++c) {
       if (std::isnan(tf_scalar(static_cast<acc_t>(x_row[c * A.xC]), t, dz))) {
         arg = c;
@@ -500,7 +501,8 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
   alignas(64) acc_t gb[kRowChunkMax];
   const int64_t chunk = std::min<int64_t>(A.chunk, kRowChunkMax);
   const Tf t = make_tf(A);
-  const bool stats = A.stats_fwd();
+  // the entropy's sum in the fold, the argmax's snapshots and scans: only where asked for
+  const bool ent = A.stats_fwd() && A.want_ent, arg = A.stats_fwd() && A.want_pred;
   Snaps snaps;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n_ = r / A.D, d_ = r % A.D;
@@ -518,12 +520,12 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const bool raw = kSplit && split && t.kind == 0;
       acc_t cm;
       const acc_t* z = nullptr;
-      if (raw) cm = bits_max(xr + c0, n, stats ? &snaps : nullptr);
-      else z = load_chunk(xr + c0, 1, n, zb, t, cm, split, stats ? &snaps : nullptr);
+      if (raw) cm = bits_max(xr + c0, n, arg ? &snaps : nullptr);
+      else z = load_chunk(xr + c0, 1, n, zb, t, cm, split, arg ? &snaps : nullptr);
       if constexpr (kSplit) {
-        if (stats && raw) track_argmax(st, xr + c0, c0, n, cm, 0, &snaps);  // class order
+        if (arg && raw) track_argmax(st, xr + c0, c0, n, cm, 0, &snaps);  // class order
       }
-      if (stats && !raw) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, &snaps);
+      if (arg && !raw) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, &snaps);
       const acc_t* g = nullptr;
       if (A.prob) {
         soft_coef(A, n_, d_, c0, n, gb);
@@ -540,11 +542,11 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const int64_t pf_bytes = pf ? pf_n * int64_t(sizeof(scalar_t)) : 0;
       if constexpr (kSplit) {
         if (raw) {
-          fold_any(gm, stats, st, xr + c0, n, cm, g, pfc, pf_bytes);
+          fold_any(gm, ent, st, xr + c0, n, cm, g, pfc, pf_bytes);
           continue;
         }
       }
-      fold_any(gm, stats, st, z, n, cm, g, pfc, pf_bytes);
+      fold_any(gm, ent, st, z, n, cm, g, pfc, pf_bytes);
     }
     finish_row(A, r, st, xr, y, t);
   }
@@ -557,7 +559,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kTile][kTileChunk];
   alignas(64) acc_t gb[kTileChunk];
   const Tf t = make_tf(A);
-  const bool stats = A.stats_fwd();
+  const bool ent = A.stats_fwd() && A.want_ent, arg = A.stats_fwd() && A.want_pred;
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     const int64_t r0 = tile * kTile, L = std::min(kTile, A.N * A.D - r0);
     const scalar_t* xl[kTile];
@@ -576,7 +578,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
         if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb[l], n, nullptr, t);
         else if (t.kind == 1) cm = chunk_max<acc_t, 1, true>(zb[l], n, zb[l], t);
         else cm = chunk_max<acc_t, 2, true>(zb[l], n, zb[l], t);
-        if (stats) track_argmax(st[l], zb[l], c0, n, cm);
+        if (arg) track_argmax(st[l], zb[l], c0, n, cm);
         const int gm = gmode(A, ys[l]);
         const acc_t* g = nullptr;
         if (A.prob) {
@@ -585,7 +587,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
         } else if (gm == 2) {
           g = weights(A, c0);
         }
-        fold_any(gm, stats, st[l], zb[l], n, cm, g);
+        fold_any(gm, ent, st[l], zb[l], n, cm, g);
       }
     }
     for (int64_t l = 0; l < L; ++l) finish_row(A, r0 + l, st[l], xl[l], ys[l], t);

@@ -331,7 +331,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       acc_t* tlpr = static_cast<acc_t*>(A.tlp) + T.r0;
       int64_t* predr = A.pred + T.r0;
       for (int64_t l = 0; l < T.L; ++l) {
-        entr[l] = le[l];
+        entr[l] = A.want_ent ? le[l] : acc_t(0);  // (computed with the rest: short rows)
         tlpr[l] = lt[l];
         int64_t arg = la[l] < 0 ? 0 : static_cast<int64_t>(la[l]);
         // A NaN softmax (z - m = 0 found nowhere or not alone): a NaN logit (the first, as
@@ -345,7 +345,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
           }
           arg = first_nan >= 0 ? first_nan : first_max >= 0 ? first_max : arg;
         }
-        predr[l] = arg;
+        predr[l] = A.want_pred ? arg : 0;
       }
     }
   }

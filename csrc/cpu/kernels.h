@@ -75,6 +75,10 @@ struct Args {
   const void* gent; int64_t geN, geD;            // grad_entropy (N, D) acc dtype, or null
   const void* gtlp; int64_t gtN, gtD;            // grad_target_logp (N, D) acc dtype, or null
   const void* ent_in; int64_t eN, eD;            // the forward's entropy (N, D), with gent
+  // Which of the forward's statistics were asked for (ce_fwd_stats' with_entropy /
+  // with_predicted): the others are written as zeros and their work (the entropy's sum, the
+  // argmax's snapshots and scans) skipped; target_logp needs nothing beyond the loss's pass.
+  bool want_ent, want_pred;
   // Classes per chunk of the forward's rows read in place (ce_cpu_forward.h, fwd_rows): what
   // row_chunk() gives for the accumulation dtype.
   int64_t chunk;

@@ -116,9 +116,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(
 Rows6 ce_fwd_stats_cuda(const at::Tensor& logits, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                         double label_smoothing, double logit_scale, double softcap,
-                        bool prob_target) {
-  return forward("nllfused::ce_fwd_stats (CUDA)", logits, target, weight, ignore_index,
-                 label_smoothing, logit_scale, softcap, prob_target, true);
+                        bool prob_target, bool with_entropy, bool with_predicted) {
+  Rows6 o = forward("nllfused::ce_fwd_stats (CUDA)", logits, target, weight, ignore_index,
+                    label_smoothing, logit_scale, softcap, prob_target, true);
+  // The kStats kernels form the entropy and the argmax together (the per-thread state they
+  // add is the same registers either way): what was not asked for is zeroed, as the contract
+  // says (csrc/ops.cpp), by one small fill over the rows.
+  if (!with_entropy) std::get<3>(o).zero_();
+  if (!with_predicted) std::get<5>(o).zero_();
+  return o;
 }
 
 // ce_bwd's gradient; with `entropy` given (ce_bwd_stats) plus the statistics' gradients

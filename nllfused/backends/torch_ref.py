@@ -152,13 +152,19 @@ def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor
 
 
 def forward_stats(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-                  prob_target):
+                  prob_target, with_entropy=True, with_predicted=True):
     """`forward`'s outputs and (entropy, target_logp, predicted) per row, as
-    nllfused::ce_fwd_stats_triton defines them (csrc/ops.cpp), differentiable."""
+    nllfused::ce_fwd_stats_triton defines them (csrc/ops.cpp), differentiable; entropy /
+    predicted zeros (and not computed) unless with_entropy / with_predicted."""
     options = (ignore_index, label_smoothing, logit_scale, softcap, prob_target)
     loss, lse, aux = forward(logits, target, weight, *options)
     opts = Options(*options)
-    entropy, predicted = entropy_and_argmax(logits, opts)
+    if with_entropy or with_predicted:
+        entropy, predicted = entropy_and_argmax(logits, opts, with_entropy)
+    if not with_entropy:
+        entropy = torch.zeros_like(loss)
+    if not with_predicted:
+        predicted = torch.zeros(loss.shape, dtype=torch.int64, device=loss.device)
     if prob_target:
         tlp = torch.zeros_like(loss)
     else:
