@@ -86,6 +86,27 @@ def test_argmax_of_long_rows(capability, chunk, layout, dtype):
     assert st.predicted.tolist() == [5, 40, 2100, 3, 4990, 2047, 11, 4000, 100, 1, 511, 4996]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_argmax_at_negative_and_zero_maxima(capability, chunk, scale, dtype):
+    """The first of tied maxima where the max is negative (every logit below 0: the bf16 max
+    sweep's integer order does not hold) or zero, -0 and +0 tied (equal as floats, not as bits),
+    with and without a logit transform (bf16 rows in split order)."""
+    C = 3000
+    x = -1 - torch.rand(4, C, dtype=torch.float64)
+    x[0, [700, 40, 2999]] = -0.5
+    x[1, [1800, 2900]] = -0.25
+    x[2, [10, 2500]] = 0.0
+    x[2, 7] = -0.0
+    x[3, 2998] = -0.75
+    x = x.to(dtype)
+    t = torch.randint(0, C, (4,))
+    _, st = nllfused.cross_entropy(x, t, reduction="none", backend="cpu", logit_scale=scale,
+                                   return_stats=("predicted",))
+    assert st.predicted.tolist() == [40, 1800, 7, 2998]
+    assert torch.equal(st.predicted, (x.double() * scale).argmax(1))
+
+
 def test_row_chunk_from_the_cache(monkeypatch):
     """The machine's chunk is a power of two, 8 to 32 KiB of float32, and NLLFUSED_CPU_CHUNK
     sets it."""

@@ -365,7 +365,10 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t
 // first block of kSnapSteps steps whose running max reached cm (the max's first class is in it),
 // instead of at the chunk's start: a new max is met in a few chunks of every row (the first ones,
 // mostly), and scanning from the start took a twentieth of the bf16 forward with statistics at
-// 32K classes. Two vectors per step and one test whether any of their lanes holds cm.
+// 32K classes. Where the copy has first_equal / first_bits_equal (AVX2, AVX-512) and the chunk
+// is in class order, a step is one compare into a bit mask whose lowest set bit is the class
+// (Zen 4, bf16 (2048, 8192): the scan 6.7 -> 4.2 % of the forward); else two vectors a step,
+// one test whether any of their lanes holds cm, then the step's classes one by one.
 // z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
 // holds it is the least class among its hits.
 // src_t bf16: z is the chunk's logits themselves (bits_max; in class order, split_end 0), its
@@ -379,6 +382,40 @@ void Ce<scalar_t>::track_argmax(State& st, const src_t* z, int64_t c0, int64_t n
   const bool nan = std::isnan(cm);
   if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
+#ifdef NLLF_HAVE_FIRST_EQUAL
+  // Class order throughout (split_end 0), float, cm neither NaN nor (bf16 bits) a zero -- the
+  // LM rows: a step is one compare into a mask whose lowest bit is the first class at cm.
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (split_end == 0 && !nan && !(Raw && cm == 0)) {
+      uint32_t cm_bits;
+      std::memcpy(&cm_bits, &cm, sizeof cm_bits);
+      auto first = [&](const src_t* p) {
+        if constexpr (Raw) return first_bits_equal(p, static_cast<uint16_t>(cm_bits >> 16));
+        else return first_equal(p, vcm);
+      };
+      int64_t i = 0;
+      if (snaps) {
+        const src_t* v = reinterpret_cast<const src_t*>(snaps->v);
+        int64_t j = 0;
+        while (j < snaps->count && first(v + j * W2) < 0) ++j;
+        i = std::min(j * kSnapSteps * W2, n / W2 * W2);
+      }
+      for (int f; i + W2 <= n; i += W2) {
+        if ((f = first(z + i)) >= 0) {
+          st.best = cm;
+          st.arg = c0 + i + f;
+          return;
+        }
+      }
+      for (; i < n && !(static_cast<acc_t>(z[i]) == cm); ++i) {}
+      if (i < n) {
+        st.best = cm;
+        st.arg = c0 + i;
+      }
+      return;
+    }
+  }
+#endif
   constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
   auto step_hits = [&](const src_t* p) {  // any of the 2W values at p is cm (NaN for a NaN cm)
     V a, b;
