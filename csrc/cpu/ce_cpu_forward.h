@@ -382,55 +382,50 @@ void Ce<scalar_t>::track_argmax(State& st, const src_t* z, int64_t c0, int64_t n
   const bool nan = std::isnan(cm);
   if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
-#ifdef NLLF_HAVE_FIRST_EQUAL
+  constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
   // Class order throughout (split_end 0), float, cm neither NaN nor (bf16 bits) a zero -- the
-  // LM rows: a step is one compare into a mask whose lowest bit is the first class at cm.
+  // LM rows -- where the copy has first_equal: a step is one compare into a mask whose lowest
+  // bit is the first class at cm.
+  [[maybe_unused]] bool by_mask = false;
+  [[maybe_unused]] uint16_t cm_bits = 0;
+#ifdef NLLF_HAVE_FIRST_EQUAL
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (split_end == 0 && !nan && !(Raw && cm == 0)) {
-      uint32_t cm_bits;
-      std::memcpy(&cm_bits, &cm, sizeof cm_bits);
-      auto first = [&](const src_t* p) {
-        if constexpr (Raw) return first_bits_equal(p, static_cast<uint16_t>(cm_bits >> 16));
-        else return first_equal(p, vcm);
-      };
-      int64_t i = 0;
-      if (snaps) {
-        const src_t* v = reinterpret_cast<const src_t*>(snaps->v);
-        int64_t j = 0;
-        while (j < snaps->count && first(v + j * W2) < 0) ++j;
-        i = std::min(j * kSnapSteps * W2, n / W2 * W2);
-      }
-      for (int f; i + W2 <= n; i += W2) {
-        if ((f = first(z + i)) >= 0) {
-          st.best = cm;
-          st.arg = c0 + i + f;
-          return;
-        }
-      }
-      for (; i < n && !(static_cast<acc_t>(z[i]) == cm); ++i) {}
-      if (i < n) {
-        st.best = cm;
-        st.arg = c0 + i;
-      }
-      return;
-    }
+    by_mask = split_end == 0 && !nan && !(Raw && cm == 0);
+    uint32_t w;
+    std::memcpy(&w, &cm, sizeof w);
+    cm_bits = static_cast<uint16_t>(w >> 16);
   }
 #endif
-  constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
-  auto step_hits = [&](const src_t* p) {  // any of the 2W values at p is cm (NaN for a NaN cm)
+  // A step's first class at cm (by_mask), else 0 for some class at cm (NaN for a NaN cm) in
+  // the 2W values at p; -1 for none.
+  auto step_first = [&](const src_t* p) -> int {
+#ifdef NLLF_HAVE_FIRST_EQUAL
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (by_mask) {
+        if constexpr (Raw) return first_bits_equal(p, cm_bits);
+        else return first_equal(p, vcm);
+      }
+    }
+#endif
     V a, b;
     load2s<Raw>(p, a, b);
     const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
-    return hit.zero_mask() != kNoHit;
+    return hit.zero_mask() != kNoHit ? 0 : -1;
   };
   int64_t i = 0;
   if (snaps && !nan && !(Raw && cm == 0)) {  // the blocks before the first snapshot at cm
     int64_t j = 0;                            // cannot hold it
     const src_t* v = reinterpret_cast<const src_t*>(snaps->v);
-    while (j < snaps->count && !step_hits(v + j * W2)) ++j;
+    while (j < snaps->count && step_first(v + j * W2) < 0) ++j;
     i = std::min(j * kSnapSteps * W2, n / W2 * W2);
   }
-  while (i + W2 <= n && !step_hits(z + i)) i += W2;
+  int f = -1;
+  while (i + W2 <= n && (f = step_first(z + i)) < 0) i += W2;
+  if (by_mask && i + W2 <= n) {
+    st.best = cm;
+    st.arg = c0 + i + f;
+    return;
+  }
   if (i < split_end) {
     int64_t first = W2;
     for (int64_t q = 0; q < W2; ++q) {
