@@ -183,6 +183,16 @@ def launched(launch_config, case: Case, flags: dict, fn=None) -> Case:
     return dataclasses.replace(case, block_r=block_r, block_c=block_c, num_warps=warps)
 
 
+def launchable(flags: dict) -> dict:
+    """The flags as a launcher would set them: the forward's ENTROPY and ARGMAX come only with
+    STATS, and rows carrying statistics are never split (kernels/cross_entropy.py, _launch)."""
+    if "STATS" in flags and not flags["STATS"]:
+        flags = {**flags, "ENTROPY": False, "ARGMAX": False}
+    if flags.get("SPLIT") and (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
+        flags = {**flags, "SPLIT": False}
+    return flags
+
+
 def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
     """(kernel, case, flags) triples to compile, per the scope's covering rules."""
     jobs = []
@@ -198,9 +208,10 @@ def triton_jobs(kernels: list, launch_config, dtypes: list, scope: str) -> list:
                 if case.layout == "D>1" and scope != "full":
                     cover = cover[:1]
                 for flags in cover:
-                    if flags.get("SPLIT") and (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
-                        flags = {**flags, "SPLIT": False}  # never launched together (_launch)
-                    jobs.append((fn, launched(launch_config, case, flags, fn), flags))
+                    flags = launchable(flags)
+                    job = (fn, launched(launch_config, case, flags, fn), flags)
+                    if job not in jobs:
+                        jobs.append(job)
     return jobs
 
 

@@ -9,7 +9,7 @@ The contract is csrc/ops.cpp's (nllfused::ce_fwd_triton / ce_bwd_triton), the ma
   ce_bwd_kernel        reads each row once more and writes its gradient, recomputing p from lse.
 launch_config picks the tile shape, row_splits how many programs share a row; ce_fwd / ce_bwd at
 the end allocate the outputs and launch. The elementwise helpers (exp, tanh, log1p, loads) are in
-kernels/row_math.py.
+kernels/row_math.py, the statistics' (entropy, argmax, target log-prob) in kernels/row_stats.py.
 
 A program handles a tile of BLOCK_R rows x BLOCK_C classes and loops over the classes, so one
 kernel serves the LM case (few long rows: BLOCK_R = 1) and the classification / segmentation case
@@ -32,6 +32,7 @@ from .launch import (INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo,  # noqa
                      target_strides, truncating_store)
 from .row_math import (_LN2, _LOG2E, _columns, _exact_lse, _exp2, _load_classes, _load_logits,
                        _log1p, _lowest, _options, _tanh, _tile_rows)
+from .row_stats import _finish_stats, _lane_argmax, _lane_entropy
 
 
 @triton.jit
@@ -124,49 +125,16 @@ def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W
 
 
 @triton.jit
-def _lane_stats(m, k, s, ent, arg):
-    """The row's entropy sum and argmax from per-lane (m, k, s, ent, arg), m with -inf
-    for lanes without a finite logit (as _merge takes them): each lane's ent moved to the row's
-    max as _fwd_step moves it, the first column of the max (a NaN's, if any, as torch.argmax)."""
-    m_row = tl.max(m, 1)
-    ref = tl.where(m_row == float("-inf"), 0.0, m_row)[:, None]
-    f = tl.exp(m - ref)
-    ent = tl.sum(tl.where(f == 0.0, 0.0, f * (ent + (m - ref) * (k + s))), 1)
-    big = 2147483647
-    first = tl.min(tl.where((m == m_row[:, None]) & (arg >= 0), arg, big), 1)
-    first_nan = tl.min(tl.where(arg < 0, -1 - arg, big), 1)
-    pred = tl.where(first_nan < big, first_nan, tl.where(first == big, 0, first))
-    return ent, pred
-
-
-@triton.jit
-def _finish_stats(m, k, s, ent, pred, rows, row_ok, x_row, stride_xc, t_row, ENT, PRED, TLP, C,
-                  ignore_index, logit_scale, softcap, ACC: tl.constexpr,
-                  PROB_TARGET: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Stores entropy = log d - ent / d (d = k + s), the argmax and, for index targets, the
-    target's log-probability z_y - lse = -((m - z_y) + log d) (0 ignored, NaN out of range)."""
-    log_d = tl.where(k == 1.0, _log1p(s), tl.log(k + s))
-    tl.store(ENT + rows, log_d - ent / (k + s), mask=row_ok)
-    tl.store(PRED + rows, pred.to(tl.int64), mask=row_ok)
-    if not PROB_TARGET:
-        y = tl.load(t_row, mask=row_ok, other=0).to(tl.int64)
-        in_range = (y >= 0) & (y < C)
-        z_y = _load_logits(x_row + tl.where(in_range, y, 0) * stride_xc, row_ok, logit_scale,
-                           softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
-        tlp = tl.where(in_range, -((m - z_y) + log_d), float("nan"))
-        tl.store(TLP + rows, tl.where(y != ignore_index, tlp, 0.0), mask=row_ok)
-
-
-@triton.jit
 def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, ent, arg, stride_xc,
               stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R: tl.constexpr,
               BLOCK_C: tl.constexpr, ACC: tl.constexpr, PROB_TARGET: tl.constexpr,
               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+              MASKED: tl.constexpr):
     """One block of classes of ce_fwd_kernel's loop: its per-lane state updated. MASKED for the
-    block that runs past the row's end (masked lanes are -inf and weigh nothing). STATS: also
-    ent = sum of exp(z - m) (z - m) over the lane (its max adds 0), arg the column of the lane's
-    first max, or -1 - the column of its first NaN (docs/maths.md, "Statistics")."""
+    block that runs past the row's end (masked lanes are -inf and weigh nothing). ENTROPY: also
+    ent = sum of exp(z - m) (z - m) over the lane (its max adds 0); ARGMAX: arg, the column of
+    the lane's first max, or -1 - the column of its first NaN (docs/maths.md, "Statistics")."""
     if MASKED:
         col_ok = cols < C
         mask = tl.broadcast_to(col_ok[None, :], [BLOCK_R, BLOCK_C])
@@ -181,11 +149,12 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, ent, arg, strid
     dz = z - m
     e = _exp2(-tl.abs(dz) * _LOG2E, ACC)
     grew = dz > 0.0
-    if STATS:
+    if ENTROPY:
         # Rescaled like s: the old terms and the old max's 1 move to the new max, each term's
         # z - m shifting by -dz. e == 0 (a -inf logit, or the start's phantom max) adds nothing.
         ent = tl.where(e == 0.0, tl.where(grew, 0.0, ent),
                        tl.where(grew, e * (ent - dz * (s + 1.0)), ent + e * dz))
+    if ARGMAX:
         col = cols[None, :] + tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
         # One register for both (a per-lane NaN flag would cost as many as the column): a NaN
         # marks its column as -1 - col, and nothing moves a marked lane any more.
@@ -224,12 +193,13 @@ def ce_fwd_kernel(
     LOSS, LSE, AUX,                              # per-row outputs, contiguous (N * D,)
     PART,                                        # SPLIT: splits, then states, as below
     ENT, PRED, TLP,                              # STATS: entropy, argmax, target log-prob (N * D,)
+                                                 # (ENTROPY / ARGMAX: formed; else 0)
     R, C, D, ignore_index,
     smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-    STATS: tl.constexpr,
+    STATS: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
 ):
     label_smoothing, logit_scale, softcap = _options(
         smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
@@ -247,24 +217,27 @@ def ce_fwd_kernel(
     s = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r), or of w q' (z - r)
     acc_wq = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w q' (probability targets)
-    ent = tl.zeros([BLOCK_R, BLOCK_C], ACC)      # STATS (_fwd_step); unused otherwise
+    ent = tl.zeros([BLOCK_R, BLOCK_C], ACC)      # ENTROPY, ARGMAX (_fwd_step); else unused
     arg = tl.full([BLOCK_R, BLOCK_C], 2147483647, tl.int32)
     for start in range(lo, body, BLOCK_C):
         m, s, acc_wz, acc_wq, ent, arg = _fwd_step(
             x_row, t_row, W, start + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq, ent, arg,
             stride_xc, stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R,
-            BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, STATS,
-            False)
+            BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, ENTROPY,
+            ARGMAX, False)
     if body < hi:
         m, s, acc_wz, acc_wq, ent, arg = _fwd_step(
             x_row, t_row, W, body + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq, ent, arg,
             stride_xc, stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R,
-            BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, STATS,
-            True)
+            BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, ENTROPY,
+            ARGMAX, True)
 
     m, k, s, low = _counted_lanes(m, s, ACC)
-    if STATS:  # (no SPLIT with STATS: the launcher's choice)
-        ent, pred = _lane_stats(m, k, s, tl.where(low, 0.0, ent), arg)
+    pred = arg                                   # (no SPLIT with STATS: the launcher's choice)
+    if ENTROPY:
+        ent = _lane_entropy(m, k, s, tl.where(low, 0.0, ent))
+    if ARGMAX:
+        pred = _lane_argmax(m, arg)
     m, k, s = _merge(m, k, s)
     sum_wz = tl.sum(acc_wz, 1)
     sum_wq = tl.sum(acc_wq, 1)
@@ -289,7 +262,7 @@ def ce_fwd_kernel(
         if STATS:
             _finish_stats(m, k, s, ent, pred, rows, row_ok, x_row, stride_xc, t_row, ENT, PRED,
                           TLP, C, ignore_index, logit_scale, softcap, ACC, PROB_TARGET,
-                          HAS_SCALE, HAS_SOFTCAP)
+                          HAS_SCALE, HAS_SOFTCAP, ENTROPY, ARGMAX)
 
 
 @triton.jit
@@ -538,9 +511,10 @@ def launch_config(num_rows: int, num_classes: int, elem_size: int, stats: bool =
     unaligned (a row of 10 classes: no vector loads, a 64-bit address per logit) and each row
     adds registers of its own (offsets, target); 256 logits for float64 (twice the state) and
     for rows of 8 classes or fewer (64 rows' own registers would dominate). With stats (the
-    forward's STATS, the backward's HAS_STATS_GRAD) a logit's state is two values more (entropy
-    sum, argmax): tiles of short rows and blocks of long rows are halved, as registers would
-    otherwise run out (the static check, nllfused.bench.gpu_static, compiles both).
+    forward's STATS, the backward's HAS_STATS_GRAD) a logit's state is up to two values more
+    (ENTROPY's sum, ARGMAX's column): tiles of short rows and blocks of long rows are halved, as
+    registers would otherwise run out (the static check, nllfused.bench.gpu_static, compiles
+    both).
     """
     block_c = min(triton.next_power_of_2(num_classes), 512 if elem_size == 8 else 2048)
     tile = 256 if elem_size == 8 or num_classes <= 8 else 512
@@ -579,7 +553,8 @@ MERGE_BLOCK = 64   # splits ce_fwd_merge_kernel merges per step (one step, nearl
 
 def _launch(logits, weight, label_smoothing, logit_scale, softcap, prob_target, stats=False):
     """(grid, per-call kernel arguments, constexpr flags) shared by both kernels. With stats,
-    rows are not split (the merge kernel carries no statistics)."""
+    rows are not split (the merge kernel carries no statistics), and the tile is the same
+    whichever statistics are asked for: their loss is then the same bits."""
     N, C, D = logits.shape
     R = N * D
     block_r, block_c, num_warps = launch_config(R, C, logits.element_size(), stats)
@@ -607,18 +582,14 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, logit_scale, s
 def ce_fwd_stats(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
                  prob_target, with_entropy=True, with_predicted=True):
     """ce_fwd's outputs and the rows' entropy, target log-probability and argmax, from the same
-    pass (nllfused::ce_fwd_stats_triton, csrc/ops.cpp). The STATS kernel forms entropy and argmax
-    together (their state shares the tile's registers); what was not asked for is zeroed."""
-    out = _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-                   prob_target, True)
-    for asked, i in ((with_entropy, 3), (with_predicted, 5)):
-        if not asked:
-            out[i].zero_()
-    return out
+    pass (nllfused::ce_fwd_stats_triton, csrc/ops.cpp). The kernel forms only those asked for
+    (its ENTROPY and ARGMAX flags) and stores 0 for the others."""
+    return _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                    prob_target, True, with_entropy, with_predicted)
 
 
 def _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-             prob_target, stats):
+             prob_target, stats, entropy=False, argmax=False):
     N, _, D = logits.shape
     loss = torch.empty((N, D), dtype=torch.float64 if logits.dtype == torch.float64
                        else torch.float32, device=logits.device)
@@ -639,7 +610,7 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, logit_scale,
     outs = (extra[0], extra[2], extra[1]) if stats else (loss,) * 3   # ENT, PRED, TLP
     with guard(logits):
         ce_fwd_kernel[grid](*args, loss, lse, aux, part, *outs, *sizes, ignore_index, *options,
-                            STATS=stats, **flags)
+                            STATS=stats, ENTROPY=entropy, ARGMAX=argmax, **flags)
         if splits > 1:
             flags.update(BLOCK_R=1, BLOCK_C=min(splits, MERGE_BLOCK), num_warps=1)
             del flags["SPLIT"]

@@ -58,12 +58,12 @@ def vp_stats_kernel(
         m, s, acc_wz, unused, unused, arg = _fwd_step(
             x_rows, x_rows, W, start + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, unused, unused,
             arg, stride_xc, 0, 0.0, 1.0, 1.0, BLOCK_R, BLOCK_C, ACC, False, HAS_WEIGHT,
-            HAS_SMOOTHING, False, False, False, False)
+            HAS_SMOOTHING, False, False, False, False, False)
     if body < hi:
         m, s, acc_wz, unused, unused, arg = _fwd_step(
             x_rows, x_rows, W, body + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, unused, unused,
             arg, stride_xc, 0, 0.0, 1.0, 1.0, BLOCK_R, BLOCK_C, ACC, False, HAS_WEIGHT,
-            HAS_SMOOTHING, False, False, False, True)
+            HAS_SMOOTHING, False, False, False, False, True)
     m, k, s, _ = _counted_lanes(m, s, ACC)
     m, k, s = _merge(m, k, s)
 

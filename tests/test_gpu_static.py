@@ -116,6 +116,41 @@ def test_triton_kernels_compile_without_spills_on_the_lm_path(tmp_path):
             assert gpu_static.resident_blocks_sm90(r) >= 4, r
 
 
+# The forward's hot loop for each set of statistics asked for, at the statistics' tile (float32,
+# the LM shape, sm_90), compiled outside the interpreter: flags -> SASS instructions in the loop.
+STATS_LOOPS = """
+import json
+from nllfused.bench import gpu_static as g
+from nllfused.kernels import cross_entropy as ce
+fn = ce.ce_fwd_kernel
+off = dict.fromkeys(g.flag_names(fn), False)
+case = g.launched(ce.launch_config, g.cases_for(ce.launch_config, "fp32", "quick")[0],
+                  {"STATS": True}, fn)
+loops = {}
+for on in ((), ("STATS",), ("STATS", "ENTROPY"), ("STATS", "ARGMAX"),
+           ("STATS", "ENTROPY", "ARGMAX")):
+    r = g.triton_report(fn, 90, case, {**off, **dict.fromkeys(on, True)})
+    assert r.error is None, r
+    loops["+".join(on)] = r.loop_instrs
+print(json.dumps(loops))
+"""
+
+
+@needs_cuobjdump
+def test_statistics_not_asked_for_compile_to_nothing(tmp_path):
+    """The forward kernel carries only the statistics asked for: the target's log-probability
+    alone adds nothing to the class loop, the entropy and the argmax each add their own work,
+    and both together more than either."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", STATS_LOOPS], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    loops = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loops["STATS"] == loops[""], loops
+    for one in ("STATS+ENTROPY", "STATS+ARGMAX"):
+        assert loops["STATS"] < loops[one] < loops["STATS+ENTROPY+ARGMAX"], loops
+
+
 @needs_cuobjdump
 def test_check_fails_on_a_compile_error_and_on_lm_path_spills(tmp_path):
     rc, report, output = check_test_kernels(tmp_path, "broken_kernel", "spilling_kernel")
