@@ -112,16 +112,22 @@ def find_loops(instrs: list) -> list:
 
 
 def hot_loop(instrs: list) -> Optional[tuple]:
-    """The largest innermost loop: the loop over class blocks in a Triton kernel (its only
-    loop), the vectorised class loop inside the row loop of a CUDA kernel. Loops of a couple
-    of instructions (the trap loop after EXIT, spin loops) are not loops over data."""
+    """The largest innermost loop that reads global memory: the loop over class blocks in a
+    Triton kernel, the vectorised class loop inside the row loop of a CUDA kernel. Loops of a
+    couple of instructions (the trap loop after EXIT, spin loops) are not loops over data, nor
+    are loops that load nothing (the compiler may close the after-loop reductions of a Triton
+    kernel, their shuffles and barriers, into one); where no loop loads, the largest."""
     loops = [(a, b) for a, b in find_loops(instrs) if b - a >= 4]
 
     def contains_another(outer):
         return any(o != outer and outer[0] <= o[0] and o[1] <= outer[1] for o in loops)
 
+    def loads(lp):
+        return any(ins.base in ("LDG", "LD") for ins in instrs[lp[0]:lp[1] + 1])
+
     innermost = [lp for lp in loops if not contains_another(lp)]
-    return max(innermost, key=lambda lp: lp[1] - lp[0], default=None)
+    reading = [lp for lp in innermost if loads(lp)] or innermost
+    return max(reading, key=lambda lp: lp[1] - lp[0], default=None)
 
 
 _F64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}

@@ -32,7 +32,7 @@ from .launch import (INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo,  # noqa
                      target_strides, truncating_store)
 from .row_math import (_LN2, _LOG2E, _columns, _exact_lse, _exp2, _load_classes, _load_logits,
                        _log1p, _lowest, _options, _tanh, _tile_rows)
-from .row_stats import _finish_stats, _lane_argmax, _lane_entropy
+from .row_stats import _finish_stats, _first_nan, _lane_argmax, _lane_entropy
 
 
 @triton.jit
@@ -134,7 +134,8 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, ent, arg, strid
     """One block of classes of ce_fwd_kernel's loop: its per-lane state updated. MASKED for the
     block that runs past the row's end (masked lanes are -inf and weigh nothing). ENTROPY: also
     ent = sum of exp(z - m) (z - m) over the lane (its max adds 0); ARGMAX: arg, the column of
-    the lane's first max, or -1 - the column of its first NaN (docs/maths.md, "Statistics")."""
+    the lane's first max (a NaN never moves it: rows with one are read again, _first_nan)
+    (docs/maths.md, "Statistics")."""
     if MASKED:
         col_ok = cols < C
         mask = tl.broadcast_to(col_ok[None, :], [BLOCK_R, BLOCK_C])
@@ -154,11 +155,8 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, ent, arg, strid
         # z - m shifting by -dz. e == 0 (a -inf logit, or the start's phantom max) adds nothing.
         ent = tl.where(e == 0.0, tl.where(grew, 0.0, ent),
                        tl.where(grew, e * (ent - dz * (s + 1.0)), ent + e * dz))
-    if ARGMAX:
-        col = cols[None, :] + tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
-        # One register for both (a per-lane NaN flag would cost as many as the column): a NaN
-        # marks its column as -1 - col, and nothing moves a marked lane any more.
-        arg = tl.where(arg < 0, arg, tl.where(z != z, -1 - col, tl.where(grew, col, arg)))
+    if ARGMAX:  # one select a logit
+        arg = tl.where(grew, cols[None, :], arg)
     s = s * tl.where(grew, e, 1.0) + e
     m = tl.where(grew, z, m)
     if HAS_WEIGHT:
@@ -232,12 +230,15 @@ def ce_fwd_kernel(
             BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, ENTROPY,
             ARGMAX, True)
 
-    m, k, s, low = _counted_lanes(m, s, ACC)
     pred = arg                                   # (no SPLIT with STATS: the launcher's choice)
+    if ARGMAX:  # a NaN logit made its lane's s NaN (and only a NaN or two +inf do)
+        nan_rows = tl.max((s != s).to(tl.int32), 1) > 0
+        pred = _lane_argmax(m, arg, _first_nan(x_row, row_ok & nan_rows, lo, hi, C, stride_xc,
+                                               logit_scale, softcap, BLOCK_R, BLOCK_C, ACC,
+                                               HAS_SCALE, HAS_SOFTCAP))
+    m, k, s, low = _counted_lanes(m, s, ACC)
     if ENTROPY:
         ent = _lane_entropy(m, k, s, tl.where(low, 0.0, ent))
-    if ARGMAX:
-        pred = _lane_argmax(m, arg)
     m, k, s = _merge(m, k, s)
     sum_wz = tl.sum(acc_wz, 1)
     sum_wq = tl.sum(acc_wq, 1)

@@ -23,14 +23,33 @@ def _lane_entropy(m, k, s, ent):
 
 
 @triton.jit
-def _lane_argmax(m, arg):
+def _lane_argmax(m, arg, first_nan):
     """The row's argmax from per-lane (m, arg): the first column at the row's max, or the first
-    NaN's column if any (arg = -1 - col marks a lane's NaN), as torch.argmax."""
+    NaN's column (_first_nan) if it has one, as torch.argmax."""
     m_row = tl.max(m, 1)
     big = 2147483647
-    first = tl.min(tl.where((m == m_row[:, None]) & (arg >= 0), arg, big), 1)
-    first_nan = tl.min(tl.where(arg < 0, -1 - arg, big), 1)
+    first = tl.min(tl.where(m == m_row[:, None], arg, big), 1)
     return tl.where(first_nan < big, first_nan, tl.where(first == big, 0, first))
+
+
+@triton.jit
+def _first_nan(x_row, nan_rows, lo, hi, C, stride_xc, logit_scale, softcap,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The first column of columns [lo, hi) whose z is NaN, in the rows of nan_rows (2^31 - 1
+    elsewhere, and where there is none): those rows read once more, so that the class loop's
+    argmax costs one select a logit instead of a NaN test too. A tile without such rows (nearly
+    every one) reads nothing."""
+    big = 2147483647
+    first = tl.full([BLOCK_R], big, tl.int32)
+    stop = tl.where(tl.max(nan_rows.to(tl.int32), 0) > 0, hi, lo)
+    for start in range(lo, stop, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = nan_rows[:, None] & (cols < C)[None, :]
+        z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask,
+                         logit_scale, softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
+        first = tl.minimum(first, tl.min(tl.where(z != z, cols[None, :], big), 1))
+    return first
 
 
 @triton.jit

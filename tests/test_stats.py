@@ -246,6 +246,28 @@ def test_stats_of_special_rows(device, backend):
                                atol=2e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("C", [13, 3000])
+def test_argmax_of_rows_with_nan_and_infinities(device, backend, C):
+    """The argmax alone (no entropy) where NaN and +inf sit in later class blocks and other lanes
+    than the max: the first NaN wins wherever it is, two +inf give the first (their softmax is
+    NaN, yet no NaN logit), rows beside such rows keep their own argmax (torch.argmax)."""
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(8, C, generator=g)
+    x[0, [C - 1, C // 2 + 1]] = float("nan")               # NaNs past the first block
+    x[1, [C - 2, 1]] = float("inf")                        # two +inf
+    x[2, C // 3] = 50.0
+    x[2, C - 1] = float("nan")                             # a NaN after the max
+    x[4, [2, C - 1]] = float("inf")
+    x[4, C // 2] = float("nan")                            # +inf, then a NaN
+    x[6] = float("-inf")
+    x[6, C - 1] = float("nan")
+    t = torch.zeros(8, dtype=torch.int64)
+    _, st = nllfused.cross_entropy(x.to(device), t.to(device), reduction="none", backend=backend,
+                                   return_stats="predicted")
+    assert torch.equal(st.predicted.cpu(), torch.argmax(x, 1))
+
+
 def opcheck_stats_ops(fwd, bwd, device, prob_target, C=11):
     """torch.library.opcheck of a statistics op pair (csrc/ops.cpp: ce_fwd_stats's contract):
     the forward, then the backward with each statistic's gradient alone and both."""
