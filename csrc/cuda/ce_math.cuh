@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,6 +29,9 @@ template <typename T>
 NLLF_HD T neg_inf() { return -static_cast<T>(INFINITY); }
 template <typename T>
 NLLF_HD T quiet_nan() { return static_cast<T>(NAN); }
+// The lowest finite value.
+template <typename T>
+NLLF_HD T lowest() { return sizeof(T) == sizeof(double) ? static_cast<T>(-DBL_MAX) : -FLT_MAX; }
 
 // max that propagates NaN (fmaxf would drop it, and the row must become NaN).
 template <typename T>

@@ -263,14 +263,19 @@ template <int F, int K, typename acc_t, typename ClassOf = NoClass>
 NLLF_HD void fold_from(Stats<acc_t>& st, const acc_t (&z)[K], acc_t zmax,
                        ClassOf cls = ClassOf{}) {
   const acc_t cm = max_nan(st.m, zmax);
-  if constexpr (kHasStats<F>) {  // the argmax: a new max starts over, then the first at it
-    if (cm > st.m || (cm != cm && st.m == st.m)) st.arg = kNoClass;
-    if (cm == neg_inf<acc_t>()) {  // all -inf so far: every class is at the max
-      st.arg = st.arg < cls(0) ? st.arg : cls(0);
-    } else {
+  // The argmax: a new max starts over, then the first at it. Values all below the running max
+  // (zmax < m: nearly every fold of a long row once its max is found) cannot move it, and are
+  // not scanned: a compare a fold instead of one a value.
+  if constexpr (kHasStats<F>) {
+    if (!(zmax < st.m)) {
+      if (cm > st.m || (cm != cm && st.m == st.m)) st.arg = kNoClass;
+      if (cm == neg_inf<acc_t>()) {  // all -inf so far: every class is at the max
+        st.arg = st.arg < cls(0) ? st.arg : cls(0);
+      } else {
 #pragma unroll
-      for (int i = K - 1; i >= 0; --i)
-        if (at_max(z[i], cm) && cls(i) < st.arg) st.arg = cls(i);
+        for (int i = K - 1; i >= 0; --i)
+          if (at_max(z[i], cm) && cls(i) < st.arg) st.arg = cls(i);
+      }
     }
   }
   if (cm == neg_inf<acc_t>()) return;  // all -inf so far: s stays 0, no exp(-inf - -inf)
@@ -299,8 +304,9 @@ NLLF_HD void fold_from(Stats<acc_t>& st, const acc_t (&z)[K], acc_t zmax,
     } else {
       const acc_t e = ex.term(z[i]);
       sum += e;
-      // a class at -inf adds e (z - m) = 0 (not 0 * -inf)
-      if constexpr (kHasStats<F>) ent += e != acc_t(0) ? e * (z[i] - cm) : acc_t(0);
+      // a class at -inf adds e (z - m) = 0 (not 0 * -inf): z - m floored at the lowest finite
+      // value, one max and a multiply-add where a test and a select took two more
+      if constexpr (kHasStats<F>) ent += e * max_nan(z[i] - cm, lowest<acc_t>());
     }
   }
   st.k += count;
