@@ -185,9 +185,12 @@ def launched(launch_config, case: Case, flags: dict, fn=None) -> Case:
 
 def launchable(flags: dict) -> dict:
     """The flags as a launcher would set them: the forward's ENTROPY and ARGMAX come only with
-    STATS, and rows carrying statistics are never split (kernels/cross_entropy.py, _launch)."""
+    STATS, the backward's ENTROPY_GRAD only with HAS_STATS_GRAD, and rows carrying statistics
+    are never split (kernels/cross_entropy.py, _launch)."""
     if "STATS" in flags and not flags["STATS"]:
         flags = {**flags, "ENTROPY": False, "ARGMAX": False}
+    if "HAS_STATS_GRAD" in flags and not flags["HAS_STATS_GRAD"]:
+        flags = {**flags, "ENTROPY_GRAD": False}
     if flags.get("SPLIT") and (flags.get("STATS") or flags.get("HAS_STATS_GRAD")):
         flags = {**flags, "SPLIT": False}
     return flags

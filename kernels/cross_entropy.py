@@ -315,7 +315,7 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
               g, g_ent, stride_xc, stride_tc, label_smoothing, logit_scale, softcap,
               ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
               HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_STATS_GRAD: tl.constexpr, MASKED: tl.constexpr):
+              ENTROPY_GRAD: tl.constexpr, MASKED: tl.constexpr):
     """One block of classes of ce_bwd_kernel's loop, every term but the true class's. MASKED for
     the block that runs past the row's end."""
     x_ptrs = x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc
@@ -346,7 +346,7 @@ def _bwd_step(x_row, t_row, gx_row, W, cols, C, D, row_ok, keep, lse_hi, lse_lo,
     # accuracy in float32; one FADD, one FFMA, one MUFU.
     log2_p = (z - lse_hi[:, None]) * _LOG2E - lse_lo[:, None]
     p = _exp2(log2_p, ACC)
-    if HAS_STATS_GRAD:   # the entropy's -g_H p log p (its -g_H p H part is in p_coef), log p
+    if ENTROPY_GRAD:     # the entropy's -g_H p log p (its -g_H p H part is in p_coef), log p
         # never through a rounded z - (lse - H); a class at -inf (p = 0) gets 0, not 0 * inf
         grad = p * (p_coef[:, None] - g_ent[:, None] * tl.where(p == 0.0, 0.0, log2_p * _LN2))
     else:
@@ -386,12 +386,14 @@ def ce_bwd_kernel(
     GX,                                          # gradient (N, C, D) contiguous; X: IN_PLACE
     GE, GT, ENT,                                 # HAS_STATS_GRAD: upstream gradients of the
                                                  # entropy, target log-prob; entropy (N * D,) ACC
+                                                 # (ENTROPY_GRAD: the entropy's is not all 0)
     R, C, D, ignore_index,
     smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
     SPLIT: tl.constexpr, HAS_STATS_GRAD: tl.constexpr, IN_PLACE: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
 ):
     label_smoothing, logit_scale, softcap = _options(
         smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo, ACC)
@@ -469,12 +471,12 @@ def ce_bwd_kernel(
         _bwd_step(x_row, t_row, gx_row, W, start + tl.arange(0, BLOCK_C), C, D, row_ok, keep,
                   lse_hi, lse_lo, p_coef, eps_g, g, g_ent, stride_xc, stride_tc,
                   label_smoothing, logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT,
-                  HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_STATS_GRAD, False)
+                  HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, ENTROPY_GRAD, False)
     if body < hi:
         _bwd_step(x_row, t_row, gx_row, W, body + tl.arange(0, BLOCK_C), C, D, row_ok, keep,
                   lse_hi, lse_lo, p_coef, eps_g, g, g_ent, stride_xc, stride_tc,
                   label_smoothing, logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT,
-                  HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_STATS_GRAD, True)
+                  HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, ENTROPY_GRAD, True)
 
     if not PROB_TARGET:
         # The true class, stored again over the loop's value (the barrier orders the stores), as
@@ -492,7 +494,7 @@ def ce_bwd_kernel(
             z = softcap * t
         log2_p = (z - lse_hi) * _LOG2E - lse_lo
         p_y = _exp2(log2_p, ACC)
-        if HAS_STATS_GRAD:
+        if ENTROPY_GRAD:
             rest -= g_ent * tl.where(p_y == 0.0, 0.0, log2_p * _LN2)
         grad = tl.fma(p_y - 1.0, y_coef, p_y * rest)
         if HAS_SOFTCAP:
@@ -667,6 +669,7 @@ def ce_bwd_stats(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, ta
                             logits, *logits.stride(), target, *target_strides(target, prob_target),
                             *weights, lse, aux, grad, *stat_args, *sizes, ignore_index, *options,
                             HAS_GRAD_LSE=grad_lse is not None, HAS_STATS_GRAD=stats,
+                            ENTROPY_GRAD=grad_entropy is not None,
                             IN_PLACE=out is not None and out.data_ptr() == logits.data_ptr(),
                             **flags)
     return grad.to(logits.dtype)

@@ -116,39 +116,47 @@ def test_triton_kernels_compile_without_spills_on_the_lm_path(tmp_path):
             assert gpu_static.resident_blocks_sm90(r) >= 4, r
 
 
-# The forward's hot loop for each set of statistics asked for, at the statistics' tile (float32,
-# the LM shape, sm_90), compiled outside the interpreter: flags -> SASS instructions in the loop.
+# The hot loops of the forward and the backward for each set of statistics asked for, at the
+# statistics' tile (float32, the LM shape, sm_90), compiled outside the interpreter:
+# kernel:flags -> SASS instructions in the loop.
 STATS_LOOPS = """
 import json
 from nllfused.bench import gpu_static as g
 from nllfused.kernels import cross_entropy as ce
-fn = ce.ce_fwd_kernel
-off = dict.fromkeys(g.flag_names(fn), False)
-case = g.launched(ce.launch_config, g.cases_for(ce.launch_config, "fp32", "quick")[0],
-                  {"STATS": True}, fn)
 loops = {}
-for on in ((), ("STATS",), ("STATS", "ENTROPY"), ("STATS", "ARGMAX"),
-           ("STATS", "ENTROPY", "ARGMAX")):
-    r = g.triton_report(fn, 90, case, {**off, **dict.fromkeys(on, True)})
-    assert r.error is None, r
-    loops["+".join(on)] = r.loop_instrs
+for fn, stats, sets in ((ce.ce_fwd_kernel, "STATS", ((), ("STATS",), ("STATS", "ENTROPY"),
+                                                    ("STATS", "ARGMAX"),
+                                                    ("STATS", "ENTROPY", "ARGMAX"))),
+                        (ce.ce_bwd_kernel, "HAS_STATS_GRAD",
+                         ((), ("HAS_STATS_GRAD",), ("HAS_STATS_GRAD", "ENTROPY_GRAD")))):
+    off = dict.fromkeys(g.flag_names(fn), False)
+    case = g.launched(ce.launch_config, g.cases_for(ce.launch_config, "fp32", "quick")[0],
+                      {stats: True}, fn)
+    for on in sets:
+        r = g.triton_report(fn, 90, case, {**off, **dict.fromkeys(on, True)})
+        assert r.error is None, r
+        loops[fn.__name__ + ":" + "+".join(on)] = r.loop_instrs
 print(json.dumps(loops))
 """
 
 
 @needs_cuobjdump
 def test_statistics_not_asked_for_compile_to_nothing(tmp_path):
-    """The forward kernel carries only the statistics asked for: the target's log-probability
+    """The kernels carry only the statistics asked for. Forward: the target's log-probability
     alone adds nothing to the class loop, the entropy and the argmax each add their own work,
-    and both together more than either."""
+    and both together more than either. Backward: the target log-prob's gradient alone adds
+    nothing to the class loop (it is per row), the entropy's adds its term."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", STATS_LOOPS], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     loops = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert loops["STATS"] == loops[""], loops
+    fwd = {k.split(":")[1]: v for k, v in loops.items() if k.startswith("ce_fwd_kernel:")}
+    assert fwd["STATS"] == fwd[""], loops
     for one in ("STATS+ENTROPY", "STATS+ARGMAX"):
-        assert loops["STATS"] < loops[one] < loops["STATS+ENTROPY+ARGMAX"], loops
+        assert fwd["STATS"] < fwd[one] < fwd["STATS+ENTROPY+ARGMAX"], loops
+    bwd = {k.split(":")[1]: v for k, v in loops.items() if k.startswith("ce_bwd_kernel:")}
+    assert bwd["HAS_STATS_GRAD"] == bwd[""] < bwd["HAS_STATS_GRAD+ENTROPY_GRAD"], loops
 
 
 @needs_cuobjdump
