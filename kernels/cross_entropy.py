@@ -215,8 +215,8 @@ def ce_fwd_kernel(
     s = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     acc_wz = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w (z - r), or of w q' (z - r)
     acc_wq = tl.zeros([BLOCK_R, BLOCK_C], ACC)   # sum of w q' (probability targets)
-    ent = tl.zeros([BLOCK_R, BLOCK_C], ACC)      # ENTROPY, ARGMAX (_fwd_step); else unused
-    arg = tl.full([BLOCK_R, BLOCK_C], 2147483647, tl.int32)
+    ent = tl.zeros([BLOCK_R, BLOCK_C], ACC)      # ENTROPY (_fwd_step); else unused
+    arg = tl.full([BLOCK_R, BLOCK_C], 2147483647, tl.int32)   # ARGMAX; else unused
     for start in range(lo, body, BLOCK_C):
         m, s, acc_wz, acc_wq, ent, arg = _fwd_step(
             x_row, t_row, W, start + tl.arange(0, BLOCK_C), C, r, m, s, acc_wz, acc_wq, ent, arg,
