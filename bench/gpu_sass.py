@@ -116,18 +116,21 @@ def hot_loop(instrs: list) -> Optional[tuple]:
     Triton kernel, the vectorised class loop inside the row loop of a CUDA kernel. Loops of a
     couple of instructions (the trap loop after EXIT, spin loops) are not loops over data, nor
     are loops that load nothing (the compiler may close the after-loop reductions of a Triton
-    kernel, their shuffles and barriers, into one); where no loop loads, the largest."""
+    kernel, their shuffles and barriers, into one); where no loop loads, the largest. Where
+    loops also store (a backward's gradient loop), those: a loop that only reads beside one that
+    writes is a pass for rare rows (the backward's rereading of rows far from zero, _exact_lse)."""
     loops = [(a, b) for a, b in find_loops(instrs) if b - a >= 4]
 
     def contains_another(outer):
         return any(o != outer and outer[0] <= o[0] and o[1] <= outer[1] for o in loops)
 
-    def loads(lp):
-        return any(ins.base in ("LDG", "LD") for ins in instrs[lp[0]:lp[1] + 1])
+    def has(lp, bases):
+        return any(ins.base in bases for ins in instrs[lp[0]:lp[1] + 1])
 
     innermost = [lp for lp in loops if not contains_another(lp)]
-    reading = [lp for lp in innermost if loads(lp)] or innermost
-    return max(reading, key=lambda lp: lp[1] - lp[0], default=None)
+    reading = [lp for lp in innermost if has(lp, ("LDG", "LD"))] or innermost
+    writing = [lp for lp in reading if has(lp, ("STG", "ST"))] or reading
+    return max(writing, key=lambda lp: lp[1] - lp[0], default=None)
 
 
 _F64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}

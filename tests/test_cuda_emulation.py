@@ -115,7 +115,7 @@ class Case:
     a: float = 1.0          # logit scale
     s: float = 0.0          # softcap (0: none)
     ii: int = -100          # ignore_index
-    extreme: str = ""       # "" | mask | big | conf | far (float64)
+    extreme: str = ""       # "" | mask | big | conf | far (float64) | huge (f32, bf16)
     force: tuple = (-1, 0, 0, 0, 0)  # (force_tile, force_G, force_ty, max_blocks, force_parts),
     #                                  see emu.cu
     expect: str = ""        # forward mapping to expect from choose_launch: "" | rows | tile
@@ -205,7 +205,8 @@ def feature_cases():
 def extreme_cases():
     out = []
     for dt in DTYPES:
-        for extreme in ("mask", "big", "conf") + (("far",) if dt == F64 else ()):
+        far = ("far",) if dt == F64 else ("huge",) if dt in (F32, BF16) else ()
+        for extreme in ("mask", "big", "conf") + far:
             for k, (tgt, w, zl) in enumerate((("i64", False, 0.0), ("i64", True, 1e-3),
                                               ("prob32", False, 0.0))):
                 for j, (layout, D) in enumerate((("contig", 1), ("btv", 2))):
@@ -272,6 +273,11 @@ def make_logits(c: Case):
         # float64 logits at +-3e7 with their usual spread: the saved lse's own rounding there
         # (ulp 7.5e-9) must not enter p, as none enters torch's log p = (z - m) - log s
         x = x.double() + torch.where(torch.arange(N) % 2 == 0, 3e7, -3e7).view(N, 1, 1)
+    elif c.extreme == "huge":
+        # logits at 3e7, -1e12 and 1e20, where the float's ulp is 2 or more (so mostly ties):
+        # p from z - m, never from 2^(m log2 e)'s rounding (up to 2^43 at 1e20) nor from a lse
+        # that has lost log s (1e20 + 8 is 1e20 even in float64)
+        x = x.double() + torch.tensor([3e7, -1e12, 1e20]).repeat(N)[:N].view(N, 1, 1)
     if c.layout == "contig":
         out = torch.empty(N, C, D, dtype=c.dtype)
     elif c.layout == "offset":  # storage offset 5: rows start off 16-byte boundaries
@@ -520,7 +526,8 @@ def test_features(emu, case):
 
 @pytest.mark.parametrize("case", params(extreme_cases()))
 def test_extremes(emu, case):
-    """-inf logits (all -inf rows: NaN), logits at +-1e4, confident rows (p_y -> 1)."""
+    """-inf logits (all -inf rows: NaN), logits at +-1e4, confident rows (p_y -> 1), logits
+    far from zero (float64 at +-3e7; float32 and bf16 at 3e7, -1e12, 1e20)."""
     run_case(emu, case)
 
 

@@ -67,56 +67,60 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
   return rg;
 }
 
-// float64 rows far from zero: the saved lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse|
+// Rows far from zero: the saved lse's own rounding, up to ulp(lse) / 2 (float64: 4e-9 at |lse|
 // ~ 3e7), would enter every p = exp(z - lse) as a relative error of that size, where torch's
 // log p = (z - m) - log s is exact in z - m. Rows with |lse| >= kExactLseFrom read their logits
-// once more for m and log s: hi = m and lo = log s then give p as torch forms it. (float32 needs
-// none of this: its hi + lo split of the float64 lse carries 48 bits.)
+// once more for m and log s: hi = m and lo = log s then give p as torch forms it. float32
+// accumulators split the float64 lse into hi + lo, whose 53 bits hold p to float's precision up
+// to |lse| ~ 2^26 (1e20 + log s is 1e20 in float64).
 template <typename scalar_t>
 void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi,
                              acc_t& lo) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    if (!(std::abs(hi) >= kExactLseFrom) || !std::isfinite(hi)) return;
-    acc_t m = -kInf, s = 0, dz;
-    int64_t c = 0;
-    if (A.xC == 1 && t.kind == 0) {  // a plain row: by vectors (its finite lse: no NaN in it)
+  if (!(std::abs(hi) >= kExactLseFrom) || !std::isfinite(hi)) return;
+  acc_t m = -kInf, s = 0, dz;
+  int64_t c = 0;
+  bool by_vectors = false;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // a plain row of the accumulator's type (its finite lse: no NaN in it)
+    by_vectors = A.xC == 1 && t.kind == 0;
+    if (by_vectors) {
       m = chunk_max<acc_t, 0, false>(xr, A.C, nullptr, t);
       V vs(acc_t(0));
       for (; c + W <= A.C; c += W) vs = vs + vexp(V::loadu(xr + c) - V(m));
       s = hsum(vs);
-    } else {
-      for (int64_t i = 0; i < A.C; ++i)
-        m = std::max(m, tf_scalar(static_cast<acc_t>(xr[i * A.xC]), t, dz));
     }
-    for (; c < A.C; ++c) s += std::exp(tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz) - m);
-    hi = m;
-    lo = std::log(s);
   }
+  if (!by_vectors) {
+    for (int64_t i = 0; i < A.C; ++i)
+      m = std::max(m, tf_scalar(static_cast<acc_t>(xr[i * A.xC]), t, dz));
+  }
+  for (; c < A.C; ++c) s += std::exp(tf_scalar(static_cast<acc_t>(xr[c * A.xC]), t, dz) - m);
+  hi = m;
+  lo = std::log(s);
 }
 
 // Gradient of n classes into out (may alias x); returns sum p_c over them but `skip`. Split: the
 // whole 2W blocks loaded and stored in split order (load2s), for bf16 rows whose every gradient
 // is finite and that have no per-class g.
 // Exp2 (grad_run: such bf16 rows without a transform or the entropy's term, where the unit has
-// exp2_tiny): p = 2^u, u = z log2 e + c by one fma (the forward fold's exp, 8 instructions where
-// the step below takes 13), c = -lse log2 e rounded to float. c's rounding is a factor common to
-// the row's p, taken out of P and of the returned sum (f); what stays, u's own rounding and
-// (z - lse) times log2 e's in float, is ~1e-6 of p, 4000 times below the bf16 gradient's
-// rounding.
+// exp2_tiny; |lse| < kTinyRefMax): p = 2^u, u = z log2 e + c by one fma (the forward fold's exp,
+// 8 instructions where the step below takes 13), c = -lse log2 e rounded to float. c's rounding,
+// at most 1/4 below kTinyRefMax, is a factor common to the row's p, taken out of P and of the
+// returned sum (f); what stays, u's own rounding and (z - lse) times log2 e's in float, is ~1e-6
+// of p, 4000 times below the bf16 gradient's rounding.
 template <typename scalar_t>
 template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split, bool Exp2>
 auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip,
                               const RowGrad& rg, const acc_t* g, const Tf& t) -> acc_t {
   static_assert(!Exp2 || (kTinyExp && Split && K == 0 && !Ent && Gm < 2));
   const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q), vE(rg.E);
-  acc_t f = 1;  // Exp2: 2^(c - c exactly), to second order (|c - c exactly| <= ulp(c) / 2)
+  acc_t f = 1;  // Exp2: 2^(c exactly - c)
   V vc(acc_t(0)), vPf(vP);
   if constexpr (Exp2) {
     // by log2 e as the fma takes it (in float): then u's error near the max is c's rounding
     const double ce = -(static_cast<double>(rg.hi) + static_cast<double>(rg.lo)) *
                       static_cast<double>(kLog2e);
-    const double d = (static_cast<double>(static_cast<acc_t>(ce)) - ce) * 0.6931471805599453;
-    f = static_cast<acc_t>(1 - d + d * d / 2);
+    f = static_cast<acc_t>(std::exp2(ce - static_cast<double>(static_cast<acc_t>(ce))));
     vc = V(static_cast<acc_t>(ce));
     vPf = V(rg.P * f);
   }
@@ -205,7 +209,7 @@ auto Ce<scalar_t>::grad_run(const src_t* x, dst_t* out, int64_t n, int64_t skip,
   }                                                                                          \
   return grad_chunk<src_t, dst_t, K, 1, E, Split>(x, out, n, skip, rg, g, t);
   if constexpr (Split && kTinyExp) {  // grad_chunk's Exp2, where c stays far from overflow
-    if (t.kind == 0 && !rg.ent && std::abs(rg.hi) < acc_t(0x1p64)) {
+    if (t.kind == 0 && !rg.ent && std::abs(rg.hi) < kTinyRefMax) {
       if (rg.gm == 0) return grad_chunk<src_t, dst_t, 0, 0, false, true, true>(x, out, n, skip,
                                                                              rg, g, t);
       return grad_chunk<src_t, dst_t, 0, 1, false, true, true>(x, out, n, skip, rg, g, t);

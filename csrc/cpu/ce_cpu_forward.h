@@ -128,11 +128,11 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 }
 
 // fold's vector steps over z[0, n / W2 * W2) against ref (the max, or 0): the chunk's sums,
-// lane by lane. For float accumulators where the unit has it (kTinyExp, under the caller's
-// TinyScope) each term is exp2_tiny(u(z)), u(z) = z log2 e + tiny_offset(ref) by one fma, and
-// z - ref only where a sum needs it. u(ref) is not exactly 0 (tiny_offset is -ref log2 e
-// rounded): every term carries the same factor 2^u(ref), up to 2^-24 |ref| relative, which fold
-// takes out of the sums.
+// lane by lane. Tiny (float accumulators where the unit has it, kTinyExp, under the caller's
+// TinyScope; fold asks for it where |ref| < kTinyRefMax): each term is exp2_tiny(u(z)),
+// u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where a sum needs it. u(ref)
+// is not exactly 0 (tiny_offset is -ref log2 e rounded): every term carries the same factor
+// 2^u(ref), |u(ref)| < 0.35 below kTinyRefMax, which fold takes out of the sums.
 // The entropy's T = sum e a is summed as sum e u over every class (one fma, no z - ref): fold
 // makes it sum e (u - u(ref)) / log2 e, which is 0 for the classes at the max.
 // In a chunk holding the max (AtMax) a step then first looks for classes at the max -- one
@@ -141,11 +141,11 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // below 2^-100 in magnitude (two such distinct numbers differ by more than 2^-126, which
 // flush-to-zero would make 0); for other m every step counts.
 template <typename scalar_t>
-template <int Gm, bool AtMax, bool Ent, typename src_t>
+template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
 auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
                               const char* pf, int64_t pf_len) -> Sums {
+  static_assert(!Tiny || kTinyExp);
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
-  constexpr bool Tiny = kTinyExp;
   const V vm(ref);
   [[maybe_unused]] const V log2e(kLog2e), vc(tiny_offset(ref));
   [[maybe_unused]] bool test_steps = Tiny && AtMax && std::isfinite(ref) &&
@@ -274,9 +274,12 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
   const V vm(ref), zero(acc_t(0));
   int64_t i = n / W2 * W2;  // the steps' end; then the tail
-  Sums u = fold_steps<Gm, AtMax, Ent>(z, n, ref, g, pf, pf_len);
+  // exp2_tiny where ref is near enough to zero (kTinyRefMax; not NaN or inf either)
+  const bool tiny = kTinyExp && std::fabs(ref) < kTinyRefMax;
+  Sums u = tiny ? fold_steps<Gm, AtMax, Ent, kTinyExp>(z, n, ref, g, pf, pf_len)
+                : fold_steps<Gm, AtMax, Ent, false>(z, n, ref, g, pf, pf_len);
   if constexpr (kTinyExp) {  // the terms' common factor 2^u(ref) (fold_steps), taken out
-    if (std::isfinite(ref)) {
+    if (tiny) {
       const acc_t d = std::fma(ref, kLog2e, tiny_offset(ref));
       const V f(std::exp2(-d));
       if constexpr (Ent) {  // sum e u over every class (e = 2^d at the max) into sum e a
@@ -288,8 +291,6 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
       u.s1 = u.s1 * f;
       u.t0 = u.t0 * f;
       u.t1 = u.t1 * f;
-    } else if constexpr (Ent) {  // not sum e a: T once more, below
-      u.t0 = u.t1 = V(kNaN);
     }
   }
   acc_t B = hsum(u.b0 + u.b1), G = hsum(u.g0 + u.g1);

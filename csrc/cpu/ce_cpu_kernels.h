@@ -185,9 +185,13 @@ struct Ce {
   // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
   // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
   // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
-  // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps).
+  // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps). It
+  // carries a factor common to the row, 2^u(m), from m log2 e's rounding to float (and log2 e's):
+  // |u(m)| grows with |m| (~0.3 at 2^22, ~200 at 1e10, where every term would over- or
+  // underflow), so rows whose max is kTinyRefMax or more in magnitude fold with vexp (z - m).
   static constexpr double kLog2eD = 1.44269504088896341;
   static constexpr acc_t kLog2e = acc_t(kLog2eD);
+  static constexpr acc_t kTinyRefMax = acc_t(0x1p22);
   static acc_t tiny_offset(acc_t m) {
     return static_cast<acc_t>(-static_cast<double>(m) * kLog2eD);
   }
@@ -420,7 +424,7 @@ struct Ce {
   struct Sums {
     V s0, s1, k0, k1, b0, b1, g0, g1, t0, t1;
   };
-  template <int Gm, bool AtMax, bool Ent, typename src_t>
+  template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
   static Sums fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g, const char* pf,
                          int64_t pf_len);
   template <int Gm, bool AtMax, bool Ent, typename src_t>
@@ -465,7 +469,8 @@ struct Ce {
     bool stream = false;  // x and out are rows in memory, not a buffer in L1: prefetch them
   };
   static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
-  static constexpr double kExactLseFrom = 1024;  // exact_lse: |lse| from which float64 rescans
+  // exact_lse: |lse| from which a row is read once more for m and log s
+  static constexpr double kExactLseFrom = std::is_same_v<acc_t, double> ? 1024 : 0x1p26;
   static void exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi, acc_t& lo);
   template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false,
             bool Exp2 = false>

@@ -397,7 +397,7 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     asm volatile("" : : "r"(hi) : "memory");
 #endif
     for (int64_t l = 0; l < W2; ++l) lo[l] = static_cast<acc_t>(ld[l] - static_cast<double>(hi[l]));
-    for (int64_t l = 0; std::is_same_v<acc_t, double> && l < T.L; ++l) {  // row_grad's, per lane
+    for (int64_t l = 0; l < T.L; ++l) {  // row_grad's, per lane
       const int64_t n_ = T.dtile ? T.n0 : T.n[l], d_ = T.dtile ? T.d0 + l : T.d[l];
       exact_lse(A, row_ptr(A, n_, d_), t, hi[l], lo[l]);
     }

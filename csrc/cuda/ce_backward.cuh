@@ -89,27 +89,26 @@ NLLF_HD BwdRow<acc_t> make_bwd_row(const CEParams<acc_t>& p, int64_t n, int64_t 
   return b;
 }
 
-// float64 rows far from zero: the saved lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse|
+// Rows far from zero: the saved lse's own rounding, up to ulp(lse) / 2 (float64: 4e-9 at |lse|
 // ~ 3e7), would enter every p = exp(z - lse), where torch's log p = (z - m) - log s is exact in
 // z - m. Rows with |lse| >= kExactLseFrom read their logits once more for m and log s (each
 // thread of the row's group the whole row: such rows are rare, and the row is then in cache),
-// so that p = exp((z - m) - log s). float32 keeps the split of the float64 lse (48 bits).
-constexpr double kExactLseFrom = 1024;
-template <int F, typename scalar_t>
-NLLF_HD void exact_lse(const CEParams<double>& p, const scalar_t* xrow, BwdRow<double>& b) {
-  if (!(b.lse_hi >= kExactLseFrom || b.lse_hi <= -kExactLseFrom) ||
-      b.lse_hi - b.lse_hi != 0.0)
-    return;
-  double m = neg_inf<double>(), s = 0;
+// so that p = exp((z - m) - log s). float32 splits the float64 lse into hi + lo, whose 53 bits
+// hold p to float's precision up to |lse| ~ 2^26 (1e20 + log s is 1e20 in float64).
+template <typename acc_t>
+constexpr double kExactLseFrom = std::is_same<acc_t, double>::value ? 1024 : 0x1p26;
+template <int F, typename scalar_t, typename acc_t>
+NLLF_HD void exact_lse(const CEParams<acc_t>& p, const scalar_t* xrow, BwdRow<acc_t>& b) {
+  constexpr acc_t from = static_cast<acc_t>(kExactLseFrom<acc_t>);
+  if (!(b.lse_hi >= from || b.lse_hi <= -from) || b.lse_hi - b.lse_hi != acc_t(0)) return;
+  acc_t m = neg_inf<acc_t>(), s = 0;
   for (int64_t c = 0; c < p.C; ++c)
-    m = nan_max(m, to_z<F>(p, static_cast<double>(xrow[c * p.sC])));
-  for (int64_t c = 0; c < p.C; ++c) s += ::exp(to_z<F>(p, static_cast<double>(xrow[c * p.sC])) - m);
+    m = nan_max(m, to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])));
+  for (int64_t c = 0; c < p.C; ++c) s += ::exp(to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])) - m);
   b.lse_hi = m;
   b.lse_lo = ::log(s);
-  b.lo_l2e = b.lse_lo * kLog2e;
+  b.lo_l2e = b.lse_lo * static_cast<acc_t>(kLog2e);
 }
-template <int F, typename scalar_t>
-NLLF_HD void exact_lse(const CEParams<float>&, const scalar_t*, BwdRow<float>&) {}
 
 // The row's coefficients, p's exact for float64 rows far from zero.
 template <int F, typename scalar_t, typename acc_t>

@@ -147,9 +147,10 @@ NLLF_HD T ldg(const T* p) {
 //   float: 2^(z L - hi) * 2^(-lo), L = kLog2e, hi + lo = m L exactly (lo is the rounding error
 //   of the product, which an FMA gives exactly), so one FFMA and one MUFU.EX2 per value and
 //   the factor 2^(-lo) once for a whole sum (scale()). z L - hi is formed before its one
-//   rounding, so a large common m (logits at 1e4) costs no accuracy. For |m| >= 2^100,
-//   where every float below m is at least 2^77 below it and its exp is 0, the exponent is
-//   z - m itself (hi = m, L = 1, lo = 0): 0 at m, -inf-like below; m * L cannot overflow.
+//   rounding, so a large common m (logits at 1e4) costs no accuracy. lo is up to ulp(m L) / 2,
+//   which 2^lo must survive: for |m| >= 2^29 (lo up to 2^5 below it, 2^43 at 1e20), where every
+//   float below m is at least 64 below it and its term under 2^-64 beside the max's 1, the
+//   exponent is z - m itself (hi = m, L = 1, lo = 0): 0 at m, 2^-64 or less below.
 //   double: exp(z - m).
 // (The forward's terms at m itself are counted apart, so 2^(lo) 2^(-lo) != 1 does not matter;
 // the backward, whose p at z == lse must be exactly 1, subtracts first: prob_of in ce_thread.cuh.)
@@ -164,7 +165,7 @@ template <>
 struct ExpFrom<float> {
   float mul, hi, lo;
   NLLF_HD explicit ExpFrom(float m) {
-    if (fabsf(m) < 0x1p100f) {
+    if (fabsf(m) < 0x1p29f) {
       mul = kLog2e;
       hi = m * kLog2e;
       lo = fmaf(m, kLog2e, -hi);

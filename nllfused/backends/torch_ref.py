@@ -128,19 +128,20 @@ def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True)
     return entropy, predicted
 
 
-def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
-                   options) -> torch.Tensor:
-    """log p_y = z_y - lse per row of class-index targets, from the op's float64 lse and the
-    target logits alone (O(rows) work but for float64; differentiable), in the accumulation dtype:
-    0 on ignored rows, NaN on out-of-range ones (as the loss)."""
+def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse, options) -> torch.Tensor:
+    """log p_y per row of class-index targets (differentiable), in the accumulation dtype: 0 on
+    ignored rows, NaN on out-of-range ones (as the loss). With a kernel's float64 lse (its
+    gradient reaching the logits through the op's lse gradient): z_y - lse from the target
+    logits alone, O(rows), but for float64 logits, whose lse's own rounding (up to ulp(lse) / 2,
+    4e-9 at |lse| ~ 3e7) torch's log_softmax does not carry; the float64 lse of lower dtypes
+    is 2^-29 finer than their accumulation below |lse| ~ 2^26. Without (lse None: this module's
+    forward, whose lse is only as fine as the accumulation) and for float64: log_softmax's
+    (z - m) - log s, exact in z - m as torch's. O(N C)."""
     acc = acc_dtype(logits.dtype)
     counted, in_range = index_rule(target, logits.shape[1], options.ignore_index)
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
-    if acc == torch.float64:
-        # z_y - lse would carry lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse| ~ 3e7);
-        # log_softmax's (z - m) - log s is exact in z - m, as torch's. float64 logits only: the
-        # float64 lse of lower dtypes is 2^-29 finer than their accumulation. O(N C) here.
-        z = transform(logits, options.logit_scale, options.softcap)
+    if lse is None or acc == torch.float64:
+        z = transform(logits.to(acc), options.logit_scale, options.softcap)
         logp = torch.log_softmax(z, 1).gather(1, safe.unsqueeze(1)).squeeze(1)
     else:
         x_y = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
@@ -168,7 +169,7 @@ def forward_stats(logits, target, weight, ignore_index, label_smoothing, logit_s
     if prob_target:
         tlp = torch.zeros_like(loss)
     else:
-        tlp = target_logprob(logits, target, lse, opts)
+        tlp = target_logprob(logits, target, None, opts)
     return loss, lse, aux, entropy, tlp, predicted
 
 

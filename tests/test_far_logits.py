@@ -1,0 +1,86 @@
+"""Logits far from zero: |z| from 3e7 to 1e20, where the logits' ulp is 2 or more. torch forms
+log p = (z - m) - log s, exact in z - m, and gives finite losses and gradients there; a kernel
+that forms exp(z - m) as 2^(z log2 e - m log2 e) (the CPU fold's exp2 step) or p from a saved
+lse that has lost log s (1e20 + 8 is 1e20 even in float64) gives NaN or p = 1 instead
+(docs/maths.md, "Precision of lse"). Every CPU copy (rows read in place, tiles of a K-dim input,
+lanes of short rows) and every backend, float32 and bf16, against float64 torch."""
+import math
+
+import pytest
+import torch
+
+import nllfused
+from helpers import backend_params, check_cross_entropy, dtype_id
+from test_cpu_small_classes import CAPABILITIES, capability  # noqa: F401
+from test_stats import assert_stat_close, oracle_rows
+
+OFFSETS = [3e7, -3e7, 1e9, 1e12, 1e20, -1e20]
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7}
+# layout -> (shape, class dim): rows of many classes, a K-dim input (tiles), short rows (lanes)
+LAYOUTS = {"rows": ((6, 3000), 1), "tiles": ((2, 40, 37), 1), "lanes": ((37, 10), 1)}
+
+
+def far_logits(shape, offset, dtype, seed):
+    """Logits offset + k ulp (the dtype's ulp at offset, k from -6 to 0: a distribution over a
+    few values where the ulp is small, one-hot or tied where it is large), with the max tied in
+    two classes of every row; and index targets."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor(offset, dtype=torch.float64).to(dtype).item()
+    ulp = 2.0 ** (math.floor(math.log2(abs(base))) - MANTISSA_BITS[dtype])
+    k = torch.randint(-6, 1, shape, generator=g, dtype=torch.int64).double()
+    k.select(1, 0).fill_(0)
+    k.select(1, 3).fill_(0)
+    x = (base + k * ulp).to(dtype)
+    assert torch.equal(x.double(), base + k * ulp)  # every value exact in dtype
+    t_shape = shape[:1] + shape[2:]
+    return x, torch.randint(0, shape[1], t_shape, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:g}")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "smoothing"])
+def test_cpu_copies(capability, layout, offset, dtype, smoothing):
+    """Loss and gradient of every CPU copy against float64 torch."""
+    shape, _ = LAYOUTS[layout]
+    x, t = far_logits(shape, offset, dtype, seed=len(layout))
+    check_cross_entropy(x, t, "cpu", "cpu", reduction="none", label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:g}")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cpu_statistics(capability, layout, offset, dtype):
+    """The statistics (lse, entropy, target log-prob) and the gradient they and the loss give,
+    against float64 torch, on every CPU copy."""
+    _check_statistics("cpu", "cpu", layout, offset, dtype)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("offset", [3e7, 1e12, -1e20], ids=lambda o: f"{o:g}")
+@pytest.mark.parametrize("layout", ["rows", "tiles"])
+def test_every_backend(device, backend, layout, offset):
+    """Loss, statistics and gradients of every backend, float32."""
+    shape, _ = LAYOUTS[layout]
+    x, t = far_logits(shape, offset, torch.float32, seed=7)
+    check_cross_entropy(x, t, device, backend, reduction="mean")
+    _check_statistics(device, backend, layout, offset, torch.float32)
+
+
+def _check_statistics(device, backend, layout, offset, dtype):
+    shape, _ = LAYOUTS[layout]
+    x, t = far_logits(shape, offset, dtype, seed=11)
+    xo = x.clone().to(device).requires_grad_()
+    loss, st = nllfused.cross_entropy(xo, t.to(device), reduction="none", backend=backend,
+                                      return_stats=("lse", "entropy", "target_logprob"))
+    (loss.sum() + 0.3 * st.entropy.sum() - 0.7 * st.target_logprob.sum()).backward()
+    xr = x.double().requires_grad_()
+    # the oracle's rows: classes last, one row per (n, d)
+    rows = oracle_rows(xr.movedim(1, -1).reshape(-1, shape[1]), t.reshape(-1))
+    for name in ("lse", "entropy", "target_logprob"):
+        assert_stat_close(name, getattr(st, name).reshape(-1), rows[name].detach(), dtype)
+    (torch.nn.functional.cross_entropy(xr, t, reduction="sum") + 0.3 * rows["entropy"].sum()
+     - 0.7 * rows["target_logprob"].sum()).backward()
+    # float32: as test_stats; bf16: one rounding of the gradient
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(xo.grad.double().cpu(), xr.grad, **tol)
