@@ -77,15 +77,19 @@ def test_inplace_equals_ce_bwd(device, backend, shape, layout, dtype, variant):
 
 
 @pytest.mark.parametrize("device,backend", backend_params(only=KERNEL_BACKENDS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_inplace_float64_far_from_zero(device, backend, shape):
-    """float64 rows far from zero, which the backward reads whole once more (docs/maths.md,
-    "Precision of lse"): in place, still ce_bwd's gradient bit for bit -- rows that several
-    programs share (Triton's split rows: (6, 5000, 1)) included."""
+@pytest.mark.parametrize("shape", SHAPES + [(2, 20000, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype,offset", [(torch.float64, 3e7), (torch.float32, 1e12)],
+                         ids=["float64", "float32"])
+def test_inplace_far_from_zero(device, backend, shape, dtype, offset):
+    """Rows far from zero, which the backward reads whole once more (docs/maths.md, "Precision
+    of lse"; float64 from |lse| 1024, float32 from 2^26): in place, still ce_bwd's gradient bit
+    for bit -- rows that several programs share (Triton's split rows: (6, 5000, 1) in float64,
+    (2, 20000, 1) in both) included."""
     fwd, bwd = ops.for_backend(backend)
     N, C, D = shape
-    x, t = _case(device, torch.float64, N, C, D, "contiguous", False, seed=C)
-    x = x + 3e7
+    x, t = _case(device, dtype, N, C, D, "contiguous", False, seed=C)
+    scale = 2.0**18 if dtype == torch.float32 else 1.0  # float32: a spread of a few ulps
+    x = (x.double() * scale + offset).to(dtype)
     options = (-100, 0.0, 1.0, 0.0, False)
     loss, lse, aux = fwd(x, t, None, *options)
     grad_loss = torch.rand_like(loss)
