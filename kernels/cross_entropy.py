@@ -633,12 +633,9 @@ def ce_bwd_inplace(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore
     """ce_bwd's gradient written over the logits (nllfused::ce_bwd_inplace_triton, csrc/ops.cpp):
     the kernel stores into the logits themselves where they are contiguous (it reads every logit,
     the true class's first, before storing over it), else ce_bwd's result is copied over them:
-    so float64, and split rows (row_splits): rows far from zero are reread whole (_exact_lse),
-    which a split row's other programs may be storing over."""
+    so float64, whose far rows are reread whole (_exact_lse) as a split row's programs store."""
     options = (ignore_index, label_smoothing, logit_scale, softcap, prob_target)
-    if (logits.is_contiguous() and not truncating_store(logits) and logits.dtype != torch.float64
-            and not _launch(logits, weight, label_smoothing, logit_scale, softcap,
-                            prob_target)[4]["SPLIT"]):
+    if logits.is_contiguous() and not truncating_store(logits) and logits.dtype != torch.float64:
         ce_bwd_stats(grad_loss, grad_lse, None, None, logits, target, weight, lse, aux, None,
                      *options, out=logits)
     else:

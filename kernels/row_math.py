@@ -106,40 +106,38 @@ def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
     return z
 
 
-@triton.jit(noinline=True)
+@triton.jit
 def _exact_lse(x_row, keep, lse64, hi, lo, C, stride_xc, logit_scale, softcap,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
                HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """The backward's p = 2^((z - hi) log2e - lo) exact for rows far from zero: there the saved
-    lse's own rounding, up to ulp(lse) / 2 (float64: 4e-9 at |lse| ~ 3e7), would enter every p,
-    where torch's log p = (z - m) - log s is exact in z - m. Rows with |lse| >= 1024 (float64)
-    or 2^26 (float32, whose split of the float64 lse holds p to float's precision below that;
-    1e20 + log s is 1e20 even in float64) read their logits once more for m and s: hi = m,
-    lo = log(s) log2e. Other rows keep the split of the saved float64 lse. A call (noinline):
-    inlined, this rare pass's loops changed the code of the backward's class loop after it (sm_90,
-    float32 LM tile: 106 SASS a step where it was 98; as a call 102, bf16 116 as before)."""
-    far = 1024.0 if ACC == tl.float64 else 67108864.0
-    need = keep & (tl.abs(lse64) >= far) & (lse64 - lse64 == 0.0)
-    if tl.max(need.to(tl.int32), 0) != 0:   # a rare row: most tiles skip both passes
-        # per-lane max and sum, reduced after each loop
-        m_lane = tl.full([BLOCK_R, BLOCK_C], float("-inf"), ACC)
-        for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc,
-                             need[:, None] & (cols < C)[None, :], logit_scale, softcap, ACC,
-                             HAS_SCALE, HAS_SOFTCAP)
-            m_lane = tl.maximum(m_lane, z)
-        m = tl.where(need, tl.max(m_lane, 1), 0.0)
-        s_lane = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-        for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc,
-                             need[:, None] & (cols < C)[None, :], logit_scale, softcap, ACC,
-                             HAS_SCALE, HAS_SOFTCAP)
-            s_lane += tl.exp(z - m[:, None])
-        s = tl.sum(s_lane, 1)
-        hi = tl.where(need, m, hi)
-        lo = tl.where(need, tl.log(s) * _LOG2E, lo)
+    """The backward's p = 2^((z - hi) log2e - lo) exact for float64 rows far from zero: there
+    the saved lse's own rounding, up to ulp(lse) / 2 (4e-9 at |lse| ~ 3e7), would enter every p,
+    where torch's log p = (z - m) - log s is exact in z - m. Rows with |lse| >= 1024 read their
+    logits once more for m and s: hi = m, lo = log(s) log2e. Other rows, and float32, keep the
+    split of the saved float64 lse: float32's p is as fine as that lse, to float's precision up to
+    |lse| ~ 2^26 (beyond, a known limit: docs/maths.md, "Precision of lse")."""
+    if ACC == tl.float64:
+        need = keep & (tl.abs(lse64) >= 1024.0) & (lse64 - lse64 == 0.0)
+        if tl.max(need.to(tl.int32), 0) != 0:   # a rare row: most tiles skip both passes
+            # per-lane max and sum, reduced after each loop
+            m_lane = tl.full([BLOCK_R, BLOCK_C], float("-inf"), ACC)
+            for start in range(0, C, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+                                 need[:, None] & (cols < C)[None, :], logit_scale, softcap, ACC,
+                                 HAS_SCALE, HAS_SOFTCAP)
+                m_lane = tl.maximum(m_lane, z)
+            m = tl.where(need, tl.max(m_lane, 1), 0.0)
+            s_lane = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+            for start in range(0, C, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+                                 need[:, None] & (cols < C)[None, :], logit_scale, softcap, ACC,
+                                 HAS_SCALE, HAS_SOFTCAP)
+                s_lane += tl.exp(z - m[:, None])
+            s = tl.sum(s_lane, 1)
+            hi = tl.where(need, m, hi)
+            lo = tl.where(need, tl.log(s) * _LOG2E, lo)
     return hi, lo
 
 
