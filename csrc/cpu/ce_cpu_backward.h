@@ -125,7 +125,7 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
     vPf = V(rg.P * f);
   }
   auto body = [&](V xv, const acc_t* gp, V& p) {
-#ifdef NLLF_HAVE_EXP_SCALEF
+#ifdef NLLF_HAVE_EXP2_TINY
     if constexpr (Exp2) {
       p = exp2_tiny(fmadd(xv, V(kLog2e), vc));
       V r = vPf * p;

@@ -176,7 +176,7 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       a = za - vm;
       b = zb - vm;
     }
-#ifdef NLLF_HAVE_EXP_SCALEF
+#ifdef NLLF_HAVE_EXP2_TINY
     if constexpr (Tiny) {
       ua = fmadd(za, log2e, vc);
       ub = fmadd(zb, log2e, vc);
@@ -189,7 +189,7 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       eb = vexp(b);
     }
     bool count = AtMax;
-#ifdef NLLF_HAVE_EXP_SCALEF
+#ifdef NLLF_HAVE_EXP2_TINY
     if constexpr (Tiny && AtMax) {
       if (test_steps) {
         if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);

@@ -176,12 +176,13 @@ struct Ce {
 #endif
     return x.exp_u20();  // float64: Sleef's exp; baseline: std::exp
   }
-  // The fold's exp for float32 and 16-bit logits where the unit has it (exp2_tiny, AVX-512):
-  // 9 instructions a vector where vexp's fold step takes 12. The 16-bit fold is bound by its
-  // instructions everywhere, float32's on a core whose 512-bit units are half as wide (AMD Zen 4:
-  // +20 % from L2, bench/results/cpu-zen4-*). It runs under TinyScope, set once per
-  // range of rows (fwd_rows, fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's
-  // flush-to-zero (FlushTiny, kernels_avx512.h), so that exp's results below 2^-126 become 0
+  // The fold's exp for float32 and 16-bit logits where the unit has it (exp2_tiny, the SIMD
+  // copies): AVX-512 9 instructions a vector (reduce and scalef) where vexp's fold step takes 12,
+  // AVX2 12 where it takes 13. The 16-bit fold is bound by its instructions everywhere, float32's
+  // on a core whose 512-bit units are half as wide (AMD Zen 4: +20 % from L2,
+  // bench/results/cpu-zen4-*). It runs under TinyScope, set once per range of rows (fwd_rows,
+  // fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's flush-to-zero (FlushTiny,
+  // kernels_avx512.h, kernels_avx2.cpp), so that exp's results below 2^-126 become 0
   // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
   // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
   // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
@@ -195,7 +196,7 @@ struct Ce {
   static acc_t tiny_offset(acc_t m) {
     return static_cast<acc_t>(-static_cast<double>(m) * kLog2eD);
   }
-#ifdef NLLF_HAVE_EXP_SCALEF
+#ifdef NLLF_HAVE_EXP2_TINY
   static constexpr bool kTinyExp = std::is_same_v<acc_t, float>;
   struct NoScope {};
   using TinyScope = std::conditional_t<kTinyExp, FlushTiny, NoScope>;

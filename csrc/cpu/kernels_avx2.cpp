@@ -75,6 +75,48 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
   return _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
 }
 
+// 2^u for u <= ~1, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e by one fma)
+// and the bf16 backward's (Ce::grad_chunk's Exp2), under FlushTiny: 11 instructions where z - m
+// and Ce::vexp take 13. AVX2 has no reduce or scalef: n = round(u) by the 1.5 * 2^23 shifter,
+// which leaves n + 127 in the low bits of tt (2^n after a shift), f = u - n in [-1/2, 1/2], 2^f
+// by a polynomial. u is first raised to -127 (vmaxps returns its second operand, u, where that
+// is NaN: NaN stays NaN), where n + 127 = 0 gives 2^n = +0: -inf and every u <= -127 give an
+// exact 0. 2^f: degree 5, 1 + f q(f) so that 2^0 is exactly 1, fitted (reweighted least
+// squares) for relative error 9.2e-8 on [-1/2, 1/2], 1.6e-7 evaluated in float.
+inline Vec<float> exp2_tiny(Vec<float> u) {
+  const __m256 shifter = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 uc = _mm256_max_ps(_mm256_set1_ps(-127.0f), u);
+  const __m256 tt = _mm256_add_ps(uc, shifter);
+  const __m256 f = _mm256_sub_ps(uc, _mm256_sub_ps(tt, shifter));
+  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(0.0013264723820611835f), f,
+                             _mm256_set1_ps(0.009671518579125404f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.05550733953714371f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.24022242426872253f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.6931470036506653f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(1.0f));
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(tt), 23));
+  return _mm256_mul_ps(q, two_n);
+}
+// Whether any of the 16 bf16 at p has the bits `bits`, or any lane of a or b equals m: a fold
+// step's test for classes at the max (Ce::fold_steps).
+inline bool any_bits_equal(const at::BFloat16* p, uint16_t bits) {
+  return first_bits_equal(p, bits) >= 0;
+}
+inline bool any_equal(Vec<float> a, Vec<float> b, Vec<float> m) {
+  return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a, m, _CMP_EQ_OQ),
+                                         _mm256_cmp_ps(b, m, _CMP_EQ_OQ))) != 0;
+}
+// MXCSR's flush-to-zero for this thread while in scope (Ce::TinyScope): a result below 2^-126
+// becomes 0 at no cost, where it otherwise may take a microcode assist.
+struct FlushTiny {
+  const unsigned csr = _mm_getcsr();
+  FlushTiny() { _mm_setcsr(csr | _MM_FLUSH_ZERO_ON); }
+  ~FlushTiny() { _mm_setcsr(csr); }
+  FlushTiny(const FlushTiny&) = delete;
+  FlushTiny& operator=(const FlushTiny&) = delete;
+};
+#define NLLF_HAVE_EXP2_TINY 1
+
 // Ce::vlog1p's split of w > 0 (normal) into 2^e f, f in [sqrt(1/2), sqrt(2)): the exponent of
 // w / sqrt(1/2), from the bits. Other w (0, inf, NaN) give garbage that vlog1p replaces.
 inline void log_split(Vec<float> w, Vec<float>& f, Vec<float>& e) {

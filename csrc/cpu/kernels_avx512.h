@@ -133,7 +133,7 @@ struct FlushTiny {
   FlushTiny(const FlushTiny&) = delete;
   FlushTiny& operator=(const FlushTiny&) = delete;
 };
-#define NLLF_HAVE_EXP_SCALEF 1
+#define NLLF_HAVE_EXP2_TINY 1
 
 // Ce::add_or_count for float: e into s off the max (a != 0; NaN included), a == 0 counted in k.
 inline void add_or_count_f(Vec<float> a, Vec<float> e, Vec<float>& s, Vec<float>& k) {
