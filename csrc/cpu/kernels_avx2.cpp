@@ -106,15 +106,6 @@ inline bool any_equal(Vec<float> a, Vec<float> b, Vec<float> m) {
   return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a, m, _CMP_EQ_OQ),
                                          _mm256_cmp_ps(b, m, _CMP_EQ_OQ))) != 0;
 }
-// MXCSR's flush-to-zero for this thread while in scope (Ce::TinyScope): a result below 2^-126
-// becomes 0 at no cost, where it otherwise may take a microcode assist.
-struct FlushTiny {
-  const unsigned csr = _mm_getcsr();
-  FlushTiny() { _mm_setcsr(csr | _MM_FLUSH_ZERO_ON); }
-  ~FlushTiny() { _mm_setcsr(csr); }
-  FlushTiny(const FlushTiny&) = delete;
-  FlushTiny& operator=(const FlushTiny&) = delete;
-};
 #define NLLF_HAVE_EXP2_TINY 1
 
 // Ce::vlog1p's split of w > 0 (normal) into 2^e f, f in [sqrt(1/2), sqrt(2)): the exponent of

@@ -124,15 +124,6 @@ inline int first_equal(const float* p, Vec<float> m) {
   return hit ? __builtin_ctz(hit) : -1;
 }
 #define NLLF_HAVE_FIRST_EQUAL 1
-// MXCSR's flush-to-zero for this thread while in scope (Ce::TinyScope): a result below 2^-126
-// becomes 0 at no cost, where it otherwise takes a microcode assist of ~100 cycles.
-struct FlushTiny {
-  const unsigned csr = _mm_getcsr();
-  FlushTiny() { _mm_setcsr(csr | _MM_FLUSH_ZERO_ON); }
-  ~FlushTiny() { _mm_setcsr(csr); }
-  FlushTiny(const FlushTiny&) = delete;
-  FlushTiny& operator=(const FlushTiny&) = delete;
-};
 #define NLLF_HAVE_EXP2_TINY 1
 
 // Ce::add_or_count for float: e into s off the max (a != 0; NaN included), a == 0 counted in k.
