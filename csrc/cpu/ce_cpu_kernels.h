@@ -182,8 +182,8 @@ struct Ce {
   // on a core whose 512-bit units are half as wide (AMD Zen 4: +20 % from L2,
   // bench/results/cpu-zen4-*). It runs under TinyScope, set once per range of rows (fwd_rows,
   // fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's flush-to-zero (FlushTiny,
-  // kernels.h), so that exp's results below 2^-126 become 0
-  // without the microcode assist a denormal or underflowing result otherwise takes. The rows'
+  // kernels.h), so that exp's results below 2^-126 become 0 without the microcode assist a
+  // denormal or underflowing result otherwise takes. The rows'
   // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
   // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
   // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps). It
