@@ -28,7 +28,7 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
   rg.nan = !std::isfinite(lse_d);
   rg.hi = static_cast<acc_t>(lse_d);
   rg.lo = rg.nan ? acc_t(0) : static_cast<acc_t>(lse_d - static_cast<double>(rg.hi));
-  if (!rg.nan) exact_lse(A, xr, t, rg.hi, rg.lo);
+  if (!rg.nan && far_lse(rg.hi)) exact_lse(A, xr, t, rg.hi, rg.lo);
   if (ignored) {
     rg.P = gs;
     rg.gm = 0;
@@ -76,7 +76,7 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
 template <typename scalar_t>
 void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi,
                              acc_t& lo) {
-  if (!(std::abs(hi) >= kExactLseFrom) || !std::isfinite(hi)) return;
+  if (!far_lse(hi)) return;
   acc_t m = -kInf, s = 0, dz;
   int64_t c = 0;
   bool by_vectors = false;

@@ -470,8 +470,10 @@ struct Ce {
     bool stream = false;  // x and out are rows in memory, not a buffer in L1: prefetch them
   };
   static RowGrad row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_t* xr, const Tf& t);
-  // exact_lse: |lse| from which a row is read once more for m and log s
+  // exact_lse: |lse| from which a row is read once more for m and log s (far_lse: whether hi,
+  // the lse's leading part, is there -- inline, as the lanes ask it for every row)
   static constexpr double kExactLseFrom = std::is_same_v<acc_t, double> ? 1024 : 0x1p26;
+  static bool far_lse(acc_t hi) { return std::abs(hi) >= kExactLseFrom && std::isfinite(hi); }
   static void exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi, acc_t& lo);
   template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false,
             bool Exp2 = false>
