@@ -473,7 +473,10 @@ struct Ce {
   // exact_lse: |lse| from which a row is read once more for m and log s (far_lse: whether hi,
   // the lse's leading part, is there -- inline, as the lanes ask it for every row)
   static constexpr double kExactLseFrom = std::is_same_v<acc_t, double> ? 1024 : 0x1p26;
-  static bool far_lse(acc_t hi) { return std::abs(hi) >= kExactLseFrom && std::isfinite(hi); }
+  static bool far_lse(acc_t hi) {
+    const acc_t a = std::abs(hi);  // NaN fails both; no branch: the lanes' test vectorizes
+    return (a >= static_cast<acc_t>(kExactLseFrom)) & (a < kInf);
+  }
   static void exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi, acc_t& lo);
   template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false,
             bool Exp2 = false>

@@ -397,7 +397,9 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     asm volatile("" : : "r"(hi) : "memory");
 #endif
     for (int64_t l = 0; l < W2; ++l) lo[l] = static_cast<acc_t>(ld[l] - static_cast<double>(hi[l]));
-    for (int64_t l = 0; l < T.L; ++l) {  // row_grad's, per lane
+    int64_t far = 0;  // row_grad's exact_lse, per lane; the test for all lanes at once
+    for (int64_t l = 0; l < W2; ++l) far |= static_cast<int64_t>(far_lse(hi[l]));
+    for (int64_t l = 0; far && l < T.L; ++l) {
       if (!far_lse(hi[l])) continue;
       const int64_t n_ = T.dtile ? T.n0 : T.n[l], d_ = T.dtile ? T.d0 + l : T.d[l];
       exact_lse(A, row_ptr(A, n_, d_), t, hi[l], lo[l]);
