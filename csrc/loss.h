@@ -5,14 +5,17 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace nllfused {
 namespace one_call_ops {
@@ -67,26 +70,50 @@ inline void check_reduction(const char* op, int64_t reduction) {
                     ": reduction must be 0 (none), 1 (mean) or 2 (sum); got ", reduction);
 }
 
-// Below this many rows the CPU reductions are plain loops here (sums in double, rounded once):
-// on a 10-class batch the three tensor ops of loss.sum() / aux.sum() cost as much as the kernel.
-// Above it at::sum's threads pay.
-constexpr int64_t kLoopRows = 1 << 16;
-
-// Plain CPU tensors only: not the fake or functional ones of a trace (opcheck, torch.compile),
-// whose data cannot be read.
+// The CPU reductions are loops here (sums in double, rounded once): on a 10-class batch the
+// three tensor ops of loss.sum() / aux.sum() cost as much as the kernel; on a segmentation map's
+// millions of rows cpu_sum runs on at::parallel_for's threads as fast as at::sum (both read the
+// rows once; measured at (8, 4, 512, 512)) and keeps the reduced loss within 1 ulp of the exact
+// sum, the same bits on any number of threads. Plain CPU tensors only: not the fake or
+// functional ones of a trace (opcheck, torch.compile), whose data cannot be read.
 inline bool loop_reduce(const Tensor& loss) {
   const auto keys = loss.key_set();
   return loss.is_cpu() && !keys.has(c10::DispatchKey::Python) &&
-         !keys.has(c10::DispatchKey::Functionalize) && loss.numel() <= kLoopRows &&
-         loss.is_contiguous();
+         !keys.has(c10::DispatchKey::Functionalize) && loss.is_contiguous();
 }
 
-// sum of a contiguous float / double CPU tensor, in double
+// Sum of a contiguous float / double CPU tensor, in double. Fixed blocks of kSumBlock elements,
+// each summed into kSumLanes running sums (element i into sum i mod kSumLanes: independent adds
+// the compiler can put in vectors) added up in order, and the blocks' sums added in order: the
+// same bits whatever the thread count.
+constexpr int64_t kSumBlock = 1 << 16, kSumLanes = 8;
+template <typename T>
+inline double block_sum(const T* p, int64_t n) {
+  double lane[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int64_t j = 0; j < kSumLanes; ++j) lane[j] += static_cast<double>(p[i + j]);
+  for (int64_t j = 0; i < n; ++i, ++j) lane[j] += static_cast<double>(p[i]);
+  double s = 0;
+  for (double v : lane) s += v;
+  return s;
+}
+
 inline double cpu_sum(const Tensor& t) {
+  const int64_t n = t.numel(), blocks = (n + kSumBlock - 1) / kSumBlock;
   double s = 0;
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "nllfused_cpu_sum", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
-    for (int64_t i = 0, n = t.numel(); i < n; ++i) s += static_cast<double>(p[i]);
+    if (blocks <= 1) {
+      s = block_sum(p, n);
+      return;
+    }
+    std::vector<double> part(blocks);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        part[b] = block_sum(p + b * kSumBlock, std::min(kSumBlock, n - b * kSumBlock));
+    });
+    for (double v : part) s += v;
   });
   return s;
 }

@@ -98,6 +98,36 @@ def test_one_call_is_the_general_path(device, reduction, channels_last,
         torch.testing.assert_close(g1, g2, rtol=tol, atol=tol * g2.abs().max().item())
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_call_reduces_many_rows_in_double(reduction):
+    """More rows than one of csrc/loss.h's sum blocks (2^16), on one thread and on two: the
+    reduced loss within 1 ulp of the double reduction of the per-row losses, the gradient as
+    float64 torch's, and both bitwise the same on either thread count (fixed blocks)."""
+    x, t = index_case((2, 3, 300, 300), "cpu", torch.float32)
+    w = torch.rand(3) + 0.1
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+    rows = nllfused.cross_entropy(x, t, **dict(kw, reduction="none")).double()
+    den = w.double()[t[t != -100]].sum() if reduction == "mean" else 1.0
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xg = x.clone().requires_grad_()
+            loss = nllfused.cross_entropy(xg, t, **kw)
+            assert took_one_call(loss)
+            loss.backward()
+            results.append((loss.detach(), xg.grad))
+    finally:
+        torch.set_num_threads(threads)
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1.double(), rows.sum() / den, rtol=2.0 ** -23, atol=0)
+    xr = x.double().requires_grad_()
+    F.cross_entropy(xr, t, **dict(kw, weight=w.double())).backward()
+    torch.testing.assert_close(g1.double(), xr.grad, rtol=1.3e-6,
+                               atol=1e-5 * xr.grad.abs().max().item())
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
 @pytest.mark.parametrize("device", ONE_CALL_DEVICES)
 def test_only_torch_compatible_calls_take_the_one_call_path(device):
     x = torch.randn(8, 5, device=device, requires_grad=True)
