@@ -397,10 +397,12 @@ def vocab_slice_grad(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weigh
     hi = lse_m.to(acc)
     lo = ((lse_m - hi.double()) + lse_s).to(acc)
     p = torch.exp((z - hi.unsqueeze(1)) - lo.unsqueeze(1))
-    grad = p * coef.unsqueeze(1)
+    coef, tcoef = coef.unsqueeze(1), tcoef.unsqueeze(1)
     cols = torch.arange(logits.shape[1], device=logits.device)
-    grad = grad - torch.where(cols == y_local.unsqueeze(1), tcoef.unsqueeze(1),
-                              torch.zeros((), dtype=acc, device=logits.device))
+    # The true class as (p - 1) tcoef + p (coef - tcoef): p - 1 is exact, where p coef - tcoef
+    # would keep the rounding of p coef as p -> 1 (a confident row).
+    grad = torch.where(cols == y_local.unsqueeze(1), (p - 1) * tcoef + p * (coef - tcoef),
+                       p * coef)
     if smoothing:
         grad = grad - eps_c * (1.0 if weight is None else weight)
     grad = torch.where((y_local != VOCAB_IGNORED_ROW).unsqueeze(1), grad * g.unsqueeze(1),
