@@ -23,6 +23,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "loss.h"
 
 #include <memory>
@@ -48,6 +49,7 @@ struct CrossEntropyLossBackward final : Node {
   SavedVariable input_, target_, lse_, aux_, weight_;
   int64_t reduction = kMean, ignore_index = -100;
   double label_smoothing = 0;
+  bool summed = false;  // aux_ is aux's sum (forward_parts)
   std::mutex mutex;  // release_variables may run beside another thread's apply
 
   std::string name() const override { return "nllfused::CrossEntropyLossBackward"; }
@@ -74,8 +76,13 @@ struct CrossEntropyLossBackward final : Node {
       return out;
     }
     auto [logits, target2] = canonical(input, target);
-    Tensor g = ce_bwd(row_grads(grad, aux, reduction), logits, target2, weight, lse, aux,
-                      ignore_index, label_smoothing);
+    // Summed: no aux rows exist; the kernels read aux for probability targets only, so the row
+    // gradients (of aux's shape and dtype) stand in for them.
+    const Tensor rows = summed ? summed_row_grads(grad, aux, reduction, lse.sizes(),
+                                                  acc_dtype(input.scalar_type()))
+                               : row_grads(grad, aux, reduction);
+    Tensor g = ce_bwd(rows, logits, target2, weight, lse, summed ? rows : aux, ignore_index,
+                      label_smoothing);
     out[0] = g.view(input.sizes());
     return out;
   }
@@ -87,6 +94,7 @@ struct CrossEntropyLossBackward final : Node {
     args.collect(reduction);
     args.collect(ignore_index);
     args.collect(label_smoothing);
+    args.collect(summed);
   }
 
   variable_list apply_with_saved(const variable_list& grads,
@@ -98,13 +106,31 @@ struct CrossEntropyLossBackward final : Node {
   }
 };
 
-// The loss and the per-row lse and aux the backward needs.
-std::tuple<Tensor, Tensor, Tensor> forward_parts(const Tensor& input, const Tensor& target,
-                                                 const std::optional<Tensor>& weight,
-                                                 int64_t reduction, int64_t ignore_index,
-                                                 double label_smoothing) {
+// The loss and what the backward needs: the per-row lse, and the per-row aux or, summed, its
+// sum (0-dim float64).
+struct Parts {
+  Tensor out, lse, aux;
+  bool summed = false;
+};
+
+Parts forward_parts(const Tensor& input, const Tensor& target,
+                    const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                    double label_smoothing) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
   auto [logits, target2] = canonical(input, target);
+  if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
+    // The CPU kernel adds the rows up in its own pass where it can: on a segmentation map of
+    // few classes the loss and aux rows, written and read back twice, were a third of the
+    // bytes of the forward and backward (csrc/cpu/kernels.h, Args::sums).
+    auto f = nllfused_cpu::ce_fwd_summed_cpu(logits, target2, weight, ignore_index,
+                                             label_smoothing);
+    if (f.summed) {
+      const double r = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
+      return {at::scalar_tensor(r, input.options().requires_grad(false)), f.lse,
+              at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble)), true};
+    }
+    return {reduce_rows(f.loss, f.aux, reduction, input, target), f.lse, f.aux};
+  }
   auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
   return {reduce_rows(loss, aux, reduction, input, target), lse, aux};
 }
@@ -117,20 +143,21 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
                               "(nllfused.cross_entropy takes the general path under it)");
   // Nothing to differentiate (no_grad, evaluation): no graph node, nothing saved.
   const bool differentiable = torch::autograd::compute_requires_grad(input);
-  Tensor out, lse, aux;
+  Parts p;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(out, lse, aux) =
-        forward_parts(input, target, weight, reduction, ignore_index, label_smoothing);
+    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing);
   }
-  if (!differentiable) return out;
+  if (!differentiable) return p.out;
+  Tensor& out = p.out;
   NodePtr node = new_node<CrossEntropyLossBackward>();
   auto* n = static_cast<CrossEntropyLossBackward*>(node.get());
   n->set_next_edges(torch::autograd::collect_next_edges(input));
   n->input_ = SavedVariable(input, false);
   n->target_ = SavedVariable(target, false);
-  n->lse_ = SavedVariable(lse, false);
-  n->aux_ = SavedVariable(aux, false);
+  n->lse_ = SavedVariable(p.lse, false);
+  n->aux_ = SavedVariable(p.aux, false);
+  n->summed = p.summed;
   n->weight_ = SavedVariable(weight.value_or(Tensor()), false);
   n->reduction = reduction;
   n->ignore_index = ignore_index;
@@ -143,8 +170,7 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
 Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
                                   const std::optional<Tensor>& weight, int64_t reduction,
                                   int64_t ignore_index, double label_smoothing) {
-  return std::get<0>(
-      forward_parts(input, target, weight, reduction, ignore_index, label_smoothing));
+  return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing).out;
 }
 
 }  // namespace

@@ -17,6 +17,23 @@
 #include <utility>
 #include <vector>
 
+namespace nllfused_cpu {
+
+// ce_fwd on the CPU with the one-call op's reduction in the kernel's pass where its path can
+// (the lanes path: csrc/cpu/kernels.h, Args::sums): then `summed`, loss_sum / aux_sum the rows'
+// sums in double, and the loss and aux rows not written. Else the rows, as ce_fwd gives them.
+// Defined in csrc/cpu/ce_cpu.cpp.
+struct SummedForward {
+  at::Tensor loss, lse, aux;
+  double loss_sum, aux_sum;
+  bool summed;
+};
+SummedForward ce_fwd_summed_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                double label_smoothing);
+
+}  // namespace nllfused_cpu
+
 namespace nllfused {
 namespace one_call_ops {
 
@@ -76,11 +93,13 @@ inline void check_reduction(const char* op, int64_t reduction) {
 // rows once; measured at (8, 4, 512, 512)) and keeps the reduced loss within 1 ulp of the exact
 // sum, the same bits on any number of threads. Plain CPU tensors only: not the fake or
 // functional ones of a trace (opcheck, torch.compile), whose data cannot be read.
-inline bool loop_reduce(const Tensor& loss) {
-  const auto keys = loss.key_set();
-  return loss.is_cpu() && !keys.has(c10::DispatchKey::Python) &&
-         !keys.has(c10::DispatchKey::Functionalize) && loss.is_contiguous();
+inline bool plain_cpu(const Tensor& t) {
+  const auto keys = t.key_set();
+  return t.is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::Functionalize);
 }
+
+inline bool loop_reduce(const Tensor& loss) { return plain_cpu(loss) && loss.is_contiguous(); }
 
 // Sum of a contiguous float / double CPU tensor, in double. Fixed blocks of kSumBlock elements,
 // each summed into kSumLanes running sums (element i into sum i mod kSumLanes: independent adds
@@ -160,6 +179,23 @@ inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction
   }
   if (reduction == kSum) return as_dtype(grad, acc).expand(aux.sizes());
   return (as_dtype(grad, acc) / aux.sum()).expand(aux.sizes());
+}
+
+// row_grads where the forward reduced the rows in its pass (ce_fwd_summed_cpu): aux_sum is
+// aux's sum, 0-dim float64; rows the (N, D) of the rows, acc their dtype.
+inline Tensor summed_row_grads(const Tensor& grad, const Tensor& aux_sum, int64_t reduction,
+                               at::IntArrayRef rows, at::ScalarType acc) {
+  if (loop_reduce(grad) && loop_reduce(aux_sum)) {
+    double g = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
+                                    "nllfused_summed_row_grads", [&] {
+                                      g = static_cast<double>(*grad.const_data_ptr<scalar_t>());
+                                    });
+    if (reduction == kMean) g /= *aux_sum.const_data_ptr<double>();
+    return at::scalar_tensor(g, grad.options().dtype(acc)).expand(rows);
+  }
+  const Tensor g = reduction == kSum ? grad : grad.to(at::kDouble) / aux_sum;
+  return as_dtype(g, acc).expand(rows);
 }
 
 // Node ownership is an intrusive_ptr from torch 2.14 on, a shared_ptr before.

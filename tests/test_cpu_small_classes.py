@@ -210,6 +210,55 @@ def test_no_rows(capability, layout):
     check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="sum")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reduction_in_the_kernels_pass(capability, layout, dtype, reduction):
+    """The one-call op's mean and sum (csrc/loss.cpp) are added up in the lane path's own pass
+    (no loss rows: csrc/cpu/kernels.h, Args::sums), per tile, then the tiles in order: the
+    reduced loss within 1 ulp of the double reduction of the per-row losses, on every copy
+    (tiles of 2 to 32 lanes) and layout (partial tiles, gathered tiles); the same bits on one
+    thread and on two; the gradient the rows' gradient scaled by the reduction's share, and
+    every row ignored gives torch's NaN mean (0 sum) with a zero gradient. (Values against
+    float64 torch: test_options.)"""
+    C = 7
+    x = LAYOUTS[layout](C, dtype)
+    t = targets(x, ignore_index=3)
+    w = torch.rand(C) + 0.1
+    kw = dict(weight=w, ignore_index=3, label_smoothing=0.1)
+    xr = x.clone().requires_grad_()
+    rows = nllfused.cross_entropy(xr, t, reduction="none", **kw)
+    assert rows.grad_fn.name() == "nllfused::CrossEntropyLossBackward"  # the one-call op
+    den = w.double()[t[t != 3]].sum() if reduction == "mean" else torch.tensor(1.0)
+    rows.backward(torch.full_like(rows, (1 / den).item()))
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xd = x.clone().requires_grad_()
+            loss = nllfused.cross_entropy(xd, t, reduction=reduction, **kw)
+            loss.backward()
+            results.append((loss.detach(), xd.grad))
+    finally:
+        torch.set_num_threads(threads)
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    exact = rows.detach().double().sum() / den
+    torch.testing.assert_close(l1.double(), exact.to(l1.dtype).double(), rtol=2.0 ** -7
+                               if dtype == torch.bfloat16 else 2.0 ** -23, atol=0)
+    if dtype == torch.float32:  # the row gradient 1 / den rounded once to float32 on both
+        assert torch.equal(g1, xr.grad)
+    else:  # (a bf16 upstream gradient rounds 1 / den to bf16 on the rows' side)
+        torch.testing.assert_close(g1, xr.grad, rtol=2.0 ** -7, atol=0)
+
+    t_none = torch.full_like(t, 3)
+    xd = x.clone().requires_grad_()
+    loss = nllfused.cross_entropy(xd, t_none, reduction=reduction, **kw)
+    loss.backward()
+    assert loss.isnan().item() if reduction == "mean" else loss.item() == 0
+    assert torch.equal(xd.grad, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_copies_agree(dtype, monkeypatch):
     """Every copy of the kernels gives the same losses and gradients up to rounding (so a copy

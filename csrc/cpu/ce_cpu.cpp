@@ -14,6 +14,7 @@
 #include "output_cache.h"
 
 #include "../checks.h"
+#include "../loss.h"
 
 #include <c10/util/StringUtil.h>
 #include <torch/library.h>
@@ -152,7 +153,7 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
                             const std::optional<Tensor>& weight, int64_t ignore_index,
                             double label_smoothing, double logit_scale, double softcap,
                             bool prob_target, bool stats, bool want_ent = true,
-                            bool want_pred = true) {
+                            bool want_pred = true, double* sums = nullptr) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -171,6 +172,7 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
     A.want_ent = want_ent; A.want_pred = want_pred;
   }
   A.loss = out[0].data_ptr(); A.lse = out[1].data_ptr(); A.aux = out[2].data_ptr();
+  A.sums = sums;
   for (const Tensor& o : out) prefer_huge_pages(o);
   cap.forward(A, logits.scalar_type());
   return out;
@@ -272,6 +274,15 @@ Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& gr
 }
 
 }  // namespace
+
+SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
+                                const std::optional<Tensor>& weight, int64_t ignore_index,
+                                double label_smoothing) {
+  double sums[3] = {0, 0, 0};
+  auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
+                   label_smoothing, 1.0, 0.0, false, false, true, true, sums);
+  return {o[0], o[1], o[2], sums[0], sums[1], sums[2] != 0};
+}
 
 std::vector<std::string> capabilities() {
   std::vector<std::string> names;

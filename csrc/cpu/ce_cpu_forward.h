@@ -630,6 +630,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
 template <typename scalar_t>
 void Ce<scalar_t>::forward(const Args& A) {
   if (lanes_ok(A, false)) return forward_lanes(A);
+  if (A.sums) A.sums[2] = 0;  // the rows are written: the caller adds them up
   parallel_rows(A, A.xC == 1 || A.C == 1, [&](int64_t b, int64_t e) { fwd_rows(A, b, e); },
                 [&](int64_t b, int64_t e) { fwd_tiles(A, b, e); });
 }

@@ -318,14 +318,25 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     };
     finish(0, m0, s0, k0, b0, a0, t0, i0);
     finish(W, m1, s1, k1, b1, a1, t1, i1);
-    acc_t* lossr = loss + T.r0;
-    acc_t* auxr = aux + T.r0;
     double* lser = lse + T.r0;
-    lane_loop(T.L, W2, [&](int64_t l) {
-      lossr[l] = ls[l];
-      auxr[l] = wy[l];
-      lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]);
-    });
+    lane_loop(T.L, W2,
+              [&](int64_t l) { lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]); });
+    if (A.tile_sums) {  // the reduction in this pass: no loss / aux rows written and read back
+      double sl = 0, sa = 0;
+      for (int64_t l = 0; l < T.L; ++l) {
+        sl += static_cast<double>(ls[l]);
+        sa += static_cast<double>(wy[l]);
+      }
+      A.tile_sums[2 * tile] = sl;
+      A.tile_sums[2 * tile + 1] = sa;
+    } else {
+      acc_t* lossr = loss + T.r0;
+      acc_t* auxr = aux + T.r0;
+      lane_loop(T.L, W2, [&](int64_t l) {
+        lossr[l] = ls[l];
+        auxr[l] = wy[l];
+      });
+    }
     if constexpr (Stats) {
       acc_t* entr = static_cast<acc_t*>(A.ent) + T.r0;
       acc_t* tlpr = static_cast<acc_t*>(A.tlp) + T.r0;
@@ -581,6 +592,22 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::forward_lanes(const Args& A) {
+  if (A.sums) {  // each tile's sums, then the tiles' in order: the same bits on any thread count
+    std::vector<double> part(2 * lane_tiles(A));
+    Args B = A;
+    B.sums = nullptr;
+    B.tile_sums = part.data();
+    forward_lanes(B);
+    double sl = 0, sa = 0;
+    for (size_t i = 0; i < part.size(); i += 2) {
+      sl += part[i];
+      sa += part[i + 1];
+    }
+    A.sums[0] = sl;
+    A.sums[1] = sa;
+    A.sums[2] = 1;
+    return;
+  }
   if (A.stats_fwd()) {
     NLLF_LANES_RUN(fwd_lanes_stats)
   } else {

@@ -68,6 +68,11 @@ struct Args {
   const void* w; double wsum;                    // weights (C,) in the accumulation dtype, or null
   int64_t ignore_index; double eps, a, s; bool prob;
   void *loss, *lse, *aux;                        // forward outputs, contiguous (N, D)
+  // The one-call op's reduction (csrc/loss.cpp), or null: where the lanes path runs
+  // (ce_cpu_lanes.h) the forward adds the rows' loss and aux up in double into sums[0] and
+  // sums[1] instead of writing those rows, and sets sums[2] = 1; elsewhere it writes the rows
+  // and sets sums[2] = 0. tile_sums: the lanes' per-tile (loss, aux) pairs it adds up.
+  double* sums; double* tile_sums;
   const void* gl; int64_t gN, gD;                // backward inputs (N, D)
   const double* glse; int64_t glN, glD;          // grad_lse (N, D) float64, or null
   const void* lse_in; int64_t lN, lD;
