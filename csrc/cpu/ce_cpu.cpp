@@ -153,7 +153,7 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
                             const std::optional<Tensor>& weight, int64_t ignore_index,
                             double label_smoothing, double logit_scale, double softcap,
                             bool prob_target, bool stats, bool want_ent = true,
-                            bool want_pred = true, double* sums = nullptr) {
+                            bool want_pred = true) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -172,7 +172,6 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
     A.want_ent = want_ent; A.want_pred = want_pred;
   }
   A.loss = out[0].data_ptr(); A.lse = out[1].data_ptr(); A.aux = out[2].data_ptr();
-  A.sums = sums;
   for (const Tensor& o : out) prefer_huge_pages(o);
   cap.forward(A, logits.scalar_type());
   return out;
@@ -278,10 +277,37 @@ Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& gr
 SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
                                 const std::optional<Tensor>& weight, int64_t ignore_index,
                                 double label_smoothing) {
+  const char* op = "nllfused::cross_entropy_loss (CPU)";
+  nllfused::check_devices(op, c10::DeviceType::CPU, logits,
+                          {{"target", &target}, {"weight", nllfused::present(weight)}});
+  nllfused::check_args(op, logits, target, weight, label_smoothing, false);
+  const Capability& cap = active_capability();
+  Tensor w;
+  Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, 1.0, 0.0, false);
+  const auto acc = nllfused::acc_dtype(logits.scalar_type());
+  // Up to kLaneMaxClasses the lanes path runs and adds the rows up itself: no loss / aux rows
+  // are allocated (the forward's working memory is the lse alone).
+  const bool lanes = A.C <= kLaneMaxClasses;
+  SummedForward f{};
+  f.lse = cached_empty({A.N, A.D}, at::kDouble);
+  if (!lanes) {
+    f.loss = cached_empty({A.N, A.D}, acc);
+    f.aux = cached_empty({A.N, A.D}, acc);
+    A.loss = f.loss.data_ptr();
+    A.aux = f.aux.data_ptr();
+    prefer_huge_pages(f.loss);
+    prefer_huge_pages(f.aux);
+  }
+  A.lse = f.lse.data_ptr();
+  prefer_huge_pages(f.lse);
   double sums[3] = {0, 0, 0};
-  auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
-                   label_smoothing, 1.0, 0.0, false, false, true, true, sums);
-  return {o[0], o[1], o[2], sums[0], sums[1], sums[2] != 0};
+  A.sums = sums;
+  cap.forward(A, logits.scalar_type());
+  f.summed = sums[2] != 0;
+  TORCH_INTERNAL_ASSERT(f.summed == lanes, op, ": the lanes path did not run");
+  f.loss_sum = sums[0];
+  f.aux_sum = sums[1];
+  return f;
 }
 
 std::vector<std::string> capabilities() {

@@ -495,7 +495,7 @@ struct Ce {
 
   // ------------- rows of few classes, one row per vector lane (ce_cpu_lanes.h) -------------
   // The most classes a lane tile holds: its C x W2 buffer is 16 KiB in the AVX2 copy (L1).
-  static constexpr int64_t kLaneMaxC = 256;
+  static constexpr int64_t kLaneMaxC = kLaneMaxClasses;
   struct Lanes;
   static int64_t lane_limit(const Args& A, bool backward);
   static bool lanes_ok(const Args& A, bool backward);

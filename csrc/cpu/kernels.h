@@ -104,6 +104,10 @@ struct Args {
 constexpr int64_t kMaxRowChunk = 8192;
 int64_t row_chunk(int64_t acc_size);
 
+// The most classes of the lanes path (ce_cpu_lanes.h): the forward takes it for every index
+// target row of up to this many classes.
+constexpr int64_t kLaneMaxClasses = 256;
+
 // Entry points of one instruction set's copy; `logits` is the logits' dtype.
 using KernelFn = void (*)(const Args&, at::ScalarType logits);
 void forward_default(const Args& A, at::ScalarType logits);
