@@ -21,8 +21,8 @@ namespace nllfused_cpu {
 
 // ce_fwd on the CPU with the one-call op's reduction in the kernel's pass where its path can
 // (the lanes path: csrc/cpu/kernels.h, Args::sums): then `summed`, loss_sum / aux_sum the rows'
-// sums in double, and the loss and aux rows not written. Else the rows, as ce_fwd gives them.
-// Defined in csrc/cpu/ce_cpu.cpp.
+// sums in double, and no loss and aux rows (undefined tensors). Else the rows, as ce_fwd gives
+// them. Defined in csrc/cpu/ce_cpu.cpp.
 struct SummedForward {
   at::Tensor loss, lse, aux;
   double loss_sum, aux_sum;
