@@ -215,7 +215,7 @@ def test_no_rows(capability, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_reduction_in_the_kernels_pass(capability, layout, dtype, reduction):
     """The one-call op's mean and sum (csrc/loss.cpp) are added up in the lane path's own pass
-    (no loss rows: csrc/cpu/kernels.h, Args::sums), per tile, then the tiles in order: the
+    (no loss rows: csrc/cpu/kernels.h, Args::sums), per tile, then the tiles in a fixed order: the
     reduced loss within 1 ulp of the double reduction of the per-row losses, on every copy
     (tiles of 2 to 32 lanes) and layout (partial tiles, gathered tiles); the same bits on one
     thread and on two; the gradient the rows' gradient scaled by the reduction's share, and

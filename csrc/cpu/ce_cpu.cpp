@@ -148,12 +148,13 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
 
 // ce_fwd's outputs (loss, lse, aux), then with `stats` ce_fwd_stats's (entropy, target_logp,
 // predicted), all from the kernels' one pass; entropy / predicted zeros unless want_ent /
-// want_pred.
+// want_pred. With `sums` (Args::sums) and at most kLaneMaxClasses classes the lanes path adds
+// the rows up itself: loss and aux are then left undefined, not allocated.
 std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& target,
                             const std::optional<Tensor>& weight, int64_t ignore_index,
                             double label_smoothing, double logit_scale, double softcap,
                             bool prob_target, bool stats, bool want_ent = true,
-                            bool want_pred = true) {
+                            bool want_pred = true, double* sums = nullptr) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -162,8 +163,10 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,
                      softcap, prob_target);
   const auto acc = nllfused::acc_dtype(logits.scalar_type());
-  std::vector<Tensor> out{cached_empty({A.N, A.D}, acc), cached_empty({A.N, A.D}, at::kDouble),
-                          cached_empty({A.N, A.D}, acc)};
+  const bool rows = sums == nullptr || A.C > kLaneMaxClasses;
+  std::vector<Tensor> out{rows ? cached_empty({A.N, A.D}, acc) : Tensor(),
+                          cached_empty({A.N, A.D}, at::kDouble),
+                          rows ? cached_empty({A.N, A.D}, acc) : Tensor()};
   if (stats) {
     out.push_back(cached_empty({A.N, A.D}, acc));
     out.push_back(cached_empty({A.N, A.D}, acc));
@@ -171,9 +174,14 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
     A.ent = out[3].data_ptr(); A.tlp = out[4].data_ptr(); A.pred = out[5].data_ptr<int64_t>();
     A.want_ent = want_ent; A.want_pred = want_pred;
   }
-  A.loss = out[0].data_ptr(); A.lse = out[1].data_ptr(); A.aux = out[2].data_ptr();
-  for (const Tensor& o : out) prefer_huge_pages(o);
+  if (rows) { A.loss = out[0].data_ptr(); A.aux = out[2].data_ptr(); }
+  A.lse = out[1].data_ptr();
+  A.sums = sums;
+  for (const Tensor& o : out)
+    if (o.defined()) prefer_huge_pages(o);
   cap.forward(A, logits.scalar_type());
+  // The kernels' own choice of the lanes path must agree with the rows left unallocated.
+  if (sums != nullptr) TORCH_INTERNAL_ASSERT((sums[2] != 0) == !rows, op, ": lanes path mismatch");
   return out;
 }
 
@@ -277,34 +285,12 @@ Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& gr
 SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
                                 const std::optional<Tensor>& weight, int64_t ignore_index,
                                 double label_smoothing) {
-  const char* op = "nllfused::cross_entropy_loss (CPU)";
-  nllfused::check_devices(op, c10::DeviceType::CPU, logits,
-                          {{"target", &target}, {"weight", nllfused::present(weight)}});
-  nllfused::check_args(op, logits, target, weight, label_smoothing, false);
-  const Capability& cap = active_capability();
-  Tensor w;
-  Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, 1.0, 0.0, false);
-  const auto acc = nllfused::acc_dtype(logits.scalar_type());
-  // Up to kLaneMaxClasses the lanes path runs and adds the rows up itself: no loss / aux rows
-  // are allocated (the forward's working memory is the lse alone).
-  const bool lanes = A.C <= kLaneMaxClasses;
-  SummedForward f{};
-  f.lse = cached_empty({A.N, A.D}, at::kDouble);
-  if (!lanes) {
-    f.loss = cached_empty({A.N, A.D}, acc);
-    f.aux = cached_empty({A.N, A.D}, acc);
-    A.loss = f.loss.data_ptr();
-    A.aux = f.aux.data_ptr();
-    prefer_huge_pages(f.loss);
-    prefer_huge_pages(f.aux);
-  }
-  A.lse = f.lse.data_ptr();
-  prefer_huge_pages(f.lse);
   double sums[3] = {0, 0, 0};
-  A.sums = sums;
-  cap.forward(A, logits.scalar_type());
-  f.summed = sums[2] != 0;
-  TORCH_INTERNAL_ASSERT(f.summed == lanes, op, ": the lanes path did not run");
+  auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
+                   label_smoothing, 1.0, 0.0, false, false, true, true, sums);
+  SummedForward f{};
+  f.loss = o[0]; f.lse = o[1]; f.aux = o[2];
+  f.summed = !o[0].defined();
   f.loss_sum = sums[0];
   f.aux_sum = sums[1];
   return f;

@@ -325,8 +325,9 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     finish(0, m0, s0, k0, b0, a0, t0, i0);
     finish(W, m1, s1, k1, b1, a1, t1, i1);
     double* lser = lse + T.r0;
-    lane_loop(T.L, W2,
-              [&](int64_t l) { lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]); });
+    lane_loop(T.L, W2, [&](int64_t l) {
+      lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]);
+    });
     if (A.tile_sums) {  // the reduction in this pass: no loss / aux rows written and read back
       // Every lane (those past L are ignored rows: 0) into S running sums, then a tree: in
       // vectors, and a fixed order. (One running sum was a quarter of the forward's time.)
@@ -611,19 +612,22 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::forward_lanes(const Args& A) {
-  if (A.sums) {  // each tile's sums, then the tiles' in order: the same bits on any thread count
+  if (A.sums) {  // per-tile sums, then over the tiles in a fixed order (any thread count)
     std::vector<double> part(2 * lane_tiles(A));
     Args B = A;
     B.sums = nullptr;
     B.tile_sums = part.data();
     forward_lanes(B);
-    double sl = 0, sa = 0;
-    for (size_t i = 0; i < part.size(); i += 2) {
-      sl += part[i];
-      sa += part[i + 1];
+    // Four running pairs (tile i into i % 4), then a fixed tree: a fixed order, and not one
+    // chain of dependent adds over every tile.
+    double sl[4] = {0, 0, 0, 0}, sa[4] = {0, 0, 0, 0};
+    const size_t n = part.size() / 2;
+    for (size_t i = 0; i < n; ++i) {
+      sl[i % 4] += part[2 * i];
+      sa[i % 4] += part[2 * i + 1];
     }
-    A.sums[0] = sl;
-    A.sums[1] = sa;
+    A.sums[0] = (sl[0] + sl[1]) + (sl[2] + sl[3]);
+    A.sums[1] = (sa[0] + sa[1]) + (sa[2] + sa[3]);
     A.sums[2] = 1;
     return;
   }
