@@ -27,6 +27,22 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({threads} thread{'s' if threads != 1 else ''})"
 
 
+def cpu_pages() -> str:
+    """The pages torch's CPU tensors get: the kernel's transparent-huge-page mode and whether
+    torch asks for huge pages (its THP_MEM_ALLOC_ENABLE=1, which madvises its large
+    allocations). On a VM a 4 KiB page's TLB miss is a two-level walk: a stream over 4 KiB
+    pages can read markedly slower than over 2 MiB ones, the copy bandwidth as well."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = next((w[1:-1] for w in f.read().split() if w.startswith("[")), "unknown")
+    except OSError:
+        mode = "unknown"
+    torch_thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "") == "1"
+    huge = mode == "always" or (mode == "madvise" and torch_thp)
+    return (f"{'2 MiB' if huge else '4 KiB'} (THP {mode}, THP_MEM_ALLOC_ENABLE="
+            f"{'1' if torch_thp else 'unset'})")
+
+
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True,
@@ -74,5 +90,7 @@ def describe(device: torch.device) -> dict:
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if device.type == "cpu":
+        info["pages"] = cpu_pages()
     info.update(versions())
     return info

@@ -95,7 +95,8 @@ def header(meta: dict) -> str:
     return (f"nllfused-bench {','.join(meta['presets'])} on {meta['device']} | torch "
             f"{meta['torch']} | triton {meta['triton'] or 'none'} | commit {meta['git_commit']} "
             f"| {meta['date']}\n"
-            f"copy bandwidth (read+write, same run): {meta['copy_gbps']:.1f} GB/s")
+            f"copy bandwidth (read+write, same run): {meta['copy_gbps']:.1f} GB/s"
+            + (f" | pages: {meta['pages']}" if meta.get("pages") else ""))
 
 
 def footer(meta: dict, notes: list, rows: list) -> str:

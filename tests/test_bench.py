@@ -56,8 +56,11 @@ def test_smoke_run_writes_csv_and_json(tmp_path, capsys):
                 "timing_method", "memory_method"):
         assert key in meta
     assert meta["copy_gbps"] > 0
+    # the pages the tensors had (on a VM 4 KiB pages can slow a stream markedly)
+    assert meta["pages"].startswith(("4 KiB", "2 MiB")) and "THP_MEM_ALLOC_ENABLE=" in meta["pages"]
     printed = capsys.readouterr().out
     assert "N256·C1000" in printed and "fwd_bwd" in printed and "copy bandwidth" in printed
+    assert f"pages: {meta['pages']}" in printed
     table = summary.text(data)
     assert "N256·C1000" in table and "torch" in table
     assert summary.markdown(data).count("| N256·C1000 | fp32 |") == 2  # fwd and fwd_bwd
@@ -89,6 +92,28 @@ def test_failing_nllfused_provider_sets_exit_status(tmp_path, monkeypatch, capsy
                           for r in broken)
     assert {r["mode"] for r in data["results"]} == {"fwd"}
     assert "kernel exploded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode, torch_env, pages", [
+    ("always", None, "2 MiB"), ("madvise", "1", "2 MiB"), ("madvise", None, "4 KiB"),
+    ("never", "1", "4 KiB")])
+def test_cpu_pages_follow_thp_mode_and_torch_setting(monkeypatch, mode, torch_env, pages):
+    modes = " ".join(f"[{m}]" if m == mode else m for m in ("always", "madvise", "never"))
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path).endswith("transparent_hugepage/enabled"):
+            return io.StringIO(modes + "\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    if torch_env is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", torch_env)
+    from nllfused.bench import environment
+    got = environment.cpu_pages()
+    assert got.startswith(pages) and f"THP {mode}" in got
 
 
 def test_provider_selection_notes_and_exclusions():
