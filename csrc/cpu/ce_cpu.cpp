@@ -179,9 +179,7 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
   A.sums = sums;
   for (const Tensor& o : out)
     if (o.defined()) prefer_huge_pages(o);
-  cap.forward(A, logits.scalar_type());
-  // The kernels' own choice of the lanes path must agree with the rows left unallocated.
-  if (sums != nullptr) TORCH_INTERNAL_ASSERT((sums[2] != 0) == !rows, op, ": lanes path mismatch");
+  cap.forward(A, logits.scalar_type());  // (its rows path refuses rows left unallocated)
   return out;
 }
 
@@ -288,12 +286,7 @@ SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
   double sums[3] = {0, 0, 0};
   auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
                    label_smoothing, 1.0, 0.0, false, false, true, true, sums);
-  SummedForward f{};
-  f.loss = o[0]; f.lse = o[1]; f.aux = o[2];
-  f.summed = !o[0].defined();
-  f.loss_sum = sums[0];
-  f.aux_sum = sums[1];
-  return f;
+  return {o[0], o[1], o[2], sums[0], sums[1], sums[2] != 0};  // summed: what the kernels did
 }
 
 std::vector<std::string> capabilities() {
