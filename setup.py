@@ -72,7 +72,8 @@ def extension():
 setup(
     name="nllfused",
     version="0.1.0",
-    description="Fused log-softmax + NLL (cross-entropy) kernels for PyTorch, exact torch semantics",
+    description=("Fused log-softmax + NLL (cross-entropy) kernels for PyTorch, "
+                 "exact torch semantics"),
     python_requires=">=3.10",
     packages=["nllfused", "nllfused.backends", "nllfused.kernels", "nllfused.bench",
               "nllfused.integrations"],

@@ -68,8 +68,8 @@ class Case:
 
     def floor_bytes(self, mode: str) -> Optional[int]:
         """The floor (docs/maths.md, "Bytes") for a fused kernel that saves lse and recomputes
-        the gradient: fwd reads the logits once (P); fwd+bwd adds one read and one write (3P). None for
-        kind "linear", which is bound by its matmuls, not by bytes."""
+        the gradient: fwd reads the logits once (P); fwd+bwd adds one read and one write (3P).
+        None for kind "linear", which is bound by its matmuls, not by bytes."""
         if self.kind != "ce":
             return None
         return self.logits_bytes * (1 if mode == "fwd" else 3)

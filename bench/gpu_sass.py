@@ -302,7 +302,8 @@ def loop_elements(loop: dict, dtype: str) -> tuple:
     return sum(1 for b in loop["loads"] if b == bits) or None, True
 
 
-_RES_USAGE = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_RES_USAGE = re.compile(
+    r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
 def parse_res_usage(text: str) -> dict:

@@ -74,7 +74,8 @@ def paired_median_ms(fn: Callable, ref: Callable, policy: CpuPolicy = CpuPolicy(
     times, ref_times = [], []
     start = time.perf_counter()
     while len(times) < policy.max_repeats and (
-            len(times) < policy.min_repeats or time.perf_counter() - start < 2 * policy.min_seconds):
+            len(times) < policy.min_repeats
+            or time.perf_counter() - start < 2 * policy.min_seconds):
         for f, out in ((fn, times), (ref, ref_times)):
             for _ in range(max(1, policy.warmup)):
                 f()

@@ -20,9 +20,9 @@ the target logits (O(rows) work; float64: a log_softmax) unless the kernels give
 predicted and entropy come from the kernels where they compute them in their pass (the Triton,
 CUDA and C++ CPU kernels; the C++ CPU ones do only the work of those asked for, the statistics
 op's with_entropy / with_predicted: `kernel_flags`), else from `torch_ref.entropy_and_argmax`
-(an extra pass over the logits). CPU calls the one-call path takes (nllfused/functional.py) get all of it, reductions
-and autograd included, from one C++ op (csrc/loss_stats.cpp); `mask` and `from_one_call`
-translate to and from it.
+(an extra pass over the logits). CPU calls the one-call path takes (nllfused/functional.py)
+get all of it, reductions and autograd included, from one C++ op (csrc/loss_stats.cpp); `mask`
+and `from_one_call` translate to and from it.
 
 Names users of other packages know: return_lse=True (quack, flash-attention) and
 return_z_loss=True (Liger-Kernel) append the per-row lse and the reduced z-loss term to the

@@ -19,7 +19,8 @@ OPTIONS = [
     pytest.param(dict(), id="plain"),
     pytest.param(dict(weight="rand", label_smoothing=0.2), id="weight-smoothing"),
     pytest.param(dict(z_loss=0.05, logit_scale=0.7, softcap=3.0), id="zloss-scale-softcap"),
-    pytest.param(dict(weight="rand", label_smoothing=0.1, z_loss=0.02), id="weight-smoothing-zloss"),
+    pytest.param(dict(weight="rand", label_smoothing=0.1, z_loss=0.02),
+                 id="weight-smoothing-zloss"),
 ]
 
 
