@@ -249,11 +249,12 @@ def test_reduction_in_the_kernels_pass(capability, layout, dtype, reduction):
     if dtype == torch.float32 or reduction == "sum":  # the same row gradient on both sides
         assert torch.equal(g1, xr.grad)
     else:
-        # The rows' upstream gradient is bf16, 1 / den rounded to 8 bits (2^-9 relative), the
-        # reduced loss's row gradient 1 / den in float32: an element differs by that 2^-9 and
-        # the two roundings to bf16, < 1.5 ulp (an ulp is > 2^-8 of the value): 2 ulp at most.
+        # The rows' upstream gradient is bf16, 1 / den rounded to 8 significant bits (at most
+        # 2^-8 relative), the reduced loss's row gradient 1 / den in float32: an element differs
+        # by that 2^-8 and the two roundings of the gradients to bf16 (2^-8 relative each), so
+        # by less than 3 * 2^-8 (+ O(2^-16)) of its value, and of the rounded one.
         diff = (g1.double() - xr.grad.double()).abs()
-        assert (diff <= 2.0 ** -6 * xr.grad.double().abs()).all(), diff.max()
+        assert (diff <= 3.05 * 2.0 ** -8 * xr.grad.double().abs()).all(), diff.max()
 
     t_none = torch.full_like(t, 3)
     xd = x.clone().requires_grad_()
