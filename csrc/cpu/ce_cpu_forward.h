@@ -361,8 +361,10 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t
 }
 
 // The argmax over a chunk z[0, n) of classes c0.. with max cm (from the max sweep): only a chunk
-// whose max beats the best so far is scanned, for the first class at it. (A NaN the max sweep
-// dropped is found by finish_stats.) With the max sweep's snapshots, the scan starts at the
+// whose max beats the best so far (beats) is scanned (first_at), for the first class at it. (A
+// NaN the max sweep dropped is found by finish_stats.) fwd_rows scans a row's logits in place
+// once, at the row's end, in the chunk that held its max (see there); track_argmax scans a
+// chunk copied into a buffer at once. With the max sweep's snapshots, the scan starts at the
 // first block of kSnapSteps steps whose running max reached cm (the max's first class is in it),
 // instead of at the chunk's start: a new max is met in a few chunks of every row (the first ones,
 // mostly), and scanning from the start took a twentieth of the bf16 forward with statistics at
@@ -379,9 +381,21 @@ template <typename scalar_t>
 template <typename src_t>
 void Ce<scalar_t>::track_argmax(State& st, const src_t* z, int64_t c0, int64_t n, acc_t cm,
                                 int64_t split_end, const Snaps* snaps) {
+  if (!beats(st, cm)) return;
+  const int64_t f = first_at(z, n, cm, split_end, snaps);
+  if (f >= 0) {
+    st.best = cm;
+    st.arg = c0 + f;
+  }
+}
+
+// The first class of z[0, n) at cm (NaN: the first NaN), -1 if none (track_argmax).
+template <typename scalar_t>
+template <typename src_t>
+int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t split_end,
+                               const Snaps* snaps) {
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   const bool nan = std::isnan(cm);
-  if (!(cm > st.best) && !(nan && !std::isnan(st.best))) return;
   const V vcm(cm);
   constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
   // Class order throughout (split_end 0), float, cm neither NaN nor (bf16 bits) a zero -- the
@@ -422,29 +436,20 @@ void Ce<scalar_t>::track_argmax(State& st, const src_t* z, int64_t c0, int64_t n
   }
   int f = -1;
   while (i + W2 <= n && (f = step_first(z + i)) < 0) i += W2;
-  if (by_mask && i + W2 <= n) {
-    st.best = cm;
-    st.arg = c0 + i + f;
-    return;
-  }
+  if (by_mask && i + W2 <= n) return i + f;
   if (i < split_end) {
     int64_t first = W2;
     for (int64_t q = 0; q < W2; ++q) {
       const acc_t v = static_cast<acc_t>(z[i + q]);
       if (nan ? v != v : v == cm) first = std::min(first, split_class(q));
     }
-    st.best = cm;
-    st.arg = c0 + i + first;
-    return;
+    return i + first;
   }
   for (; i < n; ++i) {
     const acc_t v = static_cast<acc_t>(z[i]);
-    if (nan ? v != v : v == cm) {
-      st.best = cm;
-      st.arg = c0 + i;
-      return;
-    }
+    if (nan ? v != v : v == cm) return i;
   }
+  return -1;
 }
 
 // Which g-sums row needs: soft targets always; index targets only with smoothing (not ignored).
@@ -536,7 +541,13 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
   const Tf t = make_tf(A);
   // the entropy's sum in the fold, the argmax's snapshots and scans: only where asked for
   const bool ent = A.stats_fwd() && A.want_ent, arg = A.stats_fwd() && A.want_pred;
-  Snaps snaps;
+  // The argmax of a row read in place (bf16 from its bits, float32 without a transform) is
+  // scanned for once, at the row's end, in the chunk where the row's max first appeared (still
+  // in L2 there), from the snapshots its max sweep took: the chunk that beats the best so far
+  // keeps its snapshots (snaps[cur] then goes to the other buffer). Scanning every chunk that
+  // beat the best (two at 32K classes, three at 128K) took 2-3 % of the bf16 forward.
+  Snaps snaps[2];
+  int cur = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n_ = r / A.D, d_ = r % A.D;
     const scalar_t* xr = row_ptr(A, n_, d_);
@@ -546,6 +557,8 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
     // 64-byte aligned (as in grad_any: unaligned, each 64-byte split load crosses two lines).
     const bool split_row = kSplit && gm < 2;
     State st;
+    int64_t arg_c0 = -1, arg_n = 0;  // the chunk in place whose max is st.best, to scan
+    const Snaps* arg_snaps = nullptr;
     for (int64_t c0 = 0; c0 < A.C; c0 += chunk) {
       const int64_t n = std::min(chunk, A.C - c0);
       const bool split = split_row && reinterpret_cast<uintptr_t>(xr + c0) % 64 == 0;
@@ -553,12 +566,22 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const bool raw = kSplit && split && t.kind == 0;
       acc_t cm;
       const acc_t* z = nullptr;
-      if (raw) cm = bits_max(xr + c0, n, arg ? &snaps : nullptr);
-      else z = load_chunk(xr + c0, 1, n, zb, t, cm, split, arg ? &snaps : nullptr);
-      if constexpr (kSplit) {
-        if (arg && raw) track_argmax(st, xr + c0, c0, n, cm, 0, &snaps);  // class order
+      Snaps* sn = arg ? &snaps[cur] : nullptr;
+      if (raw) cm = bits_max(xr + c0, n, sn);
+      else z = load_chunk(xr + c0, 1, n, zb, t, cm, split, sn);
+      if (arg && beats(st, cm)) {
+        // in place: the chunk's logits in class order are what the max sweep saw
+        if (raw || static_cast<const void*>(z) == static_cast<const void*>(xr + c0)) {
+          st.best = cm;
+          arg_c0 = c0;
+          arg_n = n;
+          arg_snaps = sn;
+          cur ^= 1;
+        } else {
+          track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, sn);
+          arg_c0 = -1;
+        }
       }
-      if (arg && !raw) track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, &snaps);
       const acc_t* g = nullptr;
       if (A.prob) {
         soft_coef(A, n_, d_, c0, n, gb);
@@ -580,6 +603,12 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
         }
       }
       fold_any(gm, ent, st, z, n, cm, g, pfc, pf_bytes);
+    }
+    if constexpr (kSplit || std::is_same_v<scalar_t, acc_t>) {  // the types read in place
+      if (arg_c0 >= 0) {  // (f is never -1: st.best is a value of that chunk, or a NaN in it)
+        const int64_t f = first_at(xr + arg_c0, arg_n, st.best, 0, arg_snaps);
+        st.arg = arg_c0 + std::max<int64_t>(f, 0);
+      }
     }
     finish_row(A, r, st, xr, y, t);
   }

@@ -437,6 +437,13 @@ struct Ce {
   template <typename src_t>
   static void track_argmax(State& st, const src_t* z, int64_t c0, int64_t n, acc_t cm,
                            int64_t split_end = 0, const Snaps* snaps = nullptr);
+  template <typename src_t>
+  static int64_t first_at(const src_t* z, int64_t n, acc_t cm, int64_t split_end,
+                          const Snaps* snaps);
+  // whether a chunk's max cm is a new best for the argmax: above it, or the first NaN
+  static bool beats(const State& st, acc_t cm) {
+    return cm > st.best || (std::isnan(cm) && !std::isnan(st.best));
+  }
   static int gmode(const Args& A, int64_t y);
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
                          int64_t y, const Tf& t);
