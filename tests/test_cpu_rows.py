@@ -63,9 +63,11 @@ def test_argmax_of_long_rows(capability, chunk, layout, dtype):
     """The first of tied maxima wherever they fall -- in one vector step, in two steps of a
     chunk, in two chunks, in a chunk's scalar tail, in the same pair of a bf16 row's split order,
     a larger max in a later chunk, across the max sweep's 512-class snapshot blocks, only in the
-    scalar tail -- and the first NaN, on rows read in place and on tiles."""
+    scalar tail, tied in a later chunk further into it than the max is into its own (rows read in
+    place scan the max's chunk at the row's end, from that chunk's snapshots) -- and the first
+    NaN, on rows read in place and on tiles."""
     C = 5000
-    x = torch.randn(12, C, dtype=torch.float64)
+    x = torch.randn(13, C, dtype=torch.float64)
     top = x.abs().max() + 1
     places = [[5, 9], [40, 700], [2100, 4500], [3, 4997], [4990, 4999], [2047, 2048],
               [11, 12], [30, 3000]]
@@ -77,13 +79,15 @@ def test_argmax_of_long_rows(capability, chunk, layout, dtype):
     x[9, 4321] = float("inf")
     x[10, [511, 512]] = top         # the last class of one snapshot block and the first of the next
     x[11, 4996] = top               # 5000 = 156 steps of 32 and a tail of 8
+    x[12, [2148, 4896]] = top       # chunk 2048: block 0 of chunk 1, block 1 of chunk 2
     x = x.to(dtype)
     if layout == "tiles":
         x = x.t().contiguous().t()  # classes strided
-    t = torch.randint(0, C, (12,))
+    t = torch.randint(0, C, (13,))
     _, st = nllfused.cross_entropy(x, t, reduction="none", backend="cpu",
                                    return_stats=("predicted",))
-    assert st.predicted.tolist() == [5, 40, 2100, 3, 4990, 2047, 11, 4000, 100, 1, 511, 4996]
+    assert st.predicted.tolist() == [5, 40, 2100, 3, 4990, 2047, 11, 4000, 100, 1, 511, 4996,
+                                     2148]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
