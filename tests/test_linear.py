@@ -224,13 +224,12 @@ def test_bf16_weight_gradient_error_near_torchs(monkeypatch):
     gradient's error against float64 (Frobenius) stays within 1.25x of unfused torch's own
     bfloat16 error: each chunk adds one bfloat16 rounding of the running sum, where torch
     rounds its product once (but its logits' gradient more coarsely). Measured: 0.97x at
-    (2048, 1024, 32000), 1.08x at (1024, 256, 4000)."""
+    (2048, 1024, 32000); at (1024, 256, 4000), over 12 seeds, 0.50x to 1.08x."""
     monkeypatch.setattr(L, "BF16_WEIGHT_GRAD", True)
     monkeypatch.setattr(L, "CHUNK_ROWS", None)
     monkeypatch.setitem(L._CHUNK_BYTES_CAP, "cpu", 1 << 20)
     M, H, C = 1024, 256, 4000
     assert L._chunk_rows(M, C, torch.bfloat16, torch.device("cpu"), "cpu", 0) == M // 2
-    torch.manual_seed(0)
     x, W, _, t = make(lead=(M,), H=H, C=C, dtype=torch.bfloat16, ignore_frac=0.1)
     x64, W64 = x.double().requires_grad_(), W.double().requires_grad_()
     F.cross_entropy(F.linear(x64, W64), t).backward()
