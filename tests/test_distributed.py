@@ -191,13 +191,13 @@ def _check_case(name, rank, world, seed, device, backend, failures, group=None):
             failures.append(what + "\n" + traceback.format_exc())
 
 
-def _check_stats(rank, world, device, backend, failures):
+def _check_stats(rank, world, seed, device, backend, failures):
     """return_stats over the full vocabulary (entropy, argmax, target log-prob, lse, z-loss term,
     accuracy) and the gradients of entropy and target log-prob on each rank's slice equal
     nllfused.cross_entropy's on the full logits (tests/test_stats.py checks those against float64
     torch), with ties, a NaN and an all -inf row among the rows; and again on an offset of 3e8
     (float64 rows far from zero: no lse's own rounding may reach the entropy, log p_y or p)."""
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(seed)
     slices, _ = _slices(uneven, world)
     C = sum(size for _, size in slices)
     x = torch.randn(7, C, generator=gen, dtype=torch.float64) * 3
@@ -277,14 +277,14 @@ def _check_bad_tiling(rank, world, device, failures):
         failures.append(f"[rank {rank} bad tiling] no error for overlapping slices")
 
 
-def _check_compile(rank, world, device, backend, failures):
+def _check_compile(rank, world, seed, device, backend, failures):
     """torch.compile(fullgraph) traces the functional collective (and the Triton ops' fakes):
     the same loss and gradient as eager."""
     def step(x, t):
         return vocab_parallel_cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3,
                                             backend=backend)
     try:
-        gen = torch.Generator().manual_seed(123)
+        gen = torch.Generator().manual_seed(seed)
         x = torch.randn(5, 4, generator=gen).to(device)
         t = torch.randint(0, 4 * world, (5,), generator=gen).to(device)
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -312,7 +312,7 @@ def _worker(rank, world, init_file, seed, dist_backend, device, backends, compil
                 _check_case(name, rank, world, seed + i, device, backend, failures)
         for backend in backends:
             _check_collectives(rank, world, device, backend, failures)
-            _check_stats(rank, world, device, backend, failures)
+            _check_stats(rank, world, seed, device, backend, failures)
         if world == 4:  # two groups of two inside the world: group ranks != global ranks
             pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             for backend in backends:
@@ -321,8 +321,8 @@ def _worker(rank, world, init_file, seed, dist_backend, device, backends, compil
         if device == "cpu":
             _check_bad_tiling(rank, world, device, failures)
         if compile_check:  # on the CPU via torch: the interpreter cannot run under compile
-            _check_compile(rank, world, device, "torch" if device == "cpu" else backends[0],
-                           failures)
+            _check_compile(rank, world, seed, device,
+                           "torch" if device == "cpu" else backends[0], failures)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -252,8 +252,7 @@ def test_argmax_of_rows_with_nan_and_infinities(device, backend, C):
     """The argmax alone (no entropy) where NaN and +inf sit in later class blocks and other lanes
     than the max: the first NaN wins wherever it is, two +inf give the first (their softmax is
     NaN, yet no NaN logit), rows beside such rows keep their own argmax (torch.argmax)."""
-    g = torch.Generator().manual_seed(C)
-    x = torch.randn(8, C, generator=g)
+    x = torch.randn(8, C)
     x[0, [C - 1, C // 2 + 1]] = float("nan")               # NaNs past the first block
     x[1, [C - 2, 1]] = float("inf")                        # two +inf
     x[2, C // 3] = 50.0
