@@ -368,9 +368,10 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t
 // first block of kSnapSteps steps whose running max reached cm (the max's first class is in it),
 // instead of at the chunk's start: a new max is met in a few chunks of every row (the first ones,
 // mostly), and scanning from the start took a twentieth of the bf16 forward with statistics at
-// 32K classes. Where the copy has first_equal / first_bits_equal (AVX2, AVX-512) and the chunk
-// is in class order, a step is one compare into a bit mask whose lowest set bit is the class
-// (Zen 4, bf16 (2048, 8192): the scan 6.7 -> 4.2 % of the forward); else two vectors a step,
+// 32K classes. Where the copy has equal_mask / first_bits_equal (AVX2, AVX-512), a step is one
+// compare into a bit mask from which the class follows, in class or split order (Zen 4, bf16
+// (2048, 8192): the scan 6.7 -> 4.2 % of the forward; Intel, bf16 (2048, 32000) with a
+// logit_scale, in split order, the argmax +7.5 -> +5.6 %); else (a NaN max) two vectors a step,
 // one test whether any of their lanes holds cm, then the step's classes one by one.
 // z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
 // holds it is the least class among its hits.
@@ -398,30 +399,43 @@ int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t spli
   const bool nan = std::isnan(cm);
   const V vcm(cm);
   constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
-  // Class order throughout (split_end 0), float, cm neither NaN nor (bf16 bits) a zero -- the
-  // LM rows -- where the copy has first_equal: a step is one compare into a mask whose lowest
-  // bit is the first class at cm.
+  // Float, cm neither NaN nor (bf16 bits) a zero -- the LM rows -- where the copy has
+  // equal_mask / first_bits_equal: a step is one compare into a mask from which the first class
+  // at cm follows: its lowest bit in class order; in split order (the steps below split_end:
+  // the even classes in the mask's low W bits, the odd ones in its high W bits) the lesser of
+  // the two halves' first.
   [[maybe_unused]] bool by_mask = false;
   [[maybe_unused]] uint16_t cm_bits = 0;
 #ifdef NLLF_HAVE_FIRST_EQUAL
   if constexpr (std::is_same_v<acc_t, float>) {
-    by_mask = split_end == 0 && !nan && !(Raw && cm == 0);
+    by_mask = !nan && !(Raw && cm == 0);
     uint32_t w;
     std::memcpy(&w, &cm, sizeof w);
     cm_bits = static_cast<uint16_t>(w >> 16);
   }
 #endif
-  // A step's first class at cm (by_mask), else 0 for some class at cm (NaN for a NaN cm) in
-  // the 2W values at p; -1 for none.
-  auto step_first = [&](const src_t* p) -> int {
+  // The first class at cm in the step of 2W values at p (by_mask; split: in split order), else
+  // 0 for some class at cm (NaN for a NaN cm); -1 for none.
+  auto step_first = [&](const src_t* p, bool split) -> int {
 #ifdef NLLF_HAVE_FIRST_EQUAL
     if constexpr (std::is_same_v<acc_t, float>) {
       if (by_mask) {
-        if constexpr (Raw) return first_bits_equal(p, cm_bits);
-        else return first_equal(p, vcm);
+        if constexpr (Raw) {
+          return first_bits_equal(p, cm_bits);  // (bf16 logits in place: class order)
+        } else {
+          const uint32_t hit = equal_mask(p, vcm);
+          if (hit == 0) return -1;
+          if (!split) return __builtin_ctz(hit);
+          constexpr uint32_t kLow = (uint32_t(1) << W) - 1;
+          const uint32_t even = hit & kLow, odd = hit >> W;
+          const int e = even ? 2 * __builtin_ctz(even) : 2 * W;
+          const int o = odd ? 2 * __builtin_ctz(odd) + 1 : 2 * W;
+          return std::min(e, o);
+        }
       }
     }
 #endif
+    (void)split;
     V a, b;
     load2s<Raw>(p, a, b);
     const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
@@ -431,11 +445,11 @@ int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t spli
   if (snaps && !nan && !(Raw && cm == 0)) {  // the blocks before the first snapshot at cm
     int64_t j = 0;                            // cannot hold it
     const src_t* v = reinterpret_cast<const src_t*>(snaps->v);
-    while (j < snaps->count && step_first(v + j * W2) < 0) ++j;
+    while (j < snaps->count && step_first(v + j * W2, false) < 0) ++j;
     i = std::min(j * kSnapSteps * W2, n / W2 * W2);
   }
   int f = -1;
-  while (i + W2 <= n && (f = step_first(z + i)) < 0) i += W2;
+  while (i + W2 <= n && (f = step_first(z + i, i < split_end)) < 0) i += W2;
   if (by_mask && i + W2 <= n) return i + f;
   if (i < split_end) {
     int64_t first = W2;

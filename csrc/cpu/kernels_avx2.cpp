@@ -50,20 +50,18 @@ inline void store_bf16_split_finite(at::BFloat16* p, Vec<float> a, Vec<float> b)
 }
 #define NLLF_HAVE_BF16_SPLIT 1
 
-// The first of the 16 bf16 at p with the bits `bits`, or of the 16 floats at p equal to m, in
-// class order; -1 if none: Ce::track_argmax's step (a compare, a movemask and a count of
-// trailing zeros; the bf16 compare's mask has two bits a lane).
+// The first of the 16 bf16 at p with the bits `bits`, in class order, -1 if none (a compare, a
+// movemask and a count of trailing zeros; the bf16 compare's mask has two bits a lane); which of
+// the 16 floats at p equal m, bit q for p[q]: Ce::first_at's step.
 inline int first_bits_equal(const at::BFloat16* p, uint16_t bits) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const uint32_t hit = uint32_t(
       _mm256_movemask_epi8(_mm256_cmpeq_epi16(v, _mm256_set1_epi16(int16_t(bits)))));
   return hit ? __builtin_ctz(hit) / 2 : -1;
 }
-inline int first_equal(const float* p, Vec<float> m) {
-  const uint32_t hit =
-      uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), m, _CMP_EQ_OQ))) |
-      uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), m, _CMP_EQ_OQ))) << 8;
-  return hit ? __builtin_ctz(hit) : -1;
+inline uint32_t equal_mask(const float* p, Vec<float> m) {
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), m, _CMP_EQ_OQ))) |
+         uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), m, _CMP_EQ_OQ))) << 8;
 }
 #define NLLF_HAVE_FIRST_EQUAL 1
 

@@ -110,18 +110,17 @@ inline bool any_equal(Vec<float> a, Vec<float> b, Vec<float> m) {
   return _kortestz_mask16_u8(_mm512_cmp_ps_mask(a, m, _CMP_EQ_OQ),
                              _mm512_cmp_ps_mask(b, m, _CMP_EQ_OQ)) == 0;
 }
-// The first of the 32 bf16 at p with the bits `bits`, or of the 32 floats at p equal to m, in
-// class order; -1 if none: Ce::track_argmax's step, one compare (two) and a count of trailing
-// zeros where the vector compare took six and the lane was then searched one class at a time.
+// The first of the 32 bf16 at p with the bits `bits`, in class order, -1 if none; which of the
+// 32 floats at p equal m, bit q for p[q]: Ce::first_at's step, one compare (two) where the
+// vector compare took six and the lane was then searched one class at a time.
 inline int first_bits_equal(const at::BFloat16* p, uint16_t bits) {
   const uint32_t hit =
       _mm512_cmpeq_epi16_mask(_mm512_loadu_si512(p), _mm512_set1_epi16(int16_t(bits)));
   return hit ? __builtin_ctz(hit) : -1;
 }
-inline int first_equal(const float* p, Vec<float> m) {
-  const uint32_t hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(p), m, _CMP_EQ_OQ) |
-                       uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16), m, _CMP_EQ_OQ)) << 16;
-  return hit ? __builtin_ctz(hit) : -1;
+inline uint32_t equal_mask(const float* p, Vec<float> m) {
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), m, _CMP_EQ_OQ) |
+         uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16), m, _CMP_EQ_OQ)) << 16;
 }
 #define NLLF_HAVE_FIRST_EQUAL 1
 #define NLLF_HAVE_EXP2_TINY 1
