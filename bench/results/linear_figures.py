@@ -2,7 +2,10 @@ import time, torch, torch.nn.functional as F, nllfused
 from nllfused.bench.memory import peak_bytes_above_current
 torch.set_num_threads(2)
 N, H, C = 2048, 1024, 32000
-x = torch.randn(N, H) * 0.5; W = torch.randn(C, H) * 0.02; t = torch.randint(0, C, (N,)); t[::10] = -100
+x = torch.randn(N, H) * 0.5
+W = torch.randn(C, H) * 0.02
+t = torch.randint(0, C, (N,))
+t[::10] = -100
 def step(fn):
     xr = x.detach().requires_grad_(); Wr = W.detach().requires_grad_()
     fn(xr, Wr).backward()
@@ -16,5 +19,7 @@ for name, fn in (("torch", torch_fn), ("nllfused-cpu", ours_fn)):
     for _ in range(3):
         s = time.perf_counter(); step(fn); ts.append(time.perf_counter() - s)
     ts.sort(); res[name] = (mem, ts[1])
-    print(f"{name}: peak above inputs {mem/2**20:.1f} MiB (grads included), fwd+bwd {ts[1]*1e3:.0f} ms", flush=True)
-print(f"memory ratio {res['nllfused-cpu'][0]/res['torch'][0]:.3f}, time ratio {res['nllfused-cpu'][1]/res['torch'][1]:.2f}")
+    print(f"{name}: peak above inputs {mem/2**20:.1f} MiB (grads included), "
+          f"fwd+bwd {ts[1]*1e3:.0f} ms", flush=True)
+ours, ref = res["nllfused-cpu"], res["torch"]
+print(f"memory ratio {ours[0]/ref[0]:.3f}, time ratio {ours[1]/ref[1]:.2f}")
