@@ -371,7 +371,7 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t
 // 32K classes. Where the copy has equal_mask / first_bits_equal (AVX2, AVX-512), a step is one
 // compare into a bit mask from which the class follows, in class or split order (Zen 4, bf16
 // (2048, 8192): the scan 6.7 -> 4.2 % of the forward; Intel, bf16 (2048, 32000) with a
-// logit_scale, in split order, the argmax +7.5 -> +5.6 %); else (a NaN max) two vectors a step,
+// logit_scale, in split order, the argmax +6.7 -> +4.3-5.5 %); else (a NaN max) two vectors a step,
 // one test whether any of their lanes holds cm, then the step's classes one by one.
 // z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
 // holds it is the least class among its hits.
@@ -406,7 +406,7 @@ int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t spli
   // the two halves' first.
   [[maybe_unused]] bool by_mask = false;
   [[maybe_unused]] uint16_t cm_bits = 0;
-#ifdef NLLF_HAVE_FIRST_EQUAL
+#ifdef NLLF_HAVE_EQUAL_MASK
   if constexpr (std::is_same_v<acc_t, float>) {
     by_mask = !nan && !(Raw && cm == 0);
     uint32_t w;
@@ -417,7 +417,7 @@ int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t spli
   // The first class at cm in the step of 2W values at p (by_mask; split: in split order), else
   // 0 for some class at cm (NaN for a NaN cm); -1 for none.
   auto step_first = [&](const src_t* p, bool split) -> int {
-#ifdef NLLF_HAVE_FIRST_EQUAL
+#ifdef NLLF_HAVE_EQUAL_MASK
     if constexpr (std::is_same_v<acc_t, float>) {
       if (by_mask) {
         if constexpr (Raw) {

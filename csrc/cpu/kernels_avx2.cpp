@@ -63,7 +63,7 @@ inline uint32_t equal_mask(const float* p, Vec<float> m) {
   return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), m, _CMP_EQ_OQ))) |
          uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), m, _CMP_EQ_OQ))) << 8;
 }
-#define NLLF_HAVE_FIRST_EQUAL 1
+#define NLLF_HAVE_EQUAL_MASK 1
 
 // The last step of Ce::vexp: p 2^n, 2^n from the low bits of tt, exactly 0 where x <= -87 and
 // NaN where x is.

@@ -122,7 +122,7 @@ inline uint32_t equal_mask(const float* p, Vec<float> m) {
   return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), m, _CMP_EQ_OQ) |
          uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16), m, _CMP_EQ_OQ)) << 16;
 }
-#define NLLF_HAVE_FIRST_EQUAL 1
+#define NLLF_HAVE_EQUAL_MASK 1
 #define NLLF_HAVE_EXP2_TINY 1
 
 // Ce::add_or_count for float: e into s off the max (a != 0; NaN included), a == 0 counted in k.
