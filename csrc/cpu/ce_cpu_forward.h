@@ -5,8 +5,11 @@
 namespace nllfused_cpu::NLLF_CPU_NS {
 
 // Sweep 1 over a chunk: max of z (see vmax for NaN); with Copy also writes z to zb (may alias x),
-// with Split its whole 2W blocks in split order (load2s). With snaps, the two running max vectors
-// after every kSnapSteps steps (track_argmax's index: two stores per 512 classes).
+// with Split its whole 2W blocks in split order (load2s). With snaps, the max of the two running
+// max vectors after every kSnapSteps steps (first_at's index: one store per 512 classes, where
+// the two vectors' stores beside the copy's cost a transformed bf16 forward ~2 %). A NaN lane
+// may hide the lane at the max beside it (vmax): only in a row with a NaN, whose argmax
+// finish_stats takes from its first NaN.
 template <typename scalar_t>
 template <typename src_t, int K, bool Copy, bool Split>
 auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t, Snaps* snaps)
@@ -28,11 +31,7 @@ auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t, 
       m0 = vmax(m0, a);
       m1 = vmax(m1, b);
     }
-    if (snaps) {
-      m0.store(snaps->v + snaps->count * W2);
-      m1.store(snaps->v + snaps->count * W2 + W);
-      ++snaps->count;
-    }
+    if (snaps) vmax(m0, m1).store(snaps->v + W * snaps->count++);
   }
   const int64_t i = nv;
   acc_t m = nan_max(hmax(m0), hmax(m1));
@@ -444,8 +443,12 @@ int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t spli
   int64_t i = 0;
   if (snaps && !nan && !(Raw && cm == 0)) {  // the blocks before the first snapshot at cm
     int64_t j = 0;                            // cannot hold it
-    const src_t* v = reinterpret_cast<const src_t*>(snaps->v);
-    while (j < snaps->count && step_first(v + j * W2, false) < 0) ++j;
+    auto snap_hit = [&](int64_t k) -> bool {  // one vector: W2 bf16 bits or W floats
+      if constexpr (Raw) return step_first(reinterpret_cast<const src_t*>(snaps->v) + k * W2,
+                                           false) >= 0;
+      else return (V::loadu(snaps->v + k * W) == vcm).zero_mask() != kNoHit;
+    };
+    while (j < snaps->count && !snap_hit(j)) ++j;
     i = std::min(j * kSnapSteps * W2, n / W2 * W2);
   }
   int f = -1;

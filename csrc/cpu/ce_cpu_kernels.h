@@ -393,8 +393,8 @@ struct Ce {
   }
 
   // ------------------------------- forward (ce_cpu_forward.h) -------------------------------
-  // The max sweep's snapshots for the argmax (chunk_max, track_argmax): its two running max
-  // vectors after every kSnapSteps steps, at most kRowChunkMax / kSnapSteps values a chunk.
+  // The max sweep's snapshots for the argmax (chunk_max / bits_max, first_at): one vector, the
+  // running max, after every kSnapSteps steps, at most kRowChunkMax / kSnapSteps values a chunk.
   static constexpr int64_t kSnapSteps = 16;
   struct Snaps {
     alignas(64) acc_t v[kRowChunkMax / kSnapSteps];
