@@ -34,6 +34,7 @@ class Provider:
     # a CUDA-only backend on a CPU run).
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     two_d_only: bool = False  # takes (N, C) logits only, not (N, C, d1, ...)
+    mutates_inputs: bool = False  # writes into its inputs: gets its own (runner._inputs_for)
     _built: dict = field(default_factory=dict, repr=False)
 
     def unsupported(self, case: Case) -> Optional[str]:
@@ -230,7 +231,7 @@ def _registry() -> dict:
     providers += [
         Provider("liger", "Liger-Kernel cross entropy / fused linear cross entropy",
                  _liger_ce, _liger_linear, _needs("liger_kernel", "liger-kernel"),
-                 two_d_only=True),
+                 two_d_only=True, mutates_inputs=True),
         Provider("quack", "quack (CuTe DSL) cross_entropy", _quack_ce, None,
                  _needs("quack", "quack-kernels"), two_d_only=True),
         Provider("cce", "Cut Cross-Entropy linear_cross_entropy", None, _cce_linear,

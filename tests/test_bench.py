@@ -259,3 +259,30 @@ def test_cpu_pairs_each_provider_with_torch(monkeypatch):
     # blocks of one warm-up and two timed calls, until at least five are timed
     assert order == (["fn"] * 3 + ["ref"] * 3) * 3
     assert ref_ms / ms == pytest.approx(3.0, rel=0.02)
+
+
+def test_providers_that_only_read_share_one_set_of_inputs(tmp_path, monkeypatch):
+    # Two allocations of the same values can run ~20 % apart on a 4 KiB-page machine, so the
+    # paired ratios are taken on one tensor; a provider that writes into its logits (as
+    # Liger's forward does) must not corrupt it for the others, so it gets its own.
+    seen = {}  # name -> the logits it was called with, kept alive: no address is reused
+
+    def recording(name, mutates=False):
+        def build():
+            def loss(logits, target):
+                seen.setdefault(name, []).append(logits)
+                out = F.cross_entropy(logits, target, ignore_index=cases.IGNORE_INDEX)
+                if mutates:
+                    with torch.no_grad():
+                        logits.mul_(1.0)  # a write, of the same values
+                return out
+            return loss
+        return providers.Provider(name, "test provider", ce=build, mutates_inputs=mutates)
+
+    for name, mutates in (("reader-a", False), ("reader-b", False), ("writer", True)):
+        monkeypatch.setitem(providers.REGISTRY, name, recording(name, mutates))
+    rc, _, data = _run(tmp_path, "--providers", "reader-a,reader-b,writer", "--mode", "fwd")
+    assert rc == 0 and {r["status"] for r in data["results"] if r["kind"] == "ce"} == {"ok"}
+    ptrs = {name: {t.data_ptr() for t in calls} for name, calls in seen.items()}
+    assert ptrs["reader-a"] == ptrs["reader-b"]
+    assert not ptrs["writer"] & ptrs["reader-a"]
