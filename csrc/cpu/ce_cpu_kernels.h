@@ -204,6 +204,23 @@ struct Ce {
   static constexpr bool kTinyExp = false;
   struct TinyScope {};
 #endif
+  // vlog1p's quotients: r / (r + 2), r in [sqrt(1/2) - 1, sqrt(2) - 1), whose error enters the
+  // log times r^2 / 4, and c / w, the rounding of w over w >= 1. Where the unit has div_approx
+  // (AVX-512) a reciprocal and a Newton step, 1-2 ulp; else the division.
+  static inline V quotient(V a, V d) {
+#ifdef NLLF_HAVE_DIV_APPROX
+    if constexpr (std::is_same_v<acc_t, float>) return div_approx(a, d);
+#endif
+    return a / d;
+  }
+  // where(x == y, b, a): the lane path's picks of its target's values per lane (select_eq_f
+  // where the unit has it).
+  static inline V select_eq(V a, V b, V x, V y) {
+#ifdef NLLF_HAVE_SELECT_EQ
+    if constexpr (std::is_same_v<acc_t, float>) return select_eq_f(a, b, x, y);
+#endif
+    return V::blendv(a, b, x == y);
+  }
   // log1p for the lane path's log d = log1p((k - 1) + s) (ce_cpu_lanes.h), a vector of rows at
   // a time, where Sleef's log1pf took a seventh of a 4-class forward. For float in the SIMD
   // copies: w = 1 + u, log1p(u) = log(w) - ((w - 1) - u) / w (the rounding of w, to first
@@ -217,12 +234,12 @@ struct Ce {
       const V one(1.0f), w = u + one, c = (w - one) - u;
       V f, e;
       log_split(w, f, e);
-      const V r = f - one, s = r / (r + V(2.0f)), z = s * s;
+      const V r = f - one, s = quotient(r, r + V(2.0f)), z = s * s;
       V R = fmadd(z, V(2.0f / 9), V(2.0f / 7));
       R = fmadd(R, z, V(2.0f / 5));
       R = fmadd(R, z, V(2.0f / 3)) * z;
       const V hfsq = V(0.5f) * r * r;
-      const V lo = fmadd(e, V(1.428606765330187e-06f), V(0.0f) - c / w);
+      const V lo = fmadd(e, V(1.428606765330187e-06f), V(0.0f) - quotient(c, w));
       const V a = (fmadd(s, hfsq + R, lo) - hfsq) + r;
       const V l = fmadd(e, V(0.693145751953125f), a);  // ln 2 = 0.693145751953125 + 1.4286e-6
       return V::blendv(V::blendv(l, V(-kInf), w == V(0.0f)), w, (w != w) | (w == V(kInf)));

@@ -263,13 +263,12 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       const V a = V::loadu(zb + c * W2) - r0, b = V::loadu(zb + c * W2 + W) - r1;
       if (pick) {
         const V vc(static_cast<acc_t>(c));
-        a0 = V::blendv(a0, a, vc == yv0);
-        a1 = V::blendv(a1, b, vc == yv1);
+        a0 = select_eq(a0, a, vc, yv0);
+        a1 = select_eq(a1, b, vc, yv1);
       }
-      const V ea = a.eq(zero), eb = b.eq(zero);  // 1 or 0: at the max, counted into k
       const V xa = vexp(a), xb = vexp(b);
-      s0 = s0 + xa * (one - ea);
-      s1 = s1 + xb * (one - eb);
+      add_or_count(a, xa, s0, k0);  // at the max (a == 0) counted into k, not added to s
+      add_or_count(b, xb, s1, k1);
       if constexpr (Stats) {
         t0 = fmadd(xa, floor_finite(a), t0);  // the classes at the max add 0
         t1 = fmadd(xb, floor_finite(b), t1);
@@ -277,8 +276,6 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         i0 = V::blendv(i0, vc, V::blendv(zero, a == zero, i0 == none));  // unset and at max
         i1 = V::blendv(i1, vc, V::blendv(zero, b == zero, i1 == none));
       }
-      k0 = k0 + ea;
-      k1 = k1 + eb;
       if constexpr (Gm == 1) {
         b0 = b0 + a;
         b1 = b1 + b;
@@ -537,18 +534,18 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         ra = V::blendv(ra, sv0, sm0);
         rb = V::blendv(rb, sv1, sm1);
       }
-      const V vc(static_cast<acc_t>(c)), ta = vc == y0, tb = vc == y1;  // lanes whose y is c
-      so0 = so0 + V::blendv(pa, zero, ta);
-      so1 = so1 + V::blendv(pb, zero, tb);
-      py0 = V::blendv(py0, pa, ta);
-      py1 = V::blendv(py1, pb, tb);
+      const V vc(static_cast<acc_t>(c));  // select_eq(a, b, vc, y): b in the lanes whose y is c
+      so0 = so0 + select_eq(pa, zero, vc, y0);
+      so1 = so1 + select_eq(pb, zero, vc, y1);
+      py0 = select_eq(py0, pa, vc, y0);
+      py1 = select_eq(py1, pb, vc, y1);
       if constexpr (Stats) {
-        ly0 = V::blendv(ly0, la, ta);
-        ly1 = V::blendv(ly1, lb, tb);
+        ly0 = select_eq(ly0, la, vc, y0);
+        ly1 = select_eq(ly1, lb, vc, y1);
       }
       if constexpr (K == 2) {
-        dy0 = V::blendv(dy0, da, ta);
-        dy1 = V::blendv(dy1, db, tb);
+        dy0 = select_eq(dy0, da, vc, y0);
+        dy1 = select_eq(dy1, db, vc, y1);
       }
       if (!T.dtile || late) {
         ra.store(zb + c * W2);
@@ -572,8 +569,8 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     if (late) {  // the tile from zb, each target's element blended in
       for (int64_t c = 0; c < C; ++c) {
         const V vc(static_cast<acc_t>(c));
-        store(o + c * D, V::blendv(V::loadu(zb + c * W2), g0, vc == y0),
-              V::blendv(V::loadu(zb + c * W2 + W), g1, vc == y1));
+        store(o + c * D, select_eq(V::loadu(zb + c * W2), g0, vc, y0),
+              select_eq(V::loadu(zb + c * W2 + W), g1, vc, y1));
       }
     } else {
       g0.store(gy);

@@ -133,6 +133,23 @@ inline void add_or_count_f(Vec<float> a, Vec<float> e, Vec<float>& s, Vec<float>
 }
 #define NLLF_HAVE_ADD_OR_COUNT 1
 
+// Ce::select_eq, where(x == y, b, a): a compare into a mask and a masked move, where V::blendv
+// on the vector compare's 0 / all-ones lanes takes four instructions (the lane path's picks).
+inline Vec<float> select_eq_f(Vec<float> a, Vec<float> b, Vec<float> x, Vec<float> y) {
+  return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(x, y, _CMP_EQ_OQ), b);
+}
+#define NLLF_HAVE_SELECT_EQ 1
+
+// a / d for d >= 1 (or 0, inf, NaN, whose results vlog1p replaces) to within ~2 ulp: rcp14 and
+// one Newton step (rel. error ~2^-28 before rounding) where vdivps, issued once a vector to
+// each of vlog1p's two quotients, took a fifth of a 4-class lane forward (Intel, AVX-512).
+inline Vec<float> div_approx(Vec<float> a, Vec<float> d) {
+  const __m512 y = _mm512_rcp14_ps(d);
+  const __m512 e = _mm512_fnmadd_ps(d, y, _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(a, _mm512_fmadd_ps(y, e, y));
+}
+#define NLLF_HAVE_DIV_APPROX 1
+
 // Ce::vlog1p's split of w > 0 (normal) into 2^e f, f in [sqrt(1/2), sqrt(2)): the exponent of
 // w / sqrt(1/2), from the bits. Other w (0, inf, NaN) give garbage that vlog1p replaces.
 inline void log_split(Vec<float> w, Vec<float>& f, Vec<float>& e) {
