@@ -162,6 +162,23 @@ def test_nan_and_infinite_rows(capability, layout, C, dtype, reduction):
     check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
+@pytest.mark.parametrize("C", [3, 17])
+def test_16_bit_rows_far_from_zero(capability, C, dtype, smoothing):
+    """Whole tiles of 16-bit rows far from 0, where lse's float rounding (an ulp of 1/32 near
+    3e5, 1/4 near 2e6) is no longer small against z - lse, so that p must come from the lse the
+    forward saved in float64: offsets up to 6e4 in float16, on both sides of 2^22 (the bound of
+    the kernels' exp2 shortcut, kTinyRefMax) in bfloat16."""
+    offsets = [0.0, 3e2, 1e4, 3e5, 2e6, 5e6] if dtype == torch.bfloat16 else [0.0, 3e2, 6e4]
+    x = randn((len(offsets), C, 64), torch.float32)
+    for n, offset in enumerate(offsets):
+        x[n] += offset
+    x = x.to(dtype)
+    check_cross_entropy(x, targets(x), "cpu", "cpu", reduction="none",
+                        label_smoothing=smoothing)
+
+
 @pytest.mark.parametrize("layout", ["2d", "kdim", "channels_last"])
 def test_ignored_rows_with_nan_get_no_loss_and_no_gradient(capability, layout):
     """The contract (csrc/ops.cpp): an ignored row's loss and gradient are 0 whatever its logits
