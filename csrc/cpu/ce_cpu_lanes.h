@@ -356,22 +356,29 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       acc_t* entr = static_cast<acc_t*>(A.ent) + T.r0;
       acc_t* tlpr = static_cast<acc_t*>(A.tlp) + T.r0;
       int64_t* predr = A.pred + T.r0;
-      for (int64_t l = 0; l < T.L; ++l) {
-        entr[l] = A.want_ent ? le[l] : acc_t(0);  // (computed with the rest: short rows)
+      const bool want_ent = A.want_ent, want_pred = A.want_pred;
+      // Branch-free, so that a full tile's copy is vector code (as one loop with the NaN test
+      // and search below, scalar: a third of a 4-class forward with statistics).
+      lane_loop(T.L, W2, [&](int64_t l) {
+        entr[l] = want_ent ? le[l] : acc_t(0);  // (computed with the rest: short rows)
         tlpr[l] = lt[l];
-        int64_t arg = la[l] < 0 ? 0 : static_cast<int64_t>(la[l]);
-        // A NaN softmax (z - m = 0 found nowhere or not alone): a NaN logit (the first, as
-        // torch.argmax), else the first at the max (+inf, or -inf when every class is)
-        if (std::isnan(ls[l]) || std::isnan(le[l])) {
-          int64_t first_nan = -1, first_max = -1;
-          for (int64_t c = 0; c < C && first_nan < 0; ++c) {
-            const acc_t z = zb[c * W2 + l];
-            if (std::isnan(z)) first_nan = c;
-            else if (first_max < 0 && z == lm[l]) first_max = c;
-          }
-          arg = first_nan >= 0 ? first_nan : first_max >= 0 ? first_max : arg;
+        predr[l] = want_pred && la[l] >= 0 ? static_cast<int64_t>(la[l]) : 0;
+      });
+      // A NaN softmax (z - m = 0 found nowhere or not alone): a NaN logit (the first, as
+      // torch.argmax), else the first at the max (+inf, or -inf when every class is)
+      auto nan_in = [](const acc_t* v) { return V::loadu(v) != V::loadu(v); };
+      const V nan_lanes = nan_in(ls) | nan_in(ls + W) | nan_in(le) | nan_in(le + W);
+      constexpr int kNone = int((int64_t(1) << W) - 1);  // zero_mask with no lane set
+      const bool any_nan = V::blendv(zero, one, nan_lanes).zero_mask() != kNone;
+      for (int64_t l = 0; any_nan && want_pred && l < T.L; ++l) {
+        if (!std::isnan(ls[l]) && !std::isnan(le[l])) continue;
+        int64_t first_nan = -1, first_max = -1;
+        for (int64_t c = 0; c < C && first_nan < 0; ++c) {
+          const acc_t z = zb[c * W2 + l];
+          if (std::isnan(z)) first_nan = c;
+          else if (first_max < 0 && z == lm[l]) first_max = c;
         }
-        predr[l] = A.want_pred ? arg : 0;
+        if (first_nan >= 0 || first_max >= 0) predr[l] = first_nan >= 0 ? first_nan : first_max;
       }
     }
   }
