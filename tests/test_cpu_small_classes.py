@@ -168,8 +168,9 @@ def test_nan_and_infinite_rows(capability, layout, C, dtype, reduction):
 def test_16_bit_rows_far_from_zero(capability, C, dtype, smoothing):
     """Whole tiles of 16-bit rows far from 0, where lse's float rounding (an ulp of 1/32 near
     3e5, 1/4 near 2e6) is no longer small against z - lse, so that p must come from the lse the
-    forward saved in float64: offsets up to 6e4 in float16, on both sides of 2^22 (the bound of
-    the kernels' exp2 shortcut, kTinyRefMax) in bfloat16."""
+    forward saved in float64: offsets up to 6e4 in float16, on both sides of 2^22 in bfloat16
+    (kTinyRefMax, from where the rows path's exp2 shortcut must not run; the lane path has none,
+    so these rows check that its exp(z - lse) keeps them exact)."""
     offsets = [0.0, 3e2, 1e4, 3e5, 2e6, 5e6] if dtype == torch.bfloat16 else [0.0, 3e2, 6e4]
     x = randn((len(offsets), C, 64), torch.float32)
     for n, offset in enumerate(offsets):
