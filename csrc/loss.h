@@ -32,6 +32,22 @@ SummedForward ce_fwd_summed_cpu(const at::Tensor& logits, const at::Tensor& targ
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                 double label_smoothing);
 
+// ce_fwd_stats on the CPU likewise (nllfused::cross_entropy_loss_stats, csrc/loss_stats.cpp):
+// where `summed`, the sums of csrc/cpu/kernels.h's Sum over the counted rows (lse, z-loss term,
+// entropy, target log-prob, rows predicted right, counted rows) besides loss_sum / aux_sum, and
+// of the rows only lse, entropy where entropy_rows asks (zeros unless want_ent) and predicted
+// where predicted_rows does; the others undefined. Else every row, as ce_fwd_stats gives them.
+struct SummedStatsForward {
+  at::Tensor loss, lse, aux, entropy, target_logp, predicted;
+  double loss_sum, aux_sum, lse_sum, z_loss_sum, entropy_sum, target_logp_sum, hits, counted;
+  bool summed;
+};
+SummedStatsForward ce_fwd_stats_summed_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight,
+                                           int64_t ignore_index, double label_smoothing,
+                                           bool want_ent, bool want_pred, bool entropy_rows,
+                                           bool predicted_rows);
+
 }  // namespace nllfused_cpu
 
 namespace nllfused {

@@ -8,6 +8,9 @@
 // Outputs, in nllfused.stats.NAMES order after the loss: (loss, lse, z_loss, predicted, correct,
 // entropy, target_logprob), each reduced as stats.reduce does (the module docstring of
 // nllfused/stats.py says how); a statistic whose bit is not in `want` is an empty (0,) tensor.
+// Where the CPU kernel adds the rows up in its pass ('sum' / 'mean' on its lanes path: up to
+// kLaneMaxClasses classes) the sums are in double, rounded once (assemble_summed), as the
+// loss's; elsewhere torch's sums in the statistic's dtype, as stats.reduce's.
 // z_loss is the term z_loss * lse^2 with z_loss = 0 (this path has no z-loss): 0 on counted rows
 // whose lse is finite, NaN where it is not, as the general path computes it.
 //
@@ -24,6 +27,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "loss.h"
 
 #include <array>
@@ -127,6 +131,34 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   return {loss, s[0], s[1], s[2], s[3], s[4], s[5]};
 }
 
+// The op's outputs where the CPU kernel added the rows up in its pass (ce_fwd_stats_summed_cpu;
+// reduction 'sum' or 'mean'): each sum in double, divided by the counted rows for 'mean',
+// rounded once -- as the loss (csrc/loss.cpp) -- where stats.reduce sums in the statistic's
+// dtype. A segmentation map's millions of per-row statistics are then neither written nor read
+// back by a dozen reductions, which cost 1.5x the kernel at (8, 4, 512, 512).
+Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor& input,
+                        const Tensor& target, int64_t reduction, int64_t want) {
+  const auto acc = acc_dtype(input.scalar_type());
+  const auto opt = input.options().requires_grad(false);
+  auto reduced = [&](double sum) {
+    return at::scalar_tensor(reduction == kSum ? sum : sum / f.counted, opt.dtype(acc));
+  };
+  std::array<Tensor, 6> s;  // each its own empty tensor where not asked for: outputs never alias
+  for (Tensor& t : s) t = at::empty({0}, opt.dtype(acc));
+  if (want & kLse) s[0] = reduced(f.lse_sum);
+  if (want & kZLoss) s[1] = reduced(f.z_loss_sum);
+  if (want & kPredicted) s[2] = f.predicted.view(target.sizes());
+  if (want & kCorrect) {
+    s[3] = reduction == kSum
+               ? at::scalar_tensor(static_cast<int64_t>(f.hits), opt.dtype(at::kLong))
+               : at::scalar_tensor(f.hits / f.counted, opt.dtype(at::kFloat));
+  }
+  if (want & kEntropy) s[4] = reduced(f.entropy_sum);
+  if (want & kTargetLogp) s[5] = reduced(f.target_logp_sum);
+  const double loss = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
+  return {at::scalar_tensor(loss, opt), s[0], s[1], s[2], s[3], s[4], s[5]};
+}
+
 // Gradients (targets' shape, or (N, D)) of a per-row statistic from the upstream gradient of its
 // reduced value: reduce_stat's chain rule.
 Tensor stat_row_grads(const Tensor& grad, const Tensor& counted, int64_t reduction, bool masked,
@@ -144,6 +176,7 @@ struct CrossEntropyLossStatsBackward final : Node {
   SavedVariable input_, target_, lse_, aux_, entropy_, weight_;
   int64_t reduction = kMean, ignore_index = -100, want = 0;
   double label_smoothing = 0;
+  bool summed = false;  // aux_ is aux's sum (forward_parts)
   std::mutex mutex;
 
   std::string name() const override { return "nllfused::CrossEntropyLossStatsBackward"; }
@@ -163,13 +196,13 @@ struct CrossEntropyLossStatsBackward final : Node {
     const Tensor input = input_.unpack(), target = target_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     auto [logits, target2] = canonical(input, target);
-    const Tensor aux = aux_.unpack();
+    const Tensor aux = aux_.unpack(), lse = lse_.unpack();
+    const auto acc = acc_dtype(input.scalar_type());
     const bool ent = grads[1].defined() && (want & kEntropy);
     const bool tlp = grads[2].defined() && (want & kTargetLogp);
     std::optional<Tensor> g_ent, g_tlp;
     if (ent || tlp) {  // the rows that count: only the statistics' gradients need them
       const Tensor counted = target2 != ignore_index;
-      const auto acc = aux.scalar_type();
       if (ent) g_ent = stat_row_grads(grads[1], counted, reduction, false, acc);
       if (tlp) g_tlp = stat_row_grads(grads[2], counted, reduction, true, acc);
     }
@@ -177,15 +210,20 @@ struct CrossEntropyLossStatsBackward final : Node {
       out[0] = second_order(input, target, logits, target2, weight, grads[0], g_ent, g_tlp);
       return out;
     }
-    const Tensor g_loss = grads[0].defined() ? row_grads(grads[0], aux, reduction)
-                                             : at::zeros_like(aux);
+    // Summed: no aux rows exist; the kernels read aux for probability targets only, so the row
+    // gradients (of aux's shape and dtype) stand in for them, as in csrc/loss.cpp.
+    const Tensor g_loss =
+        !grads[0].defined() ? at::zeros(lse.sizes(), lse.options().dtype(acc))
+        : summed            ? summed_row_grads(grads[0], aux, reduction, lse.sizes(), acc)
+                            : row_grads(grads[0], aux, reduction);
+    const Tensor& aux_rows = summed ? g_loss : aux;
     if (!g_ent && !g_tlp) {  // the loss's gradient alone: the plain backward
-      out[0] = ce_bwd(g_loss, logits, target2, weight, lse_.unpack(), aux, ignore_index,
+      out[0] = ce_bwd(g_loss, logits, target2, weight, lse, aux_rows, ignore_index,
                       label_smoothing)
                    .view(input.sizes());
       return out;
     }
-    out[0] = ce_bwd_stats(g_loss, g_ent, g_tlp, logits, target2, weight, lse_.unpack(), aux,
+    out[0] = ce_bwd_stats(g_loss, g_ent, g_tlp, logits, target2, weight, lse, aux_rows,
                           entropy_.unpack(), ignore_index, label_smoothing)
                  .view(input.sizes());
     return out;
@@ -223,6 +261,7 @@ struct CrossEntropyLossStatsBackward final : Node {
     args.collect(ignore_index);
     args.collect(want);
     args.collect(label_smoothing);
+    args.collect(summed);
   }
 
   variable_list apply_with_saved(const variable_list& grads,
@@ -242,12 +281,33 @@ void check_args(int64_t reduction, int64_t want) {
                     "(0 to 63); got ", want);
 }
 
-std::pair<Outputs, Rows> forward_parts(const Tensor& input, const Tensor& target,
-                                       const std::optional<Tensor>& weight, int64_t reduction,
-                                       int64_t ignore_index, double label_smoothing,
-                                       int64_t want) {
+// The outputs, and what the backward needs: the per-row lse, aux or, summed, its sum (0-dim
+// float64), and the entropy rows where a statistic's gradient needs them (Rows' places).
+struct Parts {
+  Outputs out;
+  Rows rows;
+  bool summed = false;
+};
+
+Parts forward_parts(const Tensor& input, const Tensor& target,
+                    const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                    double label_smoothing, int64_t want) {
   check_args(reduction, want);
   auto [logits, target2] = canonical(input, target);
+  if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
+    // The CPU kernel adds the rows and their statistics up in its own pass where it can (the
+    // lanes path of few classes): assemble_summed.
+    auto f = nllfused_cpu::ce_fwd_stats_summed_cpu(
+        logits, target2, weight, ignore_index, label_smoothing, want & kEntropy,
+        want & (kPredicted | kCorrect), want & (kEntropy | kTargetLogp), want & kPredicted);
+    if (f.summed) {
+      const Tensor aux_sum = at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble));
+      return {assemble_summed(f, input, target, reduction, want),
+              {Tensor(), f.lse, aux_sum, f.entropy, Tensor(), f.predicted}, true};
+    }
+    Rows rows{f.loss, f.lse, f.aux, f.entropy, f.target_logp, f.predicted};
+    return {assemble(rows, input, target2, target, reduction, ignore_index, want), rows};
+  }
   Rows rows;
   if (want & kKernelStats) {
     rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing, want, false);
@@ -267,13 +327,13 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
                               ": forward-mode AD is not supported (nllfused.cross_entropy "
                               "takes the general path under it)");
   const bool differentiable = torch::autograd::compute_requires_grad(input);
-  Outputs out;
-  Rows rows;
+  Parts p;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(out, rows) = forward_parts(input, target, weight, reduction, ignore_index,
-                                        label_smoothing, want);
+    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, want);
   }
+  Outputs& out = p.out;
+  const Rows& rows = p.rows;
   if (!differentiable) return out;
   NodePtr node = new_node<CrossEntropyLossStatsBackward>();
   auto* n = static_cast<CrossEntropyLossStatsBackward*>(node.get());
@@ -288,6 +348,7 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
   n->ignore_index = ignore_index;
   n->want = want;
   n->label_smoothing = label_smoothing;
+  n->summed = p.summed;
   // the node's inputs 0, 1, 2: the loss, entropy, target_logprob (in that order)
   torch::autograd::set_history(std::get<0>(out), node);
   torch::autograd::set_history(std::get<5>(out), node);
@@ -301,7 +362,7 @@ Outputs cross_entropy_loss_stats_forward(const Tensor& input, const Tensor& targ
                                          int64_t ignore_index, double label_smoothing,
                                          int64_t want) {
   return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, want)
-      .first;
+      .out;
 }
 
 }  // namespace

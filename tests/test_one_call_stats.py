@@ -1,8 +1,11 @@
 """The one-call path with statistics (csrc/loss_stats.cpp): CPU calls the one-call path takes,
 with return_stats, go to nllfused::cross_entropy_loss_stats, whose reductions and autograd are
-C++. Its statistics must be bit for bit the general path's (the same kernel, the same
-reductions), its loss the plain one-call path's, and its gradients the general path's; their
-agreement with float64 torch is tests/test_stats.py's (whose CPU calls take this path)."""
+C++. Its per-row statistics must be bit for bit the general path's (the same kernel); reduced
+ones too where the one-call path reduces with torch ops as the general path does, and where the
+kernel adds the rows up in its pass (the lanes path, csrc/cpu/ce_cpu_lanes.h: up to 256 classes)
+the exact sums of those rows rounded once. Its loss must be the plain one-call path's, and its
+gradients the general path's; their agreement with float64 torch is tests/test_stats.py's (whose
+CPU calls take this path)."""
 import pytest
 import torch
 
@@ -29,6 +32,34 @@ def case(shape, dtype=torch.float32, channels_last=False, ignore_index=-100):
     return x, t
 
 
+LANE_MAX_CLASSES = 256  # csrc/cpu/kernels.h, kLaneMaxClasses
+CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
+    else []
+ROUNDED = ("lse", "entropy", "target_logprob")  # floating sums (z_loss: 0 or NaN; correct: a
+#                                                 count or count / count, exact either way)
+
+
+def per_row_stats(x, t, names, kw):
+    """The per-row statistics of the call (reduction 'none'), float64."""
+    _, st = nllfused.cross_entropy(x, t, return_stats=names, **dict(kw, reduction="none"))
+    return {n: getattr(st, n).detach().double() for n in stats.NAMES
+            if getattr(st, n) is not None}
+
+
+def assert_rounded_sum(a, rows, counted, reduction, name):
+    """a is the sum ('sum') or mean ('mean') of rows over the counted rows, computed exactly and
+    rounded once; lse is summed as the kernel's two float parts (m, log d), whose per-row
+    rounding adds at most half an ulp of each row: within one ulp in all (rows of one sign).
+    float64 rows are summed in float64 on both sides: each sum within n ulps of the exact one."""
+    exact = rows[counted].sum()
+    if reduction == "mean":
+        exact = exact / counted.sum()
+    ulp = torch.finfo(a.dtype).eps
+    rtol = (ulp if name == "lse" else ulp / 2) if a.dtype != torch.float64 \
+        else 2 * counted.sum().item() * ulp
+    torch.testing.assert_close(a.double(), exact, rtol=rtol, atol=0, msg=name)
+
+
 def general_path(monkeypatch):
     """Make the next calls take the general path (Python reductions, ce_fwd_stats's Python
     autograd)."""
@@ -47,7 +78,8 @@ def objective(loss, st):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,channels_last", [((37, 11), False), ((6, 9, 5), False),
-                                                 ((3, 7, 4, 5), True)], ids=str)
+                                                 ((3, 7, 4, 5), True), ((9, 300), False)],
+                         ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("names", NAME_SETS, ids=str)
 @pytest.mark.parametrize("options", [{}, {"weight": True, "label_smoothing": 0.2},
@@ -73,18 +105,72 @@ def test_stats_of_one_call_are_the_general_paths(dtype, shape, channels_last, re
     assert torch.equal(l1, plain)
     if reduction == "none":
         assert torch.equal(l1, l2)
+    # summed in the kernel's pass: against the per-row values (bit for bit the general path's,
+    # by the 'none' case) summed exactly
+    summed = reduction != "none" and shape[1] <= LANE_MAX_CLASSES
+    rows = per_row_stats(x, t, names, kw) if summed else None
     for name in stats.NAMES:
         a, b = getattr(s1, name), getattr(s2, name)
         assert (a is None) == (b is None), name
         if a is not None:
             assert a.dtype == b.dtype and a.shape == b.shape, name
             assert a.requires_grad == b.requires_grad, name
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+            if summed and name in ROUNDED:
+                assert_rounded_sum(a, rows[name], t != ignore_index, reduction, name)
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
     # the loss's row gradients: one rounding from double here, float32 ops on the general path
     n, ulp = t.numel(), 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -7
     tol = (n + 2) * ulp / 2
     torch.testing.assert_close(g1.double(), g2.double(), rtol=tol,
                                atol=tol * g2.double().abs().max().item())
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sums_in_the_kernels_pass_over_many_tiles(capability, dtype, reduction, monkeypatch):
+    """A segmentation map of many tiles of rows, in several blocks of tiles and a partial last
+    one (csrc/cpu/ce_cpu_lanes.h, kSumTiles), a few NaN and -inf rows among them, on each copy
+    of the kernels this CPU runs: the reduced statistics are the exact sums of the per-row ones
+    rounded once, the same bits on one thread as on two (the blocks added up in a fixed
+    order)."""
+    monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", capability)
+    x, t = case((3, 5, 37, 41), dtype)
+    x[0, :, 3, 4] = float("nan")
+    x[1, :, 5, :7] = float("-inf")
+    x[2, 1, 6, 2] = float("inf")
+    t[0, 3, 4] = t[1, 5, 0] = t[2, 6, 2] = 1
+    names = True
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(nllfused.cross_entropy(x, t, reduction=reduction,
+                                                  return_stats=names))
+    finally:
+        torch.set_num_threads(threads)
+    (l1, s1), (l2, s2) = results
+    assert l1.isnan() and l2.isnan()  # NaN rows count
+    rows = per_row_stats(x, t, names, {})
+    counted = t != -100
+    for name in stats.NAMES:
+        a, b = getattr(s1, name), getattr(s2, name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+        if name in ROUNDED:
+            exact = rows[name][counted].sum()
+            assert torch.isnan(a) == torch.isnan(exact), name
+    # the finite case: every statistic against the exact sum, and correct / z_loss exactly
+    x[~torch.isfinite(x)] = 0.5
+    _, st = nllfused.cross_entropy(x, t, reduction=reduction, return_stats=names)
+    rows = per_row_stats(x, t, names, {})
+    for name in ROUNDED:
+        assert_rounded_sum(getattr(st, name), rows[name], counted, reduction, name)
+    hits = (rows["correct"][counted]).sum()
+    assert st.correct.item() == (hits.item() if reduction == "sum"
+                                 else (hits / counted.sum()).float().item())
+    assert st.z_loss.item() == 0 and not st.z_loss.signbit()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -148,13 +148,15 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
 
 // ce_fwd's outputs (loss, lse, aux), then with `stats` ce_fwd_stats's (entropy, target_logp,
 // predicted), all from the kernels' one pass; entropy / predicted zeros unless want_ent /
-// want_pred. With `sums` (Args::sums) and at most kLaneMaxClasses classes the lanes path adds
-// the rows up itself: loss and aux are then left undefined, not allocated.
+// want_pred. With `sums` (Args::sums, kSums of them) and at most kLaneMaxClasses classes the
+// lanes path adds the rows up itself: loss, aux and target_logp are then left undefined, not
+// allocated, and entropy / predicted unless entropy_rows / predicted_rows.
 std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& target,
                             const std::optional<Tensor>& weight, int64_t ignore_index,
                             double label_smoothing, double logit_scale, double softcap,
                             bool prob_target, bool stats, bool want_ent = true,
-                            bool want_pred = true, double* sums = nullptr) {
+                            bool want_pred = true, double* sums = nullptr,
+                            bool entropy_rows = true, bool predicted_rows = true) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -164,17 +166,21 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
                      softcap, prob_target);
   const auto acc = nllfused::acc_dtype(logits.scalar_type());
   const bool rows = sums == nullptr || A.C > kLaneMaxClasses;
-  std::vector<Tensor> out{rows ? cached_empty({A.N, A.D}, acc) : Tensor(),
-                          cached_empty({A.N, A.D}, at::kDouble),
-                          rows ? cached_empty({A.N, A.D}, acc) : Tensor()};
+  auto rows_of = [&](bool keep, at::ScalarType dtype) {
+    return rows || keep ? cached_empty({A.N, A.D}, dtype) : Tensor();
+  };
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  std::vector<Tensor> out{rows_of(false, acc), cached_empty({A.N, A.D}, at::kDouble),
+                          rows_of(false, acc)};
   if (stats) {
-    out.push_back(cached_empty({A.N, A.D}, acc));
-    out.push_back(cached_empty({A.N, A.D}, acc));
-    out.push_back(cached_empty({A.N, A.D}, at::kLong));
-    A.ent = out[3].data_ptr(); A.tlp = out[4].data_ptr(); A.pred = out[5].data_ptr<int64_t>();
-    A.want_ent = want_ent; A.want_pred = want_pred;
+    out.push_back(rows_of(entropy_rows, acc));
+    out.push_back(rows_of(false, acc));
+    out.push_back(rows_of(predicted_rows, at::kLong));
+    A.ent = ptr(out[3]); A.tlp = ptr(out[4]);
+    A.pred = static_cast<int64_t*>(ptr(out[5]));
+    A.want_ent = want_ent; A.want_pred = want_pred; A.stats = true;
   }
-  if (rows) { A.loss = out[0].data_ptr(); A.aux = out[2].data_ptr(); }
+  A.loss = ptr(out[0]); A.aux = ptr(out[2]);
   A.lse = out[1].data_ptr();
   A.sums = sums;
   for (const Tensor& o : out)
@@ -283,10 +289,25 @@ Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& gr
 SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
                                 const std::optional<Tensor>& weight, int64_t ignore_index,
                                 double label_smoothing) {
-  double sums[3] = {0, 0, 0};
+  double sums[kSums] = {};
   auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
                    label_smoothing, 1.0, 0.0, false, false, true, true, sums);
-  return {o[0], o[1], o[2], sums[0], sums[1], sums[2] != 0};  // summed: what the kernels did
+  return {o[0], o[1], o[2], sums[kSumLoss], sums[kSumAux],
+          sums[kSummed] != 0};  // summed: what the kernels did
+}
+
+SummedStatsForward ce_fwd_stats_summed_cpu(const Tensor& logits, const Tensor& target,
+                                           const std::optional<Tensor>& weight,
+                                           int64_t ignore_index, double label_smoothing,
+                                           bool want_ent, bool want_pred, bool entropy_rows,
+                                           bool predicted_rows) {
+  double s[kSums] = {};
+  auto o = forward("nllfused::cross_entropy_loss_stats (CPU)", logits, target, weight,
+                   ignore_index, label_smoothing, 1.0, 0.0, false, true, want_ent, want_pred, s,
+                   entropy_rows, predicted_rows);
+  return {o[0], o[1], o[2], o[3], o[4], o[5],
+          s[kSumLoss], s[kSumAux], s[kSumLse], s[kSumZLoss], s[kSumEntropy], s[kSumTargetLogp],
+          s[kSumHits], s[kSumCounted], s[kSummed] != 0};
 }
 
 std::vector<std::string> capabilities() {

@@ -676,11 +676,12 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
 template <typename scalar_t>
 void Ce<scalar_t>::forward(const Args& A) {
   if (lanes_ok(A, false)) return forward_lanes(A);
-  if (A.sums) A.sums[2] = 0;  // the rows are written: the caller adds them up
+  if (A.sums) A.sums[kSummed] = 0;  // the rows are written: the caller adds them up
   // (the caller allocates the rows unless it expects the lanes path: an error, not a write
   // through null, were the two decisions ever to differ; no rows: empty tensors, null data)
-  TORCH_INTERNAL_ASSERT(A.N * A.D == 0 || (A.loss != nullptr && A.aux != nullptr),
-                        "CPU forward: the rows path has no loss / aux rows to write");
+  TORCH_INTERNAL_ASSERT(A.N * A.D == 0 || (A.loss != nullptr && A.aux != nullptr &&
+                                           (!A.stats || (A.ent && A.tlp && A.pred))),
+                        "CPU forward: the rows path has no loss / aux / statistics rows to write");
   parallel_rows(A, A.xC == 1 || A.C == 1, [&](int64_t b, int64_t e) { fwd_rows(A, b, e); },
                 [&](int64_t b, int64_t e) { fwd_tiles(A, b, e); });
 }

@@ -530,6 +530,10 @@ struct Ce {
   // A tile's lines one L1 set may take (lanes_alias).
   static constexpr int64_t kLaneAliasLines = 32;
   static constexpr int64_t kLaneAhead = 4;        // classes ahead where they alias
+  // Tiles whose sums (Args::tile_sums) one thread adds up in order: one entry of kTileSums
+  // doubles per block, not per tile (a per-tile array for the 65536 tiles of (8, 4, 512, 512)
+  // would be 4 MiB of fresh pages a call).
+  static constexpr int64_t kSumTiles = 16;
   static bool lanes_alias(const Args& A, int64_t streams);
   template <typename T>
   static inline void lane_prefetch(const T* p, bool write = false);

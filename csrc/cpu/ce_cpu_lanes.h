@@ -222,6 +222,10 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   const V zero(acc_t(0)), one(acc_t(1)), none(acc_t(-1)), ninf(-kInf), pinf(kInf), nan(kNaN);
   const bool pick = C <= 16;  // z_y by a lane mask in the sweep (2 operations a class), or gathered
   const bool alias = lanes_alias(A, 1);
+  // Args::tile_sums: S running sums a Sum, NS of them (the loss and aux; with Stats all)
+  constexpr int64_t S = W2 < 8 ? W2 : 8;
+  constexpr int NS = Stats ? kTileSums : kSumAux + 1;
+  double sum[NS][S] = {};
   Lanes T;
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     lane_tile(A, tile, tile == tile0, T);
@@ -325,26 +329,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     lane_loop(T.L, W2, [&](int64_t l) {
       lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]);
     });
-    if (A.tile_sums) {  // the reduction in this pass: no loss / aux rows written and read back
-      // Every lane (those past L are ignored rows: 0) into S running sums, then a tree: in
-      // vectors, and a fixed order. (One running sum was a quarter of the forward's time.)
-      constexpr int64_t S = W2 < 8 ? W2 : 8;
-      double sl[S] = {}, sa[S] = {};
-      for (int64_t i = 0; i < W2; i += S) {
-        for (int64_t j = 0; j < S; ++j) {
-          sl[j] += static_cast<double>(ls[i + j]);
-          sa[j] += static_cast<double>(wy[i + j]);
-        }
-      }
-      for (int64_t h = S / 2; h >= 1; h /= 2) {
-        for (int64_t j = 0; j < h; ++j) {
-          sl[j] += sl[j + h];
-          sa[j] += sa[j + h];
-        }
-      }
-      A.tile_sums[2 * tile] = sl[0];
-      A.tile_sums[2 * tile + 1] = sa[0];
-    } else {
+    if (!A.tile_sums) {
       acc_t* lossr = loss + T.r0;
       acc_t* auxr = aux + T.r0;
       lane_loop(T.L, W2, [&](int64_t l) {
@@ -352,18 +337,13 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         auxr[l] = wy[l];
       });
     }
+    alignas(64) int64_t pl[W2];  // Stats: each lane's argmax
     if constexpr (Stats) {
-      acc_t* entr = static_cast<acc_t*>(A.ent) + T.r0;
-      acc_t* tlpr = static_cast<acc_t*>(A.tlp) + T.r0;
-      int64_t* predr = A.pred + T.r0;
       const bool want_ent = A.want_ent, want_pred = A.want_pred;
       // Branch-free, so that a full tile's copy is vector code (as one loop with the NaN test
       // and search below, scalar: a third of a 4-class forward with statistics).
-      lane_loop(T.L, W2, [&](int64_t l) {
-        entr[l] = want_ent ? le[l] : acc_t(0);  // (computed with the rest: short rows)
-        tlpr[l] = lt[l];
-        predr[l] = want_pred && la[l] >= 0 ? static_cast<int64_t>(la[l]) : 0;
-      });
+      for (int64_t l = 0; l < W2; ++l)
+        pl[l] = want_pred && la[l] >= 0 ? static_cast<int64_t>(la[l]) : 0;
       // A NaN softmax (z - m = 0 found nowhere or not alone): a NaN logit (the first, as
       // torch.argmax), else the first at the max (+inf, or -inf when every class is)
       auto nan_in = [](const acc_t* v) { return V::loadu(v) != V::loadu(v); };
@@ -378,7 +358,62 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
           if (std::isnan(z)) first_nan = c;
           else if (first_max < 0 && z == lm[l]) first_max = c;
         }
-        if (first_nan >= 0 || first_max >= 0) predr[l] = first_nan >= 0 ? first_nan : first_max;
+        if (first_nan >= 0 || first_max >= 0) pl[l] = first_nan >= 0 ? first_nan : first_max;
+      }
+      // (the rows the caller asked for: all of them, except with sums)
+      if (A.ent) {
+        acc_t* entr = static_cast<acc_t*>(A.ent) + T.r0;
+        lane_loop(T.L, W2, [&](int64_t l) { entr[l] = want_ent ? le[l] : acc_t(0); });
+      }
+      if (A.tlp) {
+        acc_t* tlpr = static_cast<acc_t*>(A.tlp) + T.r0;
+        lane_loop(T.L, W2, [&](int64_t l) { tlpr[l] = lt[l]; });
+      }
+      if (A.pred) {
+        int64_t* predr = A.pred + T.r0;
+        lane_loop(T.L, W2, [&](int64_t l) { predr[l] = pl[l]; });
+      }
+    }
+    if (A.tile_sums) {  // the reduction in this pass: no loss / aux rows written and read back
+      // Each sum's lanes into S running sums in double over the tiles of a block (forward_lanes),
+      // then a tree: in vectors, and a fixed order (one running sum was a quarter of the
+      // forward's time; lane values masked and picked in branches, scalar code, took longer
+      // than the kernel; a tree every tile, 15 % of it). Lanes past L are ignored rows.
+      auto add = [&](int k, const acc_t* v) {
+        for (int64_t i = 0; i < W2; i += S)
+          for (int64_t j = 0; j < S; ++j) sum[k][j] += static_cast<double>(v[i + j]);
+      };
+      add(kSumLoss, ls);
+      add(kSumAux, wy);
+      if constexpr (Stats) {  // over the counted rows: lse = m + log d summed as two parts
+        alignas(64) acc_t pf[W2], v[6][W2];
+        for (int64_t l = 0; l < W2; ++l) pf[l] = static_cast<acc_t>(pl[l]);
+        for (int64_t h = 0; h < W2; h += W) {
+          const V yv = V::loadu(T.yf + h), counted = yv != none, m = V::loadu(lm + h),
+                  ld_h = V::loadu(ld + h), lse_f = m + ld_h;
+          V::blendv(zero, m, counted).store(v[0] + h);
+          V::blendv(zero, ld_h, counted).store(v[1] + h);
+          V::blendv(zero, lse_f - lse_f, counted).store(v[2] + h);  // 0 (lse finite), NaN
+          V::blendv(zero, V::loadu(le + h), counted).store(v[3] + h);
+          V::blendv(zero, V::blendv(zero, one, V::loadu(pf + h) == yv), counted).store(v[4] + h);
+          V::blendv(zero, one, counted).store(v[5] + h);
+        }
+        add(kSumLse, v[0]);
+        add(kSumLse, v[1]);
+        add(kSumZLoss, v[2]);
+        add(kSumEntropy, v[3]);
+        add(kSumTargetLogp, lt);  // 0 on ignored rows
+        add(kSumHits, v[4]);
+        add(kSumCounted, v[5]);
+      }
+      if ((tile + 1) % kSumTiles == 0 || tile + 1 == tile1) {  // the block's last tile here
+        double* block = A.tile_sums + kTileSums * (tile / kSumTiles);
+        for (int k = 0; k < NS; ++k) {
+          for (int64_t h = S / 2; h >= 1; h /= 2)
+            for (int64_t j = 0; j < h; ++j) sum[k][j] += sum[k][j + h];
+          block[k] += sum[k][0];
+          for (int64_t j = 0; j < S; ++j) sum[k][j] = 0;
+        }
       }
     }
   }
@@ -603,7 +638,13 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   if (tiles == 0) return;                                                                     \
   const int gm = A.eps == 0 ? 0 : A.w ? 2 : 1, kind = make_tf(A).kind;                        \
   const int64_t grain = std::max<int64_t>(1, 32768 / (A.C * W2));                             \
-  auto run = [&](auto fn) { at::parallel_for(0, tiles, grain, fn); };                         \
+  auto run = [&](auto fn) { /* with tile_sums, whole blocks of tiles to a thread */          \
+    if (!A.tile_sums) return at::parallel_for(0, tiles, grain, fn);                           \
+    at::parallel_for(0, (tiles + kSumTiles - 1) / kSumTiles,                                  \
+                     std::max<int64_t>(1, grain / kSumTiles), [&](int64_t b, int64_t e) {     \
+                       fn(b * kSumTiles, std::min(tiles, e * kSumTiles));                     \
+                     });                                                                      \
+  };                                                                                          \
   if (kind == 0 && gm == 0) return run([&](int64_t b, int64_t e) { FN<0, 0>(A, b, e); });     \
   if (kind == 0 && gm == 1) return run([&](int64_t b, int64_t e) { FN<0, 1>(A, b, e); });     \
   if (kind == 0) return run([&](int64_t b, int64_t e) { FN<0, 2>(A, b, e); });                \
@@ -616,23 +657,21 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::forward_lanes(const Args& A) {
-  if (A.sums) {  // per-tile sums, then over the tiles in a fixed order (any thread count)
-    std::vector<double> part(2 * lane_tiles(A));
+  if (A.sums) {  // per-block sums, then over the blocks in a fixed order (any thread count)
+    const int64_t blocks = (lane_tiles(A) + kSumTiles - 1) / kSumTiles;
+    std::vector<double> part(kTileSums * blocks, 0.0);
     Args B = A;
     B.sums = nullptr;
     B.tile_sums = part.data();
     forward_lanes(B);
-    // Four running pairs (tile i into i % 4), then a fixed tree: a fixed order, and not one
-    // chain of dependent adds over every tile.
-    double sl[4] = {0, 0, 0, 0}, sa[4] = {0, 0, 0, 0};
-    const size_t n = part.size() / 2;
-    for (size_t i = 0; i < n; ++i) {
-      sl[i % 4] += part[2 * i];
-      sa[i % 4] += part[2 * i + 1];
+    // Four running sums (block i into i % 4), then a fixed tree: a fixed order, and not one
+    // chain of dependent adds over every block.
+    for (int k = 0; k < kTileSums; ++k) {
+      double s[4] = {0, 0, 0, 0};
+      for (int64_t i = 0; i < blocks; ++i) s[i % 4] += part[kTileSums * i + k];
+      A.sums[k] = (s[0] + s[1]) + (s[2] + s[3]);
     }
-    A.sums[0] = (sl[0] + sl[1]) + (sl[2] + sl[3]);
-    A.sums[1] = (sa[0] + sa[1]) + (sa[2] + sa[3]);
-    A.sums[2] = 1;
+    A.sums[kSummed] = 1;
     return;
   }
   if (A.stats_fwd()) {

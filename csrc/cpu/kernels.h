@@ -68,10 +68,11 @@ struct Args {
   const void* w; double wsum;                    // weights (C,) in the accumulation dtype, or null
   int64_t ignore_index; double eps, a, s; bool prob;
   void *loss, *lse, *aux;                        // forward outputs, contiguous (N, D)
-  // The one-call op's reduction (csrc/loss.cpp), or null: where the lanes path runs
-  // (ce_cpu_lanes.h) the forward adds the rows' loss and aux up in double into sums[0] and
-  // sums[1] instead of writing those rows, and sets sums[2] = 1; elsewhere it writes the rows
-  // and sets sums[2] = 0. tile_sums: the lanes' per-tile (loss, aux) pairs it adds up.
+  // The one-call ops' reductions (csrc/loss.cpp, csrc/loss_stats.cpp), or null: where the
+  // lanes path runs (ce_cpu_lanes.h) the forward adds the rows up in double into sums[Sum]
+  // (with stats, every Sum; else the loss and aux) instead of writing the loss and aux rows,
+  // and sets sums[kSummed] = 1; elsewhere it writes the rows and sets sums[kSummed] = 0.
+  // tile_sums: the lanes' per-block sums (kTileSums each) it adds up.
   double* sums; double* tile_sums;
   const void* gl; int64_t gN, gD;                // backward inputs (N, D)
   const double* glse; int64_t glN, glD;          // grad_lse (N, D) float64, or null
@@ -87,10 +88,13 @@ struct Args {
   // with_predicted): the others are written as zeros and their work (the entropy's sum, the
   // argmax's snapshots and scans) skipped; target_logp needs nothing beyond the loss's pass.
   bool want_ent, want_pred;
+  // ce_fwd_stats's pass. Its rows ent / tlp / pred are all written on the rows path; with sums,
+  // where the lanes path adds the statistics up, only those whose pointer is not null.
+  bool stats;
   // Classes per chunk of the forward's rows read in place (ce_cpu_forward.h, fwd_rows): what
   // row_chunk() gives for the accumulation dtype.
   int64_t chunk;
-  bool stats_fwd() const { return ent != nullptr; }
+  bool stats_fwd() const { return stats; }
   bool stats_bwd() const { return gent != nullptr || gtlp != nullptr; }
 };
 
@@ -107,6 +111,18 @@ int64_t row_chunk(int64_t acc_size);
 // The most classes of the lanes path (ce_cpu_lanes.h): the forward takes it for every index
 // target row of up to this many classes.
 constexpr int64_t kLaneMaxClasses = 256;
+
+// What the lanes path adds up with Args::sums (ce_cpu_lanes.h), each in double: the rows' loss
+// and aux (the one-call loss's 'sum' and 'mean' denominator), and with statistics, over the
+// counted rows (target != ignore_index): lse and the z-loss term 0 * lse^2 (0, NaN where lse is
+// not finite) rounded to the accumulation dtype as the per-row outputs are, entropy, target
+// log-prob, the rows whose argmax is the target, and the counted rows themselves.
+enum Sum : int {
+  kSumLoss, kSumAux, kSumLse, kSumZLoss, kSumEntropy, kSumTargetLogp, kSumHits, kSumCounted,
+  kTileSums,            // the sums of a block of tiles (Args::tile_sums)
+  kSummed = kTileSums,  // sums[kSummed]: 1 where the kernel added the rows up, else 0
+  kSums                 // the length of Args::sums
+};
 
 // Entry points of one instruction set's copy; `logits` is the logits' dtype.
 using KernelFn = void (*)(const Args&, at::ScalarType logits);
