@@ -220,7 +220,7 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
                 const Tensor& target, const std::optional<Tensor>& weight, const Tensor& lse,
                 const Tensor& aux, const Tensor* entropy, int64_t ignore_index,
                 double label_smoothing, double logit_scale, double softcap, bool prob_target,
-                bool in_place = false) {
+                bool in_place = false, bool gent_counted = false) {
   const Tensor* gs = nllfused::present(grad_lse);
   const Tensor* ge = nllfused::present(grad_entropy);
   const Tensor* gt = nllfused::present(grad_target_logp);
@@ -243,6 +243,7 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
     A.ent_in = entropy->data_ptr(); A.eN = entropy->stride(0); A.eD = entropy->stride(1);
   }
   if (ge != nullptr) { A.gent = ge->data_ptr(); A.geN = ge->stride(0); A.geD = ge->stride(1); }
+  A.gent_counted = gent_counted && !prob_target;
   if (gt != nullptr) { A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1); }
   const bool over = in_place && logits.is_contiguous();
   Tensor out = over ? logits : cached_empty({A.N, A.C, A.D}, logits.scalar_type());  // contiguous
@@ -308,6 +309,18 @@ SummedStatsForward ce_fwd_stats_summed_cpu(const Tensor& logits, const Tensor& t
   return {o[0], o[1], o[2], o[3], o[4], o[5],
           s[kSumLoss], s[kSumAux], s[kSumLse], s[kSumZLoss], s[kSumEntropy], s[kSumTargetLogp],
           s[kSumHits], s[kSumCounted], s[kSummed] != 0};
+}
+
+Tensor ce_bwd_stats_counted_cpu(const Tensor& grad_loss,
+                                const std::optional<Tensor>& grad_entropy,
+                                const std::optional<Tensor>& grad_target_logp,
+                                const Tensor& logits, const Tensor& target,
+                                const std::optional<Tensor>& weight, const Tensor& lse,
+                                const Tensor& aux, const Tensor& entropy, int64_t ignore_index,
+                                double label_smoothing) {
+  return backward("nllfused::cross_entropy_loss_stats (CPU backward)", grad_loss, std::nullopt,
+                  grad_entropy, grad_target_logp, logits, target, weight, lse, aux, &entropy,
+                  ignore_index, label_smoothing, 1.0, 0.0, false, false, true);
 }
 
 std::vector<std::string> capabilities() {

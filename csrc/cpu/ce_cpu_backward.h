@@ -15,9 +15,12 @@ auto Ce<scalar_t>::row_grad(const Args& A, int64_t n_, int64_t d_, const scalar_
   const acc_t e = static_cast<acc_t>(A.eps);
   const int64_t y = A.prob ? -1 : class_of(A, n_, d_);
   const bool ignored = !A.prob && y < 0;
-  // the statistics' gradients: the entropy's on every row, the target log-prob's (0 on ignored
-  // rows and for probability targets, a constant there) on counted rows only
-  const acc_t gH = A.gent ? static_cast<const acc_t*>(A.gent)[n_ * A.geN + d_ * A.geD] : acc_t(0);
+  // the statistics' gradients: the entropy's on every row (on counted rows only with
+  // gent_counted), the target log-prob's (0 on ignored rows and for probability targets, a
+  // constant there) on counted rows only
+  const acc_t gH = A.gent && !(A.gent_counted && ignored)
+                       ? static_cast<const acc_t*>(A.gent)[n_ * A.geN + d_ * A.geD]
+                       : acc_t(0);
   const acc_t gT = A.gtlp && y >= 0 ? static_cast<const acc_t*>(A.gtlp)[n_ * A.gtN + d_ * A.gtD]
                                     : acc_t(0);
   if (ignored && gs == 0 && gH == 0) {

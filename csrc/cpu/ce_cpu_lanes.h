@@ -456,6 +456,8 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       else std::fill(gT, gT + W2, acc_t(0));
       lane_read(T, ent, A.eN, A.eD, acc_t(0), Hv);
       for (int64_t l = 0; l < W2; ++l) gT[l] = T.y[l] < 0 ? acc_t(0) : gT[l];  // counted rows
+      if (A.gent_counted)
+        for (int64_t l = 0; l < W2; ++l) gH[l] = T.y[l] < 0 ? acc_t(0) : gH[l];
     }
     // hi = acc_t(lse), lo = acc_t(lse - hi), as row_grad. hi passes through memory the compiler
     // cannot see into: GCC 12 vectorized this loop of the default copy into lse - lse (lo = 0),

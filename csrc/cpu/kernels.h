@@ -84,6 +84,9 @@ struct Args {
   const void* gent; int64_t geN, geD;            // grad_entropy (N, D) acc dtype, or null
   const void* gtlp; int64_t gtN, gtD;            // grad_target_logp (N, D) acc dtype, or null
   const void* ent_in; int64_t eN, eD;            // the forward's entropy (N, D), with gent
+  // gent for the counted rows only (index targets, y >= 0), 0 on ignored rows: the gradient of a
+  // reduced entropy (the one-call op, csrc/loss_stats.cpp), one value for every row (strides 0)
+  bool gent_counted;
   // Which of the forward's statistics were asked for (ce_fwd_stats' with_entropy /
   // with_predicted): the others are written as zeros and their work (the entropy's sum, the
   // argmax's snapshots and scans) skipped; target_logp needs nothing beyond the loss's pass.
