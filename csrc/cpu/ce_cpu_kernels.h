@@ -221,6 +221,14 @@ struct Ce {
 #endif
     return V::blendv(a, b, x == y);
   }
+  // where(x == y and i == unset, c, i): the lane path's first class at the max, per lane
+  // (first_eq_f where the unit has it).
+  static inline V first_eq(V i, V c, V x, V y, V unset) {
+#ifdef NLLF_HAVE_FIRST_EQ
+    if constexpr (std::is_same_v<acc_t, float>) return first_eq_f(i, c, x, y, unset);
+#endif
+    return V::blendv(i, c, V::blendv(V(acc_t(0)), x == y, i == unset));
+  }
   // log1p for the lane path's log d = log1p((k - 1) + s) (ce_cpu_lanes.h), a vector of rows at
   // a time, where Sleef's log1pf took a seventh of a 4-class forward. For float in the SIMD
   // copies: w = 1 + u, log1p(u) = log(w) - ((w - 1) - u) / w (the rounding of w, to first

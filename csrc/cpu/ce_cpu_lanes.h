@@ -277,8 +277,8 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         t0 = fmadd(xa, floor_finite(a), t0);  // the classes at the max add 0
         t1 = fmadd(xb, floor_finite(b), t1);
         const V vc(static_cast<acc_t>(c));
-        i0 = V::blendv(i0, vc, V::blendv(zero, a == zero, i0 == none));  // unset and at max
-        i1 = V::blendv(i1, vc, V::blendv(zero, b == zero, i1 == none));
+        i0 = first_eq(i0, vc, a, zero, none);  // at the max, and no class before it was
+        i1 = first_eq(i1, vc, b, zero, none);
       }
       if constexpr (Gm == 1) {
         b0 = b0 + a;
