@@ -111,8 +111,7 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   const Tensor loss = reduce_rows(loss_rows, aux, reduction, input, target);
   const Tensor counted = target2 != ignore_index;
   const Tensor count = reduction == kMean ? counted.sum() : Tensor();
-  std::array<Tensor, 6> s;  // each its own empty tensor where not asked for: outputs never alias
-  for (Tensor& t : s) t = at::empty({0}, aux.options());
+  std::array<Tensor, 6> s;
   if (want & (kLse | kZLoss)) {
     const Tensor lse_acc = lse.to(acc);
     if (want & kLse) s[0] = reduce_stat(lse_acc, counted, count, reduction, false, shape);
@@ -128,6 +127,8 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   }
   if (want & kEntropy) s[4] = reduce_stat(entropy, counted, count, reduction, false, shape);
   if (want & kTargetLogp) s[5] = reduce_stat(tlp, counted, count, reduction, true, shape);
+  for (Tensor& t : s)  // each its own empty tensor where not asked for: outputs never alias
+    if (!t.defined()) t = at::empty({0}, aux.options());
   return {loss, s[0], s[1], s[2], s[3], s[4], s[5]};
 }
 
@@ -143,8 +144,7 @@ Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor&
   auto reduced = [&](double sum) {
     return at::scalar_tensor(reduction == kSum ? sum : sum / f.counted, opt.dtype(acc));
   };
-  std::array<Tensor, 6> s;  // each its own empty tensor where not asked for: outputs never alias
-  for (Tensor& t : s) t = at::empty({0}, opt.dtype(acc));
+  std::array<Tensor, 6> s;
   if (want & kLse) s[0] = reduced(f.lse_sum);
   if (want & kZLoss) s[1] = reduced(f.z_loss_sum);
   if (want & kPredicted) s[2] = f.predicted.view(target.sizes());
@@ -155,6 +155,8 @@ Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor&
   }
   if (want & kEntropy) s[4] = reduced(f.entropy_sum);
   if (want & kTargetLogp) s[5] = reduced(f.target_logp_sum);
+  for (Tensor& t : s)  // each its own empty tensor where not asked for: outputs never alias
+    if (!t.defined()) t = at::empty({0}, opt.dtype(acc));
   const double loss = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
   return {at::scalar_tensor(loss, opt), s[0], s[1], s[2], s[3], s[4], s[5]};
 }

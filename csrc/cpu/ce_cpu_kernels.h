@@ -221,6 +221,11 @@ struct Ce {
 #endif
     return V::blendv(a, b, x == y);
   }
+  // Whether any lane of the vector compare m is set (all ones).
+  static inline bool any_lane(V m) {
+    constexpr int kNoLane = int((int64_t(1) << W) - 1);  // zero_mask of a vector without one
+    return V::blendv(V(acc_t(0)), V(acc_t(1)), m).zero_mask() != kNoLane;
+  }
   // where(x == y and i == unset, c, i): the lane path's first class at the max, per lane
   // (first_eq_f where the unit has it).
   static inline V first_eq(V i, V c, V x, V y, V unset) {

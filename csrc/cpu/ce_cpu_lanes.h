@@ -348,8 +348,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       // torch.argmax), else the first at the max (+inf, or -inf when every class is)
       auto nan_in = [](const acc_t* v) { return V::loadu(v) != V::loadu(v); };
       const V nan_lanes = nan_in(ls) | nan_in(ls + W) | nan_in(le) | nan_in(le + W);
-      constexpr int kNone = int((int64_t(1) << W) - 1);  // zero_mask with no lane set
-      const bool any_nan = V::blendv(zero, one, nan_lanes).zero_mask() != kNone;
+      const bool any_nan = any_lane(nan_lanes);
       for (int64_t l = 0; any_nan && want_pred && l < T.L; ++l) {
         if (!std::isnan(ls[l]) && !std::isnan(le[l])) continue;
         int64_t first_nan = -1, first_max = -1;
@@ -505,9 +504,8 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       any_nonfinite = mor(any_nonfinite, V::blendv(bad, zero, zero_row));
     }
     // Any lane set: a mask test (a horizontal sum's 16 dependent adds were 1/8 of the tile).
-    constexpr int kNone = int((int64_t(1) << W) - 1);  // zero_mask with no lane set
-    const bool special = V::blendv(zero, one, any_special).zero_mask() != kNone;
-    const bool finite = Gm != 2 && V::blendv(zero, one, any_nonfinite).zero_mask() == kNone;
+    const bool special = any_lane(any_special);
+    const bool finite = Gm != 2 && !any_lane(any_nonfinite);
     Y[0].store(yv);
     Y[1].store(yv + W);
     const V hi0 = H[0], hi1 = H[1], lo0 = Lo[0], lo1 = Lo[1], P0 = P[0], P1 = P[1], Q0 = Q[0];
