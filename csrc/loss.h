@@ -37,17 +37,6 @@ SummedForward ce_fwd_summed_cpu(const at::Tensor& logits, const at::Tensor& targ
 // entropy, target log-prob, rows predicted right, counted rows) besides loss_sum / aux_sum, and
 // of the rows only lse, entropy where entropy_rows asks (zeros unless want_ent) and predicted
 // where predicted_rows does; the others undefined. Else every row, as ce_fwd_stats gives them.
-// ce_bwd_stats on the CPU with grad_entropy applied to the counted rows only (target !=
-// ignore_index; Args::gent_counted): the gradients of reduced statistics, one value each for
-// every row (expanded, strides 0), need no per-row tensors then.
-at::Tensor ce_bwd_stats_counted_cpu(const at::Tensor& grad_loss,
-                                    const std::optional<at::Tensor>& grad_entropy,
-                                    const std::optional<at::Tensor>& grad_target_logp,
-                                    const at::Tensor& logits, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                                    const at::Tensor& aux, const at::Tensor& entropy,
-                                    int64_t ignore_index, double label_smoothing);
-
 struct SummedStatsForward {
   at::Tensor loss, lse, aux, entropy, target_logp, predicted;
   double loss_sum, aux_sum, lse_sum, z_loss_sum, entropy_sum, target_logp_sum, hits, counted;
@@ -58,6 +47,17 @@ SummedStatsForward ce_fwd_stats_summed_cpu(const at::Tensor& logits, const at::T
                                            int64_t ignore_index, double label_smoothing,
                                            bool want_ent, bool want_pred, bool entropy_rows,
                                            bool predicted_rows);
+
+// ce_bwd_stats on the CPU with grad_entropy applied to the counted rows only (target !=
+// ignore_index; Args::gent_counted): the gradients of reduced statistics, one value each for
+// every row (expanded, strides 0), need no per-row tensors then.
+at::Tensor ce_bwd_stats_counted_cpu(const at::Tensor& grad_loss,
+                                    const std::optional<at::Tensor>& grad_entropy,
+                                    const std::optional<at::Tensor>& grad_target_logp,
+                                    const at::Tensor& logits, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                    const at::Tensor& aux, const at::Tensor& entropy,
+                                    int64_t ignore_index, double label_smoothing);
 
 }  // namespace nllfused_cpu
 

@@ -117,9 +117,9 @@ constexpr int64_t kLaneMaxClasses = 256;
 
 // What the lanes path adds up with Args::sums (ce_cpu_lanes.h), each in double: the rows' loss
 // and aux (the one-call loss's 'sum' and 'mean' denominator), and with statistics, over the
-// counted rows (target != ignore_index): lse and the z-loss term 0 * lse^2 (0, NaN where lse is
-// not finite) rounded to the accumulation dtype as the per-row outputs are, entropy, target
-// log-prob, the rows whose argmax is the target, and the counted rows themselves.
+// counted rows (target != ignore_index): lse (as its two parts, the max and log d), the z-loss
+// term 0 * lse^2 of the one-call op (0, NaN where lse is not finite), entropy, target log-prob,
+// the rows whose argmax is the target, and the counted rows themselves.
 enum Sum : int {
   kSumLoss, kSumAux, kSumLse, kSumZLoss, kSumEntropy, kSumTargetLogp, kSumHits, kSumCounted,
   kTileSums,            // the sums of a block of tiles (Args::tile_sums)
