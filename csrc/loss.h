@@ -188,6 +188,14 @@ inline Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reducti
   return as_dtype(sum_rows(loss, aux, reduction, target.sizes()), input.scalar_type());
 }
 
+// The value of a one-element plain CPU tensor (a reduced output's upstream gradient) in double.
+inline double cpu_value(const Tensor& t) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "nllfused_cpu_value",
+                                  [&] { v = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
 // d loss / d loss_row for each row (N, D), from the upstream gradient of the reduced loss. Ignored
 // rows need no zero here: ce_bwd gives them no loss gradient whatever this says (csrc/ops.cpp).
 // A reduced loss's upstream gradient (one value) on the CPU is read here and the row gradient
@@ -196,11 +204,7 @@ inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction
   const auto acc = aux.scalar_type();
   if (reduction == kNone) return as_dtype(grad, acc).view(aux.sizes());
   if (loop_reduce(grad) && loop_reduce(aux)) {
-    double g = 0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
-                                    "nllfused_row_grads", [&] {
-                                      g = static_cast<double>(*grad.const_data_ptr<scalar_t>());
-                                    });
+    double g = cpu_value(grad);
     if (reduction == kMean) g /= cpu_sum(aux);
     return at::scalar_tensor(g, aux.options()).expand(aux.sizes());
   }
@@ -213,11 +217,7 @@ inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction
 inline Tensor summed_row_grads(const Tensor& grad, const Tensor& aux_sum, int64_t reduction,
                                at::IntArrayRef rows, at::ScalarType acc) {
   if (loop_reduce(grad) && loop_reduce(aux_sum)) {
-    double g = 0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
-                                    "nllfused_summed_row_grads", [&] {
-                                      g = static_cast<double>(*grad.const_data_ptr<scalar_t>());
-                                    });
+    double g = cpu_value(grad);
     if (reduction == kMean) g /= *aux_sum.const_data_ptr<double>();
     return at::scalar_tensor(g, grad.options().dtype(acc)).expand(rows);
   }

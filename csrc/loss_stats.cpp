@@ -203,18 +203,26 @@ struct CrossEntropyLossStatsBackward final : Node {
     const auto acc = acc_dtype(input.scalar_type());
     const bool ent = grads[1].defined() && (want & kEntropy);
     const bool tlp = grads[2].defined() && (want & kTargetLogp);
+    // Summed on the CPU (plain tensors): each reduced statistic's gradient one value for every
+    // row (expanded, in double, rounded once), which the kernel applies to the counted rows only
+    // (ce_bwd_stats_counted_cpu; the target log-prob's it applies there anyway): no per-row
+    // tensors, where stat_row_grads' masks and divisions were four passes over the rows (a
+    // third of the backward at (8, 4, 512, 512)).
     auto plain = [](const Tensor& t) { return !t.defined() || plain_cpu(t); };
-    if (summed && (ent || tlp) && !at::GradMode::is_enabled() && plain_cpu(logits) &&
-        plain(grads[0]) && plain(grads[1]) && plain(grads[2])) {
-      out[0] = summed_backward(grads, logits, target2, weight, lse, aux, acc, ent, tlp)
-                   .view(input.sizes());
-      return out;
-    }
+    const bool counted_only = summed && !at::GradMode::is_enabled() && plain_cpu(logits) &&
+                              plain(grads[0]) && plain(grads[1]) && plain(grads[2]);
     std::optional<Tensor> g_ent, g_tlp;
-    if (ent || tlp) {  // the rows that count: only the statistics' gradients need them
-      const Tensor counted = target2 != ignore_index;
-      if (ent) g_ent = stat_row_grads(grads[1], counted, reduction, false, acc);
-      if (tlp) g_tlp = stat_row_grads(grads[2], counted, reduction, true, acc);
+    if (counted_only) {
+      auto row_grad = [&](const Tensor& g) {
+        const double v = cpu_value(g) / (reduction == kMean ? counted : 1.0);
+        return at::scalar_tensor(v, lse.options().dtype(acc)).expand(lse.sizes());
+      };
+      if (ent) g_ent = row_grad(grads[1]);
+      if (tlp) g_tlp = row_grad(grads[2]);
+    } else if (ent || tlp) {  // the rows that count: only the statistics' gradients need them
+      const Tensor counted_rows = target2 != ignore_index;
+      if (ent) g_ent = stat_row_grads(grads[1], counted_rows, reduction, false, acc);
+      if (tlp) g_tlp = stat_row_grads(grads[2], counted_rows, reduction, true, acc);
     }
     if (at::GradMode::is_enabled()) {
       out[0] = second_order(input, target, logits, target2, weight, grads[0], g_ent, g_tlp);
@@ -223,7 +231,7 @@ struct CrossEntropyLossStatsBackward final : Node {
     // Summed: no aux rows exist; the kernels read aux for probability targets only, so the row
     // gradients (of aux's shape and dtype) stand in for them, as in csrc/loss.cpp.
     const Tensor g_loss =
-        !grads[0].defined() ? at::zeros(lse.sizes(), lse.options().dtype(acc))
+        !grads[0].defined() ? at::zeros({}, lse.options().dtype(acc)).expand(lse.sizes())
         : summed            ? summed_row_grads(grads[0], aux, reduction, lse.sizes(), acc)
                             : row_grads(grads[0], aux, reduction);
     const Tensor& aux_rows = summed ? g_loss : aux;
@@ -233,38 +241,15 @@ struct CrossEntropyLossStatsBackward final : Node {
                    .view(input.sizes());
       return out;
     }
-    out[0] = ce_bwd_stats(g_loss, g_ent, g_tlp, logits, target2, weight, lse, aux_rows,
-                          entropy_.unpack(), ignore_index, label_smoothing)
+    const Tensor entropy = entropy_.unpack();
+    out[0] = (counted_only
+                  ? nllfused_cpu::ce_bwd_stats_counted_cpu(g_loss, g_ent, g_tlp, logits, target2,
+                                                           weight, lse, aux_rows, entropy,
+                                                           ignore_index, label_smoothing)
+                  : ce_bwd_stats(g_loss, g_ent, g_tlp, logits, target2, weight, lse, aux_rows,
+                                 entropy, ignore_index, label_smoothing))
                  .view(input.sizes());
     return out;
-  }
-
-  // Summed on the CPU (plain tensors): each reduced statistic's gradient one value for every
-  // row (expanded), which the kernel applies to the counted rows only (Args::gent_counted; the
-  // target log-prob's it applies there anyway): no per-row tensors, where stat_row_grads' masks
-  // and divisions were four passes over the rows (a third of the backward at (8, 4, 512, 512)).
-  Tensor summed_backward(const variable_list& grads, const Tensor& logits, const Tensor& target2,
-                         const std::optional<Tensor>& weight, const Tensor& lse,
-                         const Tensor& aux_sum, at::ScalarType acc, bool ent, bool tlp) {
-    auto row_grad = [&](const Tensor& g) {  // d reduced / d row, in double, rounded once
-      double v = 0;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(),
-                                      "nllfused_stat_row_grad", [&] {
-                                        v = static_cast<double>(*g.const_data_ptr<scalar_t>());
-                                      });
-      if (reduction == kMean) v /= counted;
-      return at::scalar_tensor(v, lse.options().dtype(acc)).expand(lse.sizes());
-    };
-    const std::optional<Tensor> g_ent = ent ? std::optional<Tensor>(row_grad(grads[1]))
-                                            : std::nullopt;
-    const std::optional<Tensor> g_tlp = tlp ? std::optional<Tensor>(row_grad(grads[2]))
-                                            : std::nullopt;
-    const Tensor g_loss =
-        grads[0].defined() ? summed_row_grads(grads[0], aux_sum, reduction, lse.sizes(), acc)
-                           : at::zeros({}, lse.options().dtype(acc)).expand(lse.sizes());
-    return nllfused_cpu::ce_bwd_stats_counted_cpu(g_loss, g_ent, g_tlp, logits, target2, weight,
-                                                  lse, g_loss, entropy_.unpack(), ignore_index,
-                                                  label_smoothing);
   }
 
   // create_graph=True: the forward once more through ce_fwd_stats's autograd, differentiated.
