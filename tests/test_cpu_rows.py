@@ -267,3 +267,53 @@ def test_bf16_gradient_far_from_zero(capability, chunk, smoothing):
     (ref_grad,) = torch.autograd.grad(ref, x64)
     assert (grad.double() == ref_grad.to(torch.bfloat16).double()).all(), (
         (grad.double() - ref_grad).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("option", ["plain", "smoothing", "weight_smoothing", "probs", "stats"])
+def test_every_tail_length(capability, option, dtype):
+    """The fold's last, partial step (fold_steps: fewer than 2W classes, padded with the max, the
+    pad lanes adding nothing and never counted at the max) and the max sweep's (chunk_max), for
+    every tail length 2W can leave (rows of 257..288 classes: past the lane path's 256, and
+    every residue mod 32), 64-byte aligned rows (bf16 then read in place, the tail in class
+    order after split-order steps): a row's max alone in the tail, tied maxima in it, -inf in
+    it (the entropy's 0 * -inf rerun over the tail), a confident row whose target is in the
+    tail; loss and gradient against float64 torch, and with statistics lse, entropy, target
+    log-probability and argmax."""
+    for C in range(257, 289):
+        x = torch.randn(5, C, dtype=torch.float64) * 2
+        x[1, -1] = 9.0                                   # the max alone, the last class
+        x[2, [-1, -3]] = 8.0                             # tied maxima in the tail
+        x[2, -2] = float("-inf")
+        x[3] -= 20.0
+        x[3, -2] = 0.0                                   # confident, the target in the tail
+        x[4, C - C % 32:] = float("-inf")                # the whole tail (if any) at -inf
+        buf = torch.empty(5, 320, dtype=dtype)
+        xb = buf[:, :C]
+        xb.copy_(x)
+        t = torch.randint(0, C, (5,))
+        t[3] = C - 2
+        kw = dict(reduction="none")
+        if option == "smoothing":
+            kw["label_smoothing"] = 0.1
+        elif option == "weight_smoothing":
+            kw.update(label_smoothing=0.1, weight=torch.rand(C, dtype=torch.float64) + 0.1)
+            if dtype != torch.float64:
+                kw["weight"] = kw["weight"].float()
+        if option == "probs":
+            # (a probability of 0 at -inf: NaN in torch (0 * -inf), 0 here (csrc/ops.cpp))
+            xb.masked_fill_(xb == float("-inf"), -1e4)
+            check_cross_entropy(xb, torch.softmax(torch.randn(5, C), 1).to(dtype), "cpu", "cpu",
+                                **kw)
+        elif option == "stats":
+            loss, st = nllfused.cross_entropy(
+                xb, t, reduction="none", backend="cpu",
+                return_stats=("lse", "predicted", "entropy", "target_logprob"))
+            expected = oracle_rows(xb, t)
+            assert torch.equal(st.predicted, expected["predicted"]), C
+            for name in ("lse", "entropy", "target_logprob"):
+                torch.testing.assert_close(getattr(st, name).double(), expected[name],
+                                           rtol=2e-5, atol=2e-5,
+                                           msg=lambda m: f"C={C} {name}: {m}")
+        else:
+            check_cross_entropy(xb, t, "cpu", "cpu", **kw)

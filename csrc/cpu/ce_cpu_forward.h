@@ -35,16 +35,19 @@ auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t, 
   }
   const int64_t i = nv;
   acc_t m = nan_max(hmax(m0), hmax(m1));
-  if (i < n) {  // tail: transform a padded copy, then only look at the real elements
-    acc_t z[W2];
+  if (i < n) {  // tail: transform a padded copy, its pad lanes then -inf
+    alignas(64) acc_t live[W2];
+    for (int64_t j = 0; j < W2; ++j) live[j] = i + j < n ? acc_t(1) : acc_t(0);
+    const V zero(acc_t(0)), ninf(-kInf);
     V a, b;
     load2_tail(x + i, n - i, acc_t(0), a, b);
-    tf<K>(a, t).store(z);
-    tf<K>(b, t).store(z + W);
-    for (int64_t j = 0; j < n - i; ++j) {
-      if constexpr (Copy) zb[i + j] = z[j];
-      m = nan_max(m, z[j]);
+    a = V::blendv(ninf, tf<K>(a, t), V::loadu(live) != zero);
+    b = V::blendv(ninf, tf<K>(b, t), V::loadu(live + W) != zero);
+    if constexpr (Copy) {  // whole vectors: zb holds a multiple of 2W past i (its callers)
+      a.store(zb + i);
+      b.store(zb + i + W);
     }
+    m = nan_max(m, nan_max(hmax(a), hmax(b)));
   }
   return m;
 }
@@ -126,8 +129,8 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
   }
 }
 
-// fold's vector steps over z[0, n / W2 * W2) against ref (the max, or 0): the chunk's sums,
-// lane by lane. Tiny (float accumulators where the unit has it, kTinyExp, under the caller's
+// fold's vector steps over z[0, n) against ref (the max, or 0), the last one padded: the chunk's
+// sums, lane by lane. Tiny (float accumulators where the unit has it, kTinyExp, under the caller's
 // TinyScope; fold asks for it where |ref| < kTinyRefMax): each term is exp2_tiny(u(z)),
 // u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where a sum needs it. u(ref)
 // is not exactly 0 (tiny_offset is -ref log2 e rounded): every term carries the same factor
@@ -161,16 +164,12 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   const V zero(acc_t(0));
   V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
   V t0(zero), t1(zero);
-  int64_t i = 0;
-  const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
-  for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
-    if (pf) {
-      if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
-      __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
-    }
-    V za, zb, a, b, ea, eb, ua, ub;
-    load2s<Raw>(z + i, za, zb);
-    constexpr bool NeedA = !Tiny || Gm != 0;
+  constexpr bool NeedA = !Tiny || Gm != 0;
+  // One step: the classes in za, zb (their g at gp), counted apart where `count`. Tail: the
+  // last, partial step, padded with ref (a = 0, u = u(ref): finite), whose pad lanes (live_a,
+  // live_b clear) add e = 0 and are never counted; their g is 0.
+  auto step = [&](auto tail, V za, V zb, const acc_t* gp, bool count, V live_a, V live_b) {
+    V a, b, ea, eb, ua, ub;
     if constexpr (NeedA) {
       a = za - vm;
       b = zb - vm;
@@ -187,22 +186,18 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       ea = vexp(a);
       eb = vexp(b);
     }
-    bool count = AtMax;
-#ifdef NLLF_HAVE_EXP2_TINY
-    if constexpr (Tiny && AtMax) {
-      if (test_steps) {
-        if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);
-        else count = any_equal(za, zb, vm);
-      }
-      if (count && !NeedA) {
-        a = za - vm;
-        b = zb - vm;
-      }
+    if (!NeedA && count) {
+      a = za - vm;
+      b = zb - vm;
     }
-#endif
-    if (count) {
-      add_or_count(a, ea, s0, k0);
-      add_or_count(b, eb, s1, k1);
+    if constexpr (decltype(tail)::value) {
+      ea = V::blendv(zero, ea, live_a);
+      eb = V::blendv(zero, eb, live_b);
+    }
+    if (count) {  // (a pad lane's a = 0 is no class at the max)
+      const V off(acc_t(-1));
+      add_or_count(decltype(tail)::value ? V::blendv(off, a, live_a) : a, ea, s0, k0);
+      add_or_count(decltype(tail)::value ? V::blendv(off, b, live_b) : b, eb, s1, k1);
     } else {
       s0 = s0 + ea;
       s1 = s1 + eb;
@@ -218,7 +213,7 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       b0 = b0 + a;
       b1 = b1 + b;
     } else if constexpr (Gm >= 2) {
-      const V ga = V::loadu(g + i), gb = V::loadu(g + i + W);
+      const V ga = V::loadu(gp), gb = V::loadu(gp + W);
       if constexpr (Gm == 3) {
         b0 = b0 + keep_nonzero(ga, ga * a);
         b1 = b1 + keep_nonzero(gb, gb * b);
@@ -229,6 +224,36 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       g0 = g0 + ga;
       g1 = g1 + gb;
     }
+  };
+  int64_t i = 0;
+  const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
+  for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
+    if (pf) {
+      if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
+      __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
+    }
+    V za, zb;
+    load2s<Raw>(z + i, za, zb);
+    bool count = AtMax;
+#ifdef NLLF_HAVE_EXP2_TINY
+    if constexpr (Tiny && AtMax) {
+      if (test_steps) {
+        if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);
+        else count = any_equal(za, zb, vm);
+      }
+    }
+#endif
+    step(std::false_type{}, za, zb, Gm >= 2 ? g + i : nullptr, count, zero, zero);
+  }
+  if (i < n) {  // the last n - i < 2W classes, in class order (Raw too: the sums are lane sums)
+    alignas(64) acc_t live[W2], gt[W2];
+    for (int64_t j = 0; j < W2; ++j) {
+      live[j] = i + j < n ? acc_t(1) : acc_t(0);
+      gt[j] = Gm >= 2 && i + j < n ? g[i + j] : acc_t(0);
+    }
+    V za, zb;
+    load2_tail(z + i, n - i, ref, za, zb);
+    step(std::true_type{}, za, zb, gt, AtMax, V::loadu(live) != zero, V::loadu(live + W) != zero);
   }
   return Sums{s0, s1, k0, k1, b0, b1, g0, g1, t0, t1};
 }
@@ -272,7 +297,6 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches s.
   const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
   const V vm(ref), zero(acc_t(0));
-  int64_t i = n / W2 * W2;  // the steps' end; then the tail
   // exp2_tiny where ref is near enough to zero (kTinyRefMax; not NaN or inf either)
   const bool tiny = kTinyExp && std::fabs(ref) < kTinyRefMax;
   Sums u = tiny ? fold_steps<Gm, AtMax, Ent, kTinyExp>(z, n, ref, g, pf, pf_len)
@@ -293,10 +317,7 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
     }
   }
   acc_t B = hsum(u.b0 + u.b1), G = hsum(u.g0 + u.g1);
-  alignas(64) acc_t lanes[2 * W];
-  u.s0.store(lanes);
-  u.s1.store(lanes + W);
-  for (int64_t l = 0; l < 2 * W; ++l) add_exact(st.s, st.sc, lanes[l]);
+  add_lanes(st.s, st.sc, u.s0, u.s1);
   acc_t k = hsum(u.k0 + u.k1);  // a count: exact
   acc_t T = hsum(u.t0 + u.t1);
   if (Ent && std::isnan(T)) {
@@ -304,31 +325,15 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
     // a floored at the lowest finite number (then e a = 0 for it). Only such chunks pay this
     // (a vocabulary padded with -inf: its last chunk), the others no floor per element.
     V f0(zero), f1(zero);
-    for (int64_t j = 0; j < i; j += W2) {
+    for (int64_t j = 0; j < n; j += W2) {
       V za, zb;
-      load2s<Raw>(z + j, za, zb);
+      if (j + W2 <= n) load2s<Raw>(z + j, za, zb);
+      else load2_tail(z + j, n - j, ref, za, zb);  // padded with ref: pad lanes add 1 * 0
       const V a = za - vm, b = zb - vm;
       f0 = fmadd(vexp(a), floor_finite(a), f0);
       f1 = fmadd(vexp(b), floor_finite(b), f1);
     }
     T = hsum(f0 + f1);
-  }
-  for (; i < n; ++i) {
-    const acc_t a = static_cast<acc_t>(z[i]) - ref;
-    if (AtMax && a == 0) {
-      k += 1;
-    } else {
-      const acc_t ea = std::exp(a);
-      add_exact(st.s, st.sc, ea);
-      if (Ent && ea != 0) T = std::fma(ea, a, T);
-    }
-    if constexpr (Gm == 1) B += a;
-    if constexpr (Gm >= 2) {
-      // std::fma as the steps' fmadd -- and the same bits in every instantiation, where a
-      // compiler's contraction of B + g a may differ (the statistics' fold and the plain one)
-      if (Gm == 2 || g[i] != 0) B = std::fma(g[i], a, B);
-      G += g[i];
-    }
   }
   st.k += k;
   if constexpr (Ent) st.T += T;

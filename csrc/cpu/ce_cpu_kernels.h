@@ -287,12 +287,15 @@ struct Ce {
     if (std::isnan(b)) return b;
     return a < b ? b : a;
   }
+  // Horizontal sum and max (NaN if any lane is) as trees: a row's few such reductions, one
+  // lane after the other, were chains of W dependent operations each, a sixth of a 300-class
+  // row's forward.
   static inline acc_t hsum(V v) {
-    acc_t t[W];
+    alignas(64) acc_t t[W];
     v.store(t);
-    acc_t s = 0;
-    for (int64_t i = 0; i < W; ++i) s += t[i];
-    return s;
+    for (int64_t h = W / 2; h >= 1; h /= 2)
+      for (int64_t i = 0; i < h; ++i) t[i] += t[i + h];
+    return t[0];
   }
   // s + x into the pair (s, c), the rounding error of each addition collected in c (Neumaier).
   // The sums of a confident row are 1 + tiny terms: plain adds of lanes, tail and chunks to that
@@ -303,14 +306,33 @@ struct Ce {
     c += std::abs(s) >= std::abs(x) ? (s - t) + x : (x - t) + s;
     s = t;
   }
+  // The 2W lanes of a and b into the pair (s, c) by add_exact. For float, their sum in double
+  // (exact for any 2W floats within 2^29 of each other) as float hi + lo, four chains: 2W
+  // add_exacts, each waiting on the last, took a third of a 300-class row's fold.
+  static inline void add_lanes(acc_t& s, acc_t& c, V a, V b) {
+    alignas(64) acc_t lanes[W2];
+    a.store(lanes);
+    b.store(lanes + W);
+    if constexpr (std::is_same_v<acc_t, float> && W2 % 4 == 0) {
+      double d[4] = {0, 0, 0, 0};
+      for (int64_t l = 0; l < W2; l += 4)
+        for (int j = 0; j < 4; ++j) d[j] += static_cast<double>(lanes[l + j]);
+      const double sum = (d[0] + d[1]) + (d[2] + d[3]);
+      const acc_t hi = static_cast<acc_t>(sum);
+      add_exact(s, c, hi);
+      c += static_cast<acc_t>(sum - static_cast<double>(hi));
+    } else {
+      for (int64_t l = 0; l < W2; ++l) add_exact(s, c, lanes[l]);
+    }
+  }
   // v where g != 0, else 0 (also where v is NaN: 0 * inf).
   static inline V keep_nonzero(V g, V v) { return V::blendv(V(acc_t(0)), v, g != V(acc_t(0))); }
   static inline acc_t hmax(V v) {
-    acc_t t[W];
+    alignas(64) acc_t t[W];
     v.store(t);
-    acc_t m = -kInf;
-    for (int64_t i = 0; i < W; ++i) m = nan_max(m, t[i]);
-    return m;
+    for (int64_t h = W / 2; h >= 1; h /= 2)
+      for (int64_t i = 0; i < h; ++i) t[i] = nan_max(t[i], t[i + h]);
+    return t[0];
   }
 
   // -------------- logit transform z = softcap(a x): 0 none, 1 a*x, 2 s*tanh(a*x/s) --------------
