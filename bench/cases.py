@@ -159,6 +159,10 @@ def _preset_table(device_type: str) -> dict:
         # Tiny and classification shapes, where per-call overhead decides.
         "small": [("ce", [(64, 10), (32, 100), (2, 7, 16, 16), (256, 1000), (8, 4, 512, 512)],
                    bf16_fp32, MODES)],
+        # Rows of a few hundred classes, past the CPU lane path's 256 (kernels.h): flat, where
+        # the rows path's per-row work decides, and K-dim.
+        "mid": [("ce", [(512, 300), (4096, 300), (4096, 600), (2, 300, 64, 64),
+                        (4, 1000, 32, 32)], bf16_fp32, MODES)],
         # The shapes the GPU kernels map specially: few long rows (decoding, RL scoring), very
         # many 10-class rows, a segmentation map.
         "edge": [("ce", [(64, 256000), (4194304, 10), (16, 21, 512, 512)], bf16_fp32, MODES)],
@@ -166,8 +170,8 @@ def _preset_table(device_type: str) -> dict:
 
 
 FULL = ("llm", "vision", "linear")
-PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "cpu", "small", "edge", "full",
-           "smoke")
+PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "cpu", "small", "mid", "edge",
+           "full", "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
@@ -178,6 +182,7 @@ PRESET_HELP = {
                     "(8192,4096,128256) bf16 on a GPU",
     "cpu": "(4096,32000), (1024,128256) x fp32, bf16 with 2 threads: the C++ backend's figures",
     "small": "tiny and classification shapes (64,10) ... (8,4,512,512): per-call overhead",
+    "mid": "rows of 300 to 1000 classes, flat and K-dim (2,300,64,64), (4,1000,32,32)",
     "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
     "full": "llm + vision + linear (+ cpu on the CPU)",
     "smoke": "tiny shapes, seconds: for tests",

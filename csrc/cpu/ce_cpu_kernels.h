@@ -55,6 +55,7 @@ struct Ce {
   static constexpr int64_t kStreamAhead = 4096;  // bytes: the backward rows' prefetch (bwd_rows)
   static constexpr int64_t kStreamMinBytes = int64_t(2) << 20;  // ... for logits larger than this
   static constexpr int64_t kTile = 16;       // rows per tile (strided classes)
+  static constexpr int64_t kGatherAhead = 8;  // gather_tile's prefetch, classes ahead
   static constexpr int64_t kTileChunk = 256; // classes per tile chunk
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   static constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
@@ -429,6 +430,10 @@ struct Ce {
                                  int64_t n, acc_t (*zb)[kTileChunk]) {
     for (int64_t c = 0; c < n; ++c) {
       const int64_t o = (c0 + c) * A.xC;
+      if (c + kGatherAhead < n) {  // each class another stream: the lanes of a class ahead
+        __builtin_prefetch(xl[0] + o + kGatherAhead * A.xC);
+        __builtin_prefetch(xl[L - 1] + o + kGatherAhead * A.xC);
+      }
       for (int64_t l = 0; l < L; ++l) zb[l][c] = static_cast<acc_t>(xl[l][o]);
     }
   }
