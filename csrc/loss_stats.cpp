@@ -9,7 +9,7 @@
 // entropy, target_logprob), each reduced as stats.reduce does (the module docstring of
 // nllfused/stats.py says how); a statistic whose bit is not in `want` is an empty (0,) tensor.
 // Where the CPU kernel adds the rows up in its pass ('sum' / 'mean' on its lanes path: up to
-// kLaneMaxClasses classes) the sums are in double, rounded once (assemble_summed), as the
+// lane_max_classes classes) the sums are in double, rounded once (assemble_summed), as the
 // loss's; elsewhere torch's sums in the statistic's dtype, as stats.reduce's.
 // z_loss is the term z_loss * lse^2 with z_loss = 0 (this path has no z-loss): 0 on counted rows
 // whose lse is finite, NaN where it is not, as the general path computes it.

@@ -19,13 +19,17 @@ pytestmark = pytest.mark.skipif(not nllfused.build_info()["built"],
 
 CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
     else []
-# ce_cpu_lanes.h: the most classes of a tile (kLaneMaxC) and of a gathered tile (lane_limit).
+# kernels.h / ce_cpu_lanes.h: the most classes of a tile (kLaneMaxClasses), of a tile whose
+# classes are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced), and of a
+# gathered tile's backward (lane_limit).
 LANE_MAX_C = 256
+LANE_MAX_VIN = 1024
 GATHER_MAX_C = 32
 # Lanes per tile (W2) are 2 (default), 8 or 16 (avx2), 16 or 32 (avx512, avx512bf16): class
 # counts and row counts on both sides of each.
 CLASS_COUNTS = sorted({1, 2, 3, 7, 9, 10, 15, 17, 31, 33, GATHER_MAX_C, GATHER_MAX_C + 1,
-                       LANE_MAX_C - 1, LANE_MAX_C, LANE_MAX_C + 1})
+                       LANE_MAX_C - 1, LANE_MAX_C, LANE_MAX_C + 1, LANE_MAX_VIN,
+                       LANE_MAX_VIN + 1})
 LOW = (torch.float16, torch.bfloat16)
 
 

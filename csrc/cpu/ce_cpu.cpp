@@ -148,7 +148,7 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
 
 // ce_fwd's outputs (loss, lse, aux), then with `stats` ce_fwd_stats's (entropy, target_logp,
 // predicted), all from the kernels' one pass; entropy / predicted zeros unless want_ent /
-// want_pred. With `sums` (Args::sums, kSums of them) and at most kLaneMaxClasses classes the
+// want_pred. With `sums` (Args::sums, kSums of them) and at most lane_max_classes(A) classes the
 // lanes path adds the rows up itself: loss, aux and target_logp are then left undefined, not
 // allocated, and entropy / predicted unless entropy_rows / predicted_rows.
 std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& target,
@@ -165,7 +165,7 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,
                      softcap, prob_target);
   const auto acc = nllfused::acc_dtype(logits.scalar_type());
-  const bool rows = sums == nullptr || A.C > kLaneMaxClasses;
+  const bool rows = sums == nullptr || A.C > lane_max_classes(A);
   auto rows_of = [&](bool keep, at::ScalarType dtype) {
     return rows || keep ? cached_empty({A.N, A.D}, dtype) : Tensor();
   };

@@ -19,9 +19,10 @@
 // - Rows whose classes are not unit-stride (D > 1 layouts, transposed inputs) go through the same
 //   per-row code on tiles of kTile neighbouring rows gathered into a buffer, so that the loads of
 //   one class for the tile's rows share cache lines; the backward scatters the tile back alike.
-// - Rows of few classes (C <= kLaneMaxC) with index targets take the lane path instead
-//   (ce_cpu_lanes.h): W2 rows at once, one row per vector lane, the loop over the classes; for a
-//   contiguous (N, C, D) input each class of W2 consecutive d is one vector load and store.
+// - Rows of few classes (lane_max_classes, kernels.h) with index targets take the lane path
+//   instead (ce_cpu_lanes.h): W2 rows at once, one row per vector lane, the loop over the
+//   classes; for a contiguous (N, C, D) input each class of W2 consecutive d is one vector
+//   load and store.
 // - Accumulation is in float32 (float64 for float64 logits). The smoothing / soft-target sum
 //   sum_c g_c (lse - z_c) is kept as B = sum_c g_c (z_c - m) <= 0 (rescaled with m), never as
 //   lse*sum(g) - sum(g z), which would cancel catastrophically for logits ~ 1e4.
@@ -562,7 +563,7 @@ struct Ce {
 
   // ------------- rows of few classes, one row per vector lane (ce_cpu_lanes.h) -------------
   // The most classes a lane tile holds: its C x W2 buffer is 16 KiB in the AVX2 copy (L1).
-  static constexpr int64_t kLaneMaxC = kLaneMaxClasses;
+  static constexpr int64_t kLaneMaxC = kLaneMaxClassesVin;  // the lanes' zb: classes
   struct Lanes;
   static int64_t lane_limit(const Args& A, bool backward);
   static bool lanes_ok(const Args& A, bool backward);

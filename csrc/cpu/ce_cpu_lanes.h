@@ -19,7 +19,7 @@
 // finish_row's loss / lse / aux; in the backward row_grad's P, Q, hi, lo and grad_chunk's sweep,
 // with p_y, dz_y and sum_{c != y} p_c taken per lane where c == y. Where those branch per row
 // (ignored rows, NaN, +inf and all -inf rows, the NaN / 0 fills of grad_any) the lanes blend, to
-// the same values. The sums are plain vector sums: at most kLaneMaxC terms, and the terms at the
+// the same values. The sums are plain vector sums, of a lane's classes, and the terms at the
 // max are counted apart in k (the compensated add of the rows path is for 1 + tiny terms over
 // long rows). tests/test_cpu_small_classes.py checks every layout, dtype and option against
 // float64 torch on each copy the machine can run.
@@ -51,25 +51,28 @@ inline void lane_loop(int64_t L, int64_t W2, const F& f) {
   }
 }
 
-// The most classes the lane path takes. A tile whose classes are one vector load each, or whose
-// gradient is one vector store per class (D >= W2), beats the rows path up to kLaneMaxC (and the
-// tiles of ce_cpu_forward.h by far). A tile of a plain (N, C) input is a transposition both ways,
-// a scalar copy per logit: the forward still gains to kLaneMaxC (the rows path pays a horizontal
-// max, sum and log per row), the backward, which the rows path runs in place, only to 32
-// classes (measured on the AVX2 copy, 8192 rows: 0.7x the rows path's time at 32 classes, 1.6x
-// at 48).
+// The most classes the lane path takes (lane_max_classes, kernels.h). A tile whose classes are
+// one vector load each, or whose gradient is one vector store per class (D >= W2), beats the
+// rows path up to 256 classes, and the tiles of ce_cpu_forward.h by far up to kLaneMaxClassesVin
+// where its logits are one vector load per class (zb then spills from L1 to L2; forward, two
+// threads: (2, 300, 64, 64) bf16 7x, (4, 1000, 32, 32) fp32 4.6x the tiles' speed). A tile of
+// a plain (N, C) input is a transposition both ways, a scalar copy per logit: the forward still
+// gains to 256 classes (the rows path pays a horizontal max, sum and log per row), the
+// backward, which the rows path runs in place, only to 32 classes (measured on the AVX2 copy,
+// 8192 rows: 0.7x the rows path's time at 32 classes, 1.6x at 48).
 template <typename scalar_t>
 int64_t Ce<scalar_t>::lane_limit(const Args& A, bool backward) {
   // The baseline copy, one lane a "vector", gains in the forward only (its backward: 1.2x the
   // tiles' time at (4, 21, 64, 64), 1.5x the rows' at (1024, 32)).
-  if (W == 1) return backward ? 0 : kLaneMaxC;
+  if (W == 1) return backward ? 0 : lane_max_classes(A);
   const bool transposed = A.D == 1 && A.xN != 1 && (A.xC == 1 || A.C == 1);
-  return backward && transposed ? 32 : kLaneMaxC;
+  return backward && transposed ? 32 : lane_max_classes(A);
 }
 
 template <typename scalar_t>
 bool Ce<scalar_t>::lanes_ok(const Args& A, bool backward) {
-  return !A.prob && A.C <= kLaneMaxC && A.C <= lane_limit(A, backward);
+  static_assert(kLaneMaxC >= kLaneMaxClassesVin && kLaneMaxC >= kLaneMaxClasses);
+  return !A.prob && A.C <= lane_limit(A, backward);
 }
 
 template <typename scalar_t>

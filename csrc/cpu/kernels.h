@@ -112,8 +112,17 @@ constexpr int64_t kMaxRowChunk = 8192;
 int64_t row_chunk(int64_t acc_size);
 
 // The most classes of the lanes path (ce_cpu_lanes.h): the forward takes it for every index
-// target row of up to this many classes.
+// target row of up to this many classes; of a K-dim input whose tiles load each class as one
+// vector (d stride 1, at least 32 consecutive d) up to kLaneMaxClassesVin, where the rows'
+// alternative, the tiles path, transposes each tile by scalar copies.
 constexpr int64_t kLaneMaxClasses = 256;
+constexpr int64_t kLaneMaxClassesVin = 1024;
+
+// The lanes path's class limit for these Args (kLaneMaxClasses, kLaneMaxClassesVin): one
+// function, so that the forward's callers (ce_cpu.cpp) and the kernels decide alike.
+inline int64_t lane_max_classes(const Args& A) {
+  return A.D >= 32 && A.xD == 1 ? kLaneMaxClassesVin : kLaneMaxClasses;
+}
 
 // What the lanes path adds up with Args::sums (ce_cpu_lanes.h), each in double: the rows' loss
 // and aux (the one-call loss's 'sum' and 'mean' denominator), and with statistics, over the
