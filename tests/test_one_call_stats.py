@@ -34,6 +34,10 @@ def case(shape, dtype=torch.float32, channels_last=False, ignore_index=-100):
 
 LANE_MAX_CLASSES = 256  # csrc/cpu/kernels.h, kLaneMaxClasses
 LANE_MAX_VIN = 1024  # kLaneMaxClassesVin: (N, C, D) with D >= 32 and d stride 1
+CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
+    else []
+ROUNDED = ("lse", "entropy", "target_logprob")  # floating sums (z_loss: 0 or NaN; correct: a
+#                                                 count or count / count, exact either way)
 
 
 def lane_max_classes(x):
@@ -41,10 +45,6 @@ def lane_max_classes(x):
     sums in the forward's pass) takes."""
     vin = x.dim() > 2 and x[0, 0].numel() >= 32 and x.stride(-1) == 1
     return LANE_MAX_VIN if vin else LANE_MAX_CLASSES
-CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
-    else []
-ROUNDED = ("lse", "entropy", "target_logprob")  # floating sums (z_loss: 0 or NaN; correct: a
-#                                                 count or count / count, exact either way)
 
 
 def per_row_stats(x, t, names, kw):

@@ -36,13 +36,12 @@ auto Ce<scalar_t>::chunk_max(const src_t* x, int64_t n, acc_t* zb, const Tf& t, 
   const int64_t i = nv;
   acc_t m = nan_max(hmax(m0), hmax(m1));
   if (i < n) {  // tail: transform a padded copy, its pad lanes then -inf
-    alignas(64) acc_t live[W2];
-    for (int64_t j = 0; j < W2; ++j) live[j] = i + j < n ? acc_t(1) : acc_t(0);
-    const V zero(acc_t(0)), ninf(-kInf);
-    V a, b;
+    const V ninf(-kInf);
+    V a, b, live_a, live_b;
+    tail_lanes(n - i, live_a, live_b);
     load2_tail(x + i, n - i, acc_t(0), a, b);
-    a = V::blendv(ninf, tf<K>(a, t), V::loadu(live) != zero);
-    b = V::blendv(ninf, tf<K>(b, t), V::loadu(live + W) != zero);
+    a = V::blendv(ninf, tf<K>(a, t), live_a);
+    b = V::blendv(ninf, tf<K>(b, t), live_b);
     if constexpr (Copy) {  // whole vectors: zb holds a multiple of 2W past i (its callers)
       a.store(zb + i);
       b.store(zb + i + W);
@@ -246,14 +245,12 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     step(std::false_type{}, za, zb, Gm >= 2 ? g + i : nullptr, count, zero, zero);
   }
   if (i < n) {  // the last n - i < 2W classes, in class order (Raw too: the sums are lane sums)
-    alignas(64) acc_t live[W2], gt[W2];
-    for (int64_t j = 0; j < W2; ++j) {
-      live[j] = i + j < n ? acc_t(1) : acc_t(0);
-      gt[j] = Gm >= 2 && i + j < n ? g[i + j] : acc_t(0);
-    }
-    V za, zb;
+    alignas(64) acc_t gt[W2];
+    for (int64_t j = 0; j < W2; ++j) gt[j] = Gm >= 2 && i + j < n ? g[i + j] : acc_t(0);
+    V za, zb, live_a, live_b;
+    tail_lanes(n - i, live_a, live_b);
     load2_tail(z + i, n - i, ref, za, zb);
-    step(std::true_type{}, za, zb, gt, AtMax, V::loadu(live) != zero, V::loadu(live + W) != zero);
+    step(std::true_type{}, za, zb, gt, AtMax, live_a, live_b);
   }
   return Sums{s0, s1, k0, k1, b0, b1, g0, g1, t0, t1};
 }

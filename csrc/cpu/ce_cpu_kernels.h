@@ -328,6 +328,14 @@ struct Ce {
       for (int64_t l = 0; l < W2; ++l) add_exact(s, c, lanes[l]);
     }
   }
+  // Which lanes of a padded tail (load2_tail) hold one of its n < 2W elements: masks for a's
+  // and b's lanes, for V::blendv.
+  static inline void tail_lanes(int64_t n, V& a, V& b) {
+    alignas(64) acc_t live[W2];
+    for (int64_t j = 0; j < W2; ++j) live[j] = j < n ? acc_t(1) : acc_t(0);
+    a = V::loadu(live) != V(acc_t(0));
+    b = V::loadu(live + W) != V(acc_t(0));
+  }
   // v where g != 0, else 0 (also where v is NaN: 0 * inf).
   static inline V keep_nonzero(V g, V v) { return V::blendv(V(acc_t(0)), v, g != V(acc_t(0))); }
   static inline acc_t hmax(V v) {
