@@ -2,6 +2,8 @@
 
 A case is one problem, the same for every provider:
   kind "ce"      logits of `shape` (class dim at 1) and class-index targets -> F.cross_entropy
+                 (`soft`: class-probability targets of the logits' shape and dtype instead:
+                 distillation, soft labels)
   kind "linear"  hidden (N, H), classifier weight (C, H), targets -> F.cross_entropy(F.linear(...))
 Targets are class indices with about 10% set to ignore_index, reduction 'mean' (the LLM case).
 Inputs are generated from a per-case seed, so every provider, and the float64 reference, can get
@@ -30,6 +32,7 @@ class Case:
     shape: tuple  # ce: logits shape (N, C) or (N, C, d1, ...); linear: (N, H, C)
     dtype: torch.dtype
     modes: tuple = MODES
+    soft: bool = False  # kind "ce": probability targets (softmax of random logits)
 
     @property
     def num_classes(self) -> int:
@@ -58,9 +61,9 @@ class Case:
         if self.kind == "linear":
             n, h, c = self.shape
             return f"N{n}·H{h}·C{c}"
-        if len(self.shape) == 2:
-            return f"N{self.shape[0]}·C{self.shape[1]}"
-        return "x".join(str(s) for s in self.shape)
+        name = (f"N{self.shape[0]}·C{self.shape[1]}" if len(self.shape) == 2
+                else "x".join(str(s) for s in self.shape))
+        return name + "·soft" if self.soft else name
 
     @property
     def short_dtype(self) -> str:
@@ -69,10 +72,14 @@ class Case:
     def floor_bytes(self, mode: str) -> Optional[int]:
         """The floor (docs/maths.md, "Bytes") for a fused kernel that saves lse and recomputes
         the gradient: fwd reads the logits once (P); fwd+bwd adds one read and one write (3P).
+        Probability targets, as large as the logits, are read once more in each pass (2P, 5P).
         None for kind "linear", which is bound by its matmuls, not by bytes."""
         if self.kind != "ce":
             return None
-        return self.logits_bytes * (1 if mode == "fwd" else 3)
+        passes = 1 if mode == "fwd" else 3
+        if self.soft:
+            passes += 1 if mode == "fwd" else 2
+        return self.logits_bytes * passes
 
     def flops(self, mode: str) -> Optional[int]:
         """Matmul flops of kind "linear": 2NHC forward, 4NHC more for the two backward GEMMs."""
@@ -83,7 +90,7 @@ class Case:
 
     def seed(self) -> int:
         # Stable across runs and processes (str hash is salted per process).
-        key = f"{self.kind}:{self.shape}:{self.dtype}"
+        key = f"{self.kind}:{self.shape}:{self.dtype}" + (":soft" if self.soft else "")
         return sum((i + 1) * ord(ch) for i, ch in enumerate(key)) % (2 ** 31)
 
 
@@ -116,6 +123,9 @@ def make_inputs(case: Case, device: torch.device, requires_grad: bool = True) ->
         logits = torch.randn(case.shape, generator=gen, device=device, dtype=case.dtype)
         logits.mul_(2.0)
         logits.requires_grad_(requires_grad)
+        if case.soft:  # a teacher's distribution: softmax of other logits of that spread
+            teacher = torch.randn(case.shape, generator=gen, device=device, dtype=torch.float32)
+            target = torch.softmax(teacher.mul_(2.0), 1).to(case.dtype)
         return Inputs(target=target, logits=logits, grad_inputs=[logits])
     _, h, c = case.shape
     hidden = torch.randn((n, h), generator=gen, device=device, dtype=case.dtype)
@@ -163,6 +173,9 @@ def _preset_table(device_type: str) -> dict:
         # the rows path's per-row work decides, and K-dim.
         "mid": [("ce", [(512, 300), (4096, 300), (4096, 600), (2, 300, 64, 64),
                         (4, 1000, 32, 32)], bf16_fp32, MODES)],
+        # Probability targets (distillation, soft labels) over the small, mid and vision shapes.
+        "soft": [("ce-soft", [(64, 10), (4096, 1000), (8, 21, 128, 128), (2, 300, 64, 64),
+                              (256, 32000)], bf16_fp32, MODES)],
         # The shapes the GPU kernels map specially: few long rows (decoding, RL scoring), very
         # many 10-class rows, a segmentation map.
         "edge": [("ce", [(64, 256000), (4194304, 10), (16, 21, 512, 512)], bf16_fp32, MODES)],
@@ -170,8 +183,8 @@ def _preset_table(device_type: str) -> dict:
 
 
 FULL = ("llm", "vision", "linear")
-PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "cpu", "small", "mid", "edge",
-           "full", "smoke")
+PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "cpu", "small", "mid", "soft",
+           "edge", "full", "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
@@ -183,6 +196,8 @@ PRESET_HELP = {
     "cpu": "(4096,32000), (1024,128256) x fp32, bf16 with 2 threads: the C++ backend's figures",
     "small": "tiny and classification shapes (64,10) ... (8,4,512,512): per-call overhead",
     "mid": "rows of 300 to 1000 classes, flat and K-dim (2,300,64,64), (4,1000,32,32)",
+    "soft": "probability targets: (64,10), (4096,1000), (8,21,128,128), (2,300,64,64), "
+            "(256,32000)",
     "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
     "full": "llm + vision + linear (+ cpu on the CPU)",
     "smoke": "tiny shapes, seconds: for tests",
@@ -213,10 +228,11 @@ def build_cases(preset_names: list, device: torch.device, dtypes: Optional[list]
     cases = []
     for preset in expand_presets(preset_names, device):
         for kind, shapes, preset_dtypes, preset_modes in table[preset]:
+            soft = kind == "ce-soft"  # kind "ce" with probability targets
             for dtype in (dtypes or preset_dtypes):
                 for shape in shapes:
-                    case = Case(preset, kind, tuple(shape), dtype,
-                                tuple(modes) if modes else tuple(preset_modes))
+                    case = Case(preset, "ce" if soft else kind, tuple(shape), dtype,
+                                tuple(modes) if modes else tuple(preset_modes), soft)
                     if case not in cases:
                         cases.append(case)
     return cases

@@ -57,7 +57,11 @@ def errors(case: Case, device: torch.device, loss: torch.Tensor, grads: list) ->
     """(loss_err, grad_err) of a provider's loss and gradients for `case` (NaN if non-finite)."""
     pristine = make_inputs(case, device, requires_grad=False)  # providers may overwrite theirs
     target = pristine.target
-    counted = (target != IGNORE_INDEX).sum().double()
+    if case.soft:  # 'mean' over the rows
+        counted = torch.tensor(float(target.numel() // target.shape[1]), dtype=torch.float64,
+                               device=device)
+    else:
+        counted = (target != IGNORE_INDEX).sum().double()
     if case.kind == "ce":
         ref_loss, grad_err = _ce_reference(pristine.logits, target, counted, grads[0])
     else:
@@ -72,7 +76,8 @@ def _ce_reference(logits, target, counted, grad):
     err = _MaxError(logits.device)
     for s in _slices(logits.shape[0], per_item):
         z = logits[s].double().requires_grad_()
-        part = F.cross_entropy(z, target[s], ignore_index=IGNORE_INDEX, reduction="sum")
+        t = target[s].double() if target.is_floating_point() else target[s]
+        part = F.cross_entropy(z, t, ignore_index=IGNORE_INDEX, reduction="sum")
         (g,) = torch.autograd.grad(part, z)
         err.add(grad[s], g / counted)
         loss_sum += part.detach()

@@ -1,7 +1,8 @@
 """The implementations the benchmark compares ("providers"), and which of them can run here.
 
 A provider gives, for each kind of case it handles, a loss function:
-  kind "ce":      fn(logits, target) -> loss            (F.cross_entropy semantics)
+  kind "ce":      fn(logits, target) -> loss            (F.cross_entropy semantics; target
+                                                        class indices or, `soft`, probabilities)
   kind "linear":  fn(hidden, weight, target) -> loss    (F.cross_entropy(F.linear(hidden, weight)))
 always with ignore_index=IGNORE_INDEX and reduction 'mean'. Functions are built once per run
 (`Provider.function`), so a torch.compile'd one keeps its compiled graphs from case to case.
@@ -34,6 +35,7 @@ class Provider:
     # a CUDA-only backend on a CPU run).
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     two_d_only: bool = False  # takes (N, C) logits only, not (N, C, d1, ...)
+    soft_targets: bool = True  # takes probability targets (cases with `soft`)
     mutates_inputs: bool = False  # writes into its inputs: gets its own (runner._inputs_for)
     _built: dict = field(default_factory=dict, repr=False)
 
@@ -44,6 +46,8 @@ class Provider:
             return f"no {case.kind} implementation"
         if self.two_d_only and case.kind == "ce" and len(case.shape) != 2:
             return "takes (N, C) logits only"
+        if case.soft and not self.soft_targets:
+            return "takes class-index targets only"
         return None
 
     def function(self, kind: str) -> Callable:
@@ -227,13 +231,13 @@ def _registry() -> dict:
     providers.append(Provider(
         "nllfused-stats", "nllfused.(linear_)cross_entropy(return_stats=...): entropy bonus, "
         "target log-prob and argmax beside the loss (backend auto)", _nllfused_stats_ce,
-        _nllfused_stats_linear))
+        _nllfused_stats_linear, soft_targets=False))
     providers += [
         Provider("liger", "Liger-Kernel cross entropy / fused linear cross entropy",
                  _liger_ce, _liger_linear, _needs("liger_kernel", "liger-kernel"),
-                 two_d_only=True, mutates_inputs=True),
+                 two_d_only=True, mutates_inputs=True, soft_targets=False),
         Provider("quack", "quack (CuTe DSL) cross_entropy", _quack_ce, None,
-                 _needs("quack", "quack-kernels"), two_d_only=True),
+                 _needs("quack", "quack-kernels"), two_d_only=True, soft_targets=False),
         Provider("cce", "Cut Cross-Entropy linear_cross_entropy", None, _cce_linear,
                  _needs("cut_cross_entropy", "cut-cross-entropy")),
     ]

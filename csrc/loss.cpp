@@ -1,14 +1,15 @@
 // nllfused::cross_entropy_loss: the one-call path for the calls torch's own cross_entropy can
-// make (index targets; weight, ignore_index, label smoothing, every reduction; no z-loss,
-// logit_scale or softcap). Everything a small call needs happens in C++: the canonical
+// make (index or probability targets; weight, ignore_index, label smoothing, every reduction; no
+// z-loss, logit_scale or softcap). Everything a small call needs happens in C++: the canonical
 // (N, C, D) views, the per-row op nllfused::ce_fwd (csrc/ops.cpp, on whichever device the
 // tensors are), the reduction with torch's 'mean' denominator, and autograd, so that a 10-class
 // batch costs about what torch's call costs instead of a dozen Python-level steps.
 //
 // nllfused/functional.py takes this path only after its own argument checks have nothing to say
-// (exact torch.Tensor arguments, int64 targets of the right shape, weight already (C,) in the
-// accumulation dtype, no autocast, no torch.compile or torch.func transform, backend "auto" or
-// the device's own, resolving to the C++ kernels); every other call takes the general path.
+// (exact torch.Tensor arguments, int64 targets of the right shape or probability targets of the
+// input's shape that need no gradient, weight already (C,) in the accumulation dtype, no
+// autocast, no torch.compile or torch.func transform, backend "auto" or the device's own,
+// resolving to the C++ kernels); every other call takes the general path.
 //
 // Gradients: first order through nllfused::ce_bwd. A second order (create_graph=True) is asked
 // for rarely, so the backward then differentiates torch's own cross_entropy with the same
@@ -76,13 +77,14 @@ struct CrossEntropyLossBackward final : Node {
       return out;
     }
     auto [logits, target2] = canonical(input, target);
-    // Summed: no aux rows exist; the kernels read aux for probability targets only, so the row
-    // gradients (of aux's shape and dtype) stand in for them.
+    const bool prob = prob_target(target);
+    // Summed (index targets only): no aux rows exist; the kernels read aux for probability
+    // targets only, so the row gradients (of aux's shape and dtype) stand in for them.
     const Tensor rows = summed ? summed_row_grads(grad, aux, reduction, lse.sizes(),
                                                   acc_dtype(input.scalar_type()))
-                               : row_grads(grad, aux, reduction);
+                               : row_grads(grad, aux, reduction, prob);
     Tensor g = ce_bwd(rows, logits, target2, weight, lse, summed ? rows : aux, ignore_index,
-                      label_smoothing);
+                      label_smoothing, prob);
     out[0] = g.view(input.sizes());
     return out;
   }
@@ -118,6 +120,13 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
                     double label_smoothing) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
   auto [logits, target2] = canonical(input, target);
+  const bool prob = prob_target(target);
+  if (prob) {
+    TORCH_CHECK_VALUE(ignore_index < 0, "nllfused::cross_entropy_loss: ignore_index is not "
+                      "supported for floating point target (probability targets)");
+    auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing, true);
+    return {reduce_rows(loss, aux, reduction, input, target), lse, aux};
+  }
   if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
     // The CPU kernel adds the rows up in its own pass where it can: on a segmentation map of
     // few classes the loss and aux rows, written and read back twice, were a third of the
@@ -141,6 +150,11 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
   TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input),
                               "nllfused::cross_entropy_loss: forward-mode AD is not supported "
                               "(nllfused.cross_entropy takes the general path under it)");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !torch::autograd::compute_requires_grad(target) &&
+          !torch::autograd::isFwGradDefined(target),
+      "nllfused::cross_entropy_loss: probability targets that require grad are not supported "
+      "(nllfused.cross_entropy takes the general path for them)");
   // Nothing to differentiate (no_grad, evaluation): no graph node, nothing saved.
   const bool differentiable = torch::autograd::compute_requires_grad(input);
   Parts p;

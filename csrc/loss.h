@@ -70,10 +70,16 @@ using torch::autograd::Node;
 // at::Reduction's numbering, which torch.nn.functional passes to its own kernels.
 constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 
-// ce_fwd / ce_bwd of the plain options (no logit_scale, softcap, probability targets).
+// Whether a one-call op's target holds class probabilities: a floating target (the input's
+// shape), as torch's own cross_entropy decides. Else class indices (int64, the input's shape less
+// the class dimension).
+inline bool prob_target(const Tensor& target) { return at::isFloatingType(target.scalar_type()); }
+
+// ce_fwd / ce_bwd of the plain options (no logit_scale, softcap).
 inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Tensor& target,
                                                  const std::optional<Tensor>& weight,
-                                                 int64_t ignore_index, double label_smoothing) {
+                                                 int64_t ignore_index, double label_smoothing,
+                                                 bool prob = false) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::ce_fwd", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor>(
@@ -83,12 +89,12 @@ inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Ten
   // wanted here, where the one-call op's own autograd holds the graph; even with grad mode off,
   // passing through it would cost more than the whole call should.
   at::AutoDispatchBelowAutograd below_autograd;
-  return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, false);
+  return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, prob);
 }
 
 inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
                      const std::optional<Tensor>& weight, const Tensor& lse, const Tensor& aux,
-                     int64_t ignore_index, double label_smoothing) {
+                     int64_t ignore_index, double label_smoothing, bool prob = false) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nllfused::ce_bwd", "")
@@ -97,16 +103,29 @@ inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor
                         double, double, double, bool)>();
   at::AutoDispatchBelowAutograd below_autograd;
   return op.call(grad_loss, std::nullopt, logits, target, weight, lse, aux, ignore_index,
-                 label_smoothing, 1.0, 0.0, false);
+                 label_smoothing, 1.0, 0.0, prob);
 }
 
-// The canonical views of csrc/ops.cpp: logits (N, C, D), targets (N, D); views, never copies,
-// for contiguous and channels-last inputs.
+// The canonical views of csrc/ops.cpp: logits (N, C, D), targets (N, D) or, probabilities,
+// (N, C, D); views, never copies, for contiguous and channels-last inputs.
+inline Tensor canonical_logits(const Tensor& t) {
+  if (t.dim() == 1) return t.view({1, t.size(0), 1});
+  if (t.dim() == 2) return t.unsqueeze(-1);
+  return t.dim() == 3 ? t : t.flatten(2);  // flatten would hand back its input: no op
+}
+
 inline std::pair<Tensor, Tensor> canonical(const Tensor& input, const Tensor& target) {
-  if (input.dim() == 1) return {input.view({1, input.size(0), 1}), target.reshape({1, 1})};
+  if (prob_target(target)) return {canonical_logits(input), canonical_logits(target)};
+  if (input.dim() == 1) return {canonical_logits(input), target.reshape({1, 1})};
   if (input.dim() == 2) return {input.unsqueeze(-1), target.unsqueeze(-1)};
-  if (input.dim() == 3) return {input, target};  // flatten would hand back its input: no op
+  if (input.dim() == 3) return {input, target};
   return {input.flatten(2), target.flatten(1)};
+}
+
+// The loss's dtype: the input's, promoted with probability targets' (torch's cross_entropy).
+inline at::ScalarType loss_dtype(const Tensor& input, const Tensor& target) {
+  return prob_target(target) ? at::promote_types(input.scalar_type(), target.scalar_type())
+                             : input.scalar_type();
 }
 
 inline void check_reduction(const char* op, int64_t reduction) {
@@ -165,7 +184,8 @@ inline double cpu_sum(const Tensor& t) {
 }
 
 // torch's reductions of the per-row losses (docs/maths.md, "Reductions"): 'mean' divides by the
-// summed target weights of the counted rows (aux), so NaN when every row is ignored, as torch.
+// summed target weights of the counted rows (aux), so NaN when every row is ignored, as torch;
+// with probability targets (prob) by the number of rows, whatever the weights.
 // t in dtype, t itself where it has that dtype: below autograd, where this file's kernels run, an
 // op must not return its own input, which Tensor::to() would (torch.library.opcheck checks it).
 inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
@@ -174,18 +194,35 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
 
 // The same by tensor ops, in the rows' dtype: differentiable (a second-order backward runs it).
 inline Tensor sum_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
-                       at::IntArrayRef shape) {
+                       at::IntArrayRef shape, bool prob = false) {
   if (reduction == kNone) return loss.view(shape);
-  return reduction == kSum ? loss.sum() : loss.sum() / aux.sum();
+  if (reduction == kSum) return loss.sum();
+  return prob ? loss.mean() : loss.sum() / aux.sum();
+}
+
+// The shape of the unreduced loss: the index targets', or the input's less the class dimension.
+inline std::vector<int64_t> loss_shape(const Tensor& input, const Tensor& target) {
+  if (!prob_target(target)) return target.sizes().vec();
+  std::vector<int64_t> shape = input.sizes().vec();
+  if (shape.size() >= 2) shape.erase(shape.begin() + 1);
+  else shape.clear();
+  return shape;
 }
 
 inline Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
                           const Tensor& input, const Tensor& target) {
+  const bool prob = prob_target(target);
+  const auto dtype = loss_dtype(input, target);
   if (reduction != kNone && loop_reduce(loss)) {
-    const double s = cpu_sum(loss), r = reduction == kSum ? s : s / cpu_sum(aux);
-    return at::scalar_tensor(r, input.options().requires_grad(false));
+    const double s = cpu_sum(loss);
+    const double r = reduction == kSum ? s
+                     : prob            ? s / static_cast<double>(loss.numel())
+                                       : s / cpu_sum(aux);
+    return at::scalar_tensor(r, input.options().dtype(dtype).requires_grad(false));
   }
-  return as_dtype(sum_rows(loss, aux, reduction, target.sizes()), input.scalar_type());
+  // float32 rows of a float64 loss (float64 probability targets) summed in float64, as the loop
+  const Tensor rows = dtype == at::kDouble ? as_dtype(loss, dtype) : loss;
+  return as_dtype(sum_rows(rows, aux, reduction, loss_shape(input, target), prob), dtype);
 }
 
 // The value of a one-element plain CPU tensor (a reduced output's upstream gradient) in double.
@@ -200,15 +237,19 @@ inline double cpu_value(const Tensor& t) {
 // rows need no zero here: ce_bwd gives them no loss gradient whatever this says (csrc/ops.cpp).
 // A reduced loss's upstream gradient (one value) on the CPU is read here and the row gradient
 // formed in double, rounded once: no tensor op for a 10-class batch's backward.
-inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction) {
+// prob: probability targets, whose 'mean' divides by the number of rows.
+inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction,
+                        bool prob = false) {
   const auto acc = aux.scalar_type();
   if (reduction == kNone) return as_dtype(grad, acc).view(aux.sizes());
   if (loop_reduce(grad) && loop_reduce(aux)) {
     double g = cpu_value(grad);
-    if (reduction == kMean) g /= cpu_sum(aux);
+    if (reduction == kMean) g /= prob ? static_cast<double>(aux.numel()) : cpu_sum(aux);
     return at::scalar_tensor(g, aux.options()).expand(aux.sizes());
   }
   if (reduction == kSum) return as_dtype(grad, acc).expand(aux.sizes());
+  if (prob)  // (sym_numel: a traced graph's rows may be symbolic)
+    return as_dtype(grad.to(at::kDouble) / c10::Scalar(aux.sym_numel()), acc).expand(aux.sizes());
   return (as_dtype(grad, acc) / aux.sum()).expand(aux.sizes());
 }
 

@@ -317,6 +317,8 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
                     const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
                     double label_smoothing, int64_t want) {
   check_args(reduction, want);
+  TORCH_CHECK(!prob_target(target), kOp, ": takes class-index targets only (probability "
+              "targets' statistics take nllfused.cross_entropy's general path)");
   auto [logits, target2] = canonical(input, target);
   if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
     // The CPU kernel adds the rows and their statistics up in its own pass where it can (the

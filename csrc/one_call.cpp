@@ -9,9 +9,12 @@
 // Python took a quarter of torch's whole call, and going through the op's Python binding (which
 // converts the arguments against the schema) another tenth.
 //
-// The rules are those of functional._one_call_reduction, which still serves CUDA tensors:
+// The rules are those of functional._one_call_reduction, which still serves CUDA tensors (there
+// for index targets only):
 //   input, target, weight exact torch.Tensor (no subclass, so no __torch_function__ to honour),
-//   int64 targets of the input's shape less the class dimension, input of 2 or more dimensions
+//   int64 targets of the input's shape less the class dimension, or (the loss alone, no
+//   statistics) probability targets of the input's shape in a floating dtype, not requiring
+//   grad, with a negative ignore_index (torch refuses others); input of 2 or more dimensions
 //   with classes, in float16/bfloat16/float32/float64; weight None or (C,) contiguous in the
 //   accumulation dtype, not requiring grad; size_average, reduce, softcap None; reduction
 //   "none" / "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1]; z_loss 0;
@@ -117,9 +120,14 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     return general;
   const Tensor& input = THPVariable_Unpack(input_.ptr());
   const Tensor& target = THPVariable_Unpack(target_.ptr());
-  if (!input.is_cpu() || !target.is_cpu() || target.scalar_type() != at::kLong ||
-      !is_float_dtype(input.scalar_type()) || input.dim() < 2 || input.size(1) == 0 ||
-      !target_shape_matches(input, target))
+  if (!input.is_cpu() || !target.is_cpu() || !is_float_dtype(input.scalar_type()) ||
+      input.dim() < 2 || input.size(1) == 0)
+    return general;
+  // Probability targets: the loss alone, targets needing no gradient (nor statistics: the
+  // statistics' one-call op takes class indices).
+  const bool prob = is_float_dtype(target.scalar_type()) && target.sizes() == input.sizes() &&
+                    !target.requires_grad() && want == 0;
+  if (!prob && (target.scalar_type() != at::kLong || !target_shape_matches(input, target)))
     return general;
   const int64_t reduction = reduction_code(reduction_.ptr());
   if (reduction < 0 || !PyLong_CheckExact(ignore_index_.ptr())) return general;
@@ -129,6 +137,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     PyErr_Clear();
     return general;
   }
+  if (prob && ignore_index >= 0) return general;  // torch refuses it: the general path says so
   const auto smoothing = exact_number(label_smoothing_.ptr());
   const auto z = exact_number(z_loss.ptr()), scale = exact_number(logit_scale.ptr());
   if (!smoothing || !(*smoothing >= 0 && *smoothing <= 1) || !z || *z != 0 || !scale ||

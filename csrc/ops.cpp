@@ -65,9 +65,10 @@ TORCH_LIBRARY(nllfused, m) {
       "Tensor target, Tensor? weight, Tensor lse, Tensor aux, int ignore_index, "
       "float label_smoothing, float logit_scale, float softcap, bool prob_target) -> ()");
   // The one-call path for torch-compatible calls (csrc/loss.cpp): input and target as
-  // torch.nn.functional.cross_entropy takes them (index targets, int64), weight None or (C,) in
-  // the accumulation dtype, reduction as at::Reduction numbers it (0 none, 1 mean, 2 sum).
-  // Returns the reduced loss in the input's dtype, as torch's cross_entropy does.
+  // torch.nn.functional.cross_entropy takes them (index targets int64, or floating probability
+  // targets of the input's shape), weight None or (C,) in the accumulation dtype, reduction as
+  // at::Reduction numbers it (0 none, 1 mean, 2 sum). Returns the reduced loss in the input's
+  // dtype (promoted with probability targets'), as torch's cross_entropy does.
   m.def(
       "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing) -> Tensor");

@@ -119,10 +119,14 @@ def _bwd_inplace_fake(grad_loss, grad_lse, logits, *rest):
 
 
 def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
-    """nllfused::cross_entropy_loss (csrc/loss.cpp): a scalar, or one loss per target under
-    reduction 0 ('none'), in the input's dtype."""
+    """nllfused::cross_entropy_loss (csrc/loss.cpp): a scalar, or one loss per row under
+    reduction 0 ('none'), in the input's dtype (promoted with probability targets')."""
     torch._check(input.dim() >= 1, lambda: "input must have a class dimension")
-    return input.new_empty(target.shape if reduction == 0 else ())
+    if not target.is_floating_point():
+        return input.new_empty(target.shape if reduction == 0 else ())
+    rows = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    return input.new_empty(rows if reduction == 0 else (), dtype=dtype)
 
 
 def _loss_stats_fake(input, target, weight, reduction, ignore_index, label_smoothing, want):

@@ -192,6 +192,37 @@ def test_inputs_are_reproducible_with_ignored_targets():
     assert 0.03 < ignored < 0.2
 
 
+def test_soft_cases_run_with_probability_targets(tmp_path, monkeypatch):
+    """Preset `soft`: class-probability targets of the logits' shape and dtype (reproducible,
+    rows summing to 1), checked against float64 torch with 'mean' over the rows, so that a
+    provider dividing by anything else is `wrong`; providers of index targets only are `n/a`;
+    the floor counts the targets' bytes (read once more in each pass)."""
+    soft = cases.build_cases(["soft"], torch.device("cpu"))
+    assert soft and all(c.soft and c.kind == "ce" and c.name.endswith("·soft") for c in soft)
+    case = cases.Case("x", "ce", (6, 5, 3, 2), torch.bfloat16, soft=True)
+    a = cases.make_inputs(case, torch.device("cpu"))
+    b = cases.make_inputs(case, torch.device("cpu"))
+    assert torch.equal(a.target, b.target) and a.target.shape == a.logits.shape
+    assert a.target.dtype == torch.bfloat16
+    torch.testing.assert_close(a.target.float().sum(1), torch.ones(6, 3, 2), rtol=0, atol=2e-2)
+    assert case.floor_bytes("fwd") == 2 * 6 * 5 * 3 * 2 * 2
+    assert case.floor_bytes("fwd_bwd") == 5 * 6 * 5 * 3 * 2 * 2
+
+    def summed():  # the 'sum' where 'mean' is meant: 36 times too large here
+        return lambda logits, target: F.cross_entropy(logits, target, reduction="sum")
+
+    monkeypatch.setitem(providers.REGISTRY, "summed", providers.Provider("summed", "t", summed))
+    monkeypatch.setattr(cases, "_preset_table", lambda device: {
+        "smoke": [("ce-soft", [(36, 7), (3, 5, 4, 3)], (torch.float32,), ("fwd",))]})
+    rc, _, data = _run(tmp_path, "--providers", "torch,nllfused-cpu,nllfused-stats,summed")
+    status = {(r["provider"], r["case"]): r["status"] for r in data["results"]}
+    for name in ("N36·C7·soft", "3x5x4x3·soft"):
+        assert status[("torch", name)] == "ok" and status[("nllfused-cpu", name)] == "ok"
+        assert status[("nllfused-stats", name)] == "n/a"
+        assert status[("summed", name)] == "wrong"
+    assert rc == 0
+
+
 def test_cpu_peak_memory_tracks_live_bytes():
     cpu = torch.device("cpu")
 

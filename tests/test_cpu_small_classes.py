@@ -286,12 +286,14 @@ def test_reduction_in_the_kernels_pass(capability, layout, dtype, reduction):
     assert torch.equal(xd.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probabilities"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_copies_agree(dtype, monkeypatch):
+def test_copies_agree(dtype, soft, monkeypatch):
     """Every copy of the kernels gives the same losses and gradients up to rounding (so a copy
-    that silently fell back to another path, or skipped rows, shows here too)."""
+    that silently fell back to another path, or skipped rows, shows here too), for class-index
+    and probability targets (ce_cpu_lanes_soft.h)."""
     x = LAYOUTS["kdim"](21, dtype)
-    t = targets(x)
+    t = torch.softmax(randn(x.shape, torch.float32), 1).to(dtype) if soft else targets(x)
     results = []
     for cap in CAPABILITIES:
         monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", cap)

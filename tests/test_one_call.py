@@ -144,7 +144,11 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     for kw in general:
         assert not took_one_call(nllfused.cross_entropy(x, t, **kw)), kw
     assert not took_one_call(nllfused.cross_entropy(x, t.int()))
-    assert not took_one_call(nllfused.cross_entropy(x, torch.softmax(x.detach(), 1)))
+    q = torch.softmax(x.detach(), 1)
+    # probability targets: on the CPU, the loss alone, for targets that need no gradient
+    assert took_one_call(nllfused.cross_entropy(x, q)) == (device == "cpu")
+    assert not took_one_call(nllfused.cross_entropy(x, q.clone().requires_grad_()))
+    assert not took_one_call(nllfused.cross_entropy(x, q, return_stats=True)[0])
     with torch.autocast(device, dtype=torch.bfloat16):
         assert not took_one_call(nllfused.cross_entropy(x, t))
 
@@ -281,3 +285,112 @@ def test_one_call_leaves_other_calls_alone(device):
     with pytest.raises(type(torch_error.value)):
         nllfused.cross_entropy(x, t, ignore_index=2 ** 70)
     torch.testing.assert_close(nllfused.cross_entropy(x.requires_grad_(), t), expected)
+
+
+def soft_case(shape, dtype, target_dtype=None, channels_last=False):
+    x = torch.randn(shape, dtype=torch.float64).mul_(3).to(dtype)
+    q = torch.softmax(torch.randn(shape, dtype=torch.float64), 1 if len(shape) > 1 else 0)
+    q[torch.rand(shape) < 0.2] = 0  # classes without target mass
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        q = q.to(memory_format=torch.channels_last)
+    return x, q.to(target_dtype or dtype)
+
+
+@pytest.mark.parametrize("dtype,target_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                (torch.float64, None),
+                                                (torch.bfloat16, torch.float32),
+                                                (torch.float32, torch.float64)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 10), (7, 1000), (4, 5, 3), (2, 7, 4, 5), (3, 40, 33)],
+                         ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"weight": "rand"}, {"label_smoothing": 0.1},
+                                     {"weight": "rand", "label_smoothing": 0.3}], ids=str)
+def test_one_call_probability_targets(dtype, target_dtype, shape, reduction, options):
+    """CPU probability targets take the one-call op: float64 torch's loss (in the promoted dtype)
+    and gradient, 'mean' over the rows whatever the weights."""
+    x, q = soft_case(shape, dtype, target_dtype)
+    if options.get("weight") == "rand":
+        options = {**options, "weight": torch.rand(shape[1], dtype=dtype if dtype == torch.float64
+                                                   else torch.float32) + 0.1}
+    assert took_one_call(nllfused.cross_entropy(x.clone().requires_grad_(), q,
+                                                reduction=reduction, **options))
+    check_cross_entropy(x, q, "cpu", "auto", reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_call_probability_targets_are_the_general_path(reduction, channels_last,
+                                                           monkeypatch):
+    """The same kernels either way: the per-row losses and the gradient bit for bit; the
+    reduced loss within the general path's float32 summation error of the one-call path's
+    (a double sum rounded once)."""
+    x, q = soft_case((6, 9, 5, 3), torch.float32, channels_last=channels_last)
+    w = torch.rand(9) + 0.1
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.2)
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
+        xg = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xg, q, **kw)
+        assert took_one_call(loss) == one_call
+        g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1))
+        loss.backward(g)
+        results.append((loss.detach(), xg.grad))
+    (l1, g1), (l2, g2) = results
+    if reduction == "none":
+        assert torch.equal(l1, l2) and torch.equal(g1, g2)
+        return
+    rows = nllfused.cross_entropy(x, q, **dict(kw, reduction="none")).double()
+    exact = rows.sum() / (rows.numel() if reduction == "mean" else 1)
+    n, ulp = rows.numel(), 2.0 ** -23
+    torch.testing.assert_close(l1.double(), exact, rtol=ulp, atol=0)
+    torch.testing.assert_close(l2.double(), exact, rtol=(n + 1) * ulp / 2, atol=0)
+    if reduction == "sum":
+        assert torch.equal(g1, g2)
+    else:  # 1 / rows in double rounded once, or the general path's float32 division
+        torch.testing.assert_close(g1, g2, rtol=2 * ulp, atol=2 * ulp * g2.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_call_probability_targets_double_backward(reduction):
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1)
+    w = torch.rand(4, dtype=torch.float64) + 0.1
+
+    def f(x):
+        return nllfused.cross_entropy(x, q, weight=w, reduction=reduction, label_smoothing=0.1)
+
+    assert took_one_call(f(x))
+    torch.autograd.gradcheck(f, (x,))
+    torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_one_call_probability_targets_errors():
+    """What torch refuses with probability targets, refused alike (the general path's
+    messages), and the library keeps working."""
+    x = torch.randn(4, 5, requires_grad=True)
+    q = torch.softmax(torch.randn(4, 5), 1)
+    for call in (lambda f: f(x, q, ignore_index=1), lambda f: f(x, q[:, :4])):
+        with pytest.raises(Exception) as torch_error:
+            call(F.cross_entropy)
+        with pytest.raises(type(torch_error.value)):
+            call(nllfused.cross_entropy)
+    op = torch.ops.nllfused.cross_entropy_loss.default
+    with pytest.raises(ValueError, match="ignore_index"):
+        op(x, q, None, 1, 1, 0.0)
+    with pytest.raises(NotImplementedError, match="require grad"):
+        op(x, q.clone().requires_grad_(), None, 1, -100, 0.0)
+    torch.testing.assert_close(nllfused.cross_entropy(x, q), F.cross_entropy(x, q))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_opcheck_cross_entropy_loss_probability_targets(reduction, weighted, target_dtype):
+    x = torch.randn(5, 6, 3, requires_grad=True)
+    q = torch.softmax(torch.randn(5, 6, 3), 1).to(target_dtype)
+    w = torch.rand(6) + 0.1 if weighted else None
+    torch.library.opcheck(torch.ops.nllfused.cross_entropy_loss.default,
+                          (x, q, w, reduction, -100, 0.1))

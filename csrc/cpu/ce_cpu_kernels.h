@@ -19,10 +19,10 @@
 // - Rows whose classes are not unit-stride (D > 1 layouts, transposed inputs) go through the same
 //   per-row code on tiles of kTile neighbouring rows gathered into a buffer, so that the loads of
 //   one class for the tile's rows share cache lines; the backward scatters the tile back alike.
-// - Rows of few classes (lane_max_classes, kernels.h) with index targets take the lane path
-//   instead (ce_cpu_lanes.h): W2 rows at once, one row per vector lane, the loop over the
-//   classes; for a contiguous (N, C, D) input each class of W2 consecutive d is one vector
-//   load and store.
+// - Rows of few classes (lane_max_classes, kernels.h) take the lane path instead
+//   (ce_cpu_lanes.h; ce_cpu_lanes_soft.h for probability targets): W2 rows at once, one row
+//   per vector lane, the loop over the classes; for a contiguous (N, C, D) input each class of
+//   W2 consecutive d is one vector load and store.
 // - Accumulation is in float32 (float64 for float64 logits). The smoothing / soft-target sum
 //   sum_c g_c (lse - z_c) is kept as B = sum_c g_c (z_c - m) <= 0 (rescaled with m), never as
 //   lse*sum(g) - sum(g z), which would cancel catastrophically for logits ~ 1e4.
@@ -591,6 +591,11 @@ struct Ce {
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   template <typename T, typename U>
   static void lane_read(const Lanes& L, const T* p, int64_t sN, int64_t sD, U fill, U* out);
+  template <int K>
+  static inline void lane_load_max(const Args& A, const Lanes& T, const Tf& t, bool alias,
+                                   acc_t* zb, V& m0, V& m1);
+  static inline void lane_load_bwd(const Args& A, const Lanes& T, int64_t c, bool alias,
+                                   const scalar_t* o, const acc_t* zb, V& xa, V& xb);
   template <int K, int Gm, bool Stats = false>
   static void fwd_lanes(const Args& A, int64_t tile0, int64_t tile1);
   template <int K, int Gm>
@@ -605,13 +610,24 @@ struct Ce {
   }
   static void forward_lanes(const Args& A);
   static void backward_lanes(const Args& A);
+  // probability targets (ce_cpu_lanes_soft.h)
+  template <typename q_t>
+  static void lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_t* g);
+  static void lane_soft(const Args& A, const Lanes& T, acc_t* g);
+  template <int K>
+  static void fwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1);
+  template <int K>
+  static void bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1);
+  static void soft_lanes(const Args& A, bool backward);
 };
 
 }  // namespace nllfused_cpu::NLLF_CPU_NS
 
 #include "ce_cpu_forward.h"
 #include "ce_cpu_backward.h"
+#include "ce_cpu_lane_tiles.h"
 #include "ce_cpu_lanes.h"
+#include "ce_cpu_lanes_soft.h"
 
 namespace nllfused_cpu {
 

@@ -1,0 +1,277 @@
+// The lanes path's tiles (struct Ce, ce_cpu_kernels.h, which includes this file; the kernels in
+// ce_cpu_lanes.h and ce_cpu_lanes_soft.h): which rows a tile holds, its targets, and its logits'
+// loads with their prefetches.
+//
+// A tile is L <= W2 rows r0 .. r0 + L - 1 (rows r = n D + d, numbered as loss / lse / aux are
+// stored). With D >= W2 a tile is W2 consecutive d of one n ("dtile"): where the d stride is 1 (a
+// contiguous (N, C, D) input, segmentation) each class of the tile is one contiguous vector load
+// ("vin"), and the gradient, (N, C, D) contiguous, one contiguous vector store. Otherwise a tile
+// is W2 consecutive rows, and its C x W2 logits are gathered into an L1 buffer zb (for a plain
+// (N, C) input a transposition: scalar copies), the gradient scattered back from there. The
+// forward keeps the tile's z in zb for its second sweep: the logits are read once forward and
+// once backward, with no copy of them.
+#pragma once
+
+namespace nllfused_cpu::NLLF_CPU_NS {
+
+template <typename scalar_t>
+struct Ce<scalar_t>::Lanes {
+  int64_t r0, L;           // rows r0 .. r0 + L - 1
+  bool dtile;              // lanes (n0, d0 + l): W2 consecutive d of one n; else (n[l], d[l])
+  bool vin;                // lane l's class c is x0[c xC + l]: one vector load per class
+  int64_t n0, d0;          // lane 0's row
+  int64_t next_n, next_d;  // dtile: the next tile's n0, d0 (no division per tile)
+  const scalar_t* x0;      // lane 0's logits
+  int64_t y[W2];           // class_of; -1 for ignored rows and lanes past L
+  alignas(64) acc_t yf[W2];  // y as acc_t
+  int64_t n[W2], d[W2];    // !dtile
+};
+
+// f(l) for each lane l < L; a full tile's loop has a constant count, which the compiler
+// vectorizes.
+template <typename F>
+inline void lane_loop(int64_t L, int64_t W2, const F& f) {
+  if (L == W2) {
+    for (int64_t l = 0; l < W2; ++l) f(l);
+  } else {
+    for (int64_t l = 0; l < L; ++l) f(l);
+  }
+}
+
+// The most classes the lane path takes (lane_max_classes, kernels.h). A tile whose classes are
+// one vector load each, or whose gradient is one vector store per class (D >= W2), beats the
+// rows path up to 256 classes, and the tiles of ce_cpu_forward.h by far up to kLaneMaxClassesVin
+// where its logits are one vector load per class (zb then spills from L1 to L2; forward, two
+// threads: (2, 300, 64, 64) bf16 7x, (4, 1000, 32, 32) fp32 4.6x the tiles' speed). A tile of
+// a plain (N, C) input is a transposition both ways, a scalar copy per logit: the forward still
+// gains to 256 classes (the rows path pays a horizontal max, sum and log per row), the
+// backward, which the rows path runs in place, only to 32 classes (measured on the AVX2 copy,
+// 8192 rows: 0.7x the rows path's time at 32 classes, 1.6x at 48).
+template <typename scalar_t>
+int64_t Ce<scalar_t>::lane_limit(const Args& A, bool backward) {
+  // The baseline copy, one lane a "vector", gains in the forward only (its backward: 1.2x the
+  // tiles' time at (4, 21, 64, 64), 1.5x the rows' at (1024, 32)).
+  if (W == 1) return backward ? 0 : lane_max_classes(A);
+  const bool transposed = A.D == 1 && A.xN != 1 && (A.xC == 1 || A.C == 1);
+  return backward && transposed ? 32 : lane_max_classes(A);
+}
+
+template <typename scalar_t>
+bool Ce<scalar_t>::lanes_ok(const Args& A, bool backward) {
+  static_assert(kLaneMaxC >= kLaneMaxClassesVin && kLaneMaxC >= kLaneMaxClasses);
+  // probability targets: the loss alone (their statistics take the rows path)
+  const bool soft_ok = !(A.stats_fwd() || A.stats_bwd() || A.sums || A.tile_sums);
+  return (!A.prob || soft_ok) && A.C <= lane_limit(A, backward);
+}
+
+template <typename scalar_t>
+int64_t Ce<scalar_t>::lane_tiles(const Args& A) {
+  if (A.D >= W2) return A.N * ((A.D + W2 - 1) / W2);
+  return (A.N * A.D + W2 - 1) / W2;
+}
+
+// out[l] = p[n sN + d sD] for each lane's row (n, d), l < L; fill past L.
+template <typename scalar_t>
+template <typename src_t, typename dst_t>
+void Ce<scalar_t>::lane_read(const Lanes& T, const src_t* p, int64_t sN, int64_t sD, dst_t fill,
+                             dst_t* out) {
+  if (T.dtile || (sN == 0 && sD == 0)) {
+    const src_t* q = p + T.n0 * sN + T.d0 * sD;
+    if (sD == 1) {
+      lane_loop(T.L, W2, [&](int64_t l) { out[l] = static_cast<dst_t>(q[l]); });
+    } else if (sD == 0) {  // one value for the tile (a reduced loss's row gradient)
+      const dst_t v = static_cast<dst_t>(*q);
+      lane_loop(T.L, W2, [&](int64_t l) { out[l] = v; });
+    } else {
+      lane_loop(T.L, W2, [&](int64_t l) { out[l] = static_cast<dst_t>(q[l * sD]); });
+    }
+  } else {
+    for (int64_t l = 0; l < T.L; ++l) out[l] = static_cast<dst_t>(p[T.n[l] * sN + T.d[l] * sD]);
+  }
+  for (int64_t l = T.L; l < W2; ++l) out[l] = fill;
+}
+
+// A dtile's class c is one cache line (or half of one) in each of C streams, C x D elements
+// apart: more streams than the hardware prefetcher follows (the loads stalled for almost half of
+// the backward's time at (16, 21, 512, 512)). So each class's line kLanePrefetch bytes ahead is
+// asked for by hand; the backward does the same for the gradient's line it will write.
+// Unless the classes' lines alias in the L1 sets: a class stride that is a multiple of 4 KiB (a
+// power-of-two D, (8, 150, 512, 512)) puts the C lines of a tile's classes into one set of the
+// 64 (and of the L2 too), and lines asked for kLanePrefetch bytes ahead are evicted before their
+// tile comes, fetched twice. Where a set would hold more than kLaneAliasLines of a tile's lines
+// (the forward's: the logits; the backward's: logits and gradient) the forward asks for class
+// c + kLaneAhead's line of the tile instead (measured on the Intel Xeon, bf16 forward:
+// (8, 150, 512, 512) 1.37x, (4, 64, 512, 512) 1.39x; at (4, 32, 512, 512) and
+// (16, 21, 512, 512) the lines ahead still won). The backward does both: the logits' lines
+// kLanePrefetch ahead only towards the outer caches (prefetcht2: the L3 holds what the aliasing
+// L1 and L2 sets cannot), and class c + kLaneAhead's lines of logits and gradient into L1
+// (bwd_lanes; against the lines ahead alone, op calls at D = 512 x 512: bf16 1.4-1.6x, fp32
+// 1.45-1.55x for C from 40 to 150, and C = 32 (bf16) / 24-32 (fp32), which took the other way
+// before, 1.6x / 1.5-2x).
+template <typename scalar_t>
+bool Ce<scalar_t>::lanes_alias(const Args& A, int64_t streams) {
+  const int64_t stride = A.xC * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t sets = 4096 / std::gcd<int64_t>(stride, 4096);  // sets one tile's lines take
+  return A.C * streams > kLaneAliasLines * sets;
+}
+
+template <typename scalar_t>
+template <typename T>
+inline void Ce<scalar_t>::lane_prefetch(const T* p, bool write) {
+  const char* q = reinterpret_cast<const char*>(p) + kLanePrefetch;
+  if (write) __builtin_prefetch(q, 1);
+  else __builtin_prefetch(q);
+}
+
+// Tile `tile`'s rows and targets (tiles in order; `first` for the first of a range). An
+// out-of-range target raises class_of's IndexError.
+template <typename scalar_t>
+void Ce<scalar_t>::lane_tile(const Args& A, int64_t tile, bool first, Lanes& T) {
+  T.dtile = A.D >= W2;
+  if (T.dtile) {
+    if (first) {
+      const int64_t per = (A.D + W2 - 1) / W2;
+      T.next_n = tile / per;
+      T.next_d = (tile % per) * W2;
+    }
+    T.n0 = T.next_n;
+    T.d0 = T.next_d;
+    T.next_d += W2;
+    if (T.next_d >= A.D) {
+      T.next_d = 0;
+      ++T.next_n;
+    }
+    T.r0 = T.n0 * A.D + T.d0;
+    T.L = std::min(W2, A.D - T.d0);
+    T.vin = A.xD == 1;
+  } else {
+    T.r0 = tile * W2;
+    T.L = std::min(W2, A.N * A.D - T.r0);
+    for (int64_t l = 0; l < T.L; ++l) {
+      T.n[l] = A.D == 1 ? T.r0 + l : (T.r0 + l) / A.D;
+      T.d[l] = A.D == 1 ? 0 : (T.r0 + l) % A.D;
+    }
+    T.n0 = T.n[0];
+    T.d0 = T.d[0];
+    T.vin = A.D == 1 && A.xN == 1;
+  }
+  T.x0 = row_ptr(A, T.n0, T.d0);
+  if (A.prob) {  // probability targets: no class index (lane_soft reads the targets)
+    for (int64_t l = 0; l < W2; ++l) {
+      T.y[l] = -1;
+      T.yf[l] = -1;
+    }
+    return;
+  }
+  int64_t y[W2];
+  const int64_t ign = A.ignore_index;
+  if (A.tkind == 0) lane_read(T, static_cast<const int64_t*>(A.t), A.tN, A.tD, ign, y);
+  else if (A.tkind == 1) lane_read(T, static_cast<const int32_t*>(A.t), A.tN, A.tD, ign, y);
+  else lane_read(T, static_cast<const uint8_t*>(A.t), A.tN, A.tD, ign, y);
+  int64_t bad = 0;  // no early exit, no bool: the compiler vectorizes the check
+  for (int64_t l = 0; l < W2; ++l) {
+    const int64_t ignored = y[l] == ign;
+    bad |= (1 - ignored) & static_cast<int64_t>(static_cast<uint64_t>(y[l]) >=
+                                                 static_cast<uint64_t>(A.C));
+    T.y[l] = ignored ? int64_t(-1) : y[l];
+  }
+  if (bad) {
+    for (int64_t l = 0; l < T.L; ++l)
+      class_of(A, T.dtile ? T.n0 : T.n[l], T.dtile ? T.d0 + l : T.d[l]);
+  }
+  for (int64_t l = 0; l < W2; ++l) T.yf[l] = static_cast<acc_t>(static_cast<int32_t>(T.y[l]));
+}
+
+// The tile's logits into zb[c W2 + l] in acc_t; lanes past L get 0.
+template <typename scalar_t>
+void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
+  const int64_t C = A.C, xC = A.xC;
+  for (int64_t l = 0; l < W2; ++l) {
+    if (l >= T.L) {
+      for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = 0;
+      continue;
+    }
+    const scalar_t* x = T.dtile ? T.x0 + l * A.xD : row_ptr(A, T.n[l], T.d[l]);
+    if (xC == 1) {
+      for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = static_cast<acc_t>(x[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = static_cast<acc_t>(x[c * xC]);
+    }
+  }
+}
+
+// Sweep 1 of a forward tile: z of every class into zb, and each lane's max into m0, m1 (vmax
+// may drop NaN: see there). alias: lanes_alias(A, 1).
+template <typename scalar_t>
+template <int K>
+inline void Ce<scalar_t>::lane_load_max(const Args& A, const Lanes& T, const Tf& t, bool alias,
+                                        acc_t* zb, V& m0, V& m1) {
+  const int64_t C = A.C, xC = A.xC;
+  m0 = V(-kInf);
+  m1 = V(-kInf);
+  auto put = [&](int64_t c, V a, V b) {
+    a = tf<K>(a, t);
+    b = tf<K>(b, t);
+    a.store(zb + c * W2);
+    b.store(zb + c * W2 + W);
+    m0 = vmax(m0, a);
+    m1 = vmax(m1, b);
+  };
+  if (T.vin && T.L == W2) {
+    for (int64_t c = 0; c < C; ++c) {
+      V a, b;
+      if (!alias) lane_prefetch(T.x0 + c * xC);
+      else if (c + kLaneAhead < C) __builtin_prefetch(T.x0 + (c + kLaneAhead) * xC);
+      load2(T.x0 + c * xC, a, b);
+      put(c, a, b);
+    }
+  } else if (T.vin) {
+    for (int64_t c = 0; c < C; ++c) {
+      V a, b;
+      load2_tail(T.x0 + c * xC, T.L, acc_t(0), a, b);
+      put(c, a, b);
+    }
+  } else {
+    lane_gather(A, T, zb);
+    for (int64_t c = 0; c < C; ++c) put(c, V::loadu(zb + c * W2), V::loadu(zb + c * W2 + W));
+  }
+}
+
+// Class c of a backward tile: from zb where the tile was gathered (!vin), else one vector load of
+// its logits, with the prefetches lanes_alias's comment describes (alias: lanes_alias(A, 2);
+// o: the tile's gradient, where a dtile's is stored in place).
+template <typename scalar_t>
+inline void Ce<scalar_t>::lane_load_bwd(const Args& A, const Lanes& T, int64_t c, bool alias,
+                                        const scalar_t* o, const acc_t* zb, V& xa, V& xb) {
+  // A full tile's bytes of one class: one line (bf16) or two (fp32) of logits and of gradient.
+  constexpr int64_t kTileBytes = static_cast<int64_t>(sizeof(scalar_t)) * W2;
+  const int64_t xC = A.xC, D = A.D;
+  if (!T.vin) {
+    xa = V::loadu(zb + c * W2);
+    xb = V::loadu(zb + c * W2 + W);
+  } else if (T.L == W2) {
+    const char* xc = reinterpret_cast<const char*>(T.x0 + c * xC);
+    if (!alias) {  // every line of the class's tile kLanePrefetch bytes ahead (lanes_alias)
+      for (int64_t b = 0; b < kTileBytes; b += 64) {
+        lane_prefetch(xc + b);
+        if (T.dtile) lane_prefetch(reinterpret_cast<const char*>(o + c * D) + b, true);
+      }
+    } else {  // towards L3 far ahead, into L1 a few classes ahead (lanes_alias)
+      __builtin_prefetch(xc + kLanePrefetch, 0, 1);
+      __builtin_prefetch(xc + kLanePrefetch + 64, 0, 1);
+      if (c + kLaneAhead < A.C) {
+        const char* x_ahead = reinterpret_cast<const char*>(T.x0 + (c + kLaneAhead) * xC);
+        const char* o_ahead = reinterpret_cast<const char*>(o + (c + kLaneAhead) * D);
+        for (int64_t b = 0; b < kTileBytes; b += 64) {
+          __builtin_prefetch(x_ahead + b);
+          if (T.dtile) __builtin_prefetch(o_ahead + b, 1);
+        }
+      }
+    }
+    load2(T.x0 + c * xC, xa, xb);
+  } else {
+    load2_tail(T.x0 + c * xC, T.L, acc_t(0), xa, xb);
+  }
+}
+
+}  // namespace nllfused_cpu::NLLF_CPU_NS
