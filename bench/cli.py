@@ -85,9 +85,11 @@ def run_metadata(device, presets, chosen, copy_gbps, policy, argv) -> dict:
     meta.update({
         "presets": presets, "providers": [p.name for p in chosen], "copy_gbps": copy_gbps,
         "timing_method": timing.method(device, policy), "memory_method": memory.method(device),
-        "floor_bytes": "fwd: 1 x P, fwd_bwd: 3 x P, P = numel(logits) x sizeof(dtype)",
+        "floor_bytes": ("fwd: 1 x P, fwd_bwd: 3 x P, P = numel(logits) x sizeof(dtype); "
+                        "probability targets ('soft' cases): 2 x P, 5 x P"),
         "inputs": (f"targets are class indices with ~{cases_mod.IGNORED_FRACTION:.0%} "
-                   f"ignore_index, reduction mean, logits ~ N(0, 2^2)"),
+                   f"ignore_index ('soft' cases: probabilities, a softmax of N(0, 2^2) logits), "
+                   f"reduction mean, logits ~ N(0, 2^2)"),
         "argv": list(argv),
     })
     return meta

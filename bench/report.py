@@ -102,7 +102,8 @@ def header(meta: dict) -> str:
 def footer(meta: dict, notes: list, rows: list) -> str:
     lines = [
         "GB/s = floor bytes / time: fwd 1 x P, fwd_bwd 3 x P, P = bytes of the logits "
-        "(docs/maths.md, 'Bytes'); %copy = that over the copy bandwidth.",
+        "(docs/maths.md, 'Bytes'; probability targets, 'soft': 2 x P, 5 x P); %copy = that over "
+        "the copy bandwidth.",
         f"time: {meta['timing_method']}.",
         f"peak MB: memory above the inputs, {meta['memory_method']}; fwd_bwd includes the "
         "gradient it returns" + ("; work MB: peak MB less those gradients (the working memory "
