@@ -10,12 +10,13 @@
 // converts the arguments against the schema) another tenth.
 //
 // The rules are those of functional._one_call_reduction, which still serves CUDA tensors (there
-// for index targets only):
+// for index targets of batched inputs only):
 //   input, target, weight exact torch.Tensor (no subclass, so no __torch_function__ to honour),
 //   int64 targets of the input's shape less the class dimension, or (the loss alone, no
 //   statistics) probability targets of the input's shape in a floating dtype, not requiring
-//   grad, with a negative ignore_index (torch refuses others); input of 2 or more dimensions
-//   with classes, in float16/bfloat16/float32/float64; weight None or (C,) contiguous in the
+//   grad, with a negative ignore_index (torch refuses others); input with classes, of 2 or
+//   more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
+//   weight None or (C,) contiguous in the
 //   accumulation dtype, not requiring grad; size_average, reduce, softcap None; reduction
 //   "none" / "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1]; z_loss 0;
 //   logit_scale 1; backend "auto" or "cpu"; every tensor on the CPU; no autocast, no torch.func
@@ -66,10 +67,13 @@ bool is_str(PyObject* o, const char* s) {
   return PyUnicode_CheckExact(o) && PyUnicode_CompareWithASCIIString(o, s) == 0;
 }
 
-// The targets' shape for index targets: the input's less the class dimension.
+// The targets' shape for index targets: the input's less the class dimension (a 0-dim target for
+// an unbatched (C,) input).
 bool target_shape_matches(const Tensor& input, const Tensor& target) {
   const auto s = input.sizes(), t = target.sizes();
-  if (t.size() + 1 != s.size() || t[0] != s[0]) return false;
+  if (t.size() + 1 != s.size()) return false;
+  if (t.empty()) return true;
+  if (t[0] != s[0]) return false;
   for (size_t i = 1; i < t.size(); ++i)
     if (t[i] != s[i + 1]) return false;
   return true;
@@ -121,8 +125,10 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   const Tensor& input = THPVariable_Unpack(input_.ptr());
   const Tensor& target = THPVariable_Unpack(target_.ptr());
   if (!input.is_cpu() || !target.is_cpu() || !is_float_dtype(input.scalar_type()) ||
-      input.dim() < 2 || input.size(1) == 0)
+      input.dim() < 1)
     return general;
+  const int64_t classes = input.size(input.dim() == 1 ? 0 : 1);
+  if (classes == 0 || (input.dim() == 1 && want != 0)) return general;
   // Probability targets: the loss alone, targets needing no gradient (nor statistics: the
   // statistics' one-call op takes class indices).
   const bool prob = is_float_dtype(target.scalar_type()) && target.sizes() == input.sizes() &&
@@ -148,7 +154,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     if (!THPVariable_CheckExact(weight_.ptr())) return general;
     const Tensor& w = THPVariable_Unpack(weight_.ptr());
     if (w.scalar_type() != acc_dtype(input.scalar_type()) || w.dim() != 1 ||
-        w.size(0) != input.size(1) || !w.is_cpu() || w.requires_grad() || !w.is_contiguous())
+        w.size(0) != classes || !w.is_cpu() || w.requires_grad() || !w.is_contiguous())
       return general;
     weight = w;
   }

@@ -46,6 +46,8 @@ SHAPES = [(64, 10), (7, 1000), (13,), (4, 5, 3), (2, 7, 4, 5)]
                                       "ignore_index": 2}], ids=str)
 def test_one_call_matches_float64_torch(device, dtype, shape, reduction, options):
     x, t = index_case(shape, device, dtype, options.get("ignore_index", -100))
+    assert took_one_call(nllfused.cross_entropy(x.to(device).requires_grad_(), t.to(device))) \
+        == (device == "cpu" or len(shape) > 1)
     C = shape[1] if len(shape) > 1 else shape[0]
     if options.get("weight") == "rand":
         options = {**options, "weight": torch.rand(C, dtype=dtype if dtype == torch.float64
@@ -149,6 +151,10 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     assert took_one_call(nllfused.cross_entropy(x, q)) == (device == "cpu")
     assert not took_one_call(nllfused.cross_entropy(x, q.clone().requires_grad_()))
     assert not took_one_call(nllfused.cross_entropy(x, q, return_stats=True)[0])
+    # an unbatched (C,) input: on the CPU the loss alone (statistics: the general path)
+    assert took_one_call(nllfused.cross_entropy(x[0], t[0])) == (device == "cpu")
+    assert took_one_call(nllfused.cross_entropy(x[0], q[0])) == (device == "cpu")
+    assert not took_one_call(nllfused.cross_entropy(x[0], t[0], return_stats=True)[0])
     with torch.autocast(device, dtype=torch.bfloat16):
         assert not took_one_call(nllfused.cross_entropy(x, t))
 
@@ -301,8 +307,8 @@ def soft_case(shape, dtype, target_dtype=None, channels_last=False):
                                                 (torch.float64, None),
                                                 (torch.bfloat16, torch.float32),
                                                 (torch.float32, torch.float64)], ids=str)
-@pytest.mark.parametrize("shape", [(64, 10), (7, 1000), (4, 5, 3), (2, 7, 4, 5), (3, 40, 33)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(64, 10), (7, 1000), (13,), (4, 5, 3), (2, 7, 4, 5),
+                                   (3, 40, 33)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", [{}, {"weight": "rand"}, {"label_smoothing": 0.1},
                                      {"weight": "rand", "label_smoothing": 0.3}], ids=str)
@@ -311,7 +317,8 @@ def test_one_call_probability_targets(dtype, target_dtype, shape, reduction, opt
     and gradient, 'mean' over the rows whatever the weights."""
     x, q = soft_case(shape, dtype, target_dtype)
     if options.get("weight") == "rand":
-        options = {**options, "weight": torch.rand(shape[1], dtype=dtype if dtype == torch.float64
+        C = shape[1] if len(shape) > 1 else shape[0]
+        options = {**options, "weight": torch.rand(C, dtype=dtype if dtype == torch.float64
                                                    else torch.float32) + 0.1}
     assert took_one_call(nllfused.cross_entropy(x.clone().requires_grad_(), q,
                                                 reduction=reduction, **options))
