@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(not nllfused.build_info()["built"],
 CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
     else []
 # kernels.h / ce_cpu_lanes.h: the most classes of a tile (kLaneMaxClasses), of a tile whose
-# classes are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced), and of a
-# gathered tile's backward (lane_limit).
+# classes are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced,
+# 2d_transposed), and of a gathered tile's backward (lane_limit).
 LANE_MAX_C = 256
 LANE_MAX_VIN = 1024
 GATHER_MAX_C = 32

@@ -111,17 +111,19 @@ struct Args {
 constexpr int64_t kMaxRowChunk = 8192;
 int64_t row_chunk(int64_t acc_size);
 
-// The most classes of the lanes path (ce_cpu_lanes.h): the forward takes it for every index
-// target row of up to this many classes; of a K-dim input whose tiles load each class as one
-// vector (d stride 1, at least 32 consecutive d) up to kLaneMaxClassesVin, where the rows'
-// alternative, the tiles path, transposes each tile by scalar copies.
+// The most classes of the lanes path (ce_cpu_lanes.h): the forward takes it for every row of
+// up to this many classes; where its tiles load each class as one vector -- a K-dim input's d
+// stride 1 with at least 32 consecutive d, or a column-major (N, C) input's row stride 1 -- up to
+// kLaneMaxClassesVin, where the rows' alternative, the tiles path, transposes each tile by
+// scalar copies.
 constexpr int64_t kLaneMaxClasses = 256;
 constexpr int64_t kLaneMaxClassesVin = 1024;
 
 // The lanes path's class limit for these Args (kLaneMaxClasses, kLaneMaxClassesVin): one
 // function, so that the forward's callers (ce_cpu.cpp) and the kernels decide alike.
 inline int64_t lane_max_classes(const Args& A) {
-  return A.D >= 32 && A.xD == 1 ? kLaneMaxClassesVin : kLaneMaxClasses;
+  const bool vin = (A.D >= 32 && A.xD == 1) || (A.D == 1 && A.xN == 1);
+  return vin ? kLaneMaxClassesVin : kLaneMaxClasses;
 }
 
 // What the lanes path adds up with Args::sums (ce_cpu_lanes.h), each in double: the rows' loss
