@@ -74,7 +74,8 @@ def _no_one_call(*args):
 
 
 # The C++ entry of the one-call path for CPU tensors (csrc/one_call.cpp): the loss, or None where
-# the general path must run. Same rules as _one_call_reduction, which serves CUDA tensors.
+# the general path must run. The rules of _one_call_reduction, which serves CUDA tensors, and
+# more: probability targets and unbatched (C,) inputs (the loss alone).
 _one_call_cpu = (_no_one_call if _extension._C is None
                  else _extension._C.cross_entropy_one_call)
 
