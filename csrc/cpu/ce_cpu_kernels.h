@@ -570,8 +570,10 @@ struct Ce {
   static void backward(const Args& A);
 
   // ------------- rows of few classes, one row per vector lane (ce_cpu_lanes.h) -------------
-  // The most classes a lane tile holds: its C x W2 buffer is 16 KiB in the AVX2 copy (L1).
-  static constexpr int64_t kLaneMaxC = kLaneMaxClassesVin;  // the lanes' zb: classes
+  // The most classes a lane tile holds (kernels.h, lane_max_classes): its C x W2 buffers zb
+  // (and, probability targets, gb) are up to 64 KiB in the AVX2 copy, 128 KiB in the AVX-512
+  // ones, on the stack; within L1 to 256 classes on AVX2.
+  static constexpr int64_t kLaneMaxC = kLaneMaxClassesVin;
   struct Lanes;
   static int64_t lane_limit(const Args& A, bool backward);
   static bool lanes_ok(const Args& A, bool backward);
@@ -589,6 +591,7 @@ struct Ce {
   static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
+  static void lane_lse(const Args& A, const Lanes& T, const Tf& t, acc_t* hi, acc_t* lo);
   template <typename T, typename U>
   static void lane_read(const Lanes& L, const T* p, int64_t sN, int64_t sD, U fill, U* out);
   template <int K>

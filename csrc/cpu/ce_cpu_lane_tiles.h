@@ -200,6 +200,28 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
   }
 }
 
+// Each lane's saved lse as row_grad splits it: hi = acc_t(lse), lo = acc_t(lse - hi), and
+// exact_lse's hi, lo for the rows far from zero (far_lse). hi passes through memory the compiler
+// cannot see into: GCC 12 vectorized the default copy's loop into lse - lse (lo = 0), as if
+// double(float(x)) were x.
+template <typename scalar_t>
+void Ce<scalar_t>::lane_lse(const Args& A, const Lanes& T, const Tf& t, acc_t* hi, acc_t* lo) {
+  alignas(64) double ld[W2];
+  lane_read(T, static_cast<const double*>(A.lse_in), A.lN, A.lD, 0.0, ld);
+  for (int64_t l = 0; l < W2; ++l) hi[l] = static_cast<acc_t>(ld[l]);
+#if defined(__GNUC__)
+  asm volatile("" : : "r"(hi) : "memory");
+#endif
+  for (int64_t l = 0; l < W2; ++l) lo[l] = static_cast<acc_t>(ld[l] - static_cast<double>(hi[l]));
+  int64_t far = 0;  // the test for all lanes at once
+  for (int64_t l = 0; l < W2; ++l) far |= static_cast<int64_t>(far_lse(hi[l]));
+  for (int64_t l = 0; far && l < T.L; ++l) {
+    if (!far_lse(hi[l])) continue;
+    const int64_t n_ = T.dtile ? T.n0 : T.n[l], d_ = T.dtile ? T.d0 + l : T.d[l];
+    exact_lse(A, row_ptr(A, n_, d_), t, hi[l], lo[l]);
+  }
+}
+
 // Sweep 1 of a forward tile: z of every class into zb, and each lane's max into m0, m1 (vmax
 // may drop NaN: see there). alias: lanes_alias(A, 1).
 template <typename scalar_t>

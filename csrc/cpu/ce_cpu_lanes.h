@@ -223,7 +223,6 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kLaneMaxC * W2];
   alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], wy[W2], yv[W2], gy[W2];
   alignas(64) acc_t gH[W2], gT[W2], Hv[W2];
-  alignas(64) double ld[W2];
   const Tf t = make_tf(A);
   const int64_t C = A.C, D = A.D;
   const acc_t* w = weights(A);
@@ -235,7 +234,7 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     lane_tile(A, tile, tile == tile0, T);
     lane_read(T, static_cast<const acc_t*>(A.gl), A.gN, A.gD, acc_t(0), gl);
-    lane_read(T, static_cast<const double*>(A.lse_in), A.lN, A.lD, 0.0, ld);
+    lane_lse(A, T, t, hi, lo);  // row_grad's hi, lo per lane
     if (A.glse) lane_read(T, A.glse, A.glN, A.glD, acc_t(0), gs);
     else std::fill(gs, gs + W2, acc_t(0));
     if constexpr (Stats) {
@@ -248,21 +247,6 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       for (int64_t l = 0; l < W2; ++l) gT[l] = T.y[l] < 0 ? acc_t(0) : gT[l];  // counted rows
       if (A.gent_counted)
         for (int64_t l = 0; l < W2; ++l) gH[l] = T.y[l] < 0 ? acc_t(0) : gH[l];
-    }
-    // hi = acc_t(lse), lo = acc_t(lse - hi), as row_grad. hi passes through memory the compiler
-    // cannot see into: GCC 12 vectorized this loop of the default copy into lse - lse (lo = 0),
-    // as if double(float(x)) were x.
-    for (int64_t l = 0; l < W2; ++l) hi[l] = static_cast<acc_t>(ld[l]);
-#if defined(__GNUC__)
-    asm volatile("" : : "r"(hi) : "memory");
-#endif
-    for (int64_t l = 0; l < W2; ++l) lo[l] = static_cast<acc_t>(ld[l] - static_cast<double>(hi[l]));
-    int64_t far = 0;  // row_grad's exact_lse, per lane; the test for all lanes at once
-    for (int64_t l = 0; l < W2; ++l) far |= static_cast<int64_t>(far_lse(hi[l]));
-    for (int64_t l = 0; far && l < T.L; ++l) {
-      if (!far_lse(hi[l])) continue;
-      const int64_t n_ = T.dtile ? T.n0 : T.n[l], d_ = T.dtile ? T.d0 + l : T.d[l];
-      exact_lse(A, row_ptr(A, n_, d_), t, hi[l], lo[l]);
     }
     if (w)
       for (int64_t l = 0; l < W2; ++l) wy[l] = w[std::max<int64_t>(T.y[l], 0)];

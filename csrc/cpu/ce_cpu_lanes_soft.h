@@ -116,14 +116,14 @@ void Ce<scalar_t>::fwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
   }
 }
 
-// Backward: row_grad's P, Q, hi, lo per lane, then grad_chunk's sweep with per-class g.
+// Backward: row_grad's P, Q, hi, lo per lane (lane_lse), then grad_chunk's sweep with per-class
+// g.
 template <typename scalar_t>
 template <int K>
 void Ce<scalar_t>::bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
   const bool alias = lanes_alias(A, 2);
   alignas(64) acc_t zb[kLaneMaxC * W2], gb[kLaneMaxC * W2];
   alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], S[W2];
-  alignas(64) double ld[W2];
   const Tf t = make_tf(A);
   const int64_t C = A.C, D = A.D;
   scalar_t* out = static_cast<scalar_t*>(A.out);
@@ -132,23 +132,10 @@ void Ce<scalar_t>::bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     lane_tile(A, tile, tile == tile0, T);
     lane_read(T, static_cast<const acc_t*>(A.gl), A.gN, A.gD, acc_t(0), gl);
-    lane_read(T, static_cast<const double*>(A.lse_in), A.lN, A.lD, 0.0, ld);
+    lane_lse(A, T, t, hi, lo);
     lane_read(T, static_cast<const acc_t*>(A.aux_in), A.aN, A.aD, acc_t(0), S);
     if (A.glse) lane_read(T, A.glse, A.glN, A.glD, acc_t(0), gs);
     else std::fill(gs, gs + W2, acc_t(0));
-    // hi, lo as bwd_lanes (the same barrier against a vectorized lse - lse)
-    for (int64_t l = 0; l < W2; ++l) hi[l] = static_cast<acc_t>(ld[l]);
-#if defined(__GNUC__)
-    asm volatile("" : : "r"(hi) : "memory");
-#endif
-    for (int64_t l = 0; l < W2; ++l) lo[l] = static_cast<acc_t>(ld[l] - static_cast<double>(hi[l]));
-    int64_t far = 0;
-    for (int64_t l = 0; l < W2; ++l) far |= static_cast<int64_t>(far_lse(hi[l]));
-    for (int64_t l = 0; far && l < T.L; ++l) {
-      if (!far_lse(hi[l])) continue;
-      const int64_t n_ = T.dtile ? T.n0 : T.n[l], d_ = T.dtile ? T.d0 + l : T.d[l];
-      exact_lse(A, row_ptr(A, n_, d_), t, hi[l], lo[l]);
-    }
     lane_soft(A, T, gb);
     V P[2], Q[2], Hi[2], Lo[2], bad[2];
     for (int h = 0; h < 2; ++h) {
