@@ -54,6 +54,11 @@ LAYOUTS = {
     "2d_sliced": lambda C, d: randn((21, 2 * C), d)[:, ::2],
     # (N, C, d1, d2), D = 35: tiles of consecutive d of one n, one vector load per class.
     "kdim": lambda C, d: randn((3, C, 5, 7), d),
+    # D = 16: with 16 lanes a vector (AVX-512), two n a tile, each half's class one vector load
+    # and store; the tiles path (past the lanes' classes) transposes 16 x 16 blocks.
+    "kdim_16": lambda C, d: randn((3, C, 16), d),
+    # D = 24: halves of one n (vector loads) and halves across two n (scalar copies) mixed.
+    "kdim_24": lambda C, d: randn((3, C, 4, 6), d),
     # D = 3, fewer than a tile: tiles of consecutive rows across n.
     "kdim_short": lambda C, d: randn((7, C, 3), d),
     # unit d stride but a row stride that is not C * D.

@@ -37,8 +37,8 @@ def case(shape, dtype=torch.float32, channels_last=False, ignore_index=-100):
 
 
 LANE_MAX_CLASSES = 256  # csrc/cpu/kernels.h, kLaneMaxClasses
-LANE_MAX_VIN = 1024  # kLaneMaxClassesVin: (N, C, D) with D >= 32 and d stride 1, or
-# a column-major (N, C)
+LANE_MAX_VIN = 1024  # kLaneMaxClassesVin: (N, C, D) with D >= 32 or D == 16 and d stride 1,
+# or a column-major (N, C)
 CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
     else []
 ROUNDED = ("lse", "entropy", "target_logprob")  # floating sums (z_loss: 0 or NaN; correct: a
@@ -48,7 +48,8 @@ ROUNDED = ("lse", "entropy", "target_logprob")  # floating sums (z_loss: 0 or Na
 def lane_max_classes(x):
     """kernels.h's lane_max_classes for these logits: the most classes the lanes path (and its
     sums in the forward's pass) takes."""
-    vin = (x.dim() > 2 and x[0, 0].numel() >= 32 and x.stride(-1) == 1) or (
+    D = x[0, 0].numel() if x.dim() > 2 else 1
+    vin = (x.dim() > 2 and (D >= 32 or D == 16) and x.stride(-1) == 1) or (
         x.dim() == 2 and x.stride(0) == 1)
     return LANE_MAX_VIN if vin else LANE_MAX_CLASSES
 
@@ -93,7 +94,8 @@ def objective(loss, st):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,channels_last", [((37, 11), False), ((6, 9, 5), False),
                                                  ((3, 7, 4, 5), True), ((9, 300), False),
-                                                 ((2, 300, 40), False), ((40, 300), True)],
+                                                 ((2, 300, 40), False), ((40, 300), True),
+                                                 ((3, 300, 16), False)],
                          ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("names", NAME_SETS, ids=str)

@@ -295,6 +295,7 @@ template <typename scalar_t>
 void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kTile][kTileChunk];
   alignas(64) acc_t gb[kTileChunk];
+  alignas(64) acc_t gt[kTile][kTileChunk];  // soft_tile's
   const Tf t = make_tf(A);
   scalar_t* out = static_cast<scalar_t*>(A.out);
   for (int64_t tile = tile0; tile < tile1; ++tile) {
@@ -312,18 +313,18 @@ void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
     for (int64_t c0 = 0; c0 < A.C; c0 += kTileChunk) {
       const int64_t n = std::min(kTileChunk, A.C - c0);
       gather_tile(A, xl, L, c0, n, zb);
+      const bool soft_run = A.prob && soft_tile(A, r0, L, c0, n, gt);
       for (int64_t l = 0; l < L; ++l) {
         const acc_t* g = weights(A, c0);
-        if (A.prob && !rgs[l].nan) {
+        if (A.prob && !rgs[l].nan && soft_run) {
+          g = gt[l];
+        } else if (A.prob && !rgs[l].nan) {
           soft_coef(A, (r0 + l) / A.D, (r0 + l) % A.D, c0, n, gb);
           g = gb;
         }
         so[l] += grad_any(zb[l], zb[l], c0, n, rgs[l], g, t);
       }
-      for (int64_t c = 0; c < n; ++c) {
-        const int64_t o = (c0 + c) * A.D;
-        for (int64_t l = 0; l < L; ++l) out[ob[l] + o] = static_cast<scalar_t>(zb[l][c]);
-      }
+      scatter_tile(A, ob, L, c0, n, zb, out);
     }
     for (int64_t l = 0; l < L; ++l) {
       const RowGrad& rg = rgs[l];

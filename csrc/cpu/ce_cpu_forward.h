@@ -639,6 +639,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
   [[maybe_unused]] const TinyScope tiny{};
   alignas(64) acc_t zb[kTile][kTileChunk];
   alignas(64) acc_t gb[kTileChunk];
+  alignas(64) acc_t gt[kTile][kTileChunk];  // soft_tile's
   const Tf t = make_tf(A);
   const bool ent = A.stats_fwd() && A.want_ent, arg = A.stats_fwd() && A.want_pred;
   for (int64_t tile = tile0; tile < tile1; ++tile) {
@@ -654,6 +655,7 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
     for (int64_t c0 = 0; c0 < A.C; c0 += kTileChunk) {
       const int64_t n = std::min(kTileChunk, A.C - c0);
       gather_tile(A, xl, L, c0, n, zb);
+      const bool soft_run = A.prob && soft_tile(A, r0, L, c0, n, gt);
       for (int64_t l = 0; l < L; ++l) {
         acc_t cm;
         if (t.kind == 0) cm = chunk_max<acc_t, 0, false>(zb[l], n, nullptr, t);
@@ -662,7 +664,9 @@ void Ce<scalar_t>::fwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
         if (arg) track_argmax(st[l], zb[l], c0, n, cm);
         const int gm = gmode(A, ys[l]);
         const acc_t* g = nullptr;
-        if (A.prob) {
+        if (soft_run) {
+          g = gt[l];
+        } else if (A.prob) {
           soft_coef(A, (r0 + l) / A.D, (r0 + l) % A.D, c0, n, gb);
           g = gb;
         } else if (gm == 2) {

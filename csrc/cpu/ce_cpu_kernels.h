@@ -112,6 +112,33 @@ struct Ce {
     a = V::loadu(t);
     b = V::loadu(t + W);
   }
+  // W values, one vector: load1 converts 16-bit ones, store1 rounds them once, as store2.
+  template <typename src_t>
+  static inline V load1(const src_t* p) {
+    if constexpr (std::is_same_v<src_t, acc_t>) return V::loadu(p);
+#if NLLF_SIMD
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(src_t) == 2) {
+      V v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+#endif
+    alignas(64) acc_t b[W];
+    for (int64_t j = 0; j < W; ++j) b[j] = static_cast<acc_t>(p[j]);
+    return V::loadu(b);
+  }
+  template <typename dst_t>
+  static inline void store1(dst_t* p, V a) {
+    if constexpr (std::is_same_v<dst_t, acc_t>) {
+      a.store(p);
+    } else {
+#if NLLF_SIMD
+      at::vec::convert_from_float<dst_t>(a, a).store(p, W);
+#else
+      store2_tail(p, W, a, a);
+#endif
+    }
+  }
   template <typename dst_t>
   static inline void store2(dst_t* p, V a, V b) {
     if constexpr (std::is_same_v<dst_t, acc_t>) {
@@ -434,19 +461,20 @@ struct Ce {
   static inline const scalar_t* row_ptr(const Args& A, int64_t n, int64_t d) {
     return static_cast<const scalar_t*>(A.x) + n * A.xN + d * A.xD;
   }
-  // Classes [c0, c0 + n) of a tile's L rows xl[] into zb[l][0, n): the loads of one class for
-  // the tile's neighbouring rows share cache lines.
-  static inline void gather_tile(const Args& A, const scalar_t* const* xl, int64_t L, int64_t c0,
-                                 int64_t n, acc_t (*zb)[kTileChunk]) {
-    for (int64_t c = 0; c < n; ++c) {
-      const int64_t o = (c0 + c) * A.xC;
-      if (c + kGatherAhead < n) {  // each class another stream: the lanes of a class ahead
-        __builtin_prefetch(xl[0] + o + kGatherAhead * A.xC);
-        __builtin_prefetch(xl[L - 1] + o + kGatherAhead * A.xC);
-      }
-      for (int64_t l = 0; l < L; ++l) zb[l][c] = static_cast<acc_t>(xl[l][o]);
-    }
-  }
+  // The tiles' copies between the logits and the tile buffer zb[lane][class] (ce_cpu_tile_io.h).
+  template <typename T>
+  static bool is_run(const T* v, int64_t L);
+  template <typename src_t, typename dst_t>
+  static void transpose_block(const src_t* src, int64_t ld_src, dst_t* dst, int64_t ld_dst);
+  static void gather_tile(const Args& A, const scalar_t* const* xl, int64_t L, int64_t c0,
+                          int64_t n, acc_t (*zb)[kTileChunk]);
+  static void scatter_tile(const Args& A, const int64_t* ob, int64_t L, int64_t c0, int64_t n,
+                           const acc_t (*zb)[kTileChunk], scalar_t* out);
+  template <typename q_t>
+  static bool soft_tile_t(const Args& A, const q_t* q, const int64_t* o, int64_t L, int64_t c0,
+                          int64_t n, acc_t (*gb)[kTileChunk]);
+  static bool soft_tile(const Args& A, int64_t r0, int64_t L, int64_t c0, int64_t n,
+                        acc_t (*gb)[kTileChunk]);
   // All rows on at::parallel_for's threads: rows(b, e) over ranges of rows where each row is read
   // in place (rows_ok), else tiles(b, e) over ranges of kTile-row tiles.
   template <typename Rows, typename Tiles>
@@ -591,6 +619,7 @@ struct Ce {
   static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
+  static void lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, scalar_t* out);
   static void lane_lse(const Args& A, const Lanes& T, const Tf& t, acc_t* hi, acc_t* lo);
   template <typename T, typename U>
   static void lane_read(const Lanes& L, const T* p, int64_t sN, int64_t sD, U fill, U* out);
@@ -628,6 +657,7 @@ struct Ce {
 
 #include "ce_cpu_forward.h"
 #include "ce_cpu_backward.h"
+#include "ce_cpu_tile_io.h"
 #include "ce_cpu_lane_tiles.h"
 #include "ce_cpu_lanes.h"
 #include "ce_cpu_lanes_soft.h"

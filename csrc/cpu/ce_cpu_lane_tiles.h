@@ -25,6 +25,12 @@ struct Ce<scalar_t>::Lanes {
   int64_t y[W2];           // class_of; -1 for ignored rows and lanes past L
   alignas(64) acc_t yf[W2];  // y as acc_t
   int64_t n[W2], d[W2];    // !dtile
+  // !dtile: where half h's W lanes (h W .. h W + W - 1) are W consecutive d of one n, its
+  // gradient's offset in the contiguous (N, C, D) output (class c at + c D), else -1; and its
+  // logits (class c at + c xC) where their d stride is 1 too, else nullptr: a class of the
+  // half one vector load and store (lane_gather, lane_scatter), as in a dtile.
+  int64_t oh[2];
+  const scalar_t* xh[2];
 };
 
 // f(l) for each lane l < L; a full tile's loop has a constant count, which the compiler
@@ -155,6 +161,12 @@ void Ce<scalar_t>::lane_tile(const Args& A, int64_t tile, bool first, Lanes& T) 
     T.d0 = T.d[0];
     T.vin = A.D == 1 && A.xN == 1;
   }
+  for (int64_t h = 0; h < 2; ++h) {
+    const int64_t l0 = h * W, l1 = l0 + W - 1;
+    const bool run = !T.dtile && A.D > 1 && l1 < T.L && T.n[l0] == T.n[l1];
+    T.oh[h] = run ? T.n[l0] * A.C * A.D + T.d[l0] : -1;
+    T.xh[h] = run && A.xD == 1 ? row_ptr(A, T.n[l0], T.d[l0]) : nullptr;
+  }
   T.x0 = row_ptr(A, T.n0, T.d0);
   if (A.prob) {  // probability targets: no class index (lane_soft reads the targets)
     for (int64_t l = 0; l < W2; ++l) {
@@ -186,7 +198,12 @@ void Ce<scalar_t>::lane_tile(const Args& A, int64_t tile, bool first, Lanes& T) 
 template <typename scalar_t>
 void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
   const int64_t C = A.C, xC = A.xC;
+  for (int64_t h = 0; h < 2; ++h) {  // halves of W consecutive d: a vector a class
+    if (!T.xh[h]) continue;
+    for (int64_t c = 0; c < C; ++c) load1(T.xh[h] + c * xC).store(zb + c * W2 + h * W);
+  }
   for (int64_t l = 0; l < W2; ++l) {
+    if (T.xh[l / W]) continue;
     if (l >= T.L) {
       for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = 0;
       continue;
@@ -197,6 +214,22 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
     } else {
       for (int64_t c = 0; c < C; ++c) zb[c * W2 + l] = static_cast<acc_t>(x[c * xC]);
     }
+  }
+}
+
+// A gathered tile's gradient zb[c W2 + l] into the contiguous (N, C, D) output.
+template <typename scalar_t>
+void Ce<scalar_t>::lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, scalar_t* out) {
+  const int64_t C = A.C, D = A.D;
+  for (int64_t h = 0; h < 2; ++h) {  // halves of W consecutive d: a vector a class
+    if (T.oh[h] < 0) continue;
+    scalar_t* o = out + T.oh[h];
+    for (int64_t c = 0; c < C; ++c) store1(o + c * D, V::loadu(zb + c * W2 + h * W));
+  }
+  for (int64_t l = 0; l < T.L; ++l) {
+    if (T.oh[l / W] >= 0) continue;
+    scalar_t* ol = out + T.n[l] * C * D + T.d[l];
+    for (int64_t c = 0; c < C; ++c) ol[c * D] = static_cast<scalar_t>(zb[c * W2 + l]);
   }
 }
 

@@ -373,12 +373,7 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         else zb[T.y[l] * W2 + l] = gy[l];
       }
     }
-    if (!T.dtile) {
-      for (int64_t l = 0; l < T.L; ++l) {
-        scalar_t* ol = out + T.n[l] * C * D + T.d[l];
-        for (int64_t c = 0; c < C; ++c) ol[c * D] = static_cast<scalar_t>(zb[c * W2 + l]);
-      }
-    }
+    if (!T.dtile) lane_scatter(A, T, zb, out);
   }
 }
 

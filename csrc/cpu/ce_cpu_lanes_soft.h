@@ -37,7 +37,20 @@ void Ce<scalar_t>::lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_
     }
     return;
   }
+  // halves of W consecutive d of one n (Lanes::oh): a class of the half one vector
+  bool half_run[2] = {false, false};
+  for (int64_t h = 0; h < 2 && A.qD == 1; ++h) {
+    if (T.oh[h] < 0) continue;
+    half_run[h] = true;
+    const q_t* q0 = q + T.n[h * W] * A.qN + T.d[h * W];
+    for (int64_t c = 0; c < C; ++c) {
+      V v = V(om) * load1(q0 + c * qC) + V(ec);
+      if (w) v = V(w[c]) * v;
+      v.store(g + c * W2 + h * W);
+    }
+  }
   for (int64_t l = 0; l < W2; ++l) {
+    if (half_run[l / W]) continue;
     if (l >= T.L) {
       for (int64_t c = 0; c < C; ++c) g[c * W2 + l] = 0;
       continue;
@@ -173,12 +186,7 @@ void Ce<scalar_t>::bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
         store2(o + c * D, ra, rb);
       }
     }
-    if (!T.dtile) {
-      for (int64_t l = 0; l < T.L; ++l) {
-        scalar_t* ol = out + T.n[l] * C * D + T.d[l];
-        for (int64_t c = 0; c < C; ++c) ol[c * D] = static_cast<scalar_t>(zb[c * W2 + l]);
-      }
-    }
+    if (!T.dtile) lane_scatter(A, T, zb, out);
   }
 }
 
