@@ -18,7 +18,8 @@
 //   Nothing the size of the logits is allocated but the gradient itself.
 // - Rows whose classes are not unit-stride (D > 1 layouts, transposed inputs) go through the same
 //   per-row code on tiles of kTile neighbouring rows gathered into a buffer, so that the loads of
-//   one class for the tile's rows share cache lines; the backward scatters the tile back alike.
+//   one class for the tile's rows share cache lines (rows consecutive in memory: 16 x 16 blocks
+//   transposed in registers, ce_cpu_tile_io.h); the backward scatters the tile back alike.
 // - Rows of few classes (lane_max_classes, kernels.h) take the lane path instead
 //   (ce_cpu_lanes.h; ce_cpu_lanes_soft.h for probability targets): W2 rows at once, one row
 //   per vector lane, the loop over the classes; for a contiguous (N, C, D) input each class of

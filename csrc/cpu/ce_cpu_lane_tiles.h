@@ -7,9 +7,10 @@
 // contiguous (N, C, D) input, segmentation) each class of the tile is one contiguous vector load
 // ("vin"), and the gradient, (N, C, D) contiguous, one contiguous vector store. Otherwise a tile
 // is W2 consecutive rows, and its C x W2 logits are gathered into an L1 buffer zb (for a plain
-// (N, C) input a transposition: scalar copies), the gradient scattered back from there. The
-// forward keeps the tile's z in zb for its second sweep: the logits are read once forward and
-// once backward, with no copy of them.
+// (N, C) input a transposition: scalar copies; for a half of W consecutive d of one n, as D == W
+// gives, a vector a class), the gradient scattered back from there. The forward keeps the
+// tile's z in zb for its second sweep: the logits are read once forward and once backward, with
+// no copy of them.
 #pragma once
 
 namespace nllfused_cpu::NLLF_CPU_NS {
