@@ -115,11 +115,11 @@ inline Tensor canonical_logits(const Tensor& t) {
 }
 
 inline std::pair<Tensor, Tensor> canonical(const Tensor& input, const Tensor& target) {
-  if (prob_target(target)) return {canonical_logits(input), canonical_logits(target)};
-  if (input.dim() == 1) return {canonical_logits(input), target.reshape({1, 1})};
-  if (input.dim() == 2) return {input.unsqueeze(-1), target.unsqueeze(-1)};
-  if (input.dim() == 3) return {input, target};
-  return {input.flatten(2), target.flatten(1)};
+  const Tensor logits = canonical_logits(input);
+  if (prob_target(target)) return {logits, canonical_logits(target)};
+  if (input.dim() == 1) return {logits, target.reshape({1, 1})};
+  if (input.dim() == 2) return {logits, target.unsqueeze(-1)};
+  return {logits, input.dim() == 3 ? target : target.flatten(1)};
 }
 
 // The loss's dtype: the input's, promoted with probability targets' (torch's cross_entropy).

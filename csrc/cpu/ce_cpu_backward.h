@@ -316,11 +316,9 @@ void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
       const bool soft_run = A.prob && soft_tile(A, r0, L, c0, n, gt);
       for (int64_t l = 0; l < L; ++l) {
         const acc_t* g = weights(A, c0);
-        if (A.prob && !rgs[l].nan && soft_run) {
-          g = gt[l];
-        } else if (A.prob && !rgs[l].nan) {
-          soft_coef(A, (r0 + l) / A.D, (r0 + l) % A.D, c0, n, gb);
-          g = gb;
+        if (A.prob && !rgs[l].nan) {
+          if (!soft_run) soft_coef(A, (r0 + l) / A.D, (r0 + l) % A.D, c0, n, gb);
+          g = soft_run ? gt[l] : gb;
         }
         so[l] += grad_any(zb[l], zb[l], c0, n, rgs[l], g, t);
       }

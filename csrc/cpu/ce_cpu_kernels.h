@@ -433,24 +433,27 @@ struct Ce {
     TORCH_CHECK_INDEX(y >= 0 && y < A.C, "Target ", y, " is out of bounds for ", A.C, " classes");
     return y;
   }
-  // g_c = w_c q'_c, q' = (1 - e) q + e/C, for classes [c0, c0 + n) of row (n, d).
+  // g_c = w_c q'_c, q' = (1 - e) q + e/C, for classes [c0, c0 + n), whose targets are q[c qC],
+  // c < n (g may be q itself: element by element, in place).
   template <typename q_t>
-  static void soft_coef_t(const Args& A, const q_t* q, int64_t c0, int64_t n, acc_t* g) {
+  static void soft_coef_t(const Args& A, const q_t* q, int64_t qC, int64_t c0, int64_t n,
+                          acc_t* g) {
     const acc_t om = static_cast<acc_t>(1 - A.eps), ec = static_cast<acc_t>(A.eps / A.C);
-    const acc_t* w = weights(A);
+    const acc_t* w = weights(A, c0);
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t qc = om * static_cast<acc_t>(q[(c0 + c) * A.qC]) + ec;
-      g[c] = w ? w[c0 + c] * qc : qc;
+      const acc_t qc = om * static_cast<acc_t>(q[c * qC]) + ec;
+      g[c] = w ? w[c] * qc : qc;
     }
   }
+  // ... of row (n, d)
   static void soft_coef(const Args& A, int64_t n_, int64_t d_, int64_t c0, int64_t n, acc_t* g) {
-    const int64_t o = n_ * A.qN + d_ * A.qD;
+    const int64_t o = n_ * A.qN + d_ * A.qD + c0 * A.qC, qC = A.qC;
     switch (A.qtype) {
-      case at::kHalf: return soft_coef_t(A, static_cast<const at::Half*>(A.q) + o, c0, n, g);
+      case at::kHalf: return soft_coef_t(A, static_cast<const at::Half*>(A.q) + o, qC, c0, n, g);
       case at::kBFloat16:
-        return soft_coef_t(A, static_cast<const at::BFloat16*>(A.q) + o, c0, n, g);
-      case at::kFloat: return soft_coef_t(A, static_cast<const float*>(A.q) + o, c0, n, g);
-      default: return soft_coef_t(A, static_cast<const double*>(A.q) + o, c0, n, g);
+        return soft_coef_t(A, static_cast<const at::BFloat16*>(A.q) + o, qC, c0, n, g);
+      case at::kFloat: return soft_coef_t(A, static_cast<const float*>(A.q) + o, qC, c0, n, g);
+      default: return soft_coef_t(A, static_cast<const double*>(A.q) + o, qC, c0, n, g);
     }
   }
 

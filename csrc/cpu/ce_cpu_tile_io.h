@@ -119,16 +119,7 @@ bool Ce<scalar_t>::soft_tile_t(const Args& A, const q_t* q, const int64_t* o, in
   for (; c < n; ++c) {
     for (int64_t l = 0; l < L; ++l) gb[l][c] = static_cast<acc_t>(q[o[l] + (c0 + c) * qC]);
   }
-  const acc_t om = static_cast<acc_t>(1 - A.eps), ec = static_cast<acc_t>(A.eps / A.C);
-  const acc_t* w = weights(A, c0);
-  for (int64_t l = 0; l < L; ++l) {
-    acc_t* g = gb[l];
-    if (w) {
-      for (int64_t j = 0; j < n; ++j) g[j] = w[j] * (om * g[j] + ec);
-    } else {
-      for (int64_t j = 0; j < n; ++j) g[j] = om * g[j] + ec;
-    }
-  }
+  for (int64_t l = 0; l < L; ++l) soft_coef_t(A, gb[l], 1, c0, n, gb[l]);  // in place
   return true;
 }
 
