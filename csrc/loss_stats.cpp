@@ -8,9 +8,10 @@
 // Outputs, in nllfused.stats.NAMES order after the loss: (loss, lse, z_loss, predicted, correct,
 // entropy, target_logprob), each reduced as stats.reduce does (the module docstring of
 // nllfused/stats.py says how); a statistic whose bit is not in `want` is an empty (0,) tensor.
-// Where the CPU kernel adds the rows up in its pass ('sum' / 'mean' on its lanes path: up to
-// lane_max_classes classes) the sums are in double, rounded once (assemble_summed), as the
-// loss's; elsewhere torch's sums in the statistic's dtype, as stats.reduce's.
+// 'sum' / 'mean' of plain CPU tensors: the sums in double, rounded once (assemble_summed), as the
+// loss's -- the CPU kernel's own in its pass on its lanes path (up to lane_max_classes classes),
+// add_up_rows's over the rows it wrote elsewhere; traced calls (fake or functional tensors):
+// torch's sums in the statistic's dtype, as stats.reduce's (assemble).
 // z_loss is the term z_loss * lse^2 with z_loss = 0 (this path has no z-loss): 0 on counted rows
 // whose lse is finite, NaN where it is not, as the general path computes it.
 //
@@ -132,8 +133,8 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   return {loss, s[0], s[1], s[2], s[3], s[4], s[5]};
 }
 
-// The op's outputs where the CPU kernel added the rows up in its pass (ce_fwd_stats_summed_cpu;
-// reduction 'sum' or 'mean'): each sum in double, divided by the counted rows for 'mean',
+// The op's outputs where the rows were added up on the CPU (ce_fwd_stats_summed_cpu in the
+// kernel's pass, or add_up_rows; reduction 'sum' or 'mean'): each sum in double, divided by the counted rows for 'mean',
 // rounded once -- as the loss (csrc/loss.cpp) -- where stats.reduce sums in the statistic's
 // dtype. A segmentation map's millions of per-row statistics are then neither written nor read
 // back by a dozen reductions, which cost 1.5x the kernel at (8, 4, 512, 512).
@@ -159,6 +160,49 @@ Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor&
     if (!t.defined()) t = at::empty({0}, opt.dtype(acc));
   const double loss = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
   return {at::scalar_tensor(loss, opt), s[0], s[1], s[2], s[3], s[4], s[5]};
+}
+
+// The sums assemble_summed takes, from the rows where the kernel wrote them (more classes than
+// its lanes path adds up in the pass): the loss and aux as reduce_rows sums them (csrc/loss.h,
+// the plain one-call op's bits), the statistics over the counted rows in one loop in double, in
+// row order (the same bits on any thread count), each row's value as the unreduced output has
+// it (lse rounded to the acc dtype). Where assemble's dozen torch ops over the rows cost ~2 % of
+// a bf16 (4096, 32000) forward and the backward's masks as much again.
+void add_up_rows(nllfused_cpu::SummedStatsForward& f, const Tensor& target2,
+                 int64_t ignore_index) {
+  f.loss_sum = cpu_sum(f.loss);
+  f.aux_sum = cpu_sum(f.aux);
+  const int64_t N = target2.size(0), D = target2.size(1);
+  const int64_t tN = target2.stride(0), tD = target2.stride(1);
+  const double* lse = f.lse.const_data_ptr<double>();
+  const int64_t* pred = f.predicted.const_data_ptr<int64_t>();
+  double lse_sum = 0, z_sum = 0, ent_sum = 0, tlp_sum = 0, hits = 0, counted = 0;
+  AT_DISPATCH_FLOATING_TYPES(f.entropy.scalar_type(), "nllfused_add_up_rows", [&] {
+    const scalar_t* ent = f.entropy.const_data_ptr<scalar_t>();
+    const scalar_t* tlp = f.target_logp.const_data_ptr<scalar_t>();
+    auto add = [&](const auto* t) {  // the targets' dtype: int64, int32 or uint8 (checks.h)
+      for (int64_t n = 0, r = 0; n < N; ++n) {
+        for (int64_t d = 0; d < D; ++d, ++r) {
+          const int64_t y = static_cast<int64_t>(t[n * tN + d * tD]);
+          if (y == ignore_index) continue;
+          const double l = static_cast<scalar_t>(lse[r]);
+          lse_sum += l;
+          z_sum += l - l;  // 0 where lse is finite, NaN where not: 0 * lse^2, as the rows'
+          ent_sum += ent[r];
+          tlp_sum += tlp[r];
+          hits += pred[r] == y;
+          counted += 1;
+        }
+      }
+    };
+    const auto tt = target2.scalar_type();
+    if (tt == at::kLong) add(target2.const_data_ptr<int64_t>());
+    else if (tt == at::kInt) add(target2.const_data_ptr<int32_t>());
+    else add(target2.const_data_ptr<uint8_t>());
+  });
+  f.lse_sum = lse_sum; f.z_loss_sum = z_sum; f.entropy_sum = ent_sum;
+  f.target_logp_sum = tlp_sum; f.hits = hits; f.counted = counted;
+  f.summed = true;
 }
 
 // Gradients (targets' shape, or (N, D)) of a per-row statistic from the upstream gradient of its
@@ -322,17 +366,14 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
   auto [logits, target2] = canonical(input, target);
   if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
     // The CPU kernel adds the rows and their statistics up in its own pass where it can (the
-    // lanes path of few classes): assemble_summed.
+    // lanes path of few classes), add_up_rows where it wrote rows: assemble_summed.
     auto f = nllfused_cpu::ce_fwd_stats_summed_cpu(
         logits, target2, weight, ignore_index, label_smoothing, want & kEntropy,
         want & (kPredicted | kCorrect), want & (kEntropy | kTargetLogp), want & kPredicted);
-    if (f.summed) {
-      const Tensor aux_sum = at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble));
-      return {assemble_summed(f, input, target, reduction, want),
-              {Tensor(), f.lse, aux_sum, f.entropy, Tensor(), f.predicted}, true, f.counted};
-    }
-    Rows rows{f.loss, f.lse, f.aux, f.entropy, f.target_logp, f.predicted};
-    return {assemble(rows, input, target2, target, reduction, ignore_index, want), rows};
+    if (!f.summed) add_up_rows(f, target2, ignore_index);
+    const Tensor aux_sum = at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble));
+    return {assemble_summed(f, input, target, reduction, want),
+            {Tensor(), f.lse, aux_sum, f.entropy, Tensor(), f.predicted}, true, f.counted};
   }
   Rows rows;
   if (want & kKernelStats) {

@@ -1,9 +1,9 @@
 """The one-call path with statistics (csrc/loss_stats.cpp): CPU calls the one-call path takes,
 with return_stats, go to nllfused::cross_entropy_loss_stats, whose reductions and autograd are
 C++. Its per-row statistics must be bit for bit the general path's (the same kernel); reduced
-ones too where the one-call path reduces with torch ops as the general path does, and where the
-kernel adds the rows up in its pass (the lanes path, csrc/cpu/ce_cpu_lanes.h: up to 256 classes)
-the exact sums of those rows rounded once. Its loss must be the plain one-call path's, and its
+ones the exact sums of those rows rounded once, whether the kernel adds the rows up in its pass
+(the lanes path, csrc/cpu/ce_cpu_lanes.h: up to 256 classes, 1024 for some layouts) or writes
+them (the rows path) and the op adds them up after it. Its loss must be the plain one-call path's, and its
 gradients the general path's; their agreement with float64 torch is tests/test_stats.py's (whose
 CPU calls take this path)."""
 import pytest
@@ -122,9 +122,10 @@ def test_stats_of_one_call_are_the_general_paths(dtype, shape, channels_last, re
     assert torch.equal(l1, plain)
     if reduction == "none":
         assert torch.equal(l1, l2)
-    # summed in the kernel's pass: against the per-row values (bit for bit the general path's,
-    # by the 'none' case) summed exactly
-    summed = reduction != "none" and shape[1] <= lane_max_classes(x)
+    # summed on the CPU (in the kernel's pass up to lane_max_classes(x) classes, from the rows
+    # it wrote beyond): against the per-row values (bit for bit the general path's, by the
+    # 'none' case) summed exactly
+    summed = reduction != "none"
     rows = per_row_stats(x, t, names, kw) if summed else None
     for name in stats.NAMES:
         a, b = getattr(s1, name), getattr(s2, name)
@@ -143,21 +144,37 @@ def test_stats_of_one_call_are_the_general_paths(dtype, shape, channels_last, re
                                atol=tol * g2.double().abs().max().item())
 
 
+def with_bad_rows(x, t):
+    """x with a NaN row, a row partly -inf and a row with a +inf logit, each counted (the rows
+    in (N, d1, ...) order, as the kernels number them)."""
+    C = x.shape[1]
+    rows = x.movedim(1, -1).contiguous()
+    flat = rows.view(-1, C)
+    flat[3] = float("nan")
+    flat[5, :7] = float("-inf")
+    flat[6, 1] = float("inf")
+    t = t.clone()
+    t.view(-1)[[3, 5, 6]] = 1
+    return rows.movedim(-1, 1).contiguous(), t
+
+
 @pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_sums_in_the_kernels_pass_over_many_tiles(capability, dtype, reduction, monkeypatch):
-    """A segmentation map of many tiles of rows, in several blocks of tiles and a partial last
-    one (csrc/cpu/ce_cpu_lanes.h, kSumTiles), a few NaN and -inf rows among them, on each copy
-    of the kernels this CPU runs: the reduced statistics are the exact sums of the per-row ones
-    rounded once, the same bits on one thread as on two (the blocks added up in a fixed
-    order)."""
+@pytest.mark.parametrize("shape,lanes", [((3, 5, 37, 41), True), ((150, 300), False),
+                                         ((2, 1100, 5, 7), False)], ids=str)
+def test_sums_over_many_rows(capability, dtype, reduction, shape, lanes, monkeypatch):
+    """Many rows, a few NaN and -inf rows among them, on each copy of the kernels this CPU runs:
+    a segmentation map of many tiles of rows, in several blocks of tiles and a partial last one
+    (csrc/cpu/ce_cpu_lanes.h, kSumTiles), which the lanes path adds up in its pass; and rows of
+    more classes than it takes (unit and strided class stride), which the op adds up from the
+    rows the kernel wrote (csrc/loss_stats.cpp, add_up_rows). The reduced statistics are the
+    exact sums of the per-row ones rounded once, the same bits on one thread as on two (the
+    lanes' blocks added up in a fixed order)."""
     monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", capability)
-    x, t = case((3, 5, 37, 41), dtype)
-    x[0, :, 3, 4] = float("nan")
-    x[1, :, 5, :7] = float("-inf")
-    x[2, 1, 6, 2] = float("inf")
-    t[0, 3, 4] = t[1, 5, 0] = t[2, 6, 2] = 1
+    x, t = case(shape, dtype)
+    assert (shape[1] <= lane_max_classes(x)) == lanes
+    x, t = with_bad_rows(x, t)
     names = True
     results = []
     threads = torch.get_num_threads()
@@ -170,6 +187,7 @@ def test_sums_in_the_kernels_pass_over_many_tiles(capability, dtype, reduction, 
         torch.set_num_threads(threads)
     (l1, s1), (l2, s2) = results
     assert l1.isnan() and l2.isnan()  # NaN rows count
+    assert s1.z_loss.isnan()  # 0 * lse^2 of the row whose lse is inf
     rows = per_row_stats(x, t, names, {})
     counted = t != -100
     for name in stats.NAMES:
