@@ -69,8 +69,15 @@ struct CrossEntropyLossBackward final : Node {
                  aux = aux_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     if (at::GradMode::is_enabled()) {
-      // create_graph=True: torch's own formula, differentiable again.
-      Tensor ref = at::cross_entropy_loss(input, target, weight, reduction, ignore_index,
+      // create_graph=True: torch's own formula, differentiable again, over logits whose ignored
+      // rows are 0: an ignored row's gradient is 0 whatever its logits (csrc/ops.cpp), where
+      // torch's backward gives NaN for a row of NaN or +inf logits.
+      const Tensor x =
+          prob_target(target)
+              ? input
+              : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
+                          at::zeros({}, input.options()));
+      Tensor ref = at::cross_entropy_loss(x, target, weight, reduction, ignore_index,
                                           label_smoothing);
       out[0] = torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
                                      /*create_graph=*/true)[0];

@@ -166,3 +166,50 @@ def test_row_without_target_mass_adds_nothing_even_at_minus_inf(device, backend)
     expected, _ = reference(x[[0, 2]], q[[0, 2]], reduction="none")
     assert ours[1].item() == 0
     torch.testing.assert_close(ours[[0, 2]].double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("options", [pytest.param(dict(), id="plain"),
+                                     pytest.param(dict(z_loss=0.05), id="zloss"),
+                                     pytest.param(dict(weight="rand", label_smoothing=0.2),
+                                                  id="weight-smoothing")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first", "second"])
+def test_ignored_rows_get_no_gradient_in_every_mode(device, backend, options, reduction,
+                                                    create_graph):
+    """The contract (csrc/ops.cpp, docs/maths.md): an ignored row's loss and gradient are 0
+    whatever its logits -- a row holding a NaN, one holding +inf, one of all -inf, where torch's
+    backward gives NaN rows -- on every backend, with z-loss (whose lse gradient is 0 there) and
+    under create_graph=True too (the torch formulas the second order differentiates), whose
+    second derivative is 0 there as well; the counted rows as float64 torch computes them."""
+    x = torch.randn(5, 6, dtype=F64, device=device)
+    x[0, 2] = float("nan")
+    x[1, 3] = float("inf")
+    x[2] = float("-inf")
+    t = torch.tensor([-100, -100, -100, 1, 4], device=device)
+    kw = dict(options, reduction=reduction)
+    if kw.get("weight") == "rand":
+        kw["weight"] = torch.rand(6, dtype=F64, device=device) + 0.1
+    xd = x.clone().requires_grad_()
+    loss = nllfused.cross_entropy(xd, t, backend=backend, **kw)
+    g_out = torch.rand_like(loss)
+    (g,) = torch.autograd.grad(loss, xd, g_out, create_graph=create_graph)
+    assert torch.equal(g[:3].detach().cpu(), torch.zeros(3, 6, dtype=F64))
+    expected, _ = reference(x[3:], t[3:], **kw) if reduction == "none" else (None, None)
+    if reduction == "none":
+        torch.testing.assert_close(loss[3:].detach().cpu(), expected, rtol=1e-10, atol=1e-12)
+        assert (loss[:3] == 0).all()
+    # the counted rows' gradient: torch's, from the counted rows alone (the ignored rows add
+    # nothing to a 'mean' either: their weight is not in its denominator)
+    xr = x[3:].clone().requires_grad_()
+    z = dict(kw).pop("z_loss", 0.0)
+    ref_kw = {k: v for k, v in kw.items() if k != "z_loss"}
+    ref = F.cross_entropy(xr, t[3:], **ref_kw)
+    lse = torch.logsumexp(xr, 1)
+    ref = ref + z * (lse * lse if reduction == "none" else (lse * lse).mean())
+    (gr,) = torch.autograd.grad(ref, xr, g_out[3:] if reduction == "none" else g_out)
+    torch.testing.assert_close(g[3:].detach(), gr, rtol=1e-10, atol=1e-12)
+    if create_graph:
+        (gg,) = torch.autograd.grad((g * torch.rand_like(g)).sum(), xd)
+        assert torch.equal(gg[:3].cpu(), torch.zeros(3, 6, dtype=F64))
+        assert torch.isfinite(gg[3:]).all()

@@ -49,6 +49,50 @@ def transform(x: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tens
     return x
 
 
+class _LogSumExp(torch.autograd.Function):
+    """torch.logsumexp over the last dimension, but a row whose upstream gradient is 0 gets no
+    gradient at all: the op contract's rule for grad_lse (csrc/ops.cpp), where torch's backward
+    gives 0 times the softmax, NaN on a row of NaN or +inf logits (an ignored row's under
+    z-loss, which weighs only counted rows)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z):
+        return torch.logsumexp(z, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        # the softmax of 0 on the other rows: no NaN in this gradient's own gradient either
+        live = (g != 0).unsqueeze(-1)
+        p = torch.softmax(torch.where(live, z, torch.zeros((), dtype=z.dtype, device=z.device)),
+                          dim=-1)
+        return torch.where(live, g.unsqueeze(-1) * p, torch.zeros((), dtype=p.dtype,
+                                                                    device=p.device))
+
+
+class _LogSumExpJvp(_LogSumExp):
+    """_LogSumExp with its forward-mode derivative (forward AD, torch.func.jvp): d lse = sum_c
+    p_c dz_c. Apart, as torch.compile does not trace a Function that defines jvp."""
+
+    @staticmethod
+    def jvp(ctx, z_dot):
+        (z,) = ctx.saved_tensors
+        return (torch.softmax(z, dim=-1) * z_dot).sum(-1)
+
+
+def logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """lse over the last dimension of z, differentiable as the op contract says (_LogSumExp)."""
+    fn = _LogSumExp if torch.compiler.is_compiling() else _LogSumExpJvp
+    return fn.apply(z)
+
+
 def log_softmax(logits: torch.Tensor, lse: torch.Tensor, options) -> torch.Tensor:
     """log p = z - lse over the class dimension 1 of (N, C, D) logits, from a saved lse."""
     z = transform(logits.to(acc_dtype(logits.dtype)), options.logit_scale, options.softcap)
@@ -84,18 +128,23 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
     e = label_smoothing
     # Classes last, (N, D, C): torch's last-dim softmax kernels are its most accurate ones.
     z = transform(logits.to(acc).movedim(1, -1), logit_scale, softcap)
-    lse = torch.logsumexp(z, dim=-1)  # (N, D)
+    lse = logsumexp(z)  # (N, D)
+    zero = torch.zeros((), dtype=acc, device=z.device)
+    if not prob_target:
+        counted, in_range = index_rule(target, C, ignore_index)
+        # An ignored row's loss and gradient are 0 whatever its logits (the op contract,
+        # csrc/ops.cpp; torch's backward gives NaN there, 0 times log_softmax's NaN): the
+        # log-softmax the loss takes sees 0 for them.
+        z = torch.where(counted.unsqueeze(-1), z, zero)
     # log_softmax, not z - lse: it subtracts the max first, so logits far from zero keep their
     # precision (and its backward is torch's own).
     neg_logp = -torch.log_softmax(z, dim=-1)  # (N, D, C), >= 0
-    zero = torch.zeros((), dtype=acc, device=z.device)
     if prob_target:
         wq = smoothed_target(target.to(acc).movedim(1, -1), weight, e, C, -1)
         # 0 * inf (a masked class with zero target mass) contributes 0, not NaN.
         loss = torch.where(wq != 0, wq * neg_logp, zero).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
-    counted, in_range = index_rule(target, C, ignore_index)
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
     nll = neg_logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     w_y = torch.ones_like(lse) if weight is None else weight.to(acc)[safe]
@@ -142,6 +191,7 @@ def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse, options) -> 
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
     if lse is None or acc == torch.float64:
         z = transform(logits.to(acc), options.logit_scale, options.softcap)
+        z = torch.where(counted.unsqueeze(1), z, torch.zeros((), dtype=acc, device=z.device))
         logp = torch.log_softmax(z, 1).gather(1, safe.unsqueeze(1)).squeeze(1)
     else:
         x_y = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
@@ -219,10 +269,9 @@ def reduce(loss: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor, reduction: 
     """
     z_rows = None
     if z_loss:
+        if not prob_target:  # an ignored row's lse reaches neither the term nor its gradient
+            lse = torch.where(counted, lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
         z_rows = (z_loss * lse * lse).to(loss.dtype)
-        if not prob_target:
-            z_rows = torch.where(counted, z_rows, torch.zeros((), dtype=loss.dtype,
-                                                              device=loss.device))
     if reduction == "none":
         return loss if z_rows is None else loss + z_rows
     if reduction == "sum":
