@@ -448,13 +448,15 @@ def ce_bwd_kernel(
             g_ent *= logit_scale
             g_tlp *= logit_scale
         ent_h = tl.load(ENT + rows, mask=row_ok, other=0.0).to(ACC)
+        # no entropy gradient asked for, no term: not 0 times a NaN row's H (an ignored row's)
+        ent_term = tl.where(g_ent != 0.0, g_ent * ent_h, 0.0)
         if PROB_TARGET:
             g_tlp = tl.zeros_like(g_tlp)         # no target log-prob: nothing to differentiate
         else:
             g_tlp = tl.where(counted & in_range, g_tlp, 0.0)
             y_coef -= g_tlp
-            rest -= g_ent * ent_h
-        p_coef -= g_ent * ent_h + g_tlp
+            rest -= ent_term
+        p_coef -= ent_term + g_tlp
         keep = keep | (g_ent != 0.0) | (g_tlp != 0.0)
     lse_hi = tl.where(keep, lse64.to(ACC), float("inf"))
     lse_lo = tl.where(keep, (lse64 - lse_hi.to(tl.float64)).to(ACC) * _LOG2E, 0.0)

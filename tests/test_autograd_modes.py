@@ -213,3 +213,37 @@ def test_ignored_rows_get_no_gradient_in_every_mode(device, backend, options, re
         (gg,) = torch.autograd.grad((g * torch.rand_like(g)).sum(), xd)
         assert torch.equal(gg[:3].cpu(), torch.zeros(3, 6, dtype=F64))
         assert torch.isfinite(gg[3:]).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first", "second"])
+def test_ignored_rows_get_no_gradient_from_reduced_statistics(device, backend, reduction,
+                                                              create_graph):
+    """The same rule for the differentiable statistics: a reduced entropy or target log-prob
+    weighs only the counted rows, so an ignored row of NaN / +inf / all -inf logits gets gradient
+    0 from them too (no 0 times its NaN entropy), first and second order, on every backend; the
+    counted rows' gradient is float64 torch's."""
+    x = torch.randn(5, 6, dtype=F64, device=device)
+    x[0, 2] = float("nan")
+    x[1, 3] = float("inf")
+    x[2] = float("-inf")
+    t = torch.tensor([-100, -100, -100, 1, 4], device=device)
+    xd = x.clone().requires_grad_()
+    loss, st = nllfused.cross_entropy(xd, t, reduction=reduction, backend=backend,
+                                      return_stats=("entropy", "target_logprob"))
+    (g,) = torch.autograd.grad(loss + 0.3 * st.entropy - 0.7 * st.target_logprob, xd,
+                               create_graph=create_graph)
+    assert torch.equal(g[:3].detach().cpu(), torch.zeros(3, 6, dtype=F64))
+    xr = x[3:].clone().requires_grad_()
+    logp = torch.log_softmax(xr, 1)
+    agg = torch.mean if reduction == "mean" else torch.sum
+    ref = (F.cross_entropy(xr, t[3:], reduction=reduction)
+           + 0.3 * agg(-(logp.exp() * logp).sum(1))
+           - 0.7 * agg(logp.gather(1, t[3:, None]).squeeze(1)))
+    (gr,) = torch.autograd.grad(ref, xr)
+    torch.testing.assert_close(g[3:].detach(), gr, rtol=1e-10, atol=1e-12)
+    if create_graph:
+        (gg,) = torch.autograd.grad((g * torch.rand_like(g)).sum(), xd)
+        assert torch.equal(gg[:3].cpu(), torch.zeros(3, 6, dtype=F64))
+        assert torch.isfinite(gg[3:]).all()

@@ -87,6 +87,67 @@ class _LogSumExpJvp(_LogSumExp):
         return (torch.softmax(z, dim=-1) * z_dot).sum(-1)
 
 
+class _Entropy(torch.autograd.Function):
+    """-sum_c p_c log p_c over the last dimension (p = softmax(z); a class with p_c = 0 adds 0,
+    as lim p log p), whose backward, dH/dz_c = -p_c (log p_c + H), gives a row whose upstream
+    gradient is 0 none at all, as _LogSumExp: the kernels' rule for a statistic's gradient
+    (csrc/ops.cpp), where torch's would be 0 times a NaN row's NaN (an ignored row of NaN
+    logits under a reduced entropy, which weighs only counted rows)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z):
+        return _entropy_of(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        live = (g != 0).unsqueeze(-1)
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        grad = _entropy_grad(torch.where(live, z, zero)) * g.unsqueeze(-1)
+        return torch.where(live, grad, zero)
+
+
+class _EntropyJvp(_Entropy):
+    """_Entropy with its forward-mode derivative, apart as _LogSumExpJvp."""
+
+    @staticmethod
+    def jvp(ctx, z_dot):
+        (z,) = ctx.saved_tensors
+        return (_entropy_grad(z) * z_dot).sum(-1)
+
+
+def _p_and_log_p(z):
+    """(p, log p) over the last dimension, log p 0 where p == 0 (so that p log p and its
+    gradient are 0 there, not 0 * -inf; a NaN row stays NaN: log_softmax gives NaN for it)."""
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    return p, torch.where(p == 0, torch.zeros((), dtype=z.dtype, device=z.device), logp)
+
+
+def _entropy_of(z):
+    p, logp = _p_and_log_p(z)
+    return -(p * logp).sum(-1)
+
+
+def _entropy_grad(z):
+    """dH/dz_c = -p_c (log p_c + H) per class."""
+    p, logp = _p_and_log_p(z)
+    return -p * (logp + (-(p * logp).sum(-1, keepdim=True)))
+
+
+def entropy(z: torch.Tensor) -> torch.Tensor:
+    """The entropy of softmax(z) over the last dimension, differentiable as _Entropy."""
+    fn = _Entropy if torch.compiler.is_compiling() else _EntropyJvp
+    return fn.apply(z)
+
+
 def logsumexp(z: torch.Tensor) -> torch.Tensor:
     """lse over the last dimension of z, differentiable as the op contract says (_LogSumExp)."""
     fn = _LogSumExp if torch.compiler.is_compiling() else _LogSumExpJvp
@@ -168,13 +229,7 @@ def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True)
     predicted = z.detach().argmax(1)
     if not want_entropy:
         return None, predicted
-    logp = torch.log_softmax(z, 1)
-    p = logp.exp()
-    # p log p -> 0 where p == 0 (a NaN row stays NaN: log_softmax gives NaN for it, as torch).
-    # log p is zeroed there before the product, so that its gradient is 0 too, not 0 * -inf.
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    entropy = -(p * torch.where(p == 0, zero, logp)).sum(1)
-    return entropy, predicted
+    return entropy(z.movedim(1, -1)), predicted
 
 
 def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse, options) -> torch.Tensor:
