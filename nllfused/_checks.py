@@ -126,6 +126,8 @@ def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
         return True
     if not prob_target and target.shape == index_shape:
         return False
+    if not prob_target and input.dim() == 1 and target.shape == (1,):
+        return False  # torch takes a 1-D input's target as one index of shape (1,) too
     if prob_target and target.shape == index_shape:
         raise ArgumentTypeError(
             f"expected target dtype to be Long or Byte, but got {target.dtype}: target has the "
@@ -146,6 +148,10 @@ def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
         raise ArgumentError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
             f"({target.shape[0]}): class-index targets must have shape {tuple(index_shape)}")
+    if input.dim() == 1 and target.dim() == 1:
+        raise ArgumentError(
+            f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]} "
+            f"(class-index targets for input of shape {tuple(input.shape)}: shape () or (1,))")
     raise ArgumentError(
         f"Expected target size {list(index_shape)}, got {list(target.shape)}: class-index "
         f"targets for input of shape {tuple(input.shape)} must have shape {tuple(index_shape)} "

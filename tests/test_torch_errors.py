@@ -45,6 +45,8 @@ CASES = [
      "Target 7 is out of bounds"),
     ("target_negative", lambda: dict(input=X(4, 5), target=torch.tensor([0, -3, 2, 1])),
      "Target -3 is out of bounds"),
+    ("unbatched_target_size", lambda: dict(input=X(5), target=torch.tensor([1, 2])),
+     "For 1D input, 1D target must have size 1, but got target size: 2"),
     ("input_not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), "must be a Tensor"),
     ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5),
      "ignore_index must be an int"),
@@ -71,3 +73,25 @@ def test_module_errors_are_catchable_as_runtime_error():
     for bad in (dict(reduction="avg"), dict(label_smoothing=2.0), dict(backend="tpu")):
         with pytest.raises(RuntimeError):
             nllfused.CrossEntropyLoss(**bad)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kw", [dict(), dict(weight=True), dict(ignore_index=2)], ids=str)
+def test_unbatched_input_takes_a_target_of_shape_1_as_torch(backend, reduction, kw):
+    """What torch accepts, we accept: a 1-D input's class index as a (1,) tensor, the same as a
+    0-dim one (torch: "For 1D input, 1D target must have size 1"); the loss 0-dim whatever the
+    reduction, as torch's; and a gradient, which torch's backward refuses for that target
+    ("size mismatch"): the 0-dim target's."""
+    x = X(5).requires_grad_()
+    kw = dict(kw, weight=torch.rand(5) + 0.1) if kw.get("weight") else kw
+    for y in (2, 3):
+        theirs = F.cross_entropy(x, torch.tensor([y]), reduction=reduction, **kw)
+        ours = nllfused.cross_entropy(x, torch.tensor([y]), reduction=reduction, backend=backend,
+                                      **kw)
+        assert ours.shape == theirs.shape == ()
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        if torch.isfinite(theirs):
+            scalar = F.cross_entropy(x, torch.tensor(y), reduction=reduction, **kw)
+            torch.testing.assert_close(torch.autograd.grad(ours, x)[0],
+                                       torch.autograd.grad(scalar, x)[0])
