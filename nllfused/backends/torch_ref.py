@@ -49,78 +49,29 @@ def transform(x: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tens
     return x
 
 
-class _LogSumExp(torch.autograd.Function):
-    """torch.logsumexp over the last dimension, but a row whose upstream gradient is 0 gets no
-    gradient at all: the op contract's rule for grad_lse (csrc/ops.cpp), where torch's backward
-    gives 0 times the softmax, NaN on a row of NaN or +inf logits (an ignored row's under
-    z-loss, which weighs only counted rows)."""
+class _RowFunction(torch.autograd.Function):
+    """A function of each row of z over its last dimension (lse, entropy) whose backward gives a
+    row whose upstream gradient is 0 no gradient at all: the op contract's rule for grad_lse
+    and the statistics' gradients (csrc/ops.cpp), where torch's backward gives 0 times the
+    row's derivative -- NaN on a row of NaN or +inf logits (an ignored row's under z-loss or a
+    reduced statistic, which weigh only counted rows). Subclasses define forward(z) and
+    backward through _row_grad with their derivative; the *Jvp ones add the forward-mode
+    derivative, apart, as torch.compile does not trace a Function that defines jvp."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(z):
-        return torch.logsumexp(z, dim=-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
         ctx.save_for_forward(inputs[0])
 
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        # the softmax of 0 on the other rows: no NaN in this gradient's own gradient either
-        live = (g != 0).unsqueeze(-1)
-        p = torch.softmax(torch.where(live, z, torch.zeros((), dtype=z.dtype, device=z.device)),
-                          dim=-1)
-        return torch.where(live, g.unsqueeze(-1) * p, torch.zeros((), dtype=p.dtype,
-                                                                    device=p.device))
 
-
-class _LogSumExpJvp(_LogSumExp):
-    """_LogSumExp with its forward-mode derivative (forward AD, torch.func.jvp): d lse = sum_c
-    p_c dz_c. Apart, as torch.compile does not trace a Function that defines jvp."""
-
-    @staticmethod
-    def jvp(ctx, z_dot):
-        (z,) = ctx.saved_tensors
-        return (torch.softmax(z, dim=-1) * z_dot).sum(-1)
-
-
-class _Entropy(torch.autograd.Function):
-    """-sum_c p_c log p_c over the last dimension (p = softmax(z); a class with p_c = 0 adds 0,
-    as lim p log p), whose backward, dH/dz_c = -p_c (log p_c + H), gives a row whose upstream
-    gradient is 0 none at all, as _LogSumExp: the kernels' rule for a statistic's gradient
-    (csrc/ops.cpp), where torch's would be 0 times a NaN row's NaN (an ignored row of NaN
-    logits under a reduced entropy, which weighs only counted rows)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(z):
-        return _entropy_of(z)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        live = (g != 0).unsqueeze(-1)
-        zero = torch.zeros((), dtype=z.dtype, device=z.device)
-        grad = _entropy_grad(torch.where(live, z, zero)) * g.unsqueeze(-1)
-        return torch.where(live, grad, zero)
-
-
-class _EntropyJvp(_Entropy):
-    """_Entropy with its forward-mode derivative, apart as _LogSumExpJvp."""
-
-    @staticmethod
-    def jvp(ctx, z_dot):
-        (z,) = ctx.saved_tensors
-        return (_entropy_grad(z) * z_dot).sum(-1)
+def _row_grad(derivative, z, g):
+    """g times derivative(z) (per class) on the rows where g != 0, exactly 0 on the others; they
+    see logits 0, so that no NaN reaches this gradient's own gradient either."""
+    live = (g != 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return torch.where(live, derivative(torch.where(live, z, zero)) * g.unsqueeze(-1), zero)
 
 
 def _p_and_log_p(z):
@@ -131,27 +82,60 @@ def _p_and_log_p(z):
     return p, torch.where(p == 0, torch.zeros((), dtype=z.dtype, device=z.device), logp)
 
 
-def _entropy_of(z):
-    p, logp = _p_and_log_p(z)
-    return -(p * logp).sum(-1)
+def _softmax(z):
+    """d lse / dz_c = p_c."""
+    return torch.softmax(z, dim=-1)
 
 
 def _entropy_grad(z):
-    """dH/dz_c = -p_c (log p_c + H) per class."""
+    """dH/dz_c = -p_c (log p_c + H)."""
     p, logp = _p_and_log_p(z)
     return -p * (logp + (-(p * logp).sum(-1, keepdim=True)))
 
 
-def entropy(z: torch.Tensor) -> torch.Tensor:
-    """The entropy of softmax(z) over the last dimension, differentiable as _Entropy."""
-    fn = _Entropy if torch.compiler.is_compiling() else _EntropyJvp
-    return fn.apply(z)
+class _LogSumExp(_RowFunction):
+    @staticmethod
+    def forward(z):
+        return torch.logsumexp(z, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _row_grad(_softmax, ctx.saved_tensors[0], g)
+
+
+class _LogSumExpJvp(_LogSumExp):
+    @staticmethod
+    def jvp(ctx, z_dot):
+        return (_softmax(ctx.saved_tensors[0]) * z_dot).sum(-1)
+
+
+class _Entropy(_RowFunction):
+    """-sum_c p_c log p_c (a class with p_c = 0 adds 0, as lim p log p)."""
+
+    @staticmethod
+    def forward(z):
+        p, logp = _p_and_log_p(z)
+        return -(p * logp).sum(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _row_grad(_entropy_grad, ctx.saved_tensors[0], g)
+
+
+class _EntropyJvp(_Entropy):
+    @staticmethod
+    def jvp(ctx, z_dot):
+        return (_entropy_grad(ctx.saved_tensors[0]) * z_dot).sum(-1)
 
 
 def logsumexp(z: torch.Tensor) -> torch.Tensor:
-    """lse over the last dimension of z, differentiable as the op contract says (_LogSumExp)."""
-    fn = _LogSumExp if torch.compiler.is_compiling() else _LogSumExpJvp
-    return fn.apply(z)
+    """lse over the last dimension of z, differentiable as the op contract says (_RowFunction)."""
+    return (_LogSumExp if torch.compiler.is_compiling() else _LogSumExpJvp).apply(z)
+
+
+def row_entropy(z: torch.Tensor) -> torch.Tensor:
+    """The entropy of softmax(z) over the last dimension, differentiable as logsumexp."""
+    return (_Entropy if torch.compiler.is_compiling() else _EntropyJvp).apply(z)
 
 
 def log_softmax(logits: torch.Tensor, lse: torch.Tensor, options) -> torch.Tensor:
@@ -229,7 +213,7 @@ def entropy_and_argmax(logits: torch.Tensor, options, want_entropy: bool = True)
     predicted = z.detach().argmax(1)
     if not want_entropy:
         return None, predicted
-    return entropy(z.movedim(1, -1)), predicted
+    return row_entropy(z.movedim(1, -1)), predicted
 
 
 def target_logprob(logits: torch.Tensor, target: torch.Tensor, lse, options) -> torch.Tensor:
