@@ -134,9 +134,9 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
 }
 
 // The op's outputs where the rows were added up on the CPU (ce_fwd_stats_summed_cpu in the
-// kernel's pass, or add_up_rows; reduction 'sum' or 'mean'): each sum in double, divided by the counted rows for 'mean',
-// rounded once -- as the loss (csrc/loss.cpp) -- where stats.reduce sums in the statistic's
-// dtype. A segmentation map's millions of per-row statistics are then neither written nor read
+// kernel's pass, or add_up_rows; reduction 'sum' or 'mean'): each sum in double, divided by the
+// counted rows for 'mean', rounded once -- as the loss (csrc/loss.cpp) -- where stats.reduce
+// sums in the statistic's dtype. A segmentation map's millions of per-row statistics are then neither written nor read
 // back by a dozen reductions, which cost 1.5x the kernel at (8, 4, 512, 512).
 Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor& input,
                         const Tensor& target, int64_t reduction, int64_t want) {

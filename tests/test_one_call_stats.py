@@ -3,8 +3,8 @@ with return_stats, go to nllfused::cross_entropy_loss_stats, whose reductions an
 C++. Its per-row statistics must be bit for bit the general path's (the same kernel); reduced
 ones the exact sums of those rows rounded once, whether the kernel adds the rows up in its pass
 (the lanes path, csrc/cpu/ce_cpu_lanes.h: up to 256 classes, 1024 for some layouts) or writes
-them (the rows path) and the op adds them up after it. Its loss must be the plain one-call path's, and its
-gradients the general path's; their agreement with float64 torch is tests/test_stats.py's (whose
+them (the rows path) and the op adds them up after it. Its loss must be the plain one-call
+path's, and its gradients the general path's; their agreement with float64 torch is tests/test_stats.py's (whose
 CPU calls take this path)."""
 import pytest
 import torch
