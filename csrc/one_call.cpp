@@ -17,10 +17,9 @@
 //   grad, with a negative ignore_index (torch refuses others); input with classes, of 2 or
 //   more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
 //   weight None or (C,) contiguous in the accumulation dtype, not requiring grad; size_average,
-//   reduce, softcap None; reduction
-//   "none" / "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1]; z_loss 0;
-//   logit_scale 1; backend "auto" or "cpu"; every tensor on the CPU; no autocast, no torch.func
-//   transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
+//   reduce, softcap None; reduction "none" / "mean" / "sum"; ignore_index an int;
+//   label_smoothing a number in [0, 1]; z_loss 0; logit_scale 1; backend "auto" or "cpu"; every
+//   tensor on the CPU; no autocast, no torch.func transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
 //   Python caller (they are Python state).
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
