@@ -280,12 +280,16 @@ def _slice_stats_grad(grad_entropy, grad_tlp, logits, lse_m, lse_s, expect, y_lo
     coef = torch.zeros_like(z[:, 0]) if grad_tlp is None else \
         torch.where(valid, grad_tlp.to(z.dtype), torch.zeros((), dtype=z.dtype,
                                                                device=z.device))
-    grad = -p * coef.unsqueeze(1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    # rows with no upstream gradient get no term (p may be NaN in them: an ignored row's)
+    grad = torch.where(coef.unsqueeze(1) != 0, -p * coef.unsqueeze(1), zero)
     if grad_entropy is not None:
         g_h = grad_entropy.to(z.dtype).unsqueeze(1)
         centred = (d - expect.unsqueeze(1)).to(z.dtype)  # z - E_p[z]; a class at p = 0 adds 0
-        grad = grad - torch.where((g_h != 0) & (p != 0), g_h * p * centred,
-                                  torch.zeros((), dtype=z.dtype, device=z.device))
+        # ... unless the row's entropy is NaN (a +inf logit: E_p[z] NaN): NaN over the row, as
+        # torch's autograd of -(p log p).sum gives
+        term = (p != 0) | (expect != expect).unsqueeze(1)
+        grad = grad - torch.where((g_h != 0) & term, g_h * p * centred, zero)
     if grad_tlp is not None:
         owned = y_local >= 0
         grad = grad.scatter_add(1, torch.where(owned, y_local, 0).unsqueeze(1),

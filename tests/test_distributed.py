@@ -407,3 +407,48 @@ def test_argument_errors():
         vocab_parallel_cross_entropy(x, t, vocab_start=2, weight=torch.ones(7))
     with pytest.raises(RuntimeError, match="not initialized"):
         vocab_parallel_cross_entropy(x, t, group=object())
+
+
+@pytest.mark.parametrize("backend", backends_here("cpu"))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ignored_rows_get_no_gradient_from_reduced_statistics(backend, reduction):
+    """As nllfused.cross_entropy (tests/test_autograd_modes.py): a reduced entropy or target
+    log-prob weighs only the counted rows, so an ignored row of NaN / +inf / all -inf logits
+    gets gradient 0 from them (no 0 times its NaN p); the counted rows' is float64 torch's."""
+    x = torch.randn(5, 6, dtype=torch.float64)
+    x[0, 2] = float("nan")
+    x[1, 3] = float("inf")
+    x[2] = float("-inf")
+    t = torch.tensor([-100, -100, -100, 1, 4])
+    xd = x.clone().requires_grad_()
+    loss, st = vocab_parallel_cross_entropy(xd, t, reduction=reduction, backend=backend,
+                                            return_stats=("entropy", "target_logprob"))
+    (g,) = torch.autograd.grad(loss + 0.3 * st.entropy - 0.7 * st.target_logprob, xd)
+    assert torch.equal(g[:3], torch.zeros(3, 6, dtype=torch.float64))
+    xr = x[3:].clone().requires_grad_()
+    logp = torch.log_softmax(xr, 1)
+    agg = torch.mean if reduction == "mean" else torch.sum
+    ref = (torch.nn.functional.cross_entropy(xr, t[3:], reduction=reduction)
+           + 0.3 * agg(-(logp.exp() * logp).sum(1))
+           - 0.7 * agg(logp.gather(1, t[3:, None]).squeeze(1)))
+    (gr,) = torch.autograd.grad(ref, xr)
+    torch.testing.assert_close(g[3:], gr, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", backends_here("cpu"))
+def test_entropy_gradient_of_a_row_with_inf_is_nan_as_torch(backend):
+    """A row holding +inf has entropy NaN; torch's autograd of -(p log p).sum gives its whole
+    row NaN, and so must the vocabulary-parallel backward (not NaN at the +inf class alone);
+    the other rows are float64 torch's."""
+    x = torch.randn(3, 6, dtype=torch.float64)
+    x[1, 3] = float("inf")
+    t = torch.tensor([0, 2, 5])
+    xd = x.clone().requires_grad_()
+    _, st = vocab_parallel_cross_entropy(xd, t, reduction="none", backend=backend,
+                                         return_stats="entropy")
+    (g,) = torch.autograd.grad(st.entropy.sum(), xd)
+    xr = x.clone().requires_grad_()
+    logp = torch.log_softmax(xr, 1)
+    (gr,) = torch.autograd.grad(-(logp.exp() * logp).sum(), xr)
+    assert gr[1].isnan().all()
+    torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12, equal_nan=True)
