@@ -152,6 +152,10 @@ class _VocabParallelCE(torch.autograd.Function):
         m = torch.where(m.isfinite(), m, torch.zeros_like(m))                   # (R,) float64
         log_s = torch.log(torch.exp((m_r - m) + log_s_r).sum(0))
         lse = m + log_s
+        # A +inf logit (a slice's log s_r = +inf) makes lse +inf, as torch.logsumexp, but the
+        # loss, log p and p NaN, as torch's log_softmax (inf - inf): log s NaN from here on.
+        log_s = torch.where((log_s_r == float("inf")).any(0),
+                            torch.full_like(log_s, float("nan")), log_s)
         z_y = rows[:, 2].sum(0)
         C = sizes.sum()
         w_total = wsums.sum()

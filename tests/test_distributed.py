@@ -452,3 +452,30 @@ def test_entropy_gradient_of_a_row_with_inf_is_nan_as_torch(backend):
     (gr,) = torch.autograd.grad(-(logp.exp() * logp).sum(), xr)
     assert gr[1].isnan().all()
     torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", backends_here("cpu"))
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_row_with_inf_gives_nan_loss_as_torch(backend, smoothing):
+    """A +inf logit, at the target or not, makes torch's log_softmax and so the loss, the target
+    log-prob and the whole row's gradient NaN (inf - inf), while its lse is +inf (the rows' lse
+    is torch.logsumexp's): not an inf loss from lse - z_y."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    x[0, 3] = float("inf")
+    x[1, 2] = float("inf")
+    t = torch.tensor([1, 2, 0, 5])
+    xd = x.clone().requires_grad_()
+    loss, st = vocab_parallel_cross_entropy(xd, t, reduction="none", backend=backend,
+                                            label_smoothing=smoothing,
+                                            return_stats=("target_logprob", "lse"))
+    loss.backward(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+    xr = x.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xr, t, reduction="none", label_smoothing=smoothing)
+    ref.backward(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+    assert ref[:2].isnan().all() and xr.grad[:2].isnan().all()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(xd.grad, xr.grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+    logp = torch.log_softmax(x, 1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(st.target_logprob, logp, rtol=1e-10, atol=1e-12, equal_nan=True)
+    if backend != "triton":  # (the Triton slice statistics give a +inf slice lse NaN)
+        torch.testing.assert_close(st.lse, torch.logsumexp(x, 1), rtol=1e-10, atol=1e-12)
