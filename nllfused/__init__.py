@@ -9,8 +9,8 @@ from ._extension import build_info
 from .backends import available as available_backends
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import cross_entropy, set_target_check
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
-from .modules import CrossEntropyLoss
+from .linear import linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 

@@ -51,7 +51,7 @@ from .linear_checks import autocast_args, check_arguments, check_chunking
 from ._checks import Options
 from .backends import torch_ref
 from .errors import ArgumentError
-from .modules import LossOptions
+from . import linear_kdim
 
 # Rows per chunk: None picks them from the shapes, dtype and device (_chunk_rows); an int forces
 # that many (tests set it small to cross many chunk boundaries).
@@ -98,7 +98,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
 
     input (*, H) -- (H,), (N, H), (B, T, H), ... -- linear_weight (C, H), linear_bias (C,) or None,
     target (*) class indices (ignore_index allowed); weight, ignore_index, reduction and
-    label_smoothing as in F.cross_entropy; ignore_index=None means -100.
+    label_smoothing as in F.cross_entropy; ignore_index=None means -100. K-dimensional, as
+    torch's: linear_weight (C, d1, ..., dK, H), linear_bias (C, d1, ..., dK), input (N, H),
+    target (N, d1, ..., dK) (nllfused/linear_kdim.py).
     A drop-in for torch.nn.functional.linear_cross_entropy: every argument of it is accepted
     under its name. Its `options` (a torch.nn.LinearCrossEntropyOptions, or None) only chooses
     the chunking here: batch_chunk_size or chunking_method="aspect_ratio[:N]" set the rows per
@@ -121,6 +123,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     backend = backends.check_name(backend)
     if ignore_index is None:
         ignore_index = -100
+    if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:  # (C, *out_features, H)
+        return linear_kdim.linear_cross_entropy_kdim(
+            linear_cross_entropy, input, linear_weight, target, linear_bias, weight, ignore_index,
+            reduction, label_smoothing, z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
+            return_stats=return_stats, return_z_loss=return_z_loss, return_lse=return_lse,
+            options=options, chunk_size=chunk_size, backend=backend)
     if isinstance(target, Tensor) and target.is_floating_point() and isinstance(input, Tensor):
         # Probability targets (*, C): torch's function takes them unchunked, with the logits
         # made; so does this one, through nllfused.cross_entropy (classes in dimension 1).
@@ -166,61 +174,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     kernel = [None, None, predicted] if argmax else None  # (entropy, target_logprob, predicted)
     return linear_stats.result(loss.to(out_dtype), lse, kernel, names, x, linear_weight, t,
                                opts, z_loss, reduction, input.shape[:-1], *returns)
-
-
-class LinearCrossEntropyLoss(LossOptions):
-    """torch.nn.LinearCrossEntropyLoss, fused: holds the linear layer (self.linear, (C, H) weight,
-    optional bias) and the loss options; forward(input, target) returns
-    nllfused.linear_cross_entropy(input, self.linear.weight, target, self.linear.bias, ...).
-
-    The constructor is torch's (in_features, num_classes, *, out_features, bias, device, dtype,
-    reduction, weight, ignore_index, label_smoothing, options) plus nllfused's keyword-only
-    z_loss, logit_scale, softcap, chunk_size, backend and return_stats (forward then returns
-    (loss, nllfused.stats.CrossEntropyStats)). K-dimensional losses (out_features != ()) are
-    not supported.
-    """
-
-    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
-                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
-                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
-                 label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
-                 logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto",
-                 return_stats=False) -> None:
-        super().__init__()
-        if tuple(out_features) != ():
-            raise NotImplementedError(
-                "nllfused.LinearCrossEntropyLoss supports out_features=() only (one class "
-                "dimension); K-dimensional losses are not implemented")
-        self._set_options(_checks.resolve_reduction(None, None, reduction), label_smoothing,
-                          z_loss, logit_scale, softcap, backend)
-        if weight is not None and tuple(weight.shape) != (num_classes,):
-            raise ArgumentError(
-                f"weight must have shape ({num_classes},); got {tuple(weight.shape)}")
-        check_chunking(options, chunk_size)
-        self.num_classes = num_classes
-        self.out_features = ()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.options = options
-        self.chunk_size = chunk_size
-        self.return_stats = return_stats
-        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
-                                      dtype=dtype)
-
-    def forward(self, input: Tensor, target: Tensor):
-        return linear_cross_entropy(
-            input, self.linear.weight, target, self.linear.bias, weight=self.weight,
-            ignore_index=self.ignore_index, options=self.options, chunk_size=self.chunk_size,
-            return_stats=self.return_stats, **self._options())
-
-    def extra_repr(self) -> str:
-        extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
-                  f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
-                  f"ignore_index={self.ignore_index}"]
-        if self.chunk_size is not None:
-            extras.append(f"chunk_size={self.chunk_size}")
-        return ", ".join(extras + self._options_repr())
 
 
 def _requested_rows(options, chunk_size, M: int, H: int, C: int) -> int:

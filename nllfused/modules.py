@@ -1,12 +1,17 @@
-"""nn.Module wrappers: CrossEntropyLoss with torch.nn.CrossEntropyLoss's constructor."""
+"""nn.Module wrappers: CrossEntropyLoss and LinearCrossEntropyLoss with the constructors of
+torch.nn.CrossEntropyLoss and torch.nn.LinearCrossEntropyLoss."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from . import _checks, backends
+from .errors import ArgumentError
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
+from .linear_checks import check_chunking
 
 
 class LossOptions(torch.nn.Module):
@@ -60,4 +65,67 @@ class CrossEntropyLoss(LossOptions):
 
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        return ", ".join(extras + self._options_repr())
+
+
+class LinearCrossEntropyLoss(LossOptions):
+    """torch.nn.LinearCrossEntropyLoss, fused: holds the linear layer (self.linear) and the loss
+    options; forward(input, target) returns nllfused.linear_cross_entropy(input, W, target, b,
+    ...), where W and b are self.linear's weight and bias viewed as (C, *out_features, H) and
+    (C, *out_features), as torch's module does (a K-dimensional loss for out_features != ():
+    nllfused/linear_kdim.py). Same parameters and state_dict keys as torch's module.
+
+    The constructor is torch's (in_features, num_classes, *, out_features, bias, device, dtype,
+    reduction, weight, ignore_index, label_smoothing, options) plus nllfused's keyword-only
+    z_loss, logit_scale, softcap, chunk_size, backend and return_stats (forward then returns
+    (loss, nllfused.stats.CrossEntropyStats)).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                 logit_scale: float = 1.0, softcap: Optional[float] = None,
+                 chunk_size: Optional[int] = None, backend: str = "auto",
+                 return_stats=False) -> None:
+        super().__init__()
+        self._set_options(_checks.resolve_reduction(None, None, reduction), label_smoothing,
+                          z_loss, logit_scale, softcap, backend)
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ArgumentError(
+                f"weight must have shape ({num_classes},); got {tuple(weight.shape)}")
+        out_features = tuple(out_features)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in out_features):
+            raise ArgumentError(f"out_features must be a tuple of positive ints; got "
+                                f"{out_features!r}")
+        check_chunking(options, chunk_size)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.options = options
+        self.chunk_size = chunk_size
+        self.return_stats = return_stats
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
+                                      bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        shape = (self.num_classes, *self.out_features)
+        linear_weight, linear_bias = self.linear.weight, self.linear.bias
+        if self.out_features:  # views: torch's module stores them flat
+            linear_weight = linear_weight.reshape(*shape, self.linear.in_features)
+            linear_bias = None if linear_bias is None else linear_bias.reshape(shape)
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight=self.weight,
+            ignore_index=self.ignore_index, options=self.options, chunk_size=self.chunk_size,
+            return_stats=self.return_stats, **self._options())
+
+    def extra_repr(self) -> str:
+        extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}"]
+        if self.out_features:
+            extras.append(f"out_features={self.out_features}")
+        extras += [f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
+                   f"ignore_index={self.ignore_index}"]
+        if self.chunk_size is not None:
+            extras.append(f"chunk_size={self.chunk_size}")
         return ", ".join(extras + self._options_repr())

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import nllfused
 import nllfused.linear as L
 from helpers import backend_params, backends_here, case_params, tensors_to, with_class_weight
 from reference import assert_matches_oracle, reference
@@ -550,9 +551,9 @@ def test_signature_follows_torch():
     if not hasattr(F, "linear_cross_entropy"):
         pytest.skip("this torch has no F.linear_cross_entropy")
     _assert_accepts_every_argument(linear_cross_entropy, F.linear_cross_entropy)
-    _assert_accepts_every_argument(L.LinearCrossEntropyLoss.__init__,
+    _assert_accepts_every_argument(nllfused.LinearCrossEntropyLoss.__init__,
                                    torch.nn.LinearCrossEntropyLoss.__init__)
-    _assert_accepts_every_argument(L.LinearCrossEntropyLoss.forward,
+    _assert_accepts_every_argument(nllfused.LinearCrossEntropyLoss.forward,
                                    torch.nn.LinearCrossEntropyLoss.forward)
 
 
@@ -584,7 +585,7 @@ def test_torch_options_choose_the_chunks(monkeypatch, options, chunk_size, rows)
     assert seen == [rows]
     expected = F.cross_entropy(F.linear(x.double(), W.double(), b.double()), t, reduction="none")
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    module = L.LinearCrossEntropyLoss(16, 29, options=options, chunk_size=chunk_size)
+    module = nllfused.LinearCrossEntropyLoss(16, 29, options=options, chunk_size=chunk_size)
     seen.clear()
     module(x, t)
     assert seen == [rows]
@@ -602,7 +603,7 @@ def test_bad_chunking_arguments():
         with pytest.raises(ValueError, match="chunk_size"):
             linear_cross_entropy(x, W, t, chunk_size=bad)
     with pytest.raises(ValueError, match="chunk_size"):
-        L.LinearCrossEntropyLoss(4, 5, chunk_size=0)
+        nllfused.LinearCrossEntropyLoss(4, 5, chunk_size=0)
 
 
 def test_torch_style_call_and_ignore_index_none():
@@ -616,8 +617,8 @@ def test_torch_style_call_and_ignore_index_none():
 def test_module_matches_torch_module():
     H, C = 16, 29
     w = torch.rand(C) + 0.1
-    ours = L.LinearCrossEntropyLoss(H, C, bias=True, weight=w, ignore_index=3,
-                                    label_smoothing=0.1)
+    ours = nllfused.LinearCrossEntropyLoss(H, C, bias=True, weight=w, ignore_index=3,
+                                           label_smoothing=0.1)
     assert "backend" in repr(ours) and "num_classes=29" in repr(ours)
     x, _, _, t = make(H=H, C=C, ignore=3)
     xr = x.clone().requires_grad_()
@@ -735,13 +736,14 @@ def test_bad_inputs_raise_clear_errors(case):
         linear_cross_entropy(**kwargs)
 
 
-def test_module_rejects_k_dimensional_and_bad_options():
-    with pytest.raises(NotImplementedError, match="out_features"):
-        L.LinearCrossEntropyLoss(4, 5, out_features=(2,))
+def test_module_rejects_bad_options():
+    for bad in ((0,), (2, -1), (2.0,)):
+        with pytest.raises(ValueError, match="out_features"):
+            nllfused.LinearCrossEntropyLoss(4, 5, out_features=bad)
     with pytest.raises(ValueError, match="label_smoothing"):
-        L.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
+        nllfused.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
     with pytest.raises(ValueError, match="weight must have shape"):
-        L.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
+        nllfused.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
 
 
 # --- the torch_ref pieces the fused linear CE is built from ----------------------------------

@@ -498,8 +498,9 @@ def test_torch_compile_lse_and_z_loss():
 
 def test_module_return_stats():
     H, C = 16, 29
-    module = L.LinearCrossEntropyLoss(H, C, bias=True, reduction="none", logit_scale=1 / 0.7,
-                                      return_stats=("entropy", "target_logprob"))
+    module = nllfused.LinearCrossEntropyLoss(H, C, bias=True, reduction="none",
+                                             logit_scale=1 / 0.7,
+                                             return_stats=("entropy", "target_logprob"))
     x, _, _, t = make(H=H, C=C)
     loss, st = module(x, t)
     kw = dict(logit_scale=1 / 0.7)

@@ -1,0 +1,113 @@
+"""K-dimensional fused linear cross-entropy: a linear_weight of shape (C, d1, ..., dK, H), as
+torch.nn.functional.linear_cross_entropy (and nn.LinearCrossEntropyLoss's out_features) take it.
+
+The logits z[n, c, d] = x_n . W[c, d] + b[c, d] are D = d1 * ... * dK independent linear
+cross-entropies over the same (N, H) input, one per position d with its own (C, H) weight slice
+W[:, d] and bias b[:, d]. Each runs through the fused 2-D path (nllfused/linear.py: never more
+than a chunk of one position's logits in memory) with reduction 'none'; its per-row losses are
+reduced here as torch reduces the K-dimensional loss: 'sum' over every (n, d), 'mean' divided by
+the class weights of the counted (n, d) (their number without weights). A z-loss under 'mean' is
+averaged over the counted rows whatever the weights (docs/maths.md): the weights passed to the
+2-D path are then scaled by (counted rows) / (their weight sum), so that one division by the
+counted rows gives both parts their denominator. Probability targets (N, C, d1, ..., dK) take
+the logits whole, as the 2-D path and torch do for them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import functional, stats
+from .backends import torch_ref
+from .errors import ArgumentError, ArgumentTypeError
+from .linear_checks import check_arguments
+
+
+def _shapes(input, linear_weight, target, linear_bias):
+    """(N, C, out_features, H) of a K-dimensional call; raises as torch would, more plainly."""
+    for name, t in (("input", input), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise ArgumentTypeError(f"{name} must be a Tensor; got {type(t).__name__}")
+    C, out, H = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    if input.dim() != 2:
+        raise ArgumentError(
+            f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}, i.e. "
+            f"(num_classes, *out_features, in_features)) needs a batched input of shape (N, "
+            f"{H}); got {tuple(input.shape)}")
+    if input.shape[1] != H:
+        raise ArgumentError(
+            f"input's last dimension ({input.shape[1]}) must equal linear_weight's in_features "
+            f"({H}): input {tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)}")
+    if linear_bias is not None and (not isinstance(linear_bias, Tensor) or
+                                    tuple(linear_bias.shape) != (C, *out)):
+        raise ArgumentError(f"linear_bias must have shape {(C, *out)} (num_classes, "
+                            f"*out_features); got {tuple(getattr(linear_bias, 'shape', ()))}")
+    N = input.shape[0]
+    expected = (N, C, *out) if target.is_floating_point() else (N, *out)
+    if tuple(target.shape) != expected:
+        kind = "probability" if target.is_floating_point() else "class-index"
+        raise ArgumentError(f"{kind} targets of a K-dimensional loss must have shape {expected}; "
+                            f"got {tuple(target.shape)}")
+    return N, C, out, H
+
+
+def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, weight,
+                              ignore_index: int, reduction: str, label_smoothing: float, *,
+                              z_loss: float, logit_scale: float, softcap: Optional[float],
+                              return_stats, return_z_loss: bool, return_lse: bool, **chunking):
+    """nllfused.linear_cross_entropy for linear_weight.dim() > 2 (module docstring). `fused` is
+    the 2-D function; `chunking` its options, chunk_size and backend, passed through."""
+    N, C, out, H = _shapes(input, linear_weight, target, linear_bias)
+    options = dict(logit_scale=logit_scale, softcap=softcap, backend=chunking["backend"])
+    if target.is_floating_point():
+        logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, H),
+                                            None if linear_bias is None else
+                                            linear_bias.reshape(-1)).reshape(N, C, *out)
+        return functional.cross_entropy(
+            logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, return_stats=return_stats,
+            return_z_loss=return_z_loss, return_lse=return_lse, **options)
+    D = math.prod(out)
+    weights = linear_weight.reshape(C, D, H).unbind(1)  # unbind: one stack in the backward
+    biases = (None,) * D if linear_bias is None else linear_bias.reshape(C, D).unbind(1)
+    targets = target.reshape(N, D).unbind(1)
+    # The 2-D checks once, on position 0 (dtypes, devices, the class weight, the options).
+    _, _, w, _ = check_arguments(input, weights[0], targets[0], biases[0], weight, ignore_index,
+                                 label_smoothing, logit_scale, softcap)
+    counted = target.reshape(N, D) != ignore_index
+    if reduction == "mean":
+        count = counted.sum()
+        denom = count if w is None else torch.where(
+            counted, w[target.reshape(N, D).long().clamp(0, C - 1)], 0).sum()
+        if w is not None and z_loss:  # the class weights' part over their sum (docstring)
+            weight, denom = w * (count / denom), count
+    names = stats.requested(return_stats, False) | ({"z_loss"} if return_z_loss else set()) | (
+        {"lse"} if return_lse else set())
+    losses, rows = [], {name: [] for name in names}
+    for d in range(D):
+        r = fused(input, weights[d], targets[d], biases[d], weight, ignore_index, "none",
+                  label_smoothing, z_loss=z_loss, return_stats=tuple(names) or False, **options,
+                  **{k: v for k, v in chunking.items() if k != "backend"})
+        loss_d, st = r if names else (r, None)
+        losses.append(loss_d)
+        for name in names:
+            rows[name].append(getattr(st, name))
+    loss = torch.stack(losses, 1)
+    if reduction != "none":
+        loss = loss.sum(dtype=torch_ref.acc_dtype(loss.dtype))
+        loss = (loss / denom if reduction == "mean" else loss).to(losses[0].dtype)
+    else:
+        loss = loss.reshape(N, *out)
+    if not names:
+        return loss
+    rows = {name: torch.stack(values, 1) for name, values in rows.items()}
+    asked = stats.requested(return_stats, False) | ({"z_loss"} if return_z_loss else set())
+    result = stats.reduce({n: rows[n] for n in asked}, target.reshape(N, D),
+                          torch_ref.Options(ignore_index=ignore_index), reduction, (N, *out))
+    if return_stats:
+        return loss, result
+    extra = [result.z_loss] if return_z_loss else []
+    return (loss, *extra, *([rows["lse"].reshape(N, *out)] if return_lse else []))
