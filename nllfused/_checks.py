@@ -119,6 +119,26 @@ def check_weight(weight, num_classes: int, input: torch.Tensor) -> Optional[torc
     return weight.detach().to(torch_ref.acc_dtype(input.dtype)).contiguous()
 
 
+def check_weight_not_learned(weight, prob_target: bool) -> None:
+    """The kernels take the class weights as constants (check_weight detaches them): a weight
+    that requires grad, under grad mode, is refused rather than left without its gradient. torch
+    refuses it too for class-index targets (nll_loss is not differentiable in the weights); for
+    probability targets it differentiates, and so does nllfused.cross_entropy where torch's own
+    call can serve (no z_loss, logit_scale, softcap or statistics: functional.py)."""
+    if not (isinstance(weight, torch.Tensor) and weight.requires_grad
+            and torch.is_grad_enabled()):
+        return
+    if not prob_target:
+        raise ArgumentError(
+            "weight requires grad, but the loss of class-index targets is not differentiable in "
+            "the class weights (torch: 'nll_loss_forward' is not differentiable with respect to "
+            "argument 'weight'); pass weight.detach()")
+    raise NotImplementedError(
+        "weight requires grad: the gradient in the class weights of probability targets is "
+        "given only without z_loss, logit_scale, softcap and statistics (as torch's own "
+        "cross_entropy computes it); pass weight.detach() for these")
+
+
 def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
     """Whether the target holds probabilities; raises if its shape fits neither kind."""
     prob_target = target.is_floating_point()
@@ -177,6 +197,7 @@ def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit
     if prob_target and ignore_index >= 0:
         raise ArgumentError(
             "ignore_index is not supported for floating point target (probability targets)")
+    check_weight_not_learned(weight, prob_target)
     weight = check_weight(weight, C, input)
 
     # Canonical 3-D views; flatten(2) is a view for contiguous and channels-last inputs.

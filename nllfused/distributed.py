@@ -385,6 +385,7 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
             f"weight must be the full-vocabulary class weights, a 1-D tensor of C entries "
             f"covering this rank's slice [{vocab_start}, {vocab_start + C_local}); got shape "
             f"{tuple(weight.shape)}")
+    _checks.check_weight_not_learned(weight, False)
     if weight is not None:  # every rank reads its slice and w[target]
         weight = _checks.check_weight(weight, len(weight) if isinstance(weight, torch.Tensor)
                                       else 0, input)

@@ -168,6 +168,14 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                 backend, stats.mask(names))
             if out is not None:
                 return out[0], stats.from_one_call(names, out[1:])
+    if (isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
+            and isinstance(target, torch.Tensor) and target.is_floating_point() and not want_stats
+            and z_loss == 0 and logit_scale == 1 and softcap is None):
+        # learned class weights with probability targets: torch differentiates them, the kernels
+        # take them as constants (_checks.check_weight_not_learned), so torch's own call serves
+        backends.check_name(backend)
+        return torch.nn.functional.cross_entropy(input, target, weight, size_average,
+                                                 ignore_index, reduce, reduction, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,

@@ -50,6 +50,9 @@ CASES = [
     ("input_not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), "must be a Tensor"),
     ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5),
      "ignore_index must be an int"),
+    ("weight_requires_grad", lambda: dict(input=X(4, 5).requires_grad_(), target=T(4),
+                                          weight=torch.rand(5).requires_grad_()),
+     "is not differentiable with respect to argument 'weight'"),
 ]
 
 
@@ -95,3 +98,34 @@ def test_unbatched_input_takes_a_target_of_shape_1_as_torch(backend, reduction, 
             scalar = F.cross_entropy(x, torch.tensor(y), reduction=reduction, **kw)
             torch.testing.assert_close(torch.autograd.grad(ours, x)[0],
                                        torch.autograd.grad(scalar, x)[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+def test_learned_class_weights(backend):
+    """A class weight that requires grad is never left silently without its gradient: with
+    probability targets it gets torch's (torch differentiates those losses in the weights), with
+    the extras torch lacks it is refused (NotImplementedError), as it is for class-index targets
+    everywhere (as torch refuses it: nll_loss), the fused linear and vocabulary-parallel losses
+    included; under no_grad it is only a constant."""
+    from nllfused.distributed import vocab_parallel_cross_entropy
+    x = X(4, 5).requires_grad_()
+    prob = torch.rand(4, 5).softmax(1)
+    w = (torch.rand(5) + 0.1).requires_grad_()
+    for kw in (dict(), dict(label_smoothing=0.2, reduction="sum")):
+        ours = nllfused.cross_entropy(x, prob, weight=w, backend=backend, **kw)
+        theirs = F.cross_entropy(x, prob, weight=w, **kw)
+        torch.testing.assert_close(ours, theirs)
+        for a, b in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(theirs, (x, w))):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(NotImplementedError, match="weight requires grad"):
+        nllfused.cross_entropy(x, prob, weight=w, backend=backend, z_loss=1e-3)
+    with pytest.raises(RuntimeError, match="weight.detach"):
+        nllfused.CrossEntropyLoss(weight=w, backend=backend)(x, T(4))
+    with pytest.raises(RuntimeError, match="weight.detach"):
+        nllfused.linear_cross_entropy(x, torch.randn(5, 5), T(4), weight=w, backend=backend)
+    with pytest.raises(RuntimeError, match="weight.detach"):
+        vocab_parallel_cross_entropy(x, T(4), weight=w)
+    t = T(4)
+    with torch.no_grad():
+        torch.testing.assert_close(nllfused.cross_entropy(x, t, weight=w, backend=backend),
+                                   F.cross_entropy(x, t, weight=w))
