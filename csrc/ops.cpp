@@ -27,7 +27,9 @@
 //         out of bounds); the CPU kernel raises IndexError (torch's behaviour for CPU tensors).
 //         Probability targets: a class with w_c q'_c == 0 adds nothing, even when z_c = -inf.
 //   lse   logsumexp of the row's z, ALWAYS float64, computed as double(m) + double(log(s)) from
-//         the running max m and rescaled sum s ("lse precision" in docs/maths.md).
+//         the running max m and rescaled sum s ("lse precision" in docs/maths.md); as
+//         torch.logsumexp +inf for a row holding +inf (NaN if it also holds a NaN), whose loss
+//         is NaN.
 //   aux   index targets: w[y] (1 without weight) for counted rows, 0 for ignored rows, NaN for
 //         out-of-range rows -- the row's share of the 'mean' denominator.
 //         probability targets: sum_k w_k q'_k, q' = (1-e) q + e/C -- the backward's p-coefficient.

@@ -88,6 +88,7 @@ def _merge_pair(m1, k1, s1, m2, k2, s2):
 @triton.jit
 def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W, WSUM,
             LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap,
+            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
             ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
             HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Stores loss, aux and lse of rows from their merged state (m, k, s) and class sums
@@ -121,6 +122,12 @@ def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W
     # lse = double(m) + double(log(k + s)): float64 once per row, never in the loop.
     s64 = s.to(tl.float64)
     log_s64 = tl.where(k == 1.0, _log1p(s64), tl.log(k.to(tl.float64) + s64))
+    # A +inf max left s NaN (_merge: so the loss is NaN), but its lse is +inf as torch.logsumexp's
+    # -- NaN if the row also holds a NaN: such rows only are read once more (_first_nan).
+    pinf = m == float("inf")
+    nan_at = _first_nan(x_row, row_ok & pinf, 0, C, C, stride_xc, logit_scale, softcap, BLOCK_R,
+                        BLOCK_C, ACC, HAS_SCALE, HAS_SOFTCAP)
+    log_s64 = tl.where(pinf & (nan_at == 2147483647), 0.0, log_s64)
     tl.store(LSE + rows, m.to(tl.float64) + log_s64, mask=row_ok)
 
 
@@ -258,8 +265,8 @@ def ce_fwd_kernel(
             tl.store(part + 4 * plane, sum_wq, mask=row_ok)
     else:
         _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W, WSUM,
-                LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap, ACC,
-                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+                LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap, BLOCK_R,
+                BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
         if STATS:
             _finish_stats(m, k, s, ent, pred, rows, row_ok, x_row, stride_xc, t_row, ENT, PRED,
                           TLP, C, ignore_index, logit_scale, softcap, ACC, PROB_TARGET,
@@ -306,8 +313,8 @@ def ce_fwd_merge_kernel(
     r = _reference(x_row, row_ok, logit_scale, softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
     _finish(m, k, s, tl.sum(sum_wz, 1), tl.sum(sum_wq, 1), r, rows, row_ok, x_row, stride_xc,
             T + n * stride_tn + d * stride_td, W, WSUM, LOSS, LSE, AUX, C, ignore_index,
-            label_smoothing, logit_scale, softcap, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-            HAS_SCALE, HAS_SOFTCAP)
+            label_smoothing, logit_scale, softcap, BLOCK_R, BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT,
+            HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
 
 
 @triton.jit

@@ -128,6 +128,9 @@ def test_special_rows(capability, C):
     for name in ("entropy", "target_logprob"):
         torch.testing.assert_close(getattr(st, name).double(), expected[name], rtol=2e-5,
                                    atol=2e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    # lse as torch.logsumexp: +inf with a +inf logit (row 3), NaN with a NaN too (row 6)
+    torch.testing.assert_close(st.lse.double(), torch.logsumexp(x.double(), 1), rtol=2e-5,
+                               atol=2e-5, equal_nan=True)
     # row 5 alone, with a gradient: the masked classes get exactly 0
     xm = x[5:6].clone().requires_grad_()
     loss, st = nllfused.cross_entropy(xm, t[5:6], reduction="none", backend="cpu",
@@ -160,3 +163,30 @@ def test_bad_statistics_gradients_are_refused():
     g = torch.ops.nllfused.ce_bwd_stats(torch.ones_like(loss), None, torch.ones_like(ent), None,
                                         x, t, None, lse, aux, ent, -100, 0.0, 1.0, 0.0, False)
     assert bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("prob_target", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "strided"])
+@pytest.mark.parametrize("C", [5, 40, 300])
+def test_lse_of_rows_with_inf_is_torchs_logsumexp(capability, prob_target, layout, C):
+    """The ops' lse (csrc/ops.cpp) is torch.logsumexp of the row: +inf where a logit is +inf,
+    NaN where the row also holds a NaN (the max sweep may keep the +inf and drop the NaN), on
+    every CPU path (lanes and rows, unit and strided classes, index and probability targets);
+    the loss of such rows NaN, as torch's log_softmax makes it."""
+    x = torch.randn(6, C, 3, dtype=torch.float64)
+    x[0, 1, 0] = float("inf")
+    x[1, 2, 1] = float("inf")
+    x[1, C - 1, 1] = float("nan")
+    x[2, [0, C - 1], 2] = float("inf")
+    x[3, 0, 0] = float("nan")
+    x[3, C - 1, 0] = float("inf")
+    x[4, :, 1] = float("-inf")
+    x = x.float()
+    if layout == "rows":
+        x = x.permute(0, 2, 1).reshape(-1, C, 1).contiguous()
+    t = (torch.rand(x.shape).softmax(1) if prob_target
+         else torch.randint(0, C, (x.shape[0], x.shape[2])))
+    loss, lse, _ = torch.ops.nllfused.ce_fwd(x, t, None, -100, 0.0, 1.0, 0.0, prob_target)
+    expected = torch.logsumexp(x.double(), 1)
+    torch.testing.assert_close(lse, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(loss.isnan(), ~expected.isfinite())

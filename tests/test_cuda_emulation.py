@@ -23,6 +23,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference import assert_matches_oracle, reference
 
@@ -608,3 +609,29 @@ def test_one_class_transformed_has_zero_loss_and_gradient(emu, dtype, tgt, a, s,
     grad, _ = emu.bwd(g, None, x, tgt, None, lse, aux, *args)
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("C", [3, 40, 3000])
+@pytest.mark.parametrize("force", [(-1, 0, 0, 0, 0), (1, 0, 0, 0, 0), (0, 32, 0, 0, 0)],
+                         ids=["default", "tile", "rows_G32"])
+def test_rows_with_inf_as_torch(emu, C, force):
+    """Rows holding +inf: lse +inf as torch.logsumexp (NaN where the row also holds a NaN), the
+    loss and the whole row's gradient NaN as torch's log_softmax makes them, on every mapping."""
+    x = torch.randn(6, C, 1)
+    x[0, 1, 0] = float("inf")
+    x[1, 2, 0] = float("inf")
+    x[1, C - 1, 0] = float("nan")
+    x[2, [0, C - 1], 0] = float("inf")
+    x[3, 0, 0] = float("nan")
+    x[4, :, 0] = float("-inf")
+    t = torch.tensor([[0], [0], [0], [1], [0], [1]])
+    loss, lse, aux, _ = emu.fwd(x, t, None, -100, 0.0, 1.0, 0.0, False, *force)
+    torch.testing.assert_close(lse[:, 0], torch.logsumexp(x[..., 0].double(), 1), rtol=1e-6,
+                               atol=1e-6, equal_nan=True)
+    xr = x[..., 0].double().requires_grad_()
+    ref = F.cross_entropy(xr, t[:, 0], reduction="none")
+    g = torch.randn(6, 1)
+    (ref_grad,) = torch.autograd.grad(ref, xr, g[:, 0].double())
+    assert torch.equal(loss[:, 0].isnan(), ref.isnan())
+    grad, _ = emu.bwd(g, None, x, t, None, lse, aux, -100, 0.0, 1.0, 0.0, False, *force)
+    assert torch.equal(grad[..., 0].isnan(), ref_grad.isnan())

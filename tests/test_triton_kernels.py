@@ -169,6 +169,30 @@ def test_ignored_rows_are_exactly_zero(device, backend, C):
     assert torch.isfinite(loss[[0, 3]]).all() and torch.isfinite(xd.grad[[0, 3]]).all()
 
 
+@pytest.mark.parametrize("device,backend", TRITON)
+@pytest.mark.parametrize("C", [37, 20000], ids=["short", "split"])
+def test_rows_with_inf(device, backend, C):
+    """Rows holding +inf: lse +inf as torch.logsumexp (NaN where the row also holds a NaN, the
+    rows read once more), the loss and the gradient NaN as torch's log_softmax makes them; on
+    the lanes-merged and the split path."""
+    x = torch.randn(5, C)
+    assert (splits_for(x, device) > 1) == (C > 37)
+    x[0, 1] = float("inf")
+    x[1, [2, C - 1]] = float("inf")
+    x[2, 3] = float("inf")
+    x[2, C - 2] = float("nan")
+    x[3, 0] = float("nan")
+    t = torch.tensor([0, 2, 1, 1, 4])
+    xd = x.to(device).requires_grad_()
+    loss, lse = nllfused.cross_entropy(xd, t.to(device), reduction="none", backend=backend,
+                                       return_lse=True)
+    torch.testing.assert_close(lse.cpu().double(), torch.logsumexp(x.double(), 1),
+                               equal_nan=True)
+    loss.sum().backward()
+    assert loss[:4].isnan().all() and torch.isfinite(loss[4])
+    assert xd.grad[:4].isnan().all() and torch.isfinite(xd.grad[4]).all()
+
+
 def test_launch_shapes():
     # Long rows: a program per row, 4 warps, 16 logits per thread per step (float64: 4).
     assert launch_config(8192, 128256, 2) == (1, 2048, 4)

@@ -487,12 +487,12 @@ void Ce<scalar_t>::finish_row(const Args& A, int64_t r, const State& st, const s
   // log d, d = k + s: k >= 1 (the max's own class) and k - 1 is exact, so log1p keeps the tiny
   // terms of a confident row that log(k + s) would round away.
   const acc_t logd = std::log1p((st.k - 1) + (st.s + st.sc));
-  // A +inf logit: logsumexp is +inf, but torch's log_softmax (so the loss) is NaN.
+  // A +inf logit: logsumexp is +inf (row_has_nan), but torch's log_softmax (the loss) is NaN.
   const bool pinf = st.m == kInf;
   // lse in float64 (contract): m + log d keeps every digit of log d even where |m| is large,
   // which is what lets the backward form z - lse without losing p (see row_grad).
-  const double lse = pinf ? std::numeric_limits<double>::infinity()
-                          : static_cast<double>(st.m) + static_cast<double>(logd);
+  const double lse = !pinf ? static_cast<double>(st.m) + static_cast<double>(logd)
+                     : row_has_nan(A, x_row) ? kNaN : std::numeric_limits<double>::infinity();
   const acc_t e = static_cast<acc_t>(A.eps);
   acc_t loss, aux;
   if (A.prob) {

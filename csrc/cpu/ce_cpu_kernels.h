@@ -546,6 +546,13 @@ struct Ce {
     return cm > st.best || (std::isnan(cm) && !std::isnan(st.best));
   }
   static int gmode(const Args& A, int64_t y);
+  // torch.logsumexp of a row holding +inf is +inf, or NaN where the row also holds a NaN (which
+  // the max sweep may have dropped beside the +inf: vmax); a scan, for such rows only.
+  static bool row_has_nan(const Args& A, const scalar_t* x_row) {
+    for (int64_t c = 0; c < A.C; ++c)
+      if (std::isnan(static_cast<acc_t>(x_row[c * A.xC]))) return true;
+    return false;
+  }
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
                          int64_t y, const Tf& t);
   static void finish_stats(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
@@ -646,6 +653,16 @@ struct Ce {
   }
   static void forward_lanes(const Args& A);
   static void backward_lanes(const Args& A);
+  // As row_has_nan for the lanes of a tile (z in zb, lane l at zb[c * W2 + l]): where m is +inf,
+  // log d = 0 (lse +inf), or NaN where the lane's row holds a NaN.
+  static void lanes_inf_lse(const acc_t* zb, int64_t C, const acc_t* lm, acc_t* ld) {
+    for (int64_t l = 0; l < W2; ++l) {
+      if (lm[l] != kInf) continue;
+      ld[l] = 0;
+      for (int64_t c = 0; c < C; ++c)
+        if (std::isnan(zb[c * W2 + l])) ld[l] = kNaN;
+    }
+  }
   // probability targets (ce_cpu_lanes_soft.h)
   template <typename q_t>
   static void lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_t* g);

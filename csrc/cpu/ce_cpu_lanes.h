@@ -118,6 +118,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     };
     finish(0, m0, s0, k0, b0, a0, t0, i0);
     finish(W, m1, s1, k1, b1, a1, t1, i1);
+    if (any_lane((m0 == pinf) | (m1 == pinf))) lanes_inf_lse(zb, C, lm, ld);
     double* lser = lse + T.r0;
     lane_loop(T.L, W2, [&](int64_t l) {
       lser[l] = static_cast<double>(lm[l]) + static_cast<double>(ld[l]);

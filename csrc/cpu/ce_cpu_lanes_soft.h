@@ -118,6 +118,7 @@ void Ce<scalar_t>::fwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
     };
     finish(0, m0, s0, k0, b0, g0);
     finish(W, m1, s1, k1, b1, g1);
+    if (any_lane((m0 == pinf) | (m1 == pinf))) lanes_inf_lse(zb, C, lm, ld);
     double* lser = static_cast<double*>(A.lse) + T.r0;
     acc_t* lossr = static_cast<acc_t*>(A.loss) + T.r0;
     acc_t* auxr = static_cast<acc_t*>(A.aux) + T.r0;

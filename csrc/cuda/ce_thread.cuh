@@ -609,7 +609,9 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
     }
   }
   p.loss[r] = loss;
-  p.lse[r] = static_cast<double>(st.m) + logd64;
+  // A +inf max (the row holds no NaN: max_nan would have kept it) made log d NaN (fold_from),
+  // and so the loss: its lse is +inf, as torch.logsumexp's (csrc/ops.cpp).
+  p.lse[r] = static_cast<double>(st.m) + (st.m == pos_inf<acc_t>() ? 0.0 : logd64);
   p.aux[r] = aux;
   if constexpr (kHasStats<F>) fwd_finish_stats<scalar_t, F>(p, row, r, st, logd);
 }
