@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _counted_lanes, _fwd_step, _merge, _reference, launch_config
+from .row_stats import _first_nan
 from .launch import acc_dtype, guard, truncating_store
 from .row_math import _LOG2E, _columns, _exp2, _load_classes, _log1p, _lowest, _tile_rows
 
@@ -70,7 +71,13 @@ def vp_stats_kernel(
     # lse_r = double(m) + double(log(k + s)), its two parts: float64 once per row.
     s64 = s.to(tl.float64)
     log_s64 = tl.where(k == 1.0, _log1p(s64), tl.log(k.to(tl.float64) + s64))
-    tl.store(OUT + rows, m.to(tl.float64), mask=row_ok)
+    # A slice holding +inf (s NaN: _merge) as torch_ref.vocab_slice_stats gives it: m_r = 0,
+    # log s_r = +inf (the caller's mark of a +inf logit), NaN if it also holds a NaN.
+    pinf = m == float("inf")
+    nan_at = _first_nan(x_rows, row_ok & pinf, 0, C, C, stride_xc, 1.0, 1.0, BLOCK_R, BLOCK_C,
+                        ACC, False, False)
+    log_s64 = tl.where(pinf, tl.where(nan_at < 2147483647, float("nan"), float("inf")), log_s64)
+    tl.store(OUT + rows, tl.where(pinf, 0.0, m).to(tl.float64), mask=row_ok)
     tl.store(OUT + R + rows, log_s64, mask=row_ok)
 
     y = tl.load(T + rows * stride_t, mask=row_ok, other=0).to(tl.int64)
