@@ -77,8 +77,8 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
     # The 2-D checks once, on position 0 (dtypes, devices, the class weight, the options).
     _, _, w, _ = check_arguments(input, weights[0], targets[0], biases[0], weight, ignore_index,
                                  label_smoothing, logit_scale, softcap)
-    counted = target.reshape(N, D) != ignore_index
     if reduction == "mean":
+        counted = target.reshape(N, D) != ignore_index
         count = counted.sum()
         denom = count if w is None else torch.where(
             counted, w[target.reshape(N, D).long().clamp(0, C - 1)], 0).sum()

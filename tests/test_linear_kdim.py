@@ -4,7 +4,6 @@
 logits, with torch's own result in the same dtype as the yardstick for float32 / bfloat16."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import nllfused
 import nllfused.linear as L
