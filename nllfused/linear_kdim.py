@@ -9,8 +9,9 @@ reduced here as torch reduces the K-dimensional loss: 'sum' over every (n, d), '
 the class weights of the counted (n, d) (their number without weights). A z-loss under 'mean' is
 averaged over the counted rows whatever the weights (docs/maths.md): the weights passed to the
 2-D path are then scaled by (counted rows) / (their weight sum), so that one division by the
-counted rows gives both parts their denominator. Probability targets (N, C, d1, ..., dK) take
-the logits whole, as the 2-D path and torch do for them.
+counted rows gives both parts their denominator. 16-bit inputs run each position in float32
+(the input's gradient is a sum over the positions: rounded once, as torch's). Probability
+targets (N, C, d1, ..., dK) take the logits whole, as the 2-D path and torch do for them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from . import functional, stats
 from .backends import torch_ref
 from .errors import ArgumentError, ArgumentTypeError
-from .linear_checks import check_arguments
+from .linear_checks import autocast_args, check_arguments
 
 
 def _shapes(input, linear_weight, target, linear_bias):
@@ -77,6 +78,14 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
     # The 2-D checks once, on position 0 (dtypes, devices, the class weight, the options).
     _, _, w, _ = check_arguments(input, weights[0], targets[0], biases[0], weight, ignore_index,
                                  label_smoothing, logit_scale, softcap)
+    out_dtype = autocast_args(input, linear_weight, linear_bias)[3]
+    # 16-bit inputs run each position in float32: the input's gradient is a sum over the D
+    # positions, and the 2-D path returns each position's part (and its per-row losses) rounded
+    # to 16 bits -- D roundings where torch's one product over every position rounds once. In
+    # float32 the parts add up unrounded, and the loss and each gradient round once.
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    if low:
+        input = input.float()
     if reduction == "mean":
         counted = target.reshape(N, D) != ignore_index
         count = counted.sum()
@@ -88,7 +97,10 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
         {"lse"} if return_lse else set())
     losses, rows = [], {name: [] for name in names}
     for d in range(D):
-        r = fused(input, weights[d], targets[d], biases[d], weight, ignore_index, "none",
+        w_d, b_d = weights[d], biases[d]
+        if low:  # (one position's (C, H) weight in float32 at a time)
+            w_d, b_d = w_d.float(), None if b_d is None else b_d.float()
+        r = fused(input, w_d, targets[d], b_d, weight, ignore_index, "none",
                   label_smoothing, z_loss=z_loss, return_stats=tuple(names) or False, **options,
                   **{k: v for k, v in chunking.items() if k != "backend"})
         loss_d, st = r if names else (r, None)
@@ -98,9 +110,9 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
     loss = torch.stack(losses, 1)
     if reduction != "none":
         loss = loss.sum(dtype=torch_ref.acc_dtype(loss.dtype))
-        loss = (loss / denom if reduction == "mean" else loss).to(losses[0].dtype)
-    else:
-        loss = loss.reshape(N, *out)
+        loss = loss / denom if reduction == "mean" else loss
+    loss = loss.reshape(N, *out) if reduction == "none" else loss
+    loss = loss.to(out_dtype)
     if not names:
         return loss
     rows = {name: torch.stack(values, 1) for name, values in rows.items()}

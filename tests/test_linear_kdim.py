@@ -25,13 +25,13 @@ CASES = {
 }
 
 
-def make(name, dtype, N=9, H=8, C=7):
+def make(name, dtype, N=9, H=8, C=7, out=OUT):
     bias, frac, kw, _ = CASES[name]
     kw = with_class_weight(kw, C)
     x = torch.randn(N, H).to(dtype)
-    W = (torch.randn(C, *OUT, H) / H ** 0.5 * 2).to(dtype)
-    b = torch.randn(C, *OUT).to(dtype) if bias else None
-    t = torch.randint(0, C, (N, *OUT))
+    W = (torch.randn(C, *out, H) / H ** 0.5 * 2).to(dtype)
+    b = torch.randn(C, *out).to(dtype) if bias else None
+    t = torch.randint(0, C, (N, *out))
     t[torch.rand(t.shape) < frac] = kw.get("ignore_index", -100)
     return x, W, b, t, kw
 
@@ -40,12 +40,12 @@ def torch_k_dim(x, W, b, t, dtype, grad, reduction, **kw):
     """(loss, grad_x, grad_W, grad_b) by torch in `dtype`: the (N, C, *OUT) logits, then the
     oracle procedure of tests/reference.py on them (float64: the oracle)."""
     xd, Wd = x.detach().to(dtype), W.detach().to(dtype)
-    logits = torch.einsum("nh,cdeh->ncde", xd, Wd)
+    logits = torch.einsum("nh,c...h->nc...", xd, Wd)
     if b is not None:
         logits = logits + b.detach().to(dtype)
     loss, g = reference(logits, t, reduction=reduction, dtype=dtype, grad=grad, **kw)
-    gx = torch.einsum("ncde,cdeh->nh", g, Wd)
-    gW = torch.einsum("ncde,nh->cdeh", g, xd)
+    gx = torch.einsum("nc...,c...h->nh", g, Wd)
+    gW = torch.einsum("nc...,nh->c...h", g, xd)
     return loss, gx, gW, None if b is None else g.sum(0)
 
 
@@ -54,7 +54,19 @@ def torch_k_dim(x, W, b, t, dtype, grad, reduction, **kw):
                                         for n, c in CASES.items() for d in c[-1]])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_matches_float64_torch(device, backend, name, dtype, reduction):
-    x, W, b, t, kw = make(name, dtype)
+    check(*make(name, dtype), device, backend, reduction)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(only=("cpu", "torch")))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_gradients_round_once(device, backend, dtype):
+    """Many positions (8 x 4): the input's gradient is a sum over all of them, which must round
+    to 16 bits once, as torch's one product does -- not once per position (linear_kdim.py)."""
+    check(*make("plain", dtype, N=16, H=32, out=(8, 4)), device, backend, "mean")
+
+
+def check(x, W, b, t, kw, device, backend, reduction):
+    dtype = x.dtype
     grad = torch.randn(t.shape if reduction == "none" else ()).to(dtype).double()
     oracle = torch_k_dim(x, W, b, t, torch.float64, grad, reduction, **kw)
     low = (None,) * 4 if dtype == torch.float64 else torch_k_dim(x, W, b, t, dtype, grad,
