@@ -93,8 +93,10 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
             counted, w[target.reshape(N, D).long().clamp(0, C - 1)], 0).sum()
         if w is not None and z_loss:  # the class weights' part over their sum (docstring)
             weight, denom = w * (count / denom), count
-    names = stats.requested(return_stats, False) | ({"z_loss"} if return_z_loss else set()) | (
-        {"lse"} if return_lse else set())
+    # the statistics returned (reduced), and those the positions give per row: lse too for
+    # return_lse (per row whatever the reduction)
+    asked = stats.requested(return_stats, False) | ({"z_loss"} if return_z_loss else set())
+    names = asked | ({"lse"} if return_lse else set())
     losses, rows = [], {name: [] for name in names}
     for d in range(D):
         w_d, b_d = weights[d], biases[d]
@@ -116,7 +118,6 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
     if not names:
         return loss
     rows = {name: torch.stack(values, 1) for name, values in rows.items()}
-    asked = stats.requested(return_stats, False) | ({"z_loss"} if return_z_loss else set())
     result = stats.reduce({n: rows[n] for n in asked}, target.reshape(N, D),
                           torch_ref.Options(ignore_index=ignore_index), reduction, (N, *out))
     if return_stats:
