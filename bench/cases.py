@@ -164,6 +164,10 @@ def _preset_table(device_type: str) -> dict:
         "linear-large": ([("linear", [(8192, 4096, 128256)], (torch.bfloat16,), ("fwd_bwd",))]
                          if gpu else
                          [("linear", [(4096, 2048, 128256)], bf16_fp32, ("fwd_bwd",))]),
+        # Small and mid-sized heads, where the fused linear + CE's per-call cost or its one
+        # chunk decides: the logits made whole up to 8 MiB (nllfused/linear.py), chunked past.
+        "linear-small": [("linear", [(64, 128, 10), (256, 1024, 1024), (512, 512, 2048),
+                                     (1024, 256, 4096), (2048, 512, 8192)], bf16_fp32, MODES)],
         # The C++ backend issue's figures (run with 2 threads).
         "cpu": [("ce", [(4096, 32000), (1024, 128256)], (torch.float32, torch.bfloat16), MODES)],
         # Tiny and classification shapes, where per-call overhead decides.
@@ -183,8 +187,8 @@ def _preset_table(device_type: str) -> dict:
 
 
 FULL = ("llm", "vision", "linear")
-PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "cpu", "small", "mid", "soft",
-           "edge", "full", "smoke")
+PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "linear-small", "cpu", "small",
+           "mid", "soft", "edge", "full", "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
@@ -193,6 +197,8 @@ PRESET_HELP = {
               "GPU; (2048,1024,32000) bf16 and fp32 on the CPU",
     "linear-large": "fused linear + CE, (4096,2048,128256) bf16 and fp32 on the CPU (minutes); "
                     "(8192,4096,128256) bf16 on a GPU",
+    "linear-small": "fused linear + CE, small and mid heads (64,128,10) ... (2048,512,8192), "
+                    "fwd and fwd+bwd: per-call cost, whole logits up to 8 MiB",
     "cpu": "(4096,32000), (1024,128256) x fp32, bf16 with 2 threads: the C++ backend's figures",
     "small": "tiny and classification shapes (64,10) ... (8,4,512,512): per-call overhead",
     "mid": "rows of 300 to 1000 classes, flat and K-dim (2,300,64,64), (4,1000,32,32)",

@@ -14,11 +14,15 @@ from .errors import ArgumentError, ArgumentTypeError
 TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)
 
 
+def device_type(t: Tensor) -> str:
+    """t.device.type, without making a device object for CPU tensors (a small head's call)."""
+    return "cpu" if t.is_cpu else t.device.type
+
 
 def autocast_args(input, linear_weight, linear_bias):
     """Cast as torch's autocast would for F.linear; the loss then comes back in float32 (autocast
     runs cross_entropy in float32). float64 tensors are left alone, as autocast leaves them."""
-    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(device_type(input)):
         return input, linear_weight, linear_bias, getattr(input, "dtype", None)
     dtype = torch.get_autocast_dtype(input.device.type)
 
@@ -35,47 +39,15 @@ def check_arguments(input, linear_weight, target, linear_bias, weight, ignore_in
                      label_smoothing, logit_scale, softcap):
     """Validate; return the (M, H) input, the (M,) int64 targets, the canonical class weight
     (accumulation dtype) and the op options (an Options record)."""
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise ArgumentTypeError(f"{name} must be a Tensor; got {type(t).__name__}")
-    if linear_bias is not None and not isinstance(linear_bias, Tensor):
-        raise ArgumentTypeError(
-            f"linear_bias must be a Tensor or None; got {type(linear_bias).__name__}")
-    if input.dtype not in _checks.LOGIT_DTYPES:
-        raise ArgumentTypeError(
-            f"input must be float16, bfloat16, float32 or float64; got {input.dtype}")
-    if input.dim() == 0:
-        raise ArgumentError("input is 0-dimensional: it must have shape (*, in_features), e.g. "
-                            "(N, H) or (B, T, H)")
-    if linear_weight.dim() != 2:
-        raise ArgumentError(
-            f"linear_weight must have shape (num_classes, in_features); got "
-            f"{tuple(linear_weight.shape)}")
-    C, H = linear_weight.shape
-    if input.shape[-1] != H:
-        raise ArgumentError(
-            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's in_features "
-            f"({H}): input {tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)}")
-    if C == 0:
-        raise ArgumentError("linear_weight has 0 rows: there must be at least one class")
-    if linear_bias is not None and tuple(linear_bias.shape) != (C,):
-        raise ArgumentError(
-            f"linear_bias must have shape ({C},); got {tuple(linear_bias.shape)}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise ArgumentTypeError(
-                f"{name} is {t.dtype} but input is {input.dtype}: they must match (or run "
-                f"under torch.autocast), as in F.linear")
-        if t.device != input.device:
-            raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ArgumentError(
-            f"target shape {tuple(target.shape)} does not match input shape "
-            f"{tuple(input.shape)}: class-index targets must have shape "
-            f"{tuple(input.shape[:-1])} (the input's shape without in_features)")
-    M = math.prod(input.shape[:-1])
+    dims = check_tensors(input, linear_weight, target, linear_bias)
+    return canonical_arguments(input, target, dims, weight, ignore_index, label_smoothing,
+                               logit_scale, softcap)
+
+
+def canonical_arguments(input, target, dims, weight, ignore_index, label_smoothing, logit_scale,
+                        softcap):
+    """check_arguments after check_tensors (dims: what that returned)."""
+    M, C, H = dims
     x = input.reshape(M, H)
     t = target.reshape(M)
     # The rest (target dtype and device, class weight shape/dtype/device, ignore_index, the
@@ -84,6 +56,56 @@ def check_arguments(input, linear_weight, target, linear_bias, weight, ignore_in
     call = _checks.canonicalize(stand_in, t, weight, ignore_index, label_smoothing, logit_scale,
                                 softcap)
     return x, t.long(), call.weight, call.options
+
+
+def check_tensors(input, linear_weight, target, linear_bias):
+    """What F.linear and the targets' shape ask of the tensors (the rest is cross_entropy's, on
+    the logits: check_arguments); return (M, C, H): rows, classes, in_features. Each test reads
+    what it needs once: a small head's whole call is a few microseconds (linear.py)."""
+    if not (isinstance(input, Tensor) and isinstance(linear_weight, Tensor)
+            and isinstance(target, Tensor)):
+        for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+            if not isinstance(t, Tensor):
+                raise ArgumentTypeError(f"{name} must be a Tensor; got {type(t).__name__}")
+    if linear_bias is not None and not isinstance(linear_bias, Tensor):
+        raise ArgumentTypeError(
+            f"linear_bias must be a Tensor or None; got {type(linear_bias).__name__}")
+    dtype, shape, w_shape = input.dtype, input.shape, linear_weight.shape
+    if dtype not in _checks.LOGIT_DTYPES:
+        raise ArgumentTypeError(
+            f"input must be float16, bfloat16, float32 or float64; got {dtype}")
+    if not shape:
+        raise ArgumentError("input is 0-dimensional: it must have shape (*, in_features), e.g. "
+                            "(N, H) or (B, T, H)")
+    if len(w_shape) != 2:
+        raise ArgumentError(
+            f"linear_weight must have shape (num_classes, in_features); got {tuple(w_shape)}")
+    C, H = w_shape
+    if shape[-1] != H:
+        raise ArgumentError(
+            f"input's last dimension ({shape[-1]}) must equal linear_weight's in_features "
+            f"({H}): input {tuple(shape)}, linear_weight {tuple(w_shape)}")
+    if C == 0:
+        raise ArgumentError("linear_weight has 0 rows: there must be at least one class")
+    if linear_bias is not None and tuple(linear_bias.shape) != (C,):
+        raise ArgumentError(
+            f"linear_bias must have shape ({C},); got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != dtype:
+            raise ArgumentTypeError(
+                f"{name} is {t.dtype} but input is {dtype}: they must match (or run "
+                f"under torch.autocast), as in F.linear")
+        if t.device != input.device:
+            raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
+    lead = shape[:-1]
+    if target.shape != lead:
+        raise ArgumentError(
+            f"target shape {tuple(target.shape)} does not match input shape "
+            f"{tuple(shape)}: class-index targets must have shape "
+            f"{tuple(lead)} (the input's shape without in_features)")
+    return math.prod(lead), C, H
 
 
 def check_chunking(options, chunk_size) -> None:

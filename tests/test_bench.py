@@ -143,6 +143,10 @@ def test_presets():
     assert [(c.shape, c.short_dtype) for c in cases.build_cases(["linear-large"], cpu)] == [
         ((4096, 2048, 128256), "bf16"), ((4096, 2048, 128256), "fp32")]
     assert "linear-large" not in cases.expand_presets(["full"], cpu)  # minutes: asked for by name
+    small_heads = cases.build_cases(["linear-small"], cpu)
+    assert {c.shape for c in small_heads} == {(64, 128, 10), (256, 1024, 1024), (512, 512, 2048),
+                                              (1024, 256, 4096), (2048, 512, 8192)}
+    assert {c.short_dtype for c in small_heads} == {"bf16", "fp32"}
     cpu_preset = cases.build_cases(["cpu"], cpu)
     assert {(c.shape, c.short_dtype) for c in cpu_preset} == {
         (s, d) for s in [(4096, 32000), (1024, 128256)] for d in ("fp32", "bf16")}

@@ -156,10 +156,24 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["chunks", "whole"])
+def path(request, monkeypatch):
+    """The way linear_cross_entropy is asked to take: the chunked op (the file's CHUNK_ROWS), or
+    -- no chunking asked for, the logits under _SMALL_LOGITS_BYTES -- the logits made whole and
+    given to cross_entropy (_whole_logits); the test fails if the other one is taken."""
+    calls = []
+    whole = L._whole_logits
+    monkeypatch.setattr(L, "_whole_logits", lambda *a: calls.append(1) or whole(*a))
+    if request.param == "whole":
+        monkeypatch.setattr(L, "CHUNK_ROWS", None)
+    yield request.param
+    assert bool(calls) == (request.param == "whole"), (request.param, len(calls))
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("name,dtype", list(case_params(CASES)))
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_matches_float64_torch(device, backend, name, dtype, reduction):
+def test_matches_float64_torch(device, backend, name, dtype, reduction, path):
     make_kw, kw, _ = CASES[name]
     x, W, b, t = make(dtype=dtype, **make_kw)
     check(x, W, b, t, reduction, device, backend, **with_class_weight(kw, W.shape[0]))
@@ -170,6 +184,7 @@ def test_matches_float64_torch(device, backend, name, dtype, reduction):
 def test_chunk_sizes(monkeypatch, chunk_rows, reduction):
     """Automatic chunks, one row per chunk, N - 1, exactly N and more than N rows."""
     monkeypatch.setattr(L, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(L, "_SMALL_LOGITS_BYTES", 0)  # automatic chunks, not whole logits
     x, W, b, t = make(bias=True)
     check(x, W, b, t, reduction, label_smoothing=0.1)
 
@@ -403,7 +418,7 @@ def _unfused_float64(x, W, b, t, w, reduction="mean", z_loss=0.0, **kw):
 
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_torch_func_transforms(device, backend, reduction):
+def test_torch_func_transforms(device, backend, reduction, path):
     """torch.func.grad, jvp, hessian and vmap, and forward-mode AD, run the plain-torch
     reference: the numbers of unfused float64 torch, whatever the backend asked for."""
     import torch.autograd.forward_ad as fwAD
@@ -494,7 +509,7 @@ def test_torch_compile_dynamic_shapes():
         torch.testing.assert_close(fn(x, W, t).double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_autocast_cpu_bfloat16():
+def test_autocast_cpu_bfloat16(path):
     """Under autocast the products run in bfloat16 and the loss in float32, as torch's
     F.linear + F.cross_entropy do; judged against float64 like any bfloat16 result."""
     x, W, b, t = make(lead=(4, 9), bias=True)
@@ -699,6 +714,41 @@ def test_never_allocates_the_logits(monkeypatch, device, backend, reduction, chu
     assert mode.largest >= N * C
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_small_logits_are_made_whole_and_larger_ones_chunked(monkeypatch, reduction):
+    """No chunking asked for: logits of at most _SMALL_LOGITS_BYTES are made whole (one F.linear,
+    then cross_entropy: no linear_ce op), a byte more and they are chunked; chunk_size, or
+    CHUNK_ROWS, chunks them whatever their size. The results agree."""
+    monkeypatch.setattr(L, "CHUNK_ROWS", None)
+    N, H, C = 64, 8, 48
+    monkeypatch.setattr(L, "_SMALL_LOGITS_BYTES", N * C * 4)
+    x, W, b, t = make(lead=(N,), H=H, C=C, bias=True)
+
+    def run(**kw):
+        params = [p.detach().requires_grad_() for p in (x, W, b)]
+        with Allocations() as mode:
+            loss = linear_cross_entropy(params[0], params[1], t, params[2], reduction=reduction,
+                                        label_smoothing=0.1, z_loss=1e-3, **kw)
+            loss.backward(torch.ones_like(loss))
+        return mode, [loss] + [p.grad for p in params]
+
+    whole, results = run()
+    assert not whole.seen_inside and whole.largest >= N * C
+    for kw in (dict(chunk_size=16), dict(chunk_size=N)):
+        chunked, other = run(**kw)
+        assert chunked.seen_inside
+        for a, b_ in zip(results, other):
+            torch.testing.assert_close(a, b_)
+    monkeypatch.setattr(L, "_SMALL_LOGITS_BYTES", N * C * 4 - 1)
+    chunked, other = run()  # (one chunk of all N rows: the automatic rule's _MIN_ROWS)
+    assert chunked.seen_inside
+    for a, b_ in zip(results, other):
+        torch.testing.assert_close(a, b_)
+    monkeypatch.setattr(L, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(L, "_SMALL_LOGITS_BYTES", 1 << 30)
+    assert run()[0].seen_inside
+
+
 # --- bad inputs -------------------------------------------------------------------------------
 
 def _bad_cases():
@@ -730,7 +780,11 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
-def test_bad_inputs_raise_clear_errors(case):
+@pytest.mark.parametrize("chunks", [True, False], ids=["chunks", "whole"])
+def test_bad_inputs_raise_clear_errors(monkeypatch, case, chunks):
+    """The same errors whether the call would have chunked its logits or made them whole."""
+    if not chunks:
+        monkeypatch.setattr(L, "CHUNK_ROWS", None)
     _, kwargs, exc, message = case
     with pytest.raises(exc, match=message):
         linear_cross_entropy(**kwargs)

@@ -20,7 +20,7 @@ import nllfused.linear as L
 from helpers import backend_params, backends_here, tensors_to, with_class_weight
 from nllfused import linear_stats, stats
 from reference import assert_matches_oracle, reference
-from test_linear import Allocations, make
+from test_linear import Allocations, make, path  # noqa: F401 (path: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +158,7 @@ def check_stats(st, x, W, b, t, reduction, names=stats.NAMES, **kw):
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=lambda d: str(d)[6:])
-def test_stats_match_float64_torch(device, backend, options, reduction, dtype):
+def test_stats_match_float64_torch(device, backend, options, reduction, dtype, path):
     x, W, b, t, kw = case(OPTIONS[options], dtype, lead=(37,) if dtype != torch.float64
                           else (3, 7))
     args = (x.to(device), W.to(device), t.to(device), b.to(device))
@@ -185,7 +185,7 @@ def test_stats_match_float64_torch(device, backend, options, reduction, dtype):
 @pytest.mark.parametrize("names", [("entropy",), ("predicted",), ("correct",),
                                    ("target_logprob", "lse"), ("lse",), ("z_loss",)])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_only_what_is_asked_for(device, backend, names, reduction):
+def test_only_what_is_asked_for(device, backend, names, reduction, path):
     x, W, b, t, kw = case(OPTIONS["smoothing_z"])
     loss, st = nllfused.linear_cross_entropy(x.to(device), W.to(device), t.to(device),
                                              b.to(device), reduction=reduction, backend=backend,
@@ -300,7 +300,8 @@ def torch_objective(x, W, b, t, dtype, reduction, grad, adv, weight=None, ignore
 @pytest.mark.parametrize("options", ["plain", "weight_ignore", "all"])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
-def test_entropy_and_target_logprob_gradients(device, backend, options, reduction, dtype):
+def test_entropy_and_target_logprob_gradients(device, backend, options, reduction, dtype,
+                                              path):
     """A policy-gradient loss with an entropy bonus built from the statistics backpropagates
     into input, linear_weight and linear_bias as float64 autograd through the materialised
     logits does (float32: within twice torch's own float32 error)."""
@@ -525,7 +526,7 @@ def test_names_are_checked_and_probability_targets_pass_through():
                           stat_rows(transformed(x, W, b, torch.float32), t)["entropy"], "entropy")
 
 
-def test_autocast_bfloat16():
+def test_autocast_bfloat16(path):
     x, W, b, t, kw = case({})
     params = fresh_params(x, W, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -265,7 +265,10 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
 // half of the next row, the L2 one the second half). Against the L1 prefetch alone, fp32 / bf16
 // forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); a fixed 16 KiB ahead
 // left gaps in short rows (fp32 (65536, 1000) 20 % slower), and a third prefetch a step slowed
-// every shape by a tenth.
+// every shape by a tenth. Taking the next chunk's bits_max here, a step of it per fold step (its
+// loads in place of the L1 prefetch), was slower too: bf16 (4096, 32000) 12.2-12.6 -> 12.6-13.4
+// ms, with statistics 12.8-13.0 -> 13.5-14.4 (Intel, 2 threads), though a stand-alone model of
+// the loop gained a tenth.
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 // src_t: z in class order (acc_t), or the chunk's bf16 logits themselves, read in split order
 // (bits_max; only without per-class g, Gm < 2).
