@@ -3,7 +3,8 @@
 For a batch of sampled completions (G groups of K completions to the same prompt), the policy's
 per-token log-probability of the sampled token at temperature T and the entropy of its
 distribution come from nllfused.linear_cross_entropy(..., logit_scale=1/T, return_stats=...):
-the (tokens x vocabulary) logits are formed chunk by chunk and never exist as a whole.
+the (tokens x vocabulary) logits are formed chunk by chunk and never exist as a whole (past
+8 MiB of logits; a smaller head's are made whole, which is faster and gives the same numbers).
 
     advantage_i   = (reward_i - mean_group(reward)) / (std_group(reward) + 1e-4)
     ratio_t       = exp(logp_t - logp_old_t)                       (per token)
