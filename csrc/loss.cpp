@@ -71,14 +71,15 @@ struct CrossEntropyLossBackward final : Node {
     if (at::GradMode::is_enabled()) {
       // create_graph=True: torch's own formula, differentiable again, over logits whose ignored
       // rows are 0: an ignored row's gradient is 0 whatever its logits (csrc/ops.cpp), where
-      // torch's backward gives NaN for a row of NaN or +inf logits.
+      // torch's backward gives NaN for a row of NaN or +inf logits. Index targets as int64:
+      // torch takes uint8 ones in its plain 2-D loss only (not with smoothing, nor K-dim).
+      const bool prob = prob_target(target);
       const Tensor x =
-          prob_target(target)
-              ? input
-              : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
-                          at::zeros({}, input.options()));
-      Tensor ref = at::cross_entropy_loss(x, target, weight, reduction, ignore_index,
-                                          label_smoothing);
+          prob ? input
+               : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
+                           at::zeros({}, input.options()));
+      Tensor ref = at::cross_entropy_loss(x, prob ? target : target.to(at::kLong), weight,
+                                          reduction, ignore_index, label_smoothing);
       out[0] = torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
                                      /*create_graph=*/true)[0];
       return out;

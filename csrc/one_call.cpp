@@ -12,14 +12,15 @@
 // The rules are those of functional._one_call_reduction, which still serves CUDA tensors (there
 // for index targets of batched inputs only):
 //   input, target, weight exact torch.Tensor (no subclass, so no __torch_function__ to honour),
-//   int64 targets of the input's shape less the class dimension, or (the loss alone, no
-//   statistics) probability targets of the input's shape in a floating dtype, not requiring
-//   grad, with a negative ignore_index (torch refuses others); input with classes, of 2 or
-//   more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
+//   int64 targets (here uint8 too) of the input's shape less the class dimension, or (the loss
+//   alone, no statistics) probability targets of the input's shape in a floating dtype, not
+//   requiring grad, with a negative ignore_index (torch refuses others); input with classes, of
+//   2 or more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
 //   weight None or (C,) contiguous in the accumulation dtype, not requiring grad; size_average,
-//   reduce, softcap None; reduction "none" / "mean" / "sum"; ignore_index an int;
-//   label_smoothing a number in [0, 1]; z_loss 0; logit_scale 1; backend "auto" or "cpu"; every
-//   tensor on the CPU; no autocast, no torch.func transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
+//   reduce (the caller resolves them into reduction first), softcap None; reduction "none" /
+//   "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1]; z_loss 0;
+//   logit_scale 1; backend "auto" or "cpu"; every tensor on the CPU; no autocast, no torch.func
+//   transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
 //   Python caller (they are Python state).
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -132,7 +133,10 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   // statistics' one-call op takes class indices).
   const bool prob = is_float_dtype(target.scalar_type()) && target.sizes() == input.sizes() &&
                     !target.requires_grad() && want == 0;
-  if (!prob && (target.scalar_type() != at::kLong || !target_shape_matches(input, target)))
+  // Index targets: int64, or uint8 (segmentation masks), as torch takes them; its Byte targets
+  // go to the kernels as they are (ce_cpu.cpp, make_args), with no int64 copy.
+  const auto tt = target.scalar_type();
+  if (!prob && ((tt != at::kLong && tt != at::kByte) || !target_shape_matches(input, target)))
     return general;
   const int64_t reduction = reduction_code(reduction_.ptr());
   if (reduction < 0 || !PyLong_CheckExact(ignore_index_.ptr())) return general;

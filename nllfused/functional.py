@@ -144,6 +144,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
       return_z_loss, return_lse  (Liger-Kernel's and quack's names) append the reduced z-loss
                    term and the per-row lse to the result: (loss, [z_loss], [lse]).
     """
+    if size_average is not None or reduce is not None:
+        # torch's deprecated pair, resolved (and warned about) once, here: the one-call path
+        # then takes the call as it takes the reduction it stands for
+        reduction = _checks.resolve_reduction(size_average, reduce, reduction)
+        size_average = reduce = None
     want_stats = return_stats or return_z_loss or return_lse
     if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
         if not want_stats:

@@ -141,11 +141,15 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     general = [
         dict(z_loss=1e-4), dict(logit_scale=0.5), dict(softcap=3.0), dict(backend="torch"),
         dict(weight=torch.rand(5, dtype=torch.float64, device=device)),  # converted first
-        dict(size_average=False),
     ]
     for kw in general:
         assert not took_one_call(nllfused.cross_entropy(x, t, **kw)), kw
-    assert not took_one_call(nllfused.cross_entropy(x, t.int()))
+    # torch's deprecated size_average / reduce: resolved into the reduction first
+    with pytest.warns(UserWarning, match="size_average"):
+        assert took_one_call(nllfused.cross_entropy(x, t, size_average=False))
+    assert not took_one_call(nllfused.cross_entropy(x, t.int()))  # torch refuses int32
+    # uint8 targets (torch takes them): on the CPU the kernels read them as they are
+    assert took_one_call(nllfused.cross_entropy(x, t.to(torch.uint8))) == (device == "cpu")
     q = torch.softmax(x.detach(), 1)
     # probability targets: on the CPU, the loss alone, for targets that need no gradient
     assert took_one_call(nllfused.cross_entropy(x, q)) == (device == "cpu")
@@ -157,6 +161,41 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     assert not took_one_call(nllfused.cross_entropy(x[0], t[0], return_stats=True)[0])
     with torch.autocast(device, dtype=torch.bfloat16):
         assert not took_one_call(nllfused.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(40, 7), (3, 5, 6, 4)], ids=str)
+def test_uint8_targets_and_legacy_reductions_as_torch(reduction, shape):
+    """uint8 targets (a segmentation mask, 255 its void label) and size_average / reduce: the
+    one-call path gives torch's float64 loss and gradient (torch's on int64 targets: it takes
+    uint8 ones in its plain 2-D loss only), its second order included, and the statistics of
+    the same call with int64 targets."""
+    C = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, C, shape[:1] + shape[2:], dtype=torch.uint8)
+    t[torch.rand(t.shape) < 0.2] = 255
+    w = torch.rand(C, dtype=torch.float64) + 0.1
+    kw = dict(weight=w, ignore_index=255, label_smoothing=0.1, reduction=reduction)
+    ours = nllfused.cross_entropy(x, t, **kw)
+    assert took_one_call(ours)
+    want = F.cross_entropy(x, t.long(), **kw)
+    torch.testing.assert_close(ours, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0],
+                               torch.autograd.grad(want, x, g)[0], rtol=1e-12, atol=1e-12)
+    torch.autograd.gradgradcheck(lambda x: nllfused.cross_entropy(x, t, **kw), (x,))
+    _, st = nllfused.cross_entropy(x, t, return_stats=True, **kw)
+    _, st64 = nllfused.cross_entropy(x, t.long(), return_stats=True, **kw)
+    for a, b in zip(st, st64):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    legacy = {"none": dict(reduce=False), "sum": dict(size_average=False),
+              "mean": dict(size_average=True, reduce=True)}[reduction]
+    with pytest.warns(UserWarning, match="size_average"):
+        ours = nllfused.cross_entropy(x, t.long(), w, **legacy, ignore_index=255)
+    assert took_one_call(ours)
+    torch.testing.assert_close(ours, F.cross_entropy(x, t.long(), w, ignore_index=255,
+                                                     reduction=reduction),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", ONE_CALL_DEVICES)
