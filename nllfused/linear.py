@@ -202,13 +202,13 @@ def _is_small(M: int, C: int, input: Tensor) -> bool:
 
 
 def _whole_logits(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-                  label_smoothing, z_loss, logit_scale, softcap, backend, *returns):
+                  label_smoothing, z_loss, logit_scale, softcap, backend, return_stats,
+                  return_z_loss, return_lse):
     """linear_cross_entropy of a small problem: F.linear, then nllfused.cross_entropy on the
     logits (classes in dimension 1), the same results by the same formulas."""
     logits = F.linear(input, linear_weight, linear_bias)
     if logits.dim() > 2:
         logits = logits.movedim(-1, 1)
-    return_stats, return_z_loss, return_lse = returns
     return functional.cross_entropy(
         logits, target, weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
