@@ -161,36 +161,6 @@ def hard_rows(x, t):
     return x, t
 
 
-# (N, C, D) with D = 600: 18 full tiles of 32 lanes (37 of 16) and a partial one per n, so
-# that the backward's tile groups (bwd_lanes, from 25 classes: up to 16 full tiles of one n,
-# swept 4 classes at a time) come whole, cut short by the n's end, and as single tiles.
-def long_kdim(C, dtype):
-    return randn((2, C, 600), dtype)
-
-
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("C", [25, 40])
-def test_grouped_backward_tiles(capability, C, option, dtype, reduction):
-    kwargs = dict(OPTIONS[option])
-    x = long_kdim(C, dtype)
-    t = targets(x, kwargs.get("ignore_index", -100))
-    if kwargs.get("weight") == "rand":
-        kwargs["weight"] = (torch.rand(C, dtype=torch.float64) + 0.1).to(
-            torch.float64 if dtype == torch.float64 else torch.float32)
-    check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, **kwargs)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-def test_grouped_backward_tiles_with_hard_rows(capability, dtype):
-    """NaN, +inf, all -inf and masked rows in the first group's first tile: its NaN and zero
-    fills, the other tiles of the group untouched by them."""
-    x = long_kdim(40, dtype)
-    x, t = hard_rows(x, targets(x))
-    check_cross_entropy(x, t, "cpu", "cpu", reduction="none", label_smoothing=0.1)
-
-
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("C", [3, 17])

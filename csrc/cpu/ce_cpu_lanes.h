@@ -217,31 +217,13 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 // blended in as grad_any fills them; p_y, dz_y and sum_{c != y} p_c are taken per lane where
 // c == y, and the target's element is written after the sweep.
 // Stats: with the statistics' gradients (row_grad's E, H, gT per lane).
-// Tile groups: a dtile's class is one line (bf16) or two (fp32) in each of C streams, a class
-// stride apart, so a tile alone keeps 2 C streams of the logits and gradient in flight -- more
-// than the hardware prefetchers follow, and where the stride is a multiple of 4 KiB, C x 2 lines
-// in one set of L1 and of L2. Up to kBwdGroup consecutive full dtiles of one n are therefore
-// swept together, kBwdClassBlock classes at a time, tile after tile: each class's lines are
-// then read one after the other, and only that block's lines share a set. A tile's sums over
-// the classes wait in its BwdTile between blocks. The per-element formulas and their order per
-// lane are unchanged.
 template <typename scalar_t>
 template <int K, int Gm, bool Stats>
 void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
-  // One tile's row_grad scalars per lane, and its sums over the classes swept so far.
-  struct BwdTile {
-    Lanes T;
-    alignas(64) acc_t gl[W2], gs[W2], wy[W2], yv[W2], gH[W2], gT[W2], Hv[W2];
-    V hi[2], lo[2], P[2], Q[2], Y[2], S[2], Sv[2], E[2], so[2], py[2], dy[2], ly[2];
-    bool special, finite;
-  };
   const bool alias = lanes_alias(A, 2);
   alignas(64) acc_t zb[kLaneMaxC * W2];
-  alignas(64) acc_t hi[W2], lo[W2], gy[W2];
-  // A group's tiles, a block's classes, and the fewest classes grouped (fp32 at 21 or 24
-  // classes ran 5-7 % slower grouped, at 28 1.3x faster; bf16 the same at 21 and 24).
-  constexpr int64_t kBwdGroup = 16, kBwdClassBlock = 4, kBwdGroupMinC = 25;
-  BwdTile group[kBwdGroup];
+  alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], wy[W2], yv[W2], gy[W2];
+  alignas(64) acc_t gH[W2], gT[W2], Hv[W2];
   const Tf t = make_tf(A);
   const int64_t C = A.C, D = A.D;
   const acc_t* w = weights(A);
@@ -249,75 +231,64 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   const acc_t ws = static_cast<acc_t>(A.wsum);
   scalar_t* out = static_cast<scalar_t*>(A.out);
   const V zero(acc_t(0)), one(acc_t(1)), none(acc_t(-1)), nan(kNaN), dz1(K == 1 ? t.a : acc_t(1));
-  // With few classes the tile waits in zb for the targets' elements (a blend per class, no
-  // scalar stores).
-  const bool late = A.D >= W2 && C <= 16;
-  // The tile's lanes' scalars (lane_tile has read its rows and targets).
-  auto setup = [&](BwdTile& B) {
-    Lanes& T = B.T;
-    lane_read(T, static_cast<const acc_t*>(A.gl), A.gN, A.gD, acc_t(0), B.gl);
+  Lanes T;
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    lane_tile(A, tile, tile == tile0, T);
+    lane_read(T, static_cast<const acc_t*>(A.gl), A.gN, A.gD, acc_t(0), gl);
     lane_lse(A, T, t, hi, lo);  // row_grad's hi, lo per lane
-    if (A.glse) lane_read(T, A.glse, A.glN, A.glD, acc_t(0), B.gs);
-    else std::fill(B.gs, B.gs + W2, acc_t(0));
+    if (A.glse) lane_read(T, A.glse, A.glN, A.glD, acc_t(0), gs);
+    else std::fill(gs, gs + W2, acc_t(0));
     if constexpr (Stats) {
       const acc_t* ent = static_cast<const acc_t*>(A.ent_in);
-      if (A.gent) lane_read(T, static_cast<const acc_t*>(A.gent), A.geN, A.geD, acc_t(0), B.gH);
-      else std::fill(B.gH, B.gH + W2, acc_t(0));
-      if (A.gtlp) lane_read(T, static_cast<const acc_t*>(A.gtlp), A.gtN, A.gtD, acc_t(0), B.gT);
-      else std::fill(B.gT, B.gT + W2, acc_t(0));
-      lane_read(T, ent, A.eN, A.eD, acc_t(0), B.Hv);
-      for (int64_t l = 0; l < W2; ++l) B.gT[l] = T.y[l] < 0 ? acc_t(0) : B.gT[l];  // counted
+      if (A.gent) lane_read(T, static_cast<const acc_t*>(A.gent), A.geN, A.geD, acc_t(0), gH);
+      else std::fill(gH, gH + W2, acc_t(0));
+      if (A.gtlp) lane_read(T, static_cast<const acc_t*>(A.gtlp), A.gtN, A.gtD, acc_t(0), gT);
+      else std::fill(gT, gT + W2, acc_t(0));
+      lane_read(T, ent, A.eN, A.eD, acc_t(0), Hv);
+      for (int64_t l = 0; l < W2; ++l) gT[l] = T.y[l] < 0 ? acc_t(0) : gT[l];  // counted rows
       if (A.gent_counted)
-        for (int64_t l = 0; l < W2; ++l) B.gH[l] = T.y[l] < 0 ? acc_t(0) : B.gH[l];
+        for (int64_t l = 0; l < W2; ++l) gH[l] = T.y[l] < 0 ? acc_t(0) : gH[l];
     }
     if (w)
-      for (int64_t l = 0; l < W2; ++l) B.wy[l] = w[std::max<int64_t>(T.y[l], 0)];
+      for (int64_t l = 0; l < W2; ++l) wy[l] = w[std::max<int64_t>(T.y[l], 0)];
     // row_grad per lane. Masks are combined by blendv: mand(a, b) = a and b, mor(a, b) = a or b.
     auto mand = [&](V a, V b) { return V::blendv(zero, b, a); };
     auto mor = [&](V a, V b) { return V::blendv(a, b, b); };
+    V P[2], Q[2], Y[2], H[2], Lo[2], S[2], Sv[2], E[2];
     V any_special(zero), any_nonfinite(zero);
     for (int h = 0; h < 2; ++h) {
-      const V y = V::loadu(T.yf + h * W), g = V::loadu(B.gl + h * W), s = V::loadu(B.gs + h * W);
-      const V gh = Stats ? V::loadu(B.gH + h * W) : zero;
+      const V y = V::loadu(T.yf + h * W), g = V::loadu(gl + h * W), s = V::loadu(gs + h * W);
+      const V gh = Stats ? V::loadu(gH + h * W) : zero;
       const V ign = y == none, hv = V::loadu(hi + h * W);
       const V zero_row = mand(ign, mand(s == zero, gh == zero));
-      const V wv = V::blendv(w ? V::loadu(B.wy + h * W) : one, zero, ign);
-      wv.store(B.wy + h * W);
+      const V wv = V::blendv(w ? V::loadu(wy + h * W) : one, zero, ign);
+      wv.store(wy + h * W);
       // lse = -inf (all classes -inf), +inf or NaN: every p_c is NaN, as in torch
       const V nan_row = V::blendv((hv - hv) != zero, zero, zero_row);
-      B.P[h] = V::blendv(g * (V(om) * wv + V(eC * ws)) + s, s, ign);
-      B.E[h] = zero - gh;
-      if constexpr (Stats)
-        B.P[h] = B.P[h] + B.E[h] * V::loadu(B.Hv + h * W) - V::loadu(B.gT + h * W);
-      B.Q[h] = V::blendv(g * V(eC), zero, ign);
-      B.Y[h] = V::blendv(y, none, nan_row);  // lanes whose target's element is written
-      B.hi[h] = hv;
-      B.lo[h] = V::blendv(V::loadu(lo + h * W), zero, nan_row);
-      B.S[h] = mor(zero_row, nan_row);
-      B.Sv[h] = V::blendv(nan, zero, zero_row);
-      any_special = mor(any_special, B.S[h]);
-      const V bad = mor(mor(nan_row, (B.E[h] - B.E[h]) != zero),
-                        mor((B.P[h] - B.P[h]) != zero, (B.Q[h] - B.Q[h]) != zero));
+      P[h] = V::blendv(g * (V(om) * wv + V(eC * ws)) + s, s, ign);
+      E[h] = zero - gh;
+      if constexpr (Stats) P[h] = P[h] + E[h] * V::loadu(Hv + h * W) - V::loadu(gT + h * W);
+      Q[h] = V::blendv(g * V(eC), zero, ign);
+      Y[h] = V::blendv(y, none, nan_row);  // lanes whose target's element is written
+      H[h] = hv;
+      Lo[h] = V::blendv(V::loadu(lo + h * W), zero, nan_row);
+      S[h] = mor(zero_row, nan_row);
+      Sv[h] = V::blendv(nan, zero, zero_row);
+      any_special = mor(any_special, S[h]);
+      const V bad = mor(mor(nan_row, (E[h] - E[h]) != zero),
+                        mor((P[h] - P[h]) != zero, (Q[h] - Q[h]) != zero));
       any_nonfinite = mor(any_nonfinite, V::blendv(bad, zero, zero_row));
-      B.so[h] = B.py[h] = B.ly[h] = zero;
-      B.dy[h] = dz1;
     }
     // Any lane set: a mask test (a horizontal sum's 16 dependent adds were 1/8 of the tile).
-    B.special = any_lane(any_special);
-    B.finite = Gm != 2 && !any_lane(any_nonfinite);
-    B.Y[0].store(B.yv);
-    B.Y[1].store(B.yv + W);
+    const bool special = any_lane(any_special);
+    const bool finite = Gm != 2 && !any_lane(any_nonfinite);
+    Y[0].store(yv);
+    Y[1].store(yv + W);
+    const V hi0 = H[0], hi1 = H[1], lo0 = Lo[0], lo1 = Lo[1], P0 = P[0], P1 = P[1], Q0 = Q[0];
+    const V Q1 = Q[1], y0 = Y[0], y1 = Y[1], sm0 = S[0], sm1 = S[1], sv0 = Sv[0], sv1 = Sv[1];
+    const V E0 = E[0], E1 = E[1];
+    V so0(zero), so1(zero), py0(zero), py1(zero), dy0(dz1), dy1(dz1), ly0(zero), ly1(zero);
     if (!T.vin) lane_gather(A, T, zb);
-  };
-  // The tile's classes [c0, c1): their gradients, and the tile's sums over them.
-  auto sweep = [&](BwdTile& B, int64_t c0, int64_t c1) {
-    const Lanes& T = B.T;
-    const V hi0 = B.hi[0], hi1 = B.hi[1], lo0 = B.lo[0], lo1 = B.lo[1], P0 = B.P[0];
-    const V P1 = B.P[1], Q0 = B.Q[0], Q1 = B.Q[1], y0 = B.Y[0], y1 = B.Y[1], sm0 = B.S[0];
-    const V sm1 = B.S[1], sv0 = B.Sv[0], sv1 = B.Sv[1], E0 = B.E[0], E1 = B.E[1];
-    V so0 = B.so[0], so1 = B.so[1], py0 = B.py[0], py1 = B.py[1], dy0 = B.dy[0], dy1 = B.dy[1];
-    V ly0 = B.ly[0], ly1 = B.ly[1];
-    const bool special = B.special, finite = B.finite;
     scalar_t* o = out + T.n0 * C * D + T.d0;  // dtile: lane l's gradient of class c at o[c D + l]
     // dtile: a class's gradient for the tile's lanes, one vector store (a partial one past L)
     auto store = [&](scalar_t* p, V a, V b) {
@@ -325,7 +296,10 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       else if (finite) store2_finite(p, a, b);
       else store2(p, a, b);
     };
-    for (int64_t c = c0; c < c1; ++c) {
+    // With few classes the tile waits in zb for the targets' elements (a blend per class, no
+    // scalar stores).
+    const bool late = T.dtile && C <= 16;
+    for (int64_t c = 0; c < C; ++c) {
       V xa, xb;
       lane_load_bwd(A, T, c, alias, o, zb, xa, xb);
       V da, db;
@@ -373,71 +347,34 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         store(o + c * D, ra, rb);
       }
     }
-    B.so[0] = so0, B.so[1] = so1, B.py[0] = py0, B.py[1] = py1;
-    B.dy[0] = dy0, B.dy[1] = dy1, B.ly[0] = ly0, B.ly[1] = ly1;
-  };
-  // After the last class: the targets' elements, row_grad's ya * sum + yb.
-  auto finish = [&](BwdTile& B) {
-    const Lanes& T = B.T;
-    scalar_t* o = out + T.n0 * C * D + T.d0;
-    auto target = [&](int64_t h) {
-      const int64_t i = h * W;
-      const V g = V::loadu(B.gl + i), wv = V::loadu(B.wy + i), dz = B.dy[h], py = B.py[h];
+    // The target's element, row_grad's ya * sum + yb
+    auto target = [&](int64_t h, V so, V py, V dz, V ly, V Ev) {
+      const V g = V::loadu(gl + h), wv = V::loadu(wy + h);
       V ya = V(acc_t(-1)) * g * dz * V(om) * wv;
-      V yb = dz * (g * V(eC) * (V(ws) * py - wv) + V::loadu(B.gs + i) * py);
+      V yb = dz * (g * V(eC) * (V(ws) * py - wv) + V::loadu(gs + h) * py);
       if constexpr (Stats) {  // row_grad: ya += dz gT, yb += dz E (p_y log p_y + p_y H)
-        ya = ya + dz * V::loadu(B.gT + i);
-        yb = yb + dz * B.E[h] * (py * floor_finite(B.ly[h]) + py * V::loadu(B.Hv + i));
+        ya = ya + dz * V::loadu(gT + h);
+        yb = yb + dz * Ev * (py * floor_finite(ly) + py * V::loadu(Hv + h));
       }
-      return ya * B.so[h] + yb;
+      return ya * so + yb;
     };
-    const V g0 = target(0), g1 = target(1);
+    const V g0 = target(0, so0, py0, dy0, ly0, E0), g1 = target(W, so1, py1, dy1, ly1, E1);
     if (late) {  // the tile from zb, each target's element blended in
       for (int64_t c = 0; c < C; ++c) {
         const V vc(static_cast<acc_t>(c));
-        const V a = select_eq(V::loadu(zb + c * W2), g0, vc, B.Y[0]);
-        const V b = select_eq(V::loadu(zb + c * W2 + W), g1, vc, B.Y[1]);
-        if (T.L < W2) store2_tail(o + c * D, T.L, a, b);
-        else if (B.finite) store2_finite(o + c * D, a, b);
-        else store2(o + c * D, a, b);
+        store(o + c * D, select_eq(V::loadu(zb + c * W2), g0, vc, y0),
+              select_eq(V::loadu(zb + c * W2 + W), g1, vc, y1));
       }
     } else {
       g0.store(gy);
       g1.store(gy + W);
       for (int64_t l = 0; l < T.L; ++l) {
-        if (B.yv[l] < 0) continue;
+        if (yv[l] < 0) continue;
         if (T.dtile) o[T.y[l] * D + l] = static_cast<scalar_t>(gy[l]);
         else zb[T.y[l] * W2 + l] = gy[l];
       }
     }
     if (!T.dtile) lane_scatter(A, T, zb, out);
-  };
-  // Groups of full dtiles of one n whose logits are one vector load a class (vin), from
-  // kBwdGroupMinC classes on; else one tile at a time, all classes in one sweep.
-  const bool grouped = A.D >= W2 && A.xD == 1 && !late && C >= kBwdGroupMinC;
-  const int64_t per = (D + W2 - 1) / W2, full = D / W2;  // tiles of an n, and its full ones
-  int64_t next_n = 0, next_d = 0;
-  for (int64_t tile = tile0; tile < tile1;) {
-    int64_t G = 1;
-    if (grouped && tile % per < full)
-      G = std::min({kBwdGroup, tile1 - tile, full - tile % per});
-    for (int64_t g = 0; g < G; ++g) {
-      Lanes& T = group[g].T;
-      T.next_n = next_n;  // dtiles: the row after the last tile's (lane_tile)
-      T.next_d = next_d;
-      lane_tile(A, tile + g, tile + g == tile0, T);
-      next_n = T.next_n;
-      next_d = T.next_d;
-      setup(group[g]);
-    }
-    if (G == 1) {
-      sweep(group[0], 0, C);
-    } else {
-      for (int64_t c0 = 0; c0 < C; c0 += kBwdClassBlock)
-        for (int64_t g = 0; g < G; ++g) sweep(group[g], c0, std::min(C, c0 + kBwdClassBlock));
-    }
-    for (int64_t g = 0; g < G; ++g) finish(group[g]);
-    tile += G;
   }
 }
 
