@@ -161,6 +161,64 @@ def hard_rows(x, t):
     return x, t
 
 
+# (N, C, D) with D = 600: 18 full tiles of 32 lanes (37 of 16) and a partial one per n, so
+# that the backward's tile groups (ce_cpu_lanes_group.h, from 27 classes: up to 16 full tiles
+# of one n, swept 4 classes at a time) come whole, cut short by the n's end, and as single tiles.
+def long_kdim(C, dtype):
+    return randn((2, C, 600), dtype)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("C", [27, 40])
+def test_grouped_backward_tiles(capability, C, option, dtype, reduction):
+    kwargs = dict(OPTIONS[option])
+    x = long_kdim(C, dtype)
+    t = targets(x, kwargs.get("ignore_index", -100))
+    if kwargs.get("weight") == "rand":
+        kwargs["weight"] = (torch.rand(C, dtype=torch.float64) + 0.1).to(
+            torch.float64 if dtype == torch.float64 else torch.float32)
+    check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_grouped_backward_tiles_with_hard_rows(capability, dtype):
+    """NaN, +inf, all -inf and masked rows in the first group's first tile: its NaN and zero
+    fills, the other tiles of the group untouched by them."""
+    x = long_kdim(40, dtype)
+    x, t = hard_rows(x, targets(x))
+    check_cross_entropy(x, t, "cpu", "cpu", reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("option", [{}, {"label_smoothing": 0.1, "weight": True},
+                                    {"logit_scale": 0.5, "softcap": 3.0}], ids=str)
+def test_tile_groups_are_the_lone_tiles_bits(capability, dtype, option):
+    """The tile groups (unit d stride, ce_cpu_lanes_group.h) and the lone tiles (d stride 2:
+    gathered) sweep each lane with the same formulas in the same order: the same loss, lse and
+    statistics, and from the same saved lse the same gradient, bit for bit."""
+    C = 40
+    x = long_kdim(C, dtype)
+    x_strided = torch.empty((2, C, 1200), dtype=dtype)[:, :, ::2]
+    x_strided.copy_(x)
+    t = targets(x)
+    w = torch.rand(C) + 0.1 if option.get("weight") else None
+    args = (t, w, -100, option.get("label_smoothing", 0.0), option.get("logit_scale", 1.0),
+            option.get("softcap", 0.0), False)
+    grouped = torch.ops.nllfused.ce_fwd_stats(x, *args)
+    lone = torch.ops.nllfused.ce_fwd_stats(x_strided, *args)
+    for a, b in zip(grouped, lone):
+        assert torch.equal(a, b)
+    loss, lse, aux = torch.ops.nllfused.ce_fwd(x, *args)
+    assert torch.equal(loss, grouped[0]) and torch.equal(lse, grouped[1])
+    g = torch.rand_like(loss)
+    grouped = torch.ops.nllfused.ce_bwd(g, None, x, *args[:2], lse, aux, *args[2:])
+    lone = torch.ops.nllfused.ce_bwd(g, None, x_strided, *args[:2], lse, aux, *args[2:])
+    assert torch.equal(grouped, lone)
+    assert bool(torch.isfinite(grouped).all())
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("C", [3, 17])

@@ -23,6 +23,7 @@ LAYOUTS = {
     "2d_transposed": lambda C, d: randn((C, 37), d).t(),
     "kdim": lambda C, d: randn((3, C, 5, 7), d),           # D = 35 >= a tile of lanes
     "kdim_short": lambda C, d: randn((7, C, 3), d),        # D = 3
+    "kdim_long": lambda C, d: randn((2, C, 600), d),      # the backward's tile groups
     "channels_last": lambda C, d: randn((2, C, 5, 7), d).contiguous(
         memory_format=torch.channels_last),
 }

@@ -621,9 +621,8 @@ struct Ce {
   // A tile's lines one L1 set may take (lanes_alias).
   static constexpr int64_t kLaneAliasLines = 32;
   static constexpr int64_t kLaneAhead = 4;        // classes ahead where they alias
-  // Tiles whose sums (Args::tile_sums) one thread adds up in order: one entry of kTileSums
-  // doubles per block, not per tile (a per-tile array for the 65536 tiles of (8, 4, 512, 512)
-  // would be 4 MiB of fresh pages a call).
+  // Tiles whose sums (Args::tile_sums) one thread adds up in order: kTileSums doubles a block,
+  // not a tile (a tile's for the 65536 tiles of (8, 4, 512, 512): 4 MiB of fresh pages a call).
   static constexpr int64_t kSumTiles = 16;
   static bool lanes_alias(const Args& A, int64_t streams);
   template <typename T>
@@ -651,6 +650,8 @@ struct Ce {
   static void bwd_lanes_stats(const Args& A, int64_t tile0, int64_t tile1) {
     bwd_lanes<K, Gm, true>(A, tile0, tile1);
   }
+  template <int K, int Gm, bool Stats>
+  static bool bwd_lanes_grouped(const Args& A, int64_t tile0, int64_t tile1);
   static void forward_lanes(const Args& A);
   static void backward_lanes(const Args& A);
   // As row_has_nan for the lanes of a tile (z in zb, lane l at zb[c * W2 + l]): where m is +inf,
@@ -681,6 +682,7 @@ struct Ce {
 #include "ce_cpu_tile_io.h"
 #include "ce_cpu_lane_tiles.h"
 #include "ce_cpu_lanes.h"
+#include "ce_cpu_lanes_group.h"
 #include "ce_cpu_lanes_soft.h"
 
 namespace nllfused_cpu {

@@ -220,6 +220,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
 template <typename scalar_t>
 template <int K, int Gm, bool Stats>
 void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
+  if (bwd_lanes_grouped<K, Gm, Stats>(A, tile0, tile1)) return;  // ce_cpu_lanes_group.h
   const bool alias = lanes_alias(A, 2);
   alignas(64) acc_t zb[kLaneMaxC * W2];
   alignas(64) acc_t gl[W2], gs[W2], hi[W2], lo[W2], wy[W2], yv[W2], gy[W2];
