@@ -113,13 +113,17 @@ OPTIONS = {
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("layout", ["2d", "2d_transposed", "kdim", "channels_last"])
 def test_options(capability, layout, option, dtype, reduction):
+    check_option(LAYOUTS[layout](13, dtype), option, reduction)
+
+
+def check_option(x, option, reduction):
+    """x's loss and gradient under OPTIONS[option] (a random class weight for "rand") against
+    float64 torch."""
     kwargs = dict(OPTIONS[option])
-    C = 13
-    x = LAYOUTS[layout](C, dtype)
     t = targets(x, kwargs.get("ignore_index", -100))
     if kwargs.get("weight") == "rand":
-        kwargs["weight"] = (torch.rand(C, dtype=torch.float64) + 0.1).to(
-            torch.float64 if dtype == torch.float64 else torch.float32)
+        kwargs["weight"] = (torch.rand(x.shape[1], dtype=torch.float64) + 0.1).to(
+            torch.float64 if x.dtype == torch.float64 else torch.float32)
     check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, **kwargs)
 
 
@@ -173,13 +177,7 @@ def long_kdim(C, dtype):
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("C", [27, 40])
 def test_grouped_backward_tiles(capability, C, option, dtype, reduction):
-    kwargs = dict(OPTIONS[option])
-    x = long_kdim(C, dtype)
-    t = targets(x, kwargs.get("ignore_index", -100))
-    if kwargs.get("weight") == "rand":
-        kwargs["weight"] = (torch.rand(C, dtype=torch.float64) + 0.1).to(
-            torch.float64 if dtype == torch.float64 else torch.float32)
-    check_cross_entropy(x, t, "cpu", "cpu", reduction=reduction, **kwargs)
+    check_option(long_kdim(C, dtype), option, reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)

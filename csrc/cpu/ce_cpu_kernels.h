@@ -23,7 +23,7 @@
 // - Rows of few classes (lane_max_classes, kernels.h) take the lane path instead
 //   (ce_cpu_lanes.h; ce_cpu_lanes_soft.h for probability targets): W2 rows at once, one row
 //   per vector lane, the loop over the classes; for a contiguous (N, C, D) input each class of
-//   W2 consecutive d is one vector load and store.
+//   W2 consecutive d is one vector load and store (backward tile groups: ce_cpu_lanes_group.h).
 // - Accumulation is in float32 (float64 for float64 logits). The smoothing / soft-target sum
 //   sum_c g_c (lse - z_c) is kept as B = sum_c g_c (z_c - m) <= 0 (rescaled with m), never as
 //   lse*sum(g) - sum(g z), which would cancel catastrophically for logits ~ 1e4.

@@ -18,6 +18,12 @@
 // were no faster. bwd_lanes' own loop stays as it is for the inputs it keeps: sweeping a lone
 // tile through this code (its state in memory between phases) made those 20-25 % slower at
 // (8, 4, 512, 512) and 4-10 % at (16, 21, 512, 512).
+//
+// The forward keeps its lone tiles: it reads C streams, not 2 C, and folds each tile from L1. Its
+// groups tried the same way (a group's z loaded class block by class block into a buffer of
+// 512 KiB, each tile folded from there, from L2), forward alone: (8, 150, 512, 512) 4-10 %
+// faster; 5-20 % slower at (8, 64, 512, 512) bf16, (16, 28, 512, 512) fp32, (64, 32, 64, 64) fp32,
+// 30 % at (4, 40, 300, 300) bf16, 1.3-1.8x the time at (16, 32, 512, 512) bf16.
 #pragma once
 
 namespace nllfused_cpu::NLLF_CPU_NS {
