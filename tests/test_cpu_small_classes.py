@@ -193,9 +193,10 @@ def test_grouped_backward_tiles_with_hard_rows(capability, dtype):
 @pytest.mark.parametrize("option", [{}, {"label_smoothing": 0.1, "weight": True},
                                     {"logit_scale": 0.5, "softcap": 3.0}], ids=str)
 def test_tile_groups_are_the_lone_tiles_bits(capability, dtype, option):
-    """The tile groups (unit d stride, ce_cpu_lanes_group.h) and the lone tiles (d stride 2:
-    gathered) sweep each lane with the same formulas in the same order: the same loss, lse and
-    statistics, and from the same saved lse the same gradient, bit for bit."""
+    """The backward's tile groups (unit d stride, ce_cpu_lanes_group.h) and its lone tiles (d
+    stride 2: gathered) sweep each lane with the same formulas in the same order: from the same
+    saved lse the same gradient, bit for bit; the forward's tiles (a vector load a class, or
+    gathered) the same loss, lse and statistics."""
     C = 40
     x = long_kdim(C, dtype)
     x_strided = torch.empty((2, C, 1200), dtype=dtype)[:, :, ::2]
