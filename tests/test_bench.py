@@ -149,7 +149,7 @@ def test_presets():
     assert {c.short_dtype for c in small_heads} == {"bf16", "fp32"}
     cpu_preset = cases.build_cases(["cpu"], cpu)
     assert {(c.shape, c.short_dtype) for c in cpu_preset} == {
-        (s, d) for s in [(4096, 32000), (1024, 128256)] for d in ("fp32", "bf16")}
+        (s, d) for s in [(4096, 32000), (2048, 50257), (1024, 128256)] for d in ("fp32", "bf16")}
     assert cases.expand_presets(["full"], gpu) == ["llm", "vision", "linear"]
     only_bf16 = cases.build_cases(["quick"], cpu, cases.parse_dtypes("bfloat16"), ["fwd"])
     assert {c.dtype for c in only_bf16} == {torch.bfloat16}

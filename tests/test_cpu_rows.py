@@ -317,3 +317,42 @@ def test_every_tail_length(capability, option, dtype):
                                            msg=lambda m: f"C={C} {name}: {m}")
         else:
             check_cross_entropy(xb, t, "cpu", "cpu", **kw)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=dtype_id)
+def test_rows_from_every_offset_in_a_line(capability, chunk, dtype):
+    """Rows of 8 KiB or more that start off a 64-byte line (odd vocabularies: 50257 classes) take
+    the classes before the next line as a chunk of their own (kernels.h, head_to_line), the rest
+    in chunks starting on lines (bf16 then read in place, in split order). Rows starting at each
+    element of a line, 4200 classes (two of the backward's 2048-class chunks and a rest after
+    the head): the max, tied maxima and the target in the head or not, loss and gradient against
+    float64 torch, statistics against float64 torch; then contiguous rows of an odd length
+    (logits and gradient equally off their lines, every offset among the rows), with smoothing
+    too."""
+    size = torch.finfo(dtype).bits // 8
+    C = 4200
+    for off in range(64 // size):
+        x = torch.randn(4, C, dtype=torch.float64) * 2
+        x[0, 1] = 12.0                    # the max in the head (the first line, at off 0)
+        x[1, [2, 1500]] = 12.0            # tied: the head's comes first
+        x[2, 0], x[2, 4000] = 11.0, 12.0  # the head's max beaten in a later chunk
+        x[3, -1] = 12.0                   # the max in the last chunk's tail
+        t = torch.tensor([1, 0, 4000, 3])
+        buf = torch.empty(4, 4256, dtype=dtype)  # whole lines a row: each row at offset `off`
+        xb = buf[:, off:off + C]
+        xb.copy_(x)
+        check_cross_entropy(xb, t, "cpu", "cpu", reduction="none")
+        _, st = nllfused.cross_entropy(
+            xb, t, reduction="none", backend="cpu",
+            return_stats=("lse", "predicted", "entropy", "target_logprob"))
+        assert st.predicted.tolist() == [1, 2, 4000, C - 1], off
+        expected = oracle_rows(xb, t)
+        for name in ("lse", "entropy", "target_logprob"):
+            torch.testing.assert_close(getattr(st, name).double(), expected[name], rtol=2e-5,
+                                       atol=2e-5, msg=lambda m: f"offset {off} {name}: {m}")
+    x = (torch.randn(33, 4111, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, 4111, (33,))
+    for kw in ({}, {"label_smoothing": 0.1}):
+        check_cross_entropy(x.clone(), t, "cpu", "cpu", reduction="none", **kw)

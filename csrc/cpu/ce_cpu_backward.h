@@ -276,8 +276,9 @@ void Ce<scalar_t>::bwd_rows(const Args& A, int64_t r0, int64_t r1) {
     RowGrad rg = row_grad(A, r, 0, xr, t);
     rg.stream = stream;
     acc_t so = 0;
-    for (int64_t c0 = 0; c0 < A.C; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, A.C - c0);
+    const int64_t head = head_to_line(xr, A.C, sizeof(scalar_t));  // a chunk of its own
+    for (int64_t c0 = 0, n; c0 < A.C; c0 += n) {
+      n = std::min(c0 == 0 && head != 0 ? head : kChunk, A.C - c0);
       const acc_t* g = weights(A, c0);
       if (A.prob && !rg.nan) {
         soft_coef(A, r, 0, c0, n, gb);

@@ -581,8 +581,9 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
     State st;
     int64_t arg_c0 = -1, arg_n = 0;  // the chunk in place whose max is st.best, to scan
     const Snaps* arg_snaps = nullptr;
-    for (int64_t c0 = 0; c0 < A.C; c0 += chunk) {
-      const int64_t n = std::min(chunk, A.C - c0);
+    const int64_t head = head_to_line(xr, A.C, sizeof(scalar_t));  // a chunk of its own
+    for (int64_t c0 = 0, n; c0 < A.C; c0 += n) {
+      n = std::min(c0 == 0 && head != 0 ? head : chunk, A.C - c0);
       const bool split = split_row && reinterpret_cast<uintptr_t>(xr + c0) % 64 == 0;
       // bf16 without a transform: max from the bits, the fold from the logits (bits_max)
       const bool raw = kSplit && split && t.kind == 0;

@@ -111,6 +111,22 @@ struct Args {
 constexpr int64_t kMaxRowChunk = 8192;
 int64_t row_chunk(int64_t acc_size);
 
+// The classes before the first cache line boundary of a row of C classes at p, `size`-byte
+// elements (0 if p is on one, or p is not a multiple of size, or the row is short). The rows
+// paths take them as a chunk of their own (fwd_rows, bwd_rows), so that each later chunk starts
+// on a line and each of its 64-byte vector loads and stores touches one line, not two: rows of
+// an odd length -- vocabularies of 50257 or 100277 classes -- are otherwise off their lines but
+// for one in 32 (bf16) or 16 (float32). bf16 rows of 8001, 30522, 50257, 100277 classes (Intel,
+// 2 threads, old and new build in alternating processes): forward 1.14-1.19x faster,
+// forward+backward 1.08-1.18x; float32 and float16 as fast as before. Only rows of kHeadMinBytes
+// or more: in short rows the head chunk's own sums cost more than the lines gain (bf16 forward
+// of 1001 classes 1.45x slower with a head, 2001 classes 1.15x).
+constexpr int64_t kHeadMinBytes = 8192;
+inline int64_t head_to_line(const void* p, int64_t C, int64_t size) {
+  const auto a = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 64);
+  return C * size < kHeadMinBytes || a == 0 || a % size != 0 ? 0 : (64 - a) / size;
+}
+
 // The most classes of the lanes path (ce_cpu_lanes.h): the forward takes it for every row of
 // up to this many classes; where its tiles load each class as one vector -- a K-dim input's d
 // stride 1 with at least 32 consecutive d, or exactly 16 (a half tile of 16 lanes each n,
