@@ -1,6 +1,7 @@
 // nllfused::cross_entropy_loss_stats: nllfused::cross_entropy_loss (csrc/loss.cpp) with the
 // statistics of nllfused/stats.py, for the CPU calls that path serves (csrc/one_call.cpp) when
-// return_stats asks for statistics. One dispatcher call: the per-row op nllfused::ce_fwd_stats
+// return_stats asks for statistics (or return_lse / return_z_loss, their per-row lse and z-loss
+// term). One dispatcher call: the per-row op nllfused::ce_fwd_stats
 // (the statistics from the forward's own pass), the reductions, and autograd in C++ -- the
 // general path's Python (argument canonicalisation, the op's Python autograd wrapper, a dozen
 // small torch ops for the reductions) cost ~5 % of a bf16 (4096, 32000) forward.
@@ -45,9 +46,12 @@ using torch::autograd::variable_list;
 
 constexpr const char* kOp = "nllfused::cross_entropy_loss_stats";
 
-// Bits of `want`, one per statistic in nllfused.stats.NAMES order.
+// Bits of `want`, one per statistic in nllfused.stats.NAMES order, and kLseRows: the lse output
+// per row (the targets' shape, the acc dtype) whatever the reduction, in place of kLse's reduced
+// one -- return_lse's (quack's name; nllfused/stats.py, LSE_ROWS).
 enum StatBit : int64_t {
-  kLse = 1, kZLoss = 2, kPredicted = 4, kCorrect = 8, kEntropy = 16, kTargetLogp = 32
+  kLse = 1, kZLoss = 2, kPredicted = 4, kCorrect = 8, kEntropy = 16, kTargetLogp = 32,
+  kLseRows = 64
 };
 // The statistics only the kernels' pass gives; lse and z_loss alone take the plain ce_fwd.
 constexpr int64_t kKernelStats = kPredicted | kCorrect | kEntropy | kTargetLogp;
@@ -113,9 +117,10 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   const Tensor counted = target2 != ignore_index;
   const Tensor count = reduction == kMean ? counted.sum() : Tensor();
   std::array<Tensor, 6> s;
-  if (want & (kLse | kZLoss)) {
+  if (want & (kLse | kZLoss | kLseRows)) {
     const Tensor lse_acc = lse.to(acc);
     if (want & kLse) s[0] = reduce_stat(lse_acc, counted, count, reduction, false, shape);
+    if (want & kLseRows) s[0] = lse.to(acc, false, /*copy=*/true).reshape(shape);
     if (want & kZLoss) s[1] = reduce_stat((0.0 * lse * lse).to(acc), counted, count, reduction,
                                           true, shape);
   }
@@ -147,6 +152,7 @@ Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor&
   };
   std::array<Tensor, 6> s;
   if (want & kLse) s[0] = reduced(f.lse_sum);
+  if (want & kLseRows) s[0] = f.lse.to(acc, false, /*copy=*/true).reshape(target.sizes());
   if (want & kZLoss) s[1] = reduced(f.z_loss_sum);
   if (want & kPredicted) s[2] = f.predicted.view(target.sizes());
   if (want & kCorrect) {
@@ -344,8 +350,8 @@ struct CrossEntropyLossStatsBackward final : Node {
 
 void check_args(int64_t reduction, int64_t want) {
   check_reduction(kOp, reduction);
-  TORCH_CHECK_VALUE(want >= 0 && want < 64, kOp, ": want must be a mask of the statistics' bits "
-                    "(0 to 63); got ", want);
+  TORCH_CHECK_VALUE(want >= 0 && want < 128, kOp, ": want must be a mask of the statistics' "
+                    "bits (0 to 127); got ", want);
 }
 
 // The outputs, and what the backward needs: the per-row lse, aux or, summed, its sum (0-dim

@@ -76,7 +76,8 @@ TORCH_LIBRARY(nllfused, m) {
       "int ignore_index, float label_smoothing) -> Tensor");
   // The same with the statistics of nllfused/stats.py (csrc/loss_stats.cpp): (loss, lse,
   // z_loss, predicted, correct, entropy, target_logprob), each reduced as the loss; `want` a mask
-  // of the statistics computed (bit i: stats.NAMES[i]); the others are empty (0,) tensors.
+  // of the statistics computed (bit i: stats.NAMES[i]; bit 6: lse per row whatever the
+  // reduction, return_lse's); the others are empty (0,) tensors.
   m.def(
       "cross_entropy_loss_stats(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, int want) "

@@ -173,6 +173,17 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                 backend, stats.mask(names))
             if out is not None:
                 return out[0], stats.from_one_call(names, out[1:])
+        elif not return_stats:
+            # return_z_loss / return_lse alone: the same call, its z-loss term (the one-call
+            # path has z_loss = 0) and its lse rows (stats.LSE_ROWS)
+            want = (stats.mask({"z_loss"}) if return_z_loss else 0) | (
+                stats.LSE_ROWS if return_lse else 0)
+            out = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,
+                                reduction, label_smoothing, z_loss, logit_scale, softcap,
+                                backend, want)
+            if out is not None:
+                return (out[0], *([out[2]] if return_z_loss else []),
+                        *([out[1]] if return_lse else []))
     if (isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
             and isinstance(target, torch.Tensor) and target.is_floating_point() and not want_stats
             and z_loss == 0 and logit_scale == 1 and softcap is None):

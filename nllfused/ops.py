@@ -132,19 +132,21 @@ def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
 def _loss_stats_fake(input, target, weight, reduction, ignore_index, label_smoothing, want):
     """nllfused::cross_entropy_loss_stats (csrc/loss_stats.cpp): the loss as _loss_fake, then
     per statistic (stats.NAMES order) its reduced value, or an empty (0,) tensor where `want`
-    lacks its bit."""
+    lacks its bit; lse per row where `want` has bit 6 (stats.LSE_ROWS)."""
     loss = _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing)
     acc = torch_ref.acc_dtype(input.dtype)
     rows, scalar = tuple(target.shape), reduction == 0
-    shapes = {"predicted": (rows, torch.int64),
+    lse_rows = want >> 6 & 1
+    shapes = {"lse": (rows if scalar or lse_rows else (), acc),
+              "predicted": (rows, torch.int64),
               "correct": (rows, torch.bool) if scalar else
                          ((), torch.float32 if reduction == 1 else torch.int64)}
     out = [loss]
     for i, name in enumerate(("lse", "z_loss", "predicted", "correct", "entropy",
                               "target_logprob")):
         shape, dtype = shapes.get(name, (rows if scalar else (), acc))
-        out.append(input.new_empty(shape if want >> i & 1 else (0,),
-                                   dtype=dtype if want >> i & 1 else acc))
+        present = want >> i & 1 or (i == 0 and lse_rows)
+        out.append(input.new_empty(shape if present else (0,), dtype=dtype if present else acc))
     return tuple(out)
 
 

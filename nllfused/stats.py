@@ -25,9 +25,10 @@ get all of it, reductions and autograd included, from one C++ op (csrc/loss_stat
 and `from_one_call` translate to and from it. There, with up to 256 classes, the kernel adds the
 rows up in its own pass ('sum' and 'mean': sums in float64, rounded once, as the loss's).
 
-Names users of other packages know: return_lse=True (quack, flash-attention) and
-return_z_loss=True (Liger-Kernel) append the per-row lse and the reduced z-loss term to the
-returned tuple, in that order.
+Names users of other packages know: return_z_loss=True (Liger-Kernel) and return_lse=True
+(quack, flash-attention) append the reduced z-loss term and the per-row lse to the returned
+tuple, in that order: (loss, [z_loss], [lse]). On the one-call path the lse rows are the op's
+lse output under the LSE_ROWS bit of its mask.
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ def requested(return_stats, prob_target: bool) -> frozenset:
         raise ArgumentError(f"return_stats: {', '.join(sorted(names & set(INDEX_ONLY)))} need "
                             f"class-index targets; these are probability targets")
     return names
+
+
+# cross_entropy_loss_stats's mask bit for its lse output per row whatever the reduction
+# (return_lse's), in place of the reduced one (csrc/loss_stats.cpp, kLseRows).
+LSE_ROWS = 1 << len(NAMES)
 
 
 def mask(names) -> int:

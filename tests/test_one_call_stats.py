@@ -227,7 +227,8 @@ def test_second_order_gradients(reduction):
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("want", [stats.mask(stats.NAMES), stats.mask({"entropy"}),
-                                  stats.mask({"lse", "correct"})])
+                                  stats.mask({"lse", "correct"}), stats.LSE_ROWS,
+                                  stats.LSE_ROWS | stats.mask({"z_loss", "entropy"})])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_opcheck_cross_entropy_loss_stats(reduction, want, weighted):
     x = torch.randn(5, 6, 3, requires_grad=True)
@@ -261,6 +262,11 @@ def test_only_one_call_calls_take_it():
                dict(return_lse=True), dict(return_z_loss=True)):
         out = nllfused.cross_entropy(x, t, return_stats=True, **kw)
         assert out[0].grad_fn.name() != NODE, kw
+    # return_lse / return_z_loss alone take it (the z-loss term of z_loss = 0), not with a z_loss
+    for kw in (dict(return_lse=True), dict(return_z_loss=True),
+               dict(return_lse=True, return_z_loss=True)):
+        assert nllfused.cross_entropy(x, t, **kw)[0].grad_fn.name() == NODE, kw
+        assert nllfused.cross_entropy(x, t, z_loss=1e-4, **kw)[0].grad_fn.name() != NODE, kw
     soft = torch.softmax(torch.randn(8, 5), 1)
     assert nllfused.cross_entropy(x, soft, return_stats=True)[0].grad_fn.name() != NODE
     with pytest.raises(ValueError, match="unknown statistic"):
@@ -270,5 +276,46 @@ def test_only_one_call_calls_take_it():
 def test_bad_mask_is_refused():
     x, t = case((4, 3))
     with pytest.raises(ValueError, match="want"):
-        torch.ops.nllfused.cross_entropy_loss_stats(x, t, None, 1, -100, 0.0, 64)
+        torch.ops.nllfused.cross_entropy_loss_stats(x, t, None, 1, -100, 0.0, 128)
     assert torch.ops.nllfused.cross_entropy_loss_stats(x, t, None, 1, -100, 0.0, 1)[1].dim() == 0
+    lse_rows = torch.ops.nllfused.cross_entropy_loss_stats(x, t, None, 1, -100, 0.0,
+                                                           stats.LSE_ROWS)[1]
+    assert lse_rows.shape == (4,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((37, 11), False), ((3, 7, 4, 5), True),
+                                                 ((9, 300), False), ((2, 300, 40), False)],
+                         ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("returns", [dict(return_lse=True), dict(return_z_loss=True),
+                                     dict(return_z_loss=True, return_lse=True)], ids=str)
+def test_other_packages_names_on_one_call(dtype, shape, channels_last, reduction, returns,
+                                          monkeypatch):
+    """return_lse / return_z_loss without return_stats (quack's and Liger-Kernel's names) take
+    the one call (stats.LSE_ROWS: the lse output per row whatever the reduction): the loss the
+    plain call's, the lse rows and the z-loss term the general path's, bit for bit, and the same
+    gradient; rows with an infinite logit (lse inf, z-loss term NaN) and ignored ones among
+    them; the lanes path (adding up in its pass) and the rows path."""
+    x, t = case(shape, dtype, channels_last)
+    x[(1, 2) + (0,) * (x.dim() - 2)] = float("inf")
+    kw = dict(reduction=reduction, label_smoothing=0.1, weight=torch.rand(
+        shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.1)
+    xo = x.clone().requires_grad_()
+    ours = nllfused.cross_entropy(xo, t, **kw, **returns)
+    assert ours[0].grad_fn.name() == NODE
+    def same(a, b):  # the same values, NaN where NaN
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+    assert same(ours[0].detach(), nllfused.cross_entropy(x, t, **kw))
+    general_path(monkeypatch)
+    xg = x.clone().requires_grad_()
+    theirs = nllfused.cross_entropy(xg, t, **kw, **returns)
+    assert len(ours) == len(theirs) == 1 + len(returns)
+    for a, b in zip(ours[1:], theirs[1:]):
+        assert a.dtype == b.dtype and a.shape == b.shape and not a.requires_grad
+        assert same(a, b)
+    g = torch.randn(ours[0].shape, dtype=torch.float64).to(ours[0].dtype)
+    (ga,) = torch.autograd.grad(ours[0], xo, g)
+    (gb,) = torch.autograd.grad(theirs[0], xg, g)
+    torch.testing.assert_close(ga, gb, equal_nan=True)
