@@ -80,7 +80,9 @@ def check_cross_entropy(x, target, device, backend, **kwargs):
     if dtype != torch.float64:
         low, low_grad = reference(x, target, grad=grad, dtype=dtype, **kwargs)
 
-    xd = x.to(device).requires_grad_()
+    # a leaf of its own (x.to(device) is x itself on x's device): calls on the same x never
+    # add up gradients
+    xd = x.detach().to(device).requires_grad_()
     ours = nllfused.cross_entropy(xd, target.to(device), backend=backend,
                                   **tensors_to(kwargs, device))
     # Soft targets take part in type promotion, as in torch; class indices do not.

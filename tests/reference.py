@@ -65,7 +65,9 @@ def gradient_floor(target, reduction, grad, dtype, weight=None, ignore_index=-10
             rows = target.numel() // target.shape[0 if target.dim() == 1 else 1]
         else:
             counted = target != ignore_index
-            w = weight[target.clamp(0, len(weight) - 1)].double() if weight is not None else 1.0
+            # (long: uint8 targets would index as a mask)
+            w = weight[target.clamp(0, len(weight) - 1).long()].double() if weight is not None \
+                else 1.0
             rows = (counted * w).sum().item()
         g = g / rows if rows else 0.0
     w_max = max(1.0, weight.abs().max().item()) if weight is not None else 1.0

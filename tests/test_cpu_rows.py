@@ -355,4 +355,4 @@ def test_rows_from_every_offset_in_a_line(capability, chunk, dtype):
     x = (torch.randn(33, 4111, dtype=torch.float64) * 3).to(dtype)
     t = torch.randint(0, 4111, (33,))
     for kw in ({}, {"label_smoothing": 0.1}):
-        check_cross_entropy(x.clone(), t, "cpu", "cpu", reduction="none", **kw)
+        check_cross_entropy(x, t, "cpu", "cpu", reduction="none", **kw)
