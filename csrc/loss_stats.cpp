@@ -118,9 +118,10 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   const Tensor count = reduction == kMean ? counted.sum() : Tensor();
   std::array<Tensor, 6> s;
   if (want & (kLse | kZLoss | kLseRows)) {
-    const Tensor lse_acc = lse.to(acc);
+    // (a copy for the lse rows, which are an output of their own: never lse itself)
+    const Tensor lse_acc = lse.to(acc, false, /*copy=*/(want & kLseRows) != 0);
     if (want & kLse) s[0] = reduce_stat(lse_acc, counted, count, reduction, false, shape);
-    if (want & kLseRows) s[0] = lse.to(acc, false, /*copy=*/true).reshape(shape);
+    if (want & kLseRows) s[0] = lse_acc.reshape(shape);
     if (want & kZLoss) s[1] = reduce_stat((0.0 * lse * lse).to(acc), counted, count, reduction,
                                           true, shape);
   }

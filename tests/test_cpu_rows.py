@@ -319,7 +319,6 @@ def test_every_tail_length(capability, option, dtype):
             check_cross_entropy(xb, t, "cpu", "cpu", **kw)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=dtype_id)
 def test_rows_from_every_offset_in_a_line(capability, chunk, dtype):
