@@ -388,34 +388,13 @@ struct Ce {
     if (A.s != 0) return {2, a, s, a / s};
     return {A.a == 1 ? 0 : 1, a, s, 0};
   }
+  // z = tf<K>(x), with dz/dx (tf_grad), tanh with sech^2 = 1 - tanh^2 (vtanh): ce_cpu_softcap.h.
   template <int K>
-  static inline V tf(V x, const Tf& t) {
-    if constexpr (K == 0) return x;
-    else if constexpr (K == 1) return x * V(t.a);
-    else return (x * V(t.as)).tanh() * V(t.s);
-  }
-  // z and dz/dx: softcap'(v) = 1 - tanh(v/s)^2, times a for the scale.
+  static V tf(V x, const Tf& t);
   template <int K>
-  static inline V tf_grad(V x, const Tf& t, V& dz) {
-    if constexpr (K == 0) {
-      dz = V(acc_t(1));
-      return x;
-    } else if constexpr (K == 1) {
-      dz = V(t.a);
-      return x * V(t.a);
-    } else {
-      const V th = (x * V(t.as)).tanh();
-      dz = (V(acc_t(1)) - th * th) * V(t.a);
-      return th * V(t.s);
-    }
-  }
-  static inline acc_t tf_scalar(acc_t x, const Tf& t, acc_t& dz) {
-    if (t.kind == 0) { dz = 1; return x; }
-    if (t.kind == 1) { dz = t.a; return x * t.a; }
-    const acc_t th = std::tanh(x * t.as);
-    dz = (1 - th * th) * t.a;
-    return th * t.s;
-  }
+  static V tf_grad(V x, const Tf& t, V& dz);
+  static acc_t tf_scalar(acc_t x, const Tf& t, acc_t& dz);
+  static V vtanh(V v, V* sech2);
 
   // ------------------------------------------ row data ------------------------------------------
   static inline int64_t target_at(const Args& A, int64_t n, int64_t d) {
@@ -677,6 +656,7 @@ struct Ce {
 
 }  // namespace nllfused_cpu::NLLF_CPU_NS
 
+#include "ce_cpu_softcap.h"
 #include "ce_cpu_forward.h"
 #include "ce_cpu_backward.h"
 #include "ce_cpu_tile_io.h"
