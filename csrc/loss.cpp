@@ -1,9 +1,10 @@
 // nllfused::cross_entropy_loss: the one-call path for the calls torch's own cross_entropy can
-// make (index or probability targets; weight, ignore_index, label smoothing, every reduction; no
-// z-loss, logit_scale or softcap). Everything a small call needs happens in C++: the canonical
-// (N, C, D) views, the per-row op nllfused::ce_fwd (csrc/ops.cpp, on whichever device the
-// tensors are), the reduction with torch's 'mean' denominator, and autograd, so that a 10-class
-// batch costs about what torch's call costs instead of a dozen Python-level steps.
+// make (index or probability targets; weight, ignore_index, label smoothing, every reduction) and
+// nllfused's z-loss, logit_scale and softcap. Everything a small call needs happens in C++: the
+// canonical (N, C, D) views, the per-row op nllfused::ce_fwd (csrc/ops.cpp, on whichever device
+// the tensors are), the reduction with torch's 'mean' denominator (the z-loss term's: the counted
+// rows, docs/maths.md), and autograd, so that a 10-class batch costs about what torch's call
+// costs instead of a dozen Python-level steps.
 //
 // nllfused/functional.py takes this path only after its own argument checks have nothing to say
 // (exact torch.Tensor arguments, int64 targets of the right shape or probability targets of the
@@ -11,9 +12,10 @@
 // autocast, no torch.compile or torch.func transform, backend "auto" or the device's own,
 // resolving to the C++ kernels); every other call takes the general path.
 //
-// Gradients: first order through nllfused::ce_bwd. A second order (create_graph=True) is asked
-// for rarely, so the backward then differentiates torch's own cross_entropy with the same
-// arguments, which is twice differentiable and defines what this op computes.
+// Gradients: first order through nllfused::ce_bwd (the z-loss term's through its grad_lse). A
+// second order (create_graph=True) is asked for rarely, so the backward then differentiates
+// torch's own cross_entropy with the same arguments (and the extras written in torch ops), which
+// is twice differentiable and defines what this op computes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -27,6 +29,7 @@
 #include "checks.h"
 #include "loss.h"
 
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -42,6 +45,72 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using namespace one_call_ops;
 
+// The options beyond torch's cross_entropy (docs/maths.md): the z-loss coefficient, logit_scale
+// and softcap (0: none).
+struct Extras {
+  double z_loss = 0, logit_scale = 1, softcap = 0;
+};
+
+// What this op computes, in torch ops (the second-order backward differentiates it): torch's
+// cross_entropy of z = softcap(logit_scale x), plus z_loss lse^2 on each counted row (every row
+// for probability targets), added to the rows and, under 'mean' with index targets, averaged over
+// the number of counted rows whatever the class weights.
+Tensor torch_loss(const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
+                  int64_t reduction, int64_t ignore_index, double label_smoothing,
+                  const Extras& ex) {
+  Tensor z = ex.logit_scale == 1 ? x : x * ex.logit_scale;
+  if (ex.softcap != 0) z = at::tanh(z / ex.softcap) * ex.softcap;
+  if (ex.z_loss == 0)
+    return at::cross_entropy_loss(z, target, weight, reduction, ignore_index, label_smoothing);
+  const bool prob = prob_target(target);
+  const Tensor lse = at::logsumexp(z, {x.dim() == 1 ? 0 : 1});
+  Tensor z_rows = lse * ex.z_loss * lse;
+  if (!prob) z_rows = at::where(target != ignore_index, z_rows, at::zeros({}, z_rows.options()));
+  if (reduction == kMean && !prob)
+    return at::cross_entropy_loss(z, target, weight, kMean, ignore_index, label_smoothing) +
+           z_rows.sum() / (target != ignore_index).sum();
+  const Tensor rows =
+      at::cross_entropy_loss(z, target, weight, kNone, ignore_index, label_smoothing) + z_rows;
+  return reduction == kNone ? rows : reduction == kSum ? rows.sum() : rows.mean();
+}
+
+// reduce_rows (csrc/loss.h) with the z-loss term z_loss lse^2 of each counted row: added to the
+// rows for 'none', 'sum' and probability targets' 'mean'; for index targets' 'mean' its sum over
+// the number of counted rows beside the loss's over the summed weights (on the CPU both sums in
+// double, rounded once). The term's rows are rounded to the loss rows' dtype first, as the
+// general path's (nllfused/backends/torch_ref.py, reduce).
+Tensor reduce_with_z_loss(const Tensor& loss, const Tensor& lse, const Tensor& aux,
+                          int64_t reduction, const Tensor& input, const Tensor& target,
+                          const Tensor& target2, int64_t ignore_index, double z_loss) {
+  if (z_loss == 0) return reduce_rows(loss, aux, reduction, input, target);
+  const bool prob = prob_target(target);
+  const Tensor counted = prob ? Tensor() : target2 != ignore_index;
+  const Tensor l = prob ? lse : at::where(counted, lse, at::zeros({}, lse.options()));
+  const Tensor z_rows = (l * z_loss * l).to(loss.scalar_type());
+  if (reduction != kMean || prob) return reduce_rows(loss + z_rows, aux, reduction, input, target);
+  const auto dtype = loss_dtype(input, target);
+  if (loop_reduce(loss) && loop_reduce(aux) && loop_reduce(z_rows)) {
+    const double count = static_cast<double>(counted.sum().item<int64_t>());  // (CPU: no sync)
+    const double r = cpu_sum(loss) / cpu_sum(aux) + cpu_sum(z_rows) / count;
+    return at::scalar_tensor(r, input.options().dtype(dtype).requires_grad(false));
+  }
+  return as_dtype(loss.sum() / aux.sum() + z_rows.sum() / counted.sum(), dtype);
+}
+
+// The z-loss term's gradient in lse, ce_bwd's grad_lse ((N, D) float64): 2 z_loss lse times the
+// term's upstream gradient -- per row ('none'), the value ('sum'), the value over the counted
+// rows ('mean'; over the rows for probability targets) -- and 0 on the rows that do not count,
+// whatever their lse.
+Tensor z_loss_lse_grad(const Tensor& grad, const Tensor& lse, const Tensor& target2,
+                       int64_t ignore_index, int64_t reduction, bool prob, double z_loss) {
+  Tensor g = grad.to(at::kDouble);
+  if (reduction == kNone) g = g.reshape(lse.sizes());
+  const Tensor counted = prob ? Tensor() : target2 != ignore_index;
+  if (reduction == kMean) g = prob ? g / c10::Scalar(lse.sym_numel()) : g / counted.sum();
+  const Tensor d = lse * (2 * z_loss) * g;
+  return prob ? d : at::where(counted, d, at::zeros({}, d.options()));
+}
+
 // The graph node of one cross_entropy_loss call, written as torch's own generated nodes are
 // (saved variables and options as members): torch::autograd::Function's generic node, with its
 // context map, argument bookkeeping and output checks, cost more than the whole 10-class
@@ -50,6 +119,7 @@ struct CrossEntropyLossBackward final : Node {
   SavedVariable input_, target_, lse_, aux_, weight_;
   int64_t reduction = kMean, ignore_index = -100;
   double label_smoothing = 0;
+  Extras extras;
   bool summed = false;  // aux_ is aux's sum (forward_parts)
   std::mutex mutex;  // release_variables may run beside another thread's apply
 
@@ -78,8 +148,8 @@ struct CrossEntropyLossBackward final : Node {
           prob ? input
                : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
                            at::zeros({}, input.options()));
-      Tensor ref = at::cross_entropy_loss(x, prob ? target : target.to(at::kLong), weight,
-                                          reduction, ignore_index, label_smoothing);
+      const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
+                                    ignore_index, label_smoothing, extras);
       out[0] = torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
                                      /*create_graph=*/true)[0];
       return out;
@@ -91,8 +161,11 @@ struct CrossEntropyLossBackward final : Node {
     const Tensor rows = summed ? summed_row_grads(grad, aux, reduction, lse.sizes(),
                                                   acc_dtype(input.scalar_type()))
                                : row_grads(grad, aux, reduction, prob);
+    std::optional<Tensor> grad_lse;
+    if (extras.z_loss != 0)
+      grad_lse = z_loss_lse_grad(grad, lse, target2, ignore_index, reduction, prob, extras.z_loss);
     Tensor g = ce_bwd(rows, logits, target2, weight, lse, summed ? rows : aux, ignore_index,
-                      label_smoothing, prob);
+                      label_smoothing, prob, grad_lse, extras.logit_scale, extras.softcap);
     out[0] = g.view(input.sizes());
     return out;
   }
@@ -104,6 +177,9 @@ struct CrossEntropyLossBackward final : Node {
     args.collect(reduction);
     args.collect(ignore_index);
     args.collect(label_smoothing);
+    args.collect(extras.z_loss);
+    args.collect(extras.logit_scale);
+    args.collect(extras.softcap);
     args.collect(summed);
   }
 
@@ -125,22 +201,32 @@ struct Parts {
 
 Parts forward_parts(const Tensor& input, const Tensor& target,
                     const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
-                    double label_smoothing) {
+                    double label_smoothing, const Extras& ex) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
+  TORCH_CHECK_VALUE(ex.z_loss >= 0 && std::isfinite(ex.z_loss) &&
+                        std::isfinite(ex.logit_scale) && ex.softcap >= 0 &&
+                        std::isfinite(ex.softcap),
+                    "nllfused::cross_entropy_loss: z_loss must be finite and >= 0, logit_scale "
+                    "finite, softcap finite and > 0 (0: none); got ", ex.z_loss, ", ",
+                    ex.logit_scale, ", ", ex.softcap);
   auto [logits, target2] = canonical(input, target);
   const bool prob = prob_target(target);
+  const double a = ex.logit_scale, s = ex.softcap;
   if (prob) {
     TORCH_CHECK_VALUE(ignore_index < 0, "nllfused::cross_entropy_loss: ignore_index is not "
                       "supported for floating point target (probability targets)");
-    auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing, true);
-    return {reduce_rows(loss, aux, reduction, input, target), lse, aux};
+    auto [loss, lse, aux] =
+        ce_fwd(logits, target2, weight, ignore_index, label_smoothing, true, a, s);
+    return {reduce_with_z_loss(loss, lse, aux, reduction, input, target, target2, ignore_index,
+                               ex.z_loss),
+            lse, aux};
   }
-  if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
+  if (reduction != kNone && ex.z_loss == 0 && plain_cpu(logits) && plain_cpu(target2)) {
     // The CPU kernel adds the rows up in its own pass where it can: on a segmentation map of
     // few classes the loss and aux rows, written and read back twice, were a third of the
     // bytes of the forward and backward (csrc/cpu/kernels.h, Args::sums).
     auto f = nllfused_cpu::ce_fwd_summed_cpu(logits, target2, weight, ignore_index,
-                                             label_smoothing);
+                                             label_smoothing, a, s);
     if (f.summed) {
       const double r = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
       return {at::scalar_tensor(r, input.options().requires_grad(false)), f.lse,
@@ -148,13 +234,18 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
     }
     return {reduce_rows(f.loss, f.aux, reduction, input, target), f.lse, f.aux};
   }
-  auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
-  return {reduce_rows(loss, aux, reduction, input, target), lse, aux};
+  auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing, false,
+                                 a, s);
+  return {reduce_with_z_loss(loss, lse, aux, reduction, input, target, target2, ignore_index,
+                             ex.z_loss),
+          lse, aux};
 }
 
 Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
                                    const std::optional<Tensor>& weight, int64_t reduction,
-                                   int64_t ignore_index, double label_smoothing) {
+                                   int64_t ignore_index, double label_smoothing, double z_loss,
+                                   double logit_scale, double softcap) {
+  const Extras ex{z_loss, logit_scale, softcap};
   TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input),
                               "nllfused::cross_entropy_loss: forward-mode AD is not supported "
                               "(nllfused.cross_entropy takes the general path under it)");
@@ -168,7 +259,7 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
   Parts p;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing);
+    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, ex);
   }
   if (!differentiable) return p.out;
   Tensor& out = p.out;
@@ -184,6 +275,7 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
   n->reduction = reduction;
   n->ignore_index = ignore_index;
   n->label_smoothing = label_smoothing;
+  n->extras = ex;
   torch::autograd::set_history(out, node);
   return out;
 }
@@ -191,8 +283,11 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
 // Below autograd (no_grad inside compiled graphs, inference mode): the forward alone.
 Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
                                   const std::optional<Tensor>& weight, int64_t reduction,
-                                  int64_t ignore_index, double label_smoothing) {
-  return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing).out;
+                                  int64_t ignore_index, double label_smoothing, double z_loss,
+                                  double logit_scale, double softcap) {
+  return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing,
+                       Extras{z_loss, logit_scale, softcap})
+      .out;
 }
 
 }  // namespace

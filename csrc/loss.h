@@ -30,7 +30,7 @@ struct SummedForward {
 };
 SummedForward ce_fwd_summed_cpu(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing);
+                                double label_smoothing, double logit_scale, double softcap);
 
 // ce_fwd_stats on the CPU likewise (nllfused::cross_entropy_loss_stats, csrc/loss_stats.cpp):
 // where `summed`, the sums of csrc/cpu/kernels.h's Sum over the counted rows (lse, z-loss term,
@@ -75,11 +75,12 @@ constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 // the class dimension).
 inline bool prob_target(const Tensor& target) { return at::isFloatingType(target.scalar_type()); }
 
-// ce_fwd / ce_bwd of the plain options (no logit_scale, softcap).
+// ce_fwd / ce_bwd, by default of the plain options (logit_scale 1, no softcap, no grad_lse).
 inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Tensor& target,
                                                  const std::optional<Tensor>& weight,
                                                  int64_t ignore_index, double label_smoothing,
-                                                 bool prob = false) {
+                                                 bool prob = false, double logit_scale = 1.0,
+                                                 double softcap = 0.0) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::ce_fwd", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor>(
@@ -89,12 +90,15 @@ inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Ten
   // wanted here, where the one-call op's own autograd holds the graph; even with grad mode off,
   // passing through it would cost more than the whole call should.
   at::AutoDispatchBelowAutograd below_autograd;
-  return op.call(logits, target, weight, ignore_index, label_smoothing, 1.0, 0.0, prob);
+  return op.call(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+                 prob);
 }
 
 inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
                      const std::optional<Tensor>& weight, const Tensor& lse, const Tensor& aux,
-                     int64_t ignore_index, double label_smoothing, bool prob = false) {
+                     int64_t ignore_index, double label_smoothing, bool prob = false,
+                     const std::optional<Tensor>& grad_lse = std::nullopt,
+                     double logit_scale = 1.0, double softcap = 0.0) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nllfused::ce_bwd", "")
@@ -102,8 +106,8 @@ inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor
                         const std::optional<Tensor>&, const Tensor&, const Tensor&, int64_t,
                         double, double, double, bool)>();
   at::AutoDispatchBelowAutograd below_autograd;
-  return op.call(grad_loss, std::nullopt, logits, target, weight, lse, aux, ignore_index,
-                 label_smoothing, 1.0, 0.0, prob);
+  return op.call(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index,
+                 label_smoothing, logit_scale, softcap, prob);
 }
 
 // The canonical views of csrc/ops.cpp: logits (N, C, D), targets (N, D) or, probabilities,

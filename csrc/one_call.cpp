@@ -17,9 +17,11 @@
 //   requiring grad, with a negative ignore_index (torch refuses others); input with classes, of
 //   2 or more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
 //   weight None or (C,) contiguous in the accumulation dtype, not requiring grad; size_average,
-//   reduce (the caller resolves them into reduction first), softcap None; reduction "none" /
-//   "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1]; z_loss 0;
-//   logit_scale 1; backend "auto" or "cpu"; every tensor on the CPU; no autocast, no torch.func
+//   reduce (the caller resolves them into reduction first) None; reduction "none" / "mean" /
+//   "sum"; ignore_index an int; label_smoothing a number in [0, 1]; for the loss alone (here, not
+//   on CUDA) z_loss a finite number >= 0, logit_scale a finite number, softcap None or a finite
+//   number > 0 -- with statistics z_loss 0, logit_scale 1, softcap None; backend "auto" or
+//   "cpu"; every tensor on the CPU; no autocast, no torch.func
 //   transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
 //   Python caller (they are Python state).
 #include <ATen/ATen.h>
@@ -32,6 +34,7 @@
 
 #include "checks.h"
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -89,12 +92,14 @@ bool torch_func_active(const Tensor& input) {
 
 Tensor call_cross_entropy_loss(const Tensor& input, const Tensor& target,
                                const std::optional<Tensor>& weight, int64_t reduction,
-                               int64_t ignore_index, double label_smoothing) {
+                               int64_t ignore_index, double label_smoothing, double z_loss,
+                               double logit_scale, double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::cross_entropy_loss", "")
                        .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                     int64_t, int64_t, double)>();
-  return op.call(input, target, weight, reduction, ignore_index, label_smoothing);
+                                     int64_t, int64_t, double, double, double, double)>();
+  return op.call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                 logit_scale, softcap);
 }
 
 using StatsOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -120,7 +125,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
                     int64_t want) {
   const py::object general = py::none();
   if (!THPVariable_CheckExact(input_.ptr()) || !THPVariable_CheckExact(target_.ptr()) ||
-      !size_average.is_none() || !reduce.is_none() || !softcap.is_none())
+      !size_average.is_none() || !reduce.is_none())
     return general;
   const Tensor& input = THPVariable_Unpack(input_.ptr());
   const Tensor& target = THPVariable_Unpack(target_.ptr());
@@ -149,8 +154,15 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   if (prob && ignore_index >= 0) return general;  // torch refuses it: the general path says so
   const auto smoothing = exact_number(label_smoothing_.ptr());
   const auto z = exact_number(z_loss.ptr()), scale = exact_number(logit_scale.ptr());
-  if (!smoothing || !(*smoothing >= 0 && *smoothing <= 1) || !z || *z != 0 || !scale ||
-      *scale != 1 || !(is_str(backend.ptr(), "auto") || is_str(backend.ptr(), "cpu")))
+  const auto cap = softcap.is_none() ? std::optional<double>(0.0) : exact_number(softcap.ptr());
+  if (!smoothing || !(*smoothing >= 0 && *smoothing <= 1) || !z || !scale || !cap ||
+      !(is_str(backend.ptr(), "auto") || is_str(backend.ptr(), "cpu")))
+    return general;
+  // The extras: values the general path takes (nllfused/_checks.py, check_options), else it
+  // names the problem; with statistics, none (the statistics' op has no extras).
+  const bool extras = *z != 0 || *scale != 1 || !softcap.is_none();
+  if (extras && (want != 0 || !(*z >= 0 && std::isfinite(*z)) || !std::isfinite(*scale) ||
+                 (!softcap.is_none() && !(*cap > 0 && std::isfinite(*cap)))))
     return general;
   std::optional<Tensor> weight;
   if (!weight_.is_none()) {
@@ -178,7 +190,8 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   Tensor loss;
   {
     py::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
-    loss = call_cross_entropy_loss(input, target, weight, reduction, ignore_index, *smoothing);
+    loss = call_cross_entropy_loss(input, target, weight, reduction, ignore_index, *smoothing,
+                                   *z, *scale, *cap);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(loss)));
 }

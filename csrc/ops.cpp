@@ -69,11 +69,14 @@ TORCH_LIBRARY(nllfused, m) {
   // The one-call path for torch-compatible calls (csrc/loss.cpp): input and target as
   // torch.nn.functional.cross_entropy takes them (index targets int64, or floating probability
   // targets of the input's shape), weight None or (C,) in the accumulation dtype, reduction as
-  // at::Reduction numbers it (0 none, 1 mean, 2 sum). Returns the reduced loss in the input's
-  // dtype (promoted with probability targets'), as torch's cross_entropy does.
+  // at::Reduction numbers it (0 none, 1 mean, 2 sum); z_loss >= 0 (docs/maths.md: z_loss lse^2
+  // per counted row, 'mean' over the counted rows), logit_scale, softcap (0: none) as ce_fwd's.
+  // Returns the reduced loss in the input's dtype (promoted with probability targets'), as
+  // torch's cross_entropy does.
   m.def(
       "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing) -> Tensor");
+      "int ignore_index, float label_smoothing, float z_loss=0., float logit_scale=1., "
+      "float softcap=0.) -> Tensor");
   // The same with the statistics of nllfused/stats.py (csrc/loss_stats.cpp): (loss, lse,
   // z_loss, predicted, correct, entropy, target_logprob), each reduced as the loss; `want` a mask
   // of the statistics computed (bit i: stats.NAMES[i]; bit 6: lse per row whatever the

@@ -118,7 +118,8 @@ def _bwd_inplace_fake(grad_loss, grad_lse, logits, *rest):
     return None
 
 
-def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0,
+               logit_scale=1.0, softcap=0.0):
     """nllfused::cross_entropy_loss (csrc/loss.cpp): a scalar, or one loss per row under
     reduction 0 ('none'), in the input's dtype (promoted with probability targets')."""
     torch._check(input.dim() >= 1, lambda: "input must have a class dimension")

@@ -178,7 +178,14 @@ def test_stats_match_float64_torch(device, backend, options, reduction, dtype, p
     if backend != "torch":  # (whose chunked loss, torch_ref.chunk_loss_and_grad, rounds apart)
         # The same kernels on the same chunks: the same loss as without statistics, bit for bit.
         plain = nllfused.linear_cross_entropy(*args, reduction=reduction, backend=backend, **dkw)
-        assert torch.equal(loss, plain)
+        extras = any(k in kw for k in ("z_loss", "logit_scale", "softcap"))
+        if path == "whole" and backend == "cpu" and reduction != "none" and extras:
+            # (the whole logits to cross_entropy: there the plain call takes the one-call op,
+            # which sums the rows in double (csrc/loss.cpp), the call with statistics and
+            # extras the general path, as test_stats.py's)
+            torch.testing.assert_close(loss, plain, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        else:
+            assert torch.equal(loss, plain)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

@@ -139,11 +139,14 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     # naming the backend this path runs anyway (the benchmark's providers do)
     assert took_one_call(nllfused.cross_entropy(x, t, backend=device))
     general = [
-        dict(z_loss=1e-4), dict(logit_scale=0.5), dict(softcap=3.0), dict(backend="torch"),
+        dict(backend="torch"),
         dict(weight=torch.rand(5, dtype=torch.float64, device=device)),  # converted first
     ]
     for kw in general:
         assert not took_one_call(nllfused.cross_entropy(x, t, **kw)), kw
+    # nllfused's extras: one call on the CPU (tests/test_one_call_extras.py), not on CUDA
+    for kw in [dict(z_loss=1e-4), dict(logit_scale=0.5), dict(softcap=3.0)]:
+        assert took_one_call(nllfused.cross_entropy(x, t, **kw)) == (device == "cpu"), kw
     # torch's deprecated size_average / reduce: resolved into the reduction first
     with pytest.warns(UserWarning, match="size_average"):
         assert took_one_call(nllfused.cross_entropy(x, t, size_average=False))

@@ -289,10 +289,10 @@ Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& gr
 
 SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
                                 const std::optional<Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing) {
+                                double label_smoothing, double logit_scale, double softcap) {
   double sums[kSums] = {};
   auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
-                   label_smoothing, 1.0, 0.0, false, false, true, true, sums);
+                   label_smoothing, logit_scale, softcap, false, false, true, true, sums);
   return {o[0], o[1], o[2], sums[kSumLoss], sums[kSumAux],
           sums[kSummed] != 0};  // summed: what the kernels did
 }
