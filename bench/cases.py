@@ -3,7 +3,8 @@
 A case is one problem, the same for every provider:
   kind "ce"      logits of `shape` (class dim at 1) and class-index targets -> F.cross_entropy
                  (`soft`: class-probability targets of the logits' shape and dtype instead:
-                 distillation, soft labels)
+                 distillation, soft labels; `options`: nllfused's extras z_loss, logit_scale,
+                 softcap, which the torch provider writes as torch ops)
   kind "linear"  hidden (N, H), classifier weight (C, H), targets -> F.cross_entropy(F.linear(...))
 Targets are class indices with about 10% set to ignore_index, reduction 'mean' (the LLM case).
 Inputs are generated from a per-case seed, so every provider, and the float64 reference, can get
@@ -23,6 +24,8 @@ MODES = ("fwd", "fwd_bwd")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# nllfused's loss options beyond torch's (docs/maths.md), as cases name them.
+EXTRAS = {"z_loss": "z", "logit_scale": "scale", "softcap": "softcap"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class Case:
     dtype: torch.dtype
     modes: tuple = MODES
     soft: bool = False  # kind "ce": probability targets (softmax of random logits)
+    # kind "ce": (name, value) pairs of the loss's extras (EXTRAS), passed to every provider
+    options: tuple = ()
+
+    @property
+    def loss_options(self) -> dict:
+        return dict(self.options)
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +72,7 @@ class Case:
             return f"N{n}·H{h}·C{c}"
         name = (f"N{self.shape[0]}·C{self.shape[1]}" if len(self.shape) == 2
                 else "x".join(str(s) for s in self.shape))
+        name += "".join(f"·{EXTRAS[k]}{v:g}" for k, v in self.options)
         return name + "·soft" if self.soft else name
 
     @property
@@ -90,7 +100,8 @@ class Case:
 
     def seed(self) -> int:
         # Stable across runs and processes (str hash is salted per process).
-        key = f"{self.kind}:{self.shape}:{self.dtype}" + (":soft" if self.soft else "")
+        key = f"{self.kind}:{self.shape}:{self.dtype}" + (":soft" if self.soft else "") + (
+            f":{self.options}" if self.options else "")
         return sum((i + 1) * ord(ch) for i, ch in enumerate(key)) % (2 ** 31)
 
 
@@ -182,6 +193,13 @@ def _preset_table(device_type: str) -> dict:
         # Probability targets (distillation, soft labels) over the small, mid and vision shapes.
         "soft": [("ce-soft", [(64, 10), (4096, 1000), (8, 21, 128, 128), (2, 300, 64, 64),
                               (256, 32000)], bf16_fp32, MODES)],
+        # nllfused's extras against torch's own composition of them (F.cross_entropy after x * a
+        # or s * tanh(x / s), plus z_loss * logsumexp^2): Gemma 2's softcap 30, PaLM's z-loss
+        # 1e-4, a temperature; a classifier, a mid head and an LM head.
+        "extras": [("ce", ([(64, 10), (4096, 32000), (4096, 256000)] if gpu else
+                           [(64, 10), (256, 1000), (1024, 32000)]), bf16_fp32, MODES, options)
+                   for options in ((("softcap", 30.0),), (("z_loss", 1e-4),),
+                                   (("logit_scale", 0.7),))],
         # The shapes the GPU kernels map specially: few long rows (decoding, RL scoring), very
         # many 10-class rows, a segmentation map.
         "edge": [("ce", [(64, 256000), (4194304, 10), (16, 21, 512, 512)], bf16_fp32, MODES)],
@@ -190,7 +208,7 @@ def _preset_table(device_type: str) -> dict:
 
 FULL = ("llm", "vision", "linear")
 PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "linear-small", "cpu", "small",
-           "mid", "soft", "edge", "full", "smoke")
+           "mid", "soft", "extras", "edge", "full", "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
@@ -207,6 +225,8 @@ PRESET_HELP = {
     "mid": "rows of 300 to 1000 classes, flat and K-dim (2,300,64,64), (4,1000,32,32)",
     "soft": "probability targets: (64,10), (4096,1000), (8,21,128,128), (2,300,64,64), "
             "(256,32000)",
+    "extras": "softcap 30, z_loss 1e-4, logit_scale 0.7 against torch's composition: (64,10), "
+              "(256,1000), (1024,32000) on the CPU; (64,10), (4096,32000), (4096,256000) on a GPU",
     "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
     "full": "llm + vision + linear (+ cpu on the CPU)",
     "smoke": "tiny shapes, seconds: for tests",
@@ -236,12 +256,13 @@ def build_cases(preset_names: list, device: torch.device, dtypes: Optional[list]
     table = _preset_table(device.type)
     cases = []
     for preset in expand_presets(preset_names, device):
-        for kind, shapes, preset_dtypes, preset_modes in table[preset]:
+        for kind, shapes, preset_dtypes, preset_modes, *options in table[preset]:
             soft = kind == "ce-soft"  # kind "ce" with probability targets
             for dtype in (dtypes or preset_dtypes):
                 for shape in shapes:
                     case = Case(preset, "ce" if soft else kind, tuple(shape), dtype,
-                                tuple(modes) if modes else tuple(preset_modes), soft)
+                                tuple(modes) if modes else tuple(preset_modes), soft,
+                                options[0] if options else ())
                     if case not in cases:
                         cases.append(case)
     return cases

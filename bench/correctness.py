@@ -63,25 +63,36 @@ def errors(case: Case, device: torch.device, loss: torch.Tensor, grads: list) ->
     else:
         counted = (target != IGNORE_INDEX).sum().double()
     if case.kind == "ce":
-        ref_loss, grad_err = _ce_reference(pristine.logits, target, counted, grads[0])
+        ref_loss, grad_err = _ce_reference(pristine.logits, target, counted, grads[0],
+                                           **case.loss_options)
     else:
         ref_loss, grad_err = _linear_reference(pristine, counted, grads)
     loss_err = ((loss.double() - ref_loss).abs() / ref_loss.abs()).item()
     return loss_err, grad_err
 
 
-def _ce_reference(logits, target, counted, grad):
+def _ce_reference(logits, target, counted, grad, z_loss=0.0, logit_scale=1.0, softcap=None):
+    """With the extras (docs/maths.md): z = softcap(logit_scale x), and z_loss lse^2 on each
+    counted row, over the same count (no class weights here)."""
     per_item = logits[0].numel() * 8
     loss_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
     err = _MaxError(logits.device)
     for s in _slices(logits.shape[0], per_item):
-        z = logits[s].double().requires_grad_()
+        x = logits[s].double().requires_grad_()
+        z = x * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
         t = target[s].double() if target.is_floating_point() else target[s]
         part = F.cross_entropy(z, t, ignore_index=IGNORE_INDEX, reduction="sum")
-        (g,) = torch.autograd.grad(part, z)
+        if z_loss:
+            lse = torch.logsumexp(z, 1)
+            rows = torch.ones_like(lse, dtype=torch.bool) if t.is_floating_point() \
+                else t != IGNORE_INDEX
+            part = part + z_loss * torch.where(rows, lse * lse, 0.0).sum()
+        (g,) = torch.autograd.grad(part, x)
         err.add(grad[s], g / counted)
         loss_sum += part.detach()
-        del z, g, part
+        del x, z, g, part
     return loss_sum / counted, err.value()
 
 

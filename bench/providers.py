@@ -4,7 +4,8 @@ A provider gives, for each kind of case it handles, a loss function:
   kind "ce":      fn(logits, target) -> loss            (F.cross_entropy semantics; target
                                                         class indices or, `soft`, probabilities)
   kind "linear":  fn(hidden, weight, target) -> loss    (F.cross_entropy(F.linear(hidden, weight)))
-always with ignore_index=IGNORE_INDEX and reduction 'mean'. Functions are built once per run
+always with ignore_index=IGNORE_INDEX and reduction 'mean', and with a case's extras as keyword
+arguments (z_loss, logit_scale, softcap: Case.options). Functions are built once per run
 (`Provider.function`), so a torch.compile'd one keeps its compiled graphs from case to case.
 
 Other packages (Liger-Kernel, quack, Cut Cross-Entropy) are optional: a provider whose package is
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .cases import IGNORE_INDEX, Case
+from .cases import EXTRAS, IGNORE_INDEX, Case
 
 Factory = Callable[[], Callable]
 
@@ -36,6 +37,7 @@ class Provider:
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     two_d_only: bool = False  # takes (N, C) logits only, not (N, C, d1, ...)
     soft_targets: bool = True  # takes probability targets (cases with `soft`)
+    extras: frozenset = frozenset(EXTRAS)  # the loss options (Case.options) it takes
     mutates_inputs: bool = False  # writes into its inputs: gets its own (runner._inputs_for)
     _built: dict = field(default_factory=dict, repr=False)
 
@@ -48,6 +50,9 @@ class Provider:
             return "takes (N, C) logits only"
         if case.soft and not self.soft_targets:
             return "takes class-index targets only"
+        missing = [k for k, _ in case.options if k not in self.extras]
+        if missing:
+            return f"takes no {', '.join(missing)}"
         return None
 
     def function(self, kind: str) -> Callable:
@@ -59,8 +64,18 @@ class Provider:
 # ---- torch ------------------------------------------------------------------------------------
 
 def _torch_ce():
-    def torch_ce(logits, target):
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    def torch_ce(logits, target, z_loss=0.0, logit_scale=1.0, softcap=None):
+        # nllfused's extras as a torch user writes them (docs/maths.md): the transform, then
+        # z_loss * lse^2 averaged over the counted rows
+        z = logits * logit_scale if logit_scale != 1.0 else logits
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        loss = F.cross_entropy(z, target, ignore_index=IGNORE_INDEX)
+        if z_loss:
+            lse = torch.logsumexp(z.float(), 1)
+            counted = target != IGNORE_INDEX
+            loss = loss + z_loss * torch.where(counted, lse * lse, 0.0).sum() / counted.sum()
+        return loss
     return torch_ce
 
 
@@ -106,9 +121,9 @@ def _nllfused_ce(backend: str) -> Factory:
     def build():
         import nllfused
 
-        def nllfused_ce(logits, target):
+        def nllfused_ce(logits, target, **extras):
             return nllfused.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
-                                          backend=backend)
+                                          backend=backend, **extras)
         return nllfused_ce
     return build
 
@@ -116,13 +131,13 @@ def _nllfused_ce(backend: str) -> Factory:
 def _nllfused_stats_ce():
     import nllfused
 
-    def nllfused_stats_ce(logits, target):
+    def nllfused_stats_ce(logits, target, **extras):
         # What an RL trainer asks for: entropy (in the loss, so the backward carries its
         # gradient), the target's log-probability and the argmax. The entropy enters with
         # weight 0, so that the value is the cross-entropy the correctness check computes.
         loss, st = nllfused.cross_entropy(
             logits, target, ignore_index=IGNORE_INDEX,
-            return_stats=("entropy", "target_logprob", "predicted"))
+            return_stats=("entropy", "target_logprob", "predicted"), **extras)
         return loss + 0.0 * st.entropy
     return nllfused_stats_ce
 
@@ -177,13 +192,22 @@ def _needs(package: str, pip_name: str, cuda_only: bool = True):
 
 def _liger_ce():
     from liger_kernel.transformers.functional import liger_cross_entropy
-    return _mean_ignoring(liger_cross_entropy)
+    ce = _mean_ignoring(liger_cross_entropy)
+
+    def liger_ce(logits, target, z_loss=0.0, softcap=None):
+        # Liger-Kernel's names: lse_square_scale is the z-loss (over the counted rows too);
+        # passed only when set, as versions before them take neither
+        kw = dict(lse_square_scale=z_loss) if z_loss else {}
+        if softcap is not None:
+            kw["softcap"] = softcap
+        return ce(logits, target, **kw)
+    return liger_ce
 
 
 def _mean_ignoring(fn):
     """fn(*inputs, target) with the benchmark's loss options: ignore_index, reduction 'mean'."""
-    def loss(*args):
-        return fn(*args, ignore_index=IGNORE_INDEX, reduction="mean")
+    def loss(*args, **kwargs):
+        return fn(*args, ignore_index=IGNORE_INDEX, reduction="mean", **kwargs)
     return loss
 
 
@@ -235,11 +259,13 @@ def _registry() -> dict:
     providers += [
         Provider("liger", "Liger-Kernel cross entropy / fused linear cross entropy",
                  _liger_ce, _liger_linear, _needs("liger_kernel", "liger-kernel"),
-                 two_d_only=True, mutates_inputs=True, soft_targets=False),
+                 two_d_only=True, mutates_inputs=True, soft_targets=False,
+                 extras=frozenset({"z_loss", "softcap"})),
         Provider("quack", "quack (CuTe DSL) cross_entropy", _quack_ce, None,
-                 _needs("quack", "quack-kernels"), two_d_only=True, soft_targets=False),
+                 _needs("quack", "quack-kernels"), two_d_only=True, soft_targets=False,
+                 extras=frozenset()),
         Provider("cce", "Cut Cross-Entropy linear_cross_entropy", None, _cce_linear,
-                 _needs("cut_cross_entropy", "cut-cross-entropy")),
+                 _needs("cut_cross_entropy", "cut-cross-entropy"), extras=frozenset()),
     ]
     return {p.name: p for p in providers}
 

@@ -5,6 +5,7 @@ failures are reported per case ("oom", "error") and the run goes on.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from dataclasses import asdict, dataclass
@@ -149,6 +150,8 @@ class Runner:
         inputs = None
         try:
             fn = provider.function(case.kind)
+            if case.options:  # the case's extras as keyword arguments
+                fn = functools.partial(fn, **case.loss_options)
             inputs = self._inputs_for(case, provider)
             loss_err, grad_err = self._check(case, fn, inputs)
         except Exception as exc:  # noqa: BLE001 (any failure is reported, the run goes on)

@@ -227,6 +227,41 @@ def test_soft_cases_run_with_probability_targets(tmp_path, monkeypatch):
     assert rc == 0
 
 
+def test_extras_cases_pass_their_options_to_every_provider(tmp_path, monkeypatch):
+    """Preset `extras`: nllfused's z_loss / logit_scale / softcap, named in the case, given to
+    every provider as keyword arguments and checked against float64 torch with them, so that a
+    provider ignoring them is `wrong`; a provider that takes no such option is `n/a`."""
+    extras = cases.build_cases(["extras"], torch.device("cpu"))
+    assert {k for c in extras for k, _ in c.options} == {"z_loss", "logit_scale", "softcap"}
+    assert {c.name for c in extras} >= {"N64·C10·softcap30", "N256·C1000·z0.0001",
+                                        "N1024·C32000·scale0.7"}
+    assert len({c.seed() for c in extras}) == len({(c.shape, c.dtype, c.options) for c in extras})
+
+    def plain():  # takes the options and computes the plain loss
+        return lambda logits, target, **kw: F.cross_entropy(logits, target,
+                                                            ignore_index=cases.IGNORE_INDEX)
+
+    monkeypatch.setitem(providers.REGISTRY, "plain", providers.Provider("plain", "t", plain))
+    monkeypatch.setitem(providers.REGISTRY, "bare", providers.Provider(
+        "bare", "t", plain, extras=frozenset()))
+    monkeypatch.setattr(cases, "_preset_table", lambda device: {
+        "smoke": [("ce", [(40, 7), (3, 5, 4, 3)], (torch.float32, torch.bfloat16), ("fwd",), o)
+                  for o in ((("softcap", 2.0),), (("z_loss", 0.05),), (("logit_scale", 0.3),),
+                            (("z_loss", 0.05), ("logit_scale", 1.5), ("softcap", 3.0)))]})
+    rc, _, data = _run(tmp_path, "--providers",
+                       "torch,nllfused-cpu,nllfused-torch,nllfused-stats,plain,bare")
+    status = {(r["provider"], r["case"], r["dtype"]): r["status"] for r in data["results"]}
+    names = {r["case"] for r in data["results"]}
+    assert len(names) == 8 and all("·" in n for n in names)
+    for name in names:
+        for dtype in ("fp32", "bf16"):
+            for ok in ("torch", "nllfused-cpu", "nllfused-torch", "nllfused-stats"):
+                assert status[(ok, name, dtype)] == "ok", (ok, name, dtype)
+            assert status[("plain", name, dtype)] == "wrong", (name, dtype)
+            assert status[("bare", name, dtype)] == "n/a"
+    assert rc == 0
+
+
 def test_cpu_peak_memory_tracks_live_bytes():
     cpu = torch.device("cpu")
 
