@@ -45,72 +45,6 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using namespace one_call_ops;
 
-// The options beyond torch's cross_entropy (docs/maths.md): the z-loss coefficient, logit_scale
-// and softcap (0: none).
-struct Extras {
-  double z_loss = 0, logit_scale = 1, softcap = 0;
-};
-
-// What this op computes, in torch ops (the second-order backward differentiates it): torch's
-// cross_entropy of z = softcap(logit_scale x), plus z_loss lse^2 on each counted row (every row
-// for probability targets), added to the rows and, under 'mean' with index targets, averaged over
-// the number of counted rows whatever the class weights.
-Tensor torch_loss(const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
-                  int64_t reduction, int64_t ignore_index, double label_smoothing,
-                  const Extras& ex) {
-  Tensor z = ex.logit_scale == 1 ? x : x * ex.logit_scale;
-  if (ex.softcap != 0) z = at::tanh(z / ex.softcap) * ex.softcap;
-  if (ex.z_loss == 0)
-    return at::cross_entropy_loss(z, target, weight, reduction, ignore_index, label_smoothing);
-  const bool prob = prob_target(target);
-  const Tensor lse = at::logsumexp(z, {x.dim() == 1 ? 0 : 1});
-  Tensor z_rows = lse * ex.z_loss * lse;
-  if (!prob) z_rows = at::where(target != ignore_index, z_rows, at::zeros({}, z_rows.options()));
-  if (reduction == kMean && !prob)
-    return at::cross_entropy_loss(z, target, weight, kMean, ignore_index, label_smoothing) +
-           z_rows.sum() / (target != ignore_index).sum();
-  const Tensor rows =
-      at::cross_entropy_loss(z, target, weight, kNone, ignore_index, label_smoothing) + z_rows;
-  return reduction == kNone ? rows : reduction == kSum ? rows.sum() : rows.mean();
-}
-
-// reduce_rows (csrc/loss.h) with the z-loss term z_loss lse^2 of each counted row: added to the
-// rows for 'none', 'sum' and probability targets' 'mean'; for index targets' 'mean' its sum over
-// the number of counted rows beside the loss's over the summed weights (on the CPU both sums in
-// double, rounded once). The term's rows are rounded to the loss rows' dtype first, as the
-// general path's (nllfused/backends/torch_ref.py, reduce).
-Tensor reduce_with_z_loss(const Tensor& loss, const Tensor& lse, const Tensor& aux,
-                          int64_t reduction, const Tensor& input, const Tensor& target,
-                          const Tensor& target2, int64_t ignore_index, double z_loss) {
-  if (z_loss == 0) return reduce_rows(loss, aux, reduction, input, target);
-  const bool prob = prob_target(target);
-  const Tensor counted = prob ? Tensor() : target2 != ignore_index;
-  const Tensor l = prob ? lse : at::where(counted, lse, at::zeros({}, lse.options()));
-  const Tensor z_rows = (l * z_loss * l).to(loss.scalar_type());
-  if (reduction != kMean || prob) return reduce_rows(loss + z_rows, aux, reduction, input, target);
-  const auto dtype = loss_dtype(input, target);
-  if (loop_reduce(loss) && loop_reduce(aux) && loop_reduce(z_rows)) {
-    const double count = static_cast<double>(counted.sum().item<int64_t>());  // (CPU: no sync)
-    const double r = cpu_sum(loss) / cpu_sum(aux) + cpu_sum(z_rows) / count;
-    return at::scalar_tensor(r, input.options().dtype(dtype).requires_grad(false));
-  }
-  return as_dtype(loss.sum() / aux.sum() + z_rows.sum() / counted.sum(), dtype);
-}
-
-// The z-loss term's gradient in lse, ce_bwd's grad_lse ((N, D) float64): 2 z_loss lse times the
-// term's upstream gradient -- per row ('none'), the value ('sum'), the value over the counted
-// rows ('mean'; over the rows for probability targets) -- and 0 on the rows that do not count,
-// whatever their lse.
-Tensor z_loss_lse_grad(const Tensor& grad, const Tensor& lse, const Tensor& target2,
-                       int64_t ignore_index, int64_t reduction, bool prob, double z_loss) {
-  Tensor g = grad.to(at::kDouble);
-  if (reduction == kNone) g = g.reshape(lse.sizes());
-  const Tensor counted = prob ? Tensor() : target2 != ignore_index;
-  if (reduction == kMean) g = prob ? g / c10::Scalar(lse.sym_numel()) : g / counted.sum();
-  const Tensor d = lse * (2 * z_loss) * g;
-  return prob ? d : at::where(counted, d, at::zeros({}, d.options()));
-}
-
 // The graph node of one cross_entropy_loss call, written as torch's own generated nodes are
 // (saved variables and options as members): torch::autograd::Function's generic node, with its
 // context map, argument bookkeeping and output checks, cost more than the whole 10-class
@@ -203,12 +137,7 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
                     const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
                     double label_smoothing, const Extras& ex) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
-  TORCH_CHECK_VALUE(ex.z_loss >= 0 && std::isfinite(ex.z_loss) &&
-                        std::isfinite(ex.logit_scale) && ex.softcap >= 0 &&
-                        std::isfinite(ex.softcap),
-                    "nllfused::cross_entropy_loss: z_loss must be finite and >= 0, logit_scale "
-                    "finite, softcap finite and > 0 (0: none); got ", ex.z_loss, ", ",
-                    ex.logit_scale, ", ", ex.softcap);
+  check_extras("nllfused::cross_entropy_loss", ex);
   auto [logits, target2] = canonical(input, target);
   const bool prob = prob_target(target);
   const double a = ex.logit_scale, s = ex.softcap;

@@ -13,8 +13,12 @@
 // loss's -- the CPU kernel's own in its pass on its lanes path (up to lane_max_classes classes),
 // add_up_rows's over the rows it wrote elsewhere; traced calls (fake or functional tensors):
 // torch's sums in the statistic's dtype, as stats.reduce's (assemble).
-// z_loss is the term z_loss * lse^2 with z_loss = 0 (this path has no z-loss): 0 on counted rows
-// whose lse is finite, NaN where it is not, as the general path computes it.
+// z_loss is the term z_loss * lse^2 (0 on counted rows whose lse is finite, NaN where it is not,
+// for z_loss = 0), as the general path computes it. nllfused's extras (z_loss, logit_scale,
+// softcap) are taken with lse and z_loss only (return_lse / return_z_loss: Liger-Kernel's
+// lse_square_scale with return_z_loss): the plain ce_fwd and the loss as csrc/loss.cpp reduces
+// it, so the loss is the plain call's bits; the statistics of the kernels' pass with extras take
+// the general path.
 //
 // Gradients: the loss, entropy and target_logprob, through nllfused::ce_bwd_stats. A second order
 // (create_graph=True) recomputes the per-row statistics through ce_fwd_stats's own autograd
@@ -109,11 +113,13 @@ Tensor reduce_stat(const Tensor& v, const Tensor& counted, const Tensor& count,
 
 // The op's outputs from ce_fwd_stats's per-row ones (the loss as csrc/loss.cpp reduces it).
 Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
-                 const Tensor& target, int64_t reduction, int64_t ignore_index, int64_t want) {
+                 const Tensor& target, int64_t reduction, int64_t ignore_index, int64_t want,
+                 double z_loss) {
   const auto& [loss_rows, lse, aux, entropy, tlp, predicted] = rows;
   const auto acc = aux.scalar_type();
   const auto shape = target.sizes();
-  const Tensor loss = reduce_rows(loss_rows, aux, reduction, input, target);
+  const Tensor loss = reduce_with_z_loss(loss_rows, lse, aux, reduction, input, target, target2,
+                                         ignore_index, z_loss);
   const Tensor counted = target2 != ignore_index;
   const Tensor count = reduction == kMean ? counted.sum() : Tensor();
   std::array<Tensor, 6> s;
@@ -122,8 +128,8 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
     const Tensor lse_acc = lse.to(acc, false, /*copy=*/(want & kLseRows) != 0);
     if (want & kLse) s[0] = reduce_stat(lse_acc, counted, count, reduction, false, shape);
     if (want & kLseRows) s[0] = lse_acc.reshape(shape);
-    if (want & kZLoss) s[1] = reduce_stat((0.0 * lse * lse).to(acc), counted, count, reduction,
-                                          true, shape);
+    if (want & kZLoss) s[1] = reduce_stat((z_loss * lse * lse).to(acc), counted, count,
+                                          reduction, true, shape);
   }
   if (want & kPredicted) s[2] = predicted.reshape(shape);
   if (want & kCorrect) {
@@ -229,6 +235,7 @@ struct CrossEntropyLossStatsBackward final : Node {
   SavedVariable input_, target_, lse_, aux_, entropy_, weight_;
   int64_t reduction = kMean, ignore_index = -100, want = 0;
   double label_smoothing = 0;
+  Extras extras;  // with lse / z_loss only (no kernel statistics, never summed)
   bool summed = false;  // aux_ is aux's sum, `counted` the counted rows (forward_parts)
   double counted = 0;
   std::mutex mutex;
@@ -275,6 +282,15 @@ struct CrossEntropyLossStatsBackward final : Node {
       if (ent) g_ent = stat_row_grads(grads[1], counted_rows, reduction, false, acc);
       if (tlp) g_tlp = stat_row_grads(grads[2], counted_rows, reduction, true, acc);
     }
+    if (at::GradMode::is_enabled() && any_extras(extras)) {  // (the loss's gradient alone)
+      const Tensor x = at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0),
+                                 input, at::zeros({}, input.options()));
+      const Tensor ref = torch_loss(x, target.to(at::kLong), weight, reduction, ignore_index,
+                                    label_smoothing, extras);
+      out[0] = torch::autograd::grad({ref}, {input}, {grads[0]}, /*retain_graph=*/true,
+                                     /*create_graph=*/true)[0];
+      return out;
+    }
     if (at::GradMode::is_enabled()) {
       out[0] = second_order(input, target, logits, target2, weight, grads[0], g_ent, g_tlp);
       return out;
@@ -287,8 +303,12 @@ struct CrossEntropyLossStatsBackward final : Node {
                             : row_grads(grads[0], aux, reduction);
     const Tensor& aux_rows = summed ? g_loss : aux;
     if (!g_ent && !g_tlp) {  // the loss's gradient alone: the plain backward
+      std::optional<Tensor> grad_lse;
+      if (extras.z_loss != 0 && grads[0].defined())
+        grad_lse = z_loss_lse_grad(grads[0], lse, target2, ignore_index, reduction, false,
+                                   extras.z_loss);
       out[0] = ce_bwd(g_loss, logits, target2, weight, lse, aux_rows, ignore_index,
-                      label_smoothing)
+                      label_smoothing, false, grad_lse, extras.logit_scale, extras.softcap)
                    .view(input.sizes());
       return out;
     }
@@ -335,6 +355,9 @@ struct CrossEntropyLossStatsBackward final : Node {
     args.collect(ignore_index);
     args.collect(want);
     args.collect(label_smoothing);
+    args.collect(extras.z_loss);
+    args.collect(extras.logit_scale);
+    args.collect(extras.softcap);
     args.collect(summed);
   }
 
@@ -366,12 +389,17 @@ struct Parts {
 
 Parts forward_parts(const Tensor& input, const Tensor& target,
                     const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
-                    double label_smoothing, int64_t want) {
+                    double label_smoothing, int64_t want, const Extras& ex) {
   check_args(reduction, want);
+  check_extras(kOp, ex);
   TORCH_CHECK(!prob_target(target), kOp, ": takes class-index targets only (probability "
               "targets' statistics take nllfused.cross_entropy's general path)");
+  const bool extras = any_extras(ex);
+  TORCH_CHECK_NOT_IMPLEMENTED(!extras || !(want & kKernelStats), kOp, ": z_loss, logit_scale "
+                              "and softcap are taken with lse and z_loss only (the other "
+                              "statistics with them take nllfused.cross_entropy's general path)");
   auto [logits, target2] = canonical(input, target);
-  if (reduction != kNone && plain_cpu(logits) && plain_cpu(target2)) {
+  if (reduction != kNone && !extras && plain_cpu(logits) && plain_cpu(target2)) {
     // The CPU kernel adds the rows and their statistics up in its own pass where it can (the
     // lanes path of few classes), add_up_rows where it wrote rows: assemble_summed.
     auto f = nllfused_cpu::ce_fwd_stats_summed_cpu(
@@ -386,17 +414,21 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
   if (want & kKernelStats) {
     rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing, want, false);
   } else {
-    auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing);
+    auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing, false,
+                                   ex.logit_scale, ex.softcap);
     rows = {loss, lse, aux, Tensor(), Tensor(), Tensor()};
   }
-  Outputs out = assemble(rows, input, target2, target, reduction, ignore_index, want);
+  Outputs out =
+      assemble(rows, input, target2, target, reduction, ignore_index, want, ex.z_loss);
   return {std::move(out), std::move(rows)};
 }
 
 Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& target,
                                           const std::optional<Tensor>& weight,
                                           int64_t reduction, int64_t ignore_index,
-                                          double label_smoothing, int64_t want) {
+                                          double label_smoothing, int64_t want, double z_loss,
+                                          double logit_scale, double softcap) {
+  const Extras ex{z_loss, logit_scale, softcap};
   TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input), kOp,
                               ": forward-mode AD is not supported (nllfused.cross_entropy "
                               "takes the general path under it)");
@@ -404,7 +436,7 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
   Parts p;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, want);
+    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, want, ex);
   }
   Outputs& out = p.out;
   const Rows& rows = p.rows;
@@ -422,6 +454,7 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
   n->ignore_index = ignore_index;
   n->want = want;
   n->label_smoothing = label_smoothing;
+  n->extras = ex;
   n->summed = p.summed;
   n->counted = p.counted;
   // the node's inputs 0, 1, 2: the loss, entropy, target_logprob (in that order)
@@ -435,8 +468,10 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
 Outputs cross_entropy_loss_stats_forward(const Tensor& input, const Tensor& target,
                                          const std::optional<Tensor>& weight, int64_t reduction,
                                          int64_t ignore_index, double label_smoothing,
-                                         int64_t want) {
-  return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, want)
+                                         int64_t want, double z_loss, double logit_scale,
+                                         double softcap) {
+  return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, want,
+                       Extras{z_loss, logit_scale, softcap})
       .out;
 }
 

@@ -18,9 +18,10 @@
 //   2 or more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
 //   weight None or (C,) contiguous in the accumulation dtype, not requiring grad; size_average,
 //   reduce (the caller resolves them into reduction first) None; reduction "none" / "mean" /
-//   "sum"; ignore_index an int; label_smoothing a number in [0, 1]; for the loss alone (here, not
-//   on CUDA) z_loss a finite number >= 0, logit_scale a finite number, softcap None or a finite
-//   number > 0 -- with statistics z_loss 0, logit_scale 1, softcap None; backend "auto" or
+//   "sum"; ignore_index an int; label_smoothing a number in [0, 1]; for the loss alone or with
+//   lse / z_loss only (here, not on CUDA) z_loss a finite number >= 0, logit_scale a finite
+//   number, softcap None or a finite number > 0 -- with other statistics z_loss 0, logit_scale
+//   1, softcap None; backend "auto" or
 //   "cpu"; every tensor on the CPU; no autocast, no torch.func
 //   transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
 //   Python caller (they are Python state).
@@ -107,13 +108,15 @@ using StatsOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
 StatsOutputs call_cross_entropy_loss_stats(const Tensor& input, const Tensor& target,
                                            const std::optional<Tensor>& weight, int64_t reduction,
                                            int64_t ignore_index, double label_smoothing,
-                                           int64_t want) {
+                                           int64_t want, double z_loss, double logit_scale,
+                                           double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::cross_entropy_loss_stats", "")
                        .typed<StatsOutputs(const Tensor&, const Tensor&,
                                            const std::optional<Tensor>&, int64_t, int64_t, double,
-                                           int64_t)>();
-  return op.call(input, target, weight, reduction, ignore_index, label_smoothing, want);
+                                           int64_t, double, double, double)>();
+  return op.call(input, target, weight, reduction, ignore_index, label_smoothing, want, z_loss,
+                 logit_scale, softcap);
 }
 
 // want: 0 for the loss alone; else a mask of statistics (csrc/loss_stats.cpp), and the result
@@ -159,9 +162,12 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
       !(is_str(backend.ptr(), "auto") || is_str(backend.ptr(), "cpu")))
     return general;
   // The extras: values the general path takes (nllfused/_checks.py, check_options), else it
-  // names the problem; with statistics, none (the statistics' op has no extras).
+  // names the problem; with statistics, only with lse and z_loss (csrc/loss_stats.cpp: bits 0,
+  // 1 and 6), which need nothing of the kernels' statistics pass.
+  constexpr int64_t kLseAndZLoss = 1 | 2 | 64;
   const bool extras = *z != 0 || *scale != 1 || !softcap.is_none();
-  if (extras && (want != 0 || !(*z >= 0 && std::isfinite(*z)) || !std::isfinite(*scale) ||
+  if (extras && ((want & ~kLseAndZLoss) != 0 || !(*z >= 0 && std::isfinite(*z)) ||
+                 !std::isfinite(*scale) ||
                  (!softcap.is_none() && !(*cap > 0 && std::isfinite(*cap)))))
     return general;
   std::optional<Tensor> weight;
@@ -181,7 +187,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     {
       py::gil_scoped_release no_gil;
       out = call_cross_entropy_loss_stats(input, target, weight, reduction, ignore_index,
-                                          *smoothing, want);
+                                          *smoothing, want, *z, *scale, *cap);
     }
     auto wrap = [](Tensor& t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(t)); };
     auto& [a, b, c, d, e, f, g] = out;

@@ -80,10 +80,12 @@ TORCH_LIBRARY(nllfused, m) {
   // The same with the statistics of nllfused/stats.py (csrc/loss_stats.cpp): (loss, lse,
   // z_loss, predicted, correct, entropy, target_logprob), each reduced as the loss; `want` a mask
   // of the statistics computed (bit i: stats.NAMES[i]; bit 6: lse per row whatever the
-  // reduction, return_lse's); the others are empty (0,) tensors.
+  // reduction, return_lse's); the others are empty (0,) tensors. z_loss, logit_scale, softcap as
+  // cross_entropy_loss's, with the lse and z_loss bits only (NotImplementedError otherwise).
   m.def(
       "cross_entropy_loss_stats(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing, int want) "
+      "int ignore_index, float label_smoothing, int want, float z_loss=0., "
+      "float logit_scale=1., float softcap=0.) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ce_fwd_triton(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "

@@ -174,8 +174,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
             if out is not None:
                 return out[0], stats.from_one_call(names, out[1:])
         elif not return_stats:
-            # return_z_loss / return_lse alone: the same call, its z-loss term (the one-call
-            # path has z_loss = 0) and its lse rows (stats.LSE_ROWS)
+            # return_z_loss / return_lse alone: the same call, its z-loss term and its lse
+            # rows (stats.LSE_ROWS); with z_loss, logit_scale, softcap too
             want = (stats.mask({"z_loss"}) if return_z_loss else 0) | (
                 stats.LSE_ROWS if return_lse else 0)
             out = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,

@@ -130,7 +130,8 @@ def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing, 
     return input.new_empty(rows if reduction == 0 else (), dtype=dtype)
 
 
-def _loss_stats_fake(input, target, weight, reduction, ignore_index, label_smoothing, want):
+def _loss_stats_fake(input, target, weight, reduction, ignore_index, label_smoothing, want,
+                     z_loss=0.0, logit_scale=1.0, softcap=0.0):
     """nllfused::cross_entropy_loss_stats (csrc/loss_stats.cpp): the loss as _loss_fake, then
     per statistic (stats.NAMES order) its reduced value, or an empty (0,) tensor where `want`
     lacks its bit; lse per row where `want` has bit 6 (stats.LSE_ROWS)."""

@@ -156,3 +156,83 @@ def test_extras_the_one_call_path_leaves_to_the_general_path():
         with pytest.raises(ValueError, match="z_loss"):
             op(x, t, None, 1, -100, 0.0, *extras)
     assert took_one_call(nllfused.cross_entropy(x, t, z_loss=1e-3, softcap=3.0))
+
+
+STATS_NODE = "nllfused::CrossEntropyLossStatsBackward"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", EXTRAS, ids=str)
+def test_return_z_loss_and_lse_with_extras(reduction, options, monkeypatch):
+    """Liger-Kernel's and quack's names with the extras (lse_square_scale with return_z_loss)
+    take the statistics' one-call op (csrc/loss_stats.cpp): the loss and its gradient the plain
+    call's bits, the z-loss term and the lse rows the general path's, the term as float64
+    torch's."""
+    x, t = index_case((6, 9, 5), "cpu", torch.float32)
+    w = torch.rand(9) + 0.1
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, **options)
+    grad = torch.randn(() if reduction != "none" else t.shape,
+                       generator=torch.Generator().manual_seed(2))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss, z, lse = nllfused.cross_entropy(xa, t, return_z_loss=True, return_lse=True, **kw)
+    assert loss.grad_fn.name() == STATS_NODE
+    plain = nllfused.cross_entropy(xb, t, **kw)
+    assert took_one_call(plain)
+    assert torch.equal(loss, plain)
+    loss.backward(grad)
+    plain.backward(grad)
+    assert torch.equal(xa.grad, xb.grad)
+    monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
+    _, z_general, lse_general = nllfused.cross_entropy(x, t, return_z_loss=True,
+                                                       return_lse=True, **kw)
+    assert torch.equal(lse, lse_general)
+    torch.testing.assert_close(z, z_general, rtol=2 * 2.0 ** -23, atol=0)
+    xs = x.double() * options.get("logit_scale", 1.0)
+    if "softcap" in options:
+        xs = options["softcap"] * torch.tanh(xs / options["softcap"])
+    counted = t != -100
+    term = torch.where(counted, options.get("z_loss", 0.0) * torch.logsumexp(xs, 1) ** 2, 0.0)
+    expected = term if reduction == "none" else term.sum() if reduction == "sum" \
+        else term.sum() / counted.sum()
+    torch.testing.assert_close(z.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_z_loss_with_extras_double_backward(reduction):
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 1, 2])
+
+    def f(x):
+        return nllfused.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, z_loss=0.05,
+                                      logit_scale=1.3, softcap=2.0, return_z_loss=True)[0]
+
+    assert f(x).grad_fn.name() == STATS_NODE
+    torch.autograd.gradcheck(f, (x,))
+    torch.autograd.gradgradcheck(f, (x,))
+    grad = torch.randn(f(x).shape, dtype=torch.float64)
+    (kernels,) = torch.autograd.grad(f(x), x, grad)
+    (formula,) = torch.autograd.grad(f(x), x, grad, create_graph=True)
+    torch.testing.assert_close(formula, kernels, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("want", [2, 64, 2 | 64, 1 | 2])
+def test_opcheck_cross_entropy_loss_stats_extras(reduction, want):
+    x = torch.randn(5, 6, 3, requires_grad=True)
+    t = torch.randint(0, 6, (5, 3))
+    t[0, 0] = -100
+    torch.library.opcheck(torch.ops.nllfused.cross_entropy_loss_stats.default,
+                          (x, t, torch.rand(6) + 0.1, reduction, -100, 0.1, want,
+                           1e-2, 1.5, 6.0))
+
+
+def test_stats_op_refuses_kernel_statistics_with_extras():
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.randint(0, 5, (4,))
+    op = torch.ops.nllfused.cross_entropy_loss_stats.default
+    with pytest.raises(NotImplementedError, match="general path"):
+        op(x, t, None, 1, -100, 0.0, 16, 1e-3, 1.0, 0.0)  # entropy
+    with pytest.raises(ValueError, match="z_loss"):
+        op(x, t, None, 1, -100, 0.0, 2, -1.0, 1.0, 0.0)
+    loss, st = nllfused.cross_entropy(x, t, return_stats=True, z_loss=1e-3)  # the general path
+    assert loss.grad_fn.name() != STATS_NODE and st.entropy is not None

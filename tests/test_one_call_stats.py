@@ -262,11 +262,17 @@ def test_only_one_call_calls_take_it():
                dict(return_lse=True), dict(return_z_loss=True)):
         out = nllfused.cross_entropy(x, t, return_stats=True, **kw)
         assert out[0].grad_fn.name() != NODE, kw
-    # return_lse / return_z_loss alone take it (the z-loss term of z_loss = 0), not with a z_loss
+    # return_lse / return_z_loss alone take it, with nllfused's extras too (Liger-Kernel's
+    # lse_square_scale with return_z_loss); the other statistics with extras do not
     for kw in (dict(return_lse=True), dict(return_z_loss=True),
                dict(return_lse=True, return_z_loss=True)):
         assert nllfused.cross_entropy(x, t, **kw)[0].grad_fn.name() == NODE, kw
-        assert nllfused.cross_entropy(x, t, z_loss=1e-4, **kw)[0].grad_fn.name() != NODE, kw
+        for extra in (dict(z_loss=1e-4), dict(logit_scale=0.5), dict(softcap=3.0)):
+            assert nllfused.cross_entropy(x, t, **kw, **extra)[0].grad_fn.name() == NODE, kw
+    assert nllfused.cross_entropy(x, t, return_stats=("lse", "z_loss"),
+                                  z_loss=1e-4)[0].grad_fn.name() == NODE
+    assert nllfused.cross_entropy(x, t, return_stats="entropy",
+                                  z_loss=1e-4)[0].grad_fn.name() != NODE
     soft = torch.softmax(torch.randn(8, 5), 1)
     assert nllfused.cross_entropy(x, soft, return_stats=True)[0].grad_fn.name() != NODE
     with pytest.raises(ValueError, match="unknown statistic"):
