@@ -28,6 +28,18 @@ def with_weight(options, C, dtype):
                                             else torch.float32) + 0.1}
 
 
+def check_second_order(f, x):
+    """gradcheck and gradgradcheck of f at x, and the first order of the torch formula the second
+    order differentiates (csrc/loss.h, torch_loss) against the kernels' (gradgradcheck alone
+    compares that formula with itself)."""
+    torch.autograd.gradcheck(f, (x,))
+    torch.autograd.gradgradcheck(f, (x,))
+    grad = torch.randn(f(x).shape, dtype=torch.float64)
+    (kernels,) = torch.autograd.grad(f(x), x, grad)
+    (formula,) = torch.autograd.grad(f(x), x, grad, create_graph=True)
+    torch.testing.assert_close(formula, kernels, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("shape", [(64, 10), (7, 1000), (13,), (2, 7, 4, 5)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -114,14 +126,7 @@ def test_one_call_extras_double_backward(reduction, prob):
                                       z_loss=0.05, logit_scale=1.3, softcap=2.0)
 
     assert took_one_call(f(x))
-    torch.autograd.gradcheck(f, (x,))
-    torch.autograd.gradgradcheck(f, (x,))
-    # the second order differentiates torch ops (csrc/loss.cpp, torch_loss): their first order
-    # is the kernels' (gradgradcheck alone compares that formula with itself)
-    grad = torch.randn(f(x).shape, dtype=torch.float64)
-    (kernels,) = torch.autograd.grad(f(x), x, grad)
-    (formula,) = torch.autograd.grad(f(x), x, grad, create_graph=True)
-    torch.testing.assert_close(formula, kernels, rtol=1e-12, atol=1e-14)
+    check_second_order(f, x)
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -207,12 +212,7 @@ def test_return_z_loss_with_extras_double_backward(reduction):
                                       logit_scale=1.3, softcap=2.0, return_z_loss=True)[0]
 
     assert f(x).grad_fn.name() == STATS_NODE
-    torch.autograd.gradcheck(f, (x,))
-    torch.autograd.gradgradcheck(f, (x,))
-    grad = torch.randn(f(x).shape, dtype=torch.float64)
-    (kernels,) = torch.autograd.grad(f(x), x, grad)
-    (formula,) = torch.autograd.grad(f(x), x, grad, create_graph=True)
-    torch.testing.assert_close(formula, kernels, rtol=1e-12, atol=1e-14)
+    check_second_order(f, x)
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
