@@ -73,19 +73,9 @@ struct CrossEntropyLossBackward final : Node {
                  aux = aux_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     if (at::GradMode::is_enabled()) {
-      // create_graph=True: torch's own formula, differentiable again, over logits whose ignored
-      // rows are 0: an ignored row's gradient is 0 whatever its logits (csrc/ops.cpp), where
-      // torch's backward gives NaN for a row of NaN or +inf logits. Index targets as int64:
-      // torch takes uint8 ones in its plain 2-D loss only (not with smoothing, nor K-dim).
-      const bool prob = prob_target(target);
-      const Tensor x =
-          prob ? input
-               : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
-                           at::zeros({}, input.options()));
-      const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
-                                    ignore_index, label_smoothing, extras);
-      out[0] = torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
-                                     /*create_graph=*/true)[0];
+      // create_graph=True: torch's own formula (csrc/loss.h)
+      out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
+                               extras, grad);
       return out;
     }
     auto [logits, target2] = canonical(input, target);

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 
 #include <algorithm>
@@ -309,6 +310,26 @@ inline Tensor torch_loss(const Tensor& x, const Tensor& target,
   const Tensor rows =
       at::cross_entropy_loss(z, target, weight, kNone, ignore_index, label_smoothing) + z_rows;
   return reduction == kNone ? rows : reduction == kSum ? rows.sum() : rows.mean();
+}
+
+// A one-call op's gradient with create_graph=True: torch_loss differentiated, differentiable
+// again, over logits whose ignored rows are 0: an ignored row's gradient is 0 whatever its
+// logits (csrc/ops.cpp), where torch's backward gives NaN for a row of NaN or +inf logits. Index
+// targets as int64: torch takes uint8 ones in its plain 2-D loss only (not with smoothing, nor
+// K-dim).
+inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
+                              const std::optional<Tensor>& weight, int64_t reduction,
+                              int64_t ignore_index, double label_smoothing, const Extras& ex,
+                              const Tensor& grad) {
+  const bool prob = prob_target(target);
+  const Tensor x =
+      prob ? input
+           : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
+                       at::zeros({}, input.options()));
+  const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
+                                ignore_index, label_smoothing, ex);
+  return torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
+                               /*create_graph=*/true)[0];
 }
 
 // reduce_rows (above) with the z-loss term z_loss lse^2 of each counted row: added to the

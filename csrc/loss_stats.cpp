@@ -283,12 +283,8 @@ struct CrossEntropyLossStatsBackward final : Node {
       if (tlp) g_tlp = stat_row_grads(grads[2], counted_rows, reduction, true, acc);
     }
     if (at::GradMode::is_enabled() && any_extras(extras)) {  // (the loss's gradient alone)
-      const Tensor x = at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0),
-                                 input, at::zeros({}, input.options()));
-      const Tensor ref = torch_loss(x, target.to(at::kLong), weight, reduction, ignore_index,
-                                    label_smoothing, extras);
-      out[0] = torch::autograd::grad({ref}, {input}, {grads[0]}, /*retain_graph=*/true,
-                                     /*create_graph=*/true)[0];
+      out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
+                               extras, grads[0]);
       return out;
     }
     if (at::GradMode::is_enabled()) {

@@ -21,9 +21,8 @@
 //   "sum"; ignore_index an int; label_smoothing a number in [0, 1]; for the loss alone or with
 //   lse / z_loss only (here, not on CUDA) z_loss a finite number >= 0, logit_scale a finite
 //   number, softcap None or a finite number > 0 -- with other statistics z_loss 0, logit_scale
-//   1, softcap None; backend "auto" or
-//   "cpu"; every tensor on the CPU; no autocast, no torch.func
-//   transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
+//   1, softcap None; backend "auto" or "cpu"; every tensor on the CPU; no autocast, no
+//   torch.func transform, no torch-function mode. torch.compile and forward-mode AD are ruled out by the
 //   Python caller (they are Python state).
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
