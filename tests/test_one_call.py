@@ -100,6 +100,36 @@ def test_one_call_is_the_general_path(device, reduction, channels_last,
         torch.testing.assert_close(g1, g2, rtol=tol, atol=tol * g2.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float64],
+                         ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_call_takes_weights_of_any_floating_dtype(dtype, weight_dtype, reduction,
+                                                      monkeypatch):
+    """Class weights in the input's own 16-bit dtype (what torch asks for), or any other floating
+    one, take the one-call path on the CPU, converted to the accumulation dtype as the general
+    path converts them: the loss rows and gradient bit for bit the general path's, the loss and
+    gradient within float64 torch's bounds."""
+    x, t = index_case((9, 6, 5), "cpu", dtype)
+    w = (torch.rand(6, dtype=torch.float64) + 0.1).to(weight_dtype)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, ignore_index=-100)
+    check_cross_entropy(x, t, "cpu", "auto", **kw)
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
+        xg = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xg, t, **kw)
+        assert took_one_call(loss) == one_call
+        loss.backward(torch.ones_like(loss))
+        results.append((loss.detach(), xg.grad))
+    (l1, g1), (l2, g2) = results
+    if reduction != "mean":  # 'mean': the general path's float32 sum of the weights (above)
+        assert torch.equal(g1, g2)
+    if reduction == "none":
+        assert torch.equal(l1, l2)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_one_call_reduces_many_rows_in_double(reduction):
     """More rows than one of csrc/loss.h's sum blocks (2^16), on one thread and on two: the
@@ -138,12 +168,10 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     assert took_one_call(nllfused.CrossEntropyLoss(label_smoothing=0.1)(x, t))
     # naming the backend this path runs anyway (the benchmark's providers do)
     assert took_one_call(nllfused.cross_entropy(x, t, backend=device))
-    general = [
-        dict(backend="torch"),
-        dict(weight=torch.rand(5, dtype=torch.float64, device=device)),  # converted first
-    ]
-    for kw in general:
-        assert not took_one_call(nllfused.cross_entropy(x, t, **kw)), kw
+    assert not took_one_call(nllfused.cross_entropy(x, t, backend="torch"))
+    # weights in another floating dtype: converted first, in C++ on the CPU
+    w64 = torch.rand(5, dtype=torch.float64, device=device)
+    assert took_one_call(nllfused.cross_entropy(x, t, weight=w64)) == (device == "cpu")
     # nllfused's extras: one call on the CPU (tests/test_one_call_extras.py), not on CUDA
     for kw in [dict(z_loss=1e-4), dict(logit_scale=0.5), dict(softcap=3.0)]:
         assert took_one_call(nllfused.cross_entropy(x, t, **kw)) == (device == "cpu"), kw
