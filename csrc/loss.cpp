@@ -90,7 +90,7 @@ struct CrossEntropyLossBackward final : Node {
       grad_lse = z_loss_lse_grad(grad, lse, target2, ignore_index, reduction, prob, extras.z_loss);
     Tensor g = ce_bwd(rows, logits, target2, weight, lse, summed ? rows : aux, ignore_index,
                       label_smoothing, prob, grad_lse, extras.logit_scale, extras.softcap);
-    out[0] = g.view(input.sizes());
+    out[0] = grad_as_input(g, input);
     return out;
   }
 

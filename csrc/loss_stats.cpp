@@ -303,19 +303,21 @@ struct CrossEntropyLossStatsBackward final : Node {
       if (extras.z_loss != 0 && grads[0].defined())
         grad_lse = z_loss_lse_grad(grads[0], lse, target2, ignore_index, reduction, false,
                                    extras.z_loss);
-      out[0] = ce_bwd(g_loss, logits, target2, weight, lse, aux_rows, ignore_index,
-                      label_smoothing, false, grad_lse, extras.logit_scale, extras.softcap)
-                   .view(input.sizes());
+      out[0] = grad_as_input(ce_bwd(g_loss, logits, target2, weight, lse, aux_rows,
+                                    ignore_index, label_smoothing, false, grad_lse,
+                                    extras.logit_scale, extras.softcap),
+                             input);
       return out;
     }
     const Tensor entropy = entropy_.unpack();
-    out[0] = (counted_only
-                  ? nllfused_cpu::ce_bwd_stats_counted_cpu(g_loss, g_ent, g_tlp, logits, target2,
-                                                           weight, lse, aux_rows, entropy,
-                                                           ignore_index, label_smoothing)
-                  : ce_bwd_stats(g_loss, g_ent, g_tlp, logits, target2, weight, lse, aux_rows,
-                                 entropy, ignore_index, label_smoothing))
-                 .view(input.sizes());
+    out[0] = grad_as_input(
+        counted_only
+            ? nllfused_cpu::ce_bwd_stats_counted_cpu(g_loss, g_ent, g_tlp, logits, target2,
+                                                     weight, lse, aux_rows, entropy,
+                                                     ignore_index, label_smoothing)
+            : ce_bwd_stats(g_loss, g_ent, g_tlp, logits, target2, weight, lse, aux_rows,
+                           entropy, ignore_index, label_smoothing),
+        input);
     return out;
   }
 

@@ -194,6 +194,62 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
         assert not took_one_call(nllfused.cross_entropy(x, t))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("classes", [7, 300], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("extras", [{}, {"z_loss": 1e-3, "softcap": 8.0}], ids=str)
+def test_one_call_class_major_logits(dtype, classes, reduction, target_kind, extras):
+    """(N, C) logits stored class-major (x.t() contiguous) are read as the (1, C, N) of a
+    K-dimensional input (csrc/loss.h, class_major): loss and gradient as float64 torch's, the
+    per-row results in the rows' order, and the gradient the op hands autograd in the input's
+    own strides (no copy), for the loss alone (with z_loss and softcap too) and with
+    statistics."""
+    N = 37
+    x = torch.randn(classes, N, dtype=torch.float64).mul_(3).to(dtype).t()
+    assert x.stride() == (1, N)
+    if target_kind == "index":
+        t = torch.randint(0, classes, (N,))
+        t[torch.rand(N) < 0.2] = -100
+    else:
+        t = torch.softmax(torch.randn(N, classes, dtype=torch.float64), 1).to(dtype)
+    w = torch.rand(classes, dtype=torch.float64) + 0.1
+    kw = dict(reduction=reduction, label_smoothing=0.1, weight=w.to(dtype), **extras)
+    check_cross_entropy(x, t, "cpu", "auto", **kw)
+    xg = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    assert xg.stride() == (1, N)
+    loss = nllfused.cross_entropy(xg, t, **kw)
+    assert took_one_call(loss)
+    (g,) = torch.autograd.grad(loss, xg, torch.ones_like(loss))
+    assert g.stride() == xg.stride()
+    # the same call on a row-major copy: the same rows, in the same order (another kernel path,
+    # whose sums round otherwise: a few ulp of the values' scale)
+    eps = torch.finfo(dtype).eps
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=16 * eps * b.abs().max().item())
+
+    xc = x.contiguous().requires_grad_()
+    loss_c = nllfused.cross_entropy(xc, t, **kw)
+    (gc,) = torch.autograd.grad(loss_c, xc, torch.ones_like(loss_c))
+    close(loss, loss_c)
+    close(g, gc)
+    if target_kind == "index" and not extras:  # with statistics: the rows in order, the
+        # gradient's strides
+        names = ("lse", "entropy", "predicted")
+        loss_s, st = nllfused.cross_entropy(xg, t, return_stats=names, **kw)
+        loss_sc, st_c = nllfused.cross_entropy(xc, t, return_stats=names, **kw)
+        assert loss_s.grad_fn.name() == "nllfused::CrossEntropyLossStatsBackward"
+        close(st.lse, st_c.lse)
+        close(st.entropy, st_c.entropy)
+        assert torch.equal(st.predicted, st_c.predicted)
+        (g_s,) = torch.autograd.grad(loss_s.sum() + st.entropy.sum(), xg)
+        assert g_s.stride() == xg.stride()
+        (g_sc,) = torch.autograd.grad(loss_sc.sum() + st_c.entropy.sum(), xc)
+        close(g_s, g_sc)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(40, 7), (3, 5, 6, 4)], ids=str)
 def test_uint8_targets_and_legacy_reductions_as_torch(reduction, shape):
