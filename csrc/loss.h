@@ -50,9 +50,32 @@ SummedStatsForward ce_fwd_stats_summed_cpu(const at::Tensor& logits, const at::T
                                            bool want_ent, bool want_pred, bool entropy_rows,
                                            bool predicted_rows);
 
+// ce_bwd on the CPU, the gradient in the logits' own strides where their rows have unit
+// stride but are not adjacent (csrc/cpu/ce_cpu.cpp, backward's like_logits), else as ce_bwd's.
+// The one-call ops' backward (ce_bwd below), whose gradient autograd takes as the input's.
+at::Tensor ce_bwd_like_logits_cpu(const at::Tensor& grad_loss,
+                                  const std::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  const at::Tensor& aux, int64_t ignore_index,
+                                  double label_smoothing, double logit_scale, double softcap,
+                                  bool prob_target);
+
+// ce_bwd_stats on the CPU, the gradient in the logits' strides as ce_bwd_like_logits_cpu's
+// (csrc/loss_stats.cpp's ce_bwd_stats, for plain CPU tensors).
+at::Tensor ce_bwd_stats_like_logits_cpu(const at::Tensor& grad_loss,
+                                        const std::optional<at::Tensor>& grad_entropy,
+                                        const std::optional<at::Tensor>& grad_target_logp,
+                                        const at::Tensor& logits, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weight,
+                                        const at::Tensor& lse, const at::Tensor& aux,
+                                        const at::Tensor& entropy, int64_t ignore_index,
+                                        double label_smoothing);
+
 // ce_bwd_stats on the CPU with grad_entropy applied to the counted rows only (target !=
 // ignore_index; Args::gent_counted): the gradients of reduced statistics, one value each for
-// every row (expanded, strides 0), need no per-row tensors then.
+// every row (expanded, strides 0), need no per-row tensors then. The gradient in the logits'
+// strides as ce_bwd_like_logits_cpu's.
 at::Tensor ce_bwd_stats_counted_cpu(const at::Tensor& grad_loss,
                                     const std::optional<at::Tensor>& grad_entropy,
                                     const std::optional<at::Tensor>& grad_target_logp,
@@ -96,11 +119,20 @@ inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Ten
                  prob);
 }
 
+inline bool plain_cpu(const Tensor& t);
+
+// The one-call ops' backward: plain CPU tensors straight to the kernels, their gradient in the
+// logits' strides where that saves a scatter and autograd's copy (ce_bwd_like_logits_cpu);
+// others (CUDA, a trace's fake tensors) through the op.
 inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
                      const std::optional<Tensor>& weight, const Tensor& lse, const Tensor& aux,
                      int64_t ignore_index, double label_smoothing, bool prob = false,
                      const std::optional<Tensor>& grad_lse = std::nullopt,
                      double logit_scale = 1.0, double softcap = 0.0) {
+  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target))
+    return nllfused_cpu::ce_bwd_like_logits_cpu(grad_loss, grad_lse, logits, target, weight, lse,
+                                                aux, ignore_index, label_smoothing, logit_scale,
+                                                softcap, prob);
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nllfused::ce_bwd", "")

@@ -89,6 +89,10 @@ Tensor ce_bwd_stats(const Tensor& grad_loss, const std::optional<Tensor>& grad_e
                     const Tensor& target, const std::optional<Tensor>& weight, const Tensor& lse,
                     const Tensor& aux, const Tensor& entropy, int64_t ignore_index,
                     double label_smoothing) {
+  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target))  // as ce_bwd (loss.h)
+    return nllfused_cpu::ce_bwd_stats_like_logits_cpu(grad_loss, grad_entropy, grad_target_logp,
+                                                      logits, target, weight, lse, aux, entropy,
+                                                      ignore_index, label_smoothing);
   using Opt = const std::optional<Tensor>&;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::ce_bwd_stats", "")
@@ -148,8 +152,9 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
 // The op's outputs where the rows were added up on the CPU (ce_fwd_stats_summed_cpu in the
 // kernel's pass, or add_up_rows; reduction 'sum' or 'mean'): each sum in double, divided by the
 // counted rows for 'mean', rounded once -- as the loss (csrc/loss.cpp) -- where stats.reduce
-// sums in the statistic's dtype. A segmentation map's millions of per-row statistics are then neither written nor read
-// back by a dozen reductions, which cost 1.5x the kernel at (8, 4, 512, 512).
+// sums in the statistic's dtype. A segmentation map's millions of per-row statistics are then
+// neither written nor read back by a dozen reductions, which cost 1.5x the kernel at
+// (8, 4, 512, 512).
 Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor& input,
                         const Tensor& target, int64_t reduction, int64_t want) {
   const auto acc = acc_dtype(input.scalar_type());

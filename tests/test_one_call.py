@@ -250,6 +250,54 @@ def test_one_call_class_major_logits(dtype, classes, reduction, target_kind, ext
         close(g_s, g_sc)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["transposed", "time_major", "channels_last"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_one_call_gradient_in_the_logits_strides(dtype, layout, reduction, target_kind):
+    """Logits whose rows have unit class stride but are not adjacent -- (B, V, T) from
+    logits.transpose(1, 2), channels-last -- with more classes than the lanes path takes: the
+    one-call backward writes the gradient in the logits' own strides, row by row (csrc/cpu/
+    ce_cpu.cpp, like_logits). The same rows as the flattened (rows, V) call, bit for bit, and
+    float64 torch's loss and gradient."""
+    C = 300
+    if layout == "transposed":  # (B, T, V) logits as (B, V, T): rows in (b, t) order
+        x = torch.randn(2, 9, C, dtype=torch.float64).mul_(3).to(dtype).transpose(1, 2)
+    elif layout == "time_major":  # (T, B, V) logits as (B, V, T): rows in (t, b) order
+        x = torch.randn(9, 2, C, dtype=torch.float64).mul_(3).to(dtype).permute(1, 2, 0)
+    else:
+        x = torch.randn(2, C, 3, 4, dtype=torch.float64).mul_(3).to(dtype).to(
+            memory_format=torch.channels_last)
+    assert x.stride(1) == 1
+    flat = x.movedim(1, -1).reshape(-1, C)  # the same rows, in the same order
+    if target_kind == "index":
+        t = torch.randint(0, C, flat.shape[:1])
+        t[torch.rand(t.shape) < 0.2] = -100
+        t_x = t.view((x.shape[0],) + x.shape[2:])
+    else:
+        t = torch.softmax(torch.randn(flat.shape, dtype=torch.float64), 1).to(dtype)
+        t_x = t.view((x.shape[0],) + x.shape[2:] + (C,)).movedim(-1, 1)
+    kw = dict(reduction=reduction, label_smoothing=0.1,
+              weight=(torch.rand(C, dtype=torch.float64) + 0.1).to(dtype))
+    check_cross_entropy(x, t_x, "cpu", "auto", **kw)
+    xg, fg = x.clone().requires_grad_(), flat.clone().requires_grad_()
+    loss, loss_f = nllfused.cross_entropy(xg, t_x, **kw), nllfused.cross_entropy(fg, t, **kw)
+    assert took_one_call(loss)
+    (g,) = torch.autograd.grad(loss, xg, torch.ones_like(loss))
+    (g_f,) = torch.autograd.grad(loss_f, fg, torch.ones_like(loss_f))
+    assert g.stride() == xg.stride()
+    assert torch.equal(loss.reshape(loss_f.shape), loss_f)
+    assert torch.equal(g.movedim(1, -1).reshape(-1, C), g_f)
+    if target_kind == "index":  # with statistics, the counted rows' backward
+        loss_s, st = nllfused.cross_entropy(xg, t_x, return_stats=("entropy",), **kw)
+        assert loss_s.grad_fn.name() == "nllfused::CrossEntropyLossStatsBackward"
+        (g_s,) = torch.autograd.grad(loss_s.sum() + st.entropy.sum(), xg)
+        loss_sf, st_f = nllfused.cross_entropy(fg, t, return_stats=("entropy",), **kw)
+        (g_sf,) = torch.autograd.grad(loss_sf.sum() + st_f.entropy.sum(), fg)
+        assert g_s.stride() == xg.stride()
+        assert torch.equal(g_s.movedim(1, -1).reshape(-1, C), g_sf)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(40, 7), (3, 5, 6, 4)], ids=str)
 def test_uint8_targets_and_legacy_reductions_as_torch(reduction, shape):

@@ -253,7 +253,9 @@ auto Ce<scalar_t>::grad_any(const src_t* x, dst_t* out, int64_t c0, int64_t n, c
   return grad_run<false>(x, out, n, skip, rg, g, t);
 }
 
-// D == 1 and unit class stride: read each row in place, write each gradient row in place.
+// Unit class stride: read each row in place, write each gradient row in place -- in the
+// contiguous (N, C, 1) output, or at the row's own offsets where the output has the logits'
+// strides (Args::out_like_x: rows of unit stride that are not adjacent, D > 1).
 // (Non-temporal stores for the gradient were tried: no gain, as its pages come freshly zeroed
 // by the kernel, i.e. in cache.) grad_chunk prefetches both streams into L2 (rg.stream), every
 // line of a step kStreamAhead (4 KiB) ahead, the gradient's with write intent: against the
@@ -269,11 +271,14 @@ void Ce<scalar_t>::bwd_rows(const Args& A, int64_t r0, int64_t r1) {
   alignas(64) acc_t gb[kChunk];
   const Tf t = make_tf(A);
   // logits that fit in L2 are there or on their way already: the prefetches would only cost
-  const bool stream = A.N * A.C * int64_t(sizeof(scalar_t)) > kStreamMinBytes;
+  const bool stream = A.N * A.D * A.C * int64_t(sizeof(scalar_t)) > kStreamMinBytes;
+  const scalar_t* x = static_cast<const scalar_t*>(A.x);
+  scalar_t* out = static_cast<scalar_t*>(A.out);
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* xr = static_cast<const scalar_t*>(A.x) + r * A.xN;
-    scalar_t* outr = static_cast<scalar_t*>(A.out) + r * A.C;
-    RowGrad rg = row_grad(A, r, 0, xr, t);
+    const int64_t n_ = r / A.D, d_ = r % A.D;
+    const scalar_t* xr = row_ptr(A, n_, d_);
+    scalar_t* outr = A.out_like_x ? out + (xr - x) : out + r * A.C;
+    RowGrad rg = row_grad(A, n_, d_, xr, t);
     rg.stream = stream;
     acc_t so = 0;
     const int64_t head = head_to_line(xr, A.C, sizeof(scalar_t));  // a chunk of its own
@@ -281,7 +286,7 @@ void Ce<scalar_t>::bwd_rows(const Args& A, int64_t r0, int64_t r1) {
       n = std::min(c0 == 0 && head != 0 ? head : kChunk, A.C - c0);
       const acc_t* g = weights(A, c0);
       if (A.prob && !rg.nan) {
-        soft_coef(A, r, 0, c0, n, gb);
+        soft_coef(A, n_, d_, c0, n, gb);
         g = gb;
       }
       so += grad_any(xr + c0, outr + c0, c0, n, rg, g, t);
@@ -334,8 +339,11 @@ void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
 
 template <typename scalar_t>
 void Ce<scalar_t>::backward(const Args& A) {
-  if (lanes_ok(A, true)) return backward_lanes(A);
-  parallel_rows(A, (A.xC == 1 || A.C == 1) && A.D == 1,
+  const bool lanes = lanes_ok(A, true);
+  TORCH_INTERNAL_ASSERT(!A.out_like_x || (!lanes && A.xC == 1),
+                        "CPU backward: a gradient in the logits' strides is the rows path's");
+  if (lanes) return backward_lanes(A);
+  parallel_rows(A, (A.xC == 1 || A.C == 1) && (A.D == 1 || A.out_like_x),
                 [&](int64_t b, int64_t e) { bwd_rows(A, b, e); },
                 [&](int64_t b, int64_t e) { bwd_tiles(A, b, e); });
 }
