@@ -22,6 +22,24 @@ def took_one_call(loss) -> bool:
     return loss.grad_fn.name() == "nllfused::CrossEntropyLossBackward"
 
 
+def one_call_and_general(x, t, monkeypatch, backend="auto", **kw):
+    """The same call on the one-call path, then on the general path (the one-call entries
+    patched out), each differentiated for one seeded random upstream gradient: [(loss, x's
+    gradient)] for the two."""
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(nllfused.functional, "_one_call_reduction", lambda *a: None)
+            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
+        xg = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xg, t, backend=backend, **kw)
+        assert took_one_call(loss) == one_call
+        g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1))
+        loss.backward(g.to(loss.device))
+        results.append((loss.detach(), xg.grad))
+    return results
+
+
 def index_case(shape, device, dtype, ignore_index=-100, ignore_frac=0.2, channels_last=False):
     x = torch.randn(shape, dtype=torch.float64).mul_(3).to(dtype)
     C = shape[1] if len(shape) > 1 else shape[0]
@@ -64,18 +82,7 @@ def test_one_call_is_the_general_path(device, reduction, channels_last,
     w = torch.rand(9) + 0.1
     x, t, w = x.to(device), t.to(device), w.to(device)
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, ignore_index=-100)
-    results = []
-    for one_call in (True, False):
-        if not one_call:  # the general path, same backend
-            monkeypatch.setattr(nllfused.functional, "_one_call_reduction", lambda *a: None)
-            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
-        xg = x.clone().requires_grad_()
-        loss = nllfused.cross_entropy(xg, t, backend=device, **kw)
-        assert took_one_call(loss) == one_call
-        g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(device)
-        loss.backward(g)
-        results.append((loss.detach(), xg.grad))
-    (l1, g1), (l2, g2) = results
+    (l1, g1), (l2, g2) = one_call_and_general(x, t, monkeypatch, backend=device, **kw)
     if reduction == "none" or device != "cpu":
         assert torch.equal(l1, l2) and torch.equal(g1, g2)
         return
@@ -114,16 +121,7 @@ def test_one_call_takes_weights_of_any_floating_dtype(dtype, weight_dtype, reduc
     w = (torch.rand(6, dtype=torch.float64) + 0.1).to(weight_dtype)
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, ignore_index=-100)
     check_cross_entropy(x, t, "cpu", "auto", **kw)
-    results = []
-    for one_call in (True, False):
-        if not one_call:
-            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
-        xg = x.clone().requires_grad_()
-        loss = nllfused.cross_entropy(xg, t, **kw)
-        assert took_one_call(loss) == one_call
-        loss.backward(torch.ones_like(loss))
-        results.append((loss.detach(), xg.grad))
-    (l1, g1), (l2, g2) = results
+    (l1, g1), (l2, g2) = one_call_and_general(x, t, monkeypatch, **kw)
     if reduction != "mean":  # 'mean': the general path's float32 sum of the weights (above)
         assert torch.equal(g1, g2)
     if reduction == "none":
@@ -509,17 +507,7 @@ def test_one_call_probability_targets_are_the_general_path(reduction, channels_l
     x, q = soft_case((6, 9, 5, 3), torch.float32, channels_last=channels_last)
     w = torch.rand(9) + 0.1
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.2)
-    results = []
-    for one_call in (True, False):
-        if not one_call:
-            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
-        xg = x.clone().requires_grad_()
-        loss = nllfused.cross_entropy(xg, q, **kw)
-        assert took_one_call(loss) == one_call
-        g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1))
-        loss.backward(g)
-        results.append((loss.detach(), xg.grad))
-    (l1, g1), (l2, g2) = results
+    (l1, g1), (l2, g2) = one_call_and_general(x, q, monkeypatch, **kw)
     if reduction == "none":
         assert torch.equal(l1, l2) and torch.equal(g1, g2)
         return

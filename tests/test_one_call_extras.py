@@ -9,7 +9,7 @@ import torch
 
 import nllfused
 from helpers import check_cross_entropy, dtype_id
-from test_one_call import index_case, soft_case, took_one_call
+from test_one_call import index_case, one_call_and_general, soft_case, took_one_call
 
 pytestmark = pytest.mark.skipif(
     not nllfused.build_info()["built"] or "cpu" not in nllfused.available_backends("cpu"),
@@ -80,16 +80,7 @@ def test_one_call_extras_are_the_general_path(reduction, prob, options, monkeypa
         x, t = index_case(shape, "cpu", torch.float32)
         w = torch.rand(9) + 0.1
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, **options)
-    results = []
-    for one_call in (True, False):
-        if not one_call:
-            monkeypatch.setattr(nllfused.functional, "_one_call_cpu", lambda *a: None)
-        xg = x.clone().requires_grad_()
-        loss = nllfused.cross_entropy(xg, t, **kw)
-        assert took_one_call(loss) == one_call
-        loss.backward(torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)))
-        results.append((loss.detach(), xg.grad))
-    (l1, g1), (l2, g2) = results
+    (l1, g1), (l2, g2) = one_call_and_general(x, t, monkeypatch, **kw)
     if reduction == "none":
         assert torch.equal(l1, l2) and torch.equal(g1, g2)
         return
