@@ -175,8 +175,9 @@ inline std::pair<Tensor, Tensor> canonical(const Tensor& input, const Tensor& ta
   return {logits, input.dim() == 3 ? target : target.flatten(1)};
 }
 
-// The gradient over canonical(input)'s contiguous logits, as the input's: a view either way
-// (class-major: the input's own strides).
+// The gradient over canonical(input)'s logits -- contiguous, or in the logits' own strides
+// (ce_bwd_like_logits_cpu) -- as the input's: a view either way (class-major: (1, C, N)
+// contiguous, the input's own strides once transposed back).
 inline Tensor grad_as_input(const Tensor& g, const Tensor& input) {
   return class_major(input) ? g.squeeze(0).t() : g.view(input.sizes());
 }
