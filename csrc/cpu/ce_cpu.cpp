@@ -116,19 +116,6 @@ int64_t l1d_bytes() {
   return 32768;
 }
 
-// sum(w[0, C)) in double: the backward's smoothing coefficient (Args::wsum). A loop here (four
-// sums for the adds' latency), where w.sum(kDouble).item() -- two dispatcher calls and a
-// tensor -- was a third of a 10-class batch's whole call.
-template <typename T>
-double weight_sum(const T* w, int64_t C) {
-  double s[4] = {0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 4 <= C; c += 4)
-    for (int j = 0; j < 4; ++j) s[j] += static_cast<double>(w[c + j]);
-  for (; c < C; ++c) s[0] += static_cast<double>(w[c]);
-  return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
 // The logits / target / weight / option fields of Args, from checked arguments. `w` keeps the
 // contiguous weights alive.
 Args make_args(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
@@ -151,8 +138,10 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
   if (const Tensor* given = nllfused::present(weight)) {
     w = given->contiguous();  // already in the accumulation dtype (checked): used as it is
     A.w = w.data_ptr();
-    A.wsum = w.scalar_type() == at::kDouble ? weight_sum(w.const_data_ptr<double>(), A.C)
-                                            : weight_sum(w.const_data_ptr<float>(), A.C);
+    // the backward's smoothing coefficient, in double: a loop (loss.h), where
+    // w.sum(kDouble).item() -- two dispatcher calls and a tensor -- was a third of a 10-class
+    // batch's whole call
+    A.wsum = nllfused::one_call_ops::cpu_sum(w);
   }
   A.ignore_index = ignore_index; A.eps = label_smoothing;
   A.a = logit_scale; A.s = softcap;
