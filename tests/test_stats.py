@@ -103,9 +103,15 @@ def test_stats_match_float64_torch(device, backend, options, reduction, dtype):
                                    backend=backend, **{k: v.to(device) if torch.is_tensor(v)
                                                        else v for k, v in kw.items()})
     if backend == "cpu" and reduction != "none":
-        # the plain call takes the one-call op, which sums the rows in double (csrc/loss.cpp)
+        # The plain call takes the one-call op, which sums the rows in double and rounds once
+        # (csrc/loss.cpp): within 1 ulp of the exact reduction. With statistics the call takes
+        # the same op (2 ulp apart at most), but with z_loss / logit_scale / softcap the general
+        # path, whose sums of the n rows in the loss's dtype are within (n + 1) / 2 ulp of the
+        # exact ones -- two such sums with z_loss, and their sum rounded: (n + 3) ulp in all.
         eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(loss, plain, rtol=2 * eps, atol=0)
+        extras = any(k in kw for k in ("z_loss", "logit_scale", "softcap"))
+        rtol = (t.numel() + 3) * eps if extras else 2 * eps
+        torch.testing.assert_close(loss, plain, rtol=rtol, atol=0)
     else:
         assert torch.equal(loss, plain)
 
