@@ -5,6 +5,8 @@ A case is one problem, the same for every provider:
                  (`soft`: class-probability targets of the logits' shape and dtype instead:
                  distillation, soft labels; `options`: nllfused's extras z_loss, logit_scale,
                  softcap, which the torch provider writes as torch ops)
+                 (`layout`: the logits stored channels-last, or as the (B, V, T) view of
+                 (B, T, V) logits that F.cross_entropy(logits.transpose(1, 2), y) passes)
   kind "linear"  hidden (N, H), classifier weight (C, H), targets -> F.cross_entropy(F.linear(...))
 Targets are class indices with about 10% set to ignore_index, reduction 'mean' (the LLM case).
 Inputs are generated from a per-case seed, so every provider, and the float64 reference, can get
@@ -26,6 +28,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # nllfused's loss options beyond torch's (docs/maths.md), as cases name them.
 EXTRAS = {"z_loss": "z", "logit_scale": "scale", "softcap": "softcap"}
+# Logits layouts other than contiguous (Case.layout), as case names mark them.
+LAYOUTS = {"channels_last": "cl", "transposed": "T"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class Case:
     soft: bool = False  # kind "ce": probability targets (softmax of random logits)
     # kind "ce": (name, value) pairs of the loss's extras (EXTRAS), passed to every provider
     options: tuple = ()
+    # kind "ce": "" (contiguous) or a key of LAYOUTS: "channels_last" (4-D logits, classes
+    # adjacent), "transposed" ((B, V, T) logits whose classes are adjacent: (B, T, V) storage)
+    layout: str = ""
 
     @property
     def loss_options(self) -> dict:
@@ -73,6 +80,7 @@ class Case:
         name = (f"N{self.shape[0]}·C{self.shape[1]}" if len(self.shape) == 2
                 else "x".join(str(s) for s in self.shape))
         name += "".join(f"·{EXTRAS[k]}{v:g}" for k, v in self.options)
+        name += f"·{LAYOUTS[self.layout]}" if self.layout else ""
         return name + "·soft" if self.soft else name
 
     @property
@@ -101,7 +109,8 @@ class Case:
     def seed(self) -> int:
         # Stable across runs and processes (str hash is salted per process).
         key = f"{self.kind}:{self.shape}:{self.dtype}" + (":soft" if self.soft else "") + (
-            f":{self.options}" if self.options else "")
+            f":{self.options}" if self.options else "") + (
+            f":{self.layout}" if self.layout else "")
         return sum((i + 1) * ord(ch) for i, ch in enumerate(key)) % (2 ** 31)
 
 
@@ -131,8 +140,15 @@ def make_inputs(case: Case, device: torch.device, requires_grad: bool = True) ->
     target.masked_fill_(ignored, IGNORE_INDEX)
     if case.kind == "ce":
         # Logits with a spread like a trained model's (std 2), drawn directly in the dtype.
-        logits = torch.randn(case.shape, generator=gen, device=device, dtype=case.dtype)
+        stored = case.shape
+        if case.layout == "transposed":  # (B, T, V) storage, seen as (B, V, T)
+            stored = (case.shape[0],) + tuple(case.shape[2:]) + (case.shape[1],)
+        logits = torch.randn(stored, generator=gen, device=device, dtype=case.dtype)
         logits.mul_(2.0)
+        if case.layout == "transposed":
+            logits = logits.movedim(-1, 1)
+        elif case.layout == "channels_last":
+            logits = logits.contiguous(memory_format=torch.channels_last)
         logits.requires_grad_(requires_grad)
         if case.soft:  # a teacher's distribution: softmax of other logits of that spread
             teacher = torch.randn(case.shape, generator=gen, device=device, dtype=torch.float32)
@@ -203,12 +219,17 @@ def _preset_table(device_type: str) -> dict:
         # The shapes the GPU kernels map specially: few long rows (decoding, RL scoring), very
         # many 10-class rows, a segmentation map.
         "edge": [("ce", [(64, 256000), (4194304, 10), (16, 21, 512, 512)], bf16_fp32, MODES)],
+        # The layouts users pass besides contiguous: a segmentation net's channels-last output
+        # (few and mid class counts), and LM logits (B, T, V) passed as (B, V, T).
+        "layouts": [("ce-channels_last", [(8, 21, 256, 256), (8, 150, 128, 128)], bf16_fp32,
+                     MODES),
+                    ("ce-transposed", [(4, 32000, 256)], bf16_fp32, MODES)],
     }
 
 
 FULL = ("llm", "vision", "linear")
 PRESETS = ("quick", "llm", "vision", "linear", "linear-large", "linear-small", "cpu", "small",
-           "mid", "soft", "extras", "edge", "full", "smoke")
+           "mid", "soft", "extras", "edge", "layouts", "full", "smoke")
 PRESET_HELP = {
     "quick": "small shapes, under a minute on a 2-core CPU (default without a GPU)",
     "llm": "N in {4096,16384} x C in {32000,...,256000}, bf16 and fp32 (default on a GPU)",
@@ -228,6 +249,8 @@ PRESET_HELP = {
     "extras": "softcap 30, z_loss 1e-4, logit_scale 0.7 against torch's composition: (64,10), "
               "(256,1000), (1024,32000) on the CPU; (64,10), (4096,32000), (4096,256000) on a GPU",
     "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
+    "layouts": "channels-last segmentation (8,21,256,256), (8,150,128,128); (B,T,V) LM logits "
+               "passed as (B,V,T) = (4,32000,256)",
     "full": "llm + vision + linear (+ cpu on the CPU)",
     "smoke": "tiny shapes, seconds: for tests",
 }
@@ -257,12 +280,14 @@ def build_cases(preset_names: list, device: torch.device, dtypes: Optional[list]
     cases = []
     for preset in expand_presets(preset_names, device):
         for kind, shapes, preset_dtypes, preset_modes, *options in table[preset]:
-            soft = kind == "ce-soft"  # kind "ce" with probability targets
+            # kind "ce" with probability targets ("ce-soft") or another layout ("ce-<layout>")
+            soft = kind == "ce-soft"
+            layout = kind[3:] if kind[3:] in LAYOUTS else ""
             for dtype in (dtypes or preset_dtypes):
                 for shape in shapes:
-                    case = Case(preset, "ce" if soft else kind, tuple(shape), dtype,
+                    case = Case(preset, "ce" if soft or layout else kind, tuple(shape), dtype,
                                 tuple(modes) if modes else tuple(preset_modes), soft,
-                                options[0] if options else ())
+                                options[0] if options else (), layout)
                     if case not in cases:
                         cases.append(case)
     return cases

@@ -227,6 +227,44 @@ def test_soft_cases_run_with_probability_targets(tmp_path, monkeypatch):
     assert rc == 0
 
 
+def test_layout_cases_store_the_logits_as_named(tmp_path, monkeypatch):
+    """Preset `layouts`: channels-last logits (classes adjacent) and the (B, V, T) view of
+    (B, T, V) logits, reproducible, named by their layout; every provider gets the same strided
+    tensor and is checked against float64 torch on it, so that one reading the storage as if
+    it were contiguous is `wrong`."""
+    layouts = cases.build_cases(["layouts"], torch.device("cpu"))
+    assert {c.layout for c in layouts} == {"channels_last", "transposed"}
+    assert all(c.name.endswith("·cl" if c.layout == "channels_last" else "·T") for c in layouts)
+    cl = cases.Case("x", "ce", (2, 5, 4, 3), torch.bfloat16, layout="channels_last")
+    tr = cases.Case("x", "ce", (2, 7, 6), torch.float32, layout="transposed")
+    for case in (cl, tr):
+        a, b = cases.make_inputs(case, torch.device("cpu")), cases.make_inputs(
+            case, torch.device("cpu"))
+        assert torch.equal(a.logits, b.logits) and a.logits.shape == case.shape
+        assert a.logits.stride(1) == 1 and a.logits.is_leaf and a.logits.requires_grad
+    assert cases.make_inputs(cl, torch.device("cpu")).logits.is_contiguous(
+        memory_format=torch.channels_last)
+    assert cases.make_inputs(tr, torch.device("cpu")).logits.stride() == (42, 1, 7)
+    assert cl.seed() != cases.Case("x", "ce", (2, 5, 4, 3), torch.bfloat16).seed()
+
+    def storage_order():  # reads the logits' storage as a contiguous tensor of their shape
+        return lambda logits, target: F.cross_entropy(
+            logits.as_strided(logits.shape, torch.empty(logits.shape).stride()), target)
+
+    monkeypatch.setitem(providers.REGISTRY, "storage", providers.Provider(
+        "storage", "t", storage_order))
+    monkeypatch.setattr(cases, "_preset_table", lambda device: {
+        "smoke": [("ce-channels_last", [(3, 5, 4, 6)], (torch.float32,), ("fwd",)),
+                  ("ce-transposed", [(2, 9, 7)], (torch.float32,), ("fwd",))]})
+    rc, _, data = _run(tmp_path, "--providers", "torch,nllfused-cpu,nllfused-torch,storage")
+    status = {(r["provider"], r["case"]): r["status"] for r in data["results"]}
+    for name in ("3x5x4x6·cl", "2x9x7·T"):
+        for ok in ("torch", "nllfused-cpu", "nllfused-torch"):
+            assert status[(ok, name)] == "ok", (ok, name)
+        assert status[("storage", name)] == "wrong", name
+    assert rc == 0
+
+
 def test_extras_cases_pass_their_options_to_every_provider(tmp_path, monkeypatch):
     """Preset `extras`: nllfused's z_loss / logit_scale / softcap, named in the case, given to
     every provider as keyword arguments and checked against float64 torch with them, so that a

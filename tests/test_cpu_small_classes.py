@@ -348,6 +348,52 @@ def test_reduction_in_the_kernels_pass(capability, layout, dtype, reduction):
     assert torch.equal(xd.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("C", [3, 16, 21, 40])
+@pytest.mark.parametrize("spatial", [(5, 7), (3, 3)], ids=str)
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_channels_last_gradient_in_the_logits_strides(capability, target_kind, spatial, C,
+                                                        dtype):
+    """Channels-last logits with few classes: the lanes path moves a tile's logits (lanes
+    adjacent, classes adjacent) by 16 x 16 transpositions where it has 16 lanes and 16 classes,
+    the last block overlapping the one before (C 21, 40), the lane's own copies elsewhere (C 3,
+    a partial tile, tiles across n where D < the lanes), and writes the one-call backward's
+    gradient in the logits' own strides (no autograd copy). The loss and gradient bit for bit
+    the contiguous input's (the same tiles, formulas and sums), which test_options judges
+    against float64 torch; with statistics, their gradient too."""
+    x = randn((2, C) + spatial, dtype).contiguous(memory_format=torch.channels_last)
+    if target_kind == "index":
+        t = targets(x)
+        kw = dict(weight=(torch.rand(C, dtype=torch.float64) + 0.1).to(dtype),
+                  label_smoothing=0.1)
+    else:
+        t = torch.softmax(torch.randn(x.shape, dtype=torch.float64), 1).to(dtype)
+        kw = {}
+    check_cross_entropy(x, t, "cpu", "cpu", reduction="sum", **kw)
+    for reduction in ("none", "mean"):
+        results = []
+        for xi in (x, x.contiguous()):
+            xg = xi.clone(memory_format=torch.preserve_format).requires_grad_()
+            loss = nllfused.cross_entropy(xg, t, reduction=reduction, **kw)
+            assert loss.grad_fn.name() == "nllfused::CrossEntropyLossBackward"  # one call
+            g_up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3))
+            (g,) = torch.autograd.grad(loss, xg, g_up.to(loss.dtype))
+            assert g.stride() == xg.stride()
+            results.append((loss, g))
+        (loss, g), (loss_c, g_c) = results
+        assert torch.equal(loss, loss_c) and torch.equal(g, g_c)
+    if target_kind == "index":
+        grads = []
+        for xi in (x, x.contiguous()):
+            xg = xi.clone(memory_format=torch.preserve_format).requires_grad_()
+            loss, st = nllfused.cross_entropy(xg, t, return_stats=("entropy",), **kw)
+            assert loss.grad_fn.name() == "nllfused::CrossEntropyLossStatsBackward"
+            (g,) = torch.autograd.grad(loss + st.entropy.sum(), xg)
+            assert g.stride() == xg.stride()
+            grads.append(g)
+        assert torch.equal(*grads)
+
+
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "probabilities"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_copies_agree(dtype, soft, monkeypatch):

@@ -254,8 +254,8 @@ Tensor backward(const char* op, const Tensor& grad_loss, const std::optional<Ten
   A.gent_counted = gent_counted && !prob_target;
   if (gt != nullptr) { A.gtlp = gt->data_ptr(); A.gtN = gt->stride(0); A.gtD = gt->stride(1); }
   const bool over = in_place && logits.is_contiguous();
-  // (more classes than the lanes path takes: the rows path runs)
-  A.out_like_x = like_logits && !over && A.xC == 1 && A.D > 1 && A.C > lane_max_classes(A) &&
+  // (the rows path, or with few classes the lanes path's scatter, writes it)
+  A.out_like_x = like_logits && !over && A.xC == 1 && A.D > 1 &&
                  logits.is_non_overlapping_and_dense();
   // (dense: a buffer of numel elements holds them, as the cache's contiguous ones)
   Tensor out = over ? logits

@@ -340,8 +340,8 @@ void Ce<scalar_t>::bwd_tiles(const Args& A, int64_t tile0, int64_t tile1) {
 template <typename scalar_t>
 void Ce<scalar_t>::backward(const Args& A) {
   const bool lanes = lanes_ok(A, true);
-  TORCH_INTERNAL_ASSERT(!A.out_like_x || (!lanes && A.xC == 1),
-                        "CPU backward: a gradient in the logits' strides is the rows path's");
+  TORCH_INTERNAL_ASSERT(!A.out_like_x || A.xC == 1,
+                        "CPU backward: a gradient in the logits' strides needs unit class stride");
   if (lanes) return backward_lanes(A);
   parallel_rows(A, (A.xC == 1 || A.C == 1) && (A.D == 1 || A.out_like_x),
                 [&](int64_t b, int64_t e) { bwd_rows(A, b, e); },

@@ -607,6 +607,8 @@ struct Ce {
   template <typename T>
   static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);
+  static int64_t lane_block_lanes(const Args& A, const Lanes& T);
+  static inline int64_t block_start(int64_t c, int64_t C);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   static void lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, scalar_t* out);
   static void lane_lse(const Args& A, const Lanes& T, const Tf& t, acc_t* hi, acc_t* lo);

@@ -290,8 +290,11 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     const V E0 = E[0], E1 = E[1];
     V so0(zero), so1(zero), py0(zero), py1(zero), dy0(dz1), dy1(dz1), ly0(zero), ly1(zero);
     if (!T.vin) lane_gather(A, T, zb);
-    scalar_t* o = out + T.n0 * C * D + T.d0;  // dtile: lane l's gradient of class c at o[c D + l]
-    // dtile: a class's gradient for the tile's lanes, one vector store (a partial one past L)
+    // A dtile's gradient straight into the contiguous output, lane l's of class c at o[c D + l];
+    // else (other tiles, or a gradient in the logits' strides, Args::out_like_x) through zb.
+    const bool direct = T.dtile && !A.out_like_x;
+    scalar_t* o = out + T.n0 * C * D + T.d0;
+    // direct: a class's gradient for the tile's lanes, one vector store (a partial one past L)
     auto store = [&](scalar_t* p, V a, V b) {
       if (T.L < W2) store2_tail(p, T.L, a, b);
       else if (finite) store2_finite(p, a, b);
@@ -299,7 +302,7 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
     };
     // With few classes the tile waits in zb for the targets' elements (a blend per class, no
     // scalar stores).
-    const bool late = T.dtile && C <= 16;
+    const bool late = direct && C <= 16;
     for (int64_t c = 0; c < C; ++c) {
       V xa, xb;
       lane_load_bwd(A, T, c, alias, o, zb, xa, xb);
@@ -341,7 +344,7 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         dy0 = select_eq(dy0, da, vc, y0);
         dy1 = select_eq(dy1, db, vc, y1);
       }
-      if (!T.dtile || late) {
+      if (!direct || late) {
         ra.store(zb + c * W2);
         rb.store(zb + c * W2 + W);
       } else {
@@ -371,11 +374,11 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
       g1.store(gy + W);
       for (int64_t l = 0; l < T.L; ++l) {
         if (yv[l] < 0) continue;
-        if (T.dtile) o[T.y[l] * D + l] = static_cast<scalar_t>(gy[l]);
+        if (direct) o[T.y[l] * D + l] = static_cast<scalar_t>(gy[l]);
         else zb[T.y[l] * W2 + l] = gy[l];
       }
     }
-    if (!T.dtile) lane_scatter(A, T, zb, out);
+    if (!direct) lane_scatter(A, T, zb, out);
   }
 }
 

@@ -162,7 +162,10 @@ void Ce<scalar_t>::bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
     }
     const bool special = any_lane(V::blendv(bad[0], bad[1], bad[1]));
     if (!T.vin) lane_gather(A, T, zb);
-    scalar_t* o = out + T.n0 * C * D + T.d0;  // dtile: lane l's gradient of class c at o[c D + l]
+    // direct as bwd_lanes's: a dtile's gradient straight into the contiguous output, lane l's of
+    // class c at o[c D + l]; else through zb
+    const bool direct = T.dtile && !A.out_like_x;
+    scalar_t* o = out + T.n0 * C * D + T.d0;
     for (int64_t c = 0; c < C; ++c) {
       V xa, xb, da, db;
       lane_load_bwd(A, T, c, alias, o, zb, xa, xb);
@@ -178,7 +181,7 @@ void Ce<scalar_t>::bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
         ra = V::blendv(ra, nan, bad[0]);
         rb = V::blendv(rb, nan, bad[1]);
       }
-      if (!T.dtile) {
+      if (!direct) {
         ra.store(zb + c * W2);
         rb.store(zb + c * W2 + W);
       } else if (T.L < W2) {
@@ -187,7 +190,7 @@ void Ce<scalar_t>::bwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
         store2(o + c * D, ra, rb);
       }
     }
-    if (!T.dtile) lane_scatter(A, T, zb, out);
+    if (!direct) lane_scatter(A, T, zb, out);
   }
 }
 

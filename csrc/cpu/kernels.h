@@ -79,7 +79,7 @@ struct Args {
   const void* lse_in; int64_t lN, lD;
   const void* aux_in; int64_t aN, aD;
   void* out;                                     // backward output, contiguous (N, C, D), or
-  bool out_like_x;                               // with the logits' strides (the rows path only)
+  bool out_like_x;                               // with the logits' strides (rows, lanes paths)
   // Statistics (ce_fwd_stats / ce_bwd_stats); all null for ce_fwd / ce_bwd.
   void *ent, *tlp; int64_t* pred;                // forward outputs, contiguous (N, D)
   const void* gent; int64_t geN, geD;            // grad_entropy (N, D) acc dtype, or null
