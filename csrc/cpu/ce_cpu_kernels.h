@@ -611,6 +611,8 @@ struct Ce {
   static inline int64_t block_start(int64_t c, int64_t C);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   static void lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, scalar_t* out);
+  static void lane_scatter_run(const Args& A, const Lanes& T, const acc_t* zb, int64_t blocked,
+                               scalar_t* o);
   static void lane_lse(const Args& A, const Lanes& T, const Tf& t, acc_t* hi, acc_t* lo);
   template <typename T, typename U>
   static void lane_read(const Lanes& L, const T* p, int64_t sN, int64_t sD, U fill, U* out);

@@ -255,6 +255,36 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
   }
 }
 
+// A channels-last dtile's gradient, lane l's class c at o[l C + c]: transposed into a stage in
+// L1 (the blocks of lane_gather's, the other lanes one value at a time), then written out by
+// whole vectors in order, where the blocks' rows straight into the output were each a store
+// across two lines (rows C values apart).
+template <typename scalar_t>
+void Ce<scalar_t>::lane_scatter_run(const Args& A, const Lanes& T, const acc_t* zb,
+                                    int64_t blocked, scalar_t* o) {
+  const int64_t C = A.C, n = T.L * C;
+  alignas(64) acc_t stage[kLaneMaxClasses * W2];
+  for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
+    acc_t* s = stage + l0 * C;
+    for (int64_t c = 0; c < C; c += kTile) {
+      const int64_t cb = block_start(c, C);
+      if (cb >= 0) {
+        transpose_block(zb + cb * W2 + l0, W2, s + cb, C);
+        continue;
+      }
+      for (; c < C; ++c) {
+        for (int64_t l = 0; l < kTile; ++l) s[l * C + c] = zb[c * W2 + l0 + l];
+      }
+    }
+  }
+  for (int64_t l = blocked; l < T.L; ++l) {
+    for (int64_t c = 0; c < C; ++c) stage[l * C + c] = zb[c * W2 + l];
+  }
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store1(o + i, V::loadu(stage + i));
+  for (; i < n; ++i) o[i] = static_cast<scalar_t>(stage[i]);
+}
+
 // A gathered tile's gradient zb[c W2 + l] into the contiguous (N, C, D) output, or, with
 // Args::out_like_x, into one of the logits' strides (each element where its logit is).
 template <typename scalar_t>
@@ -263,6 +293,12 @@ void Ce<scalar_t>::lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, 
   if (A.out_like_x) {
     const scalar_t* x = static_cast<const scalar_t*>(A.x);
     const int64_t blocked = lane_block_lanes(A, T), xC = A.xC;
+    // channels-last (classes of a gathered tile: at most kLaneMaxClasses): the tile's L C
+    // values are one run
+    if (T.dtile && xC == 1 && A.xD == C && C <= kLaneMaxClasses) {
+      lane_scatter_run(A, T, zb, blocked, out + (T.x0 - x));
+      return;
+    }
     for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
       scalar_t* o = out + (T.x0 - x) + l0 * A.xD;
       for (int64_t c = 0; c < C; c += kTile) {

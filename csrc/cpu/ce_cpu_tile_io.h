@@ -6,9 +6,9 @@
 // Where the tile's rows are a run -- row l's element of a class is row 0's plus l, as for kTile
 // consecutive d of one n with unit d stride (an (N, C, D) input, D >= kTile) or consecutive rows
 // of a column-major (N, C) input -- each class of the tile is kTile contiguous values, and the
-// copy is a transposition of kTile x kTile blocks in registers (ATen's transpose_mxn): a vector
-// load and store per class and lane group, where the general copy is one scalar load and store
-// per logit (measured on the Intel Xeon, AVX-512, (256, 300, 16) float32: the forward's gather
+// copy is a transposition of kTile x kTile blocks in registers (transpose16_f where the copy has
+// it, else ATen's transpose_mxn): a vector load and store per class and lane group, where the
+// general copy is one scalar load and store per logit (measured on the Intel Xeon, AVX-512, (256, 300, 16) float32: the forward's gather
 // was most of its time, 0.86-0.94x torch's).
 #pragma once
 
@@ -34,19 +34,28 @@ void Ce<scalar_t>::transpose_block(const src_t* src, int64_t ld_src, dst_t* dst,
   static_assert(kTile == 16, "ATen's transpose_mxn<float, 16, 16>");
 #if NLLF_SIMD
   constexpr bool f_src = std::is_same_v<src_t, float>, f_dst = std::is_same_v<dst_t, float>;
+  // floats: in registers where the copy has it (kernels_avx512.h), else by ATen's
+  auto floats = [](const float* s, int64_t ls, float* d, int64_t ld) {
+#ifdef NLLF_HAVE_TRANSPOSE16
+    transpose16_f(s, ls, d, ld);
+#else
+    at::vec::transpose_mxn<float, kTile, kTile>(s, ls, d, ld);
+#endif
+  };
   if constexpr (f_src && f_dst) {
-    return at::vec::transpose_mxn<float, kTile, kTile>(src, ld_src, dst, ld_dst);
-  } else if constexpr (f_dst && sizeof(src_t) == 2) {  // bf16 / fp16 logits or targets
+    return floats(src, ld_src, dst, ld_dst);
+  } else if constexpr (f_dst && sizeof(src_t) == 2 && kTile % W == 0) {
+    // bf16 / fp16 logits or targets, widened a vector at a time
     alignas(64) float b[kTile][kTile];
     for (int64_t i = 0; i < kTile; ++i) {
-      for (int64_t j = 0; j < kTile; ++j) b[i][j] = static_cast<float>(src[i * ld_src + j]);
+      for (int64_t j = 0; j < kTile; j += W) load1(src + i * ld_src + j).store(&b[i][j]);
     }
-    return at::vec::transpose_mxn<float, kTile, kTile>(&b[0][0], kTile, dst, ld_dst);
-  } else if constexpr (f_src && sizeof(dst_t) == 2) {  // a bf16 / fp16 gradient
+    return floats(&b[0][0], kTile, dst, ld_dst);
+  } else if constexpr (f_src && sizeof(dst_t) == 2 && kTile % W == 0) {  // a 16-bit gradient
     alignas(64) float b[kTile][kTile];
-    at::vec::transpose_mxn<float, kTile, kTile>(src, ld_src, &b[0][0], kTile);
+    floats(src, ld_src, &b[0][0], kTile);
     for (int64_t i = 0; i < kTile; ++i) {
-      for (int64_t j = 0; j < kTile; ++j) dst[i * ld_dst + j] = static_cast<dst_t>(b[i][j]);
+      for (int64_t j = 0; j < kTile; j += W) store1(dst + i * ld_dst + j, V::loadu(&b[i][j]));
     }
     return;
   }
