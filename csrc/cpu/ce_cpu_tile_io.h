@@ -8,8 +8,8 @@
 // of a column-major (N, C) input -- each class of the tile is kTile contiguous values, and the
 // copy is a transposition of kTile x kTile blocks in registers (transpose16_f where the copy has
 // it, else ATen's transpose_mxn): a vector load and store per class and lane group, where the
-// general copy is one scalar load and store per logit (measured on the Intel Xeon, AVX-512, (256, 300, 16) float32: the forward's gather
-// was most of its time, 0.86-0.94x torch's).
+// general copy is one scalar load and store per logit (measured on the Intel Xeon, AVX-512,
+// (256, 300, 16) float32: the forward's gather was most of its time, 0.86-0.94x torch's).
 #pragma once
 
 namespace nllfused_cpu::NLLF_CPU_NS {
