@@ -610,6 +610,8 @@ struct Ce {
   static int64_t lane_block_lanes(const Args& A, const Lanes& T);
   static inline int64_t block_start(int64_t c, int64_t C);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
+  template <typename dst_t>
+  static void lane_block_out(const acc_t* zb, int64_t l0, int64_t C, dst_t* o, int64_t ld);
   static void lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, scalar_t* out);
   static void lane_scatter_run(const Args& A, const Lanes& T, const acc_t* zb, int64_t blocked,
                                scalar_t* o);

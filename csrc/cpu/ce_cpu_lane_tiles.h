@@ -255,6 +255,25 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
   }
 }
 
+// Lanes [l0, l0 + kTile) of a tile's gradient zb[c W2 + l] into o[(l - l0) ld + c]: by
+// transpose_block's blocks (lane_gather's, the other way), or one value at a time where there
+// are fewer than kTile classes.
+template <typename scalar_t>
+template <typename dst_t>
+void Ce<scalar_t>::lane_block_out(const acc_t* zb, int64_t l0, int64_t C, dst_t* o,
+                                  int64_t ld) {
+  for (int64_t c = 0; c < C; c += kTile) {
+    const int64_t cb = block_start(c, C);
+    if (cb >= 0) {
+      transpose_block(zb + cb * W2 + l0, W2, o + cb, ld);
+      continue;
+    }
+    for (; c < C; ++c) {
+      for (int64_t l = 0; l < kTile; ++l) o[l * ld + c] = static_cast<dst_t>(zb[c * W2 + l0 + l]);
+    }
+  }
+}
+
 // A channels-last dtile's gradient, lane l's class c at o[l C + c]: transposed into a stage in
 // L1 (the blocks of lane_gather's, the other lanes one value at a time), then written out by
 // whole vectors in order, where the blocks' rows straight into the output were each a store
@@ -264,19 +283,7 @@ void Ce<scalar_t>::lane_scatter_run(const Args& A, const Lanes& T, const acc_t* 
                                     int64_t blocked, scalar_t* o) {
   const int64_t C = A.C, n = T.L * C;
   alignas(64) acc_t stage[kLaneMaxClasses * W2];
-  for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
-    acc_t* s = stage + l0 * C;
-    for (int64_t c = 0; c < C; c += kTile) {
-      const int64_t cb = block_start(c, C);
-      if (cb >= 0) {
-        transpose_block(zb + cb * W2 + l0, W2, s + cb, C);
-        continue;
-      }
-      for (; c < C; ++c) {
-        for (int64_t l = 0; l < kTile; ++l) s[l * C + c] = zb[c * W2 + l0 + l];
-      }
-    }
-  }
+  for (int64_t l0 = 0; l0 < blocked; l0 += kTile) lane_block_out(zb, l0, C, stage + l0 * C, C);
   for (int64_t l = blocked; l < T.L; ++l) {
     for (int64_t c = 0; c < C; ++c) stage[l * C + c] = zb[c * W2 + l];
   }
@@ -299,20 +306,8 @@ void Ce<scalar_t>::lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, 
       lane_scatter_run(A, T, zb, blocked, out + (T.x0 - x));
       return;
     }
-    for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
-      scalar_t* o = out + (T.x0 - x) + l0 * A.xD;
-      for (int64_t c = 0; c < C; c += kTile) {
-        const int64_t cb = block_start(c, C);
-        if (cb >= 0) {
-          transpose_block(zb + cb * W2 + l0, W2, o + cb, A.xD);
-          continue;
-        }
-        for (; c < C; ++c) {
-          for (int64_t l = 0; l < kTile; ++l)
-            o[l * A.xD + c] = static_cast<scalar_t>(zb[c * W2 + l0 + l]);
-        }
-      }
-    }
+    for (int64_t l0 = 0; l0 < blocked; l0 += kTile)
+      lane_block_out(zb, l0, C, out + (T.x0 - x) + l0 * A.xD, A.xD);
     for (int64_t l = blocked; l < T.L; ++l) {
       const scalar_t* xl = T.dtile ? T.x0 + l * A.xD : row_ptr(A, T.n[l], T.d[l]);
       scalar_t* ol = out + (xl - x);
