@@ -220,9 +220,9 @@ def _preset_table(device_type: str) -> dict:
         # many 10-class rows, a segmentation map.
         "edge": [("ce", [(64, 256000), (4194304, 10), (16, 21, 512, 512)], bf16_fp32, MODES)],
         # The layouts users pass besides contiguous: a segmentation net's channels-last output
-        # (few and mid class counts), and LM logits (B, T, V) passed as (B, V, T).
-        "layouts": [("ce-channels_last", [(8, 21, 256, 256), (8, 150, 128, 128)], bf16_fp32,
-                     MODES),
+        # (binary, few and mid class counts), and LM logits (B, T, V) passed as (B, V, T).
+        "layouts": [("ce-channels_last", [(16, 2, 256, 256), (8, 21, 256, 256),
+                                          (8, 150, 128, 128)], bf16_fp32, MODES),
                     ("ce-transposed", [(4, 32000, 256)], bf16_fp32, MODES)],
     }
 
@@ -249,8 +249,8 @@ PRESET_HELP = {
     "extras": "softcap 30, z_loss 1e-4, logit_scale 0.7 against torch's composition: (64,10), "
               "(256,1000), (1024,32000) on the CPU; (64,10), (4096,32000), (4096,256000) on a GPU",
     "edge": "few long rows (64,256000), 4M rows of 10 classes, segmentation (16,21,512,512)",
-    "layouts": "channels-last segmentation (8,21,256,256), (8,150,128,128); (B,T,V) LM logits "
-               "passed as (B,V,T) = (4,32000,256)",
+    "layouts": "channels-last segmentation (16,2,256,256), (8,21,256,256), (8,150,128,128); "
+               "(B,T,V) LM logits passed as (B,V,T) = (4,32000,256)",
     "full": "llm + vision + linear (+ cpu on the CPU)",
     "smoke": "tiny shapes, seconds: for tests",
 }

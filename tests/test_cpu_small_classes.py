@@ -349,15 +349,16 @@ def test_reduction_in_the_kernels_pass(capability, layout, dtype, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("C", [3, 16, 21, 40])
+@pytest.mark.parametrize("C", [2, 3, 15, 16, 21, 40])
 @pytest.mark.parametrize("spatial", [(5, 7), (3, 3)], ids=str)
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 def test_channels_last_gradient_in_the_logits_strides(capability, target_kind, spatial, C,
                                                         dtype):
     """Channels-last logits with few classes: the lanes path moves a tile's logits (lanes
     adjacent, classes adjacent) by 16 x 16 transpositions where it has 16 lanes and 16 classes,
-    the last block overlapping the one before (C 21, 40), the lane's own copies elsewhere (C 3,
-    a partial tile, tiles across n where D < the lanes), and writes the one-call backward's
+    the last block overlapping the one before (C 21, 40), by permutations of 16 lanes' run of
+    C < 16 classes (C 2, 3, 15; AVX-512), the lane's own copies elsewhere (a partial tile,
+    tiles across n where D < the lanes), and writes the one-call backward's
     gradient in the logits' own strides (no autograd copy). The loss and gradient bit for bit
     the contiguous input's (the same tiles, formulas and sums), which test_options judges
     against float64 torch; with statistics, their gradient too."""

@@ -209,8 +209,9 @@ int64_t Ce<scalar_t>::lane_block_lanes(const Args& A, const Lanes& T) {
 
 // The first of the kTile classes a block from class c moves: c, or C - kTile for the last,
 // partial block of C >= kTile classes (it moves some classes twice, the same values); -1 where
-// there are fewer than kTile classes (the lanes' own copies: a block would reach past the
-// tile's last logit).
+// there are fewer than kTile classes (a block would reach past the tile's last logit: there the
+// blocks' C kTile values are one run, which run_to_rows / rows_to_run permute where the copy
+// can, else the lanes' own copies).
 template <typename scalar_t>
 inline int64_t Ce<scalar_t>::block_start(int64_t c, int64_t C) {
   if (c + kTile <= C) return c;
@@ -228,6 +229,7 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
   const int64_t blocked = lane_block_lanes(A, T);  // lane l's class c at x0[l xD + c]
   for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
     const scalar_t* x = T.x0 + l0 * A.xD;
+    if (C < kTile && A.xD == C && run_to_rows(x, C, zb + l0, W2)) continue;
     for (int64_t c = 0; c < C; c += kTile) {
       const int64_t cb = block_start(c, C);
       if (cb >= 0) {
@@ -282,6 +284,14 @@ template <typename scalar_t>
 void Ce<scalar_t>::lane_scatter_run(const Args& A, const Lanes& T, const acc_t* zb,
                                     int64_t blocked, scalar_t* o) {
   const int64_t C = A.C, n = T.L * C;
+  if (C < kTile) {  // rows_to_run's blocks are whole vectors in order already
+    int64_t l0 = 0;
+    while (l0 < blocked && rows_to_run(zb + l0, W2, C, o + l0 * C)) l0 += kTile;
+    for (int64_t l = l0; l < T.L; ++l) {
+      for (int64_t c = 0; c < C; ++c) o[l * C + c] = static_cast<scalar_t>(zb[c * W2 + l]);
+    }
+    return;
+  }
   alignas(64) acc_t stage[kLaneMaxClasses * W2];
   for (int64_t l0 = 0; l0 < blocked; l0 += kTile) lane_block_out(zb, l0, C, stage + l0 * C, C);
   for (int64_t l = blocked; l < T.L; ++l) {

@@ -67,6 +67,45 @@ void Ce<scalar_t>::transpose_block(const src_t* src, int64_t ld_src, dst_t* dst,
   }
 }
 
+// kTile lanes of C < kTile classes from one run, x[l C + c] (channels-last), into the rows
+// zb[c ld + l], in acc_t; false where the copy cannot (then the caller copies a value at a
+// time).
+template <typename scalar_t>
+bool Ce<scalar_t>::run_to_rows(const scalar_t* x, int64_t C, acc_t* zb, int64_t ld) {
+#ifdef NLLF_HAVE_PERMUTE_RUNS
+  if constexpr (std::is_same_v<acc_t, float> && W == kTile) {
+    return with_small_c(C, [&](auto n) {
+      constexpr int kC = decltype(n)::value;
+      __m512 v[kC + 1], r[kC];
+      for (int j = 0; j < kC; ++j) v[j] = load1(x + j * W);
+      v[kC] = _mm512_setzero_ps();
+      permute_runs<kC, true>(v, r);
+      for (int c = 0; c < kC; ++c) _mm512_storeu_ps(zb + c * ld, r[c]);
+    });
+  }
+#endif
+  return false;
+}
+
+// run_to_rows the other way: rows zb[c ld + l] into o[l C + c], rounded once to dst_t.
+template <typename scalar_t>
+template <typename dst_t>
+bool Ce<scalar_t>::rows_to_run(const acc_t* zb, int64_t ld, int64_t C, dst_t* o) {
+#ifdef NLLF_HAVE_PERMUTE_RUNS
+  if constexpr (std::is_same_v<acc_t, float> && W == kTile) {
+    return with_small_c(C, [&](auto n) {
+      constexpr int kC = decltype(n)::value;
+      __m512 v[kC + 1], r[kC];
+      for (int c = 0; c < kC; ++c) v[c] = _mm512_loadu_ps(zb + c * ld);
+      v[kC] = _mm512_setzero_ps();
+      permute_runs<kC, false>(v, r);
+      for (int j = 0; j < kC; ++j) store1(o + j * W, V(r[j]));
+    });
+  }
+#endif
+  return false;
+}
+
 // Classes [c0, c0 + n) of a tile's L rows xl[] into zb[l][0, n). Elsewhere than a run, the loads
 // of one class for the tile's neighbouring rows still share cache lines.
 template <typename scalar_t>
