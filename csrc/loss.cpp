@@ -147,7 +147,7 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
     auto f = nllfused_cpu::ce_fwd_summed_cpu(logits, target2, weight, ignore_index,
                                              label_smoothing, a, s);
     if (f.summed) {
-      const double r = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
+      const double r = reduction == kSum ? f.loss_sum : weighted_mean(f.loss_sum, f.aux_sum);
       return {at::scalar_tensor(r, input.options().requires_grad(false)), f.lse,
               at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble)), true};
     }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -275,6 +276,15 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
   return small_cast_fits(t) ? small_cast(t, dtype) : t.to(dtype);
 }
 
+// 'mean' over index targets: the rows' loss sum s over their summed target weights w; NaN where
+// w is 0 (every row ignored, or every counted target's weight 0), as torch's, whose smoothing
+// part (s / 0 = inf where s > 0) is added to the NLL part's 0 / 0. The tensor form multiplies by
+// w / w (exactly 1, or NaN), one op where a where() takes three.
+inline double weighted_mean(double s, double w) {
+  return w == 0 ? std::numeric_limits<double>::quiet_NaN() : s / w;
+}
+inline Tensor weighted_mean(const Tensor& s, const Tensor& w) { return s / w * (w / w); }
+
 // torch's reductions of the per-row losses (docs/maths.md, "Reductions"): 'mean' divides by the
 // summed target weights of the counted rows (aux), so NaN when every row is ignored, as torch;
 // with probability targets (prob) by the number of rows, whatever the weights. Here by tensor
@@ -284,7 +294,7 @@ inline Tensor sum_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
                        at::IntArrayRef shape, bool prob = false) {
   if (reduction == kNone) return loss.view(shape);
   if (reduction == kSum) return loss.sum();
-  return prob ? loss.mean() : loss.sum() / aux.sum();
+  return prob ? loss.mean() : weighted_mean(loss.sum(), aux.sum());
 }
 
 // The shape of the unreduced loss: the index targets', or the input's less the class dimension.
@@ -304,7 +314,7 @@ inline Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reducti
     const double s = cpu_sum(loss);
     const double r = reduction == kSum ? s
                      : prob            ? s / static_cast<double>(loss.numel())
-                                       : s / cpu_sum(aux);
+                                       : weighted_mean(s, cpu_sum(aux));
     return at::scalar_tensor(r, input.options().dtype(dtype).requires_grad(false));
   }
   // float32 rows of a float64 loss (float64 probability targets) summed in float64, as the loop
@@ -430,10 +440,10 @@ inline Tensor reduce_with_z_loss(const Tensor& loss, const Tensor& lse, const Te
   const auto dtype = loss_dtype(input, target);
   if (loop_reduce(loss) && loop_reduce(aux) && loop_reduce(z_rows)) {
     const double count = static_cast<double>(counted.sum().item<int64_t>());  // (CPU: no sync)
-    const double r = cpu_sum(loss) / cpu_sum(aux) + cpu_sum(z_rows) / count;
+    const double r = weighted_mean(cpu_sum(loss), cpu_sum(aux)) + cpu_sum(z_rows) / count;
     return at::scalar_tensor(r, input.options().dtype(dtype).requires_grad(false));
   }
-  return as_dtype(loss.sum() / aux.sum() + z_rows.sum() / counted.sum(), dtype);
+  return as_dtype(weighted_mean(loss.sum(), aux.sum()) + z_rows.sum() / counted.sum(), dtype);
 }
 
 // The z-loss term's gradient in lse, ce_bwd's grad_lse ((N, D) float64): 2 z_loss lse times the

@@ -176,7 +176,7 @@ Outputs assemble_summed(const nllfused_cpu::SummedStatsForward& f, const Tensor&
   if (want & kTargetLogp) s[5] = reduced(f.target_logp_sum);
   for (Tensor& t : s)  // each its own empty tensor where not asked for: outputs never alias
     if (!t.defined()) t = at::empty({0}, opt.dtype(acc));
-  const double loss = reduction == kSum ? f.loss_sum : f.loss_sum / f.aux_sum;
+  const double loss = reduction == kSum ? f.loss_sum : weighted_mean(f.loss_sum, f.aux_sum);
   return {at::scalar_tensor(loss, opt), s[0], s[1], s[2], s[3], s[4], s[5]};
 }
 

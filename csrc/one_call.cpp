@@ -171,12 +171,18 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
                  (!softcap.is_none() && !(*cap > 0 && std::isfinite(*cap)))))
     return general;
   std::optional<Tensor> weight;
+  std::optional<at::ScalarType> promoted;  // the loss's dtype where the weights' widens it
   if (!weight_.is_none()) {
     if (!THPVariable_CheckExact(weight_.ptr())) return general;
     const Tensor& w = THPVariable_Unpack(weight_.ptr());
     if (!is_float_dtype(w.scalar_type()) || w.dim() != 1 || w.size(0) != classes ||
         !w.is_cpu() || w.requires_grad() || !w.is_contiguous())
       return general;
+    // Probability targets' loss takes the weights' dtype too, as torch's -(w q log p).sum()
+    // (bf16 logits and targets with float32 weights: a float32 loss): the op's loss, cast.
+    const auto out = one_call_ops::loss_dtype(input, target);
+    if (prob && at::promote_types(out, w.scalar_type()) != out)
+      promoted = at::promote_types(out, w.scalar_type());
     // The op takes them in the accumulation dtype: torch's own bf16 / fp16 weights (it asks
     // for the input's dtype) converted here, as the general path converts any floating weight
     // (_checks.check_weight); there they cost a 10-class bf16 batch 5x torch's time.
@@ -202,6 +208,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     py::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
     loss = call_cross_entropy_loss(input, target, weight, reduction, ignore_index, *smoothing,
                                    *z, *scale, *cap);
+    if (promoted) loss = loss.to(*promoted);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(loss)));
 }

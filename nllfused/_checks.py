@@ -9,13 +9,15 @@ as one named record, `Options`, unpacked only where an op is called.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .backends import torch_ref
-from .errors import ArgumentError, ArgumentTypeError
+from .errors import ArgumentError, ArgumentTypeError, DimensionError, UnsupportedDtypeError
 
 REDUCTIONS = ("none", "mean", "sum")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,6 +46,10 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     """Map the deprecated size_average/reduce pair as torch does; validate the result."""
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if reduction == "elementwise_mean":  # torch's old name, still taken with a warning
+        warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' "
+                      "instead.")
+        reduction = "mean"
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ArgumentError(f"{reduction!r} is not a valid value for reduction: it must be one "
                             f"of {', '.join(map(repr, REDUCTIONS))}")
@@ -57,11 +63,26 @@ def _number(name, value) -> None:
         raise ArgumentError(f"{name} must be finite; got {value}")
 
 
-def check_options(label_smoothing, z_loss, logit_scale, softcap) -> None:
-    _number("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
+def torch_smoothing(label_smoothing) -> float:
+    """label_smoothing as torch takes it: any real number (a bool, a NumPy scalar, a 0-d
+    tensor); at most 1, and no smoothing where it is not above 0 (torch checks only the upper
+    bound: -0.5 or NaN mean none)."""
+    value = label_smoothing
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"label_smoothing must be a real number; got "
+                                f"{type(label_smoothing).__name__}")
+    value = float(value)
+    if value > 1.0:
         raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0 (in [0, 1]); got "
-                            f"{label_smoothing}")
+                            f"{value}")
+    return value if value > 0.0 else 0.0
+
+
+def check_options(label_smoothing, z_loss, logit_scale, softcap) -> float:
+    """Raises for a bad option; returns label_smoothing as a float (torch_smoothing)."""
+    label_smoothing = torch_smoothing(label_smoothing)
     _number("z_loss", z_loss)
     if z_loss < 0:
         raise ArgumentError(f"z_loss must be >= 0; got {z_loss}")
@@ -70,14 +91,24 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> None:
         _number("softcap", softcap)
         if softcap <= 0:
             raise ArgumentError(f"softcap must be a positive number or None; got {softcap}")
+    return label_smoothing
 
 
-def check_ignore_index(ignore_index) -> None:
+def check_ignore_index(ignore_index) -> int:
+    """ignore_index as an int: an int, or what torch also takes for one (a NumPy integer, a 0-d
+    integer tensor); not a bool or a float."""
+    if isinstance(ignore_index, torch.Tensor):
+        if ignore_index.dim() == 0 and not ignore_index.is_floating_point() \
+                and ignore_index.dtype != torch.bool and not ignore_index.is_complex():
+            ignore_index = int(ignore_index.item())
+    elif isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
+        ignore_index = int(ignore_index)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ArgumentTypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:  # torch: ValueError "Overflow when unpacking long"
         raise ArgumentError(f"ignore_index must fit in int64 (class indices are int64); got "
                             f"{ignore_index}")
+    return ignore_index
 
 
 def check_logits_and_target(input, target) -> None:
@@ -87,7 +118,7 @@ def check_logits_and_target(input, target) -> None:
     if not isinstance(target, torch.Tensor):
         raise ArgumentTypeError(f"target must be a Tensor; got {type(target).__name__}")
     if input.dtype not in LOGIT_DTYPES:
-        raise ArgumentTypeError(
+        raise UnsupportedDtypeError(
             f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
     if target.device != input.device:
         raise ArgumentError(f"Expected all tensors to be on the same device: target is on "
@@ -181,9 +212,10 @@ def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
 def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit_scale=1.0,
                  softcap=None) -> Call:
     check_logits_and_target(input, target)
-    check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
+    label_smoothing = torch_smoothing(label_smoothing)
     if input.dim() == 0:
-        raise ArgumentError(
+        raise DimensionError(
             "input is 0-dimensional: cross_entropy needs logits of shape (C,), (N, C) or "
             "(N, C, d1, ..., dk) with the classes in dimension 1 (dimension 0 for a 1-D input)")
     class_dim = 0 if input.dim() == 1 else 1
@@ -198,6 +230,7 @@ def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit
         raise ArgumentError(
             "ignore_index is not supported for floating point target (probability targets)")
     check_weight_not_learned(weight, prob_target)
+    weight_dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
     weight = check_weight(weight, C, input)
 
     # Canonical 3-D views; flatten(2) is a view for contiguous and channels-last inputs.
@@ -212,7 +245,11 @@ def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit
             target3 = target.unsqueeze(-1) if target.dim() == 1 else target.flatten(1)
     options = Options(ignore_index, float(label_smoothing), float(logit_scale),
                       float(softcap or 0.0), prob_target)
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if prob_target else input.dtype
+    out_dtype = input.dtype
+    if prob_target:  # torch's -(w q log_softmax(x)).sum(): the weights' dtype joins in too
+        out_dtype = torch.promote_types(out_dtype, target.dtype)
+        if weight_dtype is not None:
+            out_dtype = torch.promote_types(out_dtype, weight_dtype)
     return Call(logits, target3, weight, options, tuple(index_shape), out_dtype)
 
 

@@ -3,7 +3,8 @@
 torch's losses raise RuntimeError for most bad arguments (and ValueError or TypeError for some);
 nllfused raises these, which are both, so that code written against torch (`except
 RuntimeError`) and code that expects the Python convention (`except ValueError`) both catch them.
-Out-of-range class indices raise IndexError, as torch does.
+Out-of-range class indices raise IndexError, as torch does; where torch raises a narrower class
+(NotImplementedError for integer logits, IndexError for a 0-d input), the error is that too.
 """
 
 
@@ -13,3 +14,13 @@ class ArgumentError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype."""
+
+
+class UnsupportedDtypeError(ArgumentTypeError, NotImplementedError):
+    """Logits of a dtype no kernel takes (torch: NotImplementedError, "not implemented for
+    'Long'")."""
+
+
+class DimensionError(ArgumentError, IndexError):
+    """A tensor without the dimension the call needs (torch: IndexError, "Dimension out of
+    range")."""

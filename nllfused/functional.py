@@ -193,7 +193,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         return torch.nn.functional.cross_entropy(input, target, weight, size_average,
                                                  ignore_index, reduce, reduction, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
-    _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+    label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+    if (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+            and input.dim() >= 1 and input.shape[0 if input.dim() == 1 else 1] == 0
+            and (target.is_floating_point() or target.numel() == 0) and not want_stats
+            and z_loss == 0 and logit_scale == 1 and softcap is None):
+        # no classes and no class index to check: nothing for a kernel; torch's own call gives
+        # its results (empty, 0 or NaN). (A class index there is out of bounds: canonicalize.)
+        backends.check_name(backend)
+        return torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index, None,
+                                                 reduction, label_smoothing)
     call = _checks.canonicalize(input, target, weight, ignore_index, label_smoothing,
                                 logit_scale, softcap)
     backend = backends.resolve(backend, input.device)

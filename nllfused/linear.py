@@ -132,10 +132,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     target_logprob differentiable in input, linear_weight and linear_bias.
     """
     reduction = _checks.resolve_reduction(None, None, reduction)
-    _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+    label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     backend = backends.check_name(backend)
-    if ignore_index is None:
-        ignore_index = -100
+    ignore_index = _checks.check_ignore_index(-100 if ignore_index is None else ignore_index)
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:  # (C, *out_features, H)
         return linear_kdim.linear_cross_entropy_kdim(
             linear_cross_entropy, input, linear_weight, target, linear_bias, weight, ignore_index,

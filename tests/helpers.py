@@ -72,8 +72,11 @@ def check_cross_entropy(x, target, device, backend, **kwargs):
     out_shape = reference(x, target, **kwargs)[0].shape
     # The upstream gradient a loss of dtype D receives is a D tensor: the oracle gets that same
     # (rounded) gradient, so a 16-bit case's comparison is not at the mercy of its rounding.
-    out_dtype = torch.promote_types(dtype, target.dtype) if target.is_floating_point() \
-        else dtype
+    out_dtype = dtype
+    if target.is_floating_point():  # the weights' dtype joins in, as torch's -(w q log p).sum()
+        out_dtype = torch.promote_types(dtype, target.dtype)
+        if isinstance(kwargs.get("weight"), torch.Tensor):
+            out_dtype = torch.promote_types(out_dtype, kwargs["weight"].dtype)
     grad = torch.randn(out_shape, dtype=torch.float64).to(out_dtype).double()
     oracle, oracle_grad = reference(x, target, grad=grad, **kwargs)
     low = low_grad = None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nllfused
 from helpers import backend_params
-from reference import reference
+from reference import assert_matches_oracle, reference
 
 F64 = torch.float64
 
@@ -247,3 +247,61 @@ def test_ignored_rows_get_no_gradient_from_reduced_statistics(device, backend, r
         (gg,) = torch.autograd.grad((g * torch.rand_like(g)).sum(), xd)
         assert torch.equal(gg[:3].cpu(), torch.zeros(3, 6, dtype=F64))
         assert torch.isfinite(gg[3:]).all()
+
+
+def sparse_prob_target(N, C, device):
+    """Probability targets where most classes have no mass: one-hot rows, one row split."""
+    q = torch.zeros(N, C, dtype=F64, device=device)
+    q[torch.arange(N), torch.randint(0, C, (N,))] = 1.0
+    q[0] = 0.0
+    q[0, :2] = torch.tensor([0.25, 0.75], dtype=F64)
+    return q
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("options", OPTIONS)
+def test_target_gradient_where_the_target_has_no_mass(device, backend, options):
+    """d loss / d q_c is -w_c (1 - e) log p_c / N (mean) for every class, q_c = 0 included, in
+    every mode: backward, torch.func.grad, jvp in q, and the mixed second derivative
+    d/dq (dL/dx . v) of a double backward."""
+    x, _, kw = sample(True, N=4, C=5, options=options, device=device)
+    x = x.detach()
+    q = sparse_prob_target(4, 5, device)
+    ours = lambda x, q: nllfused.cross_entropy(x, q, backend=backend, **kw)  # noqa: E731
+    ref = lambda x, q: oracle_fn(q, "mean", **kw)(x)  # noqa: E731
+    close = dict(rtol=1e-10, atol=1e-12)
+    g_ref = torch.func.grad(ref, argnums=1)(x, q)
+    assert (g_ref[q == 0] != 0).all()  # what a where on q's value would cut
+    qd = q.clone().requires_grad_()
+    ours(x, qd).backward()
+    torch.testing.assert_close(qd.grad, g_ref, **close)
+    torch.testing.assert_close(torch.func.grad(ours, argnums=1)(x, q), g_ref, **close)
+    tangent = torch.randn_like(q)
+    torch.testing.assert_close(torch.func.jvp(lambda q: ours(x, q), (q,), (tangent,)),
+                               torch.func.jvp(lambda q: ref(x, q), (q,), (tangent,)), **close)
+    v = torch.randn_like(x)
+    mixed = []
+    for f in (ours, ref):
+        xd, qd = x.clone().requires_grad_(), q.clone().requires_grad_()
+        gx, = torch.autograd.grad(f(xd, qd), xd, create_graph=True)
+        mixed.append(torch.autograd.grad((gx * v).sum(), qd)[0])
+    torch.testing.assert_close(mixed[0], mixed[1], **close)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("offset", [0.0, 5e4, 1e6])
+def test_target_gradient_keeps_its_precision_at_large_logits(device, backend, offset):
+    """d loss / d q = -log p in float32 as close to float64 as torch's own float32 gradient,
+    however far the logits are from 0 (log p from the saved lse must not round lse first: that
+    lost ulp(lse) / 2, 3e-2 at 1e6)."""
+    x = (torch.randn(4, 31, dtype=F64) + offset).float()
+    q = torch.softmax(torch.randn(4, 31), 1)
+
+    def target_grad(f, dtype, dev, **kw):
+        t = q.to(dtype=dtype, device=dev, copy=True).requires_grad_()
+        f(x.to(dtype).to(dev), t, reduction="sum", **kw).backward()
+        return t.grad
+    assert_matches_oracle(target_grad(nllfused.cross_entropy, torch.float32, device,
+                                      backend=backend),
+                          target_grad(F.cross_entropy, F64, "cpu"), torch.float32,
+                          target_grad(F.cross_entropy, torch.float32, "cpu"), what="target grad")

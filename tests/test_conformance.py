@@ -195,3 +195,47 @@ def test_deprecated_reduction_arguments(size_average, reduce):
                                                        reduce=reduce)
     ours = nllfused.cross_entropy(x, t, size_average=size_average, reduce=reduce)
     assert_matches_oracle(ours, expected, torch.float32, expected32)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("shape", [(2, 3), (3,), (2, 3, 5)], ids=str)
+def test_mean_over_targets_of_no_weight_is_nan(device, backend, smoothing, shape):
+    """'mean' where every counted target's class weighs 0: torch's NaN (its NLL part is 0 / 0,
+    the smoothing part s / 0 added to it), with or without smoothing, not s / 0 = inf."""
+    x = torch.randn(shape, device=device)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    t = torch.zeros(shape[:0] if len(shape) == 1 else (shape[0],) + shape[2:], dtype=torch.long,
+                    device=device)
+    w = torch.rand(C, device=device) + 0.5
+    w[0] = 0.0
+    theirs = torch.nn.functional.cross_entropy(x.cpu(), t.cpu(), weight=w.cpu(),
+                                               label_smoothing=smoothing)
+    assert torch.isnan(theirs)
+    for z_loss in (0.0, 0.1):
+        ours = nllfused.cross_entropy(x, t, weight=w, label_smoothing=smoothing, z_loss=z_loss,
+                                      backend=backend)
+        assert torch.isnan(ours), (z_loss, ours)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64),
+                                    (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float16)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_prob_target_loss_takes_the_weights_dtype(device, backend, dtypes, reduction):
+    """Probability targets: torch's loss is -(w q log_softmax(x)).sum(), so its dtype promotes
+    with the class weights' (float32 logits and targets, float64 weights: float64)."""
+    dtype, w_dtype = dtypes
+    x, q = prob_case(N=5, C=7)
+    w = torch.rand(7, dtype=torch.float64) + 0.1
+    theirs = torch.nn.functional.cross_entropy(x.to(dtype), q.to(dtype), weight=w.to(w_dtype),
+                                               reduction=reduction)
+    ours = nllfused.cross_entropy(x.to(dtype).to(device), q.to(dtype).to(device),
+                                  weight=w.to(w_dtype).to(device), reduction=reduction,
+                                  backend=backend)
+    assert ours.dtype == theirs.dtype
+    oracle = torch.nn.functional.cross_entropy(x.to(dtype).double(), q.to(dtype).double(),
+                                               weight=w.to(w_dtype).double(), reduction=reduction)
+    assert_matches_oracle(ours, oracle, dtype, theirs)

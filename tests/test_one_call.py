@@ -18,8 +18,13 @@ ONE_CALL_DEVICES = [d for d in DEVICES if nllfused.backends.resolve("auto", torc
 
 def took_one_call(loss) -> bool:
     """Whether `loss` came from nllfused::cross_entropy_loss: its autograd node is the C++
-    node of csrc/loss.cpp (the general path's node is the Python one of nllfused/ops.py)."""
-    return loss.grad_fn.name() == "nllfused::CrossEntropyLossBackward"
+    node of csrc/loss.cpp (the general path's node is the Python one of nllfused/ops.py), or,
+    where probability targets' class weights widen the loss's dtype, the cast of that node's
+    loss (csrc/one_call.cpp)."""
+    node = loss.grad_fn
+    if node.name() == "ToCopyBackward0":
+        node = node.next_functions[0][0]
+    return node.name() == "nllfused::CrossEntropyLossBackward"
 
 
 def one_call_and_general(x, t, monkeypatch, backend="auto", **kw):

@@ -1,6 +1,8 @@
 """Errors as torch raises them: for every bad call torch's own cross_entropy rejects, ours is
 catchable by the same exception class (ours derive from both ValueError/TypeError and
 RuntimeError) and carries torch's key phrase, so code and searches written for torch work."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,11 @@ CASES = [
      "is not a valid value for reduction"),
     ("integer_logits", lambda: dict(input=torch.ones(4, 5).long(), target=T(4)),
      "must be float16, bfloat16, float32 or float64"),
+    ("complex_logits", lambda: dict(input=torch.randn(4, 5, dtype=torch.cfloat), target=T(4)),
+     "must be float16, bfloat16, float32 or float64"),
     ("zero_dim_input", lambda: dict(input=torch.tensor(1.0), target=torch.tensor(0)), ""),
+    ("zero_dim_input_float_target", lambda: dict(input=torch.tensor(1.0),
+                                                 target=torch.tensor(1.0)), "0-dimensional"),
     ("zero_classes", lambda: dict(input=X(3, 0), target=T(3, 1)), "out of bounds"),
     ("target_out_of_bounds", lambda: dict(input=X(4, 5), target=torch.tensor([0, 1, 2, 7])),
      "Target 7 is out of bounds"),
@@ -64,12 +70,38 @@ def test_raises_what_torch_raises(backend, case, phrase):
         F.cross_entropy(**kwargs)
     with pytest.raises(Exception) as ours:
         nllfused.cross_entropy(**kwargs, backend=backend)
-    for cls in (RuntimeError, ValueError, TypeError, IndexError):
-        if isinstance(theirs.value, cls):
-            assert isinstance(ours.value, cls), (
-                f"torch raises {type(theirs.value).__name__}, we raise "
-                f"{type(ours.value).__name__}: `except {cls.__name__}` would miss ours")
+    assert isinstance(ours.value, type(theirs.value)), (
+        f"torch raises {type(theirs.value).__name__}, we raise {type(ours.value).__name__}: "
+        f"`except {type(theirs.value).__name__}` would miss ours")
     assert phrase in str(ours.value)
+
+
+# What torch takes besides the documented types, and what it makes of it.
+ACCEPTED = [
+    pytest.param(dict(reduction="elementwise_mean"), id="elementwise_mean"),
+    pytest.param(dict(label_smoothing=-0.2), id="smoothing_negative"),  # none: torch checks <= 1
+    pytest.param(dict(label_smoothing=float("nan")), id="smoothing_nan"),
+    pytest.param(dict(label_smoothing=True), id="smoothing_bool"),
+    pytest.param(dict(label_smoothing=torch.tensor(0.3)), id="smoothing_tensor"),
+    pytest.param(dict(label_smoothing=torch.tensor(0.3).numpy()[()]), id="smoothing_numpy"),
+    pytest.param(dict(ignore_index=torch.tensor(2)), id="ignore_index_tensor"),
+    pytest.param(dict(ignore_index=torch.tensor(2).numpy()[()]), id="ignore_index_numpy"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("kw", ACCEPTED)
+def test_takes_what_torch_takes(backend, kw):
+    x, t = X(6, 5), torch.tensor([0, 1, 2, 3, 4, 2])
+    with pytest.warns(UserWarning) if kw.get("reduction") else contextlib.nullcontext():
+        theirs = F.cross_entropy(x.double(), t, **kw)
+    with pytest.warns(UserWarning) if kw.get("reduction") else contextlib.nullcontext():
+        ours = nllfused.cross_entropy(x, t, backend=backend, **kw)
+    torch.testing.assert_close(ours.double(), theirs)
+    if kw.get("reduction") or "ignore_index" in kw:
+        return
+    module = nllfused.CrossEntropyLoss(backend=backend, **kw)
+    torch.testing.assert_close(module(x, t).double(), theirs)
 
 
 def test_module_errors_are_catchable_as_runtime_error():
@@ -129,3 +161,20 @@ def test_learned_class_weights(backend):
     with torch.no_grad():
         torch.testing.assert_close(nllfused.cross_entropy(x, t, weight=w, backend=backend),
                                    F.cross_entropy(x, t, weight=w))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shapes", [((4, 0), (4, 0)), ((2, 0, 3), (2, 0, 3)), ((0, 0), (0,)),
+                                    ((2, 0, 0), (2, 0))], ids=str)
+def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes):
+    """Logits of 0 classes with probability targets, or with no class index: torch's results
+    (zeros, -0.0, empty, NaN), not an error; with a class index, torch's IndexError (the
+    CASES above: zero_classes)."""
+    x_shape, t_shape = shapes
+    x = torch.randn(x_shape).requires_grad_()
+    t = torch.zeros(t_shape) if len(t_shape) == len(x_shape) else torch.zeros(t_shape).long()
+    theirs = F.cross_entropy(x, t, reduction=reduction)
+    ours = nllfused.cross_entropy(x, t, reduction=reduction, backend=backend)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, equal_nan=True)

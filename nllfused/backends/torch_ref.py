@@ -141,7 +141,12 @@ def row_entropy(z: torch.Tensor) -> torch.Tensor:
 def log_softmax(logits: torch.Tensor, lse: torch.Tensor, options) -> torch.Tensor:
     """log p = z - lse over the class dimension 1 of (N, C, D) logits, from a saved lse."""
     z = transform(logits.to(acc_dtype(logits.dtype)), options.logit_scale, options.softcap)
-    return z - lse.to(z.dtype).unsqueeze(1)
+    # lse = hi + lo: z - hi is exact near the row's max, where z - acc(lse) would lose
+    # ulp(lse) / 2 of every log p (1e-3 at |z| ~ 5e4 in float32, where torch's log_softmax,
+    # (z - m) - log s, keeps 1e-7)
+    hi = lse.to(z.dtype)
+    lo = (lse - hi.to(lse.dtype)).to(z.dtype)
+    return (z - hi.unsqueeze(1)) - lo.unsqueeze(1)
 
 
 def smoothed_target(q: torch.Tensor, weight: Optional[torch.Tensor], label_smoothing: float,
@@ -186,8 +191,11 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
     neg_logp = -torch.log_softmax(z, dim=-1)  # (N, D, C), >= 0
     if prob_target:
         wq = smoothed_target(target.to(acc).movedim(1, -1), weight, e, C, -1)
-        # 0 * inf (a masked class with zero target mass) contributes 0, not NaN.
-        loss = torch.where(wq != 0, wq * neg_logp, zero).sum(-1)
+        # 0 * inf (a masked class with zero target mass) contributes 0, not NaN; the product
+        # itself, not a where on wq, so that d loss / d q_c stays -log p_c where q_c = 0 (the
+        # target's gradient, forward AD and double backward run this)
+        finite = torch.where(wq != 0, neg_logp, torch.where(neg_logp.isfinite(), neg_logp, zero))
+        loss = (wq * finite).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
@@ -318,7 +326,10 @@ def reduce(loss: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor, reduction: 
     if prob_target:
         total = loss.sum() if z_rows is None else (loss + z_rows).sum()
         return total / loss.numel()
-    out = loss.sum() / aux.sum()
+    total = aux.sum()
+    # NaN where the counted targets weigh 0 in all, as torch: its smoothing part (s / 0 = inf
+    # where s > 0) is added to the NLL part's 0 / 0. total / total: exactly 1, or NaN.
+    out = loss.sum() / total * (total / total)
     if z_rows is not None:
         out = out + z_rows.sum() / counted.sum()
     return out
