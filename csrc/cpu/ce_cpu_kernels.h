@@ -449,7 +449,8 @@ struct Ce {
   static bool is_run(const T* v, int64_t L);
   template <typename src_t, typename dst_t>
   static void transpose_block(const src_t* src, int64_t ld_src, dst_t* dst, int64_t ld_dst);
-  static bool run_to_rows(const scalar_t* x, int64_t C, acc_t* zb, int64_t ld);
+  template <typename src_t>
+  static bool run_to_rows(const src_t* x, int64_t C, acc_t* zb, int64_t ld);
   template <typename dst_t>
   static bool rows_to_run(const acc_t* zb, int64_t ld, int64_t C, dst_t* o);
   static void gather_tile(const Args& A, const scalar_t* const* xl, int64_t L, int64_t c0,

@@ -37,6 +37,36 @@ void Ce<scalar_t>::lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_
     }
     return;
   }
+  // Channels-last targets (classes adjacent, a tile's lanes kTile apart): kTile-lane blocks
+  // moved as lane_gather moves the logits (transpose_block; run_to_rows below kTile classes),
+  // then weighed a class at a time with the expression of the branch above, where each target
+  // was a scalar read: (8, C, 128, 128) channels-last logits and targets, one thread, forward+
+  // backward fp32 C = 4 1.75 -> 1.27 ms, bf16 C = 4 1.77 -> 1.13, C = 21 4.87 -> 4.02.
+  int64_t blocked = 0;
+  if constexpr (W2 >= kTile && W2 % kTile == 0) {
+    if (T.dtile && A.qC == 1) blocked = T.L / kTile * kTile;
+  }
+  for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
+    const q_t* qb = q + T.n0 * A.qN + (T.d0 + l0) * A.qD;
+    if (C < kTile) {
+      if (A.qD == C && run_to_rows(qb, C, g + l0, W2)) continue;
+      blocked = l0;  // (l0 = 0: the copy has no run_to_rows) the lanes' own reads
+      break;
+    }
+    for (int64_t c = 0; c < C; c += kTile) {
+      const int64_t cb = block_start(c, C);
+      transpose_block(qb + cb, A.qD, g + cb * W2 + l0, W2);
+    }
+  }
+  for (int64_t c = 0; blocked > 0 && c < C; ++c) {
+    acc_t* gc = g + c * W2;
+    if (w) {
+      const acc_t wc = w[c];
+      lane_loop(blocked, W2, [&](int64_t l) { gc[l] = wc * (om * gc[l] + ec); });
+    } else {
+      lane_loop(blocked, W2, [&](int64_t l) { gc[l] = om * gc[l] + ec; });
+    }
+  }
   // halves of W consecutive d of one n (Lanes::oh): a class of the half one vector
   bool half_run[2] = {false, false};
   for (int64_t h = 0; h < 2 && A.qD == 1; ++h) {
@@ -49,7 +79,7 @@ void Ce<scalar_t>::lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_
       v.store(g + c * W2 + h * W);
     }
   }
-  for (int64_t l = 0; l < W2; ++l) {
+  for (int64_t l = blocked; l < W2; ++l) {
     if (half_run[l / W]) continue;
     if (l >= T.L) {
       for (int64_t c = 0; c < C; ++c) g[c * W2 + l] = 0;
