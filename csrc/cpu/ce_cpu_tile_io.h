@@ -69,8 +69,9 @@ void Ce<scalar_t>::transpose_block(const src_t* src, int64_t ld_src, dst_t* dst,
 
 // kTile lanes of C < kTile classes from one run, x[l C + c] (channels-last logits or
 // probability targets), into the rows zb[c ld + l], in acc_t; false where the copy cannot
-// (then the caller copies a value at a time). Not inlined, nor rows_to_run: their 15 unrolled copies inside lane_gather and
-// lane_scatter_run made those 3 % slower at C >= 16, which never takes them.
+// (then the caller copies a value at a time). Not inlined (C10_NOINLINE), nor rows_to_run:
+// their 15 unrolled copies inside lane_gather and lane_scatter_run made those 3 % slower at
+// C >= 16, which never takes them.
 template <typename scalar_t>
 template <typename src_t>
 C10_NOINLINE
