@@ -45,10 +45,14 @@ def _tanh(v, ACC: tl.constexpr):
     if ACC == tl.float64:
         # tanh(a) = -e / (2 + e), e = expm1(-2a) by Kahan's exact-quotient trick (float64 exp and
         # log are correctly rounded enough for it on every target).
+        # expm1 is -2a (u == 1), or -1 to the last bit (u below the normal range, a > 354: tanh
+        # is 1 from a = 19.1; a subnormal u's few bits would carry into the quotient, 7e-4 off
+        # at a = 372): no quotient needed
         u = tl.exp(-2.0 * a)
-        plain = (u == 1.0) | (u == 0.0)          # expm1 is -2a, or -1: no quotient needed
+        tiny = u < 2.2250738585072014e-308
+        plain = (u == 1.0) | tiny
         quotient = (u - 1.0) * (-2.0 * a) / tl.log(tl.where(plain, 0.5, u))
-        e = tl.where(u == 1.0, -2.0 * a, tl.where(u == 0.0, -1.0, quotient))
+        e = tl.where(u == 1.0, -2.0 * a, tl.where(tiny, -1.0, quotient))
         t = -e / (2.0 + e)
     else:
         # |v| < 0.5: the odd Taylor polynomial through v^17 (next term < 1e-9 relative);

@@ -21,6 +21,8 @@ from .errors import ArgumentError, ArgumentTypeError, DimensionError, Unsupporte
 
 REDUCTIONS = ("none", "mean", "sum")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Class-index dtypes the kernels read: torch's Long and Byte, and int32 (read as it is).
+INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 
 Options = torch_ref.Options  # the options every op takes, in the schema's order
@@ -123,7 +125,7 @@ def check_logits_and_target(input, target) -> None:
     if target.device != input.device:
         raise ArgumentError(f"Expected all tensors to be on the same device: target is on "
                             f"{target.device} but input is on {input.device}")
-    if target.dtype == torch.bool or target.is_complex():
+    if not target.is_floating_point() and target.dtype not in INDEX_DTYPES:
         raise ArgumentTypeError(
             f"target must hold class indices (an integer dtype) or class probabilities "
             f"(a floating dtype): expected target dtype to be Long, Int or Byte for class "

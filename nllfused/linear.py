@@ -134,6 +134,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     reduction = _checks.resolve_reduction(None, None, reduction)
     label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     backend = backends.check_name(backend)
+    ignore_index_given = ignore_index is not None
     ignore_index = _checks.check_ignore_index(-100 if ignore_index is None else ignore_index)
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:  # (C, *out_features, H)
         return linear_kdim.linear_cross_entropy_kdim(
@@ -144,6 +145,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     if isinstance(target, Tensor) and target.is_floating_point() and isinstance(input, Tensor):
         # Probability targets (*, C): torch's function takes them unchunked, with the logits
         # made; so does this one, through nllfused.cross_entropy (classes in dimension 1).
+        if ignore_index_given:
+            raise ArgumentError("ignore_index cannot be specified when target contains "
+                                "probabilities (class-index targets only)")
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
         if logits.dim() > 2:
             logits, target = logits.movedim(-1, 1), target.movedim(-1, 1)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .errors import ArgumentError, ArgumentTypeError
+from .errors import ArgumentError, ArgumentTypeError, DimensionError, UnsupportedDtypeError
 
 # torch.nn.LinearCrossEntropyOptions (torch >= 2.14): absent from older torch.
 TORCH_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)
@@ -72,7 +72,7 @@ def check_tensors(input, linear_weight, target, linear_bias):
             f"linear_bias must be a Tensor or None; got {type(linear_bias).__name__}")
     dtype, shape, w_shape = input.dtype, input.shape, linear_weight.shape
     if dtype not in _checks.LOGIT_DTYPES:
-        raise ArgumentTypeError(
+        raise UnsupportedDtypeError(
             f"input must be float16, bfloat16, float32 or float64; got {dtype}")
     if not shape:
         raise ArgumentError("input is 0-dimensional: it must have shape (*, in_features), e.g. "
@@ -86,7 +86,8 @@ def check_tensors(input, linear_weight, target, linear_bias):
             f"input's last dimension ({shape[-1]}) must equal linear_weight's in_features "
             f"({H}): input {tuple(shape)}, linear_weight {tuple(w_shape)}")
     if C == 0:
-        raise ArgumentError("linear_weight has 0 rows: there must be at least one class")
+        # torch: "Target 0 is out of bounds" (an IndexError)
+        raise DimensionError("linear_weight has 0 rows: there must be at least one class")
     if linear_bias is not None and tuple(linear_bias.shape) != (C,):
         raise ArgumentError(
             f"linear_bias must have shape ({C},); got {tuple(linear_bias.shape)}")

@@ -37,6 +37,10 @@ CASES = [
      "multi-target not supported"),
     ("bool_target", lambda: dict(input=X(4, 5), target=torch.ones(4, dtype=torch.bool)),
      "expected target dtype to be Long"),
+    ("int16_target", lambda: dict(input=X(4, 5), target=T(4).short()),
+     "expected target dtype to be Long"),
+    ("int8_target", lambda: dict(input=X(4, 5, 3), target=torch.zeros(4, 3, dtype=torch.int8)),
+     "expected target dtype to be Long"),
     ("reduction", lambda: dict(input=X(4, 5), target=T(4), reduction="avg"),
      "is not a valid value for reduction"),
     ("integer_logits", lambda: dict(input=torch.ones(4, 5).long(), target=T(4)),
@@ -178,3 +182,27 @@ def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes):
     ours = nllfused.cross_entropy(x, t, reduction=reduction, backend=backend)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+LINEAR_CASES = [
+    ("int8_target", lambda: (X(6, 3), X(5, 3), torch.zeros(6, dtype=torch.int8)), {}),
+    ("int16_target_chunked", lambda: (X(6, 3), X(5, 3), T(6).short()), dict(chunk_size=2)),
+    ("prob_target_ignore_index", lambda: (X(6, 3), X(5, 3), torch.rand(6, 5).softmax(1)),
+     dict(ignore_index=-100)),
+    ("integer_input", lambda: (torch.ones(6, 3).long(), torch.ones(5, 3).long(), T(6)), {}),
+    ("no_classes", lambda: (X(6, 3), X(0, 3), torch.zeros(6).long()), {}),
+]
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.14")
+@pytest.mark.parametrize("case,kw", [pytest.param(b, k, id=i) for i, b, k in LINEAR_CASES])
+def test_linear_raises_what_torch_raises(case, kw):
+    """nllfused.linear_cross_entropy refuses what torch's F.linear_cross_entropy refuses, with an
+    instance of torch's exception class (chunked or not)."""
+    x, w, t = case()
+    torch_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    with pytest.raises(Exception) as theirs:
+        F.linear_cross_entropy(x, w, t, **torch_kw)
+    with pytest.raises(Exception) as ours:
+        nllfused.linear_cross_entropy(x, w, t, **kw)
+    assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), type(ours.value))
