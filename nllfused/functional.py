@@ -212,6 +212,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         _checks.check_target_range(target, call.num_classes, ignore_index)
     names, kernel_stats = frozenset(), None
     if want_stats:
+        stats.check_returns(return_stats, return_z_loss, return_lse)
         names = stats.requested(return_stats, prob_target)
         if return_z_loss:
             names = names | {"z_loss"}

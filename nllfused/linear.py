@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, backends, functional, linear_stats, ops
+from . import _checks, backends, functional, linear_stats, ops, stats
 from .linear_checks import (autocast_args, canonical_arguments, check_chunking, check_tensors,
                             device_type)
 from ._checks import Options
@@ -135,6 +135,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     backend = backends.check_name(backend)
     ignore_index_given = ignore_index is not None
+    stats.check_returns(return_stats, return_z_loss, return_lse)
     ignore_index = _checks.check_ignore_index(-100 if ignore_index is None else ignore_index)
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:  # (C, *out_features, H)
         return linear_kdim.linear_cross_entropy_kdim(

@@ -55,6 +55,16 @@ class CrossEntropyStats(NamedTuple):
     target_logprob: Optional[torch.Tensor] = None
 
 
+def check_returns(return_stats, return_z_loss, return_lse) -> None:
+    """return_stats or return_z_loss / return_lse, not both: the first returns (loss, stats),
+    the others (loss, [z_loss], [lse]); the statistics hold both (stats.z_loss, stats.lse)."""
+    if (return_stats is not None and return_stats is not False and return_stats != ()
+            and (return_z_loss or return_lse)):
+        raise ArgumentError("return_stats returns (loss, stats), whose z_loss and lse fields "
+                            "hold what return_z_loss / return_lse append: pass one or the "
+                            "other (e.g. return_stats=('z_loss', 'lse'))")
+
+
 def requested(return_stats, prob_target: bool) -> frozenset:
     """The statistics asked for: True for all of them (those of index targets only with index
     targets), False/None for none, or a name or a sequence of names."""

@@ -394,3 +394,18 @@ def test_where_cuda_statistics_come_from(monkeypatch):
     assert ops.stats_for_backend("cuda") is None
     assert ops.stats_backward_for_backend("cuda") is None
     assert ops.triton_for_cuda("cuda") == "cuda" and ops.triton_for_cuda("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("extra", [dict(return_z_loss=True), dict(return_lse=True)], ids=str)
+@pytest.mark.parametrize("return_stats", [True, ("entropy",)], ids=str)
+def test_stats_and_appended_outputs_are_not_combined(extra, return_stats):
+    """return_stats gives (loss, stats); return_z_loss / return_lse append to the loss: asked
+    together, a clear error rather than one of them silently dropped."""
+    x, t = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="pass one or the other"):
+        nllfused.cross_entropy(x, t, z_loss=0.1, return_stats=return_stats, **extra)
+    with pytest.raises(ValueError, match="pass one or the other"):
+        nllfused.linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 3), t,
+                                      return_stats=return_stats, **extra)
+    loss, st = nllfused.cross_entropy(x, t, z_loss=0.1, return_stats=return_stats)
+    assert isinstance(st, nllfused.stats.CrossEntropyStats)
