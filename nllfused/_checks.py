@@ -213,9 +213,10 @@ def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
 
 def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit_scale=1.0,
                  softcap=None) -> Call:
+    """The call in canonical form; label_smoothing and the extras as check_options checked
+    (and returned) them."""
     check_logits_and_target(input, target)
     ignore_index = check_ignore_index(ignore_index)
-    label_smoothing = torch_smoothing(label_smoothing)
     if input.dim() == 0:
         raise DimensionError(
             "input is 0-dimensional: cross_entropy needs logits of shape (C,), (N, C) or "

@@ -194,7 +194,7 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
         # 0 * inf (a masked class with zero target mass) contributes 0, not NaN; the product
         # itself, not a where on wq, so that d loss / d q_c stays -log p_c where q_c = 0 (the
         # target's gradient, forward AD and double backward run this)
-        finite = torch.where(wq != 0, neg_logp, torch.where(neg_logp.isfinite(), neg_logp, zero))
+        finite = torch.where((wq != 0) | neg_logp.isfinite(), neg_logp, zero)
         loss = (wq * finite).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
