@@ -256,6 +256,17 @@ def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit
     return Call(logits, target3, weight, options, tuple(index_shape), out_dtype)
 
 
+def no_class_index(target: torch.Tensor, ignore_index) -> bool:
+    """Whether target names no class: probability targets, no targets, or class indices that
+    are all ignore_index. For logits of 0 classes only (torch then gives 0s, 0 or NaN, where a
+    class index is out of bounds): the test reads the targets, a host sync on a GPU."""
+    if target.is_floating_point() or target.numel() == 0:
+        return True
+    if target.dtype not in INDEX_DTYPES:
+        return False
+    return bool((target == check_ignore_index(ignore_index)).all())
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise IndexError for a class index outside [0, C) that is not ignore_index.
 

@@ -196,8 +196,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     if (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
             and input.dim() >= 1 and input.shape[0 if input.dim() == 1 else 1] == 0
-            and (target.is_floating_point() or target.numel() == 0) and not want_stats
-            and z_loss == 0 and logit_scale == 1 and softcap is None):
+            and not want_stats and z_loss == 0 and logit_scale == 1 and softcap is None
+            and _checks.no_class_index(target, ignore_index)):
         # no classes and no class index to check: nothing for a kernel; torch's own call gives
         # its results (empty, 0 or NaN). (A class index there is out of bounds: canonicalize.)
         backends.check_name(backend)

@@ -143,10 +143,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
             reduction, label_smoothing, z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
             return_stats=return_stats, return_z_loss=return_z_loss, return_lse=return_lse,
             options=options, chunk_size=chunk_size, backend=backend)
-    if isinstance(target, Tensor) and target.is_floating_point() and isinstance(input, Tensor):
+    no_classes = (isinstance(linear_weight, Tensor) and linear_weight.shape[:1] == (0,)
+                  and isinstance(target, Tensor) and _checks.no_class_index(target, ignore_index))
+    if isinstance(input, Tensor) and isinstance(target, Tensor) and (
+            target.is_floating_point() or no_classes):
         # Probability targets (*, C): torch's function takes them unchunked, with the logits
-        # made; so does this one, through nllfused.cross_entropy (classes in dimension 1).
-        if ignore_index_given:
+        # made; so does this one, through nllfused.cross_entropy (classes in dimension 1). So
+        # are 0 classes with every target ignored (no logit at all: torch's 0s, 0 or NaN).
+        if ignore_index_given and target.is_floating_point():
             raise ArgumentError("ignore_index cannot be specified when target contains "
                                 "probabilities (class-index targets only)")
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)

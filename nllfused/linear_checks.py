@@ -101,7 +101,8 @@ def check_tensors(input, linear_weight, target, linear_bias):
         if t.device != input.device:
             raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
     lead = shape[:-1]
-    if target.shape != lead:
+    # An unbatched (H,) input takes its class index as () or (1,), as torch's functions do
+    if target.shape != lead and not (not lead and target.shape == (1,)):
         raise ArgumentError(
             f"target shape {tuple(target.shape)} does not match input shape "
             f"{tuple(shape)}: class-index targets must have shape "

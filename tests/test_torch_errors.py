@@ -171,18 +171,46 @@ def test_learned_class_weights(backend):
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("shapes", [((4, 0), (4, 0)), ((2, 0, 3), (2, 0, 3)), ((0, 0), (0,)),
-                                    ((2, 0, 0), (2, 0))], ids=str)
-def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes):
-    """Logits of 0 classes with probability targets, or with no class index: torch's results
-    (zeros, -0.0, empty, NaN), not an error; with a class index, torch's IndexError (the
-    CASES above: zero_classes)."""
+                                    ((2, 0, 0), (2, 0)), ((4, 0), (4,)), ((0,), ())], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes, ignore_index):
+    """Logits of 0 classes with probability targets, with no class index, or with every class
+    index ignore_index: torch's results (zeros, -0.0, empty, NaN) and gradient, not an error;
+    with a class index, torch's IndexError (the CASES above: zero_classes, and below)."""
     x_shape, t_shape = shapes
     x = torch.randn(x_shape).requires_grad_()
-    t = torch.zeros(t_shape) if len(t_shape) == len(x_shape) else torch.zeros(t_shape).long()
-    theirs = F.cross_entropy(x, t, reduction=reduction)
-    ours = nllfused.cross_entropy(x, t, reduction=reduction, backend=backend)
+    prob = len(t_shape) == len(x_shape)
+    t = torch.zeros(t_shape) if prob else torch.full(t_shape, ignore_index)
+    kw = dict(reduction=reduction) if prob else dict(reduction=reduction, ignore_index=ignore_index)
+    theirs = F.cross_entropy(x, t, **kw)
+    ours = nllfused.cross_entropy(x, t, backend=backend, **kw)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+    if not prob and t.numel():
+        with pytest.raises(IndexError):  # one class index that is not ignored: out of bounds
+            nllfused.cross_entropy(x, t.flatten().index_fill(0, torch.tensor(0), 0).view(t_shape),
+                                   backend=backend, **kw)
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.14")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("ignore_index", [None, 3])
+def test_linear_no_classes_and_every_target_ignored_as_torch(reduction, ignore_index):
+    """A linear_weight of 0 rows with every class index ignore_index: torch's 0s, 0 or NaN, and
+    a zero gradient; with one that is not ignored, torch's IndexError."""
+    x, w = X(4, 3).requires_grad_(), X(0, 3).requires_grad_()
+    t = torch.full((4,), -100 if ignore_index is None else ignore_index)
+    theirs = F.linear_cross_entropy(x, w, t, ignore_index=ignore_index, reduction=reduction)
+    ours = nllfused.linear_cross_entropy(x, w, t, ignore_index=ignore_index, reduction=reduction)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    if reduction != "mean":
+        for a, b in zip(torch.autograd.grad(ours.sum(), (x, w)),
+                        torch.autograd.grad(theirs.sum(), (x, w))):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(IndexError):
+        nllfused.linear_cross_entropy(x, w, t.index_fill(0, torch.tensor(1), 0),
+                                      ignore_index=ignore_index)
 
 
 LINEAR_CASES = [
@@ -207,3 +235,23 @@ def test_linear_raises_what_torch_raises(case, kw):
     with pytest.raises(Exception) as ours:
         nllfused.linear_cross_entropy(x, w, t, **kw)
     assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), type(ours.value))
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.14")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kw", [dict(), dict(chunk_size=1), dict(return_stats=True)], ids=str)
+def test_linear_unbatched_input_takes_a_target_of_shape_1_as_torch(reduction, kw):
+    """An (H,) input's class index as a (1,) tensor, as torch's F.linear_cross_entropy takes it:
+    its loss (0-dim), and the gradient of the 0-dim target's call (torch's backward refuses the
+    (1,) one, as for cross_entropy)."""
+    x, w = X(8).requires_grad_(), X(5, 8).requires_grad_()
+    for y in (2, -100):
+        theirs = F.linear_cross_entropy(x, w, torch.tensor([y]), reduction=reduction)
+        ours = nllfused.linear_cross_entropy(x, w, torch.tensor([y]), reduction=reduction, **kw)
+        ours = ours[0] if isinstance(ours, tuple) else ours
+        assert ours.shape == theirs.shape == ()
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        if torch.isfinite(theirs):
+            scalar = F.linear_cross_entropy(x, w, torch.tensor(y), reduction=reduction)
+            for a, b in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(scalar, (x, w))):
+                torch.testing.assert_close(a, b)
