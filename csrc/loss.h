@@ -338,7 +338,7 @@ inline double cpu_value(const Tensor& t) {
 inline Tensor row_grads(const Tensor& grad, const Tensor& aux, int64_t reduction,
                         bool prob = false) {
   const auto acc = aux.scalar_type();
-  if (reduction == kNone) return as_dtype(grad, acc).view(aux.sizes());
+  if (reduction == kNone) return as_dtype(grad, acc).reshape(aux.sizes());  // (any strides)
   if (loop_reduce(grad) && loop_reduce(aux)) {
     double g = cpu_value(grad);
     if (reduction == kMean) g /= prob ? static_cast<double>(aux.numel()) : cpu_sum(aux);
@@ -380,6 +380,18 @@ inline void check_extras(const char* op, const Extras& ex) {
                     "and > 0 (0: none); got ", ex.z_loss, ", ", ex.logit_scale, ", ", ex.softcap);
 }
 
+// target != ignore_index, compared as integers: at::ne casts the Scalar to the tensor's dtype,
+// so uint8 targets would take -100 for 156; an ignore_index that the targets' dtype cannot hold
+// ignores no target (nllfused/backends/torch_ref.py, not_ignored).
+inline Tensor not_ignored(const Tensor& target, int64_t ignore_index) {
+  const auto t = target.scalar_type();
+  const bool holds = t == at::kByte ? ignore_index >= 0 && ignore_index <= 255
+                     : t == at::kInt ? ignore_index >= INT32_MIN && ignore_index <= INT32_MAX
+                                     : true;
+  return holds ? target.ne(ignore_index)
+               : at::ones_like(target, target.options().dtype(at::kBool));
+}
+
 // What the one-call ops compute, in torch ops (their second-order backward differentiates it):
 // torch's cross_entropy of z = softcap(logit_scale x), plus z_loss lse^2 on each counted row
 // (every row for probability targets), added to the rows and, under 'mean' with index targets,
@@ -394,10 +406,11 @@ inline Tensor torch_loss(const Tensor& x, const Tensor& target,
   const bool prob = prob_target(target);
   const Tensor lse = at::logsumexp(z, {x.dim() == 1 ? 0 : 1});
   Tensor z_rows = lse * ex.z_loss * lse;
-  if (!prob) z_rows = at::where(target != ignore_index, z_rows, at::zeros({}, z_rows.options()));
+  if (!prob)
+    z_rows = at::where(not_ignored(target, ignore_index), z_rows, at::zeros({}, z_rows.options()));
   if (reduction == kMean && !prob)
     return at::cross_entropy_loss(z, target, weight, kMean, ignore_index, label_smoothing) +
-           z_rows.sum() / (target != ignore_index).sum();
+           z_rows.sum() / not_ignored(target, ignore_index).sum();
   const Tensor rows =
       at::cross_entropy_loss(z, target, weight, kNone, ignore_index, label_smoothing) + z_rows;
   return reduction == kNone ? rows : reduction == kSum ? rows.sum() : rows.mean();
@@ -413,10 +426,9 @@ inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
                               int64_t ignore_index, double label_smoothing, const Extras& ex,
                               const Tensor& grad) {
   const bool prob = prob_target(target);
-  const Tensor x =
-      prob ? input
-           : at::where((target != ignore_index).unsqueeze(input.dim() > 1 ? 1 : 0), input,
-                       at::zeros({}, input.options()));
+  const Tensor x = prob ? input
+                        : at::where(not_ignored(target, ignore_index).unsqueeze(input.dim() > 1),
+                                    input, at::zeros({}, input.options()));
   const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
                                 ignore_index, label_smoothing, ex);
   return torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
@@ -433,7 +445,7 @@ inline Tensor reduce_with_z_loss(const Tensor& loss, const Tensor& lse, const Te
                                  const Tensor& target2, int64_t ignore_index, double z_loss) {
   if (z_loss == 0) return reduce_rows(loss, aux, reduction, input, target);
   const bool prob = prob_target(target);
-  const Tensor counted = prob ? Tensor() : target2 != ignore_index;
+  const Tensor counted = prob ? Tensor() : not_ignored(target2, ignore_index);
   const Tensor l = prob ? lse : at::where(counted, lse, at::zeros({}, lse.options()));
   const Tensor z_rows = (l * z_loss * l).to(loss.scalar_type());
   if (reduction != kMean || prob) return reduce_rows(loss + z_rows, aux, reduction, input, target);
@@ -455,7 +467,7 @@ inline Tensor z_loss_lse_grad(const Tensor& grad, const Tensor& lse, const Tenso
                               double z_loss) {
   Tensor g = grad.to(at::kDouble);
   if (reduction == kNone) g = g.reshape(lse.sizes());
-  const Tensor counted = prob ? Tensor() : target2 != ignore_index;
+  const Tensor counted = prob ? Tensor() : not_ignored(target2, ignore_index);
   if (reduction == kMean) g = prob ? g / c10::Scalar(lse.sym_numel()) : g / counted.sum();
   const Tensor d = lse * (2 * z_loss) * g;
   return prob ? d : at::where(counted, d, at::zeros({}, d.options()));

@@ -124,7 +124,7 @@ Outputs assemble(const Rows& rows, const Tensor& input, const Tensor& target2,
   const auto shape = target.sizes();
   const Tensor loss = reduce_with_z_loss(loss_rows, lse, aux, reduction, input, target, target2,
                                          ignore_index, z_loss);
-  const Tensor counted = target2 != ignore_index;
+  const Tensor counted = not_ignored(target2, ignore_index);
   const Tensor count = reduction == kMean ? counted.sum() : Tensor();
   std::array<Tensor, 6> s;
   if (want & (kLse | kZLoss | kLseRows)) {
@@ -283,7 +283,7 @@ struct CrossEntropyLossStatsBackward final : Node {
       if (ent) g_ent = row_grad(grads[1]);
       if (tlp) g_tlp = row_grad(grads[2]);
     } else if (ent || tlp) {  // the rows that count: only the statistics' gradients need them
-      const Tensor counted_rows = target2 != ignore_index;
+      const Tensor counted_rows = not_ignored(target2, ignore_index);
       if (ent) g_ent = stat_row_grads(grads[1], counted_rows, reduction, false, acc);
       if (tlp) g_tlp = stat_row_grads(grads[2], counted_rows, reduction, true, acc);
     }

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .backends import torch_ref
-from .errors import ArgumentError, ArgumentTypeError, DimensionError, UnsupportedDtypeError
+from .errors import (ArgumentError, ArgumentTypeError, DimensionError, TargetIndexError,
+                     UnsupportedDtypeError)
 
 REDUCTIONS = ("none", "mean", "sum")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -97,10 +98,10 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> float:
 
 
 def check_ignore_index(ignore_index) -> int:
-    """ignore_index as an int: an int, or what torch also takes for one (a NumPy integer, a 0-d
-    integer tensor); not a bool or a float."""
+    """ignore_index as an int: an int, or what torch also takes for one (a NumPy integer, an
+    integer tensor of one element); not a bool or a float."""
     if isinstance(ignore_index, torch.Tensor):
-        if ignore_index.dim() == 0 and not ignore_index.is_floating_point() \
+        if ignore_index.numel() == 1 and not ignore_index.is_floating_point() \
                 and ignore_index.dtype != torch.bool and not ignore_index.is_complex():
             ignore_index = int(ignore_index.item())
     elif isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
@@ -132,18 +133,25 @@ def check_logits_and_target(input, target) -> None:
             f"indices, but got {target.dtype}")
 
 
-def check_weight(weight, num_classes: int, input: torch.Tensor) -> Optional[torch.Tensor]:
-    """The class weights as the ops take them: (C,) contiguous, accumulation dtype, detached."""
+def check_weight(weight, num_classes: int, input: torch.Tensor,
+                 prob_target: bool = False) -> Optional[torch.Tensor]:
+    """The class weights as the ops take them: (C,) contiguous, accumulation dtype, detached.
+    As torch takes them: with class indices and K-dim logits, any shape of C elements (its N-d
+    loss reads them flat); with probability targets, an integer or bool dtype too (its product
+    w q log p promotes)."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
         raise ArgumentTypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
+    if (weight.dim() != 1 and input.dim() >= 3 and not prob_target
+            and weight.numel() == num_classes):
+        weight = weight.reshape(num_classes)
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise ArgumentError(
             f"weight tensor should be defined either for all {num_classes} classes or no classes: "
             f"weight must be a 1-D tensor with one entry per class ({num_classes}); got shape "
             f"{tuple(weight.shape)}")
-    if not weight.is_floating_point():
+    if weight.is_complex() or not (weight.is_floating_point() or prob_target):
         raise ArgumentTypeError(f"weight must be floating point (expected scalar type Float or "
                                 f"Double); got {weight.dtype}")
     if weight.device != input.device:
@@ -197,6 +205,10 @@ def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
             f"{target.dtype}: a target of the input's shape {tuple(target.shape)} holds class "
             f"probabilities; class-index targets must have shape {tuple(index_shape)} (the "
             f"input's shape without the class dimension)")
+    if input.dim() >= 2 and target.dim() == 0:  # torch: ValueError, or IndexError for N = 0
+        raise DimensionError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size (0): a 0-d "
+            f"target; class-index targets must have shape {tuple(index_shape)}")
     if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
         raise ArgumentError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
@@ -234,7 +246,7 @@ def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit
             "ignore_index is not supported for floating point target (probability targets)")
     check_weight_not_learned(weight, prob_target)
     weight_dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
-    weight = check_weight(weight, C, input)
+    weight = check_weight(weight, C, input, prob_target)
 
     # Canonical 3-D views; flatten(2) is a view for contiguous and channels-last inputs.
     if input.dim() == 1:
@@ -264,7 +276,7 @@ def no_class_index(target: torch.Tensor, ignore_index) -> bool:
         return True
     if target.dtype not in INDEX_DTYPES:
         return False
-    return bool((target == check_ignore_index(ignore_index)).all())
+    return not bool(torch_ref.not_ignored(target, check_ignore_index(ignore_index)).any())
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -275,10 +287,13 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
     """
     if target.numel() == 0:
         return
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(target):  # torch.func: every level's values
+        target = functorch.get_unwrapped(target)
     counted, in_range = torch_ref.index_rule(target, num_classes, ignore_index)
     bad = counted & ~in_range
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
-        raise IndexError(
+        raise TargetIndexError(
             f"Target {value} is out of bounds: class indices must be in [0, {num_classes}) "
             f"or equal ignore_index ({ignore_index})")

@@ -397,7 +397,7 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
     loss, lse, aux, *slice_stats = _VocabParallelCE.apply(
         logits, flat_target, weight, vocab_start, ignore_index, float(label_smoothing), group,
         world, use_triton, bool(names & stats.KERNEL_STATS))
-    counted = flat_target != ignore_index if z_loss else None
+    counted = torch_ref.not_ignored(flat_target, ignore_index) if z_loss else None
     out = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
     out = (out.reshape(target.shape) if reduction == "none" else out).to(input.dtype)
     if not names:

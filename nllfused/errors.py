@@ -3,8 +3,9 @@
 torch's losses raise RuntimeError for most bad arguments (and ValueError or TypeError for some);
 nllfused raises these, which are both, so that code written against torch (`except
 RuntimeError`) and code that expects the Python convention (`except ValueError`) both catch them.
-Out-of-range class indices raise IndexError, as torch does; where torch raises a narrower class
-(NotImplementedError for integer logits, IndexError for a 0-d input), the error is that too.
+Out-of-range class indices raise IndexError, as torch does (and RuntimeError, as torch under
+torch.func.vmap); where torch raises a narrower class (NotImplementedError for integer logits,
+IndexError for a 0-d input), the error is that too.
 """
 
 
@@ -24,3 +25,8 @@ class UnsupportedDtypeError(ArgumentTypeError, NotImplementedError):
 class DimensionError(ArgumentError, IndexError):
     """A tensor without the dimension the call needs (torch: IndexError, "Dimension out of
     range")."""
+
+
+class TargetIndexError(IndexError, RuntimeError):
+    """A class index outside [0, C) that is not ignore_index (torch: IndexError, "Target 5 is out
+    of bounds"; RuntimeError under torch.func.vmap)."""

@@ -34,9 +34,9 @@ def set_target_check(enabled: bool) -> None:
 
 def target_check_wanted(device: torch.device) -> bool:
     """Whether class indices on `device` are checked on the host (always on the CPU). Not under
-    torch.compile or torch.func transforms, which cannot branch on tensor values."""
-    return (device.type == "cpu" or _CHECK_TARGETS_ON_GPU) and not (
-        torch.compiler.is_compiling() or backends.transform_active())
+    torch.compile, whose graphs cannot branch on tensor values; under torch.func transforms the
+    check reads the values beneath their wrappers (_checks.check_target_range)."""
+    return (device.type == "cpu" or _CHECK_TARGETS_ON_GPU) and not torch.compiler.is_compiling()
 
 
 def output_dtype(call: _checks.Call, device: torch.device) -> torch.dtype:
@@ -223,7 +223,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     else:
         forward, _ = ops.for_backend(backend)
         loss, lse, aux = forward(call.logits, call.target, call.weight, *call.options)
-    counted = None if prob_target or not z_loss else call.target != ignore_index
+    counted = None if prob_target or not z_loss else \
+        torch_ref.not_ignored(call.target, ignore_index)
     out = torch_ref.reduce(loss, lse, aux, reduction, prob_target, z_loss, counted)
     if reduction == "none":
         out = out.reshape(call.out_shape)

@@ -414,7 +414,7 @@ def _unfused(input, linear_weight, linear_bias, target, weight, options, z_loss,
     every torch.func transform differentiate it."""
     logits = F.linear(input, linear_weight, linear_bias).unsqueeze(-1)
     loss, lse, aux = torch_ref.forward(logits, target.unsqueeze(-1), weight, *options)
-    counted = target != options.ignore_index
+    counted = torch_ref.not_ignored(target, options.ignore_index)
     return torch_ref.reduce(loss[:, 0], lse[:, 0], aux[:, 0], reduction, False, z_loss, counted)
 
 
@@ -663,7 +663,7 @@ def _forward(input, linear_weight, linear_bias, target, weight, options, z_loss,
                  grad_input and store, grad_weight and store, grad_bias and store)
     aux = torch_ref.row_weights(target, weight, options.ignore_index, linear_weight.shape[0],
                                 ch.acc)
-    counted = target != options.ignore_index
+    counted = torch_ref.not_ignored(target, options.ignore_index)
     loss = input.new_empty((M,), dtype=ch.acc)
     lse = input.new_empty((M,), dtype=torch.float64)
     predicted = input.new_empty((M,) if want_argmax else (0,), dtype=torch.int64)

@@ -87,7 +87,7 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
     if low:
         input = input.float()
     if reduction == "mean":
-        counted = target.reshape(N, D) != ignore_index
+        counted = torch_ref.not_ignored(target.reshape(N, D), ignore_index)
         count = counted.sum()
         denom = count if w is None else torch.where(
             counted, w[target.reshape(N, D).long().clamp(0, C - 1)], 0).sum()

@@ -95,7 +95,7 @@ def with_stats(x, linear_weight, linear_bias, target, weight, options, z_loss, r
             x, linear_weight, linear_bias, target, weight, *options, backend, chunk_rows,
             "entropy" in names, bool(names & ARGMAX_STATS))
     loss, lse, aux, *kernel = rows
-    counted = target != options.ignore_index
+    counted = torch_ref.not_ignored(target, options.ignore_index)
     loss = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
     if reduction == "none":
         loss = loss.reshape(out_shape)

@@ -147,7 +147,7 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
     if options.prob_target:
         return rows
     if "correct" in names:
-        rows["correct"] = (target != options.ignore_index) & (predicted == target)
+        rows["correct"] = torch_ref.not_ignored(target, options.ignore_index) & (predicted == target)
     if "target_logprob" in names:
         rows["target_logprob"] = target_logp if target_logp is not None else \
             torch_ref.target_logprob(logits, target, lse, options)
@@ -158,7 +158,8 @@ def reduce(rows: dict, target, options, reduction: str, out_shape) -> CrossEntro
     """Per-row statistics reduced as the loss is (module docstring); per-row ones in out_shape.
     A handful of small ops after the kernel: the rows that count and their number are formed
     once, and each value a reduction sums is masked by one `where` against a scalar 0."""
-    counted = None if options.prob_target else target != options.ignore_index
+    counted = None if options.prob_target else \
+        torch_ref.not_ignored(target, options.ignore_index)
     out, count = {}, None
     for name, value in rows.items():
         if name == "predicted" or (reduction == "none" and name in ("lse", "entropy")):

@@ -305,3 +305,31 @@ def test_target_gradient_keeps_its_precision_at_large_logits(device, backend, of
                                       backend=backend),
                           target_grad(F.cross_entropy, F64, "cpu"), torch.float32,
                           target_grad(F.cross_entropy, torch.float32, "cpu"), what="target grad")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+@pytest.mark.parametrize("mode", ["vmap", "grad", "jvp", "forward_ad", "vmap_of_grad"])
+def test_out_of_range_class_index_raises_in_every_mode(backend, mode):
+    """A class index outside [0, C) raises under torch.func transforms and forward-mode AD as in
+    eager mode (an IndexError, which is also the RuntimeError torch raises under vmap), where
+    these modes' reference path would give NaN; a valid call right after still works."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    bad = torch.tensor([0, 5, 1, 2])
+
+    def call(t):
+        loss = lambda a, y: nllfused.cross_entropy(a, y, backend=backend)  # noqa: E731
+        if mode == "vmap":
+            return torch.func.vmap(loss)(x[None], t[None])
+        if mode == "grad":
+            return torch.func.grad(loss)(x, t)
+        if mode == "jvp":
+            return torch.func.jvp(lambda a: loss(a, t), (x,), (torch.ones_like(x),))[1]
+        if mode == "vmap_of_grad":
+            return torch.func.vmap(torch.func.grad(loss))(x[None], t[None])
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(loss(fwAD.make_dual(x, torch.ones_like(x)), t)).tangent
+
+    with pytest.raises(IndexError, match="out of bounds") as err:
+        call(bad)
+    assert isinstance(err.value, RuntimeError)
+    assert torch.isfinite(call(bad.clamp(max=4))).all()

@@ -239,3 +239,58 @@ def test_prob_target_loss_takes_the_weights_dtype(device, backend, dtypes, reduc
     oracle = torch.nn.functional.cross_entropy(x.to(dtype).double(), q.to(dtype).double(),
                                                weight=w.to(w_dtype).double(), reduction=reduction)
     assert_matches_oracle(ours, oracle, dtype, theirs)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+@pytest.mark.parametrize("C", [200, 300])
+def test_uint8_class_indices_compare_as_integers(backend, C):
+    """uint8 class indices against ignore_index and C as integers, on every path: the default
+    ignore_index -100 ignores no uint8 target (torch compares a Python int in the tensor's
+    dtype, where -100 is 156), and classes up to 255 are in range at C = 300 (300 is 44 there).
+    Loss, gradient (also with create_graph=True and torch.func.grad), the statistics and z-loss
+    against the int64 targets' (torch's own uint8 loss gives the same values)."""
+    x = (torch.randn(4, C, dtype=torch.float64) * 2).requires_grad_()
+    t8 = torch.tensor([1, 156, 255 if C > 255 else 199, 44], dtype=torch.uint8)
+    t64 = t8.long()
+    torch.testing.assert_close(nllfused.cross_entropy(x, t8, reduction="none", backend=backend),
+                               torch.nn.functional.cross_entropy(x, t8, reduction="none"))
+    for kw in (dict(), dict(z_loss=1e-2), dict(label_smoothing=0.1)):
+        ref = nllfused.cross_entropy(x, t64, reduction="sum", backend=backend, **kw)
+        ours = nllfused.cross_entropy(x, t8, reduction="sum", backend=backend, **kw)
+        torch.testing.assert_close(ours, ref)
+        for create_graph in (False, True):
+            torch.testing.assert_close(
+                torch.autograd.grad(ours, x, retain_graph=True, create_graph=create_graph)[0],
+                torch.autograd.grad(ref, x, retain_graph=True)[0])
+    torch.testing.assert_close(
+        torch.func.grad(lambda a: nllfused.cross_entropy(a, t8, backend=backend))(x.detach()),
+        torch.func.grad(lambda a: nllfused.cross_entropy(a, t64, backend=backend))(x.detach()))
+    for reduction in ("none", "mean"):
+        _, ours = nllfused.cross_entropy(x, t8, reduction=reduction, backend=backend,
+                                         return_stats=True)
+        _, ref = nllfused.cross_entropy(x, t64, reduction=reduction, backend=backend,
+                                        return_stats=True)
+        for name in ("target_logprob", "correct", "entropy", "lse"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+@pytest.mark.parametrize("extra", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-3},
+                                   {"softcap": 3.0}, {"return_stats": True}, {"prob": True}],
+                         ids=str)
+def test_unreduced_loss_takes_an_upstream_gradient_of_any_strides(backend, extra):
+    """reduction='none' over (N, C, d1, d2): the upstream gradient of a transposed view of the
+    loss (non-contiguous, as `(loss.transpose(1, 2) * m).sum()` makes it) gives torch's
+    gradient."""
+    extra = dict(extra)
+    x = (torch.randn(2, 5, 3, 4, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.softmax(torch.randn(2, 5, 3, 4, dtype=torch.float64), 1) if extra.pop("prob", 0) \
+        else torch.randint(0, 5, (2, 3, 4))
+    m = torch.randn(2, 4, 3, dtype=torch.float64)
+    ours = nllfused.cross_entropy(x, t, reduction="none", backend=backend, **extra)
+    ours = ours[0] if isinstance(ours, tuple) else ours
+    plain = {k: v for k, v in extra.items() if k != "return_stats"}
+    ref = nllfused.cross_entropy(x, t, reduction="none", backend="torch", **plain)
+    torch.testing.assert_close(
+        torch.autograd.grad((ours.transpose(1, 2) * m).sum(), x)[0],
+        torch.autograd.grad((ref.transpose(1, 2).contiguous() * m).sum(), x)[0])

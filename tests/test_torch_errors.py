@@ -55,6 +55,9 @@ CASES = [
      "Target 7 is out of bounds"),
     ("target_negative", lambda: dict(input=X(4, 5), target=torch.tensor([0, -3, 2, 1])),
      "Target -3 is out of bounds"),
+    ("zero_dim_target", lambda: dict(input=X(4, 5), target=torch.tensor(1)),
+     "Expected input batch_size (4) to match target batch_size (0)"),
+    ("zero_rows_zero_dim_target", lambda: dict(input=X(0, 5), target=torch.tensor(1)), ""),
     ("unbatched_target_size", lambda: dict(input=X(5), target=torch.tensor([1, 2])),
      "For 1D input, 1D target must have size 1, but got target size: 2"),
     ("input_not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), "must be a Tensor"),
@@ -90,6 +93,9 @@ ACCEPTED = [
     pytest.param(dict(label_smoothing=torch.tensor(0.3).numpy()[()]), id="smoothing_numpy"),
     pytest.param(dict(ignore_index=torch.tensor(2)), id="ignore_index_tensor"),
     pytest.param(dict(ignore_index=torch.tensor(2).numpy()[()]), id="ignore_index_numpy"),
+    pytest.param(dict(ignore_index=torch.tensor([2])), id="ignore_index_one_element"),
+    pytest.param(dict(ignore_index=torch.tensor([[2]], dtype=torch.int32)),
+                 id="ignore_index_one_element_2d"),
 ]
 
 
@@ -255,3 +261,35 @@ def test_linear_unbatched_input_takes_a_target_of_shape_1_as_torch(reduction, kw
             scalar = F.linear_cross_entropy(x, w, torch.tensor(y), reduction=reduction)
             for a, b in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(scalar, (x, w))):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_weights_as_torch_takes_them(backend, reduction):
+    """Class weights torch takes beyond a floating (C,) tensor: with class indices and K-dim
+    logits any shape of C elements (its N-d loss reads them flat; a 2-D input's must be (C,));
+    with probability targets integer and bool dtypes (its w q log p promotes). Values, dtype and
+    gradient as torch's; the 2-D and index-target cases still refused, as torch refuses them."""
+    x = X(3, 4, 2, 2).double().requires_grad_()
+    t = torch.randint(0, 4, (3, 2, 2))
+    for shape in ((1, 4), (4, 1), (2, 2)):
+        w = torch.rand(shape, dtype=torch.float64)
+        theirs = F.cross_entropy(x, t, weight=w, reduction=reduction)
+        ours = nllfused.cross_entropy(x, t, weight=w, reduction=reduction, backend=backend)
+        torch.testing.assert_close(ours, theirs)
+        with pytest.raises(RuntimeError, match="weight tensor should be defined"):
+            nllfused.cross_entropy(x[:, :, 0, 0], t[:, 0, 0], weight=w, backend=backend)
+    q = torch.softmax(torch.randn(3, 4, 2, 2, dtype=torch.float64), 1)
+    for w in (torch.tensor([1, 2, 0, 1]), torch.tensor([True, False, True, True]),
+              torch.tensor([3, 0, 1, 1], dtype=torch.uint8)):
+        for smoothing in (0.0, 0.2):
+            theirs = F.cross_entropy(x, q, weight=w, reduction=reduction,
+                                     label_smoothing=smoothing)
+            ours = nllfused.cross_entropy(x, q, weight=w, reduction=reduction,
+                                          label_smoothing=smoothing, backend=backend)
+            assert ours.dtype == theirs.dtype
+            torch.testing.assert_close(ours, theirs)
+            torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0],
+                                       torch.autograd.grad(theirs.sum(), x)[0])
+        with pytest.raises(RuntimeError, match="expected scalar type Float"):
+            nllfused.cross_entropy(x, t, weight=w, backend=backend)

@@ -31,12 +31,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """target != ignore_index, compared as integers: torch's comparison casts a Python int to
+    the tensor's dtype, so uint8 targets would take -100 for 156 (and int32 ones 2^32 + k for
+    k); an ignore_index that the dtype cannot hold ignores no target."""
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def index_rule(target: torch.Tensor, num_classes: int, ignore_index: int):
     """(counted, in_range) per row of class-index targets: a row counts unless its target is
     ignore_index; a counted row whose target is outside [0, C) is an error (IndexError on the
-    CPU, a NaN loss on the GPU)."""
-    counted = target != ignore_index
-    in_range = (target >= 0) & (target < num_classes)
+    CPU, a NaN loss on the GPU). Compared as integers, whatever the targets' dtype
+    (not_ignored)."""
+    counted = not_ignored(target, ignore_index)
+    in_range = target >= 0
+    if not (isinstance(num_classes, int) and num_classes > torch.iinfo(target.dtype).max):
+        in_range = in_range & (target < num_classes)  # (num_classes may be a tensor: distributed)
     return counted, in_range
 
 
@@ -474,7 +487,7 @@ def vocab_slice_stats(logits, target, weight, wsum, vocab_start: int, ignore_ind
     diff = m_safe.unsqueeze(1) - z                           # >= 0 (exact for close values)
     log_s = torch.log(torch.exp(-diff).sum(1))
     y_local = target.long() - vocab_start
-    owned = (target != ignore_index) & (y_local >= 0) & (y_local < C)
+    owned = not_ignored(target, ignore_index) & (y_local >= 0) & (y_local < C)
     z_y = z.gather(1, torch.where(owned, y_local, 0).unsqueeze(1)).squeeze(1)
     rows = [m_safe.double(), log_s.double(),
             torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
