@@ -147,7 +147,8 @@ def per_row(names, logits, target, lse, options, z_loss: float, entropy=None,
     if options.prob_target:
         return rows
     if "correct" in names:
-        rows["correct"] = torch_ref.not_ignored(target, options.ignore_index) & (predicted == target)
+        counted = torch_ref.not_ignored(target, options.ignore_index)
+        rows["correct"] = counted & (predicted == target)
     if "target_logprob" in names:
         rows["target_logprob"] = target_logp if target_logp is not None else \
             torch_ref.target_logprob(logits, target, lse, options)
