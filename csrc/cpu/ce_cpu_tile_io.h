@@ -14,6 +14,17 @@
 
 namespace nllfused_cpu::NLLF_CPU_NS {
 
+// f(std::integral_constant<int, C>) for 0 < C < 16 (run_to_rows, rows_to_run: kTile = 16);
+// false for other C.
+template <typename F, int N = 1>
+inline bool with_small_c(int64_t C, F&& f) {
+  if constexpr (N < 16) {
+    if (C == N) return f(std::integral_constant<int, N>{}), true;
+    return with_small_c<F, N + 1>(C, std::forward<F>(f));
+  }
+  return false;
+}
+
 // Whether v[l] == v[0] + l for every l < L, and L == kTile: pointers, or offsets.
 template <typename scalar_t>
 template <typename T>
@@ -72,19 +83,23 @@ void Ce<scalar_t>::transpose_block(const src_t* src, int64_t ld_src, dst_t* dst,
 // (then the caller copies a value at a time). Not inlined (C10_NOINLINE), nor rows_to_run:
 // their 15 unrolled copies inside lane_gather and lane_scatter_run made those 3 % slower at
 // C >= 16, which never takes them.
+// The kTile lanes are kTile / W parts of W lanes, each part's run kC whole vectors.
 template <typename scalar_t>
 template <typename src_t>
 C10_NOINLINE
 bool Ce<scalar_t>::run_to_rows(const src_t* x, int64_t C, acc_t* zb, int64_t ld) {
 #ifdef NLLF_HAVE_PERMUTE_RUNS
-  if constexpr (std::is_same_v<acc_t, float> && W == kTile) {
+  if constexpr (std::is_same_v<acc_t, float> && kTile % W == 0) {
+    if (C > kPermuteRunsMaxC<src_t, true>) return false;
     return with_small_c(C, [&](auto n) {
       constexpr int kC = decltype(n)::value;
-      __m512 v[kC + 1], r[kC];
-      for (int j = 0; j < kC; ++j) v[j] = load1(x + j * W);
-      v[kC] = _mm512_setzero_ps();
-      permute_runs<kC, true>(v, r);
-      for (int c = 0; c < kC; ++c) _mm512_storeu_ps(zb + c * ld, r[c]);
+      for (int h = 0; h < kTile / W; ++h) {
+        V v[kC + 1], r[kC];
+        for (int j = 0; j < kC; ++j) v[j] = load1(x + (h * kC + j) * W);
+        v[kC] = V(acc_t(0));
+        permute_runs<kC, true>(v, r);
+        for (int c = 0; c < kC; ++c) r[c].store(zb + c * ld + h * W);
+      }
     });
   }
 #endif
@@ -97,14 +112,17 @@ template <typename dst_t>
 C10_NOINLINE
 bool Ce<scalar_t>::rows_to_run(const acc_t* zb, int64_t ld, int64_t C, dst_t* o) {
 #ifdef NLLF_HAVE_PERMUTE_RUNS
-  if constexpr (std::is_same_v<acc_t, float> && W == kTile) {
+  if constexpr (std::is_same_v<acc_t, float> && kTile % W == 0) {
+    if (C > kPermuteRunsMaxC<dst_t, false>) return false;
     return with_small_c(C, [&](auto n) {
       constexpr int kC = decltype(n)::value;
-      __m512 v[kC + 1], r[kC];
-      for (int c = 0; c < kC; ++c) v[c] = _mm512_loadu_ps(zb + c * ld);
-      v[kC] = _mm512_setzero_ps();
-      permute_runs<kC, false>(v, r);
-      for (int j = 0; j < kC; ++j) store1(o + j * W, V(r[j]));
+      for (int h = 0; h < kTile / W; ++h) {
+        V v[kC + 1], r[kC];
+        for (int c = 0; c < kC; ++c) v[c] = V::loadu(zb + c * ld + h * W);
+        v[kC] = V(acc_t(0));
+        permute_runs<kC, false>(v, r);
+        for (int j = 0; j < kC; ++j) store1(o + (h * kC + j) * W, r[j]);
+      }
     });
   }
 #endif

@@ -163,7 +163,7 @@ template <int C, bool to_rows>
 inline constexpr RunPerm kRunPerm = make_run_perm<C, to_rows>();
 // out[j] for j < C from v[0, C] (v[C] is read where C is odd, never used).
 template <int C, bool to_rows>
-inline void permute_runs(const __m512* v, __m512* out) {
+inline void permute_runs(const Vec<float>* v, Vec<float>* out) {
   constexpr const RunPerm& P = kRunPerm<C, to_rows>;
 #pragma GCC unroll 16
   for (int j = 0; j < C; ++j) {
@@ -177,15 +177,8 @@ inline void permute_runs(const __m512* v, __m512* out) {
     out[j] = r;
   }
 }
-// f(std::integral_constant<int, C>) for 0 < C < 16; false for other C.
-template <typename F, int N = 1>
-inline bool with_small_c(int64_t C, F&& f) {
-  if constexpr (N < 16) {
-    if (C == N) return f(std::integral_constant<int, N>{}), true;
-    return with_small_c<F, N + 1>(C, std::forward<F>(f));
-  }
-  return false;
-}
+template <typename T, bool to_rows>
+inline constexpr int kPermuteRunsMaxC = 15;  // every C < kTile
 #define NLLF_HAVE_PERMUTE_RUNS 1
 
 // Whether any of the 32 bf16 at p has the bits `bits` (one compare), or any lane of a or b
