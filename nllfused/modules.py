@@ -121,11 +121,12 @@ class LinearCrossEntropyLoss(LossOptions):
             return_stats=self.return_stats, **self._options())
 
     def extra_repr(self) -> str:
-        extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}"]
-        if self.out_features:
-            extras.append(f"out_features={self.out_features}")
-        extras += [f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
-                   f"ignore_index={self.ignore_index}"]
+        # torch's module's fields, in its order and format, then the extras set here
+        extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
+                  f"out_features={self.out_features}", f"bias={self.linear.bias is not None}",
+                  f"reduction={self.reduction}", f"ignore_index={self.ignore_index}",
+                  f"label_smoothing={self.label_smoothing}", f"options={self.options}"]
         if self.chunk_size is not None:
             extras.append(f"chunk_size={self.chunk_size}")
-        return ", ".join(extras + self._options_repr())
+        return ", ".join(extras + [e for e in self._options_repr()
+                                   if not e.startswith("label_smoothing=")])

@@ -32,6 +32,7 @@ lse output under the LSE_ROWS bit of its mask.
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,6 +75,8 @@ def requested(return_stats, prob_target: bool) -> frozenset:
         return frozenset(n for n in NAMES if not (prob_target and n in INDEX_ONLY))
     names = (return_stats,) if isinstance(return_stats, str) else return_stats
     try:
+        if isinstance(names, collections.abc.Mapping):
+            raise TypeError  # (a dict's keys would be taken silently)
         names = frozenset(names)
     except TypeError:
         raise ArgumentTypeError(f"return_stats must be a bool, a statistic's name or a sequence "

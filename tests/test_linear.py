@@ -647,6 +647,8 @@ def test_module_matches_torch_module():
         theirs = torch.nn.LinearCrossEntropyLoss(H, C, bias=True, weight=w, ignore_index=3,
                                                  label_smoothing=0.1)
         assert set(theirs.state_dict()) == set(ours.state_dict())
+        # torch's repr, then the extras (backend=...)
+        assert ours.extra_repr().startswith(theirs.extra_repr() + ", "), repr(ours)
         theirs.load_state_dict(ours.state_dict())
         torch.testing.assert_close(theirs(x, t), loss.detach(), rtol=1e-5, atol=1e-6)
 

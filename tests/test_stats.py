@@ -213,8 +213,9 @@ def test_stat_names_are_checked():
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="unknown statistic"):
         nllfused.cross_entropy(x, t, return_stats=("entropy", "perplexity"))
-    with pytest.raises(TypeError, match="return_stats"):
-        nllfused.cross_entropy(x, t, return_stats=3)
+    for bad in (3, {"lse": 1}):  # (a dict's keys are not taken for names)
+        with pytest.raises(TypeError, match="return_stats"):
+            nllfused.cross_entropy(x, t, return_stats=bad)
     _, st = nllfused.cross_entropy(x, t, return_stats="entropy")
     assert st.entropy is not None and st.lse is None and st.predicted is None
 
