@@ -426,8 +426,9 @@ inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
                               int64_t ignore_index, double label_smoothing, const Extras& ex,
                               const Tensor& grad) {
   const bool prob = prob_target(target);
+  const int64_t class_dim = input.dim() > 1 ? 1 : 0;
   const Tensor x = prob ? input
-                        : at::where(not_ignored(target, ignore_index).unsqueeze(input.dim() > 1),
+                        : at::where(not_ignored(target, ignore_index).unsqueeze(class_dim),
                                     input, at::zeros({}, input.options()));
   const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
                                 ignore_index, label_smoothing, ex);

@@ -34,11 +34,12 @@ class LossOptions(torch.nn.Module):
                     z_loss=self.z_loss, logit_scale=self.logit_scale, softcap=self.softcap,
                     backend=self.backend)
 
-    def _options_repr(self) -> list:
+    def _options_repr(self, shown: tuple = ()) -> list:
+        """The options not at their defaults, but those in `shown` (already in the repr)."""
         extras = []
         for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("logit_scale", 1.0),
                               ("softcap", None)):
-            if getattr(self, name) != default:
+            if name not in shown and getattr(self, name) != default:
                 extras.append(f"{name}={getattr(self, name)}")
         return extras + [f"backend={self.backend!r}"]
 
@@ -128,5 +129,4 @@ class LinearCrossEntropyLoss(LossOptions):
                   f"label_smoothing={self.label_smoothing}", f"options={self.options}"]
         if self.chunk_size is not None:
             extras.append(f"chunk_size={self.chunk_size}")
-        return ", ".join(extras + [e for e in self._options_repr()
-                                   if not e.startswith("label_smoothing=")])
+        return ", ".join(extras + self._options_repr(shown=("label_smoothing",)))
