@@ -16,6 +16,7 @@ two cores) happens once per session, in a temporary directory.
 import dataclasses
 import glob
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -116,7 +117,8 @@ class Case:
     a: float = 1.0          # logit scale
     s: float = 0.0          # softcap (0: none)
     ii: int = -100          # ignore_index
-    extreme: str = ""       # "" | mask | big | conf | far (float64) | huge (f32, bf16)
+    extreme: str = ""       # "" | mask | big | conf | far (float64) | huge (f32, bf16) |
+    #                         crowd (f32)
     force: tuple = (-1, 0, 0, 0, 0)  # (force_tile, force_G, force_ty, max_blocks, force_parts),
     #                                  see emu.cu
     expect: str = ""        # forward mapping to expect from choose_launch: "" | rows | tile
@@ -214,6 +216,7 @@ def extreme_cases():
                     C = (5, 300, 2050)[(j + k) % 3]
                     out.append(Case(N=6, C=C, D=D, dtype=dt, layout=layout, tgt=tgt, weight=w,
                                     zl=zl, extreme=extreme, glse=zl == 0.0 and j == 1))
+    out += [Case(N=4, C=4000, D=D, dtype=F32, extreme="crowd") for D in (1, 2)]
     return out
 
 
@@ -249,7 +252,9 @@ def large_cases():
                 Case(N=3, C=70000, D=1, dtype=dt, glse=True),
                 Case(N=2, C=70000, D=1, dtype=dt, tgt="prob32"),
                 Case(N=1, C=300000, D=1, dtype=dt),
-                Case(N=2, C=20000, D=2, dtype=dt, layout="cstride", e=0.1)]
+                Case(N=2, C=20000, D=2, dtype=dt, layout="cstride", e=0.1),
+                # the tile mapping's threads each add up C / TY near-equal terms of t and w
+                Case(N=2, C=30000, D=4, dtype=dt, tgt="prob32", e=1.0)]
     return out
 
 
@@ -279,6 +284,13 @@ def make_logits(c: Case):
         # p from z - m, never from 2^(m log2 e)'s rounding (up to 2^43 at 1e20) nor from a lse
         # that has lost log s (1e20 + 8 is 1e20 even in float64)
         x = x.double() + torch.tensor([3e7, -1e12, 1e20]).repeat(N)[:N].view(N, 1, 1)
+    elif c.extreme == "crowd":
+        # float32 logits at 1e8 (|lse| >= 2^26, where the backward reads each row again for m
+        # and log s) whose terms are mostly tiny beside the max's: two classes at the max, a
+        # tenth of them e^-8 below, the rest e^-16 -- which a float sum of them would drop
+        x = torch.full((N, C, D), 1e8, dtype=F64)
+        x[:, :2] += 16
+        x[:, 2:C // 10] += 8
     if c.layout == "contig":
         out = torch.empty(N, C, D, dtype=c.dtype)
     elif c.layout == "offset":  # storage offset 5: rows start off 16-byte boundaries
@@ -541,9 +553,10 @@ def test_forced_launch(emu, case):
 @pytest.mark.parametrize("case", params(large_cases()))
 def test_large_rows(emu, case):
     """Rows of 20k-300k classes (several sweeps of a 512-thread block); few of them, so the
-    rows mapping splits each over several blocks (as on a 132-SM GPU) and merges the pieces."""
+    rows mapping splits each over several blocks (as on a 132-SM GPU) and merges the pieces;
+    the tile mapping's threads each sweep C / TY classes of their row."""
     cfg, bcfg = run_case(emu, case)
-    if _rows_layout(case.layout):
+    if _rows_layout(case.layout) and case.D == 1:
         assert cfg[4] > 1 and bcfg[4] > 1, (cfg.tolist(), bcfg.tolist())
 
 
@@ -635,3 +648,35 @@ def test_rows_with_inf_as_torch(emu, C, force):
     assert torch.equal(loss[:, 0].isnan(), ref.isnan())
     grad, _ = emu.bwd(g, None, x, t, None, lse, aux, -100, 0.0, 1.0, 0.0, False, *force)
     assert torch.equal(grad[..., 0].isnan(), ref_grad.isnan())
+
+
+@pytest.mark.parametrize("C", [3, 40])
+@pytest.mark.parametrize("force", [(-1, 0, 0, 0, 0), (1, 0, 0, 0, 0), (1, 0, 1, 0, 0),
+                                   (0, 32, 0, 0, 0)], ids=["default", "tile", "tile1", "rows_G32"])
+def test_rows_without_mass_as_the_rule(emu, C, force):
+    """Probability targets without mass on a row: loss 0 (no class adds anything, even at -inf,
+    docs/maths.md), unless the row holds a NaN or +inf: NaN, as torch's 0 * NaN -- on every
+    mapping, whichever class a thread meets first."""
+    x = torch.randn(5, C, 1)
+    x[0, 1, 0] = float("nan")
+    x[1, 2, 0] = float("inf")
+    x[2, :, 0] = float("-inf")
+    x[3, 0, 0] = float("-inf")
+    q = torch.zeros(5, C, 1)
+    loss, _, _, _ = emu.fwd(x, q, None, -100, 0.0, 1.0, 0.0, True, *force)
+    assert loss[:, 0].isnan().tolist() == [True, True, False, False, False]
+    assert torch.equal(loss[2:], torch.zeros_like(loss[2:]))
+
+
+@pytest.mark.parametrize("force", [(-1, 0, 0, 0, 0), (1, 0, 0, 0, 0)], ids=["default", "tile"])
+def test_max_at_2_pow_29(emu, force):
+    """A row whose max is 2^29 exactly: the float below it is 32 below (64 only above 2^29), so
+    its term is e^-32 -- which the forward's 2^(z - m) for rows far from zero would make 2^-32."""
+    C = 5000
+    x = torch.full((2, C, 1), 2.0 ** 29 - 32)
+    x[:, 0] = 2.0 ** 29
+    t = torch.zeros(2, 1, dtype=torch.long)
+    loss, _, _, _ = emu.fwd(x, t, None, -100, 0.0, 1.0, 0.0, False, *force)
+    expected = math.log1p((C - 1) * math.exp(-32))
+    torch.testing.assert_close(loss.double(), torch.full((2, 1), expected, dtype=F64),
+                               rtol=1e-5, atol=0)

@@ -50,6 +50,26 @@ def test_cpu_copies(capability, layout, offset, dtype, smoothing):
     check_cross_entropy(x, t, "cpu", "cpu", reduction="none", label_smoothing=smoothing)
 
 
+# layout -> (shape, classes in dim 1; whether the classes are strided)
+CROWD_LAYOUTS = {"rows": ((3, 4000), False), "strided": ((3, 4000), True),
+                 "tiles": ((2, 4000, 3), False)}
+
+
+@pytest.mark.parametrize("layout", list(CROWD_LAYOUTS))
+def test_cpu_copies_crowded_rows(capability, layout):
+    """float32 rows at 1e8 (|lse| >= 2^26: the backward reads each row again for m and log s)
+    whose terms are mostly tiny beside the max's -- two classes at the max, a tenth of them e^-8
+    below, the rest e^-16 --, which a serial float sum of them would drop (p 2e-4 off)."""
+    shape, strided = CROWD_LAYOUTS[layout]
+    x = torch.full(shape, 1e8)
+    x[:, :2] += 16
+    x[:, 2:shape[1] // 10] += 8
+    if strided:
+        x = x.t().contiguous().t()
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:])
+    check_cross_entropy(x, t, "cpu", "cpu", reduction="none")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:g}")
 @pytest.mark.parametrize("layout", list(LAYOUTS))

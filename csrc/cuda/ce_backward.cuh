@@ -101,12 +101,13 @@ template <int F, typename scalar_t, typename acc_t>
 NLLF_HD void exact_lse(const CEParams<acc_t>& p, const scalar_t* xrow, BwdRow<acc_t>& b) {
   constexpr acc_t from = static_cast<acc_t>(kExactLseFrom<acc_t>);
   if (!(b.lse_hi >= from || b.lse_hi <= -from) || b.lse_hi - b.lse_hi != acc_t(0)) return;
-  acc_t m = neg_inf<acc_t>(), s = 0;
+  acc_t m = neg_inf<acc_t>();
+  double s = 0;  // one thread's serial sum of C terms: in float it dropped the small ones
   for (int64_t c = 0; c < p.C; ++c)
     m = nan_max(m, to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])));
   for (int64_t c = 0; c < p.C; ++c) s += ::exp(to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])) - m);
   b.lse_hi = m;
-  b.lse_lo = ::log(s);
+  b.lse_lo = static_cast<acc_t>(::log(s));
   b.lo_l2e = b.lse_lo * static_cast<acc_t>(kLog2e);
 }
 

@@ -148,9 +148,10 @@ NLLF_HD T ldg(const T* p) {
 //   of the product, which an FMA gives exactly), so one FFMA and one MUFU.EX2 per value and
 //   the factor 2^(-lo) once for a whole sum (scale()). z L - hi is formed before its one
 //   rounding, so a large common m (logits at 1e4) costs no accuracy. lo is up to ulp(m L) / 2,
-//   which 2^lo must survive: for |m| >= 2^29 (lo up to 2^5 below it, 2^43 at 1e20), where every
-//   float below m is at least 64 below it and its term under 2^-64 beside the max's 1, the
-//   exponent is z - m itself (hi = m, L = 1, lo = 0): 0 at m, 2^-64 or less below.
+//   which 2^lo must survive: for |m| > 2^29 (lo at most 2^5 up to there, 2^43 at 1e20),
+//   where every float below m is at least 64 below it and its term under 2^-64 beside the
+//   max's 1, the exponent is z - m itself (hi = m, L = 1, lo = 0): 0 at m, 2^-64 or less
+//   below. (At 2^29 itself the float below is 32 below: its term e^-32 is not under 2^-64.)
 //   double: exp(z - m).
 // (The forward's terms at m itself are counted apart, so 2^(lo) 2^(-lo) != 1 does not matter;
 // the backward, whose p at z == lse must be exactly 1, subtracts first: prob_of in ce_thread.cuh.)
@@ -165,7 +166,7 @@ template <>
 struct ExpFrom<float> {
   float mul, hi, lo;
   NLLF_HD explicit ExpFrom(float m) {
-    if (fabsf(m) < 0x1p29f) {
+    if (fabsf(m) <= 0x1p29f) {
       mul = kLog2e;
       hi = m * kLog2e;
       lo = fmaf(m, kLog2e, -hi);

@@ -321,12 +321,29 @@ NLLF_HD void fold(Stats<acc_t>& st, const acc_t (&z)[K], ClassOf cls = ClassOf{}
 
 // Add one class to t and w; call after fold() has seen z (st.m >= z). A probability target class
 // with v == 0 adds nothing, even at z = -inf (no 0 * inf); index targets keep torch's NaN there.
+// Compensated (the tile mapping): the rounding errors of the two additions gather in t_err and
+// w_err (Neumaier's sum), which the caller adds at the end: a tile thread adds C / TY terms one
+// after the other, whose float rounding grows with C (aux 6e-5 off at C = 50257 where torch's
+// is exact: near-equal terms round the same way).
+template <typename acc_t>
+NLLF_HD void add_compensated(acc_t& sum, acc_t& err, acc_t v) {
+  const acc_t r = sum + v;
+  const bool sum_larger = (sum < acc_t(0) ? -sum : sum) >= (v < acc_t(0) ? -v : v);
+  err += sum_larger ? (sum - r) + v : (v - r) + sum;
+  sum = r;
+}
 template <int F, typename acc_t>
-NLLF_HD void add_t(Stats<acc_t>& st, acc_t z, acc_t v) {
+NLLF_HD void add_t(Stats<acc_t>& st, acc_t z, acc_t v, acc_t* t_err = nullptr,
+                   acc_t* w_err = nullptr) {
   if constexpr ((F & kProb) != 0) {
     if (v == acc_t(0)) return;
   }
   const acc_t diff = (z == neg_inf<acc_t>()) ? pos_inf<acc_t>() : (st.m - z);
+  if (t_err) {
+    add_compensated(st.t, *t_err, v * diff);
+    add_compensated(st.w, *w_err, v);
+    return;
+  }
   st.t += v * diff;
   st.w += v;
 }
@@ -534,6 +551,7 @@ template <typename scalar_t, int F, typename acc_t>
 NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_t* xrow,
                                          int64_t C, int64_t qoff, int ty, int TY) {
   Stats<acc_t> st = stats_init<acc_t>();
+  acc_t t_err = 0, w_err = 0;  // (add_t's compensation)
   const int64_t step = static_cast<int64_t>(TY);
   for (int64_t c0 = ty; c0 < C; c0 += step * kTileUnroll) {
     acc_t z[kTileUnroll];
@@ -548,10 +566,12 @@ NLLF_HD Stats<acc_t> fwd_strided_partial(const CEParams<acc_t>& p, const scalar_
 #pragma unroll
       for (int u = 0; u < kTileUnroll; ++u) {
         const int64_t c = c0 + u * step;
-        if (c < C) add_t<F>(st, z[u], class_v<F, scalar_t>(p, qoff, c));
+        if (c < C) add_t<F>(st, z[u], class_v<F, scalar_t>(p, qoff, c), &t_err, &w_err);
       }
     }
   }
+  if (t_err - t_err == acc_t(0)) st.t += t_err;  // (not where an infinite term made it NaN)
+  if (w_err - w_err == acc_t(0)) st.w += w_err;
   return st;
 }
 
@@ -591,8 +611,9 @@ NLLF_HD void fwd_finish(const CEParams<acc_t>& p, const scalar_t* x, int64_t r,
   acc_t loss, aux;
   if constexpr ((F & kProb) != 0) {
     // sum_c v_c (lse - z_c), v_c = w_c q'_c
-    // (a row with no mass anywhere: 0, even all -inf, where log(k + s) = -inf)
-    loss = st.t + (st.w != acc_t(0) ? st.w * logd : acc_t(0));
+    // (a row with no mass anywhere: 0, even all -inf, where log(k + s) = -inf; NaN where it
+    // holds a NaN or +inf, as torch's 0 * NaN)
+    loss = st.t + (st.w != acc_t(0) || logd != logd ? st.w * logd : acc_t(0));
     aux = st.w;
   } else {
     const int64_t y = load_index(p, row.n, row.d);
