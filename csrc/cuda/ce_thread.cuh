@@ -319,12 +319,9 @@ NLLF_HD void fold(Stats<acc_t>& st, const acc_t (&z)[K], ClassOf cls = ClassOf{}
   fold_from<F>(st, z, tree_max<K>(z), cls);
 }
 
-// Add one class to t and w; call after fold() has seen z (st.m >= z). A probability target class
-// with v == 0 adds nothing, even at z = -inf (no 0 * inf); index targets keep torch's NaN there.
-// Compensated (the tile mapping): the rounding errors of the two additions gather in t_err and
-// w_err (Neumaier's sum), which the caller adds at the end: a tile thread adds C / TY terms one
-// after the other, whose float rounding grows with C (aux 6e-5 off at C = 50257 where torch's
-// is exact: near-equal terms round the same way).
+// sum += v, its rounding error added to err (Neumaier's compensated sum; the caller adds err
+// to sum at the end): for one thread's long serial sums, whose float rounding grows with their
+// length where near-equal terms round the same way.
 template <typename acc_t>
 NLLF_HD void add_compensated(acc_t& sum, acc_t& err, acc_t v) {
   const acc_t r = sum + v;
@@ -332,6 +329,11 @@ NLLF_HD void add_compensated(acc_t& sum, acc_t& err, acc_t v) {
   err += sum_larger ? (sum - r) + v : (v - r) + sum;
   sum = r;
 }
+
+// Add one class to t and w; call after fold() has seen z (st.m >= z). A probability target class
+// with v == 0 adds nothing, even at z = -inf (no 0 * inf); index targets keep torch's NaN there.
+// With t_err and w_err, compensated (the tile mapping: a thread adds C / TY terms one after
+// the other; aux was 6e-5 off at C = 50257, where torch's is exact).
 template <int F, typename acc_t>
 NLLF_HD void add_t(Stats<acc_t>& st, acc_t z, acc_t v, acc_t* t_err = nullptr,
                    acc_t* w_err = nullptr) {
