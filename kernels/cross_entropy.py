@@ -96,8 +96,10 @@ def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W
     log_s = tl.where(k == 1.0, _log1p(s), tl.log(k + s))   # log sum_c exp(z_c - m)
     lse_r = (m - r) + log_s                      # lse - r, never through a rounded lse
     if PROB_TARGET:
-        # A row with no target mass at all adds nothing, even when every z is -inf (lse_r NaN).
-        loss = tl.where(sum_wq == 0.0, 0.0, sum_wq * lse_r) - sum_wz
+        # A row with no target mass at all adds nothing, even when every z is -inf (lse_r NaN);
+        # where it holds a NaN or +inf (s NaN, or m = +inf) its loss is NaN, as torch's 0 * NaN.
+        void = (sum_wq == 0.0) & (s == s) & (m != float("inf"))
+        loss = tl.where(void, 0.0, sum_wq * lse_r) - sum_wz
         aux = sum_wq
     else:
         y = tl.load(t_row, mask=row_ok, other=0).to(tl.int64)

@@ -105,8 +105,11 @@ def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
         z = z * logit_scale
     if HAS_SOFTCAP:
         z = softcap * _tanh(z / softcap, ACC)
+    if HAS_SCALE or HAS_SOFTCAP:
         if mask is not None:
-            z = tl.where(mask, z, float("-inf"))  # softcap maps -inf to -softcap
+            # the masked lanes -inf again: softcap maps -inf to -softcap, a scale <= 0 to
+            # +inf or NaN
+            z = tl.where(mask, z, float("-inf"))
     return z
 
 

@@ -169,6 +169,25 @@ def test_row_without_target_mass_adds_nothing_even_at_minus_inf(device, backend)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("kdim", [False, True], ids=["rows", "kdim"])
+def test_row_without_target_mass_holding_nan_or_inf_is_nan(device, backend, kdim):
+    """The -inf rule exempts nothing else: a row without target mass that holds a NaN or +inf
+    has a NaN loss and gradient, as torch's (0 * NaN); one of finite logits has loss and
+    gradient 0."""
+    x = torch.randn(3, 5)
+    x[0, 1] = float("nan")
+    x[1, 3] = float("inf")
+    if kdim:
+        x = torch.stack([x, x], 2)
+    x = x.to(device).requires_grad_()
+    q = torch.zeros_like(x)
+    loss = nllfused.cross_entropy(x, q, reduction="none", backend=backend)
+    loss.sum().backward()
+    assert loss[:2].isnan().all() and bool((loss[2] == 0).all())
+    assert x.grad[:2].isnan().all() and bool((x.grad[2] == 0).all())
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("options", [pytest.param(dict(), id="plain"),
                                      pytest.param(dict(z_loss=0.05), id="zloss"),
                                      pytest.param(dict(weight="rand", label_smoothing=0.2),

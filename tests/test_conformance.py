@@ -135,6 +135,10 @@ CASES = {
                     (torch.float32,)),
     "softcap": (lambda d: index_case(dtype=d), {"softcap": 5.0, "logit_scale": 2.0},
                 (torch.float32, torch.bfloat16)),
+    # a scale <= 0 (any finite one is taken) with C not a whole number of blocks: padding lanes
+    # must stay out of the softmax (-inf * -1 is +inf)
+    "negative_scale": (lambda d: index_case(dtype=d), {"logit_scale": -0.6}, (torch.float32,)),
+    "zero_scale_prob": (lambda d: prob_case(dtype=d), {"logit_scale": 0.0}, (torch.float32,)),
     "softcap_prob_masked": (lambda d: (lambda x, q: (x.masked_fill(q < 0.01, float("-inf")), q))(
         *prob_case(dtype=d)), {"softcap": 4.0}, (torch.float32,)),
 }

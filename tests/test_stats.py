@@ -16,6 +16,7 @@ OPTIONS = [
     {"weight": "rand", "ignore_index": 1},
     {"label_smoothing": 0.2, "z_loss": 1e-3},
     {"logit_scale": 0.7, "softcap": 5.0},
+    {"logit_scale": -0.7},  # (13 classes: the padding lanes of a block must stay -inf)
     {"weight": "rand", "label_smoothing": 0.1, "z_loss": 1e-2, "logit_scale": 1.3,
      "softcap": 8.0},
 ]

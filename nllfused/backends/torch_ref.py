@@ -204,10 +204,13 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
     neg_logp = -torch.log_softmax(z, dim=-1)  # (N, D, C), >= 0
     if prob_target:
         wq = smoothed_target(target.to(acc).movedim(1, -1), weight, e, C, -1)
-        # 0 * inf (a masked class with zero target mass) contributes 0, not NaN; the product
-        # itself, not a where on wq, so that d loss / d q_c stays -log p_c where q_c = 0 (the
-        # target's gradient, forward AD and double backward run this)
-        finite = torch.where((wq != 0) | neg_logp.isfinite(), neg_logp, zero)
+        # A class with zero target mass contributes 0 where its -log p is +inf (z_c = -inf) or
+        # NaN only because the whole row is -inf (docs/maths.md); a NaN or +inf logit still
+        # makes the row NaN, as torch's 0 * NaN. The product itself, not a where on wq, so
+        # that d loss / d q_c stays -log p_c where q_c = 0 (the target's gradient, forward AD
+        # and double backward run this)
+        void = (wq == 0) & (neg_logp.isposinf() | (lse == float("-inf")).unsqueeze(-1))
+        finite = torch.where(void, zero, neg_logp)
         loss = (wq * finite).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
