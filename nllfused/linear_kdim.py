@@ -92,7 +92,10 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
         denom = count if w is None else torch.where(
             counted, w[target.reshape(N, D).long().clamp(0, C - 1)], 0).sum()
         if w is not None and z_loss:  # the class weights' part over their sum (docstring)
-            weight, denom = w * (count / denom), count
+            # (every target ignored: 0 / 0 -- the loss is NaN anyway, but NaN weights would
+            # reach the ignored rows' gradient, which is 0)
+            weight = w * torch.where(count > 0, count / denom, 1.0)
+            denom = count
     # the statistics returned (reduced), and those the positions give per row: lse too for
     # return_lse (per row whatever the reduction)
     asked = stats.requested(return_stats, False) | ({"z_loss"} if return_z_loss else set())

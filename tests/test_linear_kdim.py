@@ -22,6 +22,9 @@ CASES = {
     "z_loss_weight": (True, 0.2, {"z_loss": 1e-2, "weight": "rand"}, (torch.float32,)),
     "scale_softcap": (False, 0.2, {"logit_scale": 1.7, "softcap": 3.0}, (torch.float32,)),
     "all_ignored": (True, 1.0, {"weight": "rand"}, (torch.float32,)),
+    # (no counted row: the weights' rescaling for z-loss is 0 / 0, which must not reach the
+    # gradient, 0)
+    "all_ignored_z_loss": (True, 1.0, {"weight": "rand", "z_loss": 1e-2}, (torch.float32,)),
 }
 
 
