@@ -279,6 +279,19 @@ def no_class_index(target: torch.Tensor, ignore_index) -> bool:
     return not bool(torch_ref.not_ignored(target, check_ignore_index(ignore_index)).any())
 
 
+def nothing_to_compute(input, target, ignore_index, z_loss: float) -> bool:
+    """Whether the call's logits have 0 classes and it has nothing to check or add: no class
+    index (no_class_index; one would be out of bounds, canonicalize's error) and, with z-loss,
+    no row that z-loss counts (index targets: all ignored; probability targets: no rows).
+    logit_scale and softcap then transform no logit."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+            and input.dim() >= 1 and input.shape[0 if input.dim() == 1 else 1] == 0
+            and no_class_index(target, ignore_index)):
+        return False
+    no_rows = input.dim() > 1 and 0 in (input.shape[0], *input.shape[2:])
+    return z_loss == 0 or not target.is_floating_point() or no_rows
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise IndexError for a class index outside [0, C) that is not ignore_index.
 

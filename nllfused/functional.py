@@ -194,12 +194,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                                  ignore_index, reduce, reduction, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
-    if (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
-            and input.dim() >= 1 and input.shape[0 if input.dim() == 1 else 1] == 0
-            and not want_stats and z_loss == 0 and logit_scale == 1 and softcap is None
-            and _checks.no_class_index(target, ignore_index)):
-        # no classes and no class index to check: nothing for a kernel; torch's own call gives
-        # its results (empty, 0 or NaN). (A class index there is out of bounds: canonicalize.)
+    if not want_stats and _checks.nothing_to_compute(input, target, ignore_index, z_loss):
+        # torch's own call gives the results (empty, 0 or NaN)
         backends.check_name(backend)
         return torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index, None,
                                                  reduction, label_smoothing)

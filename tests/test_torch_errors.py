@@ -179,16 +179,25 @@ def test_learned_class_weights(backend):
 @pytest.mark.parametrize("shapes", [((4, 0), (4, 0)), ((2, 0, 3), (2, 0, 3)), ((0, 0), (0,)),
                                     ((2, 0, 0), (2, 0)), ((4, 0), (4,)), ((0,), ())], ids=str)
 @pytest.mark.parametrize("ignore_index", [-100, 3])
-def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes, ignore_index):
+@pytest.mark.parametrize("extras", [{}, {"logit_scale": 0.5, "softcap": 10.0}, {"z_loss": 0.1}],
+                         ids=["plain", "scale_softcap", "z_loss"])
+def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes, ignore_index,
+                                                   extras):
     """Logits of 0 classes with probability targets, with no class index, or with every class
     index ignore_index: torch's results (zeros, -0.0, empty, NaN) and gradient, not an error;
-    with a class index, torch's IndexError (the CASES above: zero_classes, and below)."""
+    with a class index, torch's IndexError (the CASES above: zero_classes, and below). The
+    extras change nothing there: no logit to transform, no counted row for z-loss (probability
+    targets of 0 classes with rows and z-loss aside: each row's lse is -inf)."""
     x_shape, t_shape = shapes
     x = torch.randn(x_shape).requires_grad_()
     prob = len(t_shape) == len(x_shape)
+    if prob and "z_loss" in extras and (len(x_shape) == 1
+                                        or 0 not in (x_shape[0], *x_shape[2:])):
+        pytest.skip("z-loss of rows of 0 classes: lse -inf")
     t = torch.zeros(t_shape) if prob else torch.full(t_shape, ignore_index)
     kw = dict(reduction=reduction) if prob else dict(reduction=reduction, ignore_index=ignore_index)
     theirs = F.cross_entropy(x, t, **kw)
+    kw.update(extras)
     ours = nllfused.cross_entropy(x, t, backend=backend, **kw)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     torch.testing.assert_close(ours, theirs, equal_nan=True)
