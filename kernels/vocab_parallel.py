@@ -85,7 +85,8 @@ def vp_stats_kernel(
     owned = row_ok & (y != ignore_index) & (y_local >= 0) & (y_local < C)
     y_safe = tl.where(owned, y_local, 0)         # never read outside the row
     z_y = tl.load(x_rows + y_safe * stride_xc, mask=owned, other=0.0).to(ACC)
-    tl.store(OUT + 2 * R + rows, tl.where(owned, z_y, 0.0).to(tl.float64), mask=row_ok)
+    # (OUT + R + R, not OUT + 2 * R: an R below 2^31 arrives as an int32, whose double may not be)
+    tl.store(OUT + R + R + rows, tl.where(owned, z_y, 0.0).to(tl.float64), mask=row_ok)
 
     if HAS_SMOOTHING:
         log_s = log_s64.to(ACC)
@@ -93,7 +94,7 @@ def vp_stats_kernel(
         smooth = w_sum * ((m - r) + log_s) - tl.sum(acc_wz, 1)   # sum_c w_c (lse_r - z_c)
         # A slice entirely at -inf: every lse_r - z_c is +inf (the formula above gives NaN).
         smooth = tl.where(m == float("-inf"), float("inf"), smooth)
-        tl.store(OUT + 3 * R + rows, smooth.to(tl.float64), mask=row_ok)
+        tl.store(OUT + R + R + R + rows, smooth.to(tl.float64), mask=row_ok)
 
 
 @triton.jit

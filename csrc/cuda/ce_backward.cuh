@@ -109,7 +109,9 @@ NLLF_HD void exact_lse(const CEParams<acc_t>& p, const scalar_t* xrow, BwdRow<ac
   for (int64_t c = 0; c < p.C; ++c)
     add_compensated(s, s_err, ::exp(to_z<F>(p, static_cast<acc_t>(xrow[c * p.sC])) - m));
   b.lse_hi = m;
-  b.lse_lo = ::log(s + s_err);
+  // log s as log1p(s - 1) (s >= 1, the max's own term; exact below 2): the float log is
+  // __logf under --use_fast_math (~4e-7 off), log1p keeps float's precision
+  b.lse_lo = ::log1p((s - acc_t(1)) + s_err);
   b.lo_l2e = b.lse_lo * static_cast<acc_t>(kLog2e);
 }
 
