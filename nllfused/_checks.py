@@ -236,6 +236,10 @@ def canonicalize(input, target, weight, ignore_index, label_smoothing=0.0, logit
     class_dim = 0 if input.dim() == 1 else 1
     C = input.shape[class_dim]
     if C == 0:
+        if no_class_index(target, ignore_index):  # (nothing_to_compute let the loss through)
+            raise ArgumentError(
+                f"input has 0 classes (shape {tuple(input.shape)}): only the plain loss is "
+                f"defined there (z-loss and the statistics take each row's logsumexp, -inf)")
         # torch: "Target 0 is out of bounds" (an IndexError) -- every class index is.
         raise IndexError(f"input has 0 classes (shape {tuple(input.shape)}): every target is "
                          f"out of bounds")

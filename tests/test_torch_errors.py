@@ -186,21 +186,25 @@ def test_no_classes_and_no_index_to_check_as_torch(backend, reduction, shapes, i
     """Logits of 0 classes with probability targets, with no class index, or with every class
     index ignore_index: torch's results (zeros, -0.0, empty, NaN) and gradient, not an error;
     with a class index, torch's IndexError (the CASES above: zero_classes, and below). The
-    extras change nothing there: no logit to transform, no counted row for z-loss (probability
-    targets of 0 classes with rows and z-loss aside: each row's lse is -inf)."""
+    extras change nothing there: no logit to transform, no counted row for z-loss -- but rows
+    of 0 classes with probability targets, which z-loss counts: their lse is -inf, an error."""
     x_shape, t_shape = shapes
     x = torch.randn(x_shape).requires_grad_()
     prob = len(t_shape) == len(x_shape)
+    t = torch.zeros(t_shape) if prob else torch.full(t_shape, ignore_index)
     if prob and "z_loss" in extras and (len(x_shape) == 1
                                         or 0 not in (x_shape[0], *x_shape[2:])):
-        pytest.skip("z-loss of rows of 0 classes: lse -inf")
-    t = torch.zeros(t_shape) if prob else torch.full(t_shape, ignore_index)
+        with pytest.raises(ValueError, match="0 classes.*z-loss"):
+            nllfused.cross_entropy(x, t, backend=backend, reduction=reduction, **extras)
+        return
     kw = dict(reduction=reduction) if prob else dict(reduction=reduction, ignore_index=ignore_index)
     theirs = F.cross_entropy(x, t, **kw)
     kw.update(extras)
     ours = nllfused.cross_entropy(x, t, backend=backend, **kw)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+    with pytest.raises(ValueError, match="0 classes.*statistics"):
+        nllfused.cross_entropy(x, t, backend=backend, return_stats=True, **kw)
     if not prob and t.numel():
         with pytest.raises(IndexError):  # one class index that is not ignored: out of bounds
             nllfused.cross_entropy(x, t.flatten().index_fill(0, torch.tensor(0), 0).view(t_shape),
