@@ -110,6 +110,15 @@ def _all_gather(buf: torch.Tensor, group, world: int) -> torch.Tensor:
     return out.view(world, -1)
 
 
+def _weighted_infinity(w_slice, C_local: int, device) -> torch.Tensor:
+    """sum_c w_c (lse_r - z_c) over a slice entirely at -inf, each term w_c * inf: +inf, NaN
+    where a weight is 0 (torch's 0 * inf) or the weights' signs differ, 0 for no class."""
+    if w_slice is None:
+        return torch.full((), float("inf") if C_local else 0.0, dtype=torch.float64,
+                          device=device)
+    return (w_slice.double() * float("inf")).sum()
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """(loss, lse, aux) per row, as nllfused::ce_fwd defines them (csrc/ops.cpp), over the full
     vocabulary. Saves the global lse; its backward reads only this rank's slice."""
@@ -129,6 +138,10 @@ class _VocabParallelCE(torch.autograd.Function):
         stats_fn = _vp_stats_triton if use_triton else torch_ref.vocab_slice_stats
         rows_local = stats_fn(logits, target, w_slice, wsum, vocab_start, ignore_index,
                               smoothing)
+        if smoothing:  # a slice entirely at -inf (log s_r = -inf): the op's +inf, weighed
+            rows_local[3] = torch.where(rows_local[1] == float("-inf"),
+                                        _weighted_infinity(w_slice, C_local, device),
+                                        rows_local[3])
         if stats:  # + the slice's expectation of z and its argmax (_slice_stats)
             rows_local = torch.cat([rows_local, _slice_stats(logits, rows_local[0],
                                                              rows_local[1], vocab_start)])
@@ -216,8 +229,17 @@ class _VocabParallelCE(torch.autograd.Function):
         return (loss.to(acc), lse, aux.to(acc), *extra)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy=None, grad_tlp=None,
-                 _grad_pred=None):
+    def backward(ctx, *grads):
+        with torch.no_grad():
+            grad = _VocabParallelCE.slice_grad(ctx, *grads)
+        if grad is not None and torch.is_grad_enabled():  # create_graph=True
+            grad = _FirstOrderOnly.apply(grad, ctx.saved_tensors[0])
+        return grad, *(None,) * 9
+
+    @staticmethod
+    def slice_grad(ctx, grad_loss, grad_lse, _grad_aux, grad_entropy=None, grad_tlp=None,
+                   _grad_pred=None):
+        """This rank's slice of the logits' gradient (None where none is asked for)."""
         (logits, w_slice, lse_m, lse_s, coef, tcoef, y_local, eps_c, valid, counted,
          expect) = ctx.saved_tensors
         smoothing, use_triton = ctx.options
@@ -226,7 +248,7 @@ class _VocabParallelCE(torch.autograd.Function):
             grad = _slice_stats_grad(grad_entropy, grad_tlp, logits, lse_m, lse_s, expect,
                                      y_local, valid)
             if grad_loss is None and grad_lse is None:
-                return grad.to(logits.dtype), *(None,) * 9
+                return grad.to(logits.dtype)
         if ctx.needs_input_grad[0] and (grad_loss is not None or grad_lse is not None):
             g = torch.zeros_like(coef) if grad_loss is None else grad_loss.to(coef.dtype)
             nan = torch.full((), float("nan"), dtype=g.dtype, device=g.device)
@@ -235,7 +257,23 @@ class _VocabParallelCE(torch.autograd.Function):
             loss_grad = grad_fn(g, grad_lse, logits, lse_m, lse_s, coef, tcoef, y_local, w_slice,
                                 eps_c, smoothing)
             grad = loss_grad if grad is None else (grad + loss_grad).to(logits.dtype)
-        return grad, *(None,) * 9
+        return grad
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The slice's gradient under create_graph=True, which must not be differentiated again:
+    its own gradient would need the all-gathered lse's (a second collective), so it raises."""
+
+    @staticmethod
+    def forward(ctx, grad, logits):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        raise RuntimeError(
+            "vocab_parallel_cross_entropy is differentiable once: no double backward / "
+            "Hessian-vector product through it (nllfused.cross_entropy of the gathered logits "
+            "has one)")
 
 
 def _slice_stats(logits, m_r, log_s_r, vocab_start: int) -> torch.Tensor:

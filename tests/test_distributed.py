@@ -109,6 +109,10 @@ CASES = {
     "reversed_slices_3d": ("reversed", (2, 3), torch.float32, {"label_smoothing": 0.1}, _plain),
     # Hard numerics across slices: -inf (whole slices of a row), offset and spread, p_y -> 1.
     "masked": (uneven, (6,), torch.float32, {}, _masked),
+    # a slice entirely at -inf whose class weights include a 0: the smoothing sum is 0 * inf,
+    # NaN as torch's (class 0, the first rank's, weighs 0)
+    "masked_zero_weight": (uneven, (6,), torch.float32,
+                           {"label_smoothing": 0.1, "weight": "zero_first"}, _masked),
     "extreme": (uneven, (5,), torch.float32, {"label_smoothing": 0.1}, _extreme),
     "far_f64": (uneven, (6,), torch.float64, {"label_smoothing": 0.1, "weight": True}, _far),
     "confident_bf16": (lambda w: even(w, 6), (5,), torch.bfloat16, {}, _confident),
@@ -143,7 +147,10 @@ def _build(name, world, seed, device):
     x, t = tweak(x, t, gen)
     kwargs = dict(kwargs)
     if kwargs.get("weight"):
+        zero_first = kwargs["weight"] == "zero_first"
         kwargs["weight"] = torch.rand(C, generator=gen) + 0.1
+        if zero_first:
+            kwargs["weight"][0] = 0.0
     return x.to(dtype), t, kwargs, slices, explicit, gen
 
 
@@ -382,6 +389,25 @@ def test_without_process_group_equals_cross_entropy(backend, reduction):
     theirs.backward(grad.reshape(-1) if reduction == "none" else grad)
     torch.testing.assert_close(ours, theirs.reshape(ours.shape), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xa.grad, xb.grad.reshape(x.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends_here("cpu"))
+@pytest.mark.parametrize("stats", [False, True], ids=["loss", "stats"])
+def test_differentiable_once(backend, stats):
+    """create_graph=True gives the first-order gradient; differentiating that gradient again
+    raises (it would need the all-gathered lse's own gradient), never a wrong number."""
+    x = (torch.randn(4, 7, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randint(0, 7, (4,))
+    out = vocab_parallel_cross_entropy(x, t, backend=backend, label_smoothing=0.1,
+                                       return_stats=stats)
+    loss = out[0] + out[1].entropy.sum() if stats else out
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    xr = x.detach().clone().requires_grad_()
+    ref = nllfused.cross_entropy(xr, t, backend="torch", label_smoothing=0.1, return_stats=stats)
+    (ref[0] + ref[1].entropy.sum() if stats else ref).backward()
+    torch.testing.assert_close(g.detach(), xr.grad)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (g * torch.randn_like(g)).sum().backward()
 
 
 def test_argument_errors():
