@@ -131,6 +131,11 @@ class _VocabParallelCE(torch.autograd.Function):
         device = logits.device
         smoothing = e > 0
         w_slice = None if weight is None else weight[vocab_start:vocab_start + C_local]
+        if w_slice is not None and w_slice.shape[0] < C_local:
+            # a weight too short for this slice: NaN for the classes past it, so that this rank
+            # joins the collective, after which every rank finds C != weight.shape[0]
+            w_slice = torch.cat([w_slice, w_slice.new_full((C_local - w_slice.shape[0],),
+                                                           float("nan"))])
         if w_slice is None:
             wsum = torch.full((1,), float(C_local), dtype=torch.float64, device=device)
         else:
@@ -183,7 +188,8 @@ class _VocabParallelCE(torch.autograd.Function):
         if host_checks and not bool(tiled):
             raise ArgumentError(
                 "the vocabulary slices of the ranks do not tile [0, C)"
-                + ("" if weight is None else f" with C = weight.shape[0] = {weight.shape[0]}")
+                + ("" if weight is None else f" with C = weight.shape[0] = {weight.shape[0]} "
+                   f"(weight: the full-vocabulary class weights)")
                 + ": (vocab_start, C_local) per rank = "
                 + str([(int(a), int(b)) for a, b in zip(starts.tolist(), sizes.tolist())]))
         if host_checks:
@@ -417,12 +423,12 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
     elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ArgumentError(f"vocab_start must be a non-negative int; got {vocab_start!r}")
 
-    if isinstance(weight, torch.Tensor) and (weight.dim() != 1 or
-                                             weight.shape[0] < vocab_start + C_local):
+    # (A weight too short for this rank's slice is found after the one collective, on every
+    # rank -- an error here, on this rank alone, would leave the others waiting in it.)
+    if isinstance(weight, torch.Tensor) and weight.dim() != 1:
         raise ArgumentError(
-            f"weight must be the full-vocabulary class weights, a 1-D tensor of C entries "
-            f"covering this rank's slice [{vocab_start}, {vocab_start + C_local}); got shape "
-            f"{tuple(weight.shape)}")
+            f"weight must be the full-vocabulary class weights, a 1-D tensor of C entries; got "
+            f"shape {tuple(weight.shape)}")
     _checks.check_weight_not_learned(weight, False)
     if weight is not None:  # every rank reads its slice and w[target]
         weight = _checks.check_weight(weight, len(weight) if isinstance(weight, torch.Tensor)

@@ -282,6 +282,16 @@ def _check_bad_tiling(rank, world, device, failures):
             failures.append(f"[rank {rank} bad tiling] unexpected message: {exc}")
     else:
         failures.append(f"[rank {rank} bad tiling] no error for overlapping slices")
+    # A weight one class short, past the end of the last rank's slice only: every rank raises
+    # (an error on that rank alone, before the collective, left the others waiting in it).
+    try:
+        vocab_parallel_cross_entropy(x, t.clamp(max=3 * world - 2), backend="torch",
+                                     weight=torch.ones(3 * world - 1, device=device))
+    except ValueError as exc:
+        if "full-vocabulary" not in str(exc):
+            failures.append(f"[rank {rank} short weight] unexpected message: {exc}")
+    else:
+        failures.append(f"[rank {rank} short weight] no error")
 
 
 def _check_compile(rank, world, seed, device, backend, failures):
@@ -421,8 +431,10 @@ def test_argument_errors():
         vocab_parallel_cross_entropy(x, t.float())
     with pytest.raises(ValueError, match="target shape"):
         vocab_parallel_cross_entropy(x, t[:3])
-    with pytest.raises(ValueError, match="full-vocabulary"):
+    with pytest.raises(ValueError, match="tile.*full-vocabulary"):  # after the collective
         vocab_parallel_cross_entropy(x, t, weight=torch.ones(3))
+    with pytest.raises(ValueError, match="1-D"):
+        vocab_parallel_cross_entropy(x, t, weight=torch.ones(5, 1))
     with pytest.raises(ValueError, match="vocab_start"):
         vocab_parallel_cross_entropy(x, t, vocab_start=-1)
     with pytest.raises(ValueError, match="unknown backend"):
