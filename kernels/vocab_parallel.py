@@ -91,9 +91,11 @@ def vp_stats_kernel(
     if HAS_SMOOTHING:
         log_s = log_s64.to(ACC)
         w_sum = tl.load(WSUM).to(ACC)
-        smooth = w_sum * ((m - r) + log_s) - tl.sum(acc_wz, 1)   # sum_c w_c (lse_r - z_c)
-        # A slice entirely at -inf: every lse_r - z_c is +inf (the formula above gives NaN).
-        smooth = tl.where(m == float("-inf"), float("inf"), smooth)
+        wz = tl.sum(acc_wz, 1)
+        smooth = w_sum * ((m - r) + log_s) - wz   # sum_c w_c (lse_r - z_c)
+        # A slice entirely at -inf (r = 0): sum_c w_c * inf, -wz alone (the formula above gives
+        # NaN; a weight of 0 makes it NaN too, as torch's 0 * inf).
+        smooth = tl.where(m == float("-inf"), -wz, smooth)
         tl.store(OUT + R + R + R + rows, smooth.to(tl.float64), mask=row_ok)
 
 

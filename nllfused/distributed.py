@@ -110,15 +110,6 @@ def _all_gather(buf: torch.Tensor, group, world: int) -> torch.Tensor:
     return out.view(world, -1)
 
 
-def _weighted_infinity(w_slice, C_local: int, device) -> torch.Tensor:
-    """sum_c w_c (lse_r - z_c) over a slice entirely at -inf, each term w_c * inf: +inf, NaN
-    where a weight is 0 (torch's 0 * inf) or the weights' signs differ, 0 for no class."""
-    if w_slice is None:
-        return torch.full((), float("inf") if C_local else 0.0, dtype=torch.float64,
-                          device=device)
-    return (w_slice.double() * float("inf")).sum()
-
-
 class _VocabParallelCE(torch.autograd.Function):
     """(loss, lse, aux) per row, as nllfused::ce_fwd defines them (csrc/ops.cpp), over the full
     vocabulary. Saves the global lse; its backward reads only this rank's slice."""
@@ -143,10 +134,6 @@ class _VocabParallelCE(torch.autograd.Function):
         stats_fn = _vp_stats_triton if use_triton else torch_ref.vocab_slice_stats
         rows_local = stats_fn(logits, target, w_slice, wsum, vocab_start, ignore_index,
                               smoothing)
-        if smoothing:  # a slice entirely at -inf (log s_r = -inf): the op's +inf, weighed
-            rows_local[3] = torch.where(rows_local[1] == float("-inf"),
-                                        _weighted_infinity(w_slice, C_local, device),
-                                        rows_local[3])
         if stats:  # + the slice's expectation of z and its argmax (_slice_stats)
             rows_local = torch.cat([rows_local, _slice_stats(logits, rows_local[0],
                                                              rows_local[1], vocab_start)])

@@ -496,9 +496,10 @@ def vocab_slice_stats(logits, target, weight, wsum, vocab_start: int, ignore_ind
             torch.where(owned, z_y, torch.zeros_like(z_y)).double()]
     if smoothing:
         wd = diff if weight is None else weight * diff
-        # sum_c w_c (lse_r - z_c) = W_r log s + sum_c w_c (m - z_c), every term >= 0.
-        smooth = wsum.to(acc) * log_s + wd.sum(1)
-        smooth = torch.where(m == float("-inf"), torch.full_like(smooth, float("inf")), smooth)
+        # sum_c w_c (lse_r - z_c) = W_r log s + sum_c w_c (m - z_c), every term >= 0. A slice
+        # entirely at -inf: sum_c w_c * inf alone (NaN where a weight is 0, as torch's 0 * inf).
+        wd = wd.sum(1)
+        smooth = torch.where(m == float("-inf"), wd, wsum.to(acc) * log_s + wd)
         rows.append(smooth.double())
     return torch.stack(rows)
 
