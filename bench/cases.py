@@ -293,12 +293,24 @@ def build_cases(preset_names: list, device: torch.device, dtypes: Optional[list]
     return cases
 
 
+def split_list(text: Optional[str], option: str) -> Optional[list]:
+    """A comma-separated option's names, stripped; None where the option was not given (the
+    default). An empty name (`--mode ""`, `--mode fwd,`) is an error, not the default."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"{option} {text!r}: empty name in the comma-separated list")
+    return list(dict.fromkeys(names))  # a name given twice counts once
+
+
 def parse_dtypes(text: Optional[str]) -> Optional[list]:
-    if not text:
+    names = split_list(text, "--dtype")
+    if names is None:
         return None
     out = []
-    for name in text.split(","):
-        name = name.strip().lower()
+    for name in names:
+        name = name.lower()
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose from float32, bfloat16, float16")
         if DTYPES[name] not in out:
@@ -307,10 +319,8 @@ def parse_dtypes(text: Optional[str]) -> Optional[list]:
 
 
 def parse_modes(text: Optional[str]) -> Optional[list]:
-    if not text:
-        return None
-    out = [m.strip() for m in text.split(",") if m.strip()]
-    for m in out:
+    out = split_list(text, "--mode")
+    for m in out or ():
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     return out

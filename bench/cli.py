@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 import torch
@@ -17,13 +19,45 @@ from .progress import Progress
 from .runner import Runner
 
 EXIT_PROVIDER_FAILED = 3  # an nllfused provider was wrong or raised an error
+MAX_THREADS = 1024  # beyond that OpenMP itself fails (it crashes at 100000)
+
+
+def thread_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{count}: a thread count is 1 to {MAX_THREADS}")
+    return count
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: a time budget is a number of seconds above 0")
+    return value
+
+
+def check_out_dir(path: str) -> None:
+    """Refuse an --out the results cannot be written to, before any case runs (a file, a
+    folder below a file, no permission, one of the files it writes a folder)."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path!r}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path!r}: the folder is not writable")
+    for name in ("results.csv", "results.json") + report.PLOTS:
+        if os.path.isdir(os.path.join(path, name)):
+            raise ValueError(f"--out {path!r}: {name} there is a folder")
 
 
 def parse_args(argv):
+    width = max(map(len, cases_mod.PRESET_HELP))
     parser = argparse.ArgumentParser(
         prog="nllfused-bench", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets:\n" + "\n".join(f"  {k:8} {v}" for k, v in
+        epilog="presets:\n" + "\n".join(f"  {k:{width}}  {v}" for k, v in
                                          cases_mod.PRESET_HELP.items()))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when a GPU is visible, else cpu")
@@ -37,30 +71,31 @@ def parse_args(argv):
                         help="providers, comma-separated (default: all available); "
                              f"known: {', '.join(providers.REGISTRY)}")
     parser.add_argument("--mode", default=None,
-                        help="fwd, fwd_bwd or both, comma-separated (default: the preset's)")
+                        help="fwd, fwd_bwd or fwd,fwd_bwd (default: the preset's)")
     parser.add_argument("--out", default="bench/out",
                         help="folder for results.csv, results.json and plots (default: "
-                             "bench/out)")
+                             "bench/out; an empty string: write no files)")
     parser.add_argument("--baseline", default="torch", metavar="PROVIDER",
                         help="a second yardstick besides torch, one of --providers (e.g. "
                              "nllfused-cpu, to see what nllfused-stats costs over it): the "
                              "'vs <baseline>' column, on the CPU timed in pairs with it")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="torch CPU threads (default: 2 for the cpu preset, else torch's)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--time-budget", type=seconds, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds (notes what was left)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="no PNG plots")
     parser.add_argument("--list", action="store_true",
                         help="list the providers and whether they can run here, then exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    return args
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("nllfused-bench: --device cuda, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -103,13 +138,14 @@ def main(argv=None) -> int:
         list_providers(device)
         return 0
     try:
-        preset_names = [p.strip() for p in (args.preset or
-                                            cases_mod.default_preset(device)).split(",")]
+        preset_names = (cases_mod.split_list(args.preset, "--preset")
+                        or [cases_mod.default_preset(device)])
         presets = cases_mod.expand_presets(preset_names, device)
         cases = cases_mod.build_cases(preset_names, device, cases_mod.parse_dtypes(args.dtype),
                                       cases_mod.parse_modes(args.mode))
-        requested = [p.strip() for p in args.providers.split(",")] if args.providers else None
+        requested = cases_mod.split_list(args.providers, "--providers")
         chosen, notes = providers.select(device, requested, {c.kind for c in cases}, presets)
+        check_out_dir(args.out)
     except ValueError as exc:
         print(f"nllfused-bench: {exc}", file=sys.stderr)
         return 2
@@ -123,7 +159,9 @@ def main(argv=None) -> int:
               f"run ({', '.join(p.name for p in chosen)})", file=sys.stderr)
         return 2
 
-    threads = args.threads or (2 if device.type == "cpu" and "cpu" in presets else None)
+    threads = args.threads
+    if threads is None and device.type == "cpu" and "cpu" in presets:
+        threads = 2
     if threads:
         torch.set_num_threads(threads)
     policy = cpu_policy(presets)

@@ -287,7 +287,7 @@ def select(device: torch.device, requested: Optional[list], kinds: set, presets:
     if requested is not None:
         unknown = [n for n in requested if n not in REGISTRY]
         if unknown:
-            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from "
+            raise ValueError(f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from "
                              f"{', '.join(REGISTRY)}")
         names = list(dict.fromkeys(requested))
     else:

@@ -11,6 +11,7 @@ from .cases import MODES
 from .runner import COLUMNS
 
 META_COLUMNS = ("device", "torch", "triton", "git_commit", "date")
+PLOTS = ("speed.png", "memory.png")
 
 
 def _fmt(value, spec: str, empty: str = "-") -> str:
@@ -40,10 +41,21 @@ def ordered(rows: list) -> list:
                                        provider_order[r["provider"]]))
 
 
+def case_labels(rows: list) -> dict:
+    """{(preset, case): the name to print}: the case's name, with its preset beside it where
+    the same name is a case of two presets of the run (smoke and small both time N256·C1000)."""
+    presets_of = {}
+    for r in rows:
+        presets_of.setdefault(r["case"], set()).add(r["preset"])
+    return {(r["preset"], r["case"]): r["case"] if len(presets_of[r["case"]]) == 1
+            else f"{r['case']} ({r['preset']})" for r in rows}
+
+
 def table(rows: list, baseline: Optional[str] = None) -> str:
     """The readable table: one line per case x mode x provider (n/a ones only in the files);
     with a baseline other than torch (--baseline), a column of speedups against it too."""
     rows = [r for r in ordered(rows) if r["status"] != "n/a"]
+    label = case_labels(rows)
     has_ce = any(r["kind"] == "ce" for r in rows)
     has_linear = any(r["kind"] == "linear" for r in rows)
     headers = ["case", "dtype", "mode", "provider", "time ms"]
@@ -60,8 +72,8 @@ def table(rows: list, baseline: Optional[str] = None) -> str:
         key = (r["preset"], r["case"], r["dtype"])
         first = key != previous
         previous = key
-        cells = [r["case"] if first else "", r["dtype"] if first else "", r["mode"],
-                 r["provider"], _fmt(r["time_ms"], ".3f")]
+        cells = [label[r["preset"], r["case"]] if first else "", r["dtype"] if first else "",
+                 r["mode"], r["provider"], _fmt(r["time_ms"], ".3f")]
         if has_ce:
             cells += [_fmt(r["gbps"], ".1f"),
                       _fmt(r["pct_of_copy"], ".0f") + ("%" if r["pct_of_copy"] else "")]
@@ -179,19 +191,20 @@ def _speed_plot(plt, path: str, rows: list, meta: dict, title: str) -> str:
     # One panel per kind x mode x dtype; x: the cases in run order (N, then C, growing);
     # y: GB/s for cross-entropy (with the copy bandwidth as the ceiling), ms for linear + CE.
     groups = _groups(rows, lambda r: (r["kind"], r["mode"], r["dtype"]))
+    label = case_labels(rows)
     fig, axes = _grid(plt, len(groups))
     for ax, ((kind, mode, dtype), group) in zip(axes, groups.items()):
-        cases = list(dict.fromkeys(r["case"] for r in group))
-        metric, label = ("gbps", "GB/s (floor bytes / time)") if kind == "ce" else (
+        cases = list(dict.fromkeys((r["preset"], r["case"]) for r in group))
+        metric, ylabel = ("gbps", "GB/s (floor bytes / time)") if kind == "ce" else (
             "time_ms", "time (ms)")
         for provider, prow in _groups(group, lambda r: r["provider"]).items():
-            by_case = {r["case"]: r[metric] for r in prow}
+            by_case = {(r["preset"], r["case"]): r[metric] for r in prow}
             xs = [i for i, c in enumerate(cases) if c in by_case]
             ax.plot(xs, [by_case[cases[i]] for i in xs], marker="o", label=provider)
         if kind == "ce":
             ax.axhline(meta["copy_gbps"], color="grey", linestyle="--", linewidth=1,
                        label="copy bandwidth")
-        _label_axes(ax, cases, label, kind, mode, dtype, grid_axis="both")
+        _label_axes(ax, [label[c] for c in cases], ylabel, kind, mode, dtype, grid_axis="both")
     return _save(plt, fig, path, title)
 
 
@@ -200,18 +213,20 @@ def _memory_plot(plt, path: str, rows: list, title: str) -> str:
     chosen = [r for r in rows if r["mode"] == "fwd_bwd"] or rows
     groups = _groups([r for r in chosen if r["peak_mem_bytes"] is not None],
                      lambda r: (r["kind"], r["mode"], r["dtype"]))
+    label = case_labels(rows)
     fig, axes = _grid(plt, max(1, len(groups)))
     for ax, ((kind, mode, dtype), group) in zip(axes, groups.items()):
-        cases = list(dict.fromkeys(r["case"] for r in group))
+        cases = list(dict.fromkeys((r["preset"], r["case"]) for r in group))
         providers = list(dict.fromkeys(r["provider"] for r in group))
         width = 0.8 / len(providers)
         for j, provider in enumerate(providers):
-            by_case = {r["case"]: r["peak_mem_bytes"] / 1e6 for r in group
+            by_case = {(r["preset"], r["case"]): r["peak_mem_bytes"] / 1e6 for r in group
                        if r["provider"] == provider}
             xs = [i for i, c in enumerate(cases) if c in by_case]
             ax.bar([x + (j - (len(providers) - 1) / 2) * width for x in xs],
                    [by_case[cases[x]] for x in xs], width=width, label=provider)
-        _label_axes(ax, cases, "peak MB above inputs", kind, mode, dtype, grid_axis="y")
+        _label_axes(ax, [label[c] for c in cases], "peak MB above inputs", kind, mode, dtype,
+                    grid_axis="y")
     return _save(plt, fig, path, title)
 
 
@@ -248,6 +263,9 @@ def write_all(out_dir: Optional[str], rows: list, meta: dict, notes: list,
         return []
     os.makedirs(out_dir, exist_ok=True)
     paths, plot_note = write_plots(out_dir, rows, meta) if plots else ([], None)
+    for stale in {os.path.join(out_dir, name) for name in PLOTS} - set(paths):
+        if os.path.isfile(stale):  # a plot of an earlier run into the folder, not of this one
+            os.remove(stale)
     write_data(out_dir, rows, meta, notes + ([plot_note] if plot_note else []))
     written = ["results.csv", "results.json"] + [os.path.basename(p) for p in paths]
     out = [f"written to {out_dir}: {', '.join(written)}"]

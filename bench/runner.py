@@ -105,7 +105,7 @@ class Runner:
             if after_case is not None:
                 after_case(rows)
         if skipped:
-            self.notes.append(f"time budget of {self.time_budget_s:.0f} s reached: "
+            self.notes.append(f"time budget of {self.time_budget_s:g} s reached: "
                               f"{len(skipped)} case(s) not run ({', '.join(skipped)})")
         return rows
 

@@ -13,7 +13,7 @@ import json
 import sys
 
 from .cases import MODES
-from .report import ordered
+from .report import case_labels, ordered
 
 
 def _number(value: float) -> str:
@@ -42,10 +42,11 @@ def blocks(results: dict) -> list:
             continue
         cases = list(dict.fromkeys((r["preset"], r["case"], r["dtype"]) for r in mode_rows))
         lines = []
+        label = case_labels(mode_rows)
         for key in cases:
             by_provider = {r["provider"]: r for r in mode_rows
                            if (r["preset"], r["case"], r["dtype"]) == key}
-            lines.append([key[1], key[2]] + [_cell(by_provider.get(p)) for p in providers])
+            lines.append([label[key[:2]], key[2]] + [_cell(by_provider.get(p)) for p in providers])
         out.append((f"{mode}: GB/s (floor bytes / time) and speedup vs torch; linear + CE: ms",
                     ["case", "dtype"] + providers, lines))
     return out
@@ -89,8 +90,15 @@ def main(argv=None) -> int:
     parser.add_argument("results_json")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    with open(args.results_json) as f:
-        results = json.load(f)
+    try:
+        with open(args.results_json) as f:
+            results = json.load(f)
+    except OSError as exc:
+        parser.error(f"{args.results_json}: {exc.strerror}")
+    except ValueError as exc:  # json.JSONDecodeError, a UnicodeDecodeError
+        parser.error(f"{args.results_json}: not a results.json ({exc})")
+    if not (isinstance(results, dict) and {"meta", "results"} <= results.keys()):
+        parser.error(f"{args.results_json}: not a results.json of nllfused-bench")
     print(markdown(results) if args.markdown else text(results))
     return 0
 

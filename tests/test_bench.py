@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nllfused.bench import cases, cli, memory, providers, summary
+from nllfused.bench import cases, cli, memory, providers, report, summary
 from nllfused.bench.progress import Progress
 from nllfused.bench.runner import COLUMNS
 
@@ -185,6 +185,65 @@ def test_bad_arguments_exit_2(tmp_path):
     assert cli.main(BASE + ["--out", str(tmp_path), "--preset", "nope"]) == 2
     assert cli.main(BASE + ["--out", str(tmp_path), "--dtype", "int8"]) == 2
     assert cli.main(BASE + ["--out", str(tmp_path), "--mode", "bwd"]) == 2
+    for empty in ("", "fwd,", " , "):  # an empty name is an error, not the preset's modes
+        assert cli.main(BASE + ["--out", str(tmp_path), "--mode", empty]) == 2
+    assert cli.main(BASE + ["--out", str(tmp_path), "--preset", ""]) == 2
+    assert cli.main(BASE + ["--out", str(tmp_path), "--providers", "torch,"]) == 2
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--threads", "-1"],
+                                    ["--threads", "100000"], ["--time-budget", "0"],
+                                    ["--time-budget", "-1"], ["--time-budget", "nan"]])
+def test_bad_numbers_are_argument_errors(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(BASE + ["--out", str(tmp_path), *option])
+    assert exit_.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli.Runner, "run", lambda self, *a: ran.append(1) or [])
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    (tmp_path / "d" / "results.csv").mkdir(parents=True)
+    for out in (afile, afile / "sub", tmp_path / "d"):
+        assert cli.main(BASE + ["--out", str(out), "--providers", "torch"]) == 2
+        assert f"--out {str(out)!r}" in capsys.readouterr().err
+    assert not ran
+
+
+def test_a_mode_given_twice_is_timed_once(tmp_path):
+    rc, _, data = _run(tmp_path, "--providers", "torch", "--mode", "fwd,fwd")
+    assert rc == 0
+    smoke = [c for c in cases.build_cases(["smoke"], torch.device("cpu"))]
+    assert len(data["results"]) == len(smoke)
+    assert all(r["speedup_vs_torch"] == 1.0 for r in data["results"])  # torch against itself
+
+
+def test_a_case_of_two_presets_is_named_with_its_preset():
+    row = dict(kind="ce", dtype="fp32", mode="fwd", provider="torch", status="ok", time_ms=1.0,
+               gbps=1.0, pct_of_copy=1.0, peak_mem_bytes=0, speedup_vs_torch=1.0,
+               loss_err=0.0, grad_err=0.0, note="")
+    rows = [dict(row, preset="smoke", case="N8·C10"), dict(row, preset="small", case="N8·C10"),
+            dict(row, preset="small", case="N4·C10")]
+    labels = report.case_labels(rows)
+    assert labels == {("smoke", "N8·C10"): "N8·C10 (smoke)",
+                      ("small", "N8·C10"): "N8·C10 (small)", ("small", "N4·C10"): "N4·C10"}
+    printed = report.table(rows)
+    assert "N8·C10 (smoke)" in printed and "N8·C10 (small)" in printed
+    meta = dict(device="cpu", torch="x", triton=None, git_commit="c", date="d", copy_gbps=1.0)
+    assert "N8·C10 (small)" in summary.text({"meta": meta, "results": rows})
+
+
+def test_summary_of_a_bad_file_is_an_argument_error(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    for path in (tmp_path / "missing.json", bad, other):
+        with pytest.raises(SystemExit) as exit_:
+            summary.main([str(path)])
+        assert exit_.value.code == 2 and str(path) in capsys.readouterr().err
 
 
 def test_inputs_are_reproducible_with_ignored_targets():
@@ -330,8 +389,6 @@ def test_progress_without_terminal_prints_lines():
 
 def test_plots_from_results(tmp_path):
     pytest.importorskip("matplotlib")
-    from nllfused.bench import report
-
     rows = []
     for provider, ms in (("torch", 2.0), ("nllfused-cpu", 1.0)):
         for case_name, c in (("N8·C100", 100), ("N8·C200", 200)):
@@ -345,6 +402,9 @@ def test_plots_from_results(tmp_path):
     assert note is None
     assert [p.split("/")[-1] for p in paths] == ["speed.png", "memory.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in ("speed.png", "memory.png"))
+    # a later run into the folder without plots leaves none of this run's behind
+    report.write_all(str(tmp_path), rows, meta, [], plots=False)
+    assert not any((tmp_path / name).exists() for name in ("speed.png", "memory.png"))
 
 
 def test_cpu_pairs_each_provider_with_torch(monkeypatch):
