@@ -3,12 +3,13 @@ torch.nn.CrossEntropyLoss and torch.nn.LinearCrossEntropyLoss."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 
 from . import _checks, backends
-from .errors import ArgumentError
+from .errors import ArgumentError, ArgumentTypeError
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 from .linear_checks import check_chunking
@@ -27,6 +28,14 @@ class LossOptions(torch.nn.Module):
         self.logit_scale = logit_scale
         self.softcap = softcap
         self.backend = backends.check_name(backend)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say why it cannot, instead of TorchScript's
+        # "keyword-arg expansion is not supported" deep in forward
+        raise ArgumentTypeError(
+            f"nllfused.{type(self).__name__} cannot be compiled by TorchScript "
+            f"(torch.jit.script): its loss is a Python function over custom ops; use "
+            f"torch.compile, torch.jit.trace or torch.export, which take it")
 
     def _options(self) -> dict:
         """The keyword arguments of the functional form that every loss module passes."""
@@ -92,13 +101,18 @@ class LinearCrossEntropyLoss(LossOptions):
         super().__init__()
         self._set_options(_checks.resolve_reduction(None, None, reduction), label_smoothing,
                           z_loss, logit_scale, softcap, backend)
+        if label_smoothing < 0:  # torch's module checks the lower bound too (its function not)
+            raise ArgumentError(f"expected label_smoothing to be in range [0, 1], got "
+                                f"{float(label_smoothing)}")
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ArgumentError(
                 f"weight must have shape ({num_classes},); got {tuple(weight.shape)}")
         out_features = tuple(out_features)
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in out_features):
+        if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1
+               for d in out_features):
             raise ArgumentError(f"out_features must be a tuple of positive ints; got "
                                 f"{out_features!r}")
+        out_features = tuple(int(d) for d in out_features)  # NumPy integers too, as torch
         check_chunking(options, chunk_size)
         self.num_classes = num_classes
         self.out_features = out_features

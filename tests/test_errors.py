@@ -89,6 +89,14 @@ def test_module_rejects_bad_options_at_construction():
         nllfused.CrossEntropyLoss(backend="tpu")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("module", [nllfused.CrossEntropyLoss,
+                                    lambda: nllfused.LinearCrossEntropyLoss(4, 5)])
+def test_torchscript_says_what_to_use_instead(module):
+    with pytest.raises(TypeError, match="TorchScript.*torch.compile, torch.jit.trace"):
+        torch.jit.script(module())
+
+
 def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
     from nllfused.kernels import cross_entropy as triton_kernels
     monkeypatch.setattr(triton_kernels, "INTERPRETER", False)

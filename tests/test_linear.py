@@ -7,6 +7,7 @@ several chunk boundaries, the last chunk partial.
 """
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -796,10 +797,16 @@ def test_module_rejects_bad_options():
     for bad in ((0,), (2, -1), (2.0,)):
         with pytest.raises(ValueError, match="out_features"):
             nllfused.LinearCrossEntropyLoss(4, 5, out_features=bad)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        nllfused.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
+    for smoothing in (2.0, -0.1, torch.tensor(-0.2)):  # torch's module: both bounds checked
+        with pytest.raises(RuntimeError):
+            torch.nn.LinearCrossEntropyLoss(4, 5, label_smoothing=smoothing)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            nllfused.LinearCrossEntropyLoss(4, 5, label_smoothing=smoothing)
     with pytest.raises(ValueError, match="weight must have shape"):
         nllfused.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
+    # NumPy integers are ints to torch's module (and to its reshape of the weight)
+    module = nllfused.LinearCrossEntropyLoss(4, 5, out_features=(np.int64(2),))
+    assert module.out_features == (2,) and module.linear.out_features == 10
 
 
 # --- the torch_ref pieces the fused linear CE is built from ----------------------------------

@@ -202,6 +202,25 @@ def test_low_precision_logits_give_float32_loss(dtype):
     torch.testing.assert_close(gb.float(), ga.float(), rtol=2 * 2.0 ** -8, atol=1e-6)
 
 
+def test_float16_sum_over_num_items_does_not_overflow():
+    """With num_items_in_batch the loss is a sum over the batch's tokens: past 65504 in float16
+    (here ~16k tokens of ~4.5 each) it must still be transformers' float32 sum over the count."""
+    logits = (3 * torch.randn(8, 2048, 32)).half().requires_grad_()
+    labels = torch.randint(0, 32, (8, 2048))
+    labels[:, :100] = -100
+    num_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
+    a, b = _hf_and_ours("ForCausalLMLoss", logits, labels, vocab_size=32,
+                        num_items_in_batch=num_items)
+    assert b.dtype == torch.float32 and torch.isfinite(b)
+    torch.testing.assert_close(b, a, rtol=2 * 2.0 ** -11, atol=0)  # one float16 rounding
+    (ga,) = torch.autograd.grad(a, logits)
+    (gb,) = torch.autograd.grad(b, logits)
+    torch.testing.assert_close(gb.float(), ga.float(), rtol=2 * 2.0 ** -11, atol=2.0 ** -24)
+    labels[:] = -100  # nothing counted: transformers' sum is 0, not the mean's NaN
+    a, b = _hf_and_ours("ForCausalLMLoss", logits, labels, vocab_size=32, num_items_in_batch=7)
+    assert a.item() == 0.0 and b.item() == 0.0
+
+
 @pytest.mark.parametrize("num_items", [None, 9])  # a mean, and a sum over num_items_in_batch
 def test_masked_lm_loss(num_items):
     logits = torch.randn(3, 5, 30)
@@ -281,6 +300,29 @@ def test_patch_sees_through_wrappers():
     model = tiny_llama(layers=1)
     compiled = torch.compile(model)  # not run: only the wrapper matters here
     assert nft.patch(compiled) is compiled and nft.is_patched(model)
+    # A wrapper that holds the model as .module and passes attribute reads through to it
+    # (as FSDP and DeepSpeed's engine do): patch and unpatch reach the model, not the wrapper.
+    model = tiny_llama(layers=1)
+    wrapped = PassThrough(model)
+    assert nft.patch(wrapped) is wrapped and nft.is_patched(model)
+    assert "_loss_function" not in wrapped.__dict__
+    assert not nft.is_patched(nft.unpatch(wrapped)) and not nft.is_patched(model)
+
+
+class PassThrough(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.wrapped = model
+
+    @property
+    def module(self):
+        return self.wrapped
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.wrapped, name)
 
 
 class OldStyle(transformers.LlamaForCausalLM):

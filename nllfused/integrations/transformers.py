@@ -61,14 +61,21 @@ def _fixed_cross_entropy(source, target, num_items_in_batch=None, ignore_index: 
                          options: dict, float_result: bool) -> torch.Tensor:
     """transformers' fixed_cross_entropy: 'mean', or 'sum' / num_items_in_batch when given."""
     reduction = "sum" if num_items_in_batch is not None else "mean"
+    # A float16 sum overflows past 65504 (a few thousand tokens' losses) where transformers'
+    # float32 one does not: the mean (one rounding, as the sum's) times the counted rows.
+    # (transformers passes no class weights: the mean is over the rows not ignored.)
+    sum_from_mean = reduction == "sum" and float_result and source.dtype == torch.float16
     # Looked up on the package at call time (not bound at import), so wrappers of
     # nllfused.cross_entropy (a profiler, a test's spy) see every call.
-    loss = nllfused.cross_entropy(source, target, ignore_index=ignore_index, reduction=reduction,
-                                  **options)
+    loss = nllfused.cross_entropy(source, target, ignore_index=ignore_index,
+                                  reduction="mean" if sum_from_mean else reduction, **options)
     if float_result:
         # transformers computes on logits.float(); we read the logits as they are and make the
         # scalar float32 instead of a float32 copy of the logits.
         loss = loss.float()
+    if sum_from_mean:
+        counted = (target != ignore_index).sum()
+        loss = torch.where(counted > 0, loss * counted, 0.0)  # no row: a sum of 0, not NaN
     if reduction == "sum":
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -180,22 +187,22 @@ def _loss_utils():
 
 
 def _target(model):
-    """The PreTrainedModel inside common wrappers (DDP / DataParallel, torch.compile, PEFT)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
-                              torch.nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
+    """The PreTrainedModel inside its wrappers: torch.compile's, PEFT's, and those that hold the
+    model as `.module` (DDP, DataParallel, FSDP, DeepSpeed's engine). A wrapper that passes
+    attribute reads through (FSDP) must not be taken for the model: unpatch would miss it."""
+    for _ in range(8):
+        if inspect.getattr_static(type(model), "loss_function", None) is not None:
+            break  # a transformers model (the attribute is its class's)
+        if type(model).__name__ == "OptimizedModule" and isinstance(
                 getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile(model)
             model = model._orig_mod
-        elif (inspect.getattr_static(type(model), "loss_function", None) is None
-              and callable(getattr(model, "get_base_model", None))):  # e.g. peft.PeftModel
+        elif callable(getattr(model, "get_base_model", None)):  # e.g. peft.PeftModel
             inner = model.get_base_model()
             if inner is model:
                 break
             model = inner
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
         else:
             break
     return model
