@@ -134,8 +134,9 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where a sum needs it. u(ref)
 // is not exactly 0 (tiny_offset is -ref log2 e rounded): every term carries the same factor
 // 2^u(ref), |u(ref)| < 0.35 below kTinyRefMax, which fold takes out of the sums.
-// The entropy's T = sum e a is summed as sum e u over every class (one fma, no z - ref): fold
-// makes it sum e (u - u(ref)) / log2 e, which is 0 for the classes at the max.
+// The entropy's T = sum e a is summed as sum e u over the classes in s (one fma, no z - ref):
+// fold makes it sum e (u - u(ref)) / log2 e. Not the classes at the max: their e u(ref) would
+// leave T ~1e-7 |u(ref)| off (a peaked row's T is ~1e-25: a negative entropy).
 // In a chunk holding the max (AtMax) a step then first looks for classes at the max -- one
 // compare of the bf16 bits, or two of the floats -- and only a step that has one counts them
 // apart (add_or_count). That test is z == m, which is z - m == 0 wherever m is normal and not
@@ -201,9 +202,9 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       s0 = s0 + ea;
       s1 = s1 + eb;
     }
-    if constexpr (Ent && Tiny) {  // e u, over every class (fold makes it e a)
-      t0 = fmadd(ea, ua, t0);
-      t1 = fmadd(eb, ub, t1);
+    if constexpr (Ent && Tiny) {  // e u, over the classes in s (fold makes it e a)
+      t0 = fmadd(count ? select_eq(ea, zero, a, zero) : ea, ua, t0);
+      t1 = fmadd(count ? select_eq(eb, zero, b, zero) : eb, ub, t1);
     } else if constexpr (Ent) {  // the classes at the max add e a = 0
       t0 = fmadd(ea, a, t0);
       t1 = fmadd(eb, b, t1);
@@ -264,11 +265,9 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
 // gaps whatever the row length (float32 rows of 1000 classes: the L1 prefetch takes the first
 // half of the next row, the L2 one the second half). Against the L1 prefetch alone, fp32 / bf16
 // forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); a fixed 16 KiB ahead
-// left gaps in short rows (fp32 (65536, 1000) 20 % slower), and a third prefetch a step slowed
-// every shape by a tenth. Taking the next chunk's bits_max here, a step of it per fold step (its
-// loads in place of the L1 prefetch), was slower too: bf16 (4096, 32000) 12.2-12.6 -> 12.6-13.4
-// ms, with statistics 12.8-13.0 -> 13.5-14.4 (Intel, 2 threads), though a stand-alone model of
-// the loop gained a tenth.
+// left gaps in short rows (fp32 (65536, 1000) 20 % slower), a third prefetch a step slowed every
+// shape by a tenth, and the next chunk's bits_max here (a step per fold step, in place of the L1
+// prefetch) bf16 (4096, 32000) 12.2-12.6 -> 12.6-13.4 ms (Intel, 2 threads).
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 // src_t: z in class order (acc_t), or the chunk's bf16 logits themselves, read in split order
 // (bits_max; only without per-class g, Gm < 2).
@@ -305,10 +304,10 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
     if (tiny) {
       const acc_t d = std::fma(ref, kLog2e, tiny_offset(ref));
       const V f(std::exp2(-d));
-      if constexpr (Ent) {  // sum e u over every class (e = 2^d at the max) into sum e a
-        const V vd(d), e_max(std::exp2(d)), to_a(acc_t(1) / kLog2e);
-        u.t0 = (u.t0 - vd * (u.s0 + u.k0 * e_max)) * to_a;
-        u.t1 = (u.t1 - vd * (u.s1 + u.k1 * e_max)) * to_a;
+      if constexpr (Ent) {  // sum e u over the classes in s into sum e a
+        const V vd(d), to_a(acc_t(1) / kLog2e);
+        u.t0 = (u.t0 - vd * u.s0) * to_a;
+        u.t1 = (u.t1 - vd * u.s1) * to_a;
       }
       u.s0 = u.s0 * f;
       u.s1 = u.s1 * f;
