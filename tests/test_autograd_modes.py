@@ -326,6 +326,29 @@ def test_target_gradient_keeps_its_precision_at_large_logits(device, backend, of
                           target_grad(F.cross_entropy, torch.float32, "cpu"), what="target grad")
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("C", [1, 31])
+def test_target_gradient_with_softcap_is_one_log_softmax(device, backend, C):
+    """With softcap, d loss / d q = -log p from one z: the kernels' tanh is not torch's (~1 ulp
+    apart), and log p from torch's z less the kernels' lse was not 0 for a class of its own
+    (p = 1: the gradient exactly 0, as torch's)."""
+    x = torch.linspace(-3, 3, 13 * C).reshape(13, C)
+    q = torch.softmax(torch.randn(13, C), 1)
+
+    def target_grad(f, dtype, dev, **kw):
+        t = q.to(dtype=dtype, device=dev, copy=True).requires_grad_()
+        f(x.to(dtype).to(dev), t, reduction="sum", **kw).backward()
+        return t.grad.cpu()
+
+    ours = target_grad(lambda v, t, **kw: nllfused.cross_entropy(v, t, softcap=30.0, **kw),
+                       torch.float32, device, backend=backend)
+    ref = (lambda v, t, **kw: F.cross_entropy(30.0 * torch.tanh(v / 30.0), t, **kw))  # torch
+    if C == 1:
+        assert torch.equal(ours, torch.zeros_like(ours))
+    assert_matches_oracle(ours, target_grad(ref, F64, "cpu"), torch.float32,
+                          target_grad(ref, torch.float32, "cpu"), what="target grad")
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
 @pytest.mark.parametrize("mode", ["vmap", "grad", "jvp", "forward_ad", "vmap_of_grad"])
 def test_out_of_range_class_index_raises_in_every_mode(backend, mode):
