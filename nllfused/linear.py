@@ -134,8 +134,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     reduction = _checks.resolve_reduction(None, None, reduction)
     label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
     backend = backends.check_name(backend)
-    ignore_index_given = ignore_index is not None
     stats.check_returns(return_stats, return_z_loss, return_lse)
+    if ignore_index is not None and isinstance(target, Tensor) and target.is_floating_point():
+        raise ArgumentError("ignore_index cannot be specified when target contains "
+                            "probabilities (class-index targets only)")
     ignore_index = _checks.check_ignore_index(-100 if ignore_index is None else ignore_index)
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:  # (C, *out_features, H)
         return linear_kdim.linear_cross_entropy_kdim(
@@ -150,9 +152,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         # Probability targets (*, C): torch's function takes them unchunked, with the logits
         # made; so does this one, through nllfused.cross_entropy (classes in dimension 1). So
         # are 0 classes with every target ignored (no logit at all: torch's 0s, 0 or NaN).
-        if ignore_index_given and target.is_floating_point():
-            raise ArgumentError("ignore_index cannot be specified when target contains "
-                                "probabilities (class-index targets only)")
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
         if logits.dim() > 2:
             logits, target = logits.movedim(-1, 1), target.movedim(-1, 1)
@@ -550,6 +549,8 @@ class _Chunks:
         where the backend has one, else by torch ops on the logits before g overwrites them."""
         t = self.t[r0:r1]
         kernel = self.stats_fwd if argmax is not None else None
+        if argmax is not None and kernel is None:  # first: the torch backend's pass writes exp
+            argmax[r0:r1] = linear_stats.chunk_argmax(logits, self.options)  # (z - m) over z
         if self.backend == "torch":
             loss, lse, grad = torch_ref.chunk_loss_and_grad(logits, t, self.w, self.options)
         else:
@@ -557,9 +558,8 @@ class _Chunks:
             out = (kernel or self.fwd)(logits.unsqueeze(-1), t.unsqueeze(-1), self.w,
                                        *self.options, **extra)
             loss, lse, aux = out[0][:, 0], out[1][:, 0], out[2][:, 0]
-        if argmax is not None:
-            argmax[r0:r1] = (out[5][:, 0] if kernel is not None
-                             else linear_stats.chunk_argmax(logits, self.options))
+        if kernel is not None:
+            argmax[r0:r1] = out[5][:, 0]
         if grad_loss is None:
             return loss, lse, None
         grad_lse = None if grad_z is None else torch_ref.z_loss_grad(lse, grad_z, z_loss)

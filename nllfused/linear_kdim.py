@@ -115,7 +115,9 @@ def linear_cross_entropy_kdim(fused, input, linear_weight, target, linear_bias, 
     loss = torch.stack(losses, 1)
     if reduction != "none":
         loss = loss.sum(dtype=torch_ref.acc_dtype(loss.dtype))
-        loss = loss / denom if reduction == "mean" else loss
+        if reduction == "mean":  # NaN where the counted targets weigh 0 in all, as torch (its
+            # smoothing part, s / 0 = inf, joins the NLL part's 0 / 0); denom / denom: 1 or NaN
+            loss = loss / denom * (denom / denom)
     loss = loss.reshape(N, *out) if reduction == "none" else loss
     loss = loss.to(out_dtype)
     if not names:

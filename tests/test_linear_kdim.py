@@ -4,6 +4,7 @@
 logits, with torch's own result in the same dtype as the yardstick for float32 / bfloat16."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nllfused
 import nllfused.linear as L
@@ -182,3 +183,27 @@ def test_bad_shapes_raise_clear_errors():
         nllfused.linear_cross_entropy(torch.randn(4, 8), W, t, torch.randn(5))
     with pytest.raises(IndexError, match="out of bounds"):
         nllfused.linear_cross_entropy(torch.randn(4, 8), W, t + 5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_counted_targets_weighing_nothing_with_smoothing(device, backend):
+    """'mean' where every counted target's class weight is 0, with label smoothing: NaN, as
+    torch (its NLL part 0 / 0 plus its smoothing part s / 0 = inf), not inf."""
+    x, W, _, t, _ = make("plain", torch.float64)
+    t = t.clamp(min=1)
+    w = torch.zeros(W.shape[0], dtype=torch.float64)
+    w[0] = 1.0  # no target is class 0
+    kw = dict(weight=w, label_smoothing=0.2)
+    assert F.linear_cross_entropy(x, W, t, **kw).isnan()
+    ours = nllfused.linear_cross_entropy(x.to(device), W.to(device), t.to(device),
+                                         backend=backend, **tensors_to(kw, device))
+    assert ours.isnan()
+
+
+def test_probability_targets_refuse_an_ignore_index_as_torch():
+    x, W, _, _, _ = make("plain", torch.float64)
+    q = torch.rand(x.shape[0], W.shape[0], *OUT, dtype=torch.float64).softmax(1)
+    with pytest.raises(RuntimeError, match="ignore_index cannot be specified"):
+        F.linear_cross_entropy(x, W, q, ignore_index=-100)
+    with pytest.raises(ValueError, match="ignore_index cannot be specified"):
+        nllfused.linear_cross_entropy(x, W, q, ignore_index=-100)

@@ -426,6 +426,22 @@ def test_ties_nan_and_masked_classes(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_predicted_of_logits_that_tie_after_exp(device, backend):
+    """Logits ~1e-17 apart, distinct in float64, whose exp(z - m) are all 1: predicted is the
+    argmax of the logits in every chunk, not of what the loss's pass leaves in the chunk's
+    buffer (the torch backend overwrote it with exp(z - m), then took its argmax: class 0)."""
+    x = torch.rand(40, 1, dtype=torch.float64) + 0.5
+    W = torch.randn(100, 1, dtype=torch.float64) * 1e-17
+    t = torch.randint(0, 100, (40,))
+    _, st = nllfused.linear_cross_entropy(x.to(device), W.to(device), t.to(device),
+                                          reduction="none", backend=backend,
+                                          return_stats=("predicted", "correct"))
+    expected = (x @ W.t()).argmax(1)
+    assert torch.equal(st.predicted.cpu(), expected)
+    assert torch.equal(st.correct.cpu(), expected == t)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_masked_classes(device, backend):
     """Classes masked at -inf (bias): finite statistics and gradients, equal to float64 torch on
     the model without those classes; the masked rows of the weight and bias get 0."""
