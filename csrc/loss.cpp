@@ -128,6 +128,7 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
                     double label_smoothing, const Extras& ex) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
   check_extras("nllfused::cross_entropy_loss", ex);
+  check_target_shape("nllfused::cross_entropy_loss", input, target);
   auto [logits, target2] = canonical(input, target);
   const bool prob = prob_target(target);
   const double a = ex.logit_scale, s = ex.softcap;
@@ -140,7 +141,8 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
                                ex.z_loss),
             lse, aux};
   }
-  if (reduction != kNone && ex.z_loss == 0 && plain_cpu(logits) && plain_cpu(target2)) {
+  if (reduction != kNone && ex.z_loss == 0 && plain_cpu(logits) && plain_cpu(target2) &&
+      plain_cpu(weight)) {
     // The CPU kernel adds the rows up in its own pass where it can: on a segmentation map of
     // few classes the loss and aux rows, written and read back twice, were a third of the
     // bytes of the forward and backward (csrc/cpu/kernels.h, Args::sums).
@@ -173,6 +175,9 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
           !torch::autograd::isFwGradDefined(target),
       "nllfused::cross_entropy_loss: probability targets that require grad are not supported "
       "(nllfused.cross_entropy takes the general path for them)");
+  TORCH_CHECK(!weight || !torch::autograd::compute_requires_grad(*weight),
+              "nllfused::cross_entropy_loss: weight requires grad, but the op gives the class "
+              "weights no gradient; pass weight.detach()");
   // Nothing to differentiate (no_grad, evaluation): no graph node, nothing saved.
   const bool differentiable = torch::autograd::compute_requires_grad(input);
   Parts p;

@@ -122,6 +122,7 @@ inline std::tuple<Tensor, Tensor, Tensor> ce_fwd(const Tensor& logits, const Ten
 }
 
 inline bool plain_cpu(const Tensor& t);
+inline bool plain_cpu(const std::optional<Tensor>& t);
 
 // The one-call ops' backward: plain CPU tensors straight to the kernels, their gradient in the
 // logits' strides where that saves a scatter and autograd's copy (ce_bwd_like_logits_cpu);
@@ -131,7 +132,7 @@ inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor
                      int64_t ignore_index, double label_smoothing, bool prob = false,
                      const std::optional<Tensor>& grad_lse = std::nullopt,
                      double logit_scale = 1.0, double softcap = 0.0) {
-  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target))
+  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target) && plain_cpu(weight))
     return nllfused_cpu::ce_bwd_like_logits_cpu(grad_loss, grad_lse, logits, target, weight, lse,
                                                 aux, ignore_index, label_smoothing, logit_scale,
                                                 softcap, prob);
@@ -201,10 +202,34 @@ inline void check_reduction(const char* op, int64_t reduction) {
 // rows once; measured at (8, 4, 512, 512)) and keeps the reduced loss within 1 ulp of the exact
 // sum, the same bits on any number of threads. Plain CPU tensors only: not the fake or
 // functional ones of a trace (opcheck, torch.compile), whose data cannot be read.
+// Nor a negative view (x.conj().imag, torch._neg_view: its memory holds -x) or a ZeroTensor (no
+// memory at all): the dispatcher's fallbacks for those keys make them plain for the ops, which
+// a kernel called straight would bypass (the loss of -x; a null pointer).
 inline bool plain_cpu(const Tensor& t) {
   const auto keys = t.key_set();
-  return t.is_cpu() && !keys.has(c10::DispatchKey::Python) &&
-         !keys.has(c10::DispatchKey::Functionalize);
+  return t.is_cpu() && t.layout() == at::kStrided && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::Functionalize) && !t.is_neg() && !t._is_zerotensor();
+}
+
+inline bool plain_cpu(const std::optional<Tensor>& t) { return !t || plain_cpu(*t); }
+
+// The target of an input (N, C, d1, ...): class indices (N, d1, ...) (a (C,) input: one
+// index, 0-d or (1,)), or probabilities of the input's shape. The one-call ops check it, as
+// torch's cross_entropy does ("size mismatch"), since canonical() would flatten a target of
+// the right size but another shape into (N, D) without a word.
+inline bool target_shape_matches(const Tensor& input, const Tensor& target) {
+  const auto s = input.sizes(), t = target.sizes();
+  if (prob_target(target)) return s == t;
+  if (s.size() == 1) return t.size() <= 1 && target.numel() == 1;
+  if (t.size() + 1 != s.size() || t[0] != s[0]) return false;
+  for (size_t i = 1; i < t.size(); ++i)
+    if (t[i] != s[i + 1]) return false;
+  return true;
+}
+
+inline void check_target_shape(const char* op, const Tensor& input, const Tensor& target) {
+  TORCH_CHECK(target_shape_matches(input, target), op, ": size mismatch (got input: ",
+              input.sizes(), ", target: ", target.sizes(), ")");
 }
 
 inline bool loop_reduce(const Tensor& loss) { return plain_cpu(loss) && loss.is_contiguous(); }

@@ -89,7 +89,8 @@ Tensor ce_bwd_stats(const Tensor& grad_loss, const std::optional<Tensor>& grad_e
                     const Tensor& target, const std::optional<Tensor>& weight, const Tensor& lse,
                     const Tensor& aux, const Tensor& entropy, int64_t ignore_index,
                     double label_smoothing) {
-  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target))  // as ce_bwd (loss.h)
+  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target) &&
+      plain_cpu(weight))  // as ce_bwd (loss.h)
     return nllfused_cpu::ce_bwd_stats_like_logits_cpu(grad_loss, grad_entropy, grad_target_logp,
                                                       logits, target, weight, lse, aux, entropy,
                                                       ignore_index, label_smoothing);
@@ -401,8 +402,10 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
   TORCH_CHECK_NOT_IMPLEMENTED(!extras || !(want & kKernelStats), kOp, ": z_loss, logit_scale "
                               "and softcap are taken with lse and z_loss only (the other "
                               "statistics with them take nllfused.cross_entropy's general path)");
+  check_target_shape(kOp, input, target);
   auto [logits, target2] = canonical(input, target);
-  if (reduction != kNone && !extras && plain_cpu(logits) && plain_cpu(target2)) {
+  if (reduction != kNone && !extras && plain_cpu(logits) && plain_cpu(target2) &&
+      plain_cpu(weight)) {
     // The CPU kernel adds the rows and their statistics up in its own pass where it can (the
     // lanes path of few classes), add_up_rows where it wrote rows: assemble_summed.
     auto f = nllfused_cpu::ce_fwd_stats_summed_cpu(
@@ -435,6 +438,9 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
   TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input), kOp,
                               ": forward-mode AD is not supported (nllfused.cross_entropy "
                               "takes the general path under it)");
+  TORCH_CHECK(!weight || !torch::autograd::compute_requires_grad(*weight), kOp,
+              ": weight requires grad, but the op gives the class weights no gradient; pass "
+              "weight.detach()");
   const bool differentiable = torch::autograd::compute_requires_grad(input);
   Parts p;
   {

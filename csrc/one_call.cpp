@@ -29,6 +29,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -67,20 +68,15 @@ int64_t reduction_code(PyObject* o) {
   return -1;
 }
 
-bool is_str(PyObject* o, const char* s) {
-  return PyUnicode_CheckExact(o) && PyUnicode_CompareWithASCIIString(o, s) == 0;
+// numel x element size past int64, which only an expanded view can have (torch: "Storage size
+// calculation overflowed"): the kernels would read its 2^62 elements for ever.
+bool storage_overflows(const Tensor& t) {
+  int64_t bytes = 0;
+  return c10::mul_overflows(t.numel(), static_cast<int64_t>(t.element_size()), &bytes);
 }
 
-// The targets' shape for index targets: the input's less the class dimension (a 0-dim target for
-// an unbatched (C,) input).
-bool target_shape_matches(const Tensor& input, const Tensor& target) {
-  const auto s = input.sizes(), t = target.sizes();
-  if (t.size() + 1 != s.size()) return false;
-  if (t.empty()) return true;
-  if (t[0] != s[0]) return false;
-  for (size_t i = 1; i < t.size(); ++i)
-    if (t[i] != s[i + 1]) return false;
-  return true;
+bool is_str(PyObject* o, const char* s) {
+  return PyUnicode_CheckExact(o) && PyUnicode_CompareWithASCIIString(o, s) == 0;
 }
 
 // A torch.func transform is on: functorch includes its front-mode key in the thread's dispatch
@@ -132,7 +128,10 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     return general;
   const Tensor& input = THPVariable_Unpack(input_.ptr());
   const Tensor& target = THPVariable_Unpack(target_.ptr());
-  if (!input.is_cpu() || !target.is_cpu() || !is_float_dtype(input.scalar_type()) ||
+  // (sparse tensors, a storage size past int64: the general path names the problem)
+  if (!input.is_cpu() || !target.is_cpu() || input.layout() != at::kStrided ||
+      target.layout() != at::kStrided || storage_overflows(input) ||
+      !is_float_dtype(input.scalar_type()) ||
       input.dim() < 1)
     return general;
   const int64_t classes = input.size(input.dim() == 1 ? 0 : 1);
@@ -144,7 +143,11 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   // Index targets: int64, or uint8 (segmentation masks), as torch takes them; its Byte targets
   // go to the kernels as they are (ce_cpu.cpp, make_args), with no int64 copy.
   const auto tt = target.scalar_type();
-  if (!prob && ((tt != at::kLong && tt != at::kByte) || !target_shape_matches(input, target)))
+  // (index targets: the input's shape less the class dimension, target_shape_matches; for an
+  // unbatched (C,) input a 0-dim index only, as torch's own call takes it)
+  if (!prob && ((tt != at::kLong && tt != at::kByte) ||
+                !one_call_ops::target_shape_matches(input, target) ||
+                (input.dim() == 1 && target.dim() != 0)))
     return general;
   const int64_t reduction = reduction_code(reduction_.ptr());
   if (reduction < 0 || !PyLong_CheckExact(ignore_index_.ptr())) return general;

@@ -18,7 +18,7 @@ import torch
 
 from .backends import torch_ref
 from .errors import (ArgumentError, ArgumentTypeError, DimensionError, TargetIndexError,
-                     UnsupportedDtypeError)
+                     UnsupportedDtypeError, UnsupportedLayoutError)
 
 REDUCTIONS = ("none", "mean", "sum")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,10 +59,15 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     return reduction
 
 
+_FLOAT_MAX = 1.7976931348623157e308
+
+
 def _number(name, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(f"{name} must be a Python number; got {type(value).__name__}")
-    if not -math.inf < value < math.inf:  # also false for NaN; traceable by dynamo
+    # also false for NaN; traceable by dynamo; an int past float's range (10**400) too, which
+    # the ops' float arguments could not take
+    if not -_FLOAT_MAX <= value <= _FLOAT_MAX:
         raise ArgumentError(f"{name} must be finite; got {value}")
 
 
@@ -123,6 +128,11 @@ def check_logits_and_target(input, target) -> None:
     if input.dtype not in LOGIT_DTYPES:
         raise UnsupportedDtypeError(
             f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
+    for name, t in (("input", input), ("target", target)):
+        check_strided(name, t)
+    if input.numel() * input.element_size() >= 2 ** 63:  # an expanded view: torch's words
+        raise ArgumentError(f"input of shape {tuple(input.shape)}: Storage size calculation "
+                            f"overflowed (its bytes exceed int64)")
     if target.device != input.device:
         raise ArgumentError(f"Expected all tensors to be on the same device: target is on "
                             f"{target.device} but input is on {input.device}")
@@ -131,6 +141,13 @@ def check_logits_and_target(input, target) -> None:
             f"target must hold class indices (an integer dtype) or class probabilities "
             f"(a floating dtype): expected target dtype to be Long, Int or Byte for class "
             f"indices, but got {target.dtype}")
+
+
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """The kernels read strided tensors; a sparse (or other) one is refused by name."""
+    if t.layout != torch.strided:
+        raise UnsupportedLayoutError(f"{name} has layout {t.layout}: nllfused takes strided "
+                                     f"(dense) tensors; pass {name}.to_dense()")
 
 
 def check_weight(weight, num_classes: int, input: torch.Tensor,
@@ -143,6 +160,7 @@ def check_weight(weight, num_classes: int, input: torch.Tensor,
         return None
     if not isinstance(weight, torch.Tensor):
         raise ArgumentTypeError(f"weight must be a Tensor or None; got {type(weight).__name__}")
+    check_strided("weight", weight)
     if (weight.dim() != 1 and input.dim() >= 3 and not prob_target
             and weight.numel() == num_classes):
         weight = weight.reshape(num_classes)

@@ -22,6 +22,10 @@ class UnsupportedDtypeError(ArgumentTypeError, NotImplementedError):
     'Long'")."""
 
 
+class UnsupportedLayoutError(ArgumentTypeError, NotImplementedError):
+    """A sparse or other non-strided tensor (torch: NotImplementedError for sparse logits)."""
+
+
 class DimensionError(ArgumentError, IndexError):
     """A tensor without the dimension the call needs (torch: IndexError, "Dimension out of
     range")."""

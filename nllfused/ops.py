@@ -81,8 +81,19 @@ def inplace_backward_for_backend(backend: str):
     return getattr(torch.ops.nllfused, name)
 
 
+def _one_device(first, *others):
+    """As the kernels require (and torch's ops say): every tensor on the first one's device. A
+    meta tensor among CPU ones sends a call here, whose outputs would be CPU garbage."""
+    for t in others:
+        if isinstance(t, torch.Tensor):
+            torch._check(t.device == first.device, lambda: (
+                f"Expected all tensors to be on the same device, but found at least two "
+                f"devices, {first.device} and {t.device}!"))
+
+
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap,
               prob_target):
+    _one_device(logits, target, weight)
     torch._check(logits.dim() == 3, lambda: f"logits must be (N, C, D), got {logits.shape}")
     N, C, D = logits.shape
     if prob_target:
@@ -105,16 +116,19 @@ def _fwd_stats_fake(logits, target, weight, ignore_index, label_smoothing, logit
 
 
 def _bwd_stats_fake(grad_loss, grad_lse, grad_entropy, grad_target_logp, logits, *rest):
+    _one_device(logits, grad_loss, grad_lse, grad_entropy, grad_target_logp, *rest)
     return logits.new_empty(logits.shape)
 
 
 def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, aux, ignore_index,
               label_smoothing, logit_scale, softcap, prob_target):
+    _one_device(logits, grad_loss, grad_lse, target, weight, lse, aux)
     torch._check(grad_loss.shape == lse.shape, lambda: "grad_loss must be (N, D)")
     return logits.new_empty(logits.shape)
 
 
 def _bwd_inplace_fake(grad_loss, grad_lse, logits, *rest):
+    _one_device(logits, grad_loss, grad_lse, *rest)
     return None
 
 
@@ -122,7 +136,16 @@ def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing, 
                logit_scale=1.0, softcap=0.0):
     """nllfused::cross_entropy_loss (csrc/loss.cpp): a scalar, or one loss per row under
     reduction 0 ('none'), in the input's dtype (promoted with probability targets')."""
+    _one_device(input, target, weight)
     torch._check(input.dim() >= 1, lambda: "input must have a class dimension")
+    if target.is_floating_point():
+        matches = target.shape == input.shape
+    elif input.dim() == 1:
+        matches = target.dim() <= 1 and target.numel() == 1
+    else:
+        matches = target.shape == input.shape[:1] + input.shape[2:]
+    torch._check(matches, lambda: f"size mismatch (got input: {list(input.shape)}, target: "
+                                  f"{list(target.shape)})")  # as csrc/loss.h, check_target_shape
     if not target.is_floating_point():
         return input.new_empty(target.shape if reduction == 0 else ())
     rows = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()

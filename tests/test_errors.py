@@ -61,6 +61,21 @@ BAD = [
      "input must be a Tensor"),
     ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5), TypeError,
      "ignore_index must be an int"),
+    ("sparse_input", lambda: dict(input=X(4, 5).to_sparse(), target=T(4)), NotImplementedError,
+     "input has layout torch.sparse_coo"),
+    ("sparse_csr_input", lambda: dict(input=X(4, 5).to_sparse_csr(), target=T(4)),
+     NotImplementedError, "input has layout torch.sparse_csr"),
+    ("sparse_target", lambda: dict(input=X(4, 5), target=torch.rand(4, 5).to_sparse()),
+     NotImplementedError, "target has layout torch.sparse_coo"),
+    ("sparse_weight", lambda: dict(input=X(4, 5), target=T(4), weight=torch.ones(5).to_sparse()),
+     NotImplementedError, "weight has layout torch.sparse_coo"),
+    # an expanded view of 2^62 logits: torch fails at once (its output's storage); the kernels
+    # would read them for ever
+    ("storage_overflow", lambda: dict(input=torch.zeros(1, 1).expand(2 ** 31, 2 ** 31),
+                                      target=torch.zeros(1, dtype=torch.long).expand(2 ** 31)),
+     RuntimeError, "Storage size calculation overflowed"),
+    ("scale_past_float", lambda: dict(input=X(4, 5), target=T(4), logit_scale=2 ** 1030),
+     ValueError, "logit_scale must be finite"),
 ]
 
 
@@ -134,3 +149,81 @@ def test_opt_in_target_check_raises_on_gpu():
             nllfused.cross_entropy(x, t)
     finally:
         nllfused.set_target_check(False)
+
+
+def negative_view(x):
+    """x's values in memory holding -x (x.conj().imag of a complex tensor does the same)."""
+    return torch._neg_view(-x)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(6, 5), (6, 300), (2, 5, 3)])
+def test_negative_views_and_zero_tensors_are_their_values(device, backend, reduction, shape):
+    """Logits that are a negative view (memory -x, values x) or a ZeroTensor (no memory): the
+    loss and gradient of their values, as torch's (the C++ kernels called straight read the
+    memory: the loss of -x; a null pointer, a crash)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:])
+    zeros = torch._efficientzerotensor(shape, dtype=torch.float64)
+    for logits, values in ((negative_view(x), x), (zeros, None)):
+        values = torch.zeros(shape, dtype=torch.float64) if values is None else values
+        leaf = logits.detach().to(device).requires_grad_()  # (keeps the view's bits)
+        assert leaf.is_neg() == logits.is_neg()
+        ours = nllfused.cross_entropy(leaf, t.to(device), reduction=reduction, backend=backend)
+        (g,) = torch.autograd.grad(ours.sum(), leaf)
+        ref_leaf = values.clone().requires_grad_()
+        ref = torch.nn.functional.cross_entropy(ref_leaf, t, reduction=reduction)
+        (g_ref,) = torch.autograd.grad(ref.sum(), ref_leaf)
+        torch.testing.assert_close(ours.cpu(), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g.cpu(), g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_tensor_upstream_gradient():
+    """autograd may hand the backward a ZeroTensor gradient (no memory): a zero gradient."""
+    class ZeroGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch._efficientzerotensor(g.shape, dtype=g.dtype)
+
+    for reduction in ("none", "mean"):
+        x = torch.randn(6, 5, requires_grad=True)
+        loss = nllfused.cross_entropy(x, T(6), reduction=reduction)
+        (g,) = torch.autograd.grad(ZeroGrad.apply(loss).sum(), x)
+        assert torch.equal(g, torch.zeros_like(x))
+
+
+def test_the_ops_called_directly_check_what_the_function_checks():
+    """The one-call op as torch.ops.nllfused.cross_entropy_loss: a target of another shape
+    (same size) is torch's "size mismatch", not a loss of other rows; class weights that
+    require grad are refused, not left without a gradient; a meta tensor among CPU ones is
+    torch's device error, not CPU garbage."""
+    op = torch.ops.nllfused.cross_entropy_loss
+    x = torch.randn(2, 5, 3, 2)
+    for bad in (torch.zeros(2, 2, 3, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            op(x, bad, None, 1, -100, 0.0)
+    w = torch.ones(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight requires grad"):
+        op(torch.randn(4, 5), T(4), w, 1, -100, 0.0)
+    meta = torch.ones(5, device="meta")
+    with pytest.raises(RuntimeError, match="same device"):
+        op(torch.randn(4, 5), T(4).to("meta"), None, 1, -100, 0.0)
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.nllfused.ce_fwd(torch.randn(4, 5, 1), T(4).view(4, 1), meta, -100, 0.0, 1.0,
+                                  0.0, False)
+    x, t = X(3, 4), T(3, 4)
+    torch.testing.assert_close(op(x, t, None, 1, -100, 0.0),
+                               torch.nn.functional.cross_entropy(x, t))
+
+
+def test_an_integer_z_loss_past_int64_is_a_number():
+    x, t = X(4, 5, dtype=torch.float64), T(4)
+    for backend in ["auto"] + backends_here("cpu", only=("torch",)):
+        a = nllfused.cross_entropy(x, t, z_loss=10 ** 30, backend=backend)
+        b = nllfused.cross_entropy(x, t, z_loss=1e30, backend=backend)
+        assert torch.equal(a, b), backend
