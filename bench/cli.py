@@ -145,7 +145,6 @@ def main(argv=None) -> int:
                                       cases_mod.parse_modes(args.mode))
         requested = cases_mod.split_list(args.providers, "--providers")
         chosen, notes = providers.select(device, requested, {c.kind for c in cases}, presets)
-        check_out_dir(args.out)
     except ValueError as exc:
         print(f"nllfused-bench: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +156,11 @@ def main(argv=None) -> int:
     if args.baseline != "torch" and args.baseline not in [p.name for p in chosen]:
         print(f"nllfused-bench: --baseline {args.baseline} is not among the providers of this "
               f"run ({', '.join(p.name for p in chosen)})", file=sys.stderr)
+        return 2
+    try:  # last of the checks: it makes the folder
+        check_out_dir(args.out)
+    except ValueError as exc:
+        print(f"nllfused-bench: {exc}", file=sys.stderr)
         return 2
 
     threads = args.threads

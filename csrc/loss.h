@@ -132,7 +132,8 @@ inline Tensor ce_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor
                      int64_t ignore_index, double label_smoothing, bool prob = false,
                      const std::optional<Tensor>& grad_lse = std::nullopt,
                      double logit_scale = 1.0, double softcap = 0.0) {
-  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target) && plain_cpu(weight))
+  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target) && plain_cpu(weight) &&
+      plain_cpu(grad_lse))
     return nllfused_cpu::ce_bwd_like_logits_cpu(grad_loss, grad_lse, logits, target, weight, lse,
                                                 aux, ignore_index, label_smoothing, logit_scale,
                                                 softcap, prob);

@@ -89,8 +89,8 @@ Tensor ce_bwd_stats(const Tensor& grad_loss, const std::optional<Tensor>& grad_e
                     const Tensor& target, const std::optional<Tensor>& weight, const Tensor& lse,
                     const Tensor& aux, const Tensor& entropy, int64_t ignore_index,
                     double label_smoothing) {
-  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target) &&
-      plain_cpu(weight))  // as ce_bwd (loss.h)
+  if (plain_cpu(logits) && plain_cpu(grad_loss) && plain_cpu(target) && plain_cpu(weight) &&
+      plain_cpu(grad_entropy) && plain_cpu(grad_target_logp))  // as ce_bwd (loss.h)
     return nllfused_cpu::ce_bwd_stats_like_logits_cpu(grad_loss, grad_entropy, grad_target_logp,
                                                       logits, target, weight, lse, aux, entropy,
                                                       ignore_index, label_smoothing);

@@ -144,7 +144,8 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   // go to the kernels as they are (ce_cpu.cpp, make_args), with no int64 copy.
   const auto tt = target.scalar_type();
   // (index targets: the input's shape less the class dimension, target_shape_matches; for an
-  // unbatched (C,) input a 0-dim index only, as torch's own call takes it)
+  // unbatched (C,) input a 0-dim index only: a (1,) one takes the general path, which gives
+  // torch's 0-dim 'none' loss)
   if (!prob && ((tt != at::kLong && tt != at::kByte) ||
                 !one_call_ops::target_shape_matches(input, target) ||
                 (input.dim() == 1 && target.dim() != 0)))

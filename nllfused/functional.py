@@ -102,6 +102,10 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
     shape, t_shape = input.shape, target.shape
     if code is None or acc is None or len(shape) < 2 or shape[1] == 0:
         return None
+    # (sparse tensors, an expanded view past int64 bytes: the general path names the problem)
+    if (input.layout is not torch.strided or target.layout is not torch.strided
+            or input.numel() * input.element_size() >= 2 ** 63):
+        return None
     if len(shape) == 2:
         if len(t_shape) != 1 or t_shape[0] != shape[0]:
             return None

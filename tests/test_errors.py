@@ -179,6 +179,25 @@ def test_negative_views_and_zero_tensors_are_their_values(device, backend, reduc
         torch.testing.assert_close(g.cpu(), g_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_negative_view_gradients_of_the_statistics(device, backend):
+    """The upstream gradients of entropy and target log-prob as negative views beside a
+    plain one of the loss (per row, 'none': handed to the backward as they are): their
+    values, as plain tensors give."""
+    x = torch.randn(4, 5, 3, device=device)
+    t = torch.randint(0, 5, (4, 3), device=device)
+    for names in (("entropy",), ("target_logprob",), ("entropy", "target_logprob")):
+        ups = [torch.randn(4, 3, device=device) for _ in range(len(names) + 1)]
+        grads = []
+        for given in (ups, ups[:1] + [negative_view(u) for u in ups[1:]]):
+            leaf = x.clone().requires_grad_()
+            loss, st = nllfused.cross_entropy(leaf, t, reduction="none", backend=backend,
+                                              return_stats=names)
+            outs = [loss] + [getattr(st, n) for n in names]
+            grads.append(torch.autograd.grad(outs, leaf, given)[0])
+        assert torch.equal(grads[1], grads[0]), names  # the same values: the same bits
+
+
 def test_a_zero_tensor_upstream_gradient():
     """autograd may hand the backward a ZeroTensor gradient (no memory): a zero gradient."""
     class ZeroGrad(torch.autograd.Function):

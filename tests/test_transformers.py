@@ -216,7 +216,16 @@ def test_float16_sum_over_num_items_does_not_overflow():
     (ga,) = torch.autograd.grad(a, logits)
     (gb,) = torch.autograd.grad(b, logits)
     torch.testing.assert_close(gb.float(), ga.float(), rtol=2 * 2.0 ** -11, atol=2.0 ** -24)
-    labels[:] = -100  # nothing counted: transformers' sum is 0, not the mean's NaN
+    # num_items_in_batch far below the tokens counted (80k tokens, a sequence count of 1): the
+    # gradient, 1 / num_items a token, stays finite (a mean times the count had count /
+    # num_items, past 65504, in float16)
+    many = torch.randn(2, 40000, 8).half().requires_grad_()
+    many_labels = torch.randint(0, 8, (2, 40000))
+    a, b = _hf_and_ours("ForCausalLMLoss", many, many_labels, vocab_size=8, num_items_in_batch=1)
+    (gb,) = torch.autograd.grad(b, many)
+    assert torch.isfinite(b) and bool(torch.isfinite(gb).all())
+    torch.testing.assert_close(b, a, rtol=2 * 2.0 ** -11, atol=0)
+    labels[:] = -100  # nothing counted: transformers' sum is 0
     a, b = _hf_and_ours("ForCausalLMLoss", logits, labels, vocab_size=32, num_items_in_batch=7)
     assert a.item() == 0.0 and b.item() == 0.0
 

@@ -176,7 +176,7 @@ def smoothed_target(q: torch.Tensor, weight: Optional[torch.Tensor], label_smoot
 
 def soft_target_grad(grad_loss, logits, lse, weight, options) -> torch.Tensor:
     """d loss / d q_c = -(1 - e) w_c log p_c, times each row's upstream gradient."""
-    if options.softcap is None:
+    if not options.softcap:  # (0: none, in the ops' Options)
         logp = log_softmax(logits, lse, options)
     else:  # the kernels' tanh is not torch's (~1 ulp apart): z - lse would mix the two, and
         # log p of a row of one class would not be 0; from torch's z alone it is a log-softmax

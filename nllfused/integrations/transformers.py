@@ -62,20 +62,19 @@ def _fixed_cross_entropy(source, target, num_items_in_batch=None, ignore_index: 
     """transformers' fixed_cross_entropy: 'mean', or 'sum' / num_items_in_batch when given."""
     reduction = "sum" if num_items_in_batch is not None else "mean"
     # A float16 sum overflows past 65504 (a few thousand tokens' losses) where transformers'
-    # float32 one does not: the mean (one rounding, as the sum's) times the counted rows.
-    # (transformers passes no class weights: the mean is over the rows not ignored.)
-    sum_from_mean = reduction == "sum" and float_result and source.dtype == torch.float16
+    # float32 one does not: the rows' losses (one rounding each), summed in float32. (Not the
+    # mean times the count: the mean's gradient, count / num_items, overflows float16 in turn.)
+    rows_summed = reduction == "sum" and float_result and source.dtype == torch.float16
     # Looked up on the package at call time (not bound at import), so wrappers of
     # nllfused.cross_entropy (a profiler, a test's spy) see every call.
     loss = nllfused.cross_entropy(source, target, ignore_index=ignore_index,
-                                  reduction="mean" if sum_from_mean else reduction, **options)
+                                  reduction="none" if rows_summed else reduction, **options)
     if float_result:
         # transformers computes on logits.float(); we read the logits as they are and make the
         # scalar float32 instead of a float32 copy of the logits.
         loss = loss.float()
-    if sum_from_mean:
-        counted = (target != ignore_index).sum()
-        loss = torch.where(counted > 0, loss * counted, 0.0)  # no row: a sum of 0, not NaN
+    if rows_summed:
+        loss = loss.sum()
     if reduction == "sum":
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
