@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -59,15 +60,12 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     return reduction
 
 
-_FLOAT_MAX = 1.7976931348623157e308
-
-
 def _number(name, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(f"{name} must be a Python number; got {type(value).__name__}")
     # also false for NaN; traceable by dynamo; an int past float's range (10**400) too, which
     # the ops' float arguments could not take
-    if not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+    if not -sys.float_info.max <= value <= sys.float_info.max:
         raise ArgumentError(f"{name} must be finite; got {value}")
 
 
@@ -130,7 +128,7 @@ def check_logits_and_target(input, target) -> None:
             f"input (the logits) must be float16, bfloat16, float32 or float64; got {input.dtype}")
     for name, t in (("input", input), ("target", target)):
         check_strided(name, t)
-    if input.numel() * input.element_size() >= 2 ** 63:  # an expanded view: torch's words
+    if storage_overflows(input):  # torch's words
         raise ArgumentError(f"input of shape {tuple(input.shape)}: Storage size calculation "
                             f"overflowed (its bytes exceed int64)")
     if target.device != input.device:
@@ -141,6 +139,12 @@ def check_logits_and_target(input, target) -> None:
             f"target must hold class indices (an integer dtype) or class probabilities "
             f"(a floating dtype): expected target dtype to be Long, Int or Byte for class "
             f"indices, but got {target.dtype}")
+
+
+def storage_overflows(t: torch.Tensor) -> bool:
+    """numel x element size past int64, which only an expanded view can have: the kernels
+    would read its 2^62 elements for ever, where torch fails allocating its output."""
+    return t.numel() * t.element_size() >= 2 ** 63
 
 
 def check_strided(name: str, t: torch.Tensor) -> None:

@@ -104,7 +104,7 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
         return None
     # (sparse tensors, an expanded view past int64 bytes: the general path names the problem)
     if (input.layout is not torch.strided or target.layout is not torch.strided
-            or input.numel() * input.element_size() >= 2 ** 63):
+            or _checks.storage_overflows(input)):
         return None
     if len(shape) == 2:
         if len(t_shape) != 1 or t_shape[0] != shape[0]:
