@@ -30,8 +30,9 @@ import triton.language as tl
 # INTERPRETER: read here by nllfused._extension (whether these kernels are interpreted).
 from .launch import (INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo,  # noqa
                      target_strides, truncating_store)
-from .row_math import (_LN2, _LOG2E, _columns, _exact_lse, _exp2, _load_classes, _load_logits,
-                       _log1p, _lowest, _options, _tanh, _tile_rows)
+from .row_math import (_LN2, _LOG2E, _class_sum_at_max, _class_terms, _columns, _exact_lse,
+                       _exp2, _load_classes, _load_logits, _log1p, _lowest, _options, _tanh,
+                       _tile_rows)
 from .row_stats import _finish_stats, _first_nan, _lane_argmax, _lane_entropy
 
 
@@ -86,15 +87,26 @@ def _merge_pair(m1, k1, s1, m2, k2, s2):
 
 
 @triton.jit
-def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W, WSUM,
-            LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap,
-            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, stride_tc, W,
+            WSUM, LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap,
+            BLOCK_R: tl.constexpr, SCAN_C: tl.constexpr,
             ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
             HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Stores loss, aux and lse of rows from their merged state (m, k, s) and class sums
-    sum_wz = sum w (z - r) (or of w q' (z - r)), sum_wq = sum w q'."""
+    sum_wz = sum w (z - r) (or of w q' (z - r)), sum_wq = sum w q'. SCAN_C: the block of the
+    rare rows read once more (spanning the float range, or holding +inf)."""
     log_s = tl.where(k == 1.0, _log1p(s), tl.log(k + s))   # log sum_c exp(z_c - m)
     lse_r = (m - r) + log_s                      # lse - r, never through a rounded lse
+    if PROB_TARGET or HAS_SMOOTHING:
+        # A row spanning more than the float range (z - r overflowed; no NaN or +inf in it):
+        # its class sum once more against m (docs/maths.md, "Class sums").
+        sums_ok = (tl.abs(sum_wz) < float("inf")) & (tl.abs(lse_r) < float("inf"))
+        far = row_ok & (tl.abs(m) < float("inf")) & (s == s) & ~sums_ok
+        sum_m = _class_sum_at_max(x_row, t_row, W, far, m, C, stride_xc, stride_tc,
+                                  label_smoothing, logit_scale, softcap, BLOCK_R, SCAN_C, ACC,
+                                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+        sum_wz = tl.where(far, sum_m, sum_wz)
+        lse_r = tl.where(far, log_s, lse_r)
     if PROB_TARGET:
         # A row with no target mass at all adds nothing, even when every z is -inf (lse_r NaN);
         # where it holds a NaN or +inf (s NaN, or m = +inf) its loss is NaN, as torch's 0 * NaN.
@@ -128,7 +140,7 @@ def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W
     # -- NaN if the row also holds a NaN: such rows only are read once more (_first_nan).
     pinf = m == float("inf")
     nan_at = _first_nan(x_row, row_ok & pinf, 0, C, C, stride_xc, logit_scale, softcap, BLOCK_R,
-                        BLOCK_C, ACC, HAS_SCALE, HAS_SOFTCAP)
+                        SCAN_C, ACC, HAS_SCALE, HAS_SOFTCAP)
     log_s64 = tl.where(pinf & (nan_at == 2147483647), 0.0, log_s64)
     tl.store(LSE + rows, m.to(tl.float64) + log_s64, mask=row_ok)
 
@@ -168,27 +180,13 @@ def _fwd_step(x_row, t_row, W, cols, C, r, m, s, acc_wz, acc_wq, ent, arg, strid
         arg = tl.where(grew, cols[None, :], arg)
     s = s * tl.where(grew, e, 1.0) + e
     m = tl.where(grew, z, m)
-    if HAS_WEIGHT:
-        w = _load_classes(W + cols, col_ok, MASKED, ACC)[None, :]
-    if PROB_TARGET:
-        q = _load_classes(t_row[:, None] + cols[None, :].to(tl.int64) * stride_tc, mask, MASKED,
-                          ACC)
-        if HAS_SMOOTHING:
-            q = (1.0 - label_smoothing) * q + label_smoothing / C
-            if MASKED:
-                q = tl.where(mask, q, 0.0)
-        if HAS_WEIGHT:
-            q = q * w
-        acc_wq += q
-        # A class with no target mass adds nothing, even when masked at -inf (no 0 * inf).
-        acc_wz += tl.where(q != 0.0, q * (z - r[:, None]), 0.0)
-    elif HAS_SMOOTHING:
-        wz = z - r[:, None]
-        if HAS_WEIGHT:
-            wz = w * wz
-        if MASKED:
-            wz = tl.where(mask, wz, 0.0)
+    if PROB_TARGET or HAS_SMOOTHING:
+        wz, wq = _class_terms(z, r, W + cols, t_row[:, None] + cols[None, :].to(tl.int64) *
+                              stride_tc, col_ok, mask, C, label_smoothing, ACC, PROB_TARGET,
+                              HAS_WEIGHT, HAS_SMOOTHING, MASKED)
         acc_wz += wz
+        if PROB_TARGET:
+            acc_wq += wq
     return m, s, acc_wz, acc_wq, ent, arg
 
 
@@ -266,13 +264,19 @@ def ce_fwd_kernel(
         if PROB_TARGET:
             tl.store(part + 4 * plane, sum_wq, mask=row_ok)
     else:
-        _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, W, WSUM,
-                LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap, BLOCK_R,
-                BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+        _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, stride_tc, W,
+                WSUM, LOSS, LSE, AUX, C, ignore_index, label_smoothing, logit_scale, softcap,
+                BLOCK_R, BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE,
+                HAS_SOFTCAP)
         if STATS:
             _finish_stats(m, k, s, ent, pred, rows, row_ok, x_row, stride_xc, t_row, ENT, PRED,
                           TLP, C, ignore_index, logit_scale, softcap, ACC, PROB_TARGET,
                           HAS_SCALE, HAS_SOFTCAP, ENTROPY, ARGMAX)
+
+
+# The merge kernel's rare rereads (_finish): blocks as wide as a forward program's, not its few
+# splits.
+_MERGE_SCAN_C = tl.constexpr(1024)
 
 
 @triton.jit
@@ -314,9 +318,9 @@ def ce_fwd_merge_kernel(
     m, k, s = _merge(m, k, s)
     r = _reference(x_row, row_ok, logit_scale, softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
     _finish(m, k, s, tl.sum(sum_wz, 1), tl.sum(sum_wq, 1), r, rows, row_ok, x_row, stride_xc,
-            T + n * stride_tn + d * stride_td, W, WSUM, LOSS, LSE, AUX, C, ignore_index,
-            label_smoothing, logit_scale, softcap, BLOCK_R, BLOCK_C, ACC, PROB_TARGET, HAS_WEIGHT,
-            HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+            T + n * stride_tn + d * stride_td, stride_tc, W, WSUM, LOSS, LSE, AUX, C, ignore_index,
+            label_smoothing, logit_scale, softcap, BLOCK_R, _MERGE_SCAN_C, ACC, PROB_TARGET,
+            HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
 
 
 @triton.jit

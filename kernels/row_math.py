@@ -114,6 +114,61 @@ def _load_logits(ptrs, mask, logit_scale, softcap, ACC: tl.constexpr,
 
 
 @triton.jit
+def _class_terms(z, ref, w_ptrs, q_ptrs, col_ok, mask, C, label_smoothing, ACC: tl.constexpr,
+                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 HAS_SMOOTHING: tl.constexpr, MASKED: tl.constexpr):
+    """A block's terms of the forward's class sums against a row reference ref ([BLOCK_R]):
+    probability targets w q' (z - ref) and w q' (q' smoothed); index targets with smoothing
+    w (z - ref) (the second term unused). Masked lanes add 0; so does a class without target
+    mass, even masked at -inf (no 0 * inf)."""
+    if HAS_WEIGHT:
+        w = _load_classes(w_ptrs, col_ok, MASKED, ACC)[None, :]
+    if PROB_TARGET:
+        q = _load_classes(q_ptrs, mask, MASKED, ACC)
+        if HAS_SMOOTHING:
+            q = (1.0 - label_smoothing) * q + label_smoothing / C
+            if MASKED:
+                q = tl.where(mask, q, 0.0)
+        if HAS_WEIGHT:
+            q = q * w
+        return tl.where(q != 0.0, q * (z - ref[:, None]), 0.0), q
+    else:
+        wz = z - ref[:, None]
+        if HAS_WEIGHT:
+            wz = w * wz
+        if MASKED:
+            wz = tl.where(mask, wz, 0.0)
+        return wz, wz
+
+
+@triton.jit
+def _class_sum_at_max(x_row, t_row, W, far, m, C, stride_xc, stride_tc, label_smoothing,
+                      logit_scale, softcap, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr):
+    """The class sum of _class_terms against the row's max m, for the rows of far: rows whose
+    logits span more than the float range, where z - r (r the first logit) overflowed to inf
+    and the loss became inf - inf. Against m every z - m is <= 0 and finite but for -inf
+    logits (docs/maths.md, "Class sums"). A tile without such rows (nearly every one) reads
+    nothing; 0 in the other rows."""
+    acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    ref = tl.where(far, m, 0.0)
+    stop = tl.where(tl.max(far.to(tl.int32), 0) > 0, C, 0)
+    for start in range(0, stop, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        mask = far[:, None] & col_ok[None, :]
+        z = _load_logits(x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask,
+                         logit_scale, softcap, ACC, HAS_SCALE, HAS_SOFTCAP)
+        wz, wq = _class_terms(z, ref, W + cols, t_row[:, None] + cols[None, :].to(tl.int64) *
+                              stride_tc, col_ok, mask, C, label_smoothing, ACC, PROB_TARGET,
+                              HAS_WEIGHT, HAS_SMOOTHING, True)
+        acc += wz
+    return tl.sum(acc, 1)
+
+
+@triton.jit
 def _exact_lse(x_row, keep, lse64, hi, lo, C, stride_xc, logit_scale, softcap,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
                HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
