@@ -60,13 +60,18 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     return reduction
 
 
-def _number(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a Python number; got {type(value).__name__}")
-    # also false for NaN; traceable by dynamo; an int past float's range (10**400) too, which
-    # the ops' float arguments could not take
+def _number(name, value) -> float:
+    """A real number option (a Python or NumPy number, not a bool) as a finite float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a Python or NumPy number; got "
+                                f"{type(value).__name__}")
+    if not isinstance(value, int):
+        value = float(value)  # a NumPy number compared as the float it becomes
+    # also false for NaN; traceable by dynamo; a Python int past float's range (10**400) too,
+    # which the ops' float arguments could not take
     if not -sys.float_info.max <= value <= sys.float_info.max:
         raise ArgumentError(f"{name} must be finite; got {value}")
+    return float(value)
 
 
 def torch_smoothing(label_smoothing) -> float:
@@ -86,18 +91,20 @@ def torch_smoothing(label_smoothing) -> float:
     return value if value > 0.0 else 0.0
 
 
-def check_options(label_smoothing, z_loss, logit_scale, softcap) -> float:
-    """Raises for a bad option; returns label_smoothing as a float (torch_smoothing)."""
+def check_options(label_smoothing, z_loss, logit_scale, softcap) -> tuple:
+    """Raises for a bad option; returns the four as floats (label_smoothing as torch_smoothing;
+    softcap None or a float): an int 10**30 or a NumPy float32 would meet the torch ops
+    downstream as itself."""
     label_smoothing = torch_smoothing(label_smoothing)
-    _number("z_loss", z_loss)
+    z_loss = _number("z_loss", z_loss)
     if z_loss < 0:
         raise ArgumentError(f"z_loss must be >= 0; got {z_loss}")
-    _number("logit_scale", logit_scale)
+    logit_scale = _number("logit_scale", logit_scale)
     if softcap is not None:
-        _number("softcap", softcap)
+        softcap = _number("softcap", softcap)
         if softcap <= 0:
             raise ArgumentError(f"softcap must be a positive number or None; got {softcap}")
-    return label_smoothing
+    return label_smoothing, z_loss, logit_scale, softcap
 
 
 def check_ignore_index(ignore_index) -> int:

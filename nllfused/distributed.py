@@ -381,7 +381,7 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
     gradient for its slice. One all-gather of O(rows) numbers per forward, none in backward.
     """
     reduction = _checks.resolve_reduction(None, None, reduction)
-    label_smoothing = _checks.check_options(label_smoothing, z_loss, 1.0, None)
+    label_smoothing, z_loss, _, _ = _checks.check_options(label_smoothing, z_loss, 1.0, None)
     _checks.check_logits_and_target(input, target)
     ignore_index = _checks.check_ignore_index(ignore_index)
     if input.dim() == 0 or input.shape[-1] == 0:

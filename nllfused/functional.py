@@ -197,10 +197,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         return torch.nn.functional.cross_entropy(input, target, weight, size_average,
                                                  ignore_index, reduce, reduction, label_smoothing)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
-    label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
-    # floats from here (an int 10**30 met torch's int64 in the torch ops that take it)
-    z_loss, logit_scale = float(z_loss), float(logit_scale)
-    softcap = None if softcap is None else float(softcap)
+    label_smoothing, z_loss, logit_scale, softcap = _checks.check_options(
+        label_smoothing, z_loss, logit_scale, softcap)
     if not want_stats and _checks.nothing_to_compute(input, target, ignore_index, z_loss):
         # torch's own call gives the results (empty, 0 or NaN)
         backends.check_name(backend)

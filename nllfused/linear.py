@@ -125,14 +125,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     F.linear, then nllfused.cross_entropy (faster than the chunked op there).
     Returns the loss (shape input.shape[:-1] for reduction='none', else a scalar) in the input's
     dtype, float32 under autocast; differentiable in input, linear_weight and linear_bias, to
-    any order (a second derivative runs the unfused torch reference, as do forward-mode AD and
-    torch.func transforms).
+    any order (a second derivative, forward-mode AD and torch.func run the unfused reference).
     return_stats, return_z_loss, return_lse: as in nllfused.cross_entropy (nllfused/stats.py),
     each statistic computed from the chunks' logits (nllfused/linear_stats.py); entropy and
     target_logprob differentiable in input, linear_weight and linear_bias.
     """
     reduction = _checks.resolve_reduction(None, None, reduction)
-    label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+    label_smoothing, z_loss, logit_scale, softcap = _checks.check_options(
+        label_smoothing, z_loss, logit_scale, softcap)
     backend = backends.check_name(backend)
     stats.check_returns(return_stats, return_z_loss, return_lse)
     if ignore_index is not None and isinstance(target, Tensor) and target.is_floating_point():
@@ -188,7 +188,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         grad = torch.is_grad_enabled()
         argmax = names is not None and bool(names & linear_stats.ARGMAX_STATS)
         loss, lse, *_, predicted = torch.ops.nllfused.linear_ce_fwd(
-            x, linear_weight, linear_bias, t, w, *opts, float(z_loss), reduction, backend,
+            x, linear_weight, linear_bias, t, w, *opts, z_loss, reduction, backend,
             chunk_rows, grad and x.requires_grad, grad and linear_weight.requires_grad,
             grad and linear_bias is not None and linear_bias.requires_grad, not compiling, argmax)
     if reduction == "none":

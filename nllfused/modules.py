@@ -21,7 +21,8 @@ class LossOptions(torch.nn.Module):
 
     def _set_options(self, reduction: str, label_smoothing: float, z_loss: float,
                      logit_scale: float, softcap: Optional[float], backend: str) -> None:
-        label_smoothing = _checks.check_options(label_smoothing, z_loss, logit_scale, softcap)
+        label_smoothing, z_loss, logit_scale, softcap = _checks.check_options(
+            label_smoothing, z_loss, logit_scale, softcap)
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss

@@ -246,3 +246,30 @@ def test_an_integer_z_loss_past_int64_is_a_number():
         a = nllfused.cross_entropy(x, t, z_loss=10 ** 30, backend=backend)
         b = nllfused.cross_entropy(x, t, z_loss=1e30, backend=backend)
         assert torch.equal(a, b), backend
+
+
+def test_numpy_numbers_and_huge_ints_are_the_extras_as_floats():
+    """z_loss, logit_scale and softcap taken as NumPy numbers (as label_smoothing is) and as
+    ints past int64, by every entry point: the same results as the Python floats, never a NumPy
+    or int64 value meeting the torch ops downstream."""
+    import numpy as np
+    from nllfused.distributed import vocab_parallel_cross_entropy
+
+    x, t = X(4, 5, dtype=torch.float64), T(4)
+    h, W = X(4, 3, dtype=torch.float64), X(5, 3, dtype=torch.float64)
+    as_numpy = dict(z_loss=np.float32(0.25), logit_scale=np.float16(0.5), softcap=np.int64(3))
+    as_float = {k: float(v) for k, v in as_numpy.items()}
+    huge, huge_f = dict(z_loss=10 ** 30), dict(z_loss=1e30)
+    for kw, ref in ((as_numpy, as_float), (huge, huge_f)):
+        for backend in ["auto"] + backends_here("cpu", only=("torch",)):
+            calls = [lambda o: nllfused.cross_entropy(x, t, backend=backend, **o),
+                     lambda o: nllfused.CrossEntropyLoss(backend=backend, **o)(x, t),
+                     lambda o: nllfused.linear_cross_entropy(h, W, t, backend=backend, **o),
+                     lambda o: nllfused.linear_cross_entropy(h, W, t, backend=backend,
+                                                             chunk_size=8, **o),
+                     lambda o: nllfused.linear_cross_entropy(h, W, t, backend=backend,
+                                                             return_stats=True, **o)[0]]
+            if "logit_scale" not in kw:
+                calls.append(lambda o: vocab_parallel_cross_entropy(x, t, backend=backend, **o))
+            for i, call in enumerate(calls):
+                assert torch.equal(call(kw), call(ref)), (backend, i, kw)
