@@ -4,6 +4,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/output_cache.h"
+#include "cpu/settings.h"
 
 #ifndef NLLFUSED_TORCH_VERSION
 #define NLLFUSED_TORCH_VERSION "unknown"
@@ -54,4 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "What the CPU ops' output cache holds (csrc/cpu/output_cache.h).");
   m.def("cpu_cache_empty", &nllfused_cpu::cache_empty,
         "Frees the idle buffers of the CPU ops' output cache.");
+  m.def("reload_cpu_env", &nllfused_cpu::reload_settings,
+        "Reads the CPU kernels' environment variables again (csrc/cpu/settings.h).");
 }

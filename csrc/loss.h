@@ -453,13 +453,16 @@ inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
                               const Tensor& grad) {
   const bool prob = prob_target(target);
   const int64_t class_dim = input.dim() > 1 ? 1 : 0;
-  const Tensor x = prob ? input
-                        : at::where(not_ignored(target, ignore_index).unsqueeze(class_dim),
-                                    input, at::zeros({}, input.options()));
+  Tensor x = prob ? input
+                  : at::where(not_ignored(target, ignore_index).unsqueeze(class_dim), input,
+                              at::zeros({}, input.options()));
+  // 16-bit logits with their weights in the accumulation dtype (as the one-call ops take them):
+  // torch's loss in that dtype, as the kernels compute it (torch refuses mixed dtypes)
+  if (weight && weight->scalar_type() != x.scalar_type()) x = x.to(weight->scalar_type());
   const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
                                 ignore_index, label_smoothing, ex);
-  return torch::autograd::grad({ref}, {input}, {grad}, /*retain_graph=*/true,
-                               /*create_graph=*/true)[0];
+  return torch::autograd::grad({ref}, {input}, {grad.to(ref.scalar_type())},
+                               /*retain_graph=*/true, /*create_graph=*/true)[0];
 }
 
 // reduce_rows (above) with the z-loss term z_loss lse^2 of each counted row: added to the

@@ -107,11 +107,14 @@ Tensor ce_bwd_stats(const Tensor& grad_loss, const std::optional<Tensor>& grad_e
 
 // A per-row statistic (N, D) reduced as stats.reduce does: 'none' per row in the targets' shape
 // (ignored rows 0 where `masked`), 'sum' / 'mean' over the counted rows (mean: / their count).
+// Never v itself or a view of it: the backward saves the entropy and lse rows, and an output
+// changed in place would change them unseen (made below ADInplaceOrView, a view would not share
+// their version counter).
 Tensor reduce_stat(const Tensor& v, const Tensor& counted, const Tensor& count,
                    int64_t reduction, bool masked, at::IntArrayRef shape) {
   const Tensor m = masked || reduction != kNone
                        ? at::where(counted, v, at::zeros({}, v.options()))
-                       : v;
+                       : v.clone();
   if (reduction == kNone) return m.reshape(shape);
   return reduction == kSum ? m.sum() : m.sum() / count;
 }

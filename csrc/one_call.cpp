@@ -31,6 +31,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include "checks.h"
@@ -175,7 +176,6 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
                  (!softcap.is_none() && !(*cap > 0 && std::isfinite(*cap)))))
     return general;
   std::optional<Tensor> weight;
-  std::optional<at::ScalarType> promoted;  // the loss's dtype where the weights' widens it
   if (!weight_.is_none()) {
     if (!THPVariable_CheckExact(weight_.ptr())) return general;
     const Tensor& w = THPVariable_Unpack(weight_.ptr());
@@ -183,19 +183,24 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
         !w.is_cpu() || w.requires_grad() || !w.is_contiguous())
       return general;
     // Probability targets' loss takes the weights' dtype too, as torch's -(w q log p).sum()
-    // (bf16 logits and targets with float32 weights: a float32 loss): the op's loss, cast.
+    // (bf16 logits and targets with float32 weights: a float32 loss): the general path, which
+    // rounds the float32 sum once to it (the op's loss would be rounded to bf16 first).
     const auto out = one_call_ops::loss_dtype(input, target);
-    if (prob && at::promote_types(out, w.scalar_type()) != out)
-      promoted = at::promote_types(out, w.scalar_type());
-    // The op takes them in the accumulation dtype: torch's own bf16 / fp16 weights (it asks
-    // for the input's dtype) converted here, as the general path converts any floating weight
-    // (_checks.check_weight); there they cost a 10-class bf16 batch 5x torch's time.
-    const auto acc = acc_dtype(input.scalar_type());
-    weight = one_call_ops::as_dtype(w, acc);
+    if (prob && at::promote_types(out, w.scalar_type()) != out) return general;
+    weight = w;
   }
   if (at::autocast::is_autocast_enabled(at::kCPU) || at::impl::torch_function_mode_enabled() ||
-      torch_func_active(input))
+      torch_func_active(input) || (weight && torch_func_active(*weight)))
     return general;
+  if (weight) {
+    // The op takes them in the accumulation dtype: torch's own bf16 / fp16 weights (it asks
+    // for the input's dtype) converted here, as the general path converts any floating weight
+    // (_checks.check_weight); there they cost a 10-class bf16 batch 5x torch's time. Under
+    // torch.jit.trace by an op the tracer records (it sees no raw loop: an empty weight).
+    const auto acc = acc_dtype(input.scalar_type());
+    weight = torch::jit::tracer::isTracing() ? weight->to(acc)
+                                             : one_call_ops::as_dtype(*weight, acc);
+  }
   if (want != 0) {
     StatsOutputs out;
     {
@@ -212,7 +217,6 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     py::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
     loss = call_cross_entropy_loss(input, target, weight, reduction, ignore_index, *smoothing,
                                    *z, *scale, *cap);
-    if (promoted) loss = loss.to(*promoted);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(loss)));
 }

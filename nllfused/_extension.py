@@ -8,6 +8,8 @@ from __future__ import annotations
 try:
     from . import _C
     C_ERROR = None
+    # the CPU kernels' NLLFUSED_CPU_* settings, read here with the GIL held (csrc/cpu/settings.h)
+    _C.reload_cpu_env()
 except ImportError as exc:  # a source tree that was never built
     _C = None
     C_ERROR = exc

@@ -60,3 +60,19 @@ def pytest_runtest_makereport(item, call):
         for name, value in item.user_properties:
             if name == "seed":
                 report.sections.append(("seed", f"NLLFUSED_TEST_SEED={value}"))
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, whose environment changes reach the CPU kernels' settings: the
+    extension reads NLLFUSED_CPU_* once per reload_cpu_env() (csrc/cpu/settings.h), so every
+    setenv / delenv and the final undo reload them."""
+    reload = getattr(nllfused._extension._C, "reload_cpu_env", lambda: None)
+    for name in ("setenv", "delenv"):
+        def changed(*args, _change=getattr(monkeypatch, name), **kwargs):
+            _change(*args, **kwargs)
+            reload()
+        setattr(monkeypatch, name, changed)
+    yield monkeypatch
+    monkeypatch.undo()
+    reload()

@@ -245,6 +245,25 @@ def test_prob_target_loss_takes_the_weights_dtype(device, backend, dtypes, reduc
     assert_matches_oracle(ours, oracle, dtype, theirs)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prob_target_loss_in_the_weights_dtype_is_rounded_once(device, backend, dtype,
+                                                                reduction):
+    """16-bit logits and targets with float32 weights: a float32 loss, computed in float32 from
+    the 16-bit values and rounded once to float32 -- not to the logits' dtype first."""
+    x, q = prob_case(N=64, C=7)
+    x, q = x.to(dtype), q.to(dtype)
+    w = torch.rand(7) + 0.1
+    ours = nllfused.cross_entropy(x.to(device), q.to(device), weight=w.to(device),
+                                  reduction=reduction, backend=backend)
+    oracle = torch.nn.functional.cross_entropy(x.double(), q.double(), weight=w.double(),
+                                               reduction=reduction)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double().cpu(), oracle, rtol=1e-5,
+                               atol=1e-6 * oracle.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
 @pytest.mark.parametrize("C", [200, 300])
 def test_uint8_class_indices_compare_as_integers(backend, C):

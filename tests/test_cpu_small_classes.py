@@ -447,3 +447,26 @@ def test_copies_follow_the_cpu_flags(monkeypatch):
     assert CAPABILITIES == expected
     monkeypatch.delenv("NLLFUSED_CPU_CAPABILITY", raising=False)
     assert nllfused._C.build_info()["cpu_capability"] == expected[-1]
+
+
+@pytest.mark.skipif(not nllfused.build_info()["built"], reason="the C++ extension")
+def test_kernels_read_the_environment_only_at_a_reload():
+    """The kernels never call getenv (they run without the GIL, and getenv beside a write to
+    os.environ in another thread can crash): a variable set after import takes effect at
+    nllfused._C.reload_cpu_env() -- here an unknown capability, an error only from then on."""
+    x, t = randn((4, 10), torch.float32), torch.tensor([1, 2, 3, 4])
+    saved = os.environ.get("NLLFUSED_CPU_CAPABILITY")
+    os.environ["NLLFUSED_CPU_CAPABILITY"] = "no-such-copy"
+    try:
+        expected = torch.nn.functional.cross_entropy(x, t)
+        torch.testing.assert_close(nllfused.cross_entropy(x, t, backend="cpu"), expected)
+        nllfused._C.reload_cpu_env()
+        with pytest.raises(RuntimeError, match="no-such-copy: unknown"):
+            nllfused.cross_entropy(x, t, backend="cpu")
+    finally:
+        if saved is None:
+            del os.environ["NLLFUSED_CPU_CAPABILITY"]
+        else:
+            os.environ["NLLFUSED_CPU_CAPABILITY"] = saved
+        nllfused._C.reload_cpu_env()
+    torch.testing.assert_close(nllfused.cross_entropy(x, t, backend="cpu"), expected)

@@ -324,3 +324,23 @@ def test_other_packages_names_on_one_call(dtype, shape, channels_last, reduction
     (ga,) = torch.autograd.grad(ours[0], xo, g)
     (gb,) = torch.autograd.grad(theirs[0], xg, g)
     torch.testing.assert_close(ga, gb, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["entropy", "lse", "target_logprob"])
+@pytest.mark.parametrize("shape", [(8, 5), (2, 5, 3)], ids=["2d", "kdim"])
+def test_statistics_changed_in_place_leave_the_gradient(dtype, name, shape):
+    """A returned per-row statistic ('none') is the caller's tensor: changing it in place leaves
+    the gradient as it was (it is no view of what the backward saved), as with torch's."""
+    x0 = torch.randn(shape).to(dtype)
+    t = torch.randint(0, 5, shape[:1] + shape[2:])
+
+    def grad(tamper):
+        x = x0.clone().requires_grad_()
+        loss, st = nllfused.cross_entropy(x, t, reduction="none", return_stats=True)
+        if tamper:
+            with torch.no_grad():
+                getattr(st, name).mul_(3.0).add_(1.0)
+        (loss.sum() + st.entropy.sum()).backward()
+        return x.grad
+    assert torch.equal(grad(True), grad(False))

@@ -12,6 +12,7 @@
 // ["cpu_capability"] (capabilities() and capability() below).
 #include "kernels.h"
 #include "output_cache.h"
+#include "settings.h"
 
 #include "../checks.h"
 #include "../loss.h"
@@ -64,14 +65,14 @@ const std::vector<Capability>& all_capabilities() {
 
 const Capability& active_capability() {
   const auto& all = all_capabilities();
-  const char* forced = std::getenv("NLLFUSED_CPU_CAPABILITY");
-  if (forced == nullptr || *forced == '\0') {
+  const std::string forced = setting(Setting::kCapability);
+  if (forced.empty()) {
     for (auto it = all.rbegin(); it != all.rend(); ++it)
       if (it->supported) return *it;
   }
   std::string names;
   for (const auto& c : all) {
-    if (forced == std::string(c.name)) {
+    if (forced == c.name) {
       TORCH_CHECK(c.supported, "NLLFUSED_CPU_CAPABILITY=", forced,
                   ": this CPU cannot run that copy of the kernels; it can run ",
                   c10::Join(", ", capabilities()));
@@ -97,8 +98,7 @@ void prefer_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t nbytes = t.nbytes();
   if (nbytes < (size_t(32) << 20)) return;
-  const char* env = std::getenv("NLLFUSED_HUGE_PAGES");
-  if (env != nullptr && env[0] == '0') return;
+  if (setting(Setting::kHugePages).rfind('0', 0) == 0) return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), page = 4096;
   const uintptr_t b = (p + page - 1) & ~(page - 1), e = (p + nbytes) & ~(page - 1);
   if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // a hint: errors ignored
@@ -371,10 +371,10 @@ std::vector<std::string> capabilities() {
 std::string capability() { return active_capability().name; }
 
 int64_t row_chunk(int64_t acc_size) {
-  const char* env = std::getenv("NLLFUSED_CPU_CHUNK");
-  if (env != nullptr && *env != '\0') {
+  const std::string env = setting(Setting::kChunk);
+  if (!env.empty()) {
     char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
+    const long long v = std::strtoll(env.c_str(), &end, 10);
     TORCH_CHECK(*end == '\0' && v >= 64 && v <= kMaxRowChunk && v % 64 == 0,
                 "NLLFUSED_CPU_CHUNK must be a multiple of 64 from 64 to ", kMaxRowChunk,
                 " (classes per chunk of the CPU forward's rows), got '", env, "'");

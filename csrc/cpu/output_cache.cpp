@@ -1,5 +1,6 @@
 // The CPU ops' output cache (output_cache.h says why).
 #include "output_cache.h"
+#include "settings.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -20,11 +21,11 @@ constexpr size_t kMinBytes = size_t(1) << 20;
 constexpr size_t kMaxIdleBlocks = 16;
 
 size_t cap_bytes() {
-  const char* env = std::getenv("NLLFUSED_CPU_CACHE_MB");
-  if (env == nullptr || *env == '\0') return size_t(1024) << 20;
+  const std::string env = setting(Setting::kCacheMb);
+  if (env.empty()) return size_t(1024) << 20;
   char* end = nullptr;
-  const long long mb = std::strtoll(env, &end, 10);
-  return (end == env || mb <= 0) ? 0 : size_t(mb) << 20;
+  const long long mb = std::strtoll(env.c_str(), &end, 10);
+  return (end == env.c_str() || mb <= 0) ? 0 : size_t(mb) << 20;
 }
 
 struct Block {
