@@ -46,6 +46,15 @@ class Call:
         return self.logits.shape[1]
 
 
+def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """A loss of dtype as autocast makes it: float32 for 16-bit logits, as torch's autocast runs
+    cross_entropy in float32. The kernels accumulate in float32 from the 16-bit logits anyway:
+    no float32 copy of the logits is made."""
+    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+        return torch.float32
+    return dtype
+
+
 def resolve_reduction(size_average, reduce, reduction: str) -> str:
     """Map the deprecated size_average/reduce pair as torch does; validate the result."""
     if size_average is not None or reduce is not None:
@@ -79,6 +88,9 @@ def torch_smoothing(label_smoothing) -> float:
     tensor); at most 1, and no smoothing where it is not above 0 (torch checks only the upper
     bound: -0.5 or NaN mean none)."""
     value = label_smoothing
+    if isinstance(value, torch.Tensor) and value.requires_grad:  # torch refuses it too
+        raise ArgumentTypeError("label_smoothing must be a real number; got a Tensor that "
+                                "requires grad (no gradient reaches label_smoothing)")
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
         value = value.item()
     if not isinstance(value, numbers.Real):
@@ -150,8 +162,9 @@ def check_logits_and_target(input, target) -> None:
 
 def storage_overflows(t: torch.Tensor) -> bool:
     """numel x element size past int64, which only an expanded view can have: the kernels
-    would read its 2^62 elements for ever, where torch fails allocating its output."""
-    return t.numel() * t.element_size() >= 2 ** 63
+    would read its 2^62 elements for ever, where torch fails allocating its output. (Not under
+    torch.jit.trace, whose sizes are traced tensors: 2^63 is no int64 constant to compare.)"""
+    return not torch.jit.is_tracing() and t.numel() * t.element_size() >= 2 ** 63
 
 
 def check_strided(name: str, t: torch.Tensor) -> None:

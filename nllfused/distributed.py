@@ -430,7 +430,8 @@ def vocab_parallel_cross_entropy(input: torch.Tensor, target: torch.Tensor, *, g
         world, use_triton, bool(names & stats.KERNEL_STATS))
     counted = torch_ref.not_ignored(flat_target, ignore_index) if z_loss else None
     out = torch_ref.reduce(loss, lse, aux, reduction, False, z_loss, counted)
-    out = (out.reshape(target.shape) if reduction == "none" else out).to(input.dtype)
+    out = (out.reshape(target.shape) if reduction == "none" else out).to(
+        _checks.autocast_dtype(input.dtype, input.device))
     if not names:
         return out
     options = torch_ref.Options(ignore_index=ignore_index)

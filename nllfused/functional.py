@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._dynamo import compiled_autograd as _compiled_autograd
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks, _extension, backends, ops, stats
@@ -41,12 +42,8 @@ def target_check_wanted(device: torch.device) -> bool:
 
 def output_dtype(call: _checks.Call, device: torch.device) -> torch.dtype:
     """The result's dtype: the input's (or promoted with soft targets), as torch; float32 under
-    autocast for 16-bit logits, as torch's autocast runs cross_entropy in float32. The kernels
-    accumulate in float32 from the 16-bit logits anyway: no float32 copy of the logits is made."""
-    if call.out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
-            device.type):
-        return torch.float32
-    return call.out_dtype
+    autocast for 16-bit logits (_checks.autocast_dtype)."""
+    return _checks.autocast_dtype(call.out_dtype, device)
 
 
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's numbering
@@ -88,11 +85,13 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
 
     Only calls that torch's own cross_entropy could make and that need nothing from the checks
     and conversions of the general path: every test is an attribute read. Anything else -- a bad
-    argument included -- takes the general path, which names the problem."""
+    argument included, and every call while set_target_check(True) asks for the host check --
+    takes the general path, which names the problem."""
     if (type(input) is not torch.Tensor or type(target) is not torch.Tensor
             or input.device.type != "cuda"
             or target.dtype is not torch.int64 or size_average is not None or reduce is not None
             or softcap is not None or type(reduction) is not str or type(ignore_index) is not int
+            or not -2 ** 63 <= ignore_index < 2 ** 63 or _CHECK_TARGETS_ON_GPU
             or type(label_smoothing) not in _NUMBERS or not 0 <= label_smoothing <= 1
             or type(z_loss) not in _NUMBERS or z_loss != 0
             or type(logit_scale) not in _NUMBERS or logit_scale != 1):
@@ -154,7 +153,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         reduction = _checks.resolve_reduction(size_average, reduce, reduction)
         size_average = reduce = None
     want_stats = return_stats or return_z_loss or return_lse
-    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
+    # (Compiled autograd cannot trace the one-call ops' C++ graph nodes: the general path's
+    # custom ops, whose backward is registered in Python, where it is on.)
+    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0 and \
+            not _compiled_autograd.compiled_autograd_enabled:
         if not want_stats:
             # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
             loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,

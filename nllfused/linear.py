@@ -116,9 +116,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     under its name. Its `options` (a torch.nn.LinearCrossEntropyOptions, or None) only chooses
     the chunking here: batch_chunk_size or chunking_method="aspect_ratio[:N]" set the rows per
     chunk as torch would, chunking_method=None alone means one chunk; with the default "auto"
-    (or options=None) our own rule applies. Accumulation is always float32 (float64 for
-    float64) and a second backward always works, whatever its acc_policy, acc_dtype and
-    allow_retain_graph say.
+    (or options=None) our own rule applies. Accumulation is float32 (float64 for float64) and
+    a second backward works, whatever its acc_policy, acc_dtype and allow_retain_graph say.
     Keyword-only extras: z_loss, logit_scale, softcap and backend as in nllfused.cross_entropy;
     chunk_size, rows (tokens) per chunk (None: the automatic rule; it overrides `options`).
     Logits of at most 8 MiB (_SMALL_LOGITS_BYTES), unless chunking is asked for, are made whole:
@@ -173,7 +172,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     if functional.target_check_wanted(x.device):
         _checks.check_target_range(t, C, ignore_index)
 
-    reference = not compiling and backends.transform_active()
+    reference = backends.transform_active()
     if reference:
         backends.resolve(backend, x.device)  # still refuses a backend that cannot run here
     names = linear_stats.requested(return_stats, return_z_loss, return_lse)
@@ -185,12 +184,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     if reference:
         loss = _unfused(x, linear_weight, linear_bias, t, w, opts, z_loss, reduction)
     else:
-        grad = torch.is_grad_enabled()
+        # which gradients the forward forms: an exported program is called with any of them
+        need = lambda v: v is not None and (  # noqa: E731
+            torch.compiler.is_exporting() or torch.is_grad_enabled() and v.requires_grad)
         argmax = names is not None and bool(names & linear_stats.ARGMAX_STATS)
         loss, lse, *_, predicted = torch.ops.nllfused.linear_ce_fwd(
-            x, linear_weight, linear_bias, t, w, *opts, z_loss, reduction, backend,
-            chunk_rows, grad and x.requires_grad, grad and linear_weight.requires_grad,
-            grad and linear_bias is not None and linear_bias.requires_grad, not compiling, argmax)
+            x, linear_weight, linear_bias, t, w, *opts, z_loss, reduction, backend, chunk_rows,
+            need(x), need(linear_weight), need(linear_bias), not compiling, argmax)
     if reduction == "none":
         loss = loss.reshape(input.shape[:-1])
     if names is None:

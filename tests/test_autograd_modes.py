@@ -308,6 +308,27 @@ def test_target_gradient_where_the_target_has_no_mass(device, backend, options):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_target_gradient_at_a_class_masked_at_minus_inf(device, backend):
+    """A class without mass masked at -inf adds 0 to the loss (docs/maths.md), but its target
+    gradient is torch's -w_c log p_c = +inf, in backward and through torch.func.grad (the
+    reference path) alike, the other classes' as torch's."""
+    x = torch.randn(3, 6, dtype=F64, device=device)
+    x[0, 1] = x[2, [0, 4]] = float("-inf")
+    q = torch.softmax(torch.randn(3, 6, dtype=F64, device=device), 1)
+    q[0, 1] = q[2, [0, 4]] = 0.0
+    w = torch.rand(6, dtype=F64, device=device) + 0.5
+    kw = dict(weight=w, label_smoothing=0.0)
+    qt = q.clone().requires_grad_()
+    F.cross_entropy(x, qt, **kw).backward()
+    assert qt.grad[0, 1] == float("inf") and qt.grad[2, 0] == float("inf")
+    ours = lambda q: nllfused.cross_entropy(x, q, backend=backend, **kw)  # noqa: E731
+    qd = q.clone().requires_grad_()
+    ours(qd).backward()
+    torch.testing.assert_close(qd.grad, qt.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.grad(ours)(q), qt.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("offset", [0.0, 5e4, 1e6])
 def test_target_gradient_keeps_its_precision_at_large_logits(device, backend, offset):
     """d loss / d q = -log p in float32 as close to float64 as torch's own float32 gradient,
@@ -375,3 +396,25 @@ def test_out_of_range_class_index_raises_in_every_mode(backend, mode):
         call(bad)
     assert isinstance(err.value, RuntimeError)
     assert torch.isfinite(call(bad.clamp(max=4))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("w_dtype", ["same", "float32"])
+def test_16_bit_logits_with_weights_in_every_mode(dtype, w_dtype):
+    """16-bit logits with class weights (which the one-call ops take in float32): double
+    backward and torch.func.grad run (they met float32 weights beside 16-bit logits in torch's
+    loss, or a weight converted outside the transform), as the general path's reference does."""
+    x = torch.randn(6, 7).to(dtype)
+    t = torch.randint(0, 7, (6,))
+    w = (torch.rand(7) + 0.5).to(dtype if w_dtype == "same" else torch.float32)
+    results = []
+    for backend in ("auto", "torch"):
+        xd = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xd, t, w, label_smoothing=0.1, backend=backend)
+        g, = torch.autograd.grad(loss, xd, create_graph=True)
+        h, = torch.autograd.grad((g.float() ** 2).sum(), xd)
+        f = torch.func.grad(lambda x: nllfused.cross_entropy(x, t, w, label_smoothing=0.1,
+                                                             backend=backend).float())(x)
+        results.append((g.detach().float(), h.float(), f.float()))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=2 ** -7, atol=1e-3)

@@ -63,3 +63,100 @@ def test_compiled_dynamic_shapes(device, backend):
         t = torch.randint(0, 29, (n,), device=device)
         expected = torch.nn.functional.cross_entropy(x.double(), t)
         torch.testing.assert_close(fn(x, t).double(), expected.double(), rtol=1e-5, atol=1e-6)
+
+
+# Calls torch.jit.trace must record whole: the C++ one-call path (a bf16 weight converted to
+# float32 there), the general path (int32 targets, a tensor label_smoothing, the torch backend,
+# probability targets, statistics) and the fused linear loss in chunks.
+TRACED = {
+    "one-call": lambda x, t, q, w, h, W: nllfused.cross_entropy(x, t),
+    "bf16-weight": lambda x, t, q, w, h, W: nllfused.cross_entropy(
+        x.bfloat16(), t, w.bfloat16()).float(),
+    "float64-weight": lambda x, t, q, w, h, W: nllfused.cross_entropy(x, t, w.double()),
+    "prob-bf16-weight": lambda x, t, q, w, h, W: nllfused.cross_entropy(
+        x.bfloat16(), q.bfloat16(), w.bfloat16()).float(),
+    "int32": lambda x, t, q, w, h, W: nllfused.cross_entropy(x, t.int(), w),
+    "smoothing-tensor": lambda x, t, q, w, h, W: nllfused.cross_entropy(
+        x, t, label_smoothing=torch.tensor(0.2)),
+    "torch-backend": lambda x, t, q, w, h, W: nllfused.cross_entropy(x, t, backend="torch"),
+    "stats": lambda x, t, q, w, h, W: nllfused.cross_entropy(
+        x, t, reduction="none", return_stats=True)[1].entropy,
+    "linear-chunked": lambda x, t, q, w, h, W: nllfused.linear_cross_entropy(
+        h, W, t, chunk_size=8),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACED))
+def test_jit_trace_records_the_whole_call(name):
+    """A traced call run on fresh inputs equals the eager call (never a value the trace did not
+    record: a weight converted by a raw loop is an empty tensor to the tracer)."""
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        x, h, W = (torch.randn(*s, generator=g) for s in ((16, 10), (16, 4), (10, 4)))
+        q = torch.softmax(torch.randn(16, 10, generator=g), 1)
+        return x, torch.randint(0, 10, (16,), generator=g), q, torch.rand(10, generator=g) + .5, \
+            h, W
+    fn = TRACED[name]
+    traced = torch.jit.trace(fn, inputs(0), check_trace=False)
+    for seed in (1, 2):
+        torch.testing.assert_close(traced(*inputs(seed)), fn(*inputs(seed)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8], ids=["auto", "chunked"])
+def test_exported_linear_loss_gives_every_gradient_asked_later(chunk_size):
+    """torch.export records the fused linear loss without knowing which inputs will require
+    grad when the program runs: its backward gives the input's gradient too (it was exported
+    with an input that did not require grad)."""
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(torch.randn(7, 4))
+
+        def forward(self, h, t):
+            return nllfused.linear_cross_entropy(h, self.W, t, chunk_size=chunk_size)
+
+    h, t, m = torch.randn(6, 4), torch.randint(0, 7, (6,)), Head()
+    program = torch.export.export(m, (h, t)).module()
+    ha = h.clone().requires_grad_()
+    program(ha, t).backward()
+    hb, Wb = h.clone().requires_grad_(), m.W.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(hb, Wb), t).backward()
+    torch.testing.assert_close(ha.grad, hb.grad)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="none"), dict(return_stats=True),
+                                dict(return_lse=True), dict(weight=True)], ids=str)
+def test_compiled_autograd_takes_the_loss(kw):
+    """Compiled autograd (the backward traced by dynamo) around an eager forward: the gradient
+    equals eager autograd's, the loss not being the root of backward()."""
+    x, t = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    if kw.get("weight"):
+        kw = dict(weight=torch.rand(5) + 0.5)
+
+    def grad_of(compiled):
+        xd = x.clone().requires_grad_()
+        ctx = torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")) \
+            if compiled else torch.enable_grad()
+        with ctx:
+            out = nllfused.cross_entropy(xd, t, **kw)
+            ((out[0] if isinstance(out, tuple) else out) * 2).sum().backward()
+        return xd.grad
+    torch.testing.assert_close(grad_of(True), grad_of(False))
+
+
+@pytest.mark.parametrize("transform", ["jvp", "grad", "jacrev"])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_compiled_torch_func_transforms_match_eager(transform, prob):
+    """torch.compile(fullgraph=True) of a torch.func transform of the loss: the transform runs on
+    the torch reference as in eager mode (the fused ops have no tangent: a compiled jvp was 0)."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 5, dtype=torch.float64, generator=g), torch.randn(4, 5, generator=g)
+    t = torch.softmax(torch.randn(4, 5, generator=g), 1).double() if prob else \
+        torch.randint(0, 5, (4,), generator=g)
+    loss = lambda x: nllfused.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-2)  # noqa: E731
+    fn = {"jvp": lambda x: torch.func.jvp(loss, (x,), (v.double(),))[1],
+          "grad": torch.func.grad(loss), "jacrev": torch.func.jacrev(loss)}[transform]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, fn(x), rtol=1e-12, atol=1e-12)
+    assert compiled.abs().max() > 0

@@ -402,6 +402,20 @@ def test_without_process_group_equals_cross_entropy(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", backends_here("cpu"))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_gives_float32_as_cross_entropy(backend, reduction):
+    """Under autocast a 16-bit slice's loss is float32, as nllfused.cross_entropy's and torch's
+    (not rounded to the logits' dtype)."""
+    x = torch.randn(6, 10, dtype=torch.bfloat16) * 3
+    t = torch.randint(0, 10, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = vocab_parallel_cross_entropy(x, t, backend=backend, reduction=reduction)
+        theirs = nllfused.cross_entropy(x, t, backend="torch", reduction=reduction)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends_here("cpu"))
 @pytest.mark.parametrize("stats", [False, True], ids=["loss", "stats"])
 def test_differentiable_once(backend, stats):
     """create_graph=True gives the first-order gradient; differentiating that gradient again

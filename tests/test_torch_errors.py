@@ -66,6 +66,9 @@ CASES = [
     ("weight_requires_grad", lambda: dict(input=X(4, 5).requires_grad_(), target=T(4),
                                           weight=torch.rand(5).requires_grad_()),
      "is not differentiable with respect to argument 'weight'"),
+    ("smoothing_requires_grad", lambda: dict(
+        input=X(4, 5), target=T(4), label_smoothing=torch.tensor(0.2, requires_grad=True)),
+     "label_smoothing must be a real number"),
 ]
 
 

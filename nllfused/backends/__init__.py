@@ -107,7 +107,7 @@ def resolve(backend: str, device: torch.device) -> str:
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} is not available: {reason}")
-    if backend != "torch" and not torch.compiler.is_compiling() and transform_active():
+    if backend != "torch" and transform_active():
         return "torch"
     return backend
 

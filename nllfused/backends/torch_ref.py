@@ -187,6 +187,35 @@ def soft_target_grad(grad_loss, logits, lse, weight, options) -> torch.Tensor:
     return -(1 - options.label_smoothing) * logp * grad_loss.unsqueeze(1)
 
 
+class _MassTimesNegLogp(torch.autograd.Function):
+    """wq * (-log p), 0 at the void classes (zero mass where -log p is +inf or the row all
+    -inf), with d / d wq = -log p everywhere: the target's gradient -w_c log p_c is torch's
+    (+inf at a class masked at -inf) in the reference's reverse modes too (double backward,
+    torch.func.grad), as in the kernels' backward; a where on the product would make it 0
+    there. Its backward and jvp are torch ops, themselves differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(wq, neg_logp, void):
+        return torch.where(void, 0.0, wq * neg_logp)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wq, neg_logp, void = ctx.saved_tensors
+        return grad * neg_logp, torch.where(void, 0.0, grad * wq), None
+
+    @staticmethod
+    def jvp(ctx, t_wq, t_neg_logp, _):
+        wq, neg_logp, void = ctx.saved_tensors
+        return t_wq * neg_logp + torch.where(void, 0.0, wq * t_neg_logp)
+
+
 def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
             ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
             prob_target: bool):
@@ -211,12 +240,11 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
         wq = smoothed_target(target.to(acc).movedim(1, -1), weight, e, C, -1)
         # A class with zero target mass contributes 0 where its -log p is +inf (z_c = -inf) or
         # NaN only because the whole row is -inf (docs/maths.md); a NaN or +inf logit still
-        # makes the row NaN, as torch's 0 * NaN. The product itself, not a where on wq, so
-        # that d loss / d q_c stays -log p_c where q_c = 0 (the target's gradient, forward AD
-        # and double backward run this)
+        # makes the row NaN, as torch's 0 * NaN.
         void = (wq == 0) & (neg_logp.isposinf() | (lse == float("-inf")).unsqueeze(-1))
-        finite = torch.where(void, zero, neg_logp)
-        loss = (wq * finite).sum(-1)
+        # (the Function only where the targets are differentiated: dynamo traces no custom jvp)
+        loss = (_MassTimesNegLogp.apply(wq, neg_logp, void) if wq.requires_grad
+                else torch.where(void, zero, wq * neg_logp)).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
     safe = torch.where(counted & in_range, target, torch.zeros_like(target)).long()
