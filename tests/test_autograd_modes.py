@@ -326,6 +326,9 @@ def test_target_gradient_at_a_class_masked_at_minus_inf(device, backend):
     ours(qd).backward()
     torch.testing.assert_close(qd.grad, qt.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.func.grad(ours)(q), qt.grad, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.func.grad(ours), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q), qt.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

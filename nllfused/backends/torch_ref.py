@@ -210,6 +210,10 @@ class _MassTimesNegLogp(torch.autograd.Function):
         wq, neg_logp, void = ctx.saved_tensors
         return grad * neg_logp, torch.where(void, 0.0, grad * wq), None
 
+
+class _MassTimesNegLogpJvp(_MassTimesNegLogp):
+    """With its forward-mode derivative, outside torch.compile (as _LogSumExpJvp)."""
+
     @staticmethod
     def jvp(ctx, t_wq, t_neg_logp, _):
         wq, neg_logp, void = ctx.saved_tensors
@@ -242,8 +246,9 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
         # NaN only because the whole row is -inf (docs/maths.md); a NaN or +inf logit still
         # makes the row NaN, as torch's 0 * NaN.
         void = (wq == 0) & (neg_logp.isposinf() | (lse == float("-inf")).unsqueeze(-1))
-        # (the Function only where the targets are differentiated: dynamo traces no custom jvp)
-        loss = (_MassTimesNegLogp.apply(wq, neg_logp, void) if wq.requires_grad
+        # (the Function only where the targets are differentiated)
+        mass_times = _MassTimesNegLogp if torch.compiler.is_compiling() else _MassTimesNegLogpJvp
+        loss = (mass_times.apply(wq, neg_logp, void) if wq.requires_grad
                 else torch.where(void, zero, wq * neg_logp)).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
