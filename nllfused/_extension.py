@@ -8,8 +8,9 @@ from __future__ import annotations
 try:
     from . import _C
     C_ERROR = None
-    # the CPU kernels' NLLFUSED_CPU_* settings, read here with the GIL held (csrc/cpu/settings.h)
-    _C.reload_cpu_env()
+    # the CPU kernels' NLLFUSED_* settings, read here with the GIL held (csrc/cpu/settings.h;
+    # an extension built before it reads them itself)
+    getattr(_C, "reload_cpu_env", lambda: None)()
 except ImportError as exc:  # a source tree that was never built
     _C = None
     C_ERROR = exc

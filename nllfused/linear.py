@@ -185,8 +185,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         loss = _unfused(x, linear_weight, linear_bias, t, w, opts, z_loss, reduction)
     else:
         # which gradients the forward forms: an exported program is called with any of them
-        need = lambda v: v is not None and (  # noqa: E731
-            torch.compiler.is_exporting() or torch.is_grad_enabled() and v.requires_grad)
+        need = lambda v: v is not None and torch.is_grad_enabled() and (  # noqa: E731
+            torch.compiler.is_exporting() or v.requires_grad)
         argmax = names is not None and bool(names & linear_stats.ARGMAX_STATS)
         loss, lse, *_, predicted = torch.ops.nllfused.linear_ce_fwd(
             x, linear_weight, linear_bias, t, w, *opts, z_loss, reduction, backend, chunk_rows,

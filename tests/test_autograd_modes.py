@@ -1,6 +1,7 @@
 """Every mode of autograd torch's loss supports gives torch's numbers: double backward,
 forward-mode AD, torch.func transforms; float64 class weights stay float64."""
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -329,6 +330,19 @@ def test_target_gradient_at_a_class_masked_at_minus_inf(device, backend):
     torch._dynamo.reset()
     compiled = torch.compile(torch.func.grad(ours), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q), qt.grad, rtol=1e-10, atol=1e-12)
+    # forward mode as reverse; the mixed second derivative d/dq (dL/dx) as torch's; a tangent
+    # in x alone while q requires grad no NaN (its zero tangent times +inf)
+    torch.testing.assert_close(torch.func.jacfwd(ours)(q), qt.grad, rtol=1e-10, atol=1e-12)
+    mixed = []
+    for loss_fn in (partial(nllfused.cross_entropy, backend=backend), F.cross_entropy):
+        xd, qd = x.clone().requires_grad_(), q.clone().requires_grad_()
+        gx, = torch.autograd.grad(loss_fn(xd, qd, **kw), xd, create_graph=True)
+        mixed.append(torch.autograd.grad(gx[0, 0], qd)[0])
+    torch.testing.assert_close(mixed[0], mixed[1], rtol=1e-10, atol=1e-12)
+    with torch.autograd.forward_ad.dual_level():
+        xt = torch.autograd.forward_ad.make_dual(x, torch.full_like(x, 0.1))
+        out = nllfused.cross_entropy(xt, q.clone().requires_grad_(), backend=backend, **kw)
+        assert torch.isfinite(torch.autograd.forward_ad.unpack_dual(out).tangent)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

@@ -6,8 +6,8 @@
 // (baseline x86-64 or whatever the compiler targets), "avx2" (AVX2 + FMA + F16C), "avx512"
 // (AVX-512 F/BW/VL/DQ + FMA + F16C) and "avx512bf16" (that + AVX512_BF16), the SIMD ones on x86-64
 // GCC builds only. Each call runs the best copy this CPU can run, or the one the environment
-// variable NLLFUSED_CPU_CAPABILITY names (default | avx2 | avx512 | avx512bf16; read at every
-// call, so tests can run each copy in turn). Which copies
+// variable NLLFUSED_CPU_CAPABILITY names (default | avx2 | avx512 | avx512bf16; read at load and
+// by _C.reload_cpu_env(), csrc/cpu/settings.h, so tests can run each copy in turn). Which copies
 // this machine can run and which one runs now: nllfused._C.build_info()["cpu_capabilities"] and
 // ["cpu_capability"] (capabilities() and capability() below).
 #include "kernels.h"

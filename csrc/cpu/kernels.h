@@ -107,7 +107,7 @@ struct Args {
 // (sysconf), a power of two from 8 to 32 KiB -- 32 KiB (8192 float32 classes) on a 48 KiB L1d,
 // where it ran the bf16 forward 1.26x and the float32 one 1.12x faster than 8 KiB chunks: the
 // per-chunk reductions, scalar, weigh on a small chunk. NLLFUSED_CPU_CHUNK=<classes> (a multiple
-// of 64 up to kMaxRowChunk) sets it instead, read on every call (tests, tuning). Defined in
+// of 64 up to kMaxRowChunk) sets it instead (csrc/cpu/settings.h: tests, tuning). Defined in
 // ce_cpu.cpp; acc_size: sizeof the accumulation dtype.
 constexpr int64_t kMaxRowChunk = 8192;
 int64_t row_chunk(int64_t acc_size);

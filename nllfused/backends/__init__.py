@@ -15,10 +15,10 @@ import functools
 import warnings
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from .. import _extension
 from ..errors import ArgumentError
+from .torch_ref import transform_active  # noqa: F401 (backends.transform_active)
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 
@@ -83,11 +83,6 @@ def runs_on(archs: str, capability) -> bool:
                 capability[0] == major and capability[1] >= minor):
             return True
     return False
-
-
-def transform_active() -> bool:
-    """Forward-mode AD or a torch.func transform is on: only the torch reference supports them."""
-    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def resolve(backend: str, device: torch.device) -> str:

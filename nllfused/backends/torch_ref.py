@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
 class Options(NamedTuple):
@@ -24,6 +25,11 @@ class Options(NamedTuple):
     logit_scale: float = 1.0
     softcap: float = 0.0  # 0: no softcap
     prob_target: bool = False
+
+
+def transform_active() -> bool:
+    """Forward-mode AD or a torch.func transform is on: only the torch reference supports them."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -208,7 +214,9 @@ class _MassTimesNegLogp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         wq, neg_logp, void = ctx.saved_tensors
-        return grad * neg_logp, torch.where(void, 0.0, grad * wq), None
+        # (grad * wq, not a where on it: its own derivative in wq is the mixed second
+        # derivative d/dq dL/dz, torch's w_c (p_c - [c = j]) at a void class too)
+        return grad * neg_logp, grad * wq, None
 
 
 class _MassTimesNegLogpJvp(_MassTimesNegLogp):
@@ -217,7 +225,9 @@ class _MassTimesNegLogpJvp(_MassTimesNegLogp):
     @staticmethod
     def jvp(ctx, t_wq, t_neg_logp, _):
         wq, neg_logp, void = ctx.saved_tensors
-        return t_wq * neg_logp + torch.where(void, 0.0, wq * t_neg_logp)
+        # a void class whose mass has no tangent (autograd's zeros) adds 0, not 0 * inf
+        return torch.where(void & (t_wq == 0), 0.0, t_wq * neg_logp) + \
+            torch.where(void, 0.0, wq * t_neg_logp)
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
@@ -246,9 +256,13 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
         # NaN only because the whole row is -inf (docs/maths.md); a NaN or +inf logit still
         # makes the row NaN, as torch's 0 * NaN.
         void = (wq == 0) & (neg_logp.isposinf() | (lse == float("-inf")).unsqueeze(-1))
-        # (the Function only where the targets are differentiated)
-        mass_times = _MassTimesNegLogp if torch.compiler.is_compiling() else _MassTimesNegLogpJvp
-        loss = (mass_times.apply(wq, neg_logp, void) if wq.requires_grad
+        # (the Function only where the targets may be differentiated: reverse mode, or forward
+        # mode and torch.func outside torch.compile, which traces no Function with a jvp)
+        if torch.compiler.is_compiling():
+            mass_times = _MassTimesNegLogp if wq.requires_grad else None
+        else:
+            mass_times = _MassTimesNegLogpJvp if wq.requires_grad or transform_active() else None
+        loss = (mass_times.apply(wq, neg_logp, void) if mass_times is not None
                 else torch.where(void, zero, wq * neg_logp)).sum(-1)
         return loss, lse.to(torch.float64), wq.sum(-1).detach()
 
