@@ -435,3 +435,20 @@ def test_16_bit_logits_with_weights_in_every_mode(dtype, w_dtype):
         results.append((g.detach().float(), h.float(), f.float()))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_forward_mode_transforms_of_an_empty_batch(prob):
+    """jacfwd and hessian of the 'mean' loss of 0 rows: empty results of torch's shapes (the
+    probability targets' mean raised IndexError under jacfwd); index targets raise as torch."""
+    x = torch.randn(0, 3, dtype=F64)
+    t = torch.randn(0, 3, dtype=F64).softmax(1) if prob else torch.zeros(0, dtype=torch.long)
+    for transform in (torch.func.jacfwd, torch.func.hessian):
+        try:
+            theirs = transform(lambda x: F.cross_entropy(x, t))(x)
+        except Exception as exc:
+            with pytest.raises(type(exc)):
+                transform(lambda x: nllfused.cross_entropy(x, t))(x)
+            continue
+        ours = transform(lambda x: nllfused.cross_entropy(x, t))(x)
+        assert ours.shape == theirs.shape and ours.numel() == 0

@@ -391,9 +391,8 @@ def reduce(loss: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor, reduction: 
         return loss if z_rows is None else loss + z_rows
     if reduction == "sum":
         return loss.sum() if z_rows is None else (loss + z_rows).sum()
-    if prob_target:
-        total = loss.sum() if z_rows is None else (loss + z_rows).sum()
-        return total / loss.numel()
+    if prob_target:  # (mean(), not sum() / numel: torch.func's jacfwd of 0 rows takes it)
+        return loss.mean() if z_rows is None else (loss + z_rows).mean()
     total = aux.sum()
     # NaN where the counted targets weigh 0 in all, as torch: its smoothing part (s / 0 = inf
     # where s > 0) is added to the NLL part's 0 / 0. total / total: exactly 1, or NaN.
