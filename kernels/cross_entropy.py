@@ -30,8 +30,8 @@ import triton.language as tl
 # INTERPRETER: read here by nllfused._extension (whether these kernels are interpreted).
 from .launch import (INTERPRETER, acc_dtype, fp_fusion, guard, hi_lo,  # noqa
                      target_strides, truncating_store)
-from .row_math import (_LN2, _LOG2E, _class_sum_at_max, _class_terms, _columns, _exact_lse,
-                       _exp2, _load_classes, _load_logits, _log1p, _lowest, _options, _tanh,
+from .row_math import (_LN2, _LOG2E, _class_terms, _columns, _exact_lse, _exp2, _load_classes,
+                       _load_logits, _log1p, _lowest, _options, _sums_against_max, _tanh,
                        _tile_rows)
 from .row_stats import _finish_stats, _first_nan, _lane_argmax, _lane_entropy
 
@@ -97,16 +97,11 @@ def _finish(m, k, s, sum_wz, sum_wq, r, rows, row_ok, x_row, stride_xc, t_row, s
     rare rows read once more (spanning the float range, or holding +inf)."""
     log_s = tl.where(k == 1.0, _log1p(s), tl.log(k + s))   # log sum_c exp(z_c - m)
     lse_r = (m - r) + log_s                      # lse - r, never through a rounded lse
-    if PROB_TARGET or HAS_SMOOTHING:
-        # A row spanning more than the float range (z - r overflowed; no NaN or +inf in it):
-        # its class sum once more against m (docs/maths.md, "Class sums").
-        sums_ok = (tl.abs(sum_wz) < float("inf")) & (tl.abs(lse_r) < float("inf"))
-        far = row_ok & (tl.abs(m) < float("inf")) & (s == s) & ~sums_ok
-        sum_m = _class_sum_at_max(x_row, t_row, W, far, m, C, stride_xc, stride_tc,
-                                  label_smoothing, logit_scale, softcap, BLOCK_R, SCAN_C, ACC,
-                                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
-        sum_wz = tl.where(far, sum_m, sum_wz)
-        lse_r = tl.where(far, log_s, lse_r)
+    if PROB_TARGET or HAS_SMOOTHING:  # rows spanning more than the float range: against m
+        sum_wz, lse_r = _sums_against_max(
+            x_row, t_row, W, row_ok, m, s, log_s, lse_r, sum_wz, C, stride_xc, stride_tc,
+            label_smoothing, logit_scale, softcap, BLOCK_R, SCAN_C, ACC, PROB_TARGET, HAS_WEIGHT,
+            HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
     if PROB_TARGET:
         # A row with no target mass at all adds nothing, even when every z is -inf (lse_r NaN);
         # where it holds a NaN or +inf (s NaN, or m = +inf) its loss is NaN, as torch's 0 * NaN.

@@ -142,16 +142,19 @@ def _class_terms(z, ref, w_ptrs, q_ptrs, col_ok, mask, C, label_smoothing, ACC: 
 
 
 @triton.jit
-def _class_sum_at_max(x_row, t_row, W, far, m, C, stride_xc, stride_tc, label_smoothing,
-                      logit_scale, softcap, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                      ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr):
-    """The class sum of _class_terms against the row's max m, for the rows of far: rows whose
-    logits span more than the float range, where z - r (r the first logit) overflowed to inf
-    and the loss became inf - inf. Against m every z - m is <= 0 and finite but for -inf
-    logits (docs/maths.md, "Class sums"). A tile without such rows (nearly every one) reads
-    nothing; 0 in the other rows."""
+def _sums_against_max(x_row, t_row, W, row_ok, m, s, log_s, lse_r, sum_wz, C, stride_xc,
+                      stride_tc, label_smoothing, logit_scale, softcap, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr, ACC: tl.constexpr, PROB_TARGET: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(sum_wz, lse - r) of rows finished against the reference r (the first logit), but for
+    the rows whose logits span more than the float range -- z - r overflowed, a sum or lse - r
+    is not finite, and the row holds no NaN or +inf (m finite, s no NaN) -- whose class sum of
+    _class_terms is read once more against the row's max m (with lse - m = log s): there every
+    z - m is <= 0 and finite but for -inf logits (docs/maths.md, "Class sums"). A tile without
+    such rows (nearly every one) reads nothing."""
+    sums_ok = (tl.abs(sum_wz) < float("inf")) & (tl.abs(lse_r) < float("inf"))
+    far = row_ok & (tl.abs(m) < float("inf")) & (s == s) & ~sums_ok
     acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     ref = tl.where(far, m, 0.0)
     stop = tl.where(tl.max(far.to(tl.int32), 0) > 0, C, 0)
@@ -165,7 +168,7 @@ def _class_sum_at_max(x_row, t_row, W, far, m, C, stride_xc, stride_tc, label_sm
                               stride_tc, col_ok, mask, C, label_smoothing, ACC, PROB_TARGET,
                               HAS_WEIGHT, HAS_SMOOTHING, True)
         acc += wz
-    return tl.sum(acc, 1)
+    return tl.where(far, tl.sum(acc, 1), sum_wz), tl.where(far, log_s, lse_r)
 
 
 @triton.jit

@@ -26,8 +26,8 @@ import triton.language as tl
 from .cross_entropy import _counted_lanes, _fwd_step, _merge, _reference, launch_config
 from .row_stats import _first_nan
 from .launch import acc_dtype, guard, truncating_store
-from .row_math import (_LOG2E, _class_sum_at_max, _columns, _exp2, _load_classes, _log1p,
-                       _lowest, _tile_rows)
+from .row_math import (_LOG2E, _columns, _exp2, _load_classes, _log1p, _lowest,
+                       _sums_against_max, _tile_rows)
 
 IGNORED_ROW = -2  # y_local marker of an ignored row in vp_bwd_kernel (-1: target elsewhere)
 
@@ -93,15 +93,11 @@ def vp_stats_kernel(
         log_s = log_s64.to(ACC)
         w_sum = tl.load(WSUM).to(ACC)
         wz = tl.sum(acc_wz, 1)
-        lse_r = (m - r) + log_s
-        # A row spanning more than the float range: its sum once more against m, as
-        # ce_fwd_kernel's (docs/maths.md, "Class sums").
-        far = row_ok & (tl.abs(m) < float("inf")) & (s == s) & \
-            ~((tl.abs(wz) < float("inf")) & (tl.abs(lse_r) < float("inf")))
-        wz = tl.where(far, _class_sum_at_max(x_rows, x_rows, W, far, m, C, stride_xc, 0, 0.0,
-                                             1.0, 1.0, BLOCK_R, BLOCK_C, ACC, False, HAS_WEIGHT,
-                                             True, False, False), wz)
-        smooth = w_sum * tl.where(far, log_s, lse_r) - wz   # sum_c w_c (lse_r - z_c)
+        # (rows spanning more than the float range: against m, as ce_fwd_kernel's)
+        wz, lse_r = _sums_against_max(x_rows, x_rows, W, row_ok, m, s, log_s, (m - r) + log_s,
+                                      wz, C, stride_xc, 0, 0.0, 1.0, 1.0, BLOCK_R, BLOCK_C, ACC,
+                                      False, HAS_WEIGHT, True, False, False)
+        smooth = w_sum * lse_r - wz   # sum_c w_c (lse_r - z_c)
         # A slice entirely at -inf (r = 0): sum_c w_c * inf, -wz alone (the formula above gives
         # NaN; a weight of 0 makes it NaN too, as torch's 0 * inf).
         smooth = tl.where(m == float("-inf"), -wz, smooth)
