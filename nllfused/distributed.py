@@ -121,7 +121,10 @@ class _VocabParallelCE(torch.autograd.Function):
         R, C_local = logits.shape
         device = logits.device
         smoothing = e > 0
-        w_slice = None if weight is None else weight[vocab_start:vocab_start + C_local]
+        w_slice = None
+        if weight is not None:  # by narrow: torch.jit.trace fails on a slice inside apply
+            start = min(vocab_start, weight.shape[0])
+            w_slice = weight.narrow(0, start, min(C_local, weight.shape[0] - start))
         if w_slice is not None and w_slice.shape[0] < C_local:
             # a weight too short for this slice: NaN for the classes past it, so that this rank
             # joins the collective, after which every rank finds C != weight.shape[0]

@@ -4,6 +4,7 @@ import torch
 
 import nllfused
 from helpers import backend_params
+from nllfused.distributed import vocab_parallel_cross_entropy
 
 
 class TinyLM(torch.nn.Module):
@@ -83,6 +84,8 @@ TRACED = {
         x, t, reduction="none", return_stats=True)[1].entropy,
     "linear-chunked": lambda x, t, q, w, h, W: nllfused.linear_cross_entropy(
         h, W, t, chunk_size=8),
+    "vocab-parallel-weight": lambda x, t, q, w, h, W: vocab_parallel_cross_entropy(
+        x, t, weight=w, label_smoothing=0.1),
 }
 
 
