@@ -147,7 +147,8 @@ def build_torch(args):
 
 # --- the loop ----------------------------------------------------------------------------------
 
-def main(argv=None):
+def main(argv=None) -> list[float]:
+    """Runs the training; returns each step's loss."""
     args = parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -212,6 +213,7 @@ def main(argv=None):
         print(f"done: mean loss of the first {k} steps {first:.3f} -> last {k} steps {last:.3f}; "
               f"{(args.steps - 1) * tokens / total_time:,.0f} tokens/s (steps 2-{args.steps}: "
               f"forward, backward and optimizer)")
+    return losses
 
 
 if __name__ == "__main__":
