@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 import torch
 
@@ -46,22 +49,37 @@ class Call:
         return self.logits.shape[1]
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False on a device autocast does not know (meta,
+    where asking raises)."""
+    return ((device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type))
+
+
 def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """A loss of dtype as autocast makes it: float32 for 16-bit logits, as torch's autocast runs
     cross_entropy in float32. The kernels accumulate in float32 from the 16-bit logits anyway:
     no float32 copy of the logits is made."""
-    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+    if dtype in (torch.float16, torch.bfloat16) and autocast_enabled(device.type):
         return torch.float32
     return dtype
 
 
 def resolve_reduction(size_average, reduce, reduction: str) -> str:
     """Map the deprecated size_average/reduce pair as torch does; validate the result."""
+    # (torch's legacy_get_string, written out: torch.compile(fullgraph=True) traces neither it
+    # -- a torch.* function returning a str -- nor warnings.warn, which it skips)
+    warn = not torch.compiler.is_compiling()
     if size_average is not None or reduce is not None:
-        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        reduction = ("none" if reduce is not None and not reduce else
+                     "sum" if size_average is not None and not size_average else "mean")
+        if warn:
+            warnings.warn(f"size_average and reduce args will be deprecated, please use "
+                          f"reduction='{reduction}' instead.", stacklevel=3)
     if reduction == "elementwise_mean":  # torch's old name, still taken with a warning
-        warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' "
-                      "instead.")
+        if warn:
+            warnings.warn("reduction='elementwise_mean' is deprecated, please use "
+                          "reduction='mean' instead.")
         reduction = "mean"
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ArgumentError(f"{reduction!r} is not a valid value for reduction: it must be one "
@@ -93,6 +111,8 @@ def torch_smoothing(label_smoothing) -> float:
                                 "requires grad (no gradient reaches label_smoothing)")
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
         value = value.item()
+    if isinstance(value, np.bool_):  # torch takes it as it takes True
+        value = bool(value)
     if not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"label_smoothing must be a real number; got "
                                 f"{type(label_smoothing).__name__}")
@@ -121,13 +141,15 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> tuple:
 
 def check_ignore_index(ignore_index) -> int:
     """ignore_index as an int: an int, or what torch also takes for one (a NumPy integer, an
-    integer tensor of one element); not a bool or a float."""
+    integer tensor of one element, any object with __index__); not a bool or a float."""
     if isinstance(ignore_index, torch.Tensor):
         if ignore_index.numel() == 1 and not ignore_index.is_floating_point() \
                 and ignore_index.dtype != torch.bool and not ignore_index.is_complex():
             ignore_index = int(ignore_index.item())
     elif isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
         ignore_index = int(ignore_index)
+    elif not isinstance(ignore_index, (bool, np.bool_)) and hasattr(ignore_index, "__index__"):
+        ignore_index = operator.index(ignore_index)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ArgumentTypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:  # torch: ValueError "Overflow when unpacking long"
@@ -163,8 +185,11 @@ def check_logits_and_target(input, target) -> None:
 def storage_overflows(t: torch.Tensor) -> bool:
     """numel x element size past int64, which only an expanded view can have: the kernels
     would read its 2^62 elements for ever, where torch fails allocating its output. (Not under
-    torch.jit.trace, whose sizes are traced tensors: 2^63 is no int64 constant to compare.)"""
-    return not torch.jit.is_tracing() and t.numel() * t.element_size() >= 2 ** 63
+    torch.jit.trace, whose sizes are traced tensors: 2^63 is no int64 constant to compare; nor
+    under torch.compile / export, where the test would bound a dynamic size: a constraint
+    torch.export refuses.)"""
+    return (not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and t.numel() * t.element_size() >= 2 ** 63)
 
 
 def check_strided(name: str, t: torch.Tensor) -> None:
@@ -229,8 +254,10 @@ def _check_target_shape(input, target, class_dim: int, index_shape) -> bool:
         return True
     if not prob_target and target.shape == index_shape:
         return False
-    if not prob_target and input.dim() == 1 and target.shape == (1,):
-        return False  # torch takes a 1-D input's target as one index of shape (1,) too
+    if not prob_target and input.dim() == 1 and target.shape == (1,) != input.shape:
+        # torch takes a 1-D input's target as one index of shape (1,) too, but for C = 1,
+        # where it is of the input's shape: probabilities (an integer one raises below)
+        return False
     if prob_target and target.shape == index_shape:
         raise ArgumentTypeError(
             f"expected target dtype to be Long or Byte, but got {target.dtype}: target has the "

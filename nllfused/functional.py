@@ -201,6 +201,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     label_smoothing, z_loss, logit_scale, softcap = _checks.check_options(
         label_smoothing, z_loss, logit_scale, softcap)
+    ignore_index = _checks.check_ignore_index(ignore_index)
     if not want_stats and _checks.nothing_to_compute(input, target, ignore_index, z_loss):
         # torch's own call gives the results (empty, 0 or NaN)
         backends.check_name(backend)

@@ -22,7 +22,7 @@ def device_type(t: Tensor) -> str:
 def autocast_args(input, linear_weight, linear_bias):
     """Cast as torch's autocast would for F.linear; the loss then comes back in float32 (autocast
     runs cross_entropy in float32). float64 tensors are left alone, as autocast leaves them."""
-    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(device_type(input)):
+    if not isinstance(input, Tensor) or not _checks.autocast_enabled(device_type(input)):
         return input, linear_weight, linear_bias, getattr(input, "dtype", None)
     dtype = torch.get_autocast_dtype(input.device.type)
 

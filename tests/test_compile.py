@@ -163,3 +163,44 @@ def test_compiled_torch_func_transforms_match_eager(transform, prob):
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, fn(x), rtol=1e-12, atol=1e-12)
     assert compiled.abs().max() > 0
+
+
+@pytest.mark.parametrize("legacy", [dict(size_average=False), dict(reduce=False)], ids=str)
+def test_compiled_call_takes_torchs_deprecated_reduction_arguments(legacy):
+    """size_average / reduce under torch.compile(fullgraph=True), as torch's function takes them
+    there (resolved in Python: torch's legacy_get_string and the warning are not traceable)."""
+    x, t = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, t: nllfused.cross_entropy(x, t, **legacy), backend="eager",
+                       fullgraph=True)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        expected = torch.nn.functional.cross_entropy(x.double(), t, **legacy)
+    torch.testing.assert_close(fn(x, t), expected.float())
+
+
+@pytest.mark.parametrize("module", [nllfused.CrossEntropyLoss(label_smoothing=0.1),
+                                    nllfused.CrossEntropyLoss(reduction="none")], ids=str)
+def test_exported_loss_with_a_dynamic_batch(module):
+    """torch.export with the batch size dynamic: no bound on it from our checks (a storage-size
+    test bounded N, a constraint export refuses); the program serves other batch sizes."""
+    n = torch.export.Dim("n")
+    x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    program = torch.export.export(module, (x, t), dynamic_shapes=({0: n}, {0: n})).module()
+    for rows in (3, 9):
+        x, t = torch.randn(rows, 4), torch.randint(0, 4, (rows,))
+        torch.testing.assert_close(program(x, t), module(x, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_meta_tensors_give_the_shape_of_the_loss(dtype):
+    """Shape inference on the meta device, as torch's loss (asking autocast about 'meta'
+    raised)."""
+    x, t = torch.empty(5, 4, device="meta", dtype=dtype), torch.empty(5, device="meta").long()
+    for reduction in ("mean", "none"):
+        ours = nllfused.cross_entropy(x, t, reduction=reduction)
+        theirs = torch.nn.functional.cross_entropy(x, t, reduction=reduction)
+        assert (ours.device, ours.shape, ours.dtype) == (theirs.device, theirs.shape, theirs.dtype)
+    W = torch.empty(3, 4, device="meta", dtype=dtype)
+    ours = nllfused.linear_cross_entropy(x, W, t)
+    theirs = torch.nn.functional.linear_cross_entropy(x, W, t)
+    assert (ours.device, ours.shape, ours.dtype) == (theirs.device, theirs.shape, theirs.dtype)

@@ -60,6 +60,8 @@ CASES = [
     ("zero_rows_zero_dim_target", lambda: dict(input=X(0, 5), target=torch.tensor(1)), ""),
     ("unbatched_target_size", lambda: dict(input=X(5), target=torch.tensor([1, 2])),
      "For 1D input, 1D target must have size 1, but got target size: 2"),
+    ("one_class_unbatched_long_target", lambda: dict(input=X(1), target=torch.tensor([0])),
+     "Expected floating point type for target with class probabilities"),
     ("input_not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), "must be a Tensor"),
     ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5),
      "ignore_index must be an int"),
@@ -86,6 +88,16 @@ def test_raises_what_torch_raises(backend, case, phrase):
     assert phrase in str(ours.value)
 
 
+class IndexLike:
+    """An object that is an int by __index__, as torch takes for an int argument."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __index__(self):
+        return self.value
+
+
 # What torch takes besides the documented types, and what it makes of it.
 ACCEPTED = [
     pytest.param(dict(reduction="elementwise_mean"), id="elementwise_mean"),
@@ -94,6 +106,8 @@ ACCEPTED = [
     pytest.param(dict(label_smoothing=True), id="smoothing_bool"),
     pytest.param(dict(label_smoothing=torch.tensor(0.3)), id="smoothing_tensor"),
     pytest.param(dict(label_smoothing=torch.tensor(0.3).numpy()[()]), id="smoothing_numpy"),
+    pytest.param(dict(label_smoothing=torch.tensor(True).numpy()[()]), id="smoothing_numpy_bool"),
+    pytest.param(dict(ignore_index=IndexLike(2)), id="ignore_index_with___index__"),
     pytest.param(dict(ignore_index=torch.tensor(2)), id="ignore_index_tensor"),
     pytest.param(dict(ignore_index=torch.tensor(2).numpy()[()]), id="ignore_index_numpy"),
     pytest.param(dict(ignore_index=torch.tensor([2])), id="ignore_index_one_element"),
