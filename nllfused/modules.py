@@ -74,6 +74,19 @@ class CrossEntropyLoss(LossOptions):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              return_stats=self.return_stats, **self._options())
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script (of this module or of a model holding it, a criterion kept beside the
+        # network) takes torch's own module in its place where the options are torch's: the same
+        # loss, unfused (TorchScript cannot call the kernels' Python wrapper)
+        if (self.z_loss, self.logit_scale, self.softcap, self.return_stats) != (0, 1, None, False):
+            raise ArgumentTypeError(
+                "nllfused.CrossEntropyLoss with z_loss, logit_scale, softcap or return_stats "
+                "cannot be compiled by TorchScript (torch.jit.script; without them torch's own "
+                "module stands in): use torch.compile, torch.jit.trace or torch.export")
+        return torch.nn.CrossEntropyLoss(
+            self.weight, ignore_index=_checks.check_ignore_index(self.ignore_index),
+            reduction=self.reduction, label_smoothing=self.label_smoothing)
+
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
         return ", ".join(extras + self._options_repr())

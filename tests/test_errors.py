@@ -105,11 +105,34 @@ def test_module_rejects_bad_options_at_construction():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-@pytest.mark.parametrize("module", [nllfused.CrossEntropyLoss,
+@pytest.mark.parametrize("module", [lambda: nllfused.CrossEntropyLoss(z_loss=1e-4),
+                                    lambda: nllfused.CrossEntropyLoss(return_stats=True),
                                     lambda: nllfused.LinearCrossEntropyLoss(4, 5)])
 def test_torchscript_says_what_to_use_instead(module):
     with pytest.raises(TypeError, match="TorchScript.*torch.compile, torch.jit.trace"):
         torch.jit.script(module())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("calls_loss", [False, True], ids=["holds", "calls"])
+def test_torchscript_of_a_model_with_the_loss_takes_torchs_module(calls_loss):
+    """A model that holds the loss (a criterion kept beside the network) or calls it scripts,
+    with torch's module in its place: the same loss, with the module's weight and options."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 5)
+            self.criterion = nllfused.CrossEntropyLoss(
+                torch.rand(5) + 0.5, ignore_index=torch.tensor(2), label_smoothing=0.1)
+            self.calls_loss = calls_loss
+
+        def forward(self, x, t):
+            return self.criterion(self.lin(x), t) if self.calls_loss else self.lin(x)
+
+    model = Model()
+    scripted = torch.jit.script(model)
+    x, t = X(6, 4), torch.tensor([0, 1, 2, 3, 4, 2])
+    torch.testing.assert_close(scripted(x, t), model(x, t))
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):
