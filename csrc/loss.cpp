@@ -55,6 +55,7 @@ struct CrossEntropyLossBackward final : Node {
   double label_smoothing = 0;
   Extras extras;
   bool summed = false;  // aux_ is aux's sum (forward_parts)
+  bool major = false;   // the input was class-major (canonical)
   std::mutex mutex;  // release_variables may run beside another thread's apply
 
   std::string name() const override { return "nllfused::CrossEntropyLossBackward"; }
@@ -69,13 +70,15 @@ struct CrossEntropyLossBackward final : Node {
     variable_list out(1);
     const Tensor& grad = grads[0];
     if (!grad.defined() || !task_should_compute_output(0)) return out;
-    const Tensor input = input_.unpack(), target = target_.unpack(), lse = lse_.unpack(),
-                 aux = aux_.unpack(), w = weight_.unpack();
+    const Tensor input = as_forward_layout(input_.unpack(), major), target = target_.unpack(),
+                 lse = lse_.unpack(), aux = aux_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: torch's own formula (csrc/loss.h)
+    const bool create_graph = at::GradMode::is_enabled();
+    if (create_graph || batched(grad)) {
+      // torch's own formula (csrc/loss.h), differentiable again
+      at::AutoGradMode grad_mode(true);
       out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
-                               extras, grad);
+                               extras, grad, create_graph);
       return out;
     }
     auto [logits, target2] = canonical(input, target);
@@ -105,6 +108,7 @@ struct CrossEntropyLossBackward final : Node {
     args.collect(extras.logit_scale);
     args.collect(extras.softcap);
     args.collect(summed);
+    args.collect(major);
   }
 
   variable_list apply_with_saved(const variable_list& grads,
@@ -125,7 +129,8 @@ struct Parts {
 
 Parts forward_parts(const Tensor& input, const Tensor& target,
                     const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
-                    double label_smoothing, const Extras& ex) {
+                    double label_smoothing, const Extras& ex,
+                    std::optional<at::ScalarType> dtype) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
   check_extras("nllfused::cross_entropy_loss", ex);
   check_target_shape("nllfused::cross_entropy_loss", input, target);
@@ -138,7 +143,7 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
     auto [loss, lse, aux] =
         ce_fwd(logits, target2, weight, ignore_index, label_smoothing, true, a, s);
     return {reduce_with_z_loss(loss, lse, aux, reduction, input, target, target2, ignore_index,
-                               ex.z_loss),
+                               ex.z_loss, dtype),
             lse, aux};
   }
   if (reduction != kNone && ex.z_loss == 0 && plain_cpu(logits) && plain_cpu(target2) &&
@@ -150,22 +155,24 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
                                              label_smoothing, a, s);
     if (f.summed) {
       const double r = reduction == kSum ? f.loss_sum : weighted_mean(f.loss_sum, f.aux_sum);
-      return {at::scalar_tensor(r, input.options().requires_grad(false)), f.lse,
+      const auto out = input.options().dtype(dtype.value_or(input.scalar_type()));
+      return {at::scalar_tensor(r, out.requires_grad(false)), f.lse,
               at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble)), true};
     }
-    return {reduce_rows(f.loss, f.aux, reduction, input, target), f.lse, f.aux};
+    return {reduce_rows(f.loss, f.aux, reduction, input, target, dtype), f.lse, f.aux};
   }
   auto [loss, lse, aux] = ce_fwd(logits, target2, weight, ignore_index, label_smoothing, false,
                                  a, s);
   return {reduce_with_z_loss(loss, lse, aux, reduction, input, target, target2, ignore_index,
-                             ex.z_loss),
+                             ex.z_loss, dtype),
           lse, aux};
 }
 
 Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
                                    const std::optional<Tensor>& weight, int64_t reduction,
                                    int64_t ignore_index, double label_smoothing, double z_loss,
-                                   double logit_scale, double softcap) {
+                                   double logit_scale, double softcap,
+                                   std::optional<at::ScalarType> dtype) {
   const Extras ex{z_loss, logit_scale, softcap};
   TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input),
                               "nllfused::cross_entropy_loss: forward-mode AD is not supported "
@@ -183,7 +190,7 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
   Parts p;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, ex);
+    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, ex, dtype);
   }
   if (!differentiable) return p.out;
   Tensor& out = p.out;
@@ -195,6 +202,7 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
   n->lse_ = SavedVariable(p.lse, false);
   n->aux_ = SavedVariable(p.aux, false);
   n->summed = p.summed;
+  n->major = class_major(input);
   n->weight_ = SavedVariable(weight.value_or(Tensor()), false);
   n->reduction = reduction;
   n->ignore_index = ignore_index;
@@ -208,9 +216,10 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
 Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
                                   const std::optional<Tensor>& weight, int64_t reduction,
                                   int64_t ignore_index, double label_smoothing, double z_loss,
-                                  double logit_scale, double softcap) {
+                                  double logit_scale, double softcap,
+                                  std::optional<at::ScalarType> dtype) {
   return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing,
-                       Extras{z_loss, logit_scale, softcap})
+                       Extras{z_loss, logit_scale, softcap}, dtype)
       .out;
 }
 

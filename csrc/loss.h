@@ -159,6 +159,23 @@ inline bool class_major(const Tensor& t) {
          t.stride(1) == t.size(0);
 }
 
+// The saved input in the layout its forward canonicalised (major: class_major then): a
+// saved-tensor hook may hand it back in other strides (save_on_cpu(pin_memory=True) packs it
+// contiguous), where the rows saved beside it (lse, aux) are laid out for the forward's view.
+inline Tensor as_forward_layout(const Tensor& input, bool major) {
+  if (class_major(input) == major) return input;
+  return major ? input.t().contiguous().t() : input.contiguous();
+}
+
+// A vmapped gradient (torch.autograd.grad(is_grads_batched=True), jacobian with
+// vectorize=True: the legacy Batched key; torch.func.vmap: FuncTorchBatched): a wrapper
+// without storage the kernels could read; the one-call nodes take it through torch's
+// differentiable formula, as for create_graph=True.
+inline bool batched(const Tensor& t) {
+  return t.defined() && t.key_set().has_any(c10::DispatchKeySet(
+                            {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched}));
+}
+
 // The canonical views of csrc/ops.cpp: logits (N, C, D), targets (N, D) or, probabilities,
 // (N, C, D); views, never copies, for contiguous, channels-last and class-major inputs.
 // major: class_major(the input), whose view probability targets share.
@@ -332,10 +349,12 @@ inline std::vector<int64_t> loss_shape(const Tensor& input, const Tensor& target
   return shape;
 }
 
+// (out: the loss's dtype where not loss_dtype's, cross_entropy_loss's dtype argument)
 inline Tensor reduce_rows(const Tensor& loss, const Tensor& aux, int64_t reduction,
-                          const Tensor& input, const Tensor& target) {
+                          const Tensor& input, const Tensor& target,
+                          std::optional<at::ScalarType> out = std::nullopt) {
   const bool prob = prob_target(target);
-  const auto dtype = loss_dtype(input, target);
+  const auto dtype = out.value_or(loss_dtype(input, target));
   if (reduction != kNone && loop_reduce(loss)) {
     const double s = cpu_sum(loss);
     const double r = reduction == kSum ? s
@@ -425,6 +444,13 @@ inline Tensor not_ignored(const Tensor& target, int64_t ignore_index) {
 inline Tensor torch_loss(const Tensor& x, const Tensor& target,
                          const std::optional<Tensor>& weight, int64_t reduction,
                          int64_t ignore_index, double label_smoothing, const Extras& ex) {
+  // nllfused's extras in float32 for 16-bit logits, as the kernels apply them (in float16 a
+  // softcap past 65504 is inf: an inf gradient; in bfloat16 each step rounds to 8 bits)
+  const bool widen = any_extras(ex) && (x.scalar_type() == at::kHalf ||
+                                        x.scalar_type() == at::kBFloat16);
+  if (widen)
+    return torch_loss(x.to(at::kFloat), prob_target(target) ? target.to(at::kFloat) : target,
+                      weight, reduction, ignore_index, label_smoothing, ex);
   Tensor z = ex.logit_scale == 1 ? x : x * ex.logit_scale;
   if (ex.softcap != 0) z = at::tanh(z / ex.softcap) * ex.softcap;
   if (ex.z_loss == 0)
@@ -442,15 +468,15 @@ inline Tensor torch_loss(const Tensor& x, const Tensor& target,
   return reduction == kNone ? rows : reduction == kSum ? rows.sum() : rows.mean();
 }
 
-// A one-call op's gradient with create_graph=True: torch_loss differentiated, differentiable
-// again, over logits whose ignored rows are 0: an ignored row's gradient is 0 whatever its
-// logits (csrc/ops.cpp), where torch's backward gives NaN for a row of NaN or +inf logits. Index
-// targets as int64: torch takes uint8 ones in its plain 2-D loss only (not with smoothing, nor
-// K-dim).
+// A one-call op's gradient with create_graph=True (or of vmapped gradients, batched(), where
+// create_graph may be false): torch_loss differentiated, differentiable again, over logits
+// whose ignored rows are 0: an ignored row's gradient is 0 whatever its logits (csrc/ops.cpp),
+// where torch's backward gives NaN for a row of NaN or +inf logits. Index targets as int64:
+// torch takes uint8 ones in its plain 2-D loss only (not with smoothing, nor K-dim).
 inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
                               const std::optional<Tensor>& weight, int64_t reduction,
                               int64_t ignore_index, double label_smoothing, const Extras& ex,
-                              const Tensor& grad) {
+                              const Tensor& grad, bool create_graph = true) {
   const bool prob = prob_target(target);
   const int64_t class_dim = input.dim() > 1 ? 1 : 0;
   Tensor x = prob ? input
@@ -462,7 +488,7 @@ inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
   const Tensor ref = torch_loss(x, prob ? target : target.to(at::kLong), weight, reduction,
                                 ignore_index, label_smoothing, ex);
   return torch::autograd::grad({ref}, {input}, {grad.to(ref.scalar_type())},
-                               /*retain_graph=*/true, /*create_graph=*/true)[0];
+                               /*retain_graph=*/true, create_graph)[0];
 }
 
 // reduce_rows (above) with the z-loss term z_loss lse^2 of each counted row: added to the
@@ -472,14 +498,16 @@ inline Tensor torch_loss_grad(const Tensor& input, const Tensor& target,
 // general path's (nllfused/backends/torch_ref.py, reduce).
 inline Tensor reduce_with_z_loss(const Tensor& loss, const Tensor& lse, const Tensor& aux,
                                  int64_t reduction, const Tensor& input, const Tensor& target,
-                                 const Tensor& target2, int64_t ignore_index, double z_loss) {
-  if (z_loss == 0) return reduce_rows(loss, aux, reduction, input, target);
+                                 const Tensor& target2, int64_t ignore_index, double z_loss,
+                                 std::optional<at::ScalarType> out = std::nullopt) {
+  if (z_loss == 0) return reduce_rows(loss, aux, reduction, input, target, out);
   const bool prob = prob_target(target);
   const Tensor counted = prob ? Tensor() : not_ignored(target2, ignore_index);
   const Tensor l = prob ? lse : at::where(counted, lse, at::zeros({}, lse.options()));
   const Tensor z_rows = (l * z_loss * l).to(loss.scalar_type());
-  if (reduction != kMean || prob) return reduce_rows(loss + z_rows, aux, reduction, input, target);
-  const auto dtype = loss_dtype(input, target);
+  if (reduction != kMean || prob)
+    return reduce_rows(loss + z_rows, aux, reduction, input, target, out);
+  const auto dtype = out.value_or(loss_dtype(input, target));
   if (loop_reduce(loss) && loop_reduce(aux) && loop_reduce(z_rows)) {
     const double count = static_cast<double>(counted.sum().item<int64_t>());  // (CPU: no sync)
     const double r = weighted_mean(cpu_sum(loss), cpu_sum(aux)) + cpu_sum(z_rows) / count;

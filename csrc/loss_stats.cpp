@@ -247,6 +247,7 @@ struct CrossEntropyLossStatsBackward final : Node {
   Extras extras;  // with lse / z_loss only (no kernel statistics, never summed)
   bool summed = false;  // aux_ is aux's sum, `counted` the counted rows (forward_parts)
   double counted = 0;
+  bool major = false;  // the input was class-major (canonical)
   std::mutex mutex;
 
   std::string name() const override { return "nllfused::CrossEntropyLossStatsBackward"; }
@@ -263,7 +264,8 @@ struct CrossEntropyLossStatsBackward final : Node {
     const bool any = grads[0].defined() || (grads[1].defined() && (want & kEntropy)) ||
                      (grads[2].defined() && (want & kTargetLogp));
     if (!any || !task_should_compute_output(0)) return out;
-    const Tensor input = input_.unpack(), target = target_.unpack(), w = weight_.unpack();
+    const Tensor input = as_forward_layout(input_.unpack(), major), target = target_.unpack(),
+                 w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     auto [logits, target2] = canonical(input, target);
     const Tensor aux = aux_.unpack(), lse = lse_.unpack();
@@ -275,9 +277,13 @@ struct CrossEntropyLossStatsBackward final : Node {
     // (ce_bwd_stats_counted_cpu; the target log-prob's it applies there anyway): no per-row
     // tensors, where stat_row_grads' masks and divisions were four passes over the rows (a
     // third of the backward at (8, 4, 512, 512)).
+    // create_graph=True, or batched gradients (csrc/loss.h): torch's differentiable formulas
+    const bool create_graph = at::GradMode::is_enabled();
+    const bool graph = create_graph || batched(grads[0]) || batched(grads[1]) ||
+                       batched(grads[2]);
     auto plain = [](const Tensor& t) { return !t.defined() || plain_cpu(t); };
-    const bool counted_only = summed && !at::GradMode::is_enabled() && plain_cpu(logits) &&
-                              plain(grads[0]) && plain(grads[1]) && plain(grads[2]);
+    const bool counted_only = summed && !graph && plain_cpu(logits) && plain(grads[0]) &&
+                              plain(grads[1]) && plain(grads[2]);
     std::optional<Tensor> g_ent, g_tlp;
     if (counted_only) {
       auto row_grad = [&](const Tensor& g) {
@@ -291,13 +297,17 @@ struct CrossEntropyLossStatsBackward final : Node {
       if (ent) g_ent = stat_row_grads(grads[1], counted_rows, reduction, false, acc);
       if (tlp) g_tlp = stat_row_grads(grads[2], counted_rows, reduction, true, acc);
     }
-    if (at::GradMode::is_enabled() && any_extras(extras)) {  // (the loss's gradient alone)
-      out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
-                               extras, grads[0]);
-      return out;
-    }
-    if (at::GradMode::is_enabled()) {
-      out[0] = second_order(input, target, logits, target2, weight, grads[0], g_ent, g_tlp);
+    if (graph) {
+      at::AutoGradMode grad_mode(true);
+      if (any_extras(extras)) {  // (the loss's gradient alone)
+        out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
+                                 extras, grads[0], create_graph);
+        return out;
+      }
+      // the canonical views once more, now recorded (grad mode was off for vmapped gradients)
+      auto [logits_g, target_g] = canonical(input, target);
+      out[0] = second_order(input, target, logits_g, target_g, weight, grads[0], g_ent, g_tlp,
+                            create_graph);
       return out;
     }
     // Summed: no aux rows exist; the kernels read aux for probability targets only, so the row
@@ -330,11 +340,12 @@ struct CrossEntropyLossStatsBackward final : Node {
     return out;
   }
 
-  // create_graph=True: the forward once more through ce_fwd_stats's autograd, differentiated.
+  // create_graph=True (or vmapped gradients): the forward once more through ce_fwd_stats's
+  // autograd, differentiated.
   Tensor second_order(const Tensor& input, const Tensor& target, const Tensor& logits,
                       const Tensor& target2, const std::optional<Tensor>& weight,
                       const Tensor& g_loss, const std::optional<Tensor>& g_ent,
-                      const std::optional<Tensor>& g_tlp) {
+                      const std::optional<Tensor>& g_tlp, bool create_graph) {
     const Rows rows = ce_fwd_stats(logits, target2, weight, ignore_index, label_smoothing,
                                    g_ent ? kEntropy : 0, true);
     const Tensor& aux = std::get<2>(rows);
@@ -352,7 +363,7 @@ struct CrossEntropyLossStatsBackward final : Node {
       grad_outputs.push_back(*g_tlp);
     }
     return torch::autograd::grad(outputs, {input}, grad_outputs, /*retain_graph=*/true,
-                                 /*create_graph=*/true)[0];
+                                 create_graph)[0];
   }
 
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
@@ -366,6 +377,7 @@ struct CrossEntropyLossStatsBackward final : Node {
     args.collect(extras.logit_scale);
     args.collect(extras.softcap);
     args.collect(summed);
+    args.collect(major);
   }
 
   variable_list apply_with_saved(const variable_list& grads,
@@ -468,6 +480,7 @@ Outputs cross_entropy_loss_stats_autograd(const Tensor& input, const Tensor& tar
   n->label_smoothing = label_smoothing;
   n->extras = ex;
   n->summed = p.summed;
+  n->major = class_major(input);
   n->counted = p.counted;
   // the node's inputs 0, 1, 2: the loss, entropy, target_logprob (in that order)
   torch::autograd::set_history(std::get<0>(out), node);

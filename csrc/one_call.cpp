@@ -12,8 +12,9 @@
 // The rules are those of functional._one_call_reduction, which still serves CUDA tensors (there
 // for index targets of batched inputs only):
 //   input, target, weight exact torch.Tensor (no subclass, so no __torch_function__ to honour),
-//   int64 targets (here uint8 too) of the input's shape less the class dimension, or (the loss
-//   alone, no statistics) probability targets of the input's shape in a floating dtype, not
+//   int64 targets (here uint8, int32 too) of the input's shape less the class dimension, or
+//   (the loss alone, no statistics) probability targets of the input's shape in a floating
+//   dtype, not
 //   requiring grad, with a negative ignore_index (torch refuses others); input with classes, of
 //   2 or more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
 //   weight None or (C,) contiguous in a floating dtype (here; CUDA: the accumulation dtype), not
@@ -22,8 +23,9 @@
 //   for the loss alone or with lse / z_loss only (here, not on CUDA) z_loss a finite number
 //   >= 0, logit_scale a finite number, softcap None or a finite number > 0 -- with other
 //   statistics z_loss 0, logit_scale 1, softcap None; backend "auto" or "cpu"; every tensor on
-//   the CPU; no autocast, no torch.func transform, no torch-function mode. torch.compile and
-//   forward-mode AD are ruled out by the Python caller (they are Python state).
+//   the CPU; no autocast (here: with 16-bit logits, the loss alone), no torch.func transform, no
+//   torch-function mode. torch.compile and forward-mode AD are ruled out by the Python caller
+//   (they are Python state).
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
@@ -91,13 +93,15 @@ bool torch_func_active(const Tensor& input) {
 Tensor call_cross_entropy_loss(const Tensor& input, const Tensor& target,
                                const std::optional<Tensor>& weight, int64_t reduction,
                                int64_t ignore_index, double label_smoothing, double z_loss,
-                               double logit_scale, double softcap) {
+                               double logit_scale, double softcap,
+                               std::optional<at::ScalarType> dtype) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nllfused::cross_entropy_loss", "")
                        .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                     int64_t, int64_t, double, double, double, double)>();
+                                     int64_t, int64_t, double, double, double, double,
+                                     std::optional<at::ScalarType>)>();
   return op.call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                 logit_scale, softcap);
+                 logit_scale, softcap, dtype);
 }
 
 using StatsOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -142,12 +146,13 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   const bool prob = is_float_dtype(target.scalar_type()) && target.sizes() == input.sizes() &&
                     !target.requires_grad() && want == 0;
   // Index targets: int64, or uint8 (segmentation masks), as torch takes them; its Byte targets
-  // go to the kernels as they are (ce_cpu.cpp, make_args), with no int64 copy.
+  // go to the kernels as they are (ce_cpu.cpp, make_args), with no int64 copy. int32 ones (which
+  // torch refuses, nllfused takes) as an int64 copy: a tenth of a 10-class row's bytes.
   const auto tt = target.scalar_type();
   // (index targets: the input's shape less the class dimension, target_shape_matches; for an
   // unbatched (C,) input a 0-dim index only: a (1,) one takes the general path, which gives
   // torch's 0-dim 'none' loss)
-  if (!prob && ((tt != at::kLong && tt != at::kByte) ||
+  if (!prob && ((tt != at::kLong && tt != at::kByte && tt != at::kInt) ||
                 !one_call_ops::target_shape_matches(input, target) ||
                 (input.dim() == 1 && target.dim() != 0)))
     return general;
@@ -189,9 +194,18 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     if (prob && at::promote_types(out, w.scalar_type()) != out) return general;
     weight = w;
   }
-  if (at::autocast::is_autocast_enabled(at::kCPU) || at::impl::torch_function_mode_enabled() ||
-      torch_func_active(input) || (weight && torch_func_active(*weight)))
+  // Under autocast, which runs cross_entropy in float32: 16-bit logits' loss alone, asked of
+  // the op in float32 (the kernels read them as they are); others as they are.
+  std::optional<at::ScalarType> dtype;
+  if (at::autocast::is_autocast_enabled(at::kCPU) &&
+      (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16)) {
+    if (want != 0) return general;
+    dtype = at::kFloat;
+  }
+  if (at::impl::torch_function_mode_enabled() || torch_func_active(input) ||
+      (weight && torch_func_active(*weight)))
     return general;
+  const Tensor target_arg = tt == at::kInt && !prob ? target.to(at::kLong) : target;
   if (weight) {
     // The op takes them in the accumulation dtype: torch's own bf16 / fp16 weights (it asks
     // for the input's dtype) converted here, as the general path converts any floating weight
@@ -205,7 +219,7 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
     StatsOutputs out;
     {
       py::gil_scoped_release no_gil;
-      out = call_cross_entropy_loss_stats(input, target, weight, reduction, ignore_index,
+      out = call_cross_entropy_loss_stats(input, target_arg, weight, reduction, ignore_index,
                                           *smoothing, want, *z, *scale, *cap);
     }
     auto wrap = [](Tensor& t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(t)); };
@@ -215,8 +229,8 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   Tensor loss;
   {
     py::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
-    loss = call_cross_entropy_loss(input, target, weight, reduction, ignore_index, *smoothing,
-                                   *z, *scale, *cap);
+    loss = call_cross_entropy_loss(input, target_arg, weight, reduction, ignore_index, *smoothing,
+                                   *z, *scale, *cap, dtype);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(loss)));
 }

@@ -72,11 +72,12 @@ TORCH_LIBRARY(nllfused, m) {
   // at::Reduction numbers it (0 none, 1 mean, 2 sum); z_loss >= 0 (docs/maths.md: z_loss lse^2
   // per counted row, 'mean' over the counted rows), logit_scale, softcap (0: none) as ce_fwd's.
   // Returns the reduced loss in the input's dtype (promoted with probability targets'), as
-  // torch's cross_entropy does.
+  // torch's cross_entropy does, or in dtype where given (autocast's float32 for 16-bit logits:
+  // the float32 value, never rounded to the logits' dtype).
   m.def(
       "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss=0., float logit_scale=1., "
-      "float softcap=0.) -> Tensor");
+      "float softcap=0., ScalarType? dtype=None) -> Tensor");
   // The same with the statistics of nllfused/stats.py (csrc/loss_stats.cpp): (loss, lse,
   // z_loss, predicted, correct, entropy, target_logprob), each reduced as the loss; `want` a mask
   // of the statistics computed (bit i: stats.NAMES[i]; bit 6: lse per row whatever the

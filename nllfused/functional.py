@@ -121,8 +121,7 @@ def _one_call_reduction(input, target, weight, size_average, reduce, reduction, 
         return None
     if backends.resolve("auto", device) != "cuda":
         return None
-    if (torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling()
-            or backends.transform_active()):
+    if torch.compiler.is_compiling() or backends.transform_active():
         return None
     return code
 
@@ -167,9 +166,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
             code = _one_call_reduction(input, target, weight, size_average, reduce, reduction,
                                        ignore_index, label_smoothing, z_loss, logit_scale,
                                        softcap, backend)
-            if code is not None:
+            if code is not None:  # (under autocast: 16-bit logits' loss in float32)
                 return _one_call_op()(input, target, weight, code, ignore_index,
-                                      label_smoothing)
+                                      label_smoothing, 0.0, 1.0, 0.0,
+                                      _checks.autocast_dtype(input.dtype, input.device))
         elif not (return_z_loss or return_lse):
             # CPU tensors with return_stats: loss and statistics from one C++ call
             # (csrc/loss_stats.cpp), where the call is one the one-call path takes.

@@ -204,8 +204,7 @@ def _is_small(M: int, C: int, input: Tensor) -> bool:
     """Whether the (M, C) logits are small enough to be made whole (_whole_logits): at most
     _SMALL_LOGITS_BYTES, and within one chunk's cap (_CHUNK_BYTES_CAP)."""
     nbytes = M * C * input.element_size()
-    return nbytes <= _SMALL_LOGITS_BYTES and \
-        nbytes <= _CHUNK_BYTES_CAP.get(device_type(input), nbytes)
+    return nbytes <= min(_SMALL_LOGITS_BYTES, _CHUNK_BYTES_CAP.get(device_type(input), nbytes))
 
 
 def _whole_logits(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
@@ -214,8 +213,7 @@ def _whole_logits(input, linear_weight, linear_bias, target, weight, ignore_inde
     """linear_cross_entropy of a small problem: F.linear, then nllfused.cross_entropy on the
     logits (classes in dimension 1), the same results by the same formulas."""
     logits = F.linear(input, linear_weight, linear_bias)
-    if logits.dim() > 2:
-        logits = logits.movedim(-1, 1)
+    logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
     return functional.cross_entropy(
         logits, target, weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
@@ -383,9 +381,10 @@ def _linear_ce_fwd_backward(ctx, grad_out, _lse, _aux, _gi, _gw, _gb, _predicted
         return tuple(none)
     grads = None
     if ctx.stash is not None:
-        # First backward: scale in place and hand the buffers over; nobody else holds them.
-        stash, ctx.stash = ctx.stash, None
-        grads = [g.mul_(grad_out) for g in stash]
+        # First backward: scale in place (a vmapped grad_out, is_grads_batched: out of place)
+        # and hand the buffers over; nobody else holds them.
+        stash, ctx.stash, vmapped = ctx.stash, None, torch_ref.vmapped(grad_out)
+        grads = [g * grad_out if vmapped else g.mul_(grad_out) for g in stash]
     elif ctx.stored and not ctx.consume:
         grads = [g * grad_out for g in stored]
     if grads is not None:

@@ -133,9 +133,10 @@ def _bwd_inplace_fake(grad_loss, grad_lse, logits, *rest):
 
 
 def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing, z_loss=0.0,
-               logit_scale=1.0, softcap=0.0):
+               logit_scale=1.0, softcap=0.0, dtype=None):
     """nllfused::cross_entropy_loss (csrc/loss.cpp): a scalar, or one loss per row under
-    reduction 0 ('none'), in the input's dtype (promoted with probability targets')."""
+    reduction 0 ('none'), in dtype, else the input's dtype (promoted with probability
+    targets')."""
     _one_device(input, target, weight)
     torch._check(input.dim() >= 1, lambda: "input must have a class dimension")
     if target.is_floating_point():
@@ -147,9 +148,9 @@ def _loss_fake(input, target, weight, reduction, ignore_index, label_smoothing, 
     torch._check(matches, lambda: f"size mismatch (got input: {list(input.shape)}, target: "
                                   f"{list(target.shape)})")  # as csrc/loss.h, check_target_shape
     if not target.is_floating_point():
-        return input.new_empty(target.shape if reduction == 0 else ())
+        return input.new_empty(target.shape if reduction == 0 else (), dtype=dtype or input.dtype)
     rows = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
-    dtype = torch.promote_types(input.dtype, target.dtype)
+    dtype = dtype or torch.promote_types(input.dtype, target.dtype)
     return input.new_empty(rows if reduction == 0 else (), dtype=dtype)
 
 

@@ -452,3 +452,92 @@ def test_forward_mode_transforms_of_an_empty_batch(prob):
             continue
         ours = transform(lambda x: nllfused.cross_entropy(x, t))(x)
         assert ours.shape == theirs.shape and ours.numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_batched_gradients_match_torch(backend, prob, reduction, options):
+    """torch.autograd.grad(is_grads_batched=True) (vmap over the backward, as jacobian's
+    vectorize=True): torch's numbers; the one-call graph node met functorch wrappers without
+    storage in its kernels."""
+    x, t, kw = sample(prob, N=5, C=4, options=options)
+    loss = nllfused.cross_entropy(x, t, reduction=reduction, backend=backend, **kw)
+    expected = oracle_fn(t, reduction, **kw)(x)
+    grads = torch.randn(3, *loss.shape, dtype=F64)
+    ours, = torch.autograd.grad(loss, x, grads, is_grads_batched=True)
+    theirs, = torch.autograd.grad(expected, x, grads, is_grads_batched=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_gradients_of_statistics(reduction):
+    """The same for the loss with its entropy and target log-probability (the statistics'
+    graph node), against the torch reference's."""
+    x, t, kw = sample(False, N=5, C=4, options=dict(weight="rand", label_smoothing=0.1))
+    results = []
+    for backend in ("auto", "torch"):
+        loss, st = nllfused.cross_entropy(x, t, reduction=reduction, backend=backend,
+                                          return_stats=("entropy", "target_logprob"), **kw)
+        total = loss + 0.5 * st.entropy - st.target_logprob
+        grads = torch.linspace(-1, 2, 3 * total.numel(), dtype=F64).reshape(3, *total.shape)
+        results.append(torch.autograd.grad(total, x, grads, is_grads_batched=True)[0])
+    torch.testing.assert_close(*results, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunked"])
+def test_batched_gradients_of_the_linear_loss(reduction, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    h, W = (torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in ((6, 3), (5, 3)))
+    t = torch.randint(0, 5, (6,), generator=g)
+    loss = nllfused.linear_cross_entropy(h, W, t, reduction=reduction, chunk_size=chunk_size)
+    expected = F.cross_entropy(F.linear(h, W), t, reduction=reduction)
+    grads = torch.randn(3, *loss.shape, dtype=F64, generator=g)
+    ours = torch.autograd.grad(loss, (h, W), grads, is_grads_batched=True)
+    theirs = torch.autograd.grad(expected, (h, W), grads, is_grads_batched=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["loss", "stats"])
+@pytest.mark.parametrize("saved_major", [False, True], ids=["row-major", "class-major"])
+def test_saved_tensor_hooks_may_hand_back_other_strides(stats, saved_major):
+    """A saved-tensor hook that returns the logits in other strides (save_on_cpu's
+    pin_memory=True packs them contiguous): the gradient as without it -- the backward took
+    the unpacked logits' layout for the forward's, where its saved rows had the other."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, dtype=F64, generator=g)  # (C, N): x.t() is class-major (N, C)
+    t = torch.randint(0, 4, (6,), generator=g)
+    other = (lambda z: z.contiguous()) if saved_major else (lambda z: z.t().contiguous().t())
+    results = []
+    for hooked in (False, True):
+        p = base.clone().requires_grad_()
+        x = p.t() if saved_major else p.t().contiguous()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda z: z, other if hooked else (lambda z: z)):
+            out = nllfused.cross_entropy(x, t, label_smoothing=0.1,
+                                         return_stats=("entropy",) if stats else False)
+            loss = out[0] + out[1].entropy if stats else out
+        results.append(torch.autograd.grad(loss, p)[0])
+    torch.testing.assert_close(*results, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("extras", [dict(softcap=1e5), dict(softcap=30.0, logit_scale=0.7),
+                                    dict(z_loss=1e-2)], ids=str)
+def test_second_order_of_16_bit_logits_applies_the_extras_in_float32(dtype, extras):
+    """create_graph=True with 16-bit logits and nllfused's extras: the first-order gradient is
+    the one without create_graph, both the float32 value rounded once (one ulp apart at most):
+    the extras in float32, as the kernels apply them (a float16 softcap of 1e5 was inf)."""
+    g = torch.Generator().manual_seed(0)
+    x0, t = torch.randn(8, 16, generator=g) * 5, torch.randint(0, 16, (8,), generator=g)
+    grads = []
+    for create_graph in (False, True):
+        x = x0.to(dtype).requires_grad_()
+        loss = nllfused.cross_entropy(x, t, reduction="sum", **extras)
+        grads.append(torch.autograd.grad(loss, x, create_graph=create_graph)[0].detach())
+    ulp = torch.finfo(dtype).eps
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(grads[1].float(), grads[0].float(), rtol=ulp,
+                               atol=ulp * grads[0].abs().max().item())

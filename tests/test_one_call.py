@@ -181,7 +181,8 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     # torch's deprecated size_average / reduce: resolved into the reduction first
     with pytest.warns(UserWarning, match="size_average"):
         assert took_one_call(nllfused.cross_entropy(x, t, size_average=False))
-    assert not took_one_call(nllfused.cross_entropy(x, t.int()))  # torch refuses int32
+    # int32 targets (torch refuses them): on the CPU as an int64 copy
+    assert took_one_call(nllfused.cross_entropy(x, t.int())) == (device == "cpu")
     # uint8 targets (torch takes them): on the CPU the kernels read them as they are
     assert took_one_call(nllfused.cross_entropy(x, t.to(torch.uint8))) == (device == "cpu")
     q = torch.softmax(x.detach(), 1)
@@ -194,7 +195,11 @@ def test_only_torch_compatible_calls_take_the_one_call_path(device):
     assert took_one_call(nllfused.cross_entropy(x[0], q[0])) == (device == "cpu")
     assert not took_one_call(nllfused.cross_entropy(x[0], t[0], return_stats=True)[0])
     with torch.autocast(device, dtype=torch.bfloat16):
-        assert not took_one_call(nllfused.cross_entropy(x, t))
+        # float32 logits, which autocast leaves as they are, and 16-bit ones (the loss in
+        # float32; statistics: the general path)
+        assert took_one_call(nllfused.cross_entropy(x, t))
+        assert took_one_call(nllfused.cross_entropy(x.bfloat16(), t))
+        assert not took_one_call(nllfused.cross_entropy(x.bfloat16(), t, return_stats=True)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
@@ -334,6 +339,83 @@ def test_uint8_targets_and_legacy_reductions_as_torch(reduction, shape):
     torch.testing.assert_close(ours, F.cross_entropy(x, t.long(), w, ignore_index=255,
                                                      reduction=reduction),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 3, 2 ** 40], ids=str)
+def test_int32_targets_are_the_int64_ones(reduction, ignore_index):
+    """int32 class indices on the one-call path: the int64 targets' loss, gradient and
+    statistics bit for bit (an ignore_index past int32 ignores no target), and their
+    out-of-range error."""
+    x = torch.randn(40, 7, requires_grad=True)
+    t = torch.randint(0, 7, (40,))
+    t[::5] = ignore_index if ignore_index < 2 ** 31 else 0
+    kw = dict(weight=torch.rand(7) + 0.1, ignore_index=ignore_index, label_smoothing=0.1,
+              reduction=reduction)
+    ours, want = nllfused.cross_entropy(x, t.int(), **kw), nllfused.cross_entropy(x, t, **kw)
+    assert took_one_call(ours) and took_one_call(want)
+    assert torch.equal(ours, want)
+    g = torch.randn_like(want)
+    assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    for a, b in zip(nllfused.cross_entropy(x, t.int(), return_stats=True, **kw)[1],
+                    nllfused.cross_entropy(x, t, return_stats=True, **kw)[1]):
+        assert torch.equal(a, b)
+    t[1] = 7
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        nllfused.cross_entropy(x, t.int(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_one_call_under_autocast_with_float32_logits(dtype):
+    """Autocast leaves float32 / float64 logits as they are (torch runs cross_entropy in
+    float32): the one-call path serves them, its loss and gradient those without autocast,
+    also with 16-bit class weights and probability targets (which autocast casts)."""
+    x = torch.randn(24, 9, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 9, (24,))
+    q = torch.softmax(torch.randn(24, 9), 1).bfloat16()
+    w = (torch.rand(9) + 0.5).bfloat16()
+    for target, weight in ((t, w), (q, None)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = nllfused.cross_entropy(x, target, weight, label_smoothing=0.1)
+        assert took_one_call(ours)
+        want = nllfused.cross_entropy(x, target.float() if target.is_floating_point() else
+                                      target, None if weight is None else weight.float(),
+                                      label_smoothing=0.1)
+        assert ours.dtype == want.dtype == dtype
+        torch.testing.assert_close(ours, want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(ours, x)[0],
+                                   torch.autograd.grad(want, x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_call_under_autocast_with_16_bit_logits(dtype, reduction, monkeypatch):
+    """Autocast runs cross_entropy in float32: 16-bit logits' loss on the one-call path is
+    float32, never rounded to their dtype -- per row the general path's float32 rows bit for
+    bit, reduced within 1 ulp of their double reduction (as test_one_call_is_the_general_path
+    judges it) -- and their gradient the general path's ('none', 'sum': bit for bit)."""
+    x, t = index_case((40, 9), "cpu", dtype)
+    kw = dict(weight=torch.rand(9) + 0.1, reduction=reduction, label_smoothing=0.2)
+    with torch.autocast("cpu", dtype=dtype):
+        (l1, g1), (l2, g2) = one_call_and_general(x, t, monkeypatch, **kw)
+    assert l1.dtype == l2.dtype == torch.float32 and g1.dtype == dtype
+    if reduction == "none":
+        assert torch.equal(l1, l2)
+    else:
+        with torch.autocast("cpu", dtype=dtype):
+            rows = nllfused.cross_entropy(x, t, **dict(kw, reduction="none")).double()
+        den = kw["weight"].double()[t[t != -100]].sum() if reduction == "mean" else 1.0
+        torch.testing.assert_close(l1.double(), rows.sum() / den, rtol=2.0 ** -23, atol=0)
+    if reduction != "mean":
+        assert torch.equal(g1, g2)
+
+
+def test_opcheck_cross_entropy_loss_in_float32_of_16_bit_logits():
+    x = torch.randn(5, 6, 3).bfloat16().requires_grad_()
+    t = torch.randint(0, 6, (5, 3))
+    for reduction in (0, 1):
+        torch.library.opcheck(torch.ops.nllfused.cross_entropy_loss.default,
+                              (x, t, None, reduction, -100, 0.1), dict(dtype=torch.float32))
 
 
 @pytest.mark.parametrize("device", ONE_CALL_DEVICES)

@@ -32,6 +32,12 @@ def transform_active() -> bool:
     return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
+def vmapped(t: torch.Tensor) -> bool:
+    """t is batched by a vmap: is_grads_batched's (the legacy one) or torch.func's."""
+    return torch._C._functorch.is_legacy_batchedtensor(t) or \
+        torch._C._functorch.is_batchedtensor(t)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype: float64 for float64 logits, float32 for every other dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
