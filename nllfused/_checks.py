@@ -89,7 +89,9 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
 
 def _number(name, value) -> float:
     """A real number option (a Python or NumPy number, not a bool) as a finite float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # (a float or an int first: isinstance against the numbers ABCs costs a microsecond)
+    if type(value) is not float and type(value) is not int and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ArgumentTypeError(f"{name} must be a Python or NumPy number; got "
                                 f"{type(value).__name__}")
     if not isinstance(value, int):
@@ -106,6 +108,11 @@ def torch_smoothing(label_smoothing) -> float:
     tensor); at most 1, and no smoothing where it is not above 0 (torch checks only the upper
     bound: -0.5 or NaN mean none)."""
     value = label_smoothing
+    if type(value) is float:  # (the common case, without the tests below)
+        if value > 1.0:
+            raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0 (in [0, 1]); "
+                                f"got {value}")
+        return value if value > 0.0 else 0.0
     if isinstance(value, torch.Tensor) and value.requires_grad:  # torch refuses it too
         raise ArgumentTypeError("label_smoothing must be a real number; got a Tensor that "
                                 "requires grad (no gradient reaches label_smoothing)")
@@ -142,6 +149,8 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> tuple:
 def check_ignore_index(ignore_index) -> int:
     """ignore_index as an int: an int, or what torch also takes for one (a NumPy integer, an
     integer tensor of one element, any object with __index__); not a bool or a float."""
+    if type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63:  # (the common case)
+        return ignore_index
     if isinstance(ignore_index, torch.Tensor):
         if ignore_index.numel() == 1 and not ignore_index.is_floating_point() \
                 and ignore_index.dtype != torch.bool and not ignore_index.is_complex():
