@@ -50,7 +50,7 @@ from torch import Tensor
 
 from . import _checks, backends, functional, linear_stats, ops, stats
 from .linear_checks import (autocast_args, canonical_arguments, check_chunking, check_tensors,
-                            device_type)
+                            plain_small_head, small_logits)
 from ._checks import Options
 from .backends import torch_ref
 from .errors import ArgumentError
@@ -129,6 +129,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     each statistic computed from the chunks' logits (nllfused/linear_stats.py); entropy and
     target_logprob differentiable in input, linear_weight and linear_bias.
     """
+    if CHUNK_ROWS is None and plain_small_head(input, linear_weight, target, linear_bias,
+                                               options, chunk_size, _SMALL_LOGITS_BYTES,
+                                               _CHUNK_BYTES_CAP):
+        return _whole_logits(input, linear_weight, linear_bias, target, weight,
+                             -100 if ignore_index is None else ignore_index, reduction,
+                             label_smoothing, z_loss, logit_scale, softcap, backend,
+                             return_stats, return_z_loss, return_lse)
     reduction = _checks.resolve_reduction(None, None, reduction)
     label_smoothing, z_loss, logit_scale, softcap = _checks.check_options(
         label_smoothing, z_loss, logit_scale, softcap)
@@ -163,7 +170,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     M, C, H = dims = check_tensors(input, linear_weight, target, linear_bias)
     chunk_rows = _requested_rows(options, chunk_size, M, H, C)
     compiling = torch.compiler.is_compiling()
-    if chunk_rows == 0 and not compiling and _is_small(M, C, input):
+    if chunk_rows == 0 and not compiling and small_logits(M, C, input, _SMALL_LOGITS_BYTES,
+                                                          _CHUNK_BYTES_CAP):
         return _whole_logits(input, linear_weight, linear_bias, target, weight, ignore_index,
                              reduction, label_smoothing, z_loss, logit_scale, softcap, backend,
                              return_stats, return_z_loss, return_lse)
@@ -198,13 +206,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
     kernel = [None, None, predicted] if argmax else None  # (entropy, target_logprob, predicted)
     return linear_stats.result(loss.to(out_dtype), lse, kernel, names, x, linear_weight, t,
                                opts, z_loss, reduction, input.shape[:-1], *returns)
-
-
-def _is_small(M: int, C: int, input: Tensor) -> bool:
-    """Whether the (M, C) logits are small enough to be made whole (_whole_logits): at most
-    _SMALL_LOGITS_BYTES, and within one chunk's cap (_CHUNK_BYTES_CAP)."""
-    nbytes = M * C * input.element_size()
-    return nbytes <= min(_SMALL_LOGITS_BYTES, _CHUNK_BYTES_CAP.get(device_type(input), nbytes))
 
 
 def _whole_logits(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,

@@ -119,3 +119,28 @@ def check_chunking(options, chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
             chunk_size, int) or chunk_size < 1):
         raise ArgumentError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+
+
+def plain_small_head(input, linear_weight, target, linear_bias, options, chunk_size,
+                     small_bytes: int, caps: dict) -> bool:
+    """Whether a call can go straight to the whole logits (linear._whole_logits) before any
+    option is checked -- nllfused.cross_entropy then checks them all, as the usual path would
+    first: index targets of a 2-D head with classes, no chunking asked for, no autocast or
+    compiling, the tensors fit for F.linear (check_tensors: its errors are the usual path's),
+    logits of at most small_bytes and the device type's cap in caps. Each test a few attribute
+    reads: a small head's whole forward is ~20 microseconds."""
+    if not (options is None and chunk_size is None and type(target) is Tensor
+            and not target.is_floating_point() and type(linear_weight) is Tensor
+            and linear_weight.dim() == 2 and linear_weight.shape[0] > 0
+            and type(input) is Tensor and not torch.compiler.is_compiling()
+            and not _checks.autocast_enabled(device_type(input))):
+        return False
+    M, C, _ = check_tensors(input, linear_weight, target, linear_bias)
+    return small_logits(M, C, input, small_bytes, caps)
+
+
+def small_logits(M: int, C: int, input: Tensor, small_bytes: int, caps: dict) -> bool:
+    """Whether the (M, C) logits are small enough to be made whole (linear._whole_logits): at
+    most small_bytes, and within one chunk's cap for the device type (caps)."""
+    nbytes = M * C * input.element_size()
+    return nbytes <= min(small_bytes, caps.get(device_type(input), nbytes))
