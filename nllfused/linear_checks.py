@@ -58,7 +58,7 @@ def canonical_arguments(input, target, dims, weight, ignore_index, label_smoothi
     return x, t.long(), call.weight, call.options
 
 
-def check_tensors(input, linear_weight, target, linear_bias):
+def check_tensors(input, linear_weight, target, linear_bias, match_dtypes: bool = True):
     """What F.linear and the targets' shape ask of the tensors (the rest is cross_entropy's, on
     the logits: check_arguments); return (M, C, H): rows, classes, in_features. Each test reads
     what it needs once: a small head's whole call is a few microseconds (linear.py)."""
@@ -94,7 +94,7 @@ def check_tensors(input, linear_weight, target, linear_bias):
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
             continue
-        if t.dtype != dtype:
+        if match_dtypes and t.dtype != dtype:
             raise ArgumentTypeError(
                 f"{name} is {t.dtype} but input is {dtype}: they must match (or run "
                 f"under torch.autocast), as in F.linear")
@@ -125,18 +125,21 @@ def plain_small_head(input, linear_weight, target, linear_bias, options, chunk_s
                      small_bytes: int, caps: dict) -> bool:
     """Whether a call can go straight to the whole logits (linear._whole_logits) before any
     option is checked -- nllfused.cross_entropy then checks them all, as the usual path would
-    first: index targets of a 2-D head with classes, no chunking asked for, no autocast or
-    compiling, the tensors fit for F.linear (check_tensors: its errors are the usual path's),
+    first: index targets of a 2-D head with classes, no chunking asked for, not compiling, the
+    tensors fit for F.linear (check_tensors: its errors are the usual path's; under autocast
+    their dtypes are F.linear's to cast, through autocast's cache of a leaf weight's cast),
     logits of at most small_bytes and the device type's cap in caps. Each test a few attribute
     reads: a small head's whole forward is ~20 microseconds."""
     if not (options is None and chunk_size is None and type(target) is Tensor
             and not target.is_floating_point() and type(linear_weight) is Tensor
             and linear_weight.dim() == 2 and linear_weight.shape[0] > 0
             and type(input) is Tensor and not torch.compiler.is_compiling()
-            and not _checks.autocast_enabled(device_type(input))):
+            and small_logits(math.prod(input.shape[:-1]), linear_weight.shape[0], input,
+                             small_bytes, caps)):
         return False
-    M, C, _ = check_tensors(input, linear_weight, target, linear_bias)
-    return small_logits(M, C, input, small_bytes, caps)
+    check_tensors(input, linear_weight, target, linear_bias,
+                  match_dtypes=not _checks.autocast_enabled(device_type(input)))
+    return True
 
 
 def small_logits(M: int, C: int, input: Tensor, small_bytes: int, caps: dict) -> bool:

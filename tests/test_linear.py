@@ -532,6 +532,21 @@ def test_autocast_cpu_bfloat16(path):
         assert_matches_oracle(p.grad, want, torch.bfloat16, torch_grad, "grad")
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4], ids=["whole", "chunked"])
+def test_autocast_takes_mixed_dtypes_as_torch(chunk_size):
+    """Under autocast a float32 input may meet a bfloat16 head (and float32 bias), as F.linear
+    takes them: both cast to bfloat16, the loss float32 -- torch's, from the same bfloat16
+    logits in float32 arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    h, b = torch.randn(8, 6, generator=g), torch.randn(5, generator=g)
+    W, t = torch.randn(5, 6, generator=g).bfloat16(), torch.randint(0, 5, (8,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, W, t, b, chunk_size=chunk_size)
+        theirs = F.cross_entropy(F.linear(h, W, b), t)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+
+
 # --- module and signature ---------------------------------------------------------------------
 
 def _assert_accepts_every_argument(ours, theirs):
