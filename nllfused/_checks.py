@@ -108,22 +108,18 @@ def torch_smoothing(label_smoothing) -> float:
     tensor); at most 1, and no smoothing where it is not above 0 (torch checks only the upper
     bound: -0.5 or NaN mean none)."""
     value = label_smoothing
-    if type(value) is float:  # (the common case, without the tests below)
-        if value > 1.0:
-            raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0 (in [0, 1]); "
-                                f"got {value}")
-        return value if value > 0.0 else 0.0
-    if isinstance(value, torch.Tensor) and value.requires_grad:  # torch refuses it too
-        raise ArgumentTypeError("label_smoothing must be a real number; got a Tensor that "
-                                "requires grad (no gradient reaches label_smoothing)")
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, np.bool_):  # torch takes it as it takes True
-        value = bool(value)
-    if not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"label_smoothing must be a real number; got "
-                                f"{type(label_smoothing).__name__}")
-    value = float(value)
+    if type(value) is not float:  # (a float, the common case, needs none of these tests)
+        if isinstance(value, torch.Tensor) and value.requires_grad:  # torch refuses it too
+            raise ArgumentTypeError("label_smoothing must be a real number; got a Tensor that "
+                                    "requires grad (no gradient reaches label_smoothing)")
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, np.bool_):  # torch takes it as it takes True
+            value = bool(value)
+        if not isinstance(value, numbers.Real):
+            raise ArgumentTypeError(f"label_smoothing must be a real number; got "
+                                    f"{type(label_smoothing).__name__}")
+        value = float(value)
     if value > 1.0:
         raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0 (in [0, 1]); got "
                             f"{value}")
