@@ -154,7 +154,11 @@ def check_ignore_index(ignore_index) -> int:
     elif isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
         ignore_index = int(ignore_index)
     elif not isinstance(ignore_index, (bool, np.bool_)) and hasattr(ignore_index, "__index__"):
-        ignore_index = operator.index(ignore_index)
+        try:
+            ignore_index = operator.index(ignore_index)
+        except TypeError as error:  # (a NumPy array of one element, a bad __index__)
+            raise ArgumentTypeError(f"ignore_index must be an int; got "
+                                    f"{type(ignore_index).__name__} ({error})") from None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ArgumentTypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:  # torch: ValueError "Overflow when unpacking long"

@@ -101,7 +101,14 @@ def check_tensors(input, linear_weight, target, linear_bias, match_dtypes: bool 
         if t.device != input.device:
             raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
     lead = shape[:-1]
-    # An unbatched (H,) input takes its class index as () or (1,), as torch's functions do
+    # An unbatched (H,) input takes its class index as () or (1,), as torch's functions do --
+    # but for one class, where (1,) is the logits' shape: probabilities to torch, which refuses
+    # an integer dtype for them (nllfused.cross_entropy too, on the whole logits)
+    if not lead and C == 1 and target.shape == (1,) and not target.is_floating_point():
+        raise ArgumentTypeError(
+            f"Expected floating point type for target with class probabilities, got "
+            f"{target.dtype}: one class, a target of the logits' shape (1,) holds probabilities; "
+            f"a class index for an unbatched input has shape ()")
     if target.shape != lead and not (not lead and target.shape == (1,)):
         raise ArgumentError(
             f"target shape {tuple(target.shape)} does not match input shape "
@@ -125,11 +132,12 @@ def plain_small_head(input, linear_weight, target, linear_bias, options, chunk_s
                      small_bytes: int, caps: dict) -> bool:
     """Whether a call can go straight to the whole logits (linear._whole_logits) before any
     option is checked -- nllfused.cross_entropy then checks them all, as the usual path would
-    first: index targets of a 2-D head with classes, no chunking asked for, not compiling, the
-    tensors fit for F.linear (check_tensors: its errors are the usual path's; under autocast
-    their dtypes are F.linear's to cast, through autocast's cache of a leaf weight's cast),
-    logits of at most small_bytes and the device type's cap in caps. Each test a few attribute
-    reads: a small head's whole forward is ~20 microseconds."""
+    first (where a call has two faults the tensors' is named first): index targets of a 2-D
+    head with classes, no chunking asked for, not compiling, the tensors fit for F.linear
+    (check_tensors: its errors are the usual path's; under autocast their dtypes are
+    F.linear's to cast, through autocast's cache of a leaf weight's cast), logits of at most
+    small_bytes and the device type's cap in caps. Each test a few attribute reads: a small
+    head's whole forward is ~20 microseconds."""
     if not (options is None and chunk_size is None and type(target) is Tensor
             and not target.is_floating_point() and type(linear_weight) is Tensor
             and linear_weight.dim() == 2 and linear_weight.shape[0] > 0

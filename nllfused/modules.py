@@ -80,16 +80,21 @@ class CrossEntropyLoss(LossOptions):
 
     def __prepare_scriptable__(self):
         # torch.jit.script (of this module or of a model holding it, a criterion kept beside the
-        # network) takes torch's own module in its place where the options are torch's: the same
-        # loss, unfused (TorchScript cannot call the kernels' Python wrapper)
-        if (self.z_loss, self.logit_scale, self.softcap, self.return_stats) != (0, 1, None, False):
+        # network) takes torch's own module in its place where it is the same loss: torch's
+        # options, this class itself (a subclass's forward is its own), no hooks (TorchScript
+        # cannot call the kernels' Python wrapper)
+        if (self.z_loss, self.logit_scale, self.softcap, self.return_stats) != (0, 1, None, False) \
+                or type(self) is not CrossEntropyLoss or self._forward_hooks \
+                or self._forward_pre_hooks:
             raise ArgumentTypeError(
-                "nllfused.CrossEntropyLoss with z_loss, logit_scale, softcap or return_stats "
-                "cannot be compiled by TorchScript (torch.jit.script; without them torch's own "
-                "module stands in): use torch.compile, torch.jit.trace or torch.export")
-        return torch.nn.CrossEntropyLoss(
+                f"nllfused.{type(self).__name__} cannot be compiled by TorchScript "
+                f"(torch.jit.script; torch's own module stands in for a CrossEntropyLoss without "
+                f"z_loss, logit_scale, softcap, return_stats, subclass or hooks): use "
+                f"torch.compile, torch.jit.trace or torch.export")
+        stand_in = torch.nn.CrossEntropyLoss(
             self.weight, ignore_index=_checks.check_ignore_index(self.ignore_index),
             reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return stand_in.train(self.training)
 
     def extra_repr(self) -> str:
         extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]

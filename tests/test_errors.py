@@ -104,10 +104,23 @@ def test_module_rejects_bad_options_at_construction():
         nllfused.CrossEntropyLoss(backend="tpu")
 
 
+class ScaledLoss(nllfused.CrossEntropyLoss):
+    def forward(self, input, target):
+        return 3.0 * super().forward(input, target)
+
+
+def hooked_loss():
+    loss = nllfused.CrossEntropyLoss()
+    loss.register_forward_hook(lambda module, args, out: out * 10)
+    return loss
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("module", [lambda: nllfused.CrossEntropyLoss(z_loss=1e-4),
                                     lambda: nllfused.CrossEntropyLoss(return_stats=True),
-                                    lambda: nllfused.LinearCrossEntropyLoss(4, 5)])
+                                    ScaledLoss, hooked_loss,
+                                    lambda: nllfused.LinearCrossEntropyLoss(4, 5)],
+                         ids=["z_loss", "return_stats", "subclass", "hooked", "linear"])
 def test_torchscript_says_what_to_use_instead(module):
     with pytest.raises(TypeError, match="TorchScript.*torch.compile, torch.jit.trace"):
         torch.jit.script(module())
@@ -129,10 +142,11 @@ def test_torchscript_of_a_model_with_the_loss_takes_torchs_module(calls_loss):
         def forward(self, x, t):
             return self.criterion(self.lin(x), t) if self.calls_loss else self.lin(x)
 
-    model = Model()
+    model = Model().eval()
     scripted = torch.jit.script(model)
     x, t = X(6, 4), torch.tensor([0, 1, 2, 3, 4, 2])
     torch.testing.assert_close(scripted(x, t), model(x, t))
+    assert not scripted.criterion.training
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_enable(monkeypatch):

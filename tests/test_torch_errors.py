@@ -65,6 +65,9 @@ CASES = [
     ("input_not_a_tensor", lambda: dict(input=[[1.0, 2.0]], target=T(1)), "must be a Tensor"),
     ("ignore_index_float", lambda: dict(input=X(4, 5), target=T(4), ignore_index=1.5),
      "ignore_index must be an int"),
+    ("ignore_index_array", lambda: dict(input=X(4, 5), target=T(4),
+                                        ignore_index=torch.tensor([1]).numpy()),
+     "ignore_index must be an int"),
     ("weight_requires_grad", lambda: dict(input=X(4, 5).requires_grad_(), target=T(4),
                                           weight=torch.rand(5).requires_grad_()),
      "is not differentiable with respect to argument 'weight'"),
@@ -291,6 +294,17 @@ def test_linear_unbatched_input_takes_a_target_of_shape_1_as_torch(reduction, kw
             scalar = F.linear_cross_entropy(x, w, torch.tensor(y), reduction=reduction)
             for a, b in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(scalar, (x, w))):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["whole", "chunked"])
+def test_linear_one_class_unbatched_integer_target_of_shape_1_is_refused(chunk_size):
+    """One class: a (1,) target is the logits' shape, probabilities to torch, which refuses an
+    integer dtype for them -- whole logits or chunks alike (the chunks took it as an index)."""
+    x, w, t = X(8), X(1, 8), torch.tensor([0])
+    with pytest.raises(RuntimeError) as theirs:
+        F.linear_cross_entropy(x, w, t)
+    with pytest.raises(type(theirs.value), match="Expected floating point type for target"):
+        nllfused.linear_cross_entropy(x, w, t, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
