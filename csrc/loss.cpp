@@ -70,17 +70,19 @@ struct CrossEntropyLossBackward final : Node {
     variable_list out(1);
     const Tensor& grad = grads[0];
     if (!grad.defined() || !task_should_compute_output(0)) return out;
-    const Tensor input = as_forward_layout(input_.unpack(), major), target = target_.unpack(),
-                 lse = lse_.unpack(), aux = aux_.unpack(), w = weight_.unpack();
+    const Tensor saved = input_.unpack(), target = target_.unpack(), lse = lse_.unpack(),
+                 aux = aux_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     const bool create_graph = at::GradMode::is_enabled();
     if (create_graph || batched(grad)) {
-      // torch's own formula (csrc/loss.h), differentiable again
+      // torch's own formula (csrc/loss.h), differentiable again, in the saved logits as they
+      // are (any layout: a relaid copy made here, grad mode off, would be no graph's input)
       at::AutoGradMode grad_mode(true);
-      out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
+      out[0] = torch_loss_grad(saved, target, weight, reduction, ignore_index, label_smoothing,
                                extras, grad, create_graph);
       return out;
     }
+    const Tensor input = as_forward_layout(saved, major);
     auto [logits, target2] = canonical(input, target);
     const bool prob = prob_target(target);
     // Summed (index targets only): no aux rows exist; the kernels read aux for probability

@@ -264,8 +264,8 @@ struct CrossEntropyLossStatsBackward final : Node {
     const bool any = grads[0].defined() || (grads[1].defined() && (want & kEntropy)) ||
                      (grads[2].defined() && (want & kTargetLogp));
     if (!any || !task_should_compute_output(0)) return out;
-    const Tensor input = as_forward_layout(input_.unpack(), major), target = target_.unpack(),
-                 w = weight_.unpack();
+    const Tensor saved = input_.unpack(), target = target_.unpack(), w = weight_.unpack();
+    const Tensor input = as_forward_layout(saved, major);
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     auto [logits, target2] = canonical(input, target);
     const Tensor aux = aux_.unpack(), lse = lse_.unpack();
@@ -299,14 +299,15 @@ struct CrossEntropyLossStatsBackward final : Node {
     }
     if (graph) {
       at::AutoGradMode grad_mode(true);
+      // in the saved logits as they are (a relaid copy, or canonical views, made with grad
+      // mode off -- vmapped gradients -- would be no graph's input)
       if (any_extras(extras)) {  // (the loss's gradient alone)
-        out[0] = torch_loss_grad(input, target, weight, reduction, ignore_index, label_smoothing,
+        out[0] = torch_loss_grad(saved, target, weight, reduction, ignore_index, label_smoothing,
                                  extras, grads[0], create_graph);
         return out;
       }
-      // the canonical views once more, now recorded (grad mode was off for vmapped gradients)
-      auto [logits_g, target_g] = canonical(input, target);
-      out[0] = second_order(input, target, logits_g, target_g, weight, grads[0], g_ent, g_tlp,
+      auto [logits_g, target_g] = canonical(saved, target);
+      out[0] = second_order(saved, target, logits_g, target_g, weight, grads[0], g_ent, g_tlp,
                             create_graph);
       return out;
     }
@@ -354,13 +355,15 @@ struct CrossEntropyLossStatsBackward final : Node {
       outputs.push_back(sum_rows(std::get<0>(rows), aux, reduction, target.sizes()));
       grad_outputs.push_back(g_loss.to(outputs.back().scalar_type()));
     }
+    // (the statistics' row gradients in the forward's (N, D); a re-strided saved input's rows
+    // are the same rows in another view: class-major (1, N) or (N, 1))
     if (g_ent) {
       outputs.push_back(std::get<3>(rows));
-      grad_outputs.push_back(*g_ent);
+      grad_outputs.push_back(g_ent->reshape(outputs.back().sizes()));
     }
     if (g_tlp) {
       outputs.push_back(std::get<4>(rows));
-      grad_outputs.push_back(*g_tlp);
+      grad_outputs.push_back(g_tlp->reshape(outputs.back().sizes()));
     }
     return torch::autograd::grad(outputs, {input}, grad_outputs, /*retain_graph=*/true,
                                  create_graph)[0];

@@ -200,7 +200,8 @@ py::object one_call(py::handle input_, py::handle target_, py::handle weight_,
   if (at::autocast::is_autocast_enabled(at::kCPU) &&
       (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16)) {
     if (want != 0) return general;
-    dtype = at::kFloat;
+    // (probability targets: autocast casts 16-bit ones to float32, leaves float64 ones)
+    dtype = prob ? at::promote_types(at::kFloat, target.scalar_type()) : at::kFloat;
   }
   if (at::impl::torch_function_mode_enabled() || torch_func_active(input) ||
       (weight && torch_func_active(*weight)))

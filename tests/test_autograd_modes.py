@@ -502,10 +502,12 @@ def test_batched_gradients_of_the_linear_loss(reduction, chunk_size):
 
 @pytest.mark.parametrize("stats", [False, True], ids=["loss", "stats"])
 @pytest.mark.parametrize("saved_major", [False, True], ids=["row-major", "class-major"])
-def test_saved_tensor_hooks_may_hand_back_other_strides(stats, saved_major):
+@pytest.mark.parametrize("mode", ["plain", "batched", "create_graph"])
+def test_saved_tensor_hooks_may_hand_back_other_strides(stats, saved_major, mode):
     """A saved-tensor hook that returns the logits in other strides (save_on_cpu's
     pin_memory=True packs them contiguous): the gradient as without it -- the backward took
-    the unpacked logits' layout for the forward's, where its saved rows had the other."""
+    the unpacked logits' layout for the forward's, where its saved rows had the other -- also
+    for vmapped gradients and create_graph (differentiated in the logits as handed back)."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, dtype=F64, generator=g)  # (C, N): x.t() is class-major (N, C)
     t = torch.randint(0, 4, (6,), generator=g)
@@ -519,8 +521,13 @@ def test_saved_tensor_hooks_may_hand_back_other_strides(stats, saved_major):
             out = nllfused.cross_entropy(x, t, label_smoothing=0.1,
                                          return_stats=("entropy",) if stats else False)
             loss = out[0] + out[1].entropy if stats else out
-        results.append(torch.autograd.grad(loss, p)[0])
-    torch.testing.assert_close(*results, rtol=0, atol=0)
+        if mode == "batched":
+            grads = torch.tensor([1.0, -2.0], dtype=F64)
+            results.append(torch.autograd.grad(loss, p, grads, is_grads_batched=True)[0])
+        else:
+            results.append(torch.autograd.grad(loss, p, create_graph=mode == "create_graph")[0])
+    rtol = 0 if mode == "plain" else 1e-12  # (torch's formula: the layouts' own roundings)
+    torch.testing.assert_close(*results, rtol=rtol, atol=rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -410,6 +410,21 @@ def test_one_call_under_autocast_with_16_bit_logits(dtype, reduction, monkeypatc
         assert torch.equal(g1, g2)
 
 
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float32, torch.float64],
+                         ids=dtype_id)
+def test_one_call_under_autocast_with_probability_targets(target_dtype, monkeypatch):
+    """16-bit logits' probability targets under autocast: the loss in float32 promoted with the
+    targets' dtype as autocast casts them (16-bit ones to float32, float64 ones kept), the
+    general path's dtype and value."""
+    x = torch.randn(12, 7).bfloat16()
+    q = torch.softmax(torch.randn(12, 7), 1).to(target_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (l1, g1), (l2, g2) = one_call_and_general(x, q, monkeypatch, reduction="sum")
+    assert l1.dtype == l2.dtype == torch.promote_types(torch.float32, target_dtype)
+    torch.testing.assert_close(l1, l2)
+    assert torch.equal(g1, g2)
+
+
 def test_opcheck_cross_entropy_loss_in_float32_of_16_bit_logits():
     x = torch.randn(5, 6, 3).bfloat16().requires_grad_()
     t = torch.randint(0, 6, (5, 3))
