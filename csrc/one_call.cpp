@@ -14,11 +14,11 @@
 //   input, target, weight exact torch.Tensor (no subclass, so no __torch_function__ to honour),
 //   int64 targets (here uint8, int32 too) of the input's shape less the class dimension, or
 //   (the loss alone, no statistics) probability targets of the input's shape in a floating
-//   dtype, not
-//   requiring grad, with a negative ignore_index (torch refuses others); input with classes, of
-//   2 or more dimensions or (the loss alone) unbatched (C,), in float16/bfloat16/float32/float64;
-//   weight None or (C,) contiguous in a floating dtype (here; CUDA: the accumulation dtype), not
-//   requiring grad; size_average, reduce (the caller resolves them into reduction first) None;
+//   dtype, not requiring grad, with a negative ignore_index (torch refuses others); input with
+//   classes, of 2 or more dimensions or (the loss alone) unbatched (C,), in
+//   float16/bfloat16/float32/float64; weight None or (C,) contiguous in a floating dtype (here;
+//   CUDA: the accumulation dtype), not requiring grad; size_average, reduce (the caller
+//   resolves them into reduction first) None;
 //   reduction "none" / "mean" / "sum"; ignore_index an int; label_smoothing a number in [0, 1];
 //   for the loss alone or with lse / z_loss only (here, not on CUDA) z_loss a finite number
 //   >= 0, logit_scale a finite number, softcap None or a finite number > 0 -- with other
