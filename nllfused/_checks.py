@@ -69,15 +69,14 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     """Map the deprecated size_average/reduce pair as torch does; validate the result."""
     # (torch's legacy_get_string, written out: torch.compile(fullgraph=True) traces neither it
     # -- a torch.* function returning a str -- nor warnings.warn, which it skips)
-    warn = not torch.compiler.is_compiling()
     if size_average is not None or reduce is not None:
         reduction = ("none" if reduce is not None and not reduce else
                      "sum" if size_average is not None and not size_average else "mean")
-        if warn:
+        if not torch.compiler.is_compiling():
             warnings.warn(f"size_average and reduce args will be deprecated, please use "
                           f"reduction='{reduction}' instead.", stacklevel=3)
     if reduction == "elementwise_mean":  # torch's old name, still taken with a warning
-        if warn:
+        if not torch.compiler.is_compiling():
             warnings.warn("reduction='elementwise_mean' is deprecated, please use "
                           "reduction='mean' instead.")
         reduction = "mean"
