@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "compiled_node.h"
 #include "loss.h"
 
 #include <cmath>
@@ -67,9 +68,25 @@ struct CrossEntropyLossBackward final : Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex);
+    return backward(grads, task_should_compute_output(0));
+  }
+
+  // Every saved variable and option, in one order (csrc/compiled_node.h)
+  static constexpr const char* kFunctionalName = "nllfused_CrossEntropyLossBackward";
+  template <class F>
+  static void each_saved(CrossEntropyLossBackward& n, F f) {
+    for (SavedVariable* v : {&n.input_, &n.target_, &n.lse_, &n.aux_, &n.weight_}) f(*v);
+  }
+  template <class F>
+  static void each_option(CrossEntropyLossBackward& n, F f) {
+    f(n.reduction), f(n.ignore_index), f(n.label_smoothing), f(n.extras.z_loss);
+    f(n.extras.logit_scale), f(n.extras.softcap), f(n.summed), f(n.major);
+  }
+
+  variable_list backward(const variable_list& grads, bool needed) {
     variable_list out(1);
     const Tensor& grad = grads[0];
-    if (!grad.defined() || !task_should_compute_output(0)) return out;
+    if (!grad.defined() || !needed) return out;
     const Tensor saved = input_.unpack(), target = target_.unpack(), lse = lse_.unpack(),
                  aux = aux_.unpack(), w = weight_.unpack();
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
@@ -99,26 +116,13 @@ struct CrossEntropyLossBackward final : Node {
     return out;
   }
 
-  // Compiled autograd: the options specialise the graph, the saved tensors are its inputs.
+  // Compiled autograd: a call of backward in the captured graph (csrc/compiled_node.h).
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    for (const SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_})
-      args.collect(*v, false);
-    args.collect(reduction);
-    args.collect(ignore_index);
-    args.collect(label_smoothing);
-    args.collect(extras.z_loss);
-    args.collect(extras.logit_scale);
-    args.collect(extras.softcap);
-    args.collect(summed);
-    args.collect(major);
+    compiled_node::collect(*this, args);
   }
-
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_}) saved.before(*v);
-    variable_list out = apply(variable_list(grads));
-    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &weight_}) saved.after(*v);
-    return out;
+    return compiled_node::capture(*this, grads, saved);
   }
 };
 

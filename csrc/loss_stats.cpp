@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "compiled_node.h"
 #include "loss.h"
 
 #include <array>
@@ -246,7 +247,7 @@ struct CrossEntropyLossStatsBackward final : Node {
   double label_smoothing = 0;
   Extras extras;  // with lse / z_loss only (no kernel statistics, never summed)
   bool summed = false;  // aux_ is aux's sum, `counted` the counted rows (forward_parts)
-  double counted = 0;
+  double counted = -1;  // (-1: not known -- compiled autograd's call passes no count)
   bool major = false;  // the input was class-major (canonical)
   std::mutex mutex;
 
@@ -260,10 +261,28 @@ struct CrossEntropyLossStatsBackward final : Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex);
+    return backward(grads, task_should_compute_output(0));
+  }
+
+  // Every saved variable and option, in one order (csrc/compiled_node.h). Not the count of
+  // counted rows: data, not an option (a constant of the captured graph would be stale).
+  static constexpr const char* kFunctionalName = "nllfused_CrossEntropyLossStatsBackward";
+  template <class F>
+  static void each_saved(CrossEntropyLossStatsBackward& n, F f) {
+    for (SavedVariable* v : {&n.input_, &n.target_, &n.lse_, &n.aux_, &n.entropy_, &n.weight_})
+      f(*v);
+  }
+  template <class F>
+  static void each_option(CrossEntropyLossStatsBackward& n, F f) {
+    f(n.reduction), f(n.ignore_index), f(n.want), f(n.label_smoothing), f(n.extras.z_loss);
+    f(n.extras.logit_scale), f(n.extras.softcap), f(n.summed), f(n.major);
+  }
+
+  variable_list backward(const variable_list& grads, bool needed) {
     variable_list out(1);
     const bool any = grads[0].defined() || (grads[1].defined() && (want & kEntropy)) ||
                      (grads[2].defined() && (want & kTargetLogp));
-    if (!any || !task_should_compute_output(0)) return out;
+    if (!any || !needed) return out;
     const Tensor saved = input_.unpack(), target = target_.unpack(), w = weight_.unpack();
     const Tensor input = as_forward_layout(saved, major);
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
@@ -282,8 +301,8 @@ struct CrossEntropyLossStatsBackward final : Node {
     const bool graph = create_graph || batched(grads[0]) || batched(grads[1]) ||
                        batched(grads[2]);
     auto plain = [](const Tensor& t) { return !t.defined() || plain_cpu(t); };
-    const bool counted_only = summed && !graph && plain_cpu(logits) && plain(grads[0]) &&
-                              plain(grads[1]) && plain(grads[2]);
+    const bool counted_only = summed && counted >= 0 && !graph && plain_cpu(logits) &&
+                              plain(grads[0]) && plain(grads[1]) && plain(grads[2]);
     std::optional<Tensor> g_ent, g_tlp;
     if (counted_only) {
       auto row_grad = [&](const Tensor& g) {
@@ -369,28 +388,13 @@ struct CrossEntropyLossStatsBackward final : Node {
                                  create_graph)[0];
   }
 
+  // Compiled autograd: a call of backward in the captured graph (csrc/compiled_node.h).
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    for (const SavedVariable* v : {&input_, &target_, &lse_, &aux_, &entropy_, &weight_})
-      args.collect(*v, false);
-    args.collect(reduction);
-    args.collect(ignore_index);
-    args.collect(want);
-    args.collect(label_smoothing);
-    args.collect(extras.z_loss);
-    args.collect(extras.logit_scale);
-    args.collect(extras.softcap);
-    args.collect(summed);
-    args.collect(major);
+    compiled_node::collect(*this, args);
   }
-
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &entropy_, &weight_})
-      saved.before(*v);
-    variable_list out = apply(variable_list(grads));
-    for (SavedVariable* v : {&input_, &target_, &lse_, &aux_, &entropy_, &weight_})
-      saved.after(*v);
-    return out;
+    return compiled_node::capture(*this, grads, saved);
   }
 };
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch._dynamo import compiled_autograd as _compiled_autograd
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks, _extension, backends, ops, stats
@@ -152,10 +151,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         reduction = _checks.resolve_reduction(size_average, reduce, reduction)
         size_average = reduce = None
     want_stats = return_stats or return_z_loss or return_lse
-    # (Compiled autograd cannot trace the one-call ops' C++ graph nodes: the general path's
-    # custom ops, whose backward is registered in Python, where it is on.)
-    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0 and \
-            not _compiled_autograd.compiled_autograd_enabled:
+    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
         if not want_stats:
             # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
             loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,

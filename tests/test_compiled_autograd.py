@@ -1,0 +1,89 @@
+"""Compiled autograd (torch._dynamo.compiled_autograd) of a backward whose forward ran eagerly,
+as trainers that enable it around backward() only do: the one-call graph nodes
+(csrc/loss.cpp, csrc/loss_stats.cpp) put a call of their backward into the captured graph
+(csrc/compiled_node.h), whose gradients equal eager autograd's."""
+import pytest
+import torch
+from torch._dynamo import compiled_autograd
+
+import nllfused
+
+NODES = ("nllfused::CrossEntropyLossBackward", "nllfused::CrossEntropyLossStatsBackward")
+
+CASES = {
+    "mean": dict(),
+    "none": dict(reduction="none"),
+    "sum-options": dict(reduction="sum", label_smoothing=0.1, ignore_index=1, weight=True),
+    "extras": dict(z_loss=1e-2, logit_scale=0.7, softcap=5.0),
+    "stats": dict(return_stats=True, ignore_index=1),
+    "stats-none": dict(reduction="none", return_stats=True),
+}
+
+
+def inputs(shape, dtype, seed, kw):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = (3 * torch.randn(*shape, generator=g)).to(dtype)
+    t = torch.randint(0, C, (shape[0],) + shape[2:], generator=g)
+    kw = dict(kw)
+    if kw.get("weight"):
+        kw["weight"] = torch.rand(C, generator=g) + 0.5
+    return x, t, kw
+
+
+def backward_of(x, t, kw, seed):
+    """x's gradient of a scalar built from the loss (and the statistics), not the loss itself:
+    the loss's node gets its gradient from other nodes of the graph."""
+    g = torch.Generator().manual_seed(seed + 1)
+    xd = x.clone().requires_grad_()
+    out = nllfused.cross_entropy(xd, t, **kw)
+    loss, stats = out if isinstance(out, tuple) else (out, None)
+    node = loss.grad_fn
+    total = (loss * torch.rand(loss.shape, generator=g)).sum()
+    if stats is not None:
+        total = total + (stats.entropy * 0.3).sum() - (stats.target_logprob * 0.2).sum()
+    return xd, node, total
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5)], ids=["rows", "kdim"])
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_autograd_of_an_eager_forward(case, shape, dtype, backend):
+    """The forward eager (the one-call node), the backward under compiled autograd: x's
+    gradient equals eager autograd's, bit for bit (the same kernels run)."""
+    x, t, kw = inputs(shape, dtype, 0, CASES[case])
+    xe, node, total = backward_of(x, t, kw, 0)
+    assert node.name() in NODES  # the one-call path's node, not the general path's
+    total.backward()
+    xc, node, total = backward_of(x, t, kw, 0)
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend=backend)):
+        total.backward()
+    assert xe.grad.abs().max() > 0
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(return_stats=True), dict(reduction="sum")], ids=str)
+def test_compiled_autograd_graph_is_not_reused_with_stale_options(kw):
+    """Backward graphs of the same shapes under one compiler: the options are constants of the
+    captured graph (another option captures anew), the rows that count are data (another
+    ignore_index pattern, or another count of counted rows, reuses the graph, correctly)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    compiler = torch.compile(backend="eager")
+    captures = []
+    for seed, opts in enumerate([dict(label_smoothing=0.1), dict(label_smoothing=0.3),
+                                 dict(ignore_index=2), dict(ignore_index=2)]):
+        x, t, kw2 = inputs((8, 5), torch.float32, seed, dict(kw, **opts))
+        if seed == 3:
+            t[:5] = 2  # five ignored rows where seed 2's targets had fewer
+        xe, _, total = backward_of(x, t, kw2, seed)
+        total.backward()
+        xc, node, total = backward_of(x, t, kw2, seed)
+        assert node.name() in NODES
+        with compiled_autograd._enable(compiler):
+            total.backward()
+        captures.append(counters["compiled_autograd"]["captures"])
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
+    assert captures[1] > captures[0] and captures[3] == captures[2]
