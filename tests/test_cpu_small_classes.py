@@ -21,15 +21,16 @@ CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_in
     else []
 # kernels.h / ce_cpu_lanes.h: the most classes of a tile (kLaneMaxClasses), of a tile whose
 # classes are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced,
-# 2d_transposed), and of a gathered tile's backward (lane_limit).
+# 2d_transposed), and of a gathered (N, C) tile's backward (lane_limit: 64 classes on avx2, 96 on
+# avx512 / avx512bf16).
 LANE_MAX_C = 256
 LANE_MAX_VIN = 1024
-GATHER_MAX_C = 32
+GATHER_MAX_C = (64, 96)
 # Lanes per tile (W2) are 2 (default), 8 or 16 (avx2), 16 or 32 (avx512, avx512bf16): class
 # counts and row counts on both sides of each.
-CLASS_COUNTS = sorted({1, 2, 3, 7, 9, 10, 15, 17, 31, 33, GATHER_MAX_C, GATHER_MAX_C + 1,
-                       LANE_MAX_C - 1, LANE_MAX_C, LANE_MAX_C + 1, LANE_MAX_VIN,
-                       LANE_MAX_VIN + 1})
+CLASS_COUNTS = sorted({1, 2, 3, 7, 9, 10, 15, 17, 31, 33, *GATHER_MAX_C,
+                       *(c + 1 for c in GATHER_MAX_C), LANE_MAX_C - 1, LANE_MAX_C,
+                       LANE_MAX_C + 1, LANE_MAX_VIN, LANE_MAX_VIN + 1})
 LOW = (torch.float16, torch.bfloat16)
 
 
@@ -50,6 +51,9 @@ LAYOUTS = {
     "2d": lambda C, d: randn((45, C), d),
     # (N, C) column-major: consecutive rows adjacent in memory, one vector load per class.
     "2d_transposed": lambda C, d: randn((C, 37), d).t(),
+    # (N, C + 3)[:, :C]: unit class stride, rows C + 3 apart (blocks gathered, the gradient
+    # scattered in the logits' strides).
+    "2d_row_sliced": lambda C, d: randn((45, C + 3), d)[:, :C],
     # (N, 2C)[:, ::2]: class stride 2.
     "2d_sliced": lambda C, d: randn((21, 2 * C), d)[:, ::2],
     # (N, C, d1, d2), D = 35: tiles of consecutive d of one n, one vector load per class.

@@ -612,6 +612,7 @@ struct Ce {
   static inline void lane_prefetch(const T* p, bool write = false);
   static void lane_tile(const Args& A, int64_t tile, bool first, Lanes& T);
   static int64_t lane_block_lanes(const Args& A, const Lanes& T);
+  static inline int64_t lane_stride(const Args& A, const Lanes& T);
   static inline int64_t block_start(int64_t c, int64_t C);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   template <typename dst_t>

@@ -50,17 +50,19 @@ inline void lane_loop(int64_t L, int64_t W2, const F& f) {
 // rows path up to 256 classes, and the tiles of ce_cpu_forward.h by far up to kLaneMaxClassesVin
 // where its logits are one vector load per class (zb then spills from L1 to L2; forward, two
 // threads: (2, 300, 64, 64) bf16 7x, (4, 1000, 32, 32) fp32 4.6x the tiles' speed). A tile of
-// a plain (N, C) input is a transposition both ways, a scalar copy per logit: the forward still
-// gains to 256 classes (the rows path pays a horizontal max, sum and log per row), the
-// backward, which the rows path runs in place, only to 32 classes (measured on the AVX2 copy,
-// 8192 rows: 0.7x the rows path's time at 32 classes, 1.6x at 48).
+// a plain (N, C) input is a transposition both ways, by blocks in registers (lane_block_lanes):
+// the forward gains to 256 classes (the rows path pays a horizontal max, sum and log per row),
+// the backward, which the rows path runs in place, only to a few dozen (Zen 4, avx512 copy, one
+// thread, 4096 rows, its time over the rows path's: float32 48 classes 0.70x, 64 0.90x, 128
+// 1.18x; bfloat16 48 0.93x, 64 1.2x, 128 1.8x).
 template <typename scalar_t>
 int64_t Ce<scalar_t>::lane_limit(const Args& A, bool backward) {
   // The baseline copy, one lane a "vector", gains in the forward only (its backward: 1.2x the
   // tiles' time at (4, 21, 64, 64), 1.5x the rows' at (1024, 32)).
   if (W == 1) return backward ? 0 : lane_max_classes(A);
   const bool transposed = A.D == 1 && A.xN != 1 && (A.xC == 1 || A.C == 1);
-  return backward && transposed ? 32 : lane_max_classes(A);
+  if (backward && transposed) return W2 >= 32 ? 96 : 64;
+  return lane_max_classes(A);
 }
 
 template <typename scalar_t>
@@ -195,16 +197,24 @@ void Ce<scalar_t>::lane_tile(const Args& A, int64_t tile, bool first, Lanes& T) 
   for (int64_t l = 0; l < W2; ++l) T.yf[l] = static_cast<acc_t>(static_cast<int32_t>(T.y[l]));
 }
 
-// Lanes [0, return) of a dtile whose classes are adjacent (unit class stride: channels-last,
-// (B, T, V) seen as (B, V, T)): whole kTile-lane blocks, which lane_gather and lane_scatter
-// move by transpose_block -- a vector load and store per class and block where the lane's own
-// copy is a scalar one per logit (the forward of (8, 21, 128, 128) fp32 channels-last took 1.7x
-// the contiguous input's time; the backward's gradient, written contiguous, then cost an
-// autograd copy as long as the kernel).
+// Lanes [0, return) of a tile whose classes are adjacent (unit class stride) and whose lanes are
+// evenly spaced, lane_stride apart -- a dtile (channels-last, (B, T, V) seen as (B, V, T)), or
+// consecutive rows of an (N, C) input: whole kTile-lane blocks, which lane_gather and
+// lane_scatter move by transpose_block -- a vector load and store per class and block where the
+// lane's own copy is a scalar one per logit (the forward of (8, 21, 128, 128) fp32 channels-last
+// took 1.7x the contiguous input's time; the backward's gradient, written contiguous, then cost
+// an autograd copy as long as the kernel; a plain (4096, 256) input's forward 1.9x the time of
+// the same memory seen as channels-last, Zen 4, one thread).
 template <typename scalar_t>
 int64_t Ce<scalar_t>::lane_block_lanes(const Args& A, const Lanes& T) {
   if constexpr (W2 < kTile || W2 % kTile != 0) return 0;
-  return T.dtile && A.xC == 1 ? T.L / kTile * kTile : 0;
+  return (T.dtile || A.D == 1) && A.xC == 1 ? T.L / kTile * kTile : 0;
+}
+
+// The logits' distance between a blocked tile's consecutive lanes (lane_block_lanes).
+template <typename scalar_t>
+inline int64_t Ce<scalar_t>::lane_stride(const Args& A, const Lanes& T) {
+  return T.dtile ? A.xD : A.xN;
 }
 
 // The first of the kTile classes a block from class c moves: c, or C - kTile for the last,
@@ -226,19 +236,19 @@ void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
     if (!T.xh[h]) continue;
     for (int64_t c = 0; c < C; ++c) load1(T.xh[h] + c * xC).store(zb + c * W2 + h * W);
   }
-  const int64_t blocked = lane_block_lanes(A, T);  // lane l's class c at x0[l xD + c]
+  const int64_t blocked = lane_block_lanes(A, T);  // lane l's class c at x0[l ls + c]
+  const int64_t ls = lane_stride(A, T);
   for (int64_t l0 = 0; l0 < blocked; l0 += kTile) {
-    const scalar_t* x = T.x0 + l0 * A.xD;
-    if (C < kTile && A.xD == C && run_to_rows(x, C, zb + l0, W2)) continue;
+    const scalar_t* x = T.x0 + l0 * ls;
+    if (C < kTile && ls == C && run_to_rows(x, C, zb + l0, W2)) continue;
     for (int64_t c = 0; c < C; c += kTile) {
       const int64_t cb = block_start(c, C);
       if (cb >= 0) {
-        transpose_block(x + cb, A.xD, zb + cb * W2 + l0, W2);
+        transpose_block(x + cb, ls, zb + cb * W2 + l0, W2);
         continue;
       }
       for (; c < C; ++c) {
-        for (int64_t l = 0; l < kTile; ++l)
-          zb[c * W2 + l0 + l] = static_cast<acc_t>(x[l * A.xD + c]);
+        for (int64_t l = 0; l < kTile; ++l) zb[c * W2 + l0 + l] = static_cast<acc_t>(x[l * ls + c]);
       }
     }
   }
@@ -309,20 +319,26 @@ void Ce<scalar_t>::lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, 
   const int64_t C = A.C, D = A.D;
   if (A.out_like_x) {
     const scalar_t* x = static_cast<const scalar_t*>(A.x);
-    const int64_t blocked = lane_block_lanes(A, T), xC = A.xC;
-    // channels-last (classes of a gathered tile: at most kLaneMaxClasses): the tile's L C
-    // values are one run
-    if (T.dtile && xC == 1 && A.xD == C && C <= kLaneMaxClasses) {
+    const int64_t blocked = lane_block_lanes(A, T), xC = A.xC, ls = lane_stride(A, T);
+    // channels-last, or contiguous rows (classes of a gathered tile: at most
+    // kLaneMaxClasses): the tile's L C values are one run
+    if ((T.dtile || A.D == 1) && xC == 1 && ls == C && C <= kLaneMaxClasses) {
       lane_scatter_run(A, T, zb, blocked, out + (T.x0 - x));
       return;
     }
     for (int64_t l0 = 0; l0 < blocked; l0 += kTile)
-      lane_block_out(zb, l0, C, out + (T.x0 - x) + l0 * A.xD, A.xD);
+      lane_block_out(zb, l0, C, out + (T.x0 - x) + l0 * ls, ls);
     for (int64_t l = blocked; l < T.L; ++l) {
       const scalar_t* xl = T.dtile ? T.x0 + l * A.xD : row_ptr(A, T.n[l], T.d[l]);
       scalar_t* ol = out + (xl - x);
       for (int64_t c = 0; c < C; ++c) ol[c * xC] = static_cast<scalar_t>(zb[c * W2 + l]);
     }
+    return;
+  }
+  if (D == 1 && C <= kLaneMaxClasses) {  // contiguous (N, C) rows: the L C values one run
+    int64_t blocked = 0;
+    if constexpr (W2 >= kTile && W2 % kTile == 0) blocked = T.L / kTile * kTile;
+    lane_scatter_run(A, T, zb, blocked, out + T.r0 * C);
     return;
   }
   for (int64_t h = 0; h < 2; ++h) {  // halves of W consecutive d: a vector a class
