@@ -19,18 +19,20 @@ pytestmark = pytest.mark.skipif(not nllfused.build_info()["built"],
 
 CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
     else []
-# kernels.h / ce_cpu_lanes.h: the most classes of a tile (kLaneMaxClasses), of a tile whose
-# classes are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced,
-# 2d_transposed), and of a gathered (N, C) tile's backward (lane_limit: 64 classes on avx2, 96 on
-# avx512 / avx512bf16).
+# kernels.h / ce_cpu_lanes.h: the most classes of a tile (kLaneMaxClasses), of a tile of a plain
+# (N, C) input's rows (kLaneMaxClassesRows: layouts 2d, 2d_row_sliced), of a tile whose classes
+# are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced, 2d_transposed), and of
+# a gathered (N, C) tile's backward (lane_limit: 64 classes on avx2, 96 on avx512 / avx512bf16).
 LANE_MAX_C = 256
+LANE_MAX_ROWS = 384
 LANE_MAX_VIN = 1024
 GATHER_MAX_C = (64, 96)
 # Lanes per tile (W2) are 2 (default), 8 or 16 (avx2), 16 or 32 (avx512, avx512bf16): class
 # counts and row counts on both sides of each.
 CLASS_COUNTS = sorted({1, 2, 3, 7, 9, 10, 15, 17, 31, 33, *GATHER_MAX_C,
                        *(c + 1 for c in GATHER_MAX_C), LANE_MAX_C - 1, LANE_MAX_C,
-                       LANE_MAX_C + 1, LANE_MAX_VIN, LANE_MAX_VIN + 1})
+                       LANE_MAX_C + 1, LANE_MAX_ROWS, LANE_MAX_ROWS + 1, LANE_MAX_VIN,
+                       LANE_MAX_VIN + 1})
 LOW = (torch.float16, torch.bfloat16)
 
 

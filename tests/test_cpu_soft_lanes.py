@@ -92,6 +92,16 @@ def test_targets_laid_out_otherwise(capability, layout):
                         label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("C", [5, 17, 40, 300, 384])
+@pytest.mark.parametrize("layout", ["2d", "2d_row_sliced"])
+def test_targets_with_a_row_stride_of_their_own(capability, layout, C):
+    """Targets whose rows are further apart than C (a slice of wider rows): the tiles' blocks of
+    consecutive rows read them qN apart, not C."""
+    x = LAYOUTS[layout](C, torch.float32)
+    q = soft_targets(torch.empty(x.shape[0], C + 5))[:, :C]
+    check_cross_entropy(x, q, "cpu", "cpu", reduction="none", label_smoothing=0.1)
+
+
 def hard_rows(x):
     """Rows 0-4 made hard: a NaN logit, a +inf logit, all -inf, -inf classes that have target
     mass (loss +inf, gradient finite), a huge offset."""
