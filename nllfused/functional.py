@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._dynamo import compiled_autograd as _compiled_autograd
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks, _extension, backends, ops, stats
@@ -151,7 +152,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         reduction = _checks.resolve_reduction(size_average, reduce, reduction)
         size_average = reduce = None
     want_stats = return_stats or return_z_loss or return_lse
-    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
+    # (Under compiled autograd the general path: its backward is registered in Python, which
+    # compiled autograd traces whatever the gradient's order; the one-call nodes' functional
+    # form (csrc/compiled_node.h) serves forwards that ran before it was enabled.)
+    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0 and \
+            not _compiled_autograd.compiled_autograd_enabled:
         if not want_stats:
             # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
             loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,

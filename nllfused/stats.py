@@ -22,8 +22,10 @@ CUDA and C++ CPU kernels; the C++ CPU ones do only the work of those asked for, 
 op's with_entropy / with_predicted: `kernel_flags`), else from `torch_ref.entropy_and_argmax`
 (an extra pass over the logits). CPU calls the one-call path takes (nllfused/functional.py)
 get all of it, reductions and autograd included, from one C++ op (csrc/loss_stats.cpp); `mask`
-and `from_one_call` translate to and from it. There, with up to 256 classes, the kernel adds the
-rows up in its own pass ('sum' and 'mean': sums in float64, rounded once, as the loss's).
+and `from_one_call` translate to and from it. There, where the lanes path runs (up to 256
+classes; 384 for (N, C) rows, 1024 where a tile's class is one vector load:
+csrc/cpu/kernels.h), the kernel adds the rows up in its own pass ('sum' and 'mean': sums in
+float64, rounded once, as the loss's).
 
 Names users of other packages know: return_z_loss=True (Liger-Kernel) and return_lse=True
 (quack, flash-attention) append the reduced z-loss term and the per-row lse to the returned

@@ -51,7 +51,9 @@ def backward_of(x, t, kw, seed):
 @pytest.mark.parametrize("case", CASES)
 def test_compiled_autograd_of_an_eager_forward(case, shape, dtype, backend):
     """The forward eager (the one-call node), the backward under compiled autograd: x's
-    gradient equals eager autograd's, bit for bit (the same kernels run)."""
+    gradient equals eager autograd's -- bit for bit with the eager backend (the same code
+    runs); aot_eager traces the small tensor ops around the kernels, which may then round
+    differently in the last bit."""
     x, t, kw = inputs(shape, dtype, 0, CASES[case])
     xe, node, total = backward_of(x, t, kw, 0)
     assert node.name() in NODES  # the one-call path's node, not the general path's
@@ -61,7 +63,8 @@ def test_compiled_autograd_of_an_eager_forward(case, shape, dtype, backend):
     with compiled_autograd._enable(torch.compile(backend=backend)):
         total.backward()
     assert xe.grad.abs().max() > 0
-    torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
+    exact = dict(rtol=0, atol=0) if backend == "eager" else {}
+    torch.testing.assert_close(xc.grad, xe.grad, **exact)
 
 
 @pytest.mark.parametrize("kw", [dict(return_stats=True), dict(reduction="sum")], ids=str)

@@ -274,13 +274,13 @@ def test_bf16_gradient_far_from_zero(capability, chunk, smoothing):
 def test_every_tail_length(capability, option, dtype):
     """The fold's last, partial step (fold_steps: fewer than 2W classes, padded with the max, the
     pad lanes adding nothing and never counted at the max) and the max sweep's (chunk_max), for
-    every tail length 2W can leave (rows of 257..288 classes: past the lane path's 256, and
-    every residue mod 32), 64-byte aligned rows (bf16 then read in place, the tail in class
-    order after split-order steps): a row's max alone in the tail, tied maxima in it, -inf in
-    it (the entropy's 0 * -inf rerun over the tail), a confident row whose target is in the
-    tail; loss and gradient against float64 torch, and with statistics lse, entropy, target
-    log-probability and argmax."""
-    for C in range(257, 289):
+    every tail length 2W can leave (rows of 385..416 classes: past the lane path's 384 for
+    (N, C) rows, and every residue mod 32), 64-byte aligned rows (bf16 then read in place, the
+    tail in class order after split-order steps): a row's max alone in the tail, tied maxima in
+    it, -inf in it (the entropy's 0 * -inf rerun over the tail), a confident row whose target is
+    in the tail; loss and gradient against float64 torch, and with statistics lse, entropy,
+    target log-probability and argmax."""
+    for C in range(385, 417):
         x = torch.randn(5, C, dtype=torch.float64) * 2
         x[1, -1] = 9.0                                   # the max alone, the last class
         x[2, [-1, -3]] = 8.0                             # tied maxima in the tail
@@ -288,7 +288,7 @@ def test_every_tail_length(capability, option, dtype):
         x[3] -= 20.0
         x[3, -2] = 0.0                                   # confident, the target in the tail
         x[4, C - C % 32:] = float("-inf")                # the whole tail (if any) at -inf
-        buf = torch.empty(5, 320, dtype=dtype)
+        buf = torch.empty(5, 448, dtype=dtype)
         xb = buf[:, :C]
         xb.copy_(x)
         t = torch.randint(0, C, (5,))

@@ -22,11 +22,12 @@ CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_in
 # kernels.h / ce_cpu_lanes.h: the most classes of a tile (kLaneMaxClasses), of a tile of a plain
 # (N, C) input's rows (kLaneMaxClassesRows: layouts 2d, 2d_row_sliced), of a tile whose classes
 # are one vector load each (kLaneMaxClassesVin: layouts kdim, kdim_sliced, 2d_transposed), and of
-# a gathered (N, C) tile's backward (lane_limit: 64 classes on avx2, 96 on avx512 / avx512bf16).
+# a gathered (N, C) tile's backward (lane_limit: 64 classes with 16 lanes a tile -- avx2 float32,
+# avx512 float64 --, 96 with 32, 32 in a copy without 16 x 16 blocks).
 LANE_MAX_C = 256
 LANE_MAX_ROWS = 384
 LANE_MAX_VIN = 1024
-GATHER_MAX_C = (64, 96)
+GATHER_MAX_C = (32, 64, 96)
 # Lanes per tile (W2) are 2 (default), 8 or 16 (avx2), 16 or 32 (avx512, avx512bf16): class
 # counts and row counts on both sides of each.
 CLASS_COUNTS = sorted({1, 2, 3, 7, 9, 10, 15, 17, 31, 33, *GATHER_MAX_C,
@@ -53,8 +54,8 @@ LAYOUTS = {
     "2d": lambda C, d: randn((45, C), d),
     # (N, C) column-major: consecutive rows adjacent in memory, one vector load per class.
     "2d_transposed": lambda C, d: randn((C, 37), d).t(),
-    # (N, C + 3)[:, :C]: unit class stride, rows C + 3 apart (blocks gathered, the gradient
-    # scattered in the logits' strides).
+    # (N, C + 3)[:, :C]: unit class stride, rows C + 3 apart (blocks gathered; the gradient
+    # written contiguous).
     "2d_row_sliced": lambda C, d: randn((45, C + 3), d)[:, :C],
     # (N, 2C)[:, ::2]: class stride 2.
     "2d_sliced": lambda C, d: randn((21, 2 * C), d)[:, ::2],

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     reason="the C++ CPU backend is not built")
 
 
-# layout -> logits(C, dtype); with C <= 256 each takes the lane path, with C = 300 the rows
+# layout -> logits(C, dtype); with C <= 256 each takes the lane path, with C = 400 the rows
 # path (unit class stride, read in place) or its tiles (strided classes).
 LAYOUTS = {
     "2d": lambda C, d: randn((37, C), d),
@@ -53,7 +53,7 @@ def transformed(x, logit_scale=1.0, softcap=None, **_):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
                          ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("C", [3, 17, 40, 300])
+@pytest.mark.parametrize("C", [3, 17, 40, 400])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_stats_and_their_gradients(capability, layout, C, options, dtype):
     x, t, kw = make(layout, C, dtype, options)
@@ -90,7 +90,7 @@ def test_stats_and_their_gradients(capability, layout, C, options, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
                          ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("C", [17, 300, 9000])
+@pytest.mark.parametrize("C", [17, 400, 9000])
 @pytest.mark.parametrize("layout", ["2d", "2d_transposed", "kdim_short"])
 def test_statistics_not_asked_for(capability, layout, C, options, dtype):
     """with_entropy / with_predicted on every path of every copy (lanes, rows read in place --
@@ -106,7 +106,7 @@ def test_statistics_not_asked_for(capability, layout, C, options, dtype):
     check_flagged_stats(torch.ops.nllfused.ce_fwd_stats, x, t, args)
 
 
-@pytest.mark.parametrize("C", [40, 300])
+@pytest.mark.parametrize("C", [40, 400])
 def test_special_rows(capability, C):
     """Ties, NaN, +-inf on both paths: argmax as torch.argmax (the first maximum, the first
     NaN), entropy and target log-prob NaN where the softmax is, entropy 0 for one finite
@@ -166,7 +166,7 @@ def test_entropy_of_peaked_rows(capability, C, offset, prob_target):
 
 
 @pytest.mark.parametrize("prob_target", [False, True])
-@pytest.mark.parametrize("C", [11, 300])
+@pytest.mark.parametrize("C", [11, 400])
 def test_opcheck(prob_target, C):
     opcheck_stats_ops(torch.ops.nllfused.ce_fwd_stats, torch.ops.nllfused.ce_bwd_stats, "cpu",
                       prob_target, C)
@@ -192,7 +192,7 @@ def test_bad_statistics_gradients_are_refused():
 
 @pytest.mark.parametrize("prob_target", [False, True])
 @pytest.mark.parametrize("layout", ["rows", "strided"])
-@pytest.mark.parametrize("C", [5, 40, 300])
+@pytest.mark.parametrize("C", [5, 40, 400])
 def test_lse_of_rows_with_inf_is_torchs_logsumexp(capability, prob_target, layout, C):
     """The ops' lse (csrc/ops.cpp) is torch.logsumexp of the row: +inf where a logit is +inf,
     NaN where the row also holds a NaN (the max sweep may keep the +inf and drop the NaN), on

@@ -2,10 +2,10 @@
 with return_stats, go to nllfused::cross_entropy_loss_stats, whose reductions and autograd are
 C++. Its per-row statistics must be bit for bit the general path's (the same kernel); reduced
 ones the exact sums of those rows rounded once, whether the kernel adds the rows up in its pass
-(the lanes path, csrc/cpu/ce_cpu_lanes.h: up to 256 classes, 1024 for some layouts) or writes
-them (the rows path) and the op adds them up after it. Its loss must be the plain one-call
-path's, and its gradients the general path's; their agreement with float64 torch is tests/test_stats.py's (whose
-CPU calls take this path)."""
+(the lanes path, csrc/cpu/ce_cpu_lanes.h: up to 256 classes, 384 for (N, C) rows, 1024 for
+some layouts) or writes them (the rows path) and the op adds them up after it. Its loss must
+be the plain one-call path's, and its gradients the general path's; their agreement with
+float64 torch is tests/test_stats.py's (whose CPU calls take this path)."""
 import pytest
 import torch
 
@@ -37,6 +37,7 @@ def case(shape, dtype=torch.float32, channels_last=False, ignore_index=-100):
 
 
 LANE_MAX_CLASSES = 256  # csrc/cpu/kernels.h, kLaneMaxClasses
+LANE_MAX_ROWS = 384  # kLaneMaxClassesRows: an (N, C) input of unit class stride
 LANE_MAX_VIN = 1024  # kLaneMaxClassesVin: (N, C, D) with D >= 32 or D == 16 and d stride 1,
 # or a column-major (N, C)
 CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
@@ -51,7 +52,9 @@ def lane_max_classes(x):
     D = x[0, 0].numel() if x.dim() > 2 else 1
     vin = (x.dim() > 2 and (D >= 32 or D == 16) and x.stride(-1) == 1) or (
         x.dim() == 2 and x.stride(0) == 1)
-    return LANE_MAX_VIN if vin else LANE_MAX_CLASSES
+    if vin:
+        return LANE_MAX_VIN
+    return LANE_MAX_ROWS if x.dim() == 2 and x.stride(1) == 1 else LANE_MAX_CLASSES
 
 
 def per_row_stats(x, t, names, kw):
@@ -93,7 +96,7 @@ def objective(loss, st):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,channels_last", [((37, 11), False), ((6, 9, 5), False),
-                                                 ((3, 7, 4, 5), True), ((9, 300), False),
+                                                 ((3, 7, 4, 5), True), ((9, 400), False),
                                                  ((2, 300, 40), False), ((40, 300), True),
                                                  ((3, 300, 16), False)],
                          ids=str)
@@ -161,7 +164,7 @@ def with_bad_rows(x, t):
 @pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("shape,lanes", [((3, 5, 37, 41), True), ((150, 300), False),
+@pytest.mark.parametrize("shape,lanes", [((3, 5, 37, 41), True), ((150, 400), False),
                                          ((2, 1100, 5, 7), False)], ids=str)
 def test_sums_over_many_rows(capability, dtype, reduction, shape, lanes, monkeypatch):
     """Many rows, a few NaN and -inf rows among them, on each copy of the kernels this CPU runs:
@@ -290,7 +293,7 @@ def test_bad_mask_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape,channels_last", [((37, 11), False), ((3, 7, 4, 5), True),
-                                                 ((9, 300), False), ((2, 300, 40), False)],
+                                                 ((9, 400), False), ((2, 300, 40), False)],
                          ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("returns", [dict(return_lse=True), dict(return_z_loss=True),

@@ -61,13 +61,15 @@ int64_t Ce<scalar_t>::lane_limit(const Args& A, bool backward) {
   // tiles' time at (4, 21, 64, 64), 1.5x the rows' at (1024, 32)).
   if (W == 1) return backward ? 0 : lane_max_classes(A);
   const bool transposed = A.D == 1 && A.xN != 1 && (A.xC == 1 || A.C == 1);
-  if (backward && transposed) return W2 >= 32 ? 96 : 64;
+  // (a copy without blocks, W2 < kTile: the scalar copies' 32)
+  if (backward && transposed) return W2 < kTile || W2 % kTile != 0 ? 32 : W2 >= 32 ? 96 : 64;
   return lane_max_classes(A);
 }
 
 template <typename scalar_t>
 bool Ce<scalar_t>::lanes_ok(const Args& A, bool backward) {
-  static_assert(kLaneMaxC >= kLaneMaxClassesVin && kLaneMaxC >= kLaneMaxClasses);
+  static_assert(kLaneMaxC >= kLaneMaxClassesVin && kLaneMaxC >= kLaneMaxClasses &&
+                kLaneMaxC >= kLaneMaxClassesRows);
   // probability targets: the loss alone (their statistics take the rows path)
   const bool soft_ok = !(A.stats_fwd() || A.stats_bwd() || A.sums || A.tile_sums);
   return (!A.prob || soft_ok) && A.C <= lane_limit(A, backward);
@@ -319,15 +321,15 @@ void Ce<scalar_t>::lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, 
   const int64_t C = A.C, D = A.D;
   if (A.out_like_x) {
     const scalar_t* x = static_cast<const scalar_t*>(A.x);
-    const int64_t blocked = lane_block_lanes(A, T), xC = A.xC, ls = lane_stride(A, T);
-    // channels-last, or contiguous rows (classes of a gathered tile: at most
-    // kLaneMaxClasses): the tile's L C values are one run
-    if ((T.dtile || A.D == 1) && xC == 1 && ls == C && C <= kLaneMaxClasses) {
+    const int64_t blocked = lane_block_lanes(A, T), xC = A.xC;  // (out_like_x: D > 1)
+    // channels-last (classes of a gathered tile: at most kLaneMaxClasses): the tile's L C
+    // values are one run
+    if (T.dtile && xC == 1 && A.xD == C && C <= kLaneMaxClasses) {
       lane_scatter_run(A, T, zb, blocked, out + (T.x0 - x));
       return;
     }
     for (int64_t l0 = 0; l0 < blocked; l0 += kTile)
-      lane_block_out(zb, l0, C, out + (T.x0 - x) + l0 * ls, ls);
+      lane_block_out(zb, l0, C, out + (T.x0 - x) + l0 * A.xD, A.xD);
     for (int64_t l = blocked; l < T.L; ++l) {
       const scalar_t* xl = T.dtile ? T.x0 + l * A.xD : row_ptr(A, T.n[l], T.d[l]);
       scalar_t* ol = out + (xl - x);
