@@ -606,7 +606,12 @@ struct Ce {
   static constexpr int64_t kLaneAhead = 4;        // classes ahead where they alias
   // Tiles whose sums (Args::tile_sums) one thread adds up in order: kTileSums doubles a block,
   // not a tile (a tile's for the 65536 tiles of (8, 4, 512, 512): 4 MiB of fresh pages a call).
+  // Fewer where a tile is much work: a block is one thread's ((512, 300) float32, 16 tiles: one
+  // block, one thread of two, 0.95x torch's forward).
   static constexpr int64_t kSumTiles = 16;
+  static int64_t sum_tiles(const Args& A) {
+    return std::clamp<int64_t>(16384 / std::max<int64_t>(1, A.C * W2), 1, kSumTiles);
+  }
   static bool lanes_alias(const Args& A, int64_t streams);
   template <typename T>
   static inline void lane_prefetch(const T* p, bool write = false);

@@ -28,7 +28,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   alignas(64) acc_t zb[kLaneMaxC * W2];
   alignas(64) acc_t zy[W2] = {}, wy[W2], lm[W2], ld[W2], ls[W2], le[W2], lt[W2], la[W2];
   const Tf t = make_tf(A);
-  const int64_t C = A.C;
+  const int64_t C = A.C, per_block = sum_tiles(A);  // (tile_sums: the tiles of a block)
   const acc_t* w = weights(A);
   const acc_t e = static_cast<acc_t>(A.eps), eC = e / static_cast<acc_t>(C);
   acc_t G = 0;  // sum_c g_c: the same for every row
@@ -199,8 +199,8 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         add(kSumHits, v[4]);
         add(kSumCounted, v[5]);
       }
-      if ((tile + 1) % kSumTiles == 0 || tile + 1 == tile1) {  // the block's last tile here
-        double* block = A.tile_sums + kTileSums * (tile / kSumTiles);
+      if ((tile + 1) % per_block == 0 || tile + 1 == tile1) {  // the block's last tile here
+        double* block = A.tile_sums + kTileSums * (tile / per_block);
         for (int k = 0; k < NS; ++k) {
           for (int64_t h = S / 2; h >= 1; h /= 2)
             for (int64_t j = 0; j < h; ++j) sum[k][j] += sum[k][j + h];
@@ -390,10 +390,9 @@ void Ce<scalar_t>::bwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
   const int64_t grain = std::max<int64_t>(1, 32768 / (A.C * W2));                             \
   auto run = [&](auto fn) { /* with tile_sums, whole blocks of tiles to a thread */          \
     if (!A.tile_sums) return at::parallel_for(0, tiles, grain, fn);                           \
-    at::parallel_for(0, (tiles + kSumTiles - 1) / kSumTiles,                                  \
-                     std::max<int64_t>(1, grain / kSumTiles), [&](int64_t b, int64_t e) {     \
-                       fn(b * kSumTiles, std::min(tiles, e * kSumTiles));                     \
-                     });                                                                      \
+    const int64_t per = sum_tiles(A);                                                         \
+    at::parallel_for(0, (tiles + per - 1) / per, std::max<int64_t>(1, grain / per),           \
+                     [&](int64_t b, int64_t e) { fn(b * per, std::min(tiles, e * per)); });   \
   };                                                                                          \
   if (kind == 0 && gm == 0) return run([&](int64_t b, int64_t e) { FN<0, 0>(A, b, e); });     \
   if (kind == 0 && gm == 1) return run([&](int64_t b, int64_t e) { FN<0, 1>(A, b, e); });     \
@@ -409,7 +408,7 @@ template <typename scalar_t>
 void Ce<scalar_t>::forward_lanes(const Args& A) {
   if (A.prob) return soft_lanes(A, false);  // ce_cpu_lanes_soft.h
   if (A.sums) {  // per-block sums, then over the blocks in a fixed order (any thread count)
-    const int64_t blocks = (lane_tiles(A) + kSumTiles - 1) / kSumTiles;
+    const int64_t blocks = (lane_tiles(A) + sum_tiles(A) - 1) / sum_tiles(A);
     std::vector<double> part(kTileSums * blocks, 0.0);
     Args B = A;
     B.sums = nullptr;
