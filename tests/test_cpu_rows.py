@@ -64,13 +64,14 @@ def test_argmax_of_long_rows(capability, chunk, layout, dtype, scale):
     """The first of tied maxima wherever they fall -- in one vector step, in two steps of a
     chunk, in two chunks, in a chunk's scalar tail, in the same pair of a bf16 row's split order,
     a larger max in a later chunk, across the max sweep's 512-class snapshot blocks, only in the
-    scalar tail, tied in a later chunk further into it than the max is into its own (rows read in
-    place scan the max's chunk at the row's end, from that chunk's snapshots) -- and the first
-    NaN, on rows read in place, rows copied with a logit_scale (bf16: in split order where the
-    row is 64-byte aligned, rows 0 and 8: an odd class before an even one of its step) and
-    tiles."""
+    scalar tail, tied in a later chunk further into it than the max is into its own (rows copied
+    scan the max's chunk from that chunk's snapshots) -- and the first NaN, on rows read in place
+    (the fold finds the max's first class; where it does not test its steps -- a max in the
+    scalar tail, at or above 2^22, positive below 2^-100, a NaN or inf -- a scan at the row's end
+    does), rows copied with a logit_scale (bf16: in split order where the row is 64-byte aligned,
+    rows 0 and 8: an odd class before an even one of its step) and tiles."""
     C = 5000
-    x = torch.randn(13, C, dtype=torch.float64)
+    x = torch.randn(15, C, dtype=torch.float64)
     top = x.abs().max() + 1
     places = [[5, 8], [40, 700], [2100, 4500], [3, 4997], [4990, 4999], [2047, 2048],
               [11, 12], [30, 3000]]
@@ -83,14 +84,17 @@ def test_argmax_of_long_rows(capability, chunk, layout, dtype, scale):
     x[10, [511, 512]] = top         # the last class of one snapshot block and the first of the next
     x[11, 4996] = top               # 5000 = 156 steps of 32 and a tail of 8
     x[12, [2148, 4896]] = top       # chunk 2048: block 0 of chunk 1, block 1 of chunk 2
+    x[13, [3500, 600, 4100]] = 2.0 ** 23   # |max| >= 2^22: the fold does not test for it
+    x[14] = -1 - x[14].abs()
+    x[14, [4000, 900]] = 2.0 ** -110       # positive below 2^-100: nor for it
     x = x.to(dtype)
     if layout == "tiles":
         x = x.t().contiguous().t()  # classes strided
-    t = torch.randint(0, C, (13,))
+    t = torch.randint(0, C, (15,))
     _, st = nllfused.cross_entropy(x, t, reduction="none", backend="cpu", logit_scale=scale,
                                    return_stats=("predicted",))
     assert st.predicted.tolist() == [5, 40, 2100, 3, 4990, 2047, 11, 4000, 100, 1, 511, 4996,
-                                     2148]
+                                     2148, 600, 900]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

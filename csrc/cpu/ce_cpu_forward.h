@@ -142,10 +142,14 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // apart (add_or_count). That test is z == m, which is z - m == 0 wherever m is normal and not
 // below 2^-100 in magnitude (two such distinct numbers differ by more than 2^-126, which
 // flush-to-zero would make 0); for other m every step counts.
+// With `first` (kFoldFinds; z in class order in memory: bf16 in place, or float32), the first
+// step that holds a class at the max also gives *first, its first such class, where *first is
+// still -1: the argmax of a chunk that holds a new max, from the compare the fold makes anyway.
+// Steps that are not tested (every step counts, and the last, partial one) leave it -1.
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
 auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
-                              const char* pf, int64_t pf_len) -> Sums {
+                              const char* pf, int64_t pf_len, int64_t* first) -> Sums {
   static_assert(!Tiny || kTinyExp);
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   const V vm(ref);
@@ -240,6 +244,12 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       if (test_steps) {
         if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);
         else count = any_equal(za, zb, vm);
+        if constexpr (kFoldFinds) {  // rare: a step that holds the max
+          if (count && first && *first < 0) {
+            if constexpr (Raw) *first = i + first_bits_equal(z + i, ref_bits);
+            else *first = i + __builtin_ctz(equal_mask(z + i, vm));
+          }
+        }
       }
     }
 #endif
@@ -271,10 +281,12 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 // src_t: z in class order (acc_t), or the chunk's bf16 logits themselves, read in split order
 // (bits_max; only without per-class g, Gm < 2).
+// first: where the fold can (fold_steps), the chunk's first class at cm if cm is the row's max
+// so far, else left as it is (-1 from the caller).
 template <typename scalar_t>
 template <int Gm, bool AtMax, bool Ent, typename src_t>
 void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const acc_t* g,
-                        const char* pf, int64_t pf_len) {
+                        const char* pf, int64_t pf_len, int64_t* first) {
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   static_assert(!Raw || Gm < 2, "per-class g needs the classes in order");
   const acc_t mn = nan_max(st.m, cm);
@@ -298,8 +310,9 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   const V vm(ref), zero(acc_t(0));
   // exp2_tiny where ref is near enough to zero (kTinyRefMax; not NaN or inf either)
   const bool tiny = kTinyExp && std::fabs(ref) < kTinyRefMax;
-  Sums u = tiny ? fold_steps<Gm, AtMax, Ent, kTinyExp>(z, n, ref, g, pf, pf_len)
-                : fold_steps<Gm, AtMax, Ent, false>(z, n, ref, g, pf, pf_len);
+  int64_t* find = AtMax && cm == ref ? first : nullptr;
+  Sums u = tiny ? fold_steps<Gm, AtMax, Ent, kTinyExp>(z, n, ref, g, pf, pf_len, find)
+                : fold_steps<Gm, AtMax, Ent, false>(z, n, ref, g, pf, pf_len, nullptr);
   if constexpr (kTinyExp) {  // the terms' common factor 2^u(ref) (fold_steps), taken out
     if (tiny) {
       const acc_t d = std::fma(ref, kLog2e, tiny_offset(ref));
@@ -344,14 +357,14 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
 template <typename scalar_t>
 template <typename src_t>
 void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t n, acc_t cm,
-                            const acc_t* g, const char* pf, int64_t pf_len) {
+                            const acc_t* g, const char* pf, int64_t pf_len, int64_t* first) {
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;  // then gm < 2
-#define NLLF_FOLD(AT, E)                                               \
-  if (gm == 0) return fold<0, AT, E>(st, z, n, cm, g, pf, pf_len);     \
-  if (Raw || gm == 1) return fold<1, AT, E>(st, z, n, cm, g, pf, pf_len); \
-  if constexpr (!Raw) {                                                \
-    if (gm == 2) return fold<2, AT, E>(st, z, n, cm, g, pf, pf_len);   \
-    return fold<3, AT, E>(st, z, n, cm, g, pf, pf_len);                \
+#define NLLF_FOLD(AT, E)                                                         \
+  if (gm == 0) return fold<0, AT, E>(st, z, n, cm, g, pf, pf_len, first);        \
+  if (Raw || gm == 1) return fold<1, AT, E>(st, z, n, cm, g, pf, pf_len, first); \
+  if constexpr (!Raw) {                                                          \
+    if (gm == 2) return fold<2, AT, E>(st, z, n, cm, g, pf, pf_len, first);      \
+    return fold<3, AT, E>(st, z, n, cm, g, pf, pf_len, first);                   \
   }
   const bool at_max = cm == nan_max(st.m, cm);
   if (ent) {
@@ -363,114 +376,13 @@ void Ce<scalar_t>::fold_any(int gm, bool ent, State& st, const src_t* z, int64_t
 #undef NLLF_FOLD
 }
 
-// The argmax over a chunk z[0, n) of classes c0.. with max cm (from the max sweep): only a chunk
-// whose max beats the best so far (beats) is scanned (first_at), for the first class at it. (A
-// NaN the max sweep dropped is found by finish_stats.) fwd_rows scans a row's logits in place
-// once, at the row's end, in the chunk that held its max (see there); track_argmax scans a
-// chunk copied into a buffer at once. With the max sweep's snapshots, the scan starts at the
-// first block of kSnapSteps steps whose running max reached cm (the max's first class is in it),
-// instead of at the chunk's start: a new max is met in a few chunks of every row (the first ones,
-// mostly), and scanning from the start took a twentieth of the bf16 forward with statistics at
-// 32K classes. Where the copy has equal_mask / first_bits_equal (AVX2, AVX-512), a step is one
-// compare into a bit mask from which the class follows, in class or split order (Zen 4, bf16
-// (2048, 8192): the scan 6.7 -> 4.2 % of the forward; Intel, bf16 (2048, 32000) with a
-// logit_scale, in split order, the argmax +6.7 -> +4.3-5.5 %); else (a NaN max) two vectors a step,
-// one test whether any of their lanes holds cm, then the step's classes one by one.
-// z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
-// holds it is the least class among its hits.
-// src_t bf16: z is the chunk's logits themselves (bits_max; in class order, split_end 0), its
-// steps' vectors loaded in split order, and the snapshots bf16 bits -- then a zero max (+0 or -0,
-// which compare equal) takes no snapshots: their integer order is not the floats'.
+// torch.logsumexp of a row holding +inf is +inf, or NaN where the row also holds a NaN (which the
+// max sweep may have dropped beside the +inf: vmax); a scan, for such rows only.
 template <typename scalar_t>
-template <typename src_t>
-void Ce<scalar_t>::track_argmax(State& st, const src_t* z, int64_t c0, int64_t n, acc_t cm,
-                                int64_t split_end, const Snaps* snaps) {
-  if (!beats(st, cm)) return;
-  const int64_t f = first_at(z, n, cm, split_end, snaps);
-  if (f >= 0) {
-    st.best = cm;
-    st.arg = c0 + f;
-  }
-}
-
-// The first class of z[0, n) at cm (NaN: the first NaN), -1 if none (track_argmax).
-template <typename scalar_t>
-template <typename src_t>
-int64_t Ce<scalar_t>::first_at(const src_t* z, int64_t n, acc_t cm, int64_t split_end,
-                               const Snaps* snaps) {
-  constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
-  const bool nan = std::isnan(cm);
-  const V vcm(cm);
-  constexpr int kNoHit = int((int64_t(1) << W) - 1);  // zero_mask of a step without a hit
-  // Float, cm neither NaN nor (bf16 bits) a zero -- the LM rows -- where the copy has
-  // equal_mask / first_bits_equal: a step is one compare into a mask from which the first class
-  // at cm follows: its lowest bit in class order; in split order (the steps below split_end:
-  // the even classes in the mask's low W bits, the odd ones in its high W bits) the lesser of
-  // the two halves' first.
-  [[maybe_unused]] bool by_mask = false;
-  [[maybe_unused]] uint16_t cm_bits = 0;
-#ifdef NLLF_HAVE_EQUAL_MASK
-  if constexpr (std::is_same_v<acc_t, float>) {
-    by_mask = !nan && !(Raw && cm == 0);
-    uint32_t w;
-    std::memcpy(&w, &cm, sizeof w);
-    cm_bits = static_cast<uint16_t>(w >> 16);
-  }
-#endif
-  // The first class at cm in the step of 2W values at p (by_mask; split: in split order), else
-  // 0 for some class at cm (NaN for a NaN cm); -1 for none.
-  auto step_first = [&](const src_t* p, bool split) -> int {
-#ifdef NLLF_HAVE_EQUAL_MASK
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (by_mask) {
-        if constexpr (Raw) {
-          return first_bits_equal(p, cm_bits);  // (bf16 logits in place: class order)
-        } else {
-          const uint32_t hit = equal_mask(p, vcm);
-          if (hit == 0) return -1;
-          if (!split) return __builtin_ctz(hit);
-          constexpr uint32_t kLow = (uint32_t(1) << W) - 1;
-          const uint32_t even = hit & kLow, odd = hit >> W;
-          const int e = even ? 2 * __builtin_ctz(even) : 2 * W;
-          const int o = odd ? 2 * __builtin_ctz(odd) + 1 : 2 * W;
-          return std::min(e, o);
-        }
-      }
-    }
-#endif
-    (void)split;
-    V a, b;
-    load2s<Raw>(p, a, b);
-    const V hit = nan ? (a != a) | (b != b) : (a == vcm) | (b == vcm);
-    return hit.zero_mask() != kNoHit ? 0 : -1;
-  };
-  int64_t i = 0;
-  if (snaps && !nan && !(Raw && cm == 0)) {  // the blocks before the first snapshot at cm
-    int64_t j = 0;                            // cannot hold it
-    auto snap_hit = [&](int64_t k) -> bool {  // one vector: W2 bf16 bits or W floats
-      if constexpr (Raw) return step_first(reinterpret_cast<const src_t*>(snaps->v) + k * W2,
-                                           false) >= 0;
-      else return (V::loadu(snaps->v + k * W) == vcm).zero_mask() != kNoHit;
-    };
-    while (j < snaps->count && !snap_hit(j)) ++j;
-    i = std::min(j * kSnapSteps * W2, n / W2 * W2);
-  }
-  int f = -1;
-  while (i + W2 <= n && (f = step_first(z + i, i < split_end)) < 0) i += W2;
-  if (by_mask && i + W2 <= n) return i + f;
-  if (i < split_end) {
-    int64_t first = W2;
-    for (int64_t q = 0; q < W2; ++q) {
-      const acc_t v = static_cast<acc_t>(z[i + q]);
-      if (nan ? v != v : v == cm) first = std::min(first, split_class(q));
-    }
-    return i + first;
-  }
-  for (; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(z[i]);
-    if (nan ? v != v : v == cm) return i;
-  }
-  return -1;
+bool Ce<scalar_t>::row_has_nan(const Args& A, const scalar_t* x_row) {
+  for (int64_t c = 0; c < A.C; ++c)
+    if (std::isnan(static_cast<acc_t>(x_row[c * A.xC]))) return true;
+  return false;
 }
 
 // Which g-sums row needs: soft targets always; index targets only with smoothing (not ignored).
@@ -562,11 +474,16 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
   const Tf t = make_tf(A);
   // the entropy's sum in the fold, the argmax's snapshots and scans: only where asked for
   const bool ent = A.stats_fwd() && A.want_ent, arg = A.stats_fwd() && A.want_pred;
-  // The argmax of a row read in place (bf16 from its bits, float32 without a transform) is
-  // scanned for once, at the row's end, in the chunk where the row's max first appeared (still
-  // in L2 there), from the snapshots its max sweep took: the chunk that beats the best so far
-  // keeps its snapshots (snaps[cur] then goes to the other buffer). Scanning every chunk that
-  // beat the best (two at 32K classes, three at 128K) took 2-3 % of the bf16 forward.
+  // The argmax of a row read in place (bf16 from its bits, float32 without a transform): where
+  // the fold tests its steps for the max (kFoldFinds), the fold of a chunk whose max beats the
+  // best so far gives the chunk's first class at it (fold_steps' `first`), and nothing more is
+  // done -- snapshots and a scan at the row's end cost float32 (4096, 32000) 7 % of its forward
+  // (Zen 4, 1 thread), the statistics' largest part there. Else, and where the fold did not test
+  // (a max in a chunk's last partial step; a NaN, zero, or |max| >= kTinyRefMax), the chunk is
+  // scanned once, at the row's end (still in L2 there) -- from the snapshots its max sweep took
+  // where the fold cannot find it at all: the chunk that beats the best so far keeps its
+  // snapshots (snaps[cur] then goes to the other buffer). Scanning every chunk that beat the
+  // best (two at 32K classes, three at 128K) took 2-3 % of the bf16 forward.
   Snaps snaps[2];
   int cur = 0;
   for (int64_t r = r0; r < r1; ++r) {
@@ -586,19 +503,25 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const bool split = split_row && reinterpret_cast<uintptr_t>(xr + c0) % 64 == 0;
       // bf16 without a transform: max from the bits, the fold from the logits (bits_max)
       const bool raw = kSplit && split && t.kind == 0;
+      // in place: the chunk's logits in class order are what the max sweep sees
+      const bool in_place = raw || (std::is_same_v<scalar_t, acc_t> && t.kind == 0);
       acc_t cm;
       const acc_t* z = nullptr;
-      Snaps* sn = arg ? &snaps[cur] : nullptr;
+      Snaps* sn = arg && !(kFoldFinds && in_place) ? &snaps[cur] : nullptr;
       if (raw) cm = bits_max(xr + c0, n, sn);
       else z = load_chunk(xr + c0, 1, n, zb, t, cm, split, sn);
+      int64_t hit = -1;  // the fold's first class at cm (find)
+      bool find = false;
       if (arg && beats(st, cm)) {
-        // in place: the chunk's logits in class order are what the max sweep saw
-        if (raw || static_cast<const void*>(z) == static_cast<const void*>(xr + c0)) {
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(
+            raw || !in_place || static_cast<const void*>(z) == static_cast<const void*>(xr + c0));
+        if (in_place) {
           st.best = cm;
-          arg_c0 = c0;
+          find = kFoldFinds;
+          arg_c0 = c0;  // (the fold finds it: no scan)
           arg_n = n;
           arg_snaps = sn;
-          cur ^= 1;
+          if (!find) cur ^= 1;
         } else {
           track_argmax(st, z, c0, n, cm, split ? n / W2 * W2 : 0, sn);
           arg_c0 = -1;
@@ -618,13 +541,19 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
       const int64_t pf_n = c0 + n < A.C ? std::min(chunk, A.C - c0 - n) : std::min(chunk, A.C);
       const char* pfc = reinterpret_cast<const char*>(pf);
       const int64_t pf_bytes = pf ? pf_n * int64_t(sizeof(scalar_t)) : 0;
+      int64_t* first = find ? &hit : nullptr;
+      bool folded = false;
       if constexpr (kSplit) {
         if (raw) {
-          fold_any(gm, ent, st, xr + c0, n, cm, g, pfc, pf_bytes);
-          continue;
+          fold_any(gm, ent, st, xr + c0, n, cm, g, pfc, pf_bytes, first);
+          folded = true;
         }
       }
-      fold_any(gm, ent, st, z, n, cm, g, pfc, pf_bytes);
+      if (!folded) fold_any(gm, ent, st, z, n, cm, g, pfc, pf_bytes, first);
+      if (hit >= 0) {
+        st.arg = c0 + hit;
+        arg_c0 = -1;
+      }
     }
     if constexpr (kSplit || std::is_same_v<scalar_t, acc_t>) {  // the types read in place
       if (arg_c0 >= 0) {  // (f is never -1: st.best is a value of that chunk, or a NaN in it)

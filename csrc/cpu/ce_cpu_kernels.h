@@ -3,8 +3,9 @@
 // translation unit defines NLLF_CPU_CAPABILITY (default, avx2 or avx512) and, in namespace
 // nllfused_cpu::cpu_<capability>, Vec<T>: ATen's at::vec::Vectorized<T> or, for the baseline
 // copy, the one-lane ScalarVec. This file declares the kernels (struct Ce) and defines their
-// shared pieces; the forward is in ce_cpu_forward.h, the backward in ce_cpu_backward.h, and the
-// entry points forward_<capability> / backward_<capability> at the end of this file.
+// shared pieces; the forward is in ce_cpu_forward.h (its argmax in ce_cpu_argmax.h), the
+// backward in ce_cpu_backward.h, and the entry points forward_<capability> /
+// backward_<capability> at the end of this file.
 //
 // How it works
 // - One row r = (n, d) of the (N, C, D) logits at a time, rows split over threads with
@@ -509,33 +510,32 @@ struct Ce {
   struct Sums {
     V s0, s1, k0, k1, b0, b1, g0, g1, t0, t1;
   };
+  // Whether fold_steps can give the first class at the max (`first`): where its steps at the
+  // max are found by a compare (exp2_tiny) and the copy has first_bits_equal / equal_mask.
+#if defined(NLLF_HAVE_EXP2_TINY) && defined(NLLF_HAVE_EQUAL_MASK)
+  static constexpr bool kFoldFinds = kTinyExp;
+#else
+  static constexpr bool kFoldFinds = false;
+#endif
   template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
   static Sums fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g, const char* pf,
-                         int64_t pf_len);
+                         int64_t pf_len, int64_t* first);
   template <int Gm, bool AtMax, bool Ent, typename src_t>
   static void fold(State& st, const src_t* z, int64_t n, acc_t cm, const acc_t* g,
-                   const char* pf = nullptr, int64_t pf_len = 0);
+                   const char* pf = nullptr, int64_t pf_len = 0, int64_t* first = nullptr);
   template <typename src_t>
   static void fold_any(int gm, bool ent, State& st, const src_t* z, int64_t n, acc_t cm,
-                       const acc_t* g, const char* pf = nullptr, int64_t pf_len = 0);
+                       const acc_t* g, const char* pf = nullptr, int64_t pf_len = 0,
+                       int64_t* first = nullptr);
   template <typename src_t>
   static void track_argmax(State& st, const src_t* z, int64_t c0, int64_t n, acc_t cm,
                            int64_t split_end = 0, const Snaps* snaps = nullptr);
   template <typename src_t>
   static int64_t first_at(const src_t* z, int64_t n, acc_t cm, int64_t split_end,
                           const Snaps* snaps);
-  // whether a chunk's max cm is a new best for the argmax: above it, or the first NaN
-  static bool beats(const State& st, acc_t cm) {
-    return cm > st.best || (std::isnan(cm) && !std::isnan(st.best));
-  }
+  static bool beats(const State& st, acc_t cm);  // (ce_cpu_argmax.h)
   static int gmode(const Args& A, int64_t y);
-  // torch.logsumexp of a row holding +inf is +inf, or NaN where the row also holds a NaN (which
-  // the max sweep may have dropped beside the +inf: vmax); a scan, for such rows only.
-  static bool row_has_nan(const Args& A, const scalar_t* x_row) {
-    for (int64_t c = 0; c < A.C; ++c)
-      if (std::isnan(static_cast<acc_t>(x_row[c * A.xC]))) return true;
-    return false;
-  }
+  static bool row_has_nan(const Args& A, const scalar_t* x_row);
   static void finish_row(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
                          int64_t y, const Tf& t);
   static void finish_stats(const Args& A, int64_t r, const State& st, const scalar_t* x_row,
@@ -674,6 +674,7 @@ struct Ce {
 
 #include "ce_cpu_softcap.h"
 #include "ce_cpu_forward.h"
+#include "ce_cpu_argmax.h"
 #include "ce_cpu_backward.h"
 #include "ce_cpu_tile_io.h"
 #include "ce_cpu_lane_tiles.h"
