@@ -9,8 +9,9 @@
 // as it compiles the graph, and on the real ones when the graph runs.
 //
 // A node type N provides: a static kFunctionalName; static each_saved(node, f) and
-// each_option(node, f), calling f on every saved variable and every option member (int64_t,
-// double or bool), always in the same order; and backward(grads, needed), its backward given
+// each_option(node, f), templates on the node's type (const where only read), calling f on
+// every saved variable and every option member (int64_t, double or bool), always in the same
+// order; and backward(grads, needed), its backward given
 // whether the input's gradient is wanted (apply asks task_should_compute_output(0)).
 #pragma once
 
@@ -35,9 +36,8 @@ using torch::dynamo::autograd::PackedArgs;
 // The options are part of the cache key of the captured graph: they are constants in it.
 template <class N>
 void collect(const N& node, torch::dynamo::autograd::CompiledNodeArgs& args) {
-  N& n = const_cast<N&>(node);  // (each_saved / each_option only read here)
-  N::each_saved(n, [&](SavedVariable& v) { args.collect(v, false); });
-  N::each_option(n, [&](auto& o) { args.collect(o); });
+  N::each_saved(node, [&](const SavedVariable& v) { args.collect(v, false); });
+  N::each_option(node, [&](const auto& o) { args.collect(o); });
 }
 
 // The functional form: a node rebuilt from the packed arguments, its backward.

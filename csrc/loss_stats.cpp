@@ -267,13 +267,12 @@ struct CrossEntropyLossStatsBackward final : Node {
   // Every saved variable and option, in one order (csrc/compiled_node.h). Not the count of
   // counted rows: data, not an option (a constant of the captured graph would be stale).
   static constexpr const char* kFunctionalName = "nllfused_CrossEntropyLossStatsBackward";
-  template <class F>
-  static void each_saved(CrossEntropyLossStatsBackward& n, F f) {
-    for (SavedVariable* v : {&n.input_, &n.target_, &n.lse_, &n.aux_, &n.entropy_, &n.weight_})
-      f(*v);
+  template <class Self, class F>
+  static void each_saved(Self& n, F f) {  // Self: this node type, const or not
+    for (auto* v : {&n.input_, &n.target_, &n.lse_, &n.aux_, &n.entropy_, &n.weight_}) f(*v);
   }
-  template <class F>
-  static void each_option(CrossEntropyLossStatsBackward& n, F f) {
+  template <class Self, class F>
+  static void each_option(Self& n, F f) {
     f(n.reduction), f(n.ignore_index), f(n.want), f(n.label_smoothing), f(n.extras.z_loss);
     f(n.extras.logit_scale), f(n.extras.softcap), f(n.summed), f(n.major);
   }

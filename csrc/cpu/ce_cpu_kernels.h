@@ -58,6 +58,8 @@ struct Ce {
   static constexpr int64_t kStreamAhead = 4096;  // bytes: the backward rows' prefetch (bwd_rows)
   static constexpr int64_t kStreamMinBytes = int64_t(2) << 20;  // ... for logits larger than this
   static constexpr int64_t kTile = 16;       // rows per tile (strided classes)
+  // whether a lane tile (W2 lanes) is whole kTile-lane blocks, which transpose_block moves
+  static constexpr bool kLaneBlocks = W2 >= kTile && W2 % kTile == 0;
   static constexpr int64_t kGatherAhead = 8;  // gather_tile's prefetch, classes ahead
   static constexpr int64_t kTileChunk = 256; // classes per tile chunk
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();

@@ -61,8 +61,8 @@ int64_t Ce<scalar_t>::lane_limit(const Args& A, bool backward) {
   // tiles' time at (4, 21, 64, 64), 1.5x the rows' at (1024, 32)).
   if (W == 1) return backward ? 0 : lane_max_classes(A);
   const bool transposed = A.D == 1 && A.xN != 1 && (A.xC == 1 || A.C == 1);
-  // (a copy without blocks, W2 < kTile: the scalar copies' 32)
-  if (backward && transposed) return W2 < kTile || W2 % kTile != 0 ? 32 : W2 >= 32 ? 96 : 64;
+  // (a copy without blocks, !kLaneBlocks: the scalar copies' 32)
+  if (backward && transposed) return !kLaneBlocks ? 32 : W2 >= 32 ? 96 : 64;
   return lane_max_classes(A);
 }
 
@@ -209,7 +209,7 @@ void Ce<scalar_t>::lane_tile(const Args& A, int64_t tile, bool first, Lanes& T) 
 // the same memory seen as channels-last, Zen 4, one thread).
 template <typename scalar_t>
 int64_t Ce<scalar_t>::lane_block_lanes(const Args& A, const Lanes& T) {
-  if constexpr (W2 < kTile || W2 % kTile != 0) return 0;
+  if constexpr (!kLaneBlocks) return 0;
   return (T.dtile || A.D == 1) && A.xC == 1 ? T.L / kTile * kTile : 0;
 }
 
@@ -339,7 +339,7 @@ void Ce<scalar_t>::lane_scatter(const Args& A, const Lanes& T, const acc_t* zb, 
   }
   if (D == 1 && C <= kLaneMaxClasses) {  // contiguous (N, C) rows: the L C values one run
     int64_t blocked = 0;
-    if constexpr (W2 >= kTile && W2 % kTile == 0) blocked = T.L / kTile * kTile;
+    if constexpr (kLaneBlocks) blocked = T.L / kTile * kTile;
     lane_scatter_run(A, T, zb, blocked, out + T.r0 * C);
     return;
   }

@@ -44,7 +44,7 @@ void Ce<scalar_t>::lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_
   // backward fp32 C = 4 1.75 -> 1.27 ms, bf16 C = 4 1.77 -> 1.13, C = 21 4.87 -> 4.02.
   // The same for a plain (N, C) input's consecutive rows, qN apart.
   int64_t blocked = 0;
-  if constexpr (W2 >= kTile && W2 % kTile == 0) {
+  if constexpr (kLaneBlocks) {
     if ((T.dtile || A.D == 1) && A.qC == 1) blocked = T.L / kTile * kTile;
   }
   const int64_t qs = T.dtile ? A.qD : A.qN;  // between consecutive lanes
