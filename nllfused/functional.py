@@ -9,16 +9,23 @@ decision is C++ (csrc/one_call.cpp), so that a 10-class batch costs what torch's
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
-from torch._dynamo import compiled_autograd as _compiled_autograd
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks, _extension, backends, ops, stats
 from .backends import torch_ref
 
 _CHECK_TARGETS_ON_GPU = False
+
+
+def _compiled_autograd_enabled() -> bool:
+    """Whether compiled autograd is on. It cannot be before its module is imported, and
+    importing it (torch._dynamo) here would cost every eager user ~150 MiB and ~1 s."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and module.compiled_autograd_enabled
 
 
 def set_target_check(enabled: bool) -> None:
@@ -156,7 +163,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     # compiled autograd traces whatever the gradient's order; the one-call nodes' functional
     # form (csrc/compiled_node.h) serves forwards that ran before it was enabled.)
     if not torch.compiler.is_compiling() and _forward_ad._current_level < 0 and \
-            not _compiled_autograd.compiled_autograd_enabled:
+            not _compiled_autograd_enabled():
         if not want_stats:
             # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
             loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,

@@ -59,7 +59,15 @@ def unavailable_reason(backend: str, device: torch.device):
     return None
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """fn, marked as torch.compiler.assume_constant_result marks it (its result a constant to
+    torch.compile), without importing torch._dynamo as that does: ~150 MiB and ~1 s that an
+    eager user would pay at `import nllfused` (tests/test_import.py checks the two agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 @functools.lru_cache(maxsize=None)
 def _cuda_code_reason(index: int):
     """None if the build has code that GPU `index` runs, else why not (asked once per GPU)."""
