@@ -180,8 +180,22 @@ def _setup_context(ctx, inputs, output):
     logits, target, weight, *options = inputs
     _, lse, aux = output
     ctx.save_for_backward(logits, target, weight, lse, aux)
+    # aux (the target's weight) does not depend on the logits: no gradient flows through it, as
+    # in the torch reference (aux.detach()). Differentiable, it would take a double backward of
+    # the 'mean' (divided by aux.sum()) into this node with only aux's gradient, for which it
+    # returns None -- and compiled autograd then adds None to the logits' other gradient.
+    ctx.mark_non_differentiable(aux)
     ctx.options = Options(*options)
     ctx.set_materialize_grads(False)  # an unused loss or lse gets None, not a zero tensor
+
+
+def _eager(vjp):
+    """vjp, run eagerly where dynamo traces this backward (compiled autograd): there the torch
+    reference's autograd.Functions (lse, entropy) inside the nested torch.autograd.grad lose
+    their own gradient, and a double backward through the lse / entropy terms silently gave
+    wrong numbers. (A graph break, for create_graph=True only; torch.compiler.disable imports
+    torch._dynamo, which is loaded already whenever this runs under it.)"""
+    return torch.compiler.disable(vjp) if torch.compiler.is_compiling() else vjp
 
 
 def _make_backward(bwd_op):
@@ -194,8 +208,9 @@ def _make_backward(bwd_op):
         if torch.is_grad_enabled():
             # create_graph=True: the gradient must be differentiable itself (double backward,
             # Hessian-vector products), so differentiate the torch formulas instead.
-            grad_logits, grad_target = torch_ref.vjp(grad_loss, grad_lse, logits, target, weight,
-                                                     ctx.options, wants_logits, wants_target)
+            grad_logits, grad_target = _eager(torch_ref.vjp)(
+                grad_loss, grad_lse, logits, target, weight, ctx.options, wants_logits,
+                wants_target)
             return grad_logits, grad_target, *(None,) * 6
         if grad_loss is None:
             grad_loss = torch.zeros_like(aux)
@@ -215,6 +230,7 @@ def _setup_stats_context(ctx, inputs, output):
     logits, target, weight, *options, with_entropy, _ = inputs
     _, lse, aux, entropy, _, _ = output
     ctx.save_for_backward(logits, target, weight, lse, aux, entropy)
+    ctx.mark_non_differentiable(aux)  # (as in _setup_context)
     ctx.options = Options(*options)
     ctx.with_entropy = with_entropy  # else the entropy output is a constant 0
     ctx.set_materialize_grads(False)
@@ -240,8 +256,8 @@ def _stats_backward(bwd_op, ctx, grad_loss, grad_lse, grad_entropy, grad_tlp):
     if all(g is None for g in grads):
         return None, None, *none
     if torch.is_grad_enabled():  # create_graph=True: see _make_backward
-        grad_logits, grad_target = torch_ref.vjp_stats(grads, logits, target, weight,
-                                                       ctx.options, wants_logits, wants_target)
+        grad_logits, grad_target = _eager(torch_ref.vjp_stats)(
+            grads, logits, target, weight, ctx.options, wants_logits, wants_target)
         return grad_logits, grad_target, *none
     if grad_loss is None:
         grad_loss = torch.zeros_like(aux)

@@ -90,3 +90,27 @@ def test_compiled_autograd_graph_is_not_reused_with_stale_options(kw):
         captures.append(counters["compiled_autograd"]["captures"])
         torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
     assert captures[1] > captures[0] and captures[3] == captures[2]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_under_compiled_autograd_takes_create_graph(case):
+    """A forward that runs with compiled autograd on takes the general path (its backward is
+    Python, which compiled autograd traces to any order): a gradient made with create_graph=True
+    and its own backward equal eager autograd's. (Through the one-call node's functional form,
+    create_graph=True fails: nllfused.functional._compiled_autograd_enabled routes the call.
+    The ops' aux output takes no gradient: the double backward of a 'mean' reached the forward
+    node through aux.sum() alone, and compiled autograd added the None it returned.)"""
+    x, t, kw = inputs((6, 5), torch.float64, 3, CASES[case])
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    def second_order():
+        xd, _, total = backward_of(x, t, kw, 3)
+        (gx,) = torch.autograd.grad(total, xd, create_graph=True)
+        (gx * v).sum().backward()
+        return gx.detach(), xd.grad
+
+    want = second_order()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        got = second_order()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
