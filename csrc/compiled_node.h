@@ -6,23 +6,26 @@
 // shapes: only a loss that is the backward's root worked. So, as torch's own nodes do, a node
 // puts into the captured graph one call of a functional form of its backward, whose arguments
 // are the gradients, the saved tensors and the options; dynamo runs that call on fake tensors
-// as it compiles the graph, and on the real ones when the graph runs.
+// as it compiles the graph, and on the real ones when the graph runs. (With create_graph=True
+// the call is one dynamo does not trace: it runs eagerly as the graph runs; see capture.)
 //
 // A node type N provides: a static kFunctionalName; static each_saved(node, f) and
 // each_option(node, f), templates on the node's type (const where only read), calling f on
 // every saved variable and every option member (int64_t, double or bool), always in the same
-// order; and backward(grads, needed), its backward given
-// whether the input's gradient is wanted (apply asks task_should_compute_output(0)).
+// order; and backward(grads, needed), its backward given whether the input's gradient is
+// wanted (apply asks task_should_compute_output(0)).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
+#include <pybind11/pybind11.h>
 
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -55,6 +58,15 @@ variable_list functional_backward(const variable_list& grads,
   return node->backward(grads, needed);
 }
 
+// The same, called eagerly as the graph runs (create_graph=True, see capture): its nested
+// autograd call runs the engine, which refuses to start while the caller holds the GIL.
+template <class N>
+variable_list functional_backward_eager(const variable_list& grads,
+                                        const std::vector<c10::IValue>& args) {
+  pybind11::gil_scoped_release no_gil;
+  return functional_backward<N>(grads, args);
+}
+
 // apply_with_saved: the call of functional_backward<N>, captured into the graph.
 template <class N>
 variable_list capture(N& node, const variable_list& grads,
@@ -74,18 +86,24 @@ variable_list capture(N& node, const variable_list& grads,
   packed.pack(node.task_should_compute_output(0));
   schema.push_back(IValuePacker<bool>::packed_type());
   const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
-  // Bound once a process, under its one name (the bindings are global, as torch's own nodes').
-  static std::once_flag bound;
-  std::call_once(bound, [&] {
-    py->bind_function(saved.get_py_compiler(), N::kFunctionalName, functional_backward<N>,
-                      schema, /*is_custom_function=*/false, /*is_traceable=*/true);
+  // create_graph=True: the backward differentiates torch's formula by a nested autograd call
+  // (torch_loss_grad), which dynamo's run on fake tensors cannot make; that call then runs
+  // eagerly, on the real tensors as the graph runs (a graph break), under a second name.
+  const bool eager = at::GradMode::is_enabled();
+  static const std::string eager_name = std::string(N::kFunctionalName) + "_eager";
+  // Bound once a process, under its names (the bindings are global, as torch's own nodes').
+  static std::once_flag bound, bound_eager;
+  std::call_once(eager ? bound_eager : bound, [&] {
+    py->bind_function(saved.get_py_compiler(), eager ? eager_name : N::kFunctionalName,
+                      eager ? functional_backward_eager<N> : functional_backward<N>, schema,
+                      /*is_custom_function=*/false, /*is_traceable=*/!eager);
   });
   const auto output_metadata =
       IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
           torch::dynamo::autograd::get_input_metadata(node.next_edges()));
   variable_list out = py->call_function(saved.get_py_compiler(), "apply_functional",
-                                        N::kFunctionalName, grads, std::move(packed).vec(),
-                                        output_metadata);
+                                        eager ? eager_name : N::kFunctionalName, grads,
+                                        std::move(packed).vec(), output_metadata);
   N::each_saved(node, [&](SavedVariable& v) { saved.after(v); });
   return out;
 }

@@ -160,8 +160,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         size_average = reduce = None
     want_stats = return_stats or return_z_loss or return_lse
     # (Under compiled autograd the general path: its backward is registered in Python, which
-    # compiled autograd traces whatever the gradient's order; the one-call nodes' functional
-    # form (csrc/compiled_node.h) serves forwards that ran before it was enabled.)
+    # compiled autograd traces (ops._eager: a create_graph backward runs eagerly); the one-call
+    # nodes' functional form (csrc/compiled_node.h) serves forwards that ran before it was
+    # enabled.)
     if not torch.compiler.is_compiling() and _forward_ad._current_level < 0 and \
             not _compiled_autograd_enabled():
         if not want_stats:

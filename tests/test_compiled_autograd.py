@@ -1,7 +1,10 @@
 """Compiled autograd (torch._dynamo.compiled_autograd) of a backward whose forward ran eagerly,
 as trainers that enable it around backward() only do: the one-call graph nodes
 (csrc/loss.cpp, csrc/loss_stats.cpp) put a call of their backward into the captured graph
-(csrc/compiled_node.h), whose gradients equal eager autograd's."""
+(csrc/compiled_node.h), whose gradients equal eager autograd's, to the second order too; and
+a forward that runs with compiled autograd on (the general path)."""
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo import compiled_autograd
@@ -114,3 +117,51 @@ def test_forward_under_compiled_autograd_takes_create_graph(case):
     with compiled_autograd._enable(torch.compile(backend="eager")):
         got = second_order()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5)], ids=["rows", "kdim"])
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_autograd_of_an_eager_forward_with_create_graph(case, shape):
+    """The forward eager (the one-call node), a gradient made with create_graph=True under
+    compiled autograd, then its own backward: both equal eager autograd's. The node's
+    create_graph backward differentiates torch's formula by a nested autograd call, which
+    dynamo cannot trace: that call runs eagerly as the graph runs (csrc/compiled_node.h)."""
+    x, t, kw = inputs(shape, torch.float64, 5, CASES[case])
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=x.dtype)
+
+    def second_order(compiled):
+        xd, node, total = backward_of(x, t, kw, 5)
+        assert node.name() in NODES
+        with compiled_autograd._enable(torch.compile(backend="eager")) if compiled else \
+                contextlib.nullcontext():
+            (gx,) = torch.autograd.grad(total, xd, create_graph=True)
+            (gx * v).sum().backward()
+        return gx.detach(), xd.grad
+
+    torch.testing.assert_close(second_order(True), second_order(False), rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_autograd_graphs_of_one_node_with_and_without_create_graph():
+    """One loss's backward() under compiled autograd, then backward(create_graph=True) of the
+    same graph and the gradient's own backward, then backward() again: each as eager autograd
+    gives it, whichever graph compiled autograd captured first."""
+    x, t, kw = inputs((6, 5), torch.float64, 7, {})
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=x.dtype)
+
+    def run(compiled, create_graph):
+        xd = x.clone().requires_grad_()
+        loss = nllfused.cross_entropy(xd, t, **kw)
+        ctx = (lambda: compiled_autograd._enable(torch.compile(backend="eager"))) if compiled \
+            else contextlib.nullcontext
+        with ctx():
+            loss.backward(create_graph=create_graph)
+        gx, xd.grad = xd.grad, None
+        if create_graph:
+            with ctx():
+                (gx * v).sum().backward()
+        return gx.detach(), xd.grad
+
+    torch._dynamo.reset()
+    for create_graph in (False, True, False):
+        torch.testing.assert_close(run(True, create_graph), run(False, create_graph),
+                                   rtol=1e-12, atol=1e-14)
