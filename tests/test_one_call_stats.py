@@ -40,6 +40,7 @@ LANE_MAX_CLASSES = 256  # csrc/cpu/kernels.h, kLaneMaxClasses
 LANE_MAX_ROWS = 384  # kLaneMaxClassesRows: an (N, C) input of unit class stride
 LANE_MAX_VIN = 1024  # kLaneMaxClassesVin: (N, C, D) with D >= 32 or D == 16 and d stride 1,
 # or a column-major (N, C)
+LANE_FEW_ROWS = 8  # kLaneFewRows: up to this many rows of unit class stride, < 16 (N + 1) classes
 CAPABILITIES = nllfused._C.build_info()["cpu_capabilities"] if nllfused.build_info()["built"] \
     else []
 ROUNDED = ("lse", "entropy", "target_logprob")  # floating sums (z_loss: 0 or NaN; correct: a
@@ -50,6 +51,8 @@ def lane_max_classes(x):
     """kernels.h's lane_max_classes for these logits: the most classes the lanes path (and its
     sums in the forward's pass) takes."""
     D = x[0, 0].numel() if x.dim() > 2 else 1
+    if x.dim() == 2 and x.stride(1) == 1 and x.shape[0] <= LANE_FEW_ROWS:
+        return 16 * (x.shape[0] + 1) - 1
     vin = (x.dim() > 2 and (D >= 32 or D == 16) and x.stride(-1) == 1) or (
         x.dim() == 2 and x.stride(0) == 1)
     if vin:
@@ -165,13 +168,15 @@ def with_bad_rows(x, t):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape,lanes", [((3, 5, 37, 41), True), ((150, 400), False),
-                                         ((2, 1100, 5, 7), False)], ids=str)
+                                         ((2, 1100, 5, 7), False), ((7, 127), True),
+                                         ((7, 128), False)], ids=str)
 def test_sums_over_many_rows(capability, dtype, reduction, shape, lanes, monkeypatch):
     """Many rows, a few NaN and -inf rows among them, on each copy of the kernels this CPU runs:
     a segmentation map of many tiles of rows, in several blocks of tiles and a partial last one
     (csrc/cpu/ce_cpu_lanes.h, kSumTiles), which the lanes path adds up in its pass; and rows of
-    more classes than it takes (unit and strided class stride), which the op adds up from the
-    rows the kernel wrote (csrc/loss_stats.cpp, add_up_rows). The reduced statistics are the
+    more classes than it takes (unit and strided class stride; a batch of 7 rows from 128
+    classes), which the op adds up from the rows the kernel wrote (csrc/loss_stats.cpp,
+    add_up_rows). The reduced statistics are the
     exact sums of the per-row ones rounded once, the same bits on one thread as on two (the
     lanes' blocks added up in a fixed order)."""
     monkeypatch.setenv("NLLFUSED_CPU_CAPABILITY", capability)

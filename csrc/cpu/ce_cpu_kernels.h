@@ -621,6 +621,7 @@ struct Ce {
   static int64_t lane_block_lanes(const Args& A, const Lanes& T);
   static inline int64_t lane_stride(const Args& A, const Lanes& T);
   static inline int64_t block_start(int64_t c, int64_t C);
+  static void lane_zero_dead(const Lanes& T, int64_t C, acc_t* zb);
   static void lane_gather(const Args& A, const Lanes& T, acc_t* zb);
   template <typename dst_t>
   static void lane_block_out(const acc_t* zb, int64_t l0, int64_t C, dst_t* o, int64_t ld);

@@ -43,6 +43,7 @@ void Ce<scalar_t>::lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_
   // was a scalar read: (8, C, 128, 128) channels-last logits and targets, one thread, forward+
   // backward fp32 C = 4 1.75 -> 1.27 ms, bf16 C = 4 1.77 -> 1.13, C = 21 4.87 -> 4.02.
   // The same for a plain (N, C) input's consecutive rows, qN apart.
+  lane_zero_dead(T, C, g);
   int64_t blocked = 0;
   if constexpr (kLaneBlocks) {
     if ((T.dtile || A.D == 1) && A.qC == 1) blocked = T.L / kTile * kTile;
@@ -81,12 +82,8 @@ void Ce<scalar_t>::lane_soft_t(const Args& A, const Lanes& T, const q_t* q, acc_
       v.store(g + c * W2 + h * W);
     }
   }
-  for (int64_t l = blocked; l < W2; ++l) {
+  for (int64_t l = blocked; l < T.L; ++l) {
     if (half_run[l / W]) continue;
-    if (l >= T.L) {
-      for (int64_t c = 0; c < C; ++c) g[c * W2 + l] = 0;
-      continue;
-    }
     const int64_t n_ = T.dtile ? T.n0 : T.n[l], d_ = T.dtile ? T.d0 + l : T.d[l];
     const q_t* ql = q + n_ * A.qN + d_ * A.qD;
     for (int64_t c = 0; c < C; ++c) {
