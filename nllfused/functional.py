@@ -21,11 +21,11 @@ from .backends import torch_ref
 _CHECK_TARGETS_ON_GPU = False
 
 
-def _compiled_autograd_enabled() -> bool:
-    """Whether compiled autograd is on. It cannot be before its module is imported, and
-    importing it (torch._dynamo) here would cost every eager user ~150 MiB and ~1 s."""
-    module = sys.modules.get("torch._dynamo.compiled_autograd")
-    return module is not None and module.compiled_autograd_enabled
+# Compiled autograd's module, looked up in sys.modules where the call checks whether it is on:
+# it cannot be before the module is imported, and importing it (torch._dynamo) here would cost
+# every eager user ~150 MiB and ~1 s.
+_COMPILED_AUTOGRAD = "torch._dynamo.compiled_autograd"
+_MODULES = sys.modules
 
 
 def set_target_check(enabled: bool) -> None:
@@ -163,8 +163,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     # compiled autograd traces (ops._eager: a create_graph backward runs eagerly); the one-call
     # nodes' functional form (csrc/compiled_node.h) serves forwards that ran before it was
     # enabled.)
+    ca = _MODULES.get(_COMPILED_AUTOGRAD)  # compiled autograd's module, if imported
     if not torch.compiler.is_compiling() and _forward_ad._current_level < 0 and \
-            not _compiled_autograd_enabled():
+            (ca is None or not ca.compiled_autograd_enabled):
         if not want_stats:
             # CPU tensors: the checks and the call in C++ (csrc/one_call.cpp); None: not one-call
             loss = _one_call_cpu(input, target, weight, size_average, ignore_index, reduce,

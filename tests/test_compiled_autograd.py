@@ -99,16 +99,16 @@ def test_compiled_autograd_graph_is_not_reused_with_stale_options(kw):
 def test_forward_under_compiled_autograd_takes_create_graph(case):
     """A forward that runs with compiled autograd on takes the general path (its backward is
     Python, which compiled autograd traces to any order): a gradient made with create_graph=True
-    and its own backward equal eager autograd's. (Through the one-call node's functional form,
-    create_graph=True fails: nllfused.functional._compiled_autograd_enabled routes the call.
-    The ops' aux output takes no gradient: the double backward of a 'mean' reached the forward
-    node through aux.sum() alone, and compiled autograd added the None it returned.)"""
+    and its own backward equal eager autograd's. (The ops' aux output takes no gradient: the
+    double backward of a 'mean' reached the forward node through aux.sum() alone, and compiled
+    autograd added the None it returned.)"""
     x, t, kw = inputs((6, 5), torch.float64, 3, CASES[case])
     g = torch.Generator().manual_seed(4)
     v = torch.randn(x.shape, generator=g, dtype=x.dtype)
 
     def second_order():
-        xd, _, total = backward_of(x, t, kw, 3)
+        xd, node, total = backward_of(x, t, kw, 3)
+        assert (node.name() in NODES) == (not compiled_autograd.compiled_autograd_enabled)
         (gx,) = torch.autograd.grad(total, xd, create_graph=True)
         (gx * v).sum().backward()
         return gx.detach(), xd.grad
