@@ -24,8 +24,8 @@ op's with_entropy / with_predicted: `kernel_flags`), else from `torch_ref.entrop
 get all of it, reductions and autograd included, from one C++ op (csrc/loss_stats.cpp); `mask`
 and `from_one_call` translate to and from it. There, where the lanes path runs (up to 256
 classes; 384 for (N, C) rows, for a batch of N <= 8 rows below 16 (N + 1); 1024 where a tile's
-class is one vector load: csrc/cpu/kernels.h), the kernel adds the rows up in its own pass ('sum' and 'mean': sums in
-float64, rounded once, as the loss's).
+class is one vector load: csrc/cpu/kernels.h), the kernel adds the rows up in its own pass ('sum'
+and 'mean': sums in float64, rounded once, as the loss's).
 
 Names users of other packages know: return_z_loss=True (Liger-Kernel) and return_lse=True
 (quack, flash-attention) append the reduced z-loss term and the per-row lse to the returned

@@ -11,16 +11,16 @@ bool Ce<scalar_t>::beats(const State& st, acc_t cm) {
 }
 
 // The argmax over a chunk z[0, n) of classes c0.. with max cm (from the max sweep): only a chunk
-// whose max beats the best so far (beats) is scanned (first_at), for the first class at it. (A
-// NaN the max sweep dropped is found by finish_stats.) For a row read in place fwd_rows takes
-// the class from the fold, or scans the chunk that held the max once, at the row's end (see
-// there); track_argmax scans a chunk copied into a buffer at once. With the max sweep's snapshots, the scan starts at the
-// first block of kSnapSteps steps whose running max reached cm (the max's first class is in it),
-// instead of at the chunk's start: a new max is met in a few chunks of every row (the first ones,
-// mostly), and scanning from the start took a twentieth of the bf16 forward with statistics at
-// 32K classes. Where the copy has equal_mask / first_bits_equal (AVX2, AVX-512), a step is one
-// compare into a bit mask from which the class follows, in class or split order (Zen 4, bf16
-// (2048, 8192): the scan 6.7 -> 4.2 % of the forward; Intel, bf16 (2048, 32000) with a
+// whose max beats the best so far (beats) is scanned (first_at), for the first class at it. (A NaN
+// the max sweep dropped is found by finish_stats.) For a row read in place fwd_rows takes the class
+// from the fold, or scans the chunk that held the max once, at the row's end (see there);
+// track_argmax scans a chunk copied into a buffer at once. With the max sweep's snapshots, the scan
+// starts at the first block of kSnapSteps steps whose running max reached cm (the max's first class
+// is in it), instead of at the chunk's start: a new max is met in a few chunks of every row (the
+// first ones, mostly), and scanning from the start took a twentieth of the bf16 forward with
+// statistics at 32K classes. Where the copy has equal_mask / first_bits_equal (AVX2, AVX-512), a
+// step is one compare into a bit mask from which the class follows, in class or split order (Zen 4,
+// bf16 (2048, 8192): the scan 6.7 -> 4.2 % of the forward; Intel, bf16 (2048, 32000) with a
 // logit_scale, in split order, the argmax +6.7 -> +4.3-5.5 %); else (a NaN max) two vectors a step,
 // one test whether any of their lanes holds cm, then the step's classes one by one.
 // z[0, split_end) is in split order (load_chunk), where the first class at cm of the step that
