@@ -199,9 +199,10 @@ def _preset_table(device_type: str) -> dict:
         # whose rows start off the cache lines (csrc/cpu/kernels.h, head_to_line).
         "cpu": [("ce", [(4096, 32000), (2048, 50257), (1024, 128256)],
                  (torch.float32, torch.bfloat16), MODES)],
-        # Tiny and classification shapes, where per-call overhead decides.
-        "small": [("ce", [(64, 10), (32, 100), (2, 7, 16, 16), (256, 1000), (8, 4, 512, 512)],
-                   bf16_fp32, MODES)],
+        # Tiny and classification shapes, where per-call overhead decides; (4, 100): a batch of
+        # a few rows (online inference, a small RL batch).
+        "small": [("ce", [(4, 100), (64, 10), (32, 100), (2, 7, 16, 16), (256, 1000),
+                          (8, 4, 512, 512)], bf16_fp32, MODES)],
         # Rows of a few hundred classes, past the CPU lane path's 256 (kernels.h): flat, where
         # the rows path's per-row work decides, and K-dim.
         "mid": [("ce", [(512, 300), (4096, 300), (4096, 600), (2, 300, 64, 64),
@@ -242,7 +243,7 @@ PRESET_HELP = {
                     "fwd and fwd+bwd: per-call cost, whole logits up to 8 MiB",
     "cpu": "(4096,32000), (2048,50257), (1024,128256) x fp32, bf16 with 2 threads: the C++ "
            "backend's figures",
-    "small": "tiny and classification shapes (64,10) ... (8,4,512,512): per-call overhead",
+    "small": "tiny and classification shapes (4,100) ... (8,4,512,512): per-call overhead",
     "mid": "rows of 300 to 1000 classes, flat and K-dim (2,300,64,64), (4,1000,32,32)",
     "soft": "probability targets: (64,10), (4096,1000), (8,21,128,128), (2,300,64,64), "
             "(256,32000)",
