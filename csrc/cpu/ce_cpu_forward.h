@@ -518,7 +518,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
         if (in_place) {
           st.best = cm;
           find = kFoldFinds;
-          arg_c0 = c0;  // (the fold finds it: no scan)
+          arg_c0 = c0;  // a scan at the row's end, unless the fold finds it (hit, below)
           arg_n = n;
           arg_snaps = sn;
           if (!find) cur ^= 1;

@@ -231,7 +231,6 @@ inline int64_t Ce<scalar_t>::block_start(int64_t c, int64_t C) {
   return C >= kTile ? C - kTile : -1;
 }
 
-// The tile's logits into zb[c W2 + l] in acc_t; lanes past L get 0.
 // A partial tile's lanes past T.L (no row: zeros, which the lanes' sums skip) in zb[c W2 + l],
 // as whole vectors -- the halves that hold such lanes, before the live lanes are written over
 // them: a value at a time, the dead lanes of a batch of one row of 100 classes were most of
@@ -246,6 +245,7 @@ void Ce<scalar_t>::lane_zero_dead(const Lanes& T, int64_t C, acc_t* zb) {
   }
 }
 
+// The tile's logits into zb[c W2 + l] in acc_t; lanes past L get 0.
 template <typename scalar_t>
 void Ce<scalar_t>::lane_gather(const Args& A, const Lanes& T, acc_t* zb) {
   const int64_t C = A.C, xC = A.xC;

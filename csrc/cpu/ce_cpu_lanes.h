@@ -408,7 +408,7 @@ template <typename scalar_t>
 void Ce<scalar_t>::forward_lanes(const Args& A) {
   if (A.prob) return soft_lanes(A, false);  // ce_cpu_lanes_soft.h
   if (A.sums) {  // per-block sums, then over the blocks in a fixed order (any thread count)
-    const int64_t blocks = (lane_tiles(A) + sum_tiles(A) - 1) / sum_tiles(A);
+    const int64_t per = sum_tiles(A), blocks = (lane_tiles(A) + per - 1) / per;
     std::vector<double> part(kTileSums * blocks, 0.0);
     Args B = A;
     B.sums = nullptr;
