@@ -133,7 +133,7 @@ struct CrossEntropyLossBackward final : Node {
 };
 
 // The loss and what the backward needs: the per-row lse, and the per-row aux or, summed, its
-// sum (0-dim float64).
+// sum (0-dim float64; only for_backward: a call without a graph node has no use for it).
 struct Parts {
   Tensor out, lse, aux;
   bool summed = false;
@@ -142,7 +142,7 @@ struct Parts {
 Parts forward_parts(const Tensor& input, const Tensor& target,
                     const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
                     double label_smoothing, const Extras& ex,
-                    std::optional<at::ScalarType> dtype) {
+                    std::optional<at::ScalarType> dtype, bool for_backward) {
   check_reduction("nllfused::cross_entropy_loss", reduction);
   check_extras("nllfused::cross_entropy_loss", ex);
   check_target_shape("nllfused::cross_entropy_loss", input, target);
@@ -169,7 +169,9 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
       const double r = reduction == kSum ? f.loss_sum : weighted_mean(f.loss_sum, f.aux_sum);
       const auto out = input.options().dtype(dtype.value_or(input.scalar_type()));
       return {at::scalar_tensor(r, out.requires_grad(false)), f.lse,
-              at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble)), true};
+              for_backward ? at::scalar_tensor(f.aux_sum, input.options().dtype(at::kDouble))
+                           : Tensor(),
+              true};
     }
     return {reduce_rows(f.loss, f.aux, reduction, input, target, dtype), f.lse, f.aux};
   }
@@ -202,7 +204,8 @@ Tensor cross_entropy_loss_autograd(const Tensor& input, const Tensor& target,
   Parts p;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, ex, dtype);
+    p = forward_parts(input, target, weight, reduction, ignore_index, label_smoothing, ex, dtype,
+                      differentiable);
   }
   if (!differentiable) return p.out;
   Tensor& out = p.out;
@@ -231,7 +234,7 @@ Tensor cross_entropy_loss_forward(const Tensor& input, const Tensor& target,
                                   double logit_scale, double softcap,
                                   std::optional<at::ScalarType> dtype) {
   return forward_parts(input, target, weight, reduction, ignore_index, label_smoothing,
-                       Extras{z_loss, logit_scale, softcap}, dtype)
+                       Extras{z_loss, logit_scale, softcap}, dtype, false)
       .out;
 }
 
