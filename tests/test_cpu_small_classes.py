@@ -135,7 +135,8 @@ def check_option(x, option, reduction):
 
 
 # kernels.h, kLaneFewRows: a plain (N, C) input of at most 8 rows takes the lanes path below
-# 16 (N + 1) classes only (a tile of N live lanes), the rows path from there.
+# 16 (N + 1) classes only (a tile of N live lanes), the rows path from there; the one-call
+# reduced loss (reduction mean or sum, no statistics) below 8 (N + 1) classes only.
 LANE_FEW_ROWS = 8
 
 
@@ -143,10 +144,10 @@ LANE_FEW_ROWS = 8
 @pytest.mark.parametrize("option", ["smoothing_weight", "everything", "probabilities"])
 @pytest.mark.parametrize("N", [1, 2, LANE_FEW_ROWS, LANE_FEW_ROWS + 1])
 def test_few_rows_on_both_sides_of_their_class_limit(capability, N, option, reduction):
-    """A batch of a few rows, one class below and at 16 (N + 1): the lanes path (a tile of N
-    live rows, its other lanes empty) and the rows path, and past kLaneFewRows rows the lanes
-    alone; float32 and bf16, forward and backward against float64 torch."""
-    for C in (16 * (N + 1) - 1, 16 * (N + 1)):
+    """A batch of a few rows, one class below and at 8 (N + 1) and 16 (N + 1): the lanes path
+    (a tile of N live rows, its other lanes empty) and the rows path, and past kLaneFewRows
+    rows the lanes alone; float32 and bf16, forward and backward against float64 torch."""
+    for C in (8 * (N + 1) - 1, 8 * (N + 1), 16 * (N + 1) - 1, 16 * (N + 1)):
         for dtype in (torch.float32, torch.bfloat16):
             x = randn((N, C), dtype)
             if option != "probabilities":

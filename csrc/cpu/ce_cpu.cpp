@@ -171,6 +171,8 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
   Args A = make_args(logits, target, weight, w, ignore_index, label_smoothing, logit_scale,
                      softcap, prob_target);
   const auto acc = nllfused::acc_dtype(logits.scalar_type());
+  A.sums = sums;
+  A.stats = stats;  // (both before lane_max_classes, which weighs them)
   const bool rows = sums == nullptr || A.C > lane_max_classes(A);
   // A few rows on the rows path, summed (the one-call op's loss alone): their loss and aux in
   // `few` here, added up as the caller's cpu_sum would (block_sum: one block, the same bits),
@@ -189,12 +191,11 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
     out.push_back(rows_of(predicted_rows, at::kLong));
     A.ent = ptr(out[3]); A.tlp = ptr(out[4]);
     A.pred = static_cast<int64_t*>(ptr(out[5]));
-    A.want_ent = want_ent; A.want_pred = want_pred; A.stats = true;
+    A.want_ent = want_ent; A.want_pred = want_pred;
   }
   A.loss = in_few ? few[0] : ptr(out[0]);
   A.aux = in_few ? few[1] : ptr(out[2]);
   A.lse = out[1].data_ptr();
-  A.sums = sums;
   for (const Tensor& o : out)
     if (o.defined()) prefer_huge_pages(o);
   cap.forward(A, logits.scalar_type());  // (its rows path refuses rows left unallocated)

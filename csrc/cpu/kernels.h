@@ -152,9 +152,15 @@ constexpr int64_t kLaneMaxClassesVin = 1024;
 // C = 32 1.04 / 1.10, C = 300 1.84 / 1.85; N = 4 C = 100 1.08 / 1.13; N = 8 C = 100 0.99 / 0.95,
 // C = 200 1.21 / 1.20; N = 16 C = 200 1.01 / 0.87; the avx2 copy's tiles, of half the lanes,
 // alike to N = 8 and 0.8x at N = 16 C = 300, hence no rule past kLaneFewRows).
+// From 8 (N + 1) classes for the one-call loss (sums, no statistics), whose rows path keeps the
+// rows in a buffer of its own (ce_cpu.cpp, forward's `few`) and allocates two tensors fewer
+// (its forward under no_grad, lanes over rows, float32 / bf16: N = 1 C = 16 1.06 / 1.03;
+// N = 2 C = 24 1.09 / 1.01; N = 4 C = 32 1.06 / 1.00, C = 48 1.08 / 1.06; N = 6 C = 48
+// 1.01 / 0.95, C = 64 1.12 / 1.05; N = 8 C = 64 1.09 / 1.02, C = 100 1.09 / 1.02).
 constexpr int64_t kLaneFewRows = 8;
 inline int64_t lane_max_classes(const Args& A) {
-  if (A.D == 1 && A.xC == 1 && A.N <= kLaneFewRows) return 16 * (A.N + 1) - 1;
+  if (A.D == 1 && A.xC == 1 && A.N <= kLaneFewRows)
+    return (A.sums != nullptr && !A.stats ? 8 : 16) * (A.N + 1) - 1;
   const bool vin = ((A.D >= 32 || A.D == 16) && A.xD == 1) || (A.D == 1 && A.xN == 1);
   if (vin) return kLaneMaxClassesVin;
   return A.D == 1 && A.xC == 1 ? kLaneMaxClassesRows : kLaneMaxClasses;
