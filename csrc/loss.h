@@ -408,8 +408,12 @@ inline Tensor rows_of_value(double value, at::ScalarType acc, at::IntArrayRef ro
   static constexpr int64_t kZeroStrides[8] = {};
   TORCH_INTERNAL_ASSERT((acc == at::kFloat || acc == at::kDouble) && rows.size() <= 8);
   void* p = &slot.d;
-  if (acc == at::kDouble) slot.d = value;
-  else slot.f = static_cast<float>(value), p = &slot.f;
+  if (acc == at::kDouble) {
+    slot.d = value;
+  } else {
+    slot.f = static_cast<float>(value);
+    p = &slot.f;
+  }
   return at::from_blob(p, rows, at::IntArrayRef(kZeroStrides, rows.size()),
                        at::TensorOptions().dtype(acc));
 }

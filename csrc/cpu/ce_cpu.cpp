@@ -149,14 +149,15 @@ Args make_args(const Tensor& logits, const Tensor& target, const std::optional<T
   return A;
 }
 
+// The most rows (N D) whose loss and aux forward() keeps in a buffer of its own (few, below).
+constexpr int64_t kFewRows = 64;
+
 // ce_fwd's outputs (loss, lse, aux), then with `stats` ce_fwd_stats's (entropy, target_logp,
 // predicted), all from the kernels' one pass; entropy / predicted zeros unless want_ent /
 // want_pred. With `sums` (Args::sums, kSums of them) and at most lane_max_classes(A) classes the
 // lanes path adds the rows up itself: loss, aux and target_logp are then left undefined, not
-// allocated, and entropy / predicted unless entropy_rows / predicted_rows.
-// The most rows (N D) whose loss and aux forward() keeps in a buffer of its own (few, below).
-constexpr int64_t kFewRows = 64;
-
+// allocated, and entropy / predicted unless entropy_rows / predicted_rows. So does this
+// function for at most kFewRows rows on the rows path without `stats` (`few`, below).
 std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& target,
                             const std::optional<Tensor>& weight, int64_t ignore_index,
                             double label_smoothing, double logit_scale, double softcap,
