@@ -283,6 +283,14 @@ struct CrossEntropyLossStatsBackward final : Node {
                      (grads[2].defined() && (want & kTargetLogp));
     if (!any || !needed) return out;
     const Tensor saved = input_.unpack(), target = target_.unpack(), w = weight_.unpack();
+    // create_graph=True, or batched gradients (csrc/loss.h): torch's differentiable formulas
+    const bool create_graph = at::GradMode::is_enabled();
+    const bool graph = create_graph || batched(grads[0]) || batched(grads[1]) ||
+                       batched(grads[2]);
+    // Else below ADInplaceOrView, as in csrc/loss.cpp: plain views of the saved input for the
+    // kernels, no differentiable view's metadata built for each.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_views;
+    if (!graph) below_views.emplace();
     const Tensor input = as_forward_layout(saved, major);
     const std::optional<Tensor> weight = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
     auto [logits, target2] = canonical(input, target);
@@ -291,25 +299,22 @@ struct CrossEntropyLossStatsBackward final : Node {
     const bool ent = grads[1].defined() && (want & kEntropy);
     const bool tlp = grads[2].defined() && (want & kTargetLogp);
     // Summed on the CPU (plain tensors): each reduced statistic's gradient one value for every
-    // row (expanded, in double, rounded once), which the kernel applies to the counted rows only
-    // (ce_bwd_stats_counted_cpu; the target log-prob's it applies there anyway): no per-row
-    // tensors, where stat_row_grads' masks and divisions were four passes over the rows (a
-    // third of the backward at (8, 4, 512, 512)).
-    // create_graph=True, or batched gradients (csrc/loss.h): torch's differentiable formulas
-    const bool create_graph = at::GradMode::is_enabled();
-    const bool graph = create_graph || batched(grads[0]) || batched(grads[1]) ||
-                       batched(grads[2]);
+    // row (in double, rounded once; over a slot here, rows_of_value), which the kernel applies
+    // to the counted rows only (ce_bwd_stats_counted_cpu; the target log-prob's it applies
+    // there anyway): no per-row tensors, where stat_row_grads' masks and divisions were four
+    // passes over the rows (a third of the backward at (8, 4, 512, 512)).
     auto plain = [](const Tensor& t) { return !t.defined() || plain_cpu(t); };
     const bool counted_only = summed && counted >= 0 && !graph && plain_cpu(logits) &&
                               plain(grads[0]) && plain(grads[1]) && plain(grads[2]);
     std::optional<Tensor> g_ent, g_tlp;
+    RowScalar ent_slot, tlp_slot, loss_slot;  // (read by the kernel call below)
     if (counted_only) {
-      auto row_grad = [&](const Tensor& g) {
+      auto row_grad = [&](const Tensor& g, RowScalar& slot) {
         const double v = cpu_value(g) / (reduction == kMean ? counted : 1.0);
-        return at::scalar_tensor(v, lse.options().dtype(acc)).expand(lse.sizes());
+        return rows_of_value(v, acc, lse.sizes(), slot);
       };
-      if (ent) g_ent = row_grad(grads[1]);
-      if (tlp) g_tlp = row_grad(grads[2]);
+      if (ent) g_ent = row_grad(grads[1], ent_slot);
+      if (tlp) g_tlp = row_grad(grads[2], tlp_slot);
     } else if (ent || tlp) {  // the rows that count: only the statistics' gradients need them
       const Tensor counted_rows = not_ignored(target2, ignore_index);
       if (ent) g_ent = stat_row_grads(grads[1], counted_rows, reduction, false, acc);
@@ -333,8 +338,8 @@ struct CrossEntropyLossStatsBackward final : Node {
     // gradients (of aux's shape and dtype) stand in for them, as in csrc/loss.cpp.
     const Tensor g_loss =
         !grads[0].defined() ? at::zeros({}, lse.options().dtype(acc)).expand(lse.sizes())
-        : summed            ? summed_row_grads(grads[0], aux, reduction, lse.sizes(), acc)
-                            : row_grads(grads[0], aux, reduction);
+        : summed ? summed_row_grads(grads[0], aux, reduction, lse.sizes(), acc, &loss_slot)
+                 : row_grads(grads[0], aux, reduction);
     const Tensor& aux_rows = summed ? g_loss : aux;
     if (!g_ent && !g_tlp) {  // the loss's gradient alone: the plain backward
       std::optional<Tensor> grad_lse;
