@@ -111,7 +111,7 @@ struct CrossEntropyLossBackward final : Node {
     // targets only, so the row gradients (of aux's shape and dtype) stand in for them.
     RowScalar slot;  // (the rows' value on the CPU, read by ce_bwd below)
     const Tensor rows = summed ? summed_row_grads(grad, aux, reduction, lse.sizes(),
-                                                  acc_dtype(input.scalar_type()), &slot)
+                                                  acc_dtype(input.scalar_type()), slot)
                                : row_grads(grad, aux, reduction, prob);
     std::optional<Tensor> grad_lse;
     if (extras.z_loss != 0)

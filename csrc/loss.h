@@ -419,16 +419,14 @@ inline Tensor rows_of_value(double value, at::ScalarType acc, at::IntArrayRef ro
 }
 
 // row_grads where the forward reduced the rows in its pass (ce_fwd_summed_cpu): aux_sum is
-// aux's sum, 0-dim float64; rows the (N, D) of the rows, acc their dtype. On the CPU with a
-// `slot`, the rows are the slot's value (rows_of_value): the caller keeps the slot alive.
+// aux's sum, 0-dim float64; rows the (N, D) of the rows, acc their dtype. On the CPU the rows
+// are the slot's value (rows_of_value): the caller keeps the slot alive.
 inline Tensor summed_row_grads(const Tensor& grad, const Tensor& aux_sum, int64_t reduction,
-                               at::IntArrayRef rows, at::ScalarType acc,
-                               RowScalar* slot = nullptr) {
+                               at::IntArrayRef rows, at::ScalarType acc, RowScalar& slot) {
   if (loop_reduce(grad) && loop_reduce(aux_sum)) {
     double g = cpu_value(grad);
     if (reduction == kMean) g /= *aux_sum.const_data_ptr<double>();
-    if (slot != nullptr) return rows_of_value(g, acc, rows, *slot);
-    return at::scalar_tensor(g, grad.options().dtype(acc)).expand(rows);
+    return rows_of_value(g, acc, rows, slot);
   }
   const Tensor g = reduction == kSum ? grad : grad.to(at::kDouble) / aux_sum;
   return as_dtype(g, acc).expand(rows);

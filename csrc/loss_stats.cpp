@@ -338,7 +338,7 @@ struct CrossEntropyLossStatsBackward final : Node {
     // gradients (of aux's shape and dtype) stand in for them, as in csrc/loss.cpp.
     const Tensor g_loss =
         !grads[0].defined() ? at::zeros({}, lse.options().dtype(acc)).expand(lse.sizes())
-        : summed ? summed_row_grads(grads[0], aux, reduction, lse.sizes(), acc, &loss_slot)
+        : summed ? summed_row_grads(grads[0], aux, reduction, lse.sizes(), acc, loss_slot)
                  : row_grads(grads[0], aux, reduction);
     const Tensor& aux_rows = summed ? g_loss : aux;
     if (!g_ent && !g_tlp) {  // the loss's gradient alone: the plain backward
