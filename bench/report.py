@@ -147,10 +147,22 @@ def write_csv(path: str, rows: list, meta: dict) -> None:
             writer.writerow({**r, **{k: meta.get(k) for k in META_COLUMNS}})
 
 
+def _json_value(value):
+    """value with every non-finite float (a wrong provider's NaN error) as None: NaN and
+    Infinity are not JSON, and strict readers (jq, JavaScript) refuse a file holding them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
 def write_json(path: str, rows: list, meta: dict, notes: list) -> None:
+    data = _json_value({"meta": meta, "notes": notes, "results": ordered(rows)})
     with open(path, "w") as f:
-        json.dump({"meta": meta, "notes": notes, "results": ordered(rows)}, f, indent=1,
-                  default=str)
+        json.dump(data, f, indent=1, default=str, allow_nan=False)
         f.write("\n")
 
 

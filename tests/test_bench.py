@@ -81,6 +81,24 @@ def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
             if r["provider"] == "off-by-1pct" and r["kind"] == "linear"} == {"n/a"}
 
 
+def _strict_json(text):
+    """json.loads that refuses NaN and Infinity, which are not JSON (RFC 8259): jq, JavaScript
+    and most other readers reject a file holding them."""
+    def refuse(name):
+        raise ValueError(f"{name} in results.json")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_provider_is_wrong_and_its_json_stays_json(tmp_path, monkeypatch):
+    """A provider whose loss is NaN has a NaN error: the row is `wrong`, and results.json
+    writes the error as null, not as the NaN token."""
+    monkeypatch.setitem(providers.REGISTRY, "nan-loss", _ce_provider("nan-loss", float("nan")))
+    _, out, data = _run(tmp_path, "--providers", "torch,nan-loss", "--mode", "fwd")
+    rows = [r for r in _strict_json((out / "results.json").read_text())["results"]
+            if r["provider"] == "nan-loss" and r["kind"] == "ce"]
+    assert rows and all(r["status"] == "wrong" and r["loss_err"] is None for r in rows)
+
+
 def test_failing_nllfused_provider_sets_exit_status(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(providers.REGISTRY, "nllfused-broken",
                         _ce_provider("nllfused-broken", fail=True))
