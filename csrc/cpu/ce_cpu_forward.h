@@ -172,8 +172,11 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   // One step: the classes in za, zb (their g at gp), counted apart where `count`. Tail: the
   // last, partial step, padded with ref (a = 0, u = u(ref): finite), whose pad lanes (live_a,
   // live_b clear) add e = 0 and are never counted; their g is 0.
+  // A full step that counts nothing and sums no entropy adds its terms to s by exp2_tiny_plus
+  // (`plus`), which the AVX2 copy does in one fma with the exp's last multiply.
   auto step = [&](auto tail, V za, V zb, const acc_t* gp, bool count, V live_a, V live_b) {
     V a, b, ea, eb, ua, ub;
+    [[maybe_unused]] const bool plus = Tiny && !Ent && !decltype(tail)::value && !count;
     if constexpr (NeedA) {
       a = za - vm;
       b = zb - vm;
@@ -182,8 +185,13 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     if constexpr (Tiny) {
       ua = fmadd(za, log2e, vc);
       ub = fmadd(zb, log2e, vc);
-      ea = exp2_tiny(ua);
-      eb = exp2_tiny(ub);
+      if (plus) {
+        s0 = exp2_tiny_plus(ua, s0);
+        s1 = exp2_tiny_plus(ub, s1);
+      } else {
+        ea = exp2_tiny(ua);
+        eb = exp2_tiny(ub);
+      }
     }
 #endif
     if constexpr (!Tiny) {
@@ -202,7 +210,7 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       const V off(acc_t(-1));
       add_or_count(decltype(tail)::value ? V::blendv(off, a, live_a) : a, ea, s0, k0);
       add_or_count(decltype(tail)::value ? V::blendv(off, b, live_b) : b, eb, s1, k1);
-    } else {
+    } else if (!plus) {
       s0 = s0 + ea;
       s1 = s1 + eb;
     }

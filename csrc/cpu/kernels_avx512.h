@@ -101,6 +101,10 @@ inline Vec<float> exp2_tiny(Vec<float> u) {
   q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(q, u);
 }
+// s + exp2_tiny(u) (Ce::fold_steps' common step; the AVX2 copy fuses the two, scalef cannot).
+inline Vec<float> exp2_tiny_plus(Vec<float> u, Vec<float> s) {
+  return _mm512_add_ps(s, exp2_tiny(u));
+}
 // dst[j ld_dst + i] = src[i ld_src + j] for i, j < 16 (Ce::transpose_block): the block in 16
 // registers, 64 shuffles -- pairs of rows interleaved, then pairs of pairs, then 128-bit lanes
 // twice, which leaves output row j in register j. ATen's transpose_mxn<float, 16, 16> is an
