@@ -39,8 +39,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, backends, stats
-from ._extension import TRITON_ERROR
+from . import _checks, _extension, backends, stats
 from .backends import torch_ref
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -50,12 +49,16 @@ try:
 except ImportError:  # a torch built without distributed support
     dist = funcol = None
 
-if TRITON_ERROR is None:
-    from .kernels import vocab_parallel as vp_kernels
-
 __all__ = ["vocab_parallel_cross_entropy"]
 
 _META = 3  # per-rank numbers ahead of the per-row statistics: vocab_start, C_local, sum of w
+
+
+def _vp_kernels():
+    """kernels/vocab_parallel.py, imported at the first Triton call (as nllfused/_extension.py
+    imports Triton)."""
+    from .kernels import vocab_parallel
+    return vocab_parallel
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ _META = 3  # per-rank numbers ahead of the per-row statistics: vocab_start, C_lo
 def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                      wsum: torch.Tensor, vocab_start: int, ignore_index: int,
                      smoothing: bool) -> torch.Tensor:
-    return vp_kernels.vp_stats(logits, target, weight, wsum, vocab_start, ignore_index,
+    return _vp_kernels().vp_stats(logits, target, weight, wsum, vocab_start, ignore_index,
                                smoothing)
 
 
@@ -84,7 +87,7 @@ def _vp_bwd_triton(g: torch.Tensor, g_lse: Optional[torch.Tensor], logits: torch
                    lse_m: torch.Tensor, lse_s: torch.Tensor, coef: torch.Tensor,
                    tcoef: torch.Tensor, y_local: torch.Tensor, weight: Optional[torch.Tensor],
                    eps_c: torch.Tensor, smoothing: bool) -> torch.Tensor:
-    return vp_kernels.vp_bwd(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c,
+    return _vp_kernels().vp_bwd(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c,
                              smoothing)
 
 
@@ -347,7 +350,7 @@ def _resolve_backend(backend: str, device: torch.device) -> bool:
     implementation (so that code passing one backend name everywhere keeps working).
     """
     if backends.check_name(backend) == "auto":
-        return device.type == "cuda" and TRITON_ERROR is None
+        return device.type == "cuda" and _extension.triton_error() is None
     reason = backends.unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")

@@ -28,7 +28,7 @@ def triton_for_cuda(backend: str) -> str:
     without one: its own, but Triton's (the same contract and results) for cuda where Triton
     loads, so that such a GPU call still reads its logits once and holds no second chunk-sized
     buffer."""
-    if backend == "cuda" and _extension.TRITON_ERROR is None:
+    if backend == "cuda" and _extension.triton_error() is None:
         return "triton"
     return backend
 
@@ -76,7 +76,7 @@ def inplace_backward_for_backend(backend: str):
     name = _INPLACE.get(backend)
     if name is None or not hasattr(torch.ops.nllfused, name):
         return None
-    if backend == "triton" and _extension.TRITON_ERROR is not None:
+    if backend == "triton" and _extension.triton_error() is not None:
         return None
     return getattr(torch.ops.nllfused, name)
 
@@ -282,21 +282,29 @@ _STATS_BACKENDS = (({"triton"} if _HAS_STATS_OPS else set())
                    | ({"cuda"} if _HAS_CUDA_STATS_OPS else set()))
 
 
+def _triton_launcher(name: str):
+    """The Triton op's kernel: kernels/cross_entropy.py's launcher `name`, that module imported
+    at the first call (nllfused/_extension.py)."""
+    def launch(*args, **kwargs):
+        kernels = _extension.triton_kernels
+        if kernels is None:
+            raise RuntimeError(f"triton could not be imported ({_extension.TRITON_ERROR})")
+        return getattr(kernels, name)(*args, **kwargs)
+    launch.__name__ = name
+    return launch
+
+
 def _register():
     if _extension.C_ERROR is not None:
         return
-    if _extension.TRITON_ERROR is None:
-        kernels = _extension.triton_kernels
-        torch.library.register_kernel("nllfused::ce_fwd_triton", ("cpu", "cuda"), kernels.ce_fwd)
-        torch.library.register_kernel("nllfused::ce_bwd_triton", ("cpu", "cuda"), kernels.ce_bwd)
-        if hasattr(torch.ops.nllfused, "ce_bwd_inplace_triton"):
-            torch.library.register_kernel("nllfused::ce_bwd_inplace_triton", ("cpu", "cuda"),
-                                          kernels.ce_bwd_inplace)
-        if _HAS_STATS_OPS:
-            torch.library.register_kernel("nllfused::ce_fwd_stats_triton", ("cpu", "cuda"),
-                                          kernels.ce_fwd_stats)
-            torch.library.register_kernel("nllfused::ce_bwd_stats_triton", ("cpu", "cuda"),
-                                          kernels.ce_bwd_stats)
+    if _extension.TRITON_INSTALLED:
+        triton_ops = {"ce_fwd_triton": "ce_fwd", "ce_bwd_triton": "ce_bwd",
+                      "ce_bwd_inplace_triton": "ce_bwd_inplace",
+                      "ce_fwd_stats_triton": "ce_fwd_stats", "ce_bwd_stats_triton": "ce_bwd_stats"}
+        for op, launcher in triton_ops.items():
+            if hasattr(torch.ops.nllfused, op):
+                torch.library.register_kernel(f"nllfused::{op}", ("cpu", "cuda"),
+                                              _triton_launcher(launcher))
     for fwd, bwd in dict.fromkeys(_STATS_PAIRS[b] for b in sorted(_STATS_BACKENDS)):
         torch.library.register_fake(f"nllfused::{fwd}", _fwd_stats_fake)
         torch.library.register_fake(f"nllfused::{bwd}", _bwd_stats_fake)

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-# Must happen before triton is first imported (nllfused imports it).
+# Must happen before triton is first imported (nllfused imports it at its first Triton call).
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 

@@ -1,8 +1,12 @@
 """What `import nllfused` costs an eager user: not torch._dynamo (~150 MiB of memory and ~1 s),
-which torch.compile and compiled autograd import when they are used."""
+which torch.compile and compiled autograd import when they are used, nor triton (~75 MiB and
+~0.1 s), which the first Triton call imports."""
+import importlib.util
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from nllfused import backends
@@ -15,6 +19,27 @@ def test_import_leaves_dynamo_unimported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_triton_is_imported_by_the_first_triton_call_only():
+    """CPU calls of the C++ kernels -- loss and backward, statistics, the fused linear + CE --
+    leave triton unimported; a backend="triton" call imports it, and runs."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    code = ("import sys, torch, nllfused\n"
+            "x, t = torch.randn(3, 5, requires_grad=True), torch.tensor([0, 4, 2])\n"
+            "nllfused.cross_entropy(x, t).backward()\n"
+            "nllfused.cross_entropy(x, t, return_stats=True)[0].backward()\n"
+            "w = torch.randn(5, 4, requires_grad=True)\n"
+            "nllfused.linear_cross_entropy(torch.randn(3, 4), w, t).backward()\n"
+            "print('triton' in sys.modules)\n"
+            "y = nllfused.cross_entropy(x, t, backend='triton')\n"
+            "torch.testing.assert_close(y, torch.nn.functional.cross_entropy(x, t))\n"
+            "print('triton' in sys.modules)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_constant_under_compile_marks_as_torch_does():

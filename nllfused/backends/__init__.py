@@ -40,12 +40,12 @@ def unavailable_reason(backend: str, device: torch.device):
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     if backend == "triton":
-        if _extension.TRITON_ERROR is not None:
-            return f"triton could not be imported ({_extension.TRITON_ERROR})"
+        if _extension.triton_error() is not None:
+            return f"triton could not be imported ({_extension.triton_error()})"
         if device.type == "cpu" and not _extension.triton_interpreter():
             return ("the triton backend runs CPU tensors only under Triton's interpreter: set "
-                    "TRITON_INTERPRET=1 in the environment before importing triton/nllfused, "
-                    "or use backend='cpu' or 'torch'")
+                    "TRITON_INTERPRET=1 in the environment before triton is imported (by "
+                    "nllfused at its first triton call), or use backend='cpu' or 'torch'")
         if device.type not in ("cpu", "cuda"):
             return f"the triton backend does not support {device.type} tensors"
         return None
@@ -59,12 +59,7 @@ def unavailable_reason(backend: str, device: torch.device):
     return None
 
 
-def _constant_under_compile(fn):
-    """fn, marked as torch.compiler.assume_constant_result marks it (its result a constant to
-    torch.compile), without importing torch._dynamo as that does: ~150 MiB and ~1 s that an
-    eager user would pay at `import nllfused` (tests/test_import.py checks the two agree)."""
-    fn._dynamo_marked_constant = True
-    return fn
+_constant_under_compile = _extension.constant_under_compile
 
 
 @_constant_under_compile
