@@ -288,7 +288,7 @@ def _triton_launcher(name: str):
     def launch(*args, **kwargs):
         kernels = _extension.triton_kernels
         if kernels is None:
-            raise RuntimeError(f"triton could not be imported ({_extension.TRITON_ERROR})")
+            raise RuntimeError(f"triton could not be imported ({_extension.triton_error()})")
         return getattr(kernels, name)(*args, **kwargs)
     launch.__name__ = name
     return launch

@@ -40,8 +40,9 @@ def unavailable_reason(backend: str, device: torch.device):
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     if backend == "triton":
-        if _extension.triton_error() is not None:
-            return f"triton could not be imported ({_extension.triton_error()})"
+        error = _extension.triton_error()
+        if error is not None:
+            return f"triton could not be imported ({error})"
         if device.type == "cpu" and not _extension.triton_interpreter():
             return ("the triton backend runs CPU tensors only under Triton's interpreter: set "
                     "TRITON_INTERPRET=1 in the environment before triton is imported (by "
