@@ -20,11 +20,31 @@
 
 namespace nllfused_cpu::NLLF_CPU_NS {
 
+// The lanes forward's exp(a), a = z - m <= 0 (fwd_lanes, fwd_lanes_soft): where the copy has
+// NLLF_HAVE_LANE_EXP2, exp2_tiny(a log2 e) under the caller's TinyScope -- a = 0 gives exactly 1
+// (the classes at the max, counted apart), -inf and every a below float's normal range 0, NaN
+// stays NaN, as vexp. The rounding of a log2 e adds at most |a| 2^-24 to a term's relative
+// error, as the rounding of a = z - m itself may: the lse's error grows by at most the mean of
+// |a| over the row's softmax times 2^-24. Forward, one thread, Zen 4, against vexp: float32
+// (4, 21, 512, 512) 1.10x, (8, 4, 512, 512) 1.12x, (2^20, 10) 1.07x faster; bf16 (4, 21, 512,
+// 512) 1.05-1.10x.
+// The backward keeps vexp: there each p = e^a is a gradient element of its own, and for bf16
+// logits exp2_tiny was no faster (forward+backward (4, 21, 512, 512), (2, 40, 512, 512)).
+template <typename scalar_t>
+inline auto lane_exp(typename Ce<scalar_t>::V a) -> typename Ce<scalar_t>::V {
+  using C = Ce<scalar_t>;
+#ifdef NLLF_HAVE_LANE_EXP2
+  if constexpr (C::kTinyExp) return exp2_tiny(a * typename C::V(C::kLog2e));
+#endif
+  return C::vexp(a);
+}
+
 // K: the transform (Tf), Gm: the smoothing g-sums (0 none, 1 g = 1, 2 g = w), as in fold.
 // Stats: also the statistics (finish_stats' formulas per lane: T, the first class at the max).
 template <typename scalar_t>
 template <int K, int Gm, bool Stats>
 void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
+  [[maybe_unused]] const TinyScope tiny{};
   alignas(64) acc_t zb[kLaneMaxC * W2];
   alignas(64) acc_t zy[W2] = {}, wy[W2], lm[W2], ld[W2], ls[W2], le[W2], lt[W2], la[W2];
   const Tf t = make_tf(A);
@@ -63,7 +83,7 @@ void Ce<scalar_t>::fwd_lanes(const Args& A, int64_t tile0, int64_t tile1) {
         a0 = select_eq(a0, a, vc, yv0);
         a1 = select_eq(a1, b, vc, yv1);
       }
-      const V xa = vexp(a), xb = vexp(b);
+      const V xa = lane_exp<scalar_t>(a), xb = lane_exp<scalar_t>(b);
       add_or_count(a, xa, s0, k0);  // at the max (a == 0) counted into k, not added to s
       add_or_count(b, xb, s1, k1);
       if constexpr (Stats) {

@@ -107,6 +107,7 @@ void Ce<scalar_t>::lane_soft(const Args& A, const Lanes& T, acc_t* g) {
 template <typename scalar_t>
 template <int K>
 void Ce<scalar_t>::fwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
+  [[maybe_unused]] const TinyScope tiny{};
   alignas(64) acc_t zb[kLaneMaxC * W2], gb[kLaneMaxC * W2];
   alignas(64) acc_t ls[W2], lg[W2], lm[W2], ld[W2];
   const Tf t = make_tf(A);
@@ -125,8 +126,9 @@ void Ce<scalar_t>::fwd_lanes_soft(const Args& A, int64_t tile0, int64_t tile1) {
     for (int64_t c = 0; c < C; ++c) {
       const V a = V::loadu(zb + c * W2) - r0, b = V::loadu(zb + c * W2 + W) - r1;
       const V ga = V::loadu(gb + c * W2), gbv = V::loadu(gb + c * W2 + W);
-      add_or_count(a, vexp(a), s0, k0);  // at the max (a == 0) counted into k, not added to s
-      add_or_count(b, vexp(b), s1, k1);
+      // at the max (a == 0) counted into k, not added to s
+      add_or_count(a, lane_exp<scalar_t>(a), s0, k0);
+      add_or_count(b, lane_exp<scalar_t>(b), s1, k1);
       b0 = b0 + keep_nonzero(ga, ga * a);  // g_c = 0 adds nothing, even at z_c = -inf
       b1 = b1 + keep_nonzero(gbv, gbv * b);
       g0 = g0 + ga;
