@@ -407,10 +407,16 @@ inline void Ce<scalar_t>::lane_load_max(const Args& A, const Lanes& T, const Tf&
     m1 = vmax(m1, b);
   };
   if (T.vin && T.L == W2) {
+    // each line of a class's tile ahead: one (bf16), or two (float32 in the AVX-512 copies, whose
+    // second line the hardware prefetcher was left to fetch: the float32 forward of (4, 21, 512,
+    // 512) and (8, 4, 512, 512) 1.10-1.15x faster with it, one thread, Zen 4)
+    constexpr int64_t kLineValues = 64 / static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t c = 0; c < C; ++c) {
       V a, b;
-      if (!alias) lane_prefetch(T.x0 + c * xC);
-      else if (c + kLaneAhead < C) __builtin_prefetch(T.x0 + (c + kLaneAhead) * xC);
+      if (!alias) {
+        lane_prefetch(T.x0 + c * xC);
+        if constexpr (W2 > kLineValues) lane_prefetch(T.x0 + c * xC + kLineValues);
+      } else if (c + kLaneAhead < C) __builtin_prefetch(T.x0 + (c + kLaneAhead) * xC);
       load2(T.x0 + c * xC, a, b);
       put(c, a, b);
     }
