@@ -74,7 +74,7 @@ def _vp_stats_triton(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
                      wsum: torch.Tensor, vocab_start: int, ignore_index: int,
                      smoothing: bool) -> torch.Tensor:
     return _vp_kernels().vp_stats(logits, target, weight, wsum, vocab_start, ignore_index,
-                               smoothing)
+                                  smoothing)
 
 
 @_vp_stats_triton.register_fake
@@ -87,8 +87,8 @@ def _vp_bwd_triton(g: torch.Tensor, g_lse: Optional[torch.Tensor], logits: torch
                    lse_m: torch.Tensor, lse_s: torch.Tensor, coef: torch.Tensor,
                    tcoef: torch.Tensor, y_local: torch.Tensor, weight: Optional[torch.Tensor],
                    eps_c: torch.Tensor, smoothing: bool) -> torch.Tensor:
-    return _vp_kernels().vp_bwd(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight, eps_c,
-                             smoothing)
+    return _vp_kernels().vp_bwd(g, g_lse, logits, lse_m, lse_s, coef, tcoef, y_local, weight,
+                                eps_c, smoothing)
 
 
 @_vp_bwd_triton.register_fake

@@ -60,10 +60,7 @@ def unavailable_reason(backend: str, device: torch.device):
     return None
 
 
-_constant_under_compile = _extension.constant_under_compile
-
-
-@_constant_under_compile
+@_extension.constant_under_compile
 @functools.lru_cache(maxsize=None)
 def _cuda_code_reason(index: int):
     """None if the build has code that GPU `index` runs, else why not (asked once per GPU)."""
