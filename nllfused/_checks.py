@@ -141,11 +141,28 @@ def check_options(label_smoothing, z_loss, logit_scale, softcap) -> tuple:
     return label_smoothing, z_loss, logit_scale, softcap
 
 
+def traced_ignore_index(ignore_index) -> bool:
+    """Whether torch.compile is tracing an ignore_index given as a tensor or a NumPy integer:
+    it traces those as data (int() of one is a SymInt known only at run time), which the
+    nllfused ops' int argument cannot take -- torch's own op (a SymInt argument) can."""
+    # (a NumPy integer by its type's module: torch.compile's isinstance and issubclass do not
+    # take it for a numbers.Integral or an np.integer)
+    return (type(ignore_index) is not int and torch.compiler.is_compiling()
+            and (isinstance(ignore_index, torch.Tensor)
+                 or "numpy" in type(ignore_index).__module__))
+
+
 def check_ignore_index(ignore_index) -> int:
     """ignore_index as an int: an int, or what torch also takes for one (a NumPy integer, an
     integer tensor of one element, any object with __index__); not a bool or a float."""
     if type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63:  # (the common case)
         return ignore_index
+    if traced_ignore_index(ignore_index):
+        raise ArgumentTypeError(
+            f"ignore_index must be a Python int under torch.compile for this call; got "
+            f"{type(ignore_index).__name__}, which torch.compile traces as data (a value known "
+            f"only at run time) where the nllfused ops need it while tracing: pass "
+            f"int(ignore_index)")
     if isinstance(ignore_index, torch.Tensor):
         if ignore_index.numel() == 1 and not ignore_index.is_floating_point() \
                 and ignore_index.dtype != torch.bool and not ignore_index.is_complex():

@@ -211,6 +211,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     label_smoothing, z_loss, logit_scale, softcap = _checks.check_options(
         label_smoothing, z_loss, logit_scale, softcap)
+    if (_checks.traced_ignore_index(ignore_index) and not want_stats and z_loss == 0
+            and logit_scale == 1 and softcap is None):
+        # a tensor or NumPy ignore_index under torch.compile (_checks.traced_ignore_index):
+        # torch's own op takes it, with the results nllfused gives in eager mode
+        backends.check_name(backend)
+        return torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index, None,
+                                                 reduction, label_smoothing)
     ignore_index = _checks.check_ignore_index(ignore_index)
     if not want_stats and _checks.nothing_to_compute(input, target, ignore_index, z_loss):
         # torch's own call gives the results (empty, 0 or NaN)

@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) of a model + our loss: no graph breaks, results equal eager."""
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,47 @@ def test_meta_tensors_give_the_shape_of_the_loss(dtype):
     ours = nllfused.linear_cross_entropy(x, W, t)
     theirs = torch.nn.functional.linear_cross_entropy(x, W, t)
     assert (ours.device, ours.shape, ours.dtype) == (theirs.device, theirs.shape, theirs.dtype)
+
+
+@pytest.mark.parametrize("make_index", [torch.tensor, np.int64], ids=["tensor", "numpy"])
+@pytest.mark.parametrize("options", [dict(), dict(reduction="none", label_smoothing=0.1)],
+                         ids=["plain", "none-smoothing"])
+def test_compiled_loss_takes_a_tensor_or_numpy_ignore_index(make_index, options):
+    """An ignore_index given as a 0-d tensor or a NumPy integer, which torch.compile traces as
+    data (an int of it is a SymInt known only at run time): the loss compiles with
+    fullgraph=True, as torch's does, and equals the eager one, gradient included."""
+    x = torch.randn(12, 7, dtype=torch.float64)
+    t = torch.randint(0, 7, (12,))
+    t[::4] = 3
+    index = make_index(3)
+    weight = torch.rand(7, dtype=torch.float64) + 0.1
+
+    def loss(x, t):
+        return nllfused.cross_entropy(x, t, weight, ignore_index=index, **options).sum()
+
+    torch._dynamo.reset()
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = torch.compile(loss, backend="aot_eager", fullgraph=True)(xc, t)
+    expected = loss(xe, t)
+    got.backward()
+    expected.backward()
+    theirs = torch.nn.functional.cross_entropy(x, t, weight, ignore_index=3, **options).sum()
+    torch.testing.assert_close(got, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expected, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", ["z_loss", "linear", "vocab_parallel"])
+def test_compiled_extras_name_a_traced_ignore_index(call):
+    """Where nothing of torch's takes a traced ignore_index (z_loss, the fused linear loss, the
+    vocabulary-parallel loss), the compiled call raises ArgumentTypeError naming it."""
+    x, t, w = torch.randn(6, 5), torch.randint(0, 5, (6,)), torch.randn(5, 5)
+    index = torch.tensor(2)
+    fn = {"z_loss": lambda: nllfused.cross_entropy(x, t, ignore_index=index, z_loss=1e-3),
+          "linear": lambda: nllfused.linear_cross_entropy(x, w, t, ignore_index=index),
+          "vocab_parallel": lambda: vocab_parallel_cross_entropy(x, t, ignore_index=index,
+                                                                 vocab_start=0)}[call]
+    assert torch.isfinite(fn())  # eager takes it
+    torch._dynamo.reset()
+    with pytest.raises(nllfused.ArgumentTypeError, match="ignore_index must be a Python int"):
+        torch.compile(fn, backend="eager")()
