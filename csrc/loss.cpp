@@ -163,8 +163,10 @@ Parts forward_parts(const Tensor& input, const Tensor& target,
     // The CPU kernel adds the rows up in its own pass where it can: on a segmentation map of
     // few classes the loss and aux rows, written and read back twice, were a third of the
     // bytes of the forward and backward (csrc/cpu/kernels.h, Args::sums).
+    // lean: a 16-bit loss, the lse kept for the backward alone (csrc/cpu/kernels.h, Args::lean)
+    const bool lean = c10::elementSize(dtype.value_or(input.scalar_type())) == 2;
     auto f = nllfused_cpu::ce_fwd_summed_cpu(logits, target2, weight, ignore_index,
-                                             label_smoothing, a, s);
+                                             label_smoothing, a, s, lean);
     if (f.summed) {
       const double r = reduction == kSum ? f.loss_sum : weighted_mean(f.loss_sum, f.aux_sum);
       const auto out = input.options().dtype(dtype.value_or(input.scalar_type()));

@@ -26,7 +26,8 @@ namespace nllfused_cpu {
 // ce_fwd on the CPU with the one-call op's reduction in the kernel's pass where its path can
 // (the lanes path: csrc/cpu/kernels.h, Args::sums): then `summed`, loss_sum / aux_sum the rows'
 // sums in double, and no loss and aux rows (undefined tensors). Else the rows, as ce_fwd gives
-// them. Defined in csrc/cpu/ce_cpu.cpp.
+// them. `lean`: the caller's loss is 16-bit, the lse kept for its backward alone (Args::lean).
+// Defined in csrc/cpu/ce_cpu.cpp.
 struct SummedForward {
   at::Tensor loss, lse, aux;
   double loss_sum, aux_sum;
@@ -34,7 +35,8 @@ struct SummedForward {
 };
 SummedForward ce_fwd_summed_cpu(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing, double logit_scale, double softcap);
+                                double label_smoothing, double logit_scale, double softcap,
+                                bool lean);
 
 // ce_fwd_stats on the CPU likewise (nllfused::cross_entropy_loss_stats, csrc/loss_stats.cpp):
 // where `summed`, the sums of csrc/cpu/kernels.h's Sum over the counted rows (lse, z-loss term,

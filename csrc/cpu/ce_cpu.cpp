@@ -163,7 +163,8 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
                             double label_smoothing, double logit_scale, double softcap,
                             bool prob_target, bool stats, bool want_ent = true,
                             bool want_pred = true, double* sums = nullptr,
-                            bool entropy_rows = true, bool predicted_rows = true) {
+                            bool entropy_rows = true, bool predicted_rows = true,
+                            bool lean = false) {
   nllfused::check_devices(op, c10::DeviceType::CPU, logits,
                           {{"target", &target}, {"weight", nllfused::present(weight)}});
   nllfused::check_args(op, logits, target, weight, label_smoothing, prob_target);
@@ -174,6 +175,9 @@ std::vector<Tensor> forward(const char* op, const Tensor& logits, const Tensor& 
   const auto acc = nllfused::acc_dtype(logits.scalar_type());
   A.sums = sums;
   A.stats = stats;  // (both before lane_max_classes, which weighs them)
+  // NLLFUSED_CPU_LEAN_EXP=1: every forward may (tests/test_cpu_exp_accuracy.py measures the
+  // lean exp2 on ce_fwd's lse, which it returns in float64)
+  A.lean = lean || setting(Setting::kLeanExp) == "1";
   const bool rows = sums == nullptr || A.C > lane_max_classes(A);
   // A few rows on the rows path, summed (the one-call op's loss alone): their loss and aux in
   // `few` here, added up as the caller's cpu_sum would (block_sum: one block, the same bits),
@@ -324,10 +328,12 @@ Tensor ce_bwd_stats_cpu(const Tensor& grad_loss, const std::optional<Tensor>& gr
 
 SummedForward ce_fwd_summed_cpu(const Tensor& logits, const Tensor& target,
                                 const std::optional<Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing, double logit_scale, double softcap) {
+                                double label_smoothing, double logit_scale, double softcap,
+                                bool lean) {
   double sums[kSums] = {};
   auto o = forward("nllfused::cross_entropy_loss (CPU)", logits, target, weight, ignore_index,
-                   label_smoothing, logit_scale, softcap, false, false, true, true, sums);
+                   label_smoothing, logit_scale, softcap, false, false, true, true, sums, true,
+                   true, lean);
   return {o[0], o[1], o[2], sums[kSumLoss], sums[kSumAux],
           sums[kSummed] != 0};  // summed: what the kernels did
 }

@@ -147,7 +147,7 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // still -1: the argmax of a chunk that holds a new max, from the compare the fold makes anyway.
 // Steps that are not tested (every step counts, and the last, partial one) leave it -1.
 template <typename scalar_t>
-template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
+template <int Gm, bool AtMax, bool Ent, int Tiny, typename src_t>
 auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g,
                               const char* pf, int64_t pf_len, int64_t* first) -> Sums {
   static_assert(!Tiny || kTinyExp);
@@ -190,11 +190,11 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       ua = fmadd(za, log2e, vc);
       ub = fmadd(zb, log2e, vc);
       if (plus) {
-        s0 = exp2_tiny_plus(ua, s0);
-        s1 = exp2_tiny_plus(ub, s1);
+        s0 = exp2_tiny_plus<Tiny == 2>(ua, s0);
+        s1 = exp2_tiny_plus<Tiny == 2>(ub, s1);
       } else {
-        ea = exp2_tiny(ua);
-        eb = exp2_tiny(ub);
+        ea = exp2_tiny<Tiny == 2>(ua);
+        eb = exp2_tiny<Tiny == 2>(ub);
       }
     }
 #endif
@@ -280,6 +280,19 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   return Sums{s0, s1, k0, k1, b0, b1, g0, g1, t0, t1};
 }
 
+// A 16-bit forward whose results are all rounded to 16 bits (Args::lean: the one-call op's
+// loss; fwd_rows: State::lean) folds with the copy's lean exp2 where it has one
+// (NLLF_HAVE_EXP2_LEAN, AVX2): its terms 2.9e-6 off at most, so are d and the lse, under the
+// loss's rounding (2^-9), and the gradient's from the lse it saves. Not ce_fwd, whose lse is
+// returned (float64; but under NLLFUSED_CPU_LEAN_EXP=1, for tests), nor the statistics.
+#ifdef NLLF_HAVE_EXP2_LEAN
+template <typename scalar_t>
+inline constexpr bool kLeanExp = Ce<scalar_t>::kTinyExp && sizeof(scalar_t) == 2;
+#else
+template <typename scalar_t>
+inline constexpr bool kLeanExp = false;
+#endif
+
 // Sweep 2: fold a chunk z[0, n) with max cm into the state. Gm: 0 no g-sums, 1 g = 1, 2 g[],
 // 3 g[] of probability targets, where a class with g_c == 0 adds nothing to B even at z = -inf.
 // It runs from L1 and leaves the memory idle, so it prefetches what comes next, two lines a
@@ -322,11 +335,16 @@ void Ce<scalar_t>::fold(State& st, const src_t* z, int64_t n, acc_t cm, const ac
   // torch's smoothing term does, and a NaN the max sweep dropped (see vmax) reaches s.
   const acc_t ref = st.m == -kInf ? acc_t(0) : st.m;
   const V vm(ref), zero(acc_t(0));
-  // exp2_tiny where ref is near enough to zero (kTinyRefMax; not NaN or inf either)
+  // exp2_tiny where ref is near enough to zero (kTinyRefMax; not NaN or inf either), the lean
+  // one (Tiny 2) where the state asks for it (kLeanExp)
   const bool tiny = kTinyExp && std::fabs(ref) < kTinyRefMax;
   int64_t* find = AtMax && cm == ref ? first : nullptr;
-  Sums u = tiny ? fold_steps<Gm, AtMax, Ent, kTinyExp>(z, n, ref, g, pf, pf_len, find)
-                : fold_steps<Gm, AtMax, Ent, false>(z, n, ref, g, pf, pf_len, nullptr);
+  constexpr int kLean = kLeanExp<scalar_t> && !Ent ? 2 : int(kTinyExp);
+  Sums u;
+  if (!tiny) u = fold_steps<Gm, AtMax, Ent, 0>(z, n, ref, g, pf, pf_len, nullptr);
+  else if (kLean == 2 && st.lean)
+    u = fold_steps<Gm, AtMax, Ent, kLean>(z, n, ref, g, pf, pf_len, find);
+  else u = fold_steps<Gm, AtMax, Ent, kTinyExp>(z, n, ref, g, pf, pf_len, find);
   if constexpr (kTinyExp) {  // the terms' common factor 2^u(ref) (fold_steps), taken out
     if (tiny) {
       const acc_t d = std::fma(ref, kLog2e, tiny_offset(ref));
@@ -516,6 +534,7 @@ void Ce<scalar_t>::fwd_rows(const Args& A, int64_t r0, int64_t r1) {
     // 64-byte aligned (as in grad_any: unaligned, each 64-byte split load crosses two lines).
     const bool split_row = kSplit && gm < 2;
     State st;
+    st.lean = kLeanExp<scalar_t> && A.lean && !A.stats_fwd();
     int64_t arg_c0 = -1, arg_n = 0;  // the chunk in place whose max is st.best, to scan
     const Snaps* arg_snaps = nullptr;
     const int64_t head = head_to_line(xr, A.C, sizeof(scalar_t));  // a chunk of its own

@@ -332,8 +332,7 @@ struct Ce {
   }
   // s + x into the pair (s, c), the rounding error of each addition collected in c (Neumaier).
   // The sums of a confident row are 1 + tiny terms: plain adds of lanes, tail and chunks to that
-  // 1 drop each tiny term whole, a biased error of several ulps in log d where torch makes under
-  // one.
+  // 1 drop each tiny term whole, a biased error of several ulps in log d (torch's: under one).
   static inline void add_exact(acc_t& s, acc_t& c, acc_t x) {
     const acc_t t = s + x;
     c += std::abs(s) >= std::abs(x) ? (s - t) + x : (x - t) + s;
@@ -506,6 +505,7 @@ struct Ce {
   struct State {
     acc_t m = -kInf, k = 0, s = 0, sc = 0, B = 0, G = 0, T = 0, best = -kInf;
     int64_t arg = 0;
+    bool lean = false;  // fold with the copy's lean exp2 (fold, ce_cpu_forward.h)
   };
   static acc_t bits_max(const scalar_t* x, int64_t n, Snaps* snaps = nullptr);
   // A chunk's sums, lane by lane (fold_steps): s, k, T (t), and the g-sums B (b), G (g).
@@ -519,7 +519,7 @@ struct Ce {
 #else
   static constexpr bool kFoldFinds = false;
 #endif
-  template <int Gm, bool AtMax, bool Ent, bool Tiny, typename src_t>
+  template <int Gm, bool AtMax, bool Ent, int Tiny, typename src_t>  // Tiny 2: lean exp2
   static Sums fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t* g, const char* pf,
                          int64_t pf_len, int64_t* first);
   template <int Gm, bool AtMax, bool Ent, typename src_t>

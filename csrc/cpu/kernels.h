@@ -95,6 +95,10 @@ struct Args {
   // ce_fwd_stats's pass. Its rows ent / tlp / pred are all written on the rows path; with sums,
   // where the lanes path adds the statistics up, only those whose pointer is not null.
   bool stats;
+  // Every result of this forward is rounded to 16 bits or kept for the backward, none returned
+  // in float (the one-call op's 16-bit loss: csrc/loss.cpp): its fold may take the copy's lean
+  // exp2 (ce_cpu_forward.h, kLeanExp).
+  bool lean;
   // Classes per chunk of the forward's rows read in place (ce_cpu_forward.h, fwd_rows): what
   // row_chunk() gives for the accumulation dtype.
   int64_t chunk;

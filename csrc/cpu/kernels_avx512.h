@@ -90,8 +90,10 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
 // is needed: -inf and every u below -150 give f in [0, 1) and an exact 0 (as do -1e20, float's
 // lowest, ...), NaN stays NaN. 2^f: degree 5, 1 + f q(f) so that 2^0 is exactly 1, fitted
 // (Lawson's reweighted least squares) for relative error 8.2e-8 on [0, 1], 1.5e-7 evaluated in
-// float.
+// float. (Lean, the AVX2 copy's lower degree: not here, NLLF_HAVE_EXP2_LEAN unset.)
+template <bool Lean = false>
 inline Vec<float> exp2_tiny(Vec<float> u) {
+  static_assert(!Lean, "no lean exp2 in this copy");
   const __m512 f = _mm512_reduce_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.0018671316793188453f), f,
                              _mm512_set1_ps(0.009017026983201504f));
@@ -102,8 +104,9 @@ inline Vec<float> exp2_tiny(Vec<float> u) {
   return _mm512_scalef_ps(q, u);
 }
 // s + exp2_tiny(u) (Ce::fold_steps' common step; the AVX2 copy fuses the two, scalef cannot).
+template <bool Lean = false>
 inline Vec<float> exp2_tiny_plus(Vec<float> u, Vec<float> s) {
-  return _mm512_add_ps(s, exp2_tiny(u));
+  return _mm512_add_ps(s, exp2_tiny<Lean>(u));
 }
 // The lanes forward's exp (lane_exp, ce_cpu_lanes.h) takes exp2_tiny here: a multiply and
 // exp2_tiny's 7 instructions, where vexp takes 12. (The AVX2 copy's exp2_tiny is 11

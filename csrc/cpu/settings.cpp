@@ -8,8 +8,9 @@
 namespace nllfused_cpu {
 namespace {
 
-constexpr std::array<const char*, 4> kNames = {"NLLFUSED_CPU_CAPABILITY", "NLLFUSED_CPU_CHUNK",
-                                               "NLLFUSED_CPU_CACHE_MB", "NLLFUSED_HUGE_PAGES"};
+constexpr std::array<const char*, 5> kNames = {"NLLFUSED_CPU_CAPABILITY", "NLLFUSED_CPU_CHUNK",
+                                               "NLLFUSED_CPU_CACHE_MB", "NLLFUSED_HUGE_PAGES",
+                                               "NLLFUSED_CPU_LEAN_EXP"};
 using Values = std::array<std::string, kNames.size()>;
 
 Values read_environment() {
