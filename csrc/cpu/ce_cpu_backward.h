@@ -111,11 +111,12 @@ void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc
 // whole 2W blocks loaded and stored in split order (load2s), for bf16 rows whose every gradient
 // is finite and that have no per-class g.
 // Exp2 (grad_run: such bf16 rows without a transform or the entropy's term, where the unit has
-// exp2_tiny; |lse| < kTinyRefMax): p = 2^u, u = z log2 e + c by one fma (the forward fold's exp,
-// 8 instructions where the step below takes 13), c = -lse log2 e rounded to float. c's rounding,
-// at most 1/4 below kTinyRefMax, is a factor common to the row's p, taken out of P and of the
-// returned sum (f); what stays, u's own rounding and (z - lse) times log2 e's in float, is ~1e-6
-// of p, 4000 times below the bf16 gradient's rounding.
+// exp2_tiny; |lse| < kTinyRefMax): p = 2^u, u = z log2 e + c (the forward fold's exp, 8
+// instructions where the step below takes 13; exp2_affine where the copy has it, which wants an
+// integer c, else exp2_tiny of one fma), c = -lse log2 e rounded to an integer or to float. c's
+// rounding, at most 1/2, is a factor common to the row's p, taken out of P and of the returned
+// sum (f); what stays, u's own rounding (none with exp2_affine) and (z - lse) times log2 e's in
+// float, is ~1e-6 of p, 4000 times below the bf16 gradient's rounding.
 template <typename scalar_t>
 template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split, bool Exp2>
 auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip,

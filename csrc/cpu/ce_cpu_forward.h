@@ -130,10 +130,11 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 
 // fold's vector steps over z[0, n) against ref (the max, or 0), the last one padded: the chunk's
 // sums, lane by lane. Tiny (float accumulators where the unit has it, kTinyExp, under the caller's
-// TinyScope; fold asks for it where |ref| < kTinyRefMax): each term is exp2_tiny(u(z)),
-// u(z) = z log2 e + tiny_offset(ref) by one fma, and z - ref only where a sum needs it. u(ref)
-// is not exactly 0 (tiny_offset is -ref log2 e rounded): every term carries the same factor
-// 2^u(ref), |u(ref)| < 0.35 below kTinyRefMax, which fold takes out of the sums.
+// TinyScope; fold asks for it where |ref| < kTinyRefMax): each term is 2^u(z),
+// u(z) = z log2 e + tiny_offset(ref) -- exp2_tiny of that fma, or in the plain step the copy's
+// exp2_affine_plus where it has one -- and z - ref only where a sum needs it. u(ref) is not
+// exactly 0 (tiny_offset is -ref log2 e rounded to an integer): every term carries the same
+// factor 2^u(ref), |u(ref)| < 0.55 below kTinyRefMax, which fold takes out of the sums.
 // The entropy's T = sum e a is summed as sum e u over the classes in s (one fma, no z - ref):
 // fold makes it sum e (u - u(ref)) / log2 e. Not the classes at the max: their e u(ref) would
 // leave T ~1e-7 |u(ref)| off (a peaked row's T is ~1e-25: a negative entropy).
@@ -154,6 +155,18 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   constexpr bool Raw = !std::is_same_v<src_t, acc_t>;
   const V vm(ref);
   [[maybe_unused]] const V log2e(kLog2e), vc(tiny_offset(ref));
+#ifdef NLLF_HAVE_EXP2_AFFINE
+  // The plain step's exp (exp2_affine_plus) for 16-bit logits, but not in a chunk at the max:
+  // there its two more constants leave too few of the 16 registers (perf: the sums kept on the
+  // stack). Not for float32 logits, as yet: their (4096, 32000) forward ran 1.09x slower with
+  // it in paired runs on a noisy VM (Zen 3) -- but so, in 3 of 4 pairs, did this build's, whose
+  // float32 code is the old one --, while their loop alone from L1 is 1.03-1.16x faster.
+  [[maybe_unused]] constexpr bool kAffine = Tiny != 0 && !AtMax && sizeof(scalar_t) == 2;
+  [[maybe_unused]] Exp2Affine affine{};
+  if constexpr (kAffine) affine = exp2_affine_args(kLog2e, tiny_offset(ref));
+#else
+  [[maybe_unused]] constexpr bool kAffine = false;
+#endif
   [[maybe_unused]] bool test_steps = Tiny && AtMax && std::isfinite(ref) &&
                                      std::fabs(ref) >= acc_t(0x1p-100);
   [[maybe_unused]] uint16_t ref_bits = 0;
@@ -189,7 +202,12 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     if constexpr (Tiny) {
       ua = fmadd(za, log2e, vc);
       ub = fmadd(zb, log2e, vc);
-      if (plus) {
+      if (plus && kAffine) {
+#ifdef NLLF_HAVE_EXP2_AFFINE
+        s0 = exp2_affine_plus<Tiny == 2>(za, affine, s0);
+        s1 = exp2_affine_plus<Tiny == 2>(zb, affine, s1);
+#endif
+      } else if (plus) {
         s0 = exp2_tiny_plus<Tiny == 2>(ua, s0);
         s1 = exp2_tiny_plus<Tiny == 2>(ub, s1);
       } else {

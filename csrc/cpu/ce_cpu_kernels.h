@@ -216,18 +216,18 @@ struct Ce {
   // bench/results/cpu-zen4-*). It runs under TinyScope, set once per range of rows (fwd_rows,
   // fwd_tiles; per chunk, its two MXCSR writes cost 2-4 %): MXCSR's flush-to-zero (FlushTiny,
   // kernels.h), so that exp's results below 2^-126 become 0 without the microcode assist a
-  // denormal or underflowing result otherwise takes. The rows'
-  // other results below 2^-126 (log d of a row whose other terms are all below it, ...) are
-  // flushed alike: differences under 2^-126, where torch's own sums already round to 0.
-  // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps). It
-  // carries a factor common to the row, 2^u(m), from m log2 e's rounding to float (and log2 e's):
-  // |u(m)| grows with |m| (~0.3 at 2^22, ~200 at 1e10, where every term would over- or
-  // underflow), so rows whose max is kTinyRefMax or more in magnitude fold with vexp (z - m).
+  // denormal or underflowing result otherwise takes. The rows' other results below 2^-126
+  // (log d of a row whose other terms are all below it, ...) are flushed alike: differences
+  // under 2^-126, where torch's own sums already round to 0.
+  // The fold's argument for exp2_tiny is u(z) = z log2 e + tiny_offset(m) (fold_steps), the
+  // offset -m log2 e rounded to an integer (as exp2_affine_plus needs). Its terms carry a factor
+  // 2^u(m), |u(m)| <= 1/2 + |m| 2e-8, which fold takes out. Rows whose |max| >= kTinyRefMax fold
+  // with vexp (z - m): there exp2_affine_plus's shifter would not hold n + c + 127 exactly.
   static constexpr double kLog2eD = 1.44269504088896341;
   static constexpr acc_t kLog2e = acc_t(kLog2eD);
-  static constexpr acc_t kTinyRefMax = acc_t(0x1p22);
+  static constexpr acc_t kTinyRefMax = acc_t(0x1p21);
   static acc_t tiny_offset(acc_t m) {
-    return static_cast<acc_t>(-static_cast<double>(m) * kLog2eD);
+    return static_cast<acc_t>(std::nearbyint(-static_cast<double>(m) * kLog2eD));
   }
 #ifdef NLLF_HAVE_EXP2_TINY
   static constexpr bool kTinyExp = std::is_same_v<acc_t, float>;
