@@ -202,7 +202,11 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     if constexpr (Tiny) {
       ua = fmadd(za, log2e, vc);
       ub = fmadd(zb, log2e, vc);
-      if (plus && kAffine) {
+      // The chunk's full steps that count nothing take exp2_affine where it does (kAffine),
+      // with or without the entropy: the same terms, so that asking for the entropy leaves
+      // every other output's bits as they are (ce_fwd_stats' with_entropy, tests).
+      constexpr bool affine_step = kAffine && !decltype(tail)::value && !count;
+      if (plus && affine_step) {
 #ifdef NLLF_HAVE_EXP2_AFFINE
         s0 = exp2_affine_plus<Tiny == 2>(za, affine, s0);
         s1 = exp2_affine_plus<Tiny == 2>(zb, affine, s1);
@@ -210,6 +214,11 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       } else if (plus) {
         s0 = exp2_tiny_plus<Tiny == 2>(ua, s0);
         s1 = exp2_tiny_plus<Tiny == 2>(ub, s1);
+      } else if (affine_step) {
+#ifdef NLLF_HAVE_EXP2_AFFINE
+        ea = exp2_affine<Tiny == 2>(za, affine);
+        eb = exp2_affine<Tiny == 2>(zb, affine);
+#endif
       } else {
         ea = exp2_tiny<Tiny == 2>(ua);
         eb = exp2_tiny<Tiny == 2>(ub);

@@ -162,10 +162,12 @@ inline Vec<float> exp2_affine_plus(Vec<float> z, const Exp2Affine& e, Vec<float>
   exp2_affine_parts<Lean>(z, e, q, two_n);
   return _mm256_fmadd_ps(q, two_n, s);
 }
-// 2^(z log2 e + c) alone: the bf16 backward's p (Ce::grad_chunk's Exp2).
+// 2^(z log2 e + c) alone: the bf16 backward's p (Ce::grad_chunk's Exp2), the fold's plain step
+// with the entropy's sum (its terms the bits exp2_affine_plus adds: 2^f 2^n is exact).
+template <bool Lean = false>
 inline Vec<float> exp2_affine(Vec<float> z, const Exp2Affine& e) {
   __m256 q, two_n;
-  exp2_affine_parts<false>(z, e, q, two_n);
+  exp2_affine_parts<Lean>(z, e, q, two_n);
   return _mm256_mul_ps(q, two_n);
 }
 #define NLLF_HAVE_EXP2_AFFINE 1
