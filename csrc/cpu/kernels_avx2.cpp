@@ -144,7 +144,8 @@ struct Exp2Affine {
 };
 inline Exp2Affine exp2_affine_args(float log2e, float c) {
   // zmin (n(zmin) + c + 127 = 0): its rounding moves zmin log2 e by at most 1/8 * log2 e < 1/2
-  // for |zmin| < 2^21 (|c| < 2^21 log2 e), so n(zmin) is that integer, no tie.
+  // for |zmin| < 2^22 (here |zmin| <= 2^21 + 89: |c| <= 2^21 log2 e + 1/2), so n(zmin) is that
+  // integer, no tie.
   const float zmin = static_cast<float>((-127.0 - static_cast<double>(c)) / double(log2e));
   return {_mm256_set1_ps(log2e), _mm256_set1_ps(12582912.0f + 127.0f + c),
           _mm256_set1_ps(zmin)};
