@@ -273,6 +273,34 @@ def test_bf16_gradient_far_from_zero(capability, chunk, smoothing):
         (grad.double() - ref_grad).abs().max())
 
 
+@pytest.mark.parametrize("scale", [1.0, -3.0, 2.0**-60, 2.0**-98, 2.0**-100, 2.0**-115,
+                                   2.0**98, 2.0**100])
+def test_bf16_gradient_at_any_upstream_scale(capability, chunk, scale):
+    """bf16 rows read in place take the backward's exp2 step (grad_chunk's Exp2). On AVX2 the
+    row's factor P (here the upstream gradient) goes into the polynomial's coefficients
+    (exp2_scaled) where 2^-99 <= |P| <= 2^99, and the sum of the row's other p is divided by P
+    again; the target's block is taken out of the loop. Upstream gradients of 1, -3, and tiny and
+    huge ones on both sides of both bounds; targets in the first, second and a middle block, the
+    last whole block of a 4096-class chunk, the tail; a confident row (its target's gradient
+    from the other terms' sum). Every gradient within a bf16 rounding (2^-8 relative, and 1e-5
+    for the exp) of float64 torch's, results under 2^-126 flushed (FlushTiny)."""
+    N, C = 8, 4136                                  # 4096 classes, then 2 whole blocks and 8
+    x = torch.randn(N, C, dtype=torch.float64) * 3
+    t = torch.tensor([0, 15, 16, 2000, 4095, 4096, 4130, 4135])
+    x[1, 15] = 30.0                                 # confident: 1 - p_y ~ 4e-8
+    buf = torch.empty(N, 4160, dtype=torch.bfloat16)  # 64-byte aligned rows: split order
+    xb = buf[:, :C].copy_(x).detach().requires_grad_()
+    loss = nllfused.cross_entropy(xb, t, reduction="sum", backend="cpu")
+    (grad,) = torch.autograd.grad(loss, xb, torch.tensor(scale, dtype=torch.bfloat16))
+    x64 = xb.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x64, t, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, x64, torch.tensor(scale, dtype=torch.float64))
+    err = (grad.double() - ref_grad).abs()
+    bound = ref_grad.abs() * (2.0**-8 + 1e-5) + 2.0**-126
+    assert (err <= bound).all(), (err / bound).max()
+    assert ref_grad[1, 15].abs() < 1e-6 * abs(scale)  # the confident row is one
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("option", ["plain", "smoothing", "weight_smoothing", "probs", "stats"])
 def test_every_tail_length(capability, option, dtype):

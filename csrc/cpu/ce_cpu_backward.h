@@ -116,28 +116,55 @@ void Ce<scalar_t>::exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc
 // integer c, else exp2_tiny of one fma), c = -lse log2 e rounded to an integer or to float. c's
 // rounding, at most 1/2, is a factor common to the row's p, taken out of P and of the returned
 // sum (f); what stays, u's own rounding (none with exp2_affine) and (z - lse) times log2 e's in
-// float, is ~1e-6 of p, 4000 times below the bf16 gradient's rounding.
+// float, is ~1e-6 of p, 4000 times below the bf16 gradient's rounding. Exp2 2: P f p by
+// exp2_scaled (P f in its coefficients, one multiply fewer), whose sum over the block is divided
+// by P at the end.
 template <typename scalar_t>
-template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split, bool Exp2>
+template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split, int Exp2>
 auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip,
                               const RowGrad& rg, const acc_t* g, const Tf& t) -> acc_t {
   static_assert(!Exp2 || (kTinyExp && Split && K == 0 && !Ent && Gm < 2));
   const V vhi(rg.hi), vlo(rg.lo), vP(rg.P), vQ(rg.Q), vE(rg.E);
-  acc_t f = 1;  // Exp2: 2^(c exactly - c)
-  V vc(acc_t(0)), vPf(vP);
-  if constexpr (Exp2) {
+  acc_t f = 1;  // Exp2: 2^(ce - c), c = ce rounded
+  V vPf(vP);
+#ifdef NLLF_HAVE_EXP2_AFFINE
+  [[maybe_unused]] Exp2Affine affine{};
+#else
+  [[maybe_unused]] V vc(acc_t(0));
+#endif
+#ifdef NLLF_HAVE_EXP2_SCALED
+  [[maybe_unused]] Exp2Scaled scaled{};
+#endif
+  if constexpr (Exp2 != 0) {
     // by log2 e as the fma takes it (in float): then u's error near the max is c's rounding
     const double ce = -(static_cast<double>(rg.hi) + static_cast<double>(rg.lo)) *
                       static_cast<double>(kLog2e);
-    f = static_cast<acc_t>(std::exp2(ce - static_cast<double>(static_cast<acc_t>(ce))));
-    vc = V(static_cast<acc_t>(ce));
+#ifdef NLLF_HAVE_EXP2_AFFINE
+    const double c = std::nearbyint(ce);  // |c| <= 2^21 log2 e + 1, as exp2_affine needs
+    affine = exp2_affine_args(kLog2e, static_cast<acc_t>(c));
+#else
+    const double c = static_cast<acc_t>(ce);
+    vc = V(static_cast<acc_t>(c));
+#endif
+    f = static_cast<acc_t>(std::exp2(ce - c));
     vPf = V(rg.P * f);
+#ifdef NLLF_HAVE_EXP2_SCALED
+    if constexpr (Exp2 == 2) scaled = exp2_scaled_args(kLog2e, static_cast<acc_t>(c), rg.P * f);
+#endif
   }
   auto body = [&](V xv, const acc_t* gp, V& p) {
 #ifdef NLLF_HAVE_EXP2_TINY
-    if constexpr (Exp2) {
-      p = exp2_tiny(fmadd(xv, V(kLog2e), vc));
-      V r = vPf * p;
+    if constexpr (Exp2 != 0) {
+#ifdef NLLF_HAVE_EXP2_SCALED
+      if constexpr (Exp2 == 2) p = exp2_scaled(xv, scaled);  // P f p
+      else
+#endif
+#ifdef NLLF_HAVE_EXP2_AFFINE
+        p = exp2_affine(xv, affine);
+#else
+        p = exp2_tiny(fmadd(xv, V(kLog2e), vc));
+#endif
+      V r = Exp2 == 2 ? p : vPf * p;
       if constexpr (Gm == 1) r = r - vQ;
       return r;
     }
@@ -155,11 +182,9 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
   // Without per-class g and with finite P, Q (E) every gradient is finite: no NaN handling needed.
   const bool finite = Gm != 2 && std::isfinite(rg.P) && std::isfinite(rg.Q) &&
                       std::isfinite(rg.E);
-  V s0(acc_t(0)), s1(acc_t(0));
-  int64_t i = 0;
   // in place (ce_bwd_inplace): the one stream, prefetched once, for writing
   const bool in_place = static_cast<const void*>(x) == static_cast<const void*>(out);
-  for (; i + W2 <= n; i += W2) {
+  auto block = [&](int64_t i, V& pa, V& pb) {  // the 2W classes from i: gradients, p
     if (rg.stream) {  // every line this step reads and writes, kStreamAhead bytes ahead, into L2
       constexpr int64_t x_bytes = W2 * int64_t(sizeof(src_t));
       constexpr int64_t o_bytes = W2 * int64_t(sizeof(dst_t));
@@ -172,25 +197,41 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
         for (int64_t l = 0; l < o_bytes; l += 64) __builtin_prefetch(op + l, 1, 2);
       }
     }
-    V a, b, pa, pb;
+    V a, b;
     load2s<Split>(x + i, a, b);
     a = body(a, g + i, pa);
     b = body(b, g + i + W, pb);
     if (Split || finite) store2s_finite<Split>(out + i, a, b);
     else store2(out + i, a, b);
-    if (static_cast<uint64_t>(skip - i) < static_cast<uint64_t>(W2)) {  // the target's block
-      acc_t pt[W2];
-      pa.store(pt);
-      pb.store(pt + W);
-      pt[Split ? split_pos(skip - i) : skip - i] = 0;
-      pa = V::loadu(pt);
-      pb = V::loadu(pt + W);
+  };
+  V s0(acc_t(0)), s1(acc_t(0));
+  auto blocks = [&](int64_t from, int64_t to) {  // the whole blocks in [from, to), summed
+    for (int64_t i = from; i < to; i += W2) {
+      V pa, pb;
+      block(i, pa, pb);
+      s0 = s0 + pa;
+      s1 = s1 + pb;
     }
-    s0 = s0 + pa;
-    s1 = s1 + pb;
+  };
+  // The target's block, when whole, out of the loop (no test a step; the sums in the same order)
+  const int64_t whole = n - n % W2;
+  if (skip >= 0 && skip < whole) {
+    const int64_t tb = skip - skip % W2;
+    blocks(0, tb);
+    alignas(64) acc_t pt[W2];
+    V pa, pb;
+    block(tb, pa, pb);
+    pa.store(pt);
+    pb.store(pt + W);
+    pt[Split ? split_pos(skip - tb) : skip - tb] = 0;
+    s0 = s0 + V::loadu(pt);
+    s1 = s1 + V::loadu(pt + W);
+    blocks(tb + W2, whole);
+  } else {
+    blocks(0, whole);
   }
   acc_t sum = hsum(s0 + s1);
-  if (i < n) {
+  if (const int64_t i = whole; i < n) {
     acc_t gt[W2] = {}, pt[W2];
     for (int64_t j = 0; Gm == 2 && j < n - i; ++j) gt[j] = g[i + j];
     V a, b, pa, pb;
@@ -202,7 +243,7 @@ auto Ce<scalar_t>::grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t ski
     pb.store(pt + W);
     for (int64_t j = 0; j < n - i; ++j) sum += j + i == skip ? acc_t(0) : pt[j];
   }
-  return sum * f;
+  return Exp2 == 2 ? sum / rg.P : sum * f;
 }
 
 // grad_chunk's instantiation for a row: transform kind, g-sums (never per-class g with Split:
@@ -219,9 +260,17 @@ auto Ce<scalar_t>::grad_run(const src_t* x, dst_t* out, int64_t n, int64_t skip,
   return grad_chunk<src_t, dst_t, K, 1, E, Split>(x, out, n, skip, rg, g, t);
   if constexpr (Split && kTinyExp) {  // grad_chunk's Exp2, where c stays far from overflow
     if (t.kind == 0 && !rg.ent && std::abs(rg.hi) < kTinyRefMax) {
-      if (rg.gm == 0) return grad_chunk<src_t, dst_t, 0, 0, false, true, true>(x, out, n, skip,
-                                                                             rg, g, t);
-      return grad_chunk<src_t, dst_t, 0, 1, false, true, true>(x, out, n, skip, rg, g, t);
+#ifdef NLLF_HAVE_EXP2_SCALED
+      // P into exp2_scaled's coefficients where none of them is then subnormal (P f: f < 2^1/2)
+      if (std::abs(rg.P) >= acc_t(0x1p-99) && std::abs(rg.P) <= acc_t(0x1p99)) {
+        if (rg.gm == 0) return grad_chunk<src_t, dst_t, 0, 0, false, true, 2>(x, out, n, skip,
+                                                                            rg, g, t);
+        return grad_chunk<src_t, dst_t, 0, 1, false, true, 2>(x, out, n, skip, rg, g, t);
+      }
+#endif
+      if (rg.gm == 0) return grad_chunk<src_t, dst_t, 0, 0, false, true, 1>(x, out, n, skip,
+                                                                          rg, g, t);
+      return grad_chunk<src_t, dst_t, 0, 1, false, true, 1>(x, out, n, skip, rg, g, t);
     }
   }
   if (rg.ent) {

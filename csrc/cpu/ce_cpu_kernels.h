@@ -579,7 +579,7 @@ struct Ce {
   }
   static void exact_lse(const Args& A, const scalar_t* xr, const Tf& t, acc_t& hi, acc_t& lo);
   template <typename src_t, typename dst_t, int K, int Gm, bool Ent, bool Split = false,
-            bool Exp2 = false>
+            int Exp2 = 0>
   static acc_t grad_chunk(const src_t* x, dst_t* out, int64_t n, int64_t skip, const RowGrad& rg,
                           const acc_t* g, const Tf& t);
   template <bool Split, typename src_t, typename dst_t>

@@ -85,6 +85,10 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
 // Lean: 2^f of degree 4, relative error 2.9e-6 evaluated in float, one fma fewer (the fold is
 // bound by its fmas: its loop alone from L1 5-10 % faster for bf16, Zen 3); only where every
 // result is rounded to 16 bits (Args::lean; ce_cpu_forward.h, kLeanExp).
+inline constexpr float kExp2Coef[6] = {1.0f,  // degree 5: 2^f = sum kExp2Coef[i] f^i
+                                       0.6931470036506653f,   0.24022242426872253f,
+                                       0.05550733953714371f,  0.009671518579125404f,
+                                       0.0013264723820611835f};
 template <bool Lean>
 inline __m256 exp2_poly(__m256 f) {  // 2^f, f in [-1/2, 1/2]
   __m256 q;
@@ -93,11 +97,8 @@ inline __m256 exp2_poly(__m256 f) {  // 2^f, f in [-1/2, 1/2]
     q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.24024099f));
     q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.6931242f));
   } else {
-    q = _mm256_fmadd_ps(_mm256_set1_ps(0.0013264723820611835f), f,
-                        _mm256_set1_ps(0.009671518579125404f));
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.05550733953714371f));
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.24022242426872253f));
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.6931470036506653f));
+    q = _mm256_fmadd_ps(_mm256_set1_ps(kExp2Coef[5]), f, _mm256_set1_ps(kExp2Coef[4]));
+    for (int i = 3; i >= 1; --i) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kExp2Coef[i]));
   }
   return _mm256_fmadd_ps(q, f, _mm256_set1_ps(1.0f));
 }
@@ -150,12 +151,17 @@ inline Exp2Affine exp2_affine_args(float log2e, float c) {
   return {_mm256_set1_ps(log2e), _mm256_set1_ps(12582912.0f + 127.0f + c),
           _mm256_set1_ps(zmin)};
 }
-template <bool Lean>
-inline void exp2_affine_parts(Vec<float> z, const Exp2Affine& e, __m256& q, __m256& two_n) {
+inline void exp2_affine_reduce(Vec<float> z, const Exp2Affine& e, __m256& f, __m256& two_n) {
   const __m256 zc = _mm256_max_ps(e.zmin, z);
   const __m256 tt = _mm256_fmadd_ps(zc, e.log2e, e.k);
-  q = exp2_poly<Lean>(_mm256_fmsub_ps(zc, e.log2e, _mm256_sub_ps(tt, e.k)));
+  f = _mm256_fmsub_ps(zc, e.log2e, _mm256_sub_ps(tt, e.k));
   two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(tt), 23));
+}
+template <bool Lean>
+inline void exp2_affine_parts(Vec<float> z, const Exp2Affine& e, __m256& q, __m256& two_n) {
+  __m256 f;
+  exp2_affine_reduce(z, e, f, two_n);
+  q = exp2_poly<Lean>(f);
 }
 template <bool Lean = false>
 inline Vec<float> exp2_affine_plus(Vec<float> z, const Exp2Affine& e, Vec<float> s) {
@@ -172,6 +178,27 @@ inline Vec<float> exp2_affine(Vec<float> z, const Exp2Affine& e) {
   return _mm256_mul_ps(q, two_n);
 }
 #define NLLF_HAVE_EXP2_AFFINE 1
+// P 2^(z log2 e + c), P in the polynomial's coefficients (degree 5): Ce::grad_chunk's P p, one
+// multiply fewer a vector. For normal P (Ce::grad_run: 2^-99 <= |P| <= 2^99, so that no scaled
+// coefficient is subnormal); each coefficient's product with P is rounded once (2^-24 of it),
+// and p's error stays ~2e-7 of p, as exp2_affine's.
+struct Exp2Scaled {
+  Exp2Affine e;
+  __m256 a[6];  // P kExp2Coef[i]
+};
+inline Exp2Scaled exp2_scaled_args(float log2e, float c, float P) {
+  Exp2Scaled s{exp2_affine_args(log2e, c), {}};
+  for (int i = 0; i < 6; ++i) s.a[i] = _mm256_set1_ps(P * kExp2Coef[i]);
+  return s;
+}
+inline Vec<float> exp2_scaled(Vec<float> z, const Exp2Scaled& s) {
+  __m256 f, two_n;
+  exp2_affine_reduce(z, s.e, f, two_n);
+  __m256 q = _mm256_fmadd_ps(s.a[5], f, s.a[4]);
+  for (int i = 3; i >= 0; --i) q = _mm256_fmadd_ps(q, f, s.a[i]);
+  return _mm256_mul_ps(q, two_n);
+}
+#define NLLF_HAVE_EXP2_SCALED 1
 // Whether any of the 16 bf16 at p has the bits `bits`, or any lane of a or b equals m: a fold
 // step's test for classes at the max (Ce::fold_steps).
 inline bool any_bits_equal(const at::BFloat16* p, uint16_t bits) {
