@@ -73,22 +73,22 @@ inline Vec<float> exp_finish(Vec<float> x, Vec<float> tt, Vec<float> p) {
   return _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
 }
 
-// 2^u for u <= ~1, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e by one fma)
-// and the bf16 backward's (Ce::grad_chunk's Exp2), under FlushTiny: 11 instructions where z - m
-// and Ce::vexp take 13. AVX2 has no reduce or scalef: n = round(u) by the 1.5 * 2^23 shifter,
-// which leaves n + 127 in the low bits of tt (2^n after a shift), f = u - n in [-1/2, 1/2], 2^f
-// by a polynomial. u is first raised to -127 (vmaxps returns its second operand, u, where that
-// is NaN: NaN stays NaN), where n + 127 = 0 gives 2^n = +0: -inf and every u <= -127 give an
-// exact 0. 2^f: degree 5, 1 + f q(f) so that 2^0 is exactly 1, fitted (reweighted least
-// squares) for relative error 9.2e-8 on [-1/2, 1/2], 1.6e-7 evaluated in float.
-// exp2_tiny_parts gives the two factors, 2^f and 2^n; exp2_tiny multiplies them.
-// Lean: 2^f of degree 4, relative error 2.9e-6 evaluated in float, one fma fewer (the fold is
-// bound by its fmas: its loop alone from L1 5-10 % faster for bf16, Zen 3); only where every
-// result is rounded to 16 bits (Args::lean; ce_cpu_forward.h, kLeanExp).
 inline constexpr float kExp2Coef[6] = {1.0f,  // degree 5: 2^f = sum kExp2Coef[i] f^i
                                        0.6931470036506653f,   0.24022242426872253f,
                                        0.05550733953714371f,  0.009671518579125404f,
                                        0.0013264723820611835f};
+// 2^u for u <= ~1, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e by one fma; the
+// bf16 backward here takes exp2_affine / exp2_scaled below), under FlushTiny: 11 instructions where
+// z - m and Ce::vexp take 13. AVX2 has no reduce or scalef: n = round(u) by the 1.5 * 2^23 shifter,
+// which leaves n + 127 in the low bits of tt (2^n after a shift), f = u - n in [-1/2, 1/2], 2^f by
+// a polynomial. u is first raised to -127 (vmaxps returns its second operand, u, where that is NaN:
+// NaN stays NaN), where n + 127 = 0 gives 2^n = +0: -inf and every u <= -127 give an exact 0. 2^f:
+// degree 5, 1 + f q(f) so that 2^0 is exactly 1, fitted (reweighted least squares) for relative
+// error 9.2e-8 on [-1/2, 1/2], 1.6e-7 evaluated in float.
+// exp2_tiny_parts gives the two factors, 2^f and 2^n; exp2_tiny multiplies them.
+// Lean: 2^f of degree 4, relative error 2.9e-6 evaluated in float, one fma fewer (the fold is
+// bound by its fmas: its loop alone from L1 5-10 % faster for bf16, Zen 3); only where every
+// result is rounded to 16 bits (Args::lean; ce_cpu_forward.h, kLeanExp).
 template <bool Lean>
 inline __m256 exp2_poly(__m256 f) {  // 2^f, f in [-1/2, 1/2]
   __m256 q;
