@@ -131,10 +131,10 @@ auto Ce<scalar_t>::bits_max(const scalar_t* x, int64_t n, Snaps* snaps) -> acc_t
 // fold's vector steps over z[0, n) against ref (the max, or 0), the last one padded: the chunk's
 // sums, lane by lane. Tiny (float accumulators where the unit has it, kTinyExp, under the caller's
 // TinyScope; fold asks for it where |ref| < kTinyRefMax): each term is 2^u(z),
-// u(z) = z log2 e + tiny_offset(ref) -- exp2_tiny of that fma, or in the plain step the copy's
-// exp2_affine_plus where it has one -- and z - ref only where a sum needs it. u(ref) is not
-// exactly 0 (tiny_offset is -ref log2 e rounded to an integer): every term carries the same
-// factor 2^u(ref), |u(ref)| < 0.55 below kTinyRefMax, which fold takes out of the sums.
+// u(z) = z log2 e + tiny_offset(ref) -- exp2_tiny of that fma, or in a full step of 16-bit
+// logits the copy's exp2_affine(_plus) where it has one -- and z - ref only where a sum needs it.
+// u(ref) is not exactly 0 (tiny_offset is -ref log2 e rounded to an integer): every term carries
+// the same factor 2^u(ref), |u(ref)| < 0.55 below kTinyRefMax, which fold takes out of the sums.
 // The entropy's T = sum e a is summed as sum e u over the classes in s (one fma, no z - ref):
 // fold makes it sum e (u - u(ref)) / log2 e. Not the classes at the max: their e u(ref) would
 // leave T ~1e-7 |u(ref)| off (a peaked row's T is ~1e-25: a negative entropy).
@@ -156,12 +156,11 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   const V vm(ref);
   [[maybe_unused]] const V log2e(kLog2e), vc(tiny_offset(ref));
 #ifdef NLLF_HAVE_EXP2_AFFINE
-  // The plain step's exp (exp2_affine_plus) for 16-bit logits, but not in a chunk at the max:
-  // there its two more constants leave too few of the 16 registers (perf: the sums kept on the
-  // stack). Not for float32 logits, as yet: their (4096, 32000) forward ran 1.09x slower with
-  // it in paired runs on a noisy VM (Zen 3) -- but so, in 3 of 4 pairs, did this build's, whose
-  // float32 code is the old one --, while their loop alone from L1 is 1.03-1.16x faster.
-  [[maybe_unused]] constexpr bool kAffine = Tiny != 0 && !AtMax && sizeof(scalar_t) == 2;
+  // The full steps' exp for 16-bit logits (exp2_affine(_plus)), the steps that count too. Not for
+  // float32 logits, as yet: their (4096, 32000) forward ran 1.09x slower with it in paired runs
+  // on a noisy VM (Zen 3) -- but so, in 3 of 4 pairs, did the build whose float32 code was the
+  // old one --, while their loop alone from L1 is 1.03-1.16x faster.
+  [[maybe_unused]] constexpr bool kAffine = Tiny != 0 && sizeof(scalar_t) == 2;
   [[maybe_unused]] Exp2Affine affine{};
   if constexpr (kAffine) affine = exp2_affine_args(kLog2e, tiny_offset(ref));
 #else
@@ -176,20 +175,16 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     ref_bits = static_cast<uint16_t>(w >> 16);
     test_steps = test_steps && (w & 0xffffu) == 0;
   }
-  // In a chunk holding the max, the classes at the max are counted into k (k0, k1), not added
-  // to the lanes of s (s0, s1).
+  // In a chunk at the max, the classes at the max are counted into k (k0, k1), not added to s.
   const V zero(acc_t(0));
   V s0(zero), s1(zero), k0(zero), k1(zero), b0(zero), b1(zero), g0(zero), g1(zero);
   V t0(zero), t1(zero);
   constexpr bool NeedA = !Tiny || Gm != 0;
-  // One step: the classes in za, zb (their g at gp), counted apart where `counted`, a
-  // std::bool_constant: a step of a chunk at the max that holds no class at it is the plain
-  // step, not a branch on `count` within it (the AVX2 copy's steps in such chunks took 1.29x
-  // the time of the others, now 1.05x: perf, bf16 (4096, 32000), Zen 4, 1 thread). Tail: the
-  // last, partial step, padded with ref (a = 0, u = u(ref): finite), whose pad lanes (live_a,
-  // live_b clear) add e = 0 and are never counted; their g is 0.
-  // A full step that counts nothing and sums no entropy adds its terms to s by exp2_tiny_plus
-  // (`plus`), which the AVX2 copy does in one fma with the exp's last multiply.
+  // One step: the classes in za, zb (their g at gp), counted apart where `counted` (a
+  // std::bool_constant; below). Tail: the last, partial step, padded with ref (a = 0,
+  // u = u(ref): finite), whose pad lanes (live_a, live_b clear) add e = 0 and are never counted;
+  // their g is 0. A full step that counts nothing and sums no entropy adds its terms to s by
+  // exp2_tiny_plus / exp2_affine_plus (`plus`): in one fma with the exp's last multiply (AVX2).
   auto step = [&](auto tail, auto counted, V za, V zb, const acc_t* gp, V live_a, V live_b) {
     constexpr bool count = decltype(counted)::value;
     V a, b, ea, eb, ua, ub;
@@ -202,10 +197,10 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
     if constexpr (Tiny) {
       ua = fmadd(za, log2e, vc);
       ub = fmadd(zb, log2e, vc);
-      // The chunk's full steps that count nothing take exp2_affine where it does (kAffine),
-      // with or without the entropy: the same terms, so that asking for the entropy leaves
-      // every other output's bits as they are (ce_fwd_stats' with_entropy, tests).
-      constexpr bool affine_step = kAffine && !decltype(tail)::value && !count;
+      // The chunk's full steps take exp2_affine where it does (kAffine), with or without the
+      // entropy: the same terms, so that asking for the entropy leaves every other output's
+      // bits as they are (ce_fwd_stats' with_entropy, tests).
+      constexpr bool affine_step = kAffine && !decltype(tail)::value;
       if (plus && affine_step) {
 #ifdef NLLF_HAVE_EXP2_AFFINE
         s0 = exp2_affine_plus<Tiny == 2>(za, affine, s0);
@@ -268,33 +263,46 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
       g1 = g1 + gb;
     }
   };
-  int64_t i = 0;
+  int64_t i = 0, pf_off = 0;
   const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
-  for (int64_t pf_off = 0; i + W2 <= n; i += W2, pf_off += 64) {
-    if (pf) {
-      if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
-      __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
-    }
-    V za, zb;
-    load2s<Raw>(z + i, za, zb);
-    bool count = AtMax;
+  // The steps of a chunk at the max that hold a class at it count, the others are plain steps
+  // (a branch on `count` within one step took 1.29x the time, 1.05x as a step of its own: perf,
+  // bf16 (4096, 32000), Zen 4), in a loop of their own: with both in one loop GCC kept the sums
+  // on the stack (objdump, AVX2 copy, 16-bit logits), here in registers.
+  while (i + W2 <= n) {
+    for (; i + W2 <= n; i += W2, pf_off += 64) {
+      if (pf) {
+        if (pf_off < pf_len) __builtin_prefetch(pf + pf_off);
+        __builtin_prefetch(pf + pf_off + l2_off, 0, 2);  // prefetcht1: into L2
+      }
+      V za, zb;
+      load2s<Raw>(z + i, za, zb);
+      bool count = AtMax;
 #ifdef NLLF_HAVE_EXP2_TINY
-    if constexpr (Tiny && AtMax) {
-      if (test_steps) {
-        if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);
-        else count = any_equal(za, zb, vm);
-        if constexpr (kFoldFinds) {  // rare: a step that holds the max
-          if (count && first && *first < 0) {
-            if constexpr (Raw) *first = i + first_bits_equal(z + i, ref_bits);
-            else *first = i + __builtin_ctz(equal_mask(z + i, vm));
+      if constexpr (Tiny && AtMax) {
+        if (test_steps) {
+          if constexpr (Raw) count = any_bits_equal(z + i, ref_bits);
+          else count = any_equal(za, zb, vm);
+          if constexpr (kFoldFinds) {  // rare: a step that holds the max
+            if (count && first && *first < 0) {
+              if constexpr (Raw) *first = i + first_bits_equal(z + i, ref_bits);
+              else *first = i + __builtin_ctz(equal_mask(z + i, vm));
+            }
           }
         }
       }
-    }
 #endif
-    const acc_t* gp = Gm >= 2 ? g + i : nullptr;
-    if (count) step(std::false_type{}, std::true_type{}, za, zb, gp, zero, zero);
-    else step(std::false_type{}, std::false_type{}, za, zb, gp, zero, zero);
+      if (count) break;
+      step(std::false_type{}, std::false_type{}, za, zb, Gm >= 2 ? g + i : nullptr, zero, zero);
+    }
+    if constexpr (AtMax) {
+      if (i + W2 <= n) {  // the step at i counts (its prefetch issued above)
+        V za, zb;
+        load2s<Raw>(z + i, za, zb);
+        step(std::false_type{}, std::true_type{}, za, zb, Gm >= 2 ? g + i : nullptr, zero, zero);
+        i += W2, pf_off += 64;
+      }
+    }
   }
   if (i < n) {  // the last n - i < 2W classes, in class order (Raw too: the sums are lane sums)
     alignas(64) acc_t gt[W2];
@@ -328,10 +336,8 @@ inline constexpr bool kLeanExp = false;
 // the whole memory latency, a hit in L2 a fraction of it; and the two cover the stream without
 // gaps whatever the row length (float32 rows of 1000 classes: the L1 prefetch takes the first
 // half of the next row, the L2 one the second half). Against the L1 prefetch alone, fp32 / bf16
-// forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); a fixed 16 KiB ahead
-// left gaps in short rows (fp32 (65536, 1000) 20 % slower), a third prefetch a step slowed every
-// shape by a tenth, and the next chunk's bits_max here (a step per fold step, in place of the L1
-// prefetch) bf16 (4096, 32000) 12.2-12.6 -> 12.6-13.4 ms (Intel, 2 threads).
+// forward 10 % / 4 % faster at (4096, 32000), 7 % / 18 % at (65536, 1000); what else was tried:
+// docs/cpp.md, "Prefetching the stream".
 // AtMax: the chunk holds the row's running max (cm is it); only then can a term be exp(0).
 // src_t: z in class order (acc_t), or the chunk's bf16 logits themselves, read in split order
 // (bits_max; only without per-class g, Gm < 2).
