@@ -157,9 +157,9 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   [[maybe_unused]] const V log2e(kLog2e), vc(tiny_offset(ref));
 #ifdef NLLF_HAVE_EXP2_AFFINE
   // The full steps' exp for 16-bit logits (exp2_affine(_plus)), the steps that count too. Not for
-  // float32 logits, as yet: their (4096, 32000) forward ran 1.09x slower with it in paired runs
-  // on a noisy VM (Zen 3) -- but so, in 3 of 4 pairs, did the build whose float32 code was the
-  // old one --, while their loop alone from L1 is 1.03-1.16x faster.
+  // float32 logits, as yet: their (4096, 32000) forward ran 1.09x slower with it in paired runs on
+  // a noisy VM (Zen 3) -- as, in 3 of 4 pairs, did a build with their old code --, while their
+  // loop alone from L1 is 1.03-1.16x faster.
   [[maybe_unused]] constexpr bool kAffine = Tiny != 0 && sizeof(scalar_t) == 2;
   [[maybe_unused]] Exp2Affine affine{};
   if constexpr (kAffine) affine = exp2_affine_args(kLog2e, tiny_offset(ref));
@@ -265,10 +265,10 @@ auto Ce<scalar_t>::fold_steps(const src_t* z, int64_t n, acc_t ref, const acc_t*
   };
   int64_t i = 0, pf_off = 0;
   const int64_t l2_off = n / W2 * 64;  // the bytes the L1 prefetch covers: one line a step
-  // The steps of a chunk at the max that hold a class at it count, the others are plain steps
-  // (a branch on `count` within one step took 1.29x the time, 1.05x as a step of its own: perf,
-  // bf16 (4096, 32000), Zen 4), in a loop of their own: with both in one loop GCC kept the sums
-  // on the stack (objdump, AVX2 copy, 16-bit logits), here in registers.
+  // The steps of a chunk at the max that hold a class at it count, the others are plain steps in
+  // a loop of their own (with a branch on `count` in one step: 1.29x the other chunks' step time,
+  // as steps of their own 1.05x; perf, AVX2, bf16, Zen 4): with both in one loop GCC kept the
+  // sums on the stack (objdump, AVX2, 16-bit logits), here in registers.
   while (i + W2 <= n) {
     for (; i + W2 <= n; i += W2, pf_off += 64) {
       if (pf) {
