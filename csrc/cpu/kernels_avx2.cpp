@@ -77,8 +77,9 @@ inline constexpr float kExp2Coef[6] = {1.0f,  // degree 5: 2^f = sum kExp2Coef[i
                                        0.6931470036506653f,   0.24022242426872253f,
                                        0.05550733953714371f,  0.009671518579125404f,
                                        0.0013264723820611835f};
-// 2^u for u <= ~1, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e by one fma; the
-// bf16 backward here takes exp2_affine / exp2_scaled below), under FlushTiny: 11 instructions where
+// 2^u for u <= ~1, the forward fold's exp (Ce::fold_steps: u = z log2 e - m log2 e by one fma; in
+// this copy its last, partial step: the full steps and the bf16 backward take exp2_affine /
+// exp2_scaled below), under FlushTiny: 11 instructions where
 // z - m and Ce::vexp take 13. AVX2 has no reduce or scalef: n = round(u) by the 1.5 * 2^23 shifter,
 // which leaves n + 127 in the low bits of tt (2^n after a shift), f = u - n in [-1/2, 1/2], 2^f by
 // a polynomial. u is first raised to -127 (vmaxps returns its second operand, u, where that is NaN:
@@ -87,8 +88,8 @@ inline constexpr float kExp2Coef[6] = {1.0f,  // degree 5: 2^f = sum kExp2Coef[i
 // error 9.2e-8 on [-1/2, 1/2], 1.6e-7 evaluated in float.
 // exp2_tiny_parts gives the two factors, 2^f and 2^n; exp2_tiny multiplies them.
 // Lean: 2^f of degree 4, relative error 2.9e-6 evaluated in float, one fma fewer (the fold is
-// bound by its fmas: its loop alone from L1 5-10 % faster for bf16, Zen 3); only where every
-// result is rounded to 16 bits (Args::lean; ce_cpu_forward.h, kLeanExp).
+// bound by its instructions: its loop alone from L1 5-10 % faster for bf16, Zen 3); only where
+// every result is rounded to 16 bits (Args::lean; ce_cpu_forward.h, kLeanExp).
 template <bool Lean>
 inline __m256 exp2_poly(__m256 f) {  // 2^f, f in [-1/2, 1/2]
   __m256 q;
@@ -117,7 +118,8 @@ inline Vec<float> exp2_tiny(Vec<float> u) {
   exp2_tiny_parts<Lean>(u, q, two_n);
   return _mm256_mul_ps(q, two_n);
 }
-// s + exp2_tiny(u), the fold's common step (Ce::fold_steps), its multiply and add in one fma:
+// s + exp2_tiny(u), the fold's common step until exp2_affine_plus below took its place in this
+// copy (Ce::fold_steps still names it), its multiply and add in one fma:
 // the same bits, as 2^f 2^n is exact wherever it is normal (a term below float's normal range,
 // which exp2_tiny's multiply flushes to 0, is lost in s's rounding unless s is as tiny). One
 // instruction fewer for the add pipes, which the fold keeps busy. Zen 4, this copy forced, one
